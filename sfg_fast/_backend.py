@@ -1,0 +1,103 @@
+"""Backend selection shared by every functional op.
+
+Backends: ``"reference"`` (literal, materialises pairs; for tests), ``"torch"`` (factored plain
+PyTorch, never materialises pairs), ``"triton"`` (fused Triton kernels), ``"cpu"`` and ``"cuda"``
+(the compiled extension ``sfg_fast._C``). ``"auto"`` picks the fastest available backend for the
+tensor's device; the environment variable ``SFG_FAST_BACKEND`` overrides ``"auto"``.
+An explicitly requested backend that is unavailable raises, quoting why.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "reference")
+ENV_VAR = "SFG_FAST_BACKEND"
+
+# Ops that each optional backend implements; filled in by the backend modules when they load.
+_IMPLEMENTED: Dict[str, set] = {"triton": set(), "cuda": set(), "cpu": set()}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def _extension_status() -> Optional[str]:
+    """None when sfg_fast._C imports, else the reason it does not."""
+    try:
+        from . import _C  # noqa: F401
+    except Exception as exc:  # ImportError, or an ABI error from a stale build
+        return f"sfg_fast._C is not built or failed to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _triton_status() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton is not installed ({type(exc).__name__}: {exc})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device and TRITON_INTERPRET=1 is not set"
+    return None
+
+
+def unavailable_reason(backend: str, op: str = "", device: Optional[torch.device] = None) -> Optional[str]:
+    """Return None if ``backend`` can run ``op`` on ``device``, else a sentence saying why not."""
+    if backend in ("torch", "reference"):
+        return None
+    if backend == "triton":
+        why = _triton_status()
+        if why:
+            return why
+        if device is not None and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+    elif backend in ("cpu", "cuda"):
+        why = _extension_status()
+        if why:
+            return why
+        if backend == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if device is not None and device.type != backend:
+            return f"tensors are on {device.type}, backend {backend!r} needs {backend} tensors"
+    else:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if op and op not in _IMPLEMENTED.get(backend, set()):
+        return f"backend {backend!r} has no kernel for {op!r} yet"
+    return None
+
+
+def register(backend: str, op: str) -> None:
+    """Called by backend modules to declare that they implement ``op``."""
+    _IMPLEMENTED[backend].add(op)
+
+
+def resolve(backend: str, op: str, device: torch.device) -> str:
+    """Map a requested backend to a concrete one for ``op`` on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+            backend = env
+        else:
+            order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+            for candidate in order:
+                if unavailable_reason(candidate, op, device) is None:
+                    return candidate
+            return "torch"
+    why = unavailable_reason(backend, op, device)
+    if why is not None:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable for {op}: {why}")
+    return backend
+
+
+def status() -> Dict[str, Optional[str]]:
+    """Availability of every concrete backend: None = available, else the reason."""
+    out = {}
+    for name in BACKENDS[1:]:
+        out[name] = unavailable_reason(name)
+    return out

@@ -1,0 +1,213 @@
+"""Input validation shared by every backend: one place, one wording.
+
+Every check raises ValueError / TypeError / IndexError naming the offending argument, its shape
+or value, and what was expected. Nothing here reads tensor data except where stated (id bounds,
+label values), so the checks are cheap.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("identity", "scalar", "vector", "matrix")
+PAIRS = ("upper", "all", "offdiag")
+SIDES = ("left", "right")
+REDUCTIONS = ("mean", "sum", "none")
+BOUNDS_CHECKS = ("fatal", "clamp_to_oov", "off")
+
+ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+    "gelu": F.gelu,
+}
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_tensor(name: str, t, ndim: Optional[int] = None, floating: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {_shape(t)}")
+
+
+def check_embeddings(name: str, t) -> None:
+    """``t`` must be a floating [B, N, D] tensor."""
+    check_tensor(name, t, ndim=3)
+
+
+def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b} must have the shape of {name_a} {_shape(a)}, got {_shape(b)}")
+    if a.device != b.device:
+        raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}")
+
+
+def check_gamma(gamma) -> float:
+    try:
+        value = float(gamma)
+    except (TypeError, ValueError):
+        raise TypeError(f"gamma must be a real number, got {gamma!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"gamma must be finite, got {gamma!r}")
+    return value
+
+
+def pair_mask(num_fields: int, pairs: str, device=None) -> torch.Tensor:
+    """Boolean [N, N] mask of the pair set P: upper = i<j, all = every (i, j), offdiag = i != j."""
+    check_choice("pairs", pairs, PAIRS)
+    ones = torch.ones(num_fields, num_fields, dtype=torch.bool, device=device)
+    if pairs == "upper":
+        return torch.triu(ones, diagonal=1)
+    if pairs == "offdiag":
+        return ones & ~torch.eye(num_fields, dtype=torch.bool, device=device)
+    return ones
+
+
+def check_lookup(ids, weight, offsets, bounds_check: str) -> None:
+    check_choice("bounds_check", bounds_check, BOUNDS_CHECKS)
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids must be int32 or int64 field-local ids, got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"ids must have shape [B, N], got {_shape(ids)}")
+    check_tensor("weight", weight, ndim=2)
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64:
+        got = offsets.dtype if isinstance(offsets, torch.Tensor) else type(offsets).__name__
+        raise TypeError(f"offsets must be an int64 tensor (row offsets into weight), got {got}")
+    if offsets.dim() != 1 or offsets.numel() != ids.shape[1]:
+        raise ValueError(f"offsets must have shape [N]=[{ids.shape[1]}] (one per field of ids), "
+                         f"got {_shape(offsets)}")
+    if ids.device != weight.device or offsets.device != weight.device:
+        raise ValueError(f"ids ({ids.device}), weight ({weight.device}) and offsets ({offsets.device}) "
+                         "must be on one device")
+
+
+def field_sizes(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Vocabulary size of each field from its row offset and the table's row count (int64 [N])."""
+    ends = torch.cat([offsets[1:], offsets.new_tensor([num_rows])])
+    return ends - offsets
+
+
+def check_offsets(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Validate offsets (reads them) and return the field sizes."""
+    sizes = field_sizes(offsets, num_rows)
+    if offsets.numel() and (int(offsets[0]) < 0 or bool((sizes < 0).any())):
+        raise ValueError(f"offsets must be non-decreasing, start >= 0 and stay below weight rows "
+                         f"({num_rows}), got {offsets.tolist()}")
+    return sizes
+
+
+def check_ids_in_range(ids: torch.Tensor, sizes: torch.Tensor) -> None:
+    """Raise IndexError naming the first field with an id outside [0, field size). Reads ids."""
+    bad = (ids < 0) | (ids >= sizes.to(ids.dtype))
+    if bool(bad.any()):
+        field = int(bad.any(0).nonzero()[0, 0])
+        col = ids[:, field]
+        bad_ids = col[bad[:, field]]
+        raise IndexError(f"ids[:, {field}] (field {field}) holds id {int(bad_ids[0])} outside "
+                         f"[0, {int(sizes[field])}) (the field's vocabulary size); "
+                         f"{int(bad[:, field].sum())} bad ids in this field")
+
+
+def clamp_to_oov(ids: torch.Tensor, sizes: torch.Tensor):
+    """Remap out-of-range ids to their field's last id (the OOV row). Returns (ids, count)."""
+    sizes = sizes.to(ids.dtype)
+    bad = (ids < 0) | (ids >= sizes)
+    oov = (sizes - 1).clamp_min(0).expand_as(ids)
+    return torch.where(bad, oov, ids), int(bad.sum())
+
+
+def check_encode(V, weight, bias, activation, gamma, residual) -> float:
+    check_embeddings("V", V)
+    _, n, d = V.shape
+    check_tensor("weight", weight, ndim=2)
+    if tuple(weight.shape) != (n * d, n * d):
+        raise ValueError(f"weight must have shape [N*D, N*D]=[{n * d}, {n * d}] for V {_shape(V)}, "
+                         f"got {_shape(weight)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.numel() != n * d:
+            raise ValueError(f"bias must have shape [N*D]=[{n * d}], got {_shape(bias)}")
+    check_choice("activation", activation, tuple(ACTIVATIONS))
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {residual!r}")
+    return check_gamma(gamma)
+
+
+def check_decode(Z, V, weight, kind, pairs, generated_side, symmetric) -> None:
+    check_embeddings("Z", Z)
+    check_embeddings("V", V)
+    check_same("Z", Z, "V", V)
+    check_choice("kind", kind, KINDS)
+    check_choice("pairs", pairs, PAIRS)
+    check_choice("generated_side", generated_side, SIDES)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+    _, n, d = Z.shape
+    expected = {"identity": None, "scalar": (n, n), "vector": (n, n, d), "matrix": (n, n, d, d)}[kind]
+    if expected is None:
+        if weight is not None:
+            raise ValueError("weight must be None for kind='identity'")
+        return
+    if weight is None:
+        raise ValueError(f"weight is required for kind={kind!r}: expected shape {list(expected)}")
+    check_tensor("weight", weight)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"weight for kind={kind!r} must have shape {list(expected)} "
+                         f"(N={n}, D={d}), got {_shape(weight)}")
+    if weight.device != Z.device:
+        raise ValueError(f"weight is on {weight.device} but Z is on {Z.device}")
+
+
+def check_products(Z, V, pairs, generated_side, symmetric) -> None:
+    check_decode(Z, V, None, "identity", pairs, generated_side, symmetric)
+
+
+def check_cross(x, x_gen, weight, bias) -> None:
+    check_tensor("x", x, ndim=2)
+    check_tensor("x_gen", x_gen, ndim=2)
+    check_same("x", x, "x_gen", x_gen)
+    k = x.shape[1]
+    check_tensor("weight", weight, ndim=2)
+    if tuple(weight.shape) != (k, k):
+        raise ValueError(f"weight must have shape [K, K]=[{k}, {k}] for x {_shape(x)}, got {_shape(weight)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.numel() != k:
+            raise ValueError(f"bias must have shape [K]=[{k}], got {_shape(bias)}")
+
+
+def check_bce(logits, labels, reduction) -> None:
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_tensor("logits", logits)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be a real float or integer tensor, got dtype {labels.dtype}")
+    if labels.shape != logits.shape:
+        raise ValueError(f"labels must have the shape of logits {_shape(logits)}, got {_shape(labels)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    if labels.numel():
+        lab = labels if labels.is_floating_point() else labels.to(torch.float32)
+        if not bool(torch.isfinite(lab).all()):
+            raise ValueError(f"labels contain {int((~torch.isfinite(lab)).sum())} NaN/inf values")
+        if bool(((lab < 0) | (lab > 1)).any()):
+            raise ValueError(f"labels must lie in [0, 1], got min {float(lab.min())} max {float(lab.max())}")

@@ -1,0 +1,166 @@
+"""Stateless SFG ops (like torch.nn.functional). Data flows ids -> lookup -> encode -> decode -> loss.
+
+Shape letters used throughout sfg_fast:
+    B  batch size (samples)
+    N  number of categorical fields
+    D  embedding dimension, shared by all fields
+    V  total vocabulary: rows of the concatenated table, ``sum(field_dims)``
+    P  number of scored field pairs (N(N-1)/2 for ``pairs="upper"``)
+
+Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch" | "reference"``; see
+``sfg_fast._backend`` for how "auto" resolves and ``python -m sfg_fast.info`` for what is available.
+Inputs are validated here, once, with errors that name the offending argument.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks as C
+from . import factored, reference
+from ._backend import resolve
+
+__all__ = ["embedding_lookup", "sfg_encode", "pairwise_decode", "pairwise_products",
+           "generative_cross", "bce_with_logits"]
+
+_OPTIONAL_IMPLS = {}  # (backend, op) -> callable, registered by the compiled/Triton backends
+
+
+def register_impl(backend: str, op: str, fn) -> None:
+    """Let an optional backend (triton / cpu / cuda) provide ``op``; same arguments as the torch impl."""
+    from ._backend import register
+    _OPTIONAL_IMPLS[(backend, op)] = fn
+    register(backend, op)
+
+
+def _impl(backend: str, op: str, device: torch.device):
+    if backend != "torch" and backend != "reference":
+        from .ops import load_backends
+        load_backends()
+    chosen = resolve(backend, op, device)
+    if chosen == "reference":
+        return None
+    if chosen == "torch":
+        return getattr(factored, op)
+    return _OPTIONAL_IMPLS[(chosen, op)]
+
+
+def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                     bounds_check: str = "fatal", backend: str = "auto") -> torch.Tensor:
+    """Multi-field lookup from one concatenated table: ``V[b, f] = weight[offsets[f] + ids[b, f]]``.
+
+    Args:
+        ids: int32/int64 ``[B, N]`` field-local ids, ``0 <= ids[:, f] < field_dims[f]``.
+        weight: floating ``[V, D]`` concatenated table (fields stacked in order).
+        offsets: int64 ``[N]`` first row of each field in ``weight`` (exclusive cumsum of field_dims).
+        bounds_check: ``"fatal"`` raises IndexError naming the field and id; ``"clamp_to_oov"``
+            remaps bad ids to the field's last id (the OOV row); ``"off"`` trusts the ids.
+    Returns:
+        ``[B, N, D]`` embeddings, differentiable with respect to ``weight``.
+    """
+    C.check_lookup(ids, weight, offsets, bounds_check)
+    impl = _impl(backend, "embedding_lookup", weight.device)
+    if impl is None:
+        return reference.embedding_lookup(ids, weight, offsets, bounds_check)
+    if bounds_check != "off":
+        sizes = C.check_offsets(offsets, weight.shape[0])
+        if bounds_check == "fatal":
+            C.check_ids_in_range(ids, sizes)
+        else:
+            ids, _ = C.clamp_to_oov(ids, sizes)
+    return impl(ids, weight, offsets)
+
+
+def sfg_encode(V: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               activation: str = "relu", gamma: float = 1.0, residual: bool = False,
+               backend: str = "auto") -> torch.Tensor:
+    """SFG encoder: ``Z = gamma * act(V.reshape(B, N*D) @ weight.T + bias).reshape(B, N, D) (+ V)``.
+
+    Args:
+        V: ``[B, N, D]`` raw field embeddings.
+        weight: ``[N*D, N*D]`` in nn.Linear's (out, in) convention; rows ``i*D:(i+1)*D`` generate field i.
+        bias: optional ``[N*D]``.
+        activation: identity | relu | tanh | sigmoid | silu | gelu.
+        gamma: scalar output scale.  residual: add V to the output.
+    Returns:
+        ``Z [B, N, D]``, the generated embeddings.
+    """
+    gamma = C.check_encode(V, weight, bias, activation, gamma, residual)
+    impl = _impl(backend, "sfg_encode", V.device)
+    if impl is None:
+        return reference.sfg_encode(V, weight, bias, activation, gamma, residual)
+    return impl(V, weight, bias, activation, gamma, residual)
+
+
+def pairwise_decode(Z: torch.Tensor, V: torch.Tensor, weight: Optional[torch.Tensor], kind: str,
+                    pairs: str = "upper", generated_side: str = "left", symmetric: bool = False,
+                    backend: str = "auto") -> torch.Tensor:
+    """All-Predict-All score: ``logit[b] = sum_{(i,j) in P} (a_i @ W_ij) . b_j``.
+
+    The operands are ``(a, b) = (Z, V)`` for ``generated_side="left"`` (``< dec_ij(z_i), v_j >``),
+    ``(V, Z)`` for ``"right"`` (``v_i^T W_ij z_j``, the authors' FmFM, which reduces to base FmFM when
+    Z = V), and ``(Z, Z)`` when ``symmetric``. ``W_ij`` is the decoder of pair (i, j):
+
+        identity  weight None            W_ij = I
+        scalar    weight [N, N]          W_ij = weight[i, j] * I
+        vector    weight [N, N, D]       W_ij = diag(weight[i, j])
+        matrix    weight [N, N, D, D]    W_ij = weight[i, j]     (dec_ij(z) = z @ weight[i, j])
+
+    Entries of ``weight`` outside P are ignored. ``pairs``: upper (i<j) | all | offdiag (i != j).
+    Args:
+        Z: ``[B, N, D]`` generated embeddings.  V: ``[B, N, D]`` raw embeddings.
+    Returns:
+        ``[B]`` pairwise logit contribution.
+    """
+    C.check_decode(Z, V, weight, kind, pairs, generated_side, symmetric)
+    impl = _impl(backend, "pairwise_decode", Z.device)
+    if impl is None:
+        return reference.pairwise_decode(Z, V, weight, kind, pairs, generated_side, symmetric)
+    return impl(Z, V, weight, kind, pairs, generated_side, symmetric)
+
+
+def pairwise_products(Z: torch.Tensor, V: torch.Tensor, pairs: str = "upper",
+                      generated_side: str = "left", symmetric: bool = False,
+                      backend: str = "auto") -> torch.Tensor:
+    """Per-pair inner products ``p[b, k] = < a_i, b_j >`` for the k-th pair of P (row-major order).
+
+    IPNN's product vector (SFG form ``p_ij = <z_i, v_j>``). Operands as in :func:`pairwise_decode`.
+    Returns ``[B, P]``.
+    """
+    C.check_products(Z, V, pairs, generated_side, symmetric)
+    impl = _impl(backend, "pairwise_products", Z.device)
+    if impl is None:
+        return reference.pairwise_products(Z, V, pairs, generated_side, symmetric)
+    return impl(Z, V, pairs, generated_side, symmetric)
+
+
+def generative_cross(x: torch.Tensor, x_gen: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """One DCNv2 cross layer: ``x + x_gen * (x @ weight.T + bias)``.
+
+    Base DCNv2 passes ``x_gen = x_0``; SFG passes ``x_gen = G_l(x_l)``.
+    Args:
+        x: ``[B, K]`` (K = N*D), x_gen: ``[B, K]``, weight: ``[K, K]``, bias: optional ``[K]``.
+    """
+    C.check_cross(x, x_gen, weight, bias)
+    impl = _impl(backend, "generative_cross", x.device)
+    if impl is None:
+        return reference.generative_cross(x, x_gen, weight, bias)
+    return impl(x, x_gen, weight, bias)
+
+
+def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+                    backend: str = "auto") -> torch.Tensor:
+    """Stable binary cross-entropy on logits, computed in fp32 (fp64 for fp64 inputs).
+
+    ``loss = max(x, 0) - x*y + log1p(exp(-|x|))``; finite for |x| up to 1e4 and beyond.
+    Args:
+        logits: floating ``[B]`` (any shape).  labels: same shape, values in [0, 1], no NaN/inf.
+        reduction: mean | sum | none.
+    """
+    C.check_bce(logits, labels, reduction)
+    impl = _impl(backend, "bce_with_logits", logits.device)
+    if impl is None:
+        return reference.bce_with_logits(logits, labels, reduction)
+    return impl(logits, labels, reduction)

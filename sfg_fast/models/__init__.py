@@ -1,0 +1,26 @@
+"""Model zoo: FM, FwFM, FmFM, DeepFM, IPNN, xDeepFM, DCNv2, CrossNet — base or SFG (``generative``).
+
+``build(name, field_dims, embedding_dim, generative, **hparams)`` returns a model with
+``forward(ids [B, N]) -> logits [B]``; ``model.config`` rebuilds it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .base import CTRModel, FirstOrder
+from .deep import DCNv2, CrossNet, xDeepFM
+from .fm_family import FM, IPNN, DeepFM, FmFM, FwFM
+
+MODELS = {cls.name: cls for cls in (FM, FwFM, FmFM, DeepFM, IPNN, xDeepFM, DCNv2, CrossNet)}
+
+__all__ = ["build", "MODELS", "CTRModel", "FirstOrder", "FM", "FwFM", "FmFM", "DeepFM", "IPNN",
+           "xDeepFM", "DCNv2", "CrossNet"]
+
+
+def build(name: str, field_dims: Sequence[int], embedding_dim: int = 16, generative: bool = True,
+          **hparams) -> CTRModel:
+    """Build model ``name`` (case-insensitive: fm, fwfm, fmfm, deepfm, ipnn, xdeepfm, dcnv2, crossnet)."""
+    key = str(name).lower()
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[key](field_dims, embedding_dim=embedding_dim, generative=generative, **hparams)

@@ -1,0 +1,90 @@
+"""Shared pieces of the model zoo: the CTR model base class and the first-order (LR) term."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import functional as SF
+from ..nn import FieldEmbedding, SFGEncoder
+
+
+class FirstOrder(nn.Module):
+    """lr(x) = bias + sum_f w[offsets[f] + ids[:, f]]: one scalar weight per id. ``-> [B]``."""
+
+    def __init__(self, field_dims: Sequence[int], bounds_check: str = "fatal", backend: str = "auto"):
+        super().__init__()
+        self.table = FieldEmbedding(field_dims, 1, bounds_check=bounds_check, init_std=1e-4, backend=backend)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids).sum(dim=(1, 2)) + self.bias
+
+
+class CTRModel(nn.Module):
+    """Base class: ``forward(ids [B, N]) -> logits [B]``; ``generative=False`` is the base model exactly.
+
+    Subclasses implement ``score(ids, V) -> logits``. Keyword hyper-parameters shared by all models:
+    embedding_dim, generative, gamma, activation, encoder_bias, residual, encoder_dropout,
+    init_std, bounds_check, backend. ``self.config`` holds every hyper-parameter needed to rebuild
+    the model with :func:`sfg_fast.models.build`.
+    """
+
+    name = "base"
+
+    def __init__(self, field_dims: Sequence[int], embedding_dim: int = 16, generative: bool = True,
+                 gamma: float = 1.0, activation: str = "relu", encoder_bias: bool = False,
+                 residual: bool = False, encoder_dropout: float = 0.0, init_std: float = 1e-4,
+                 bounds_check: str = "fatal", backend: str = "auto"):
+        super().__init__()
+        self.field_dims = [int(x) for x in field_dims]
+        self.num_fields = len(self.field_dims)
+        self.embedding_dim = int(embedding_dim)
+        self.generative = bool(generative)
+        self.backend = backend
+        self.encoder_kwargs = dict(activation=activation, gamma=gamma, bias=encoder_bias,
+                                   residual=residual, dropout=encoder_dropout, backend=backend)
+        self.embedding = FieldEmbedding(self.field_dims, self.embedding_dim, bounds_check=bounds_check,
+                                        init_std=init_std, backend=backend)
+        self.config: Dict = dict(embedding_dim=self.embedding_dim, generative=self.generative, gamma=gamma,
+                                 activation=activation, encoder_bias=encoder_bias, residual=residual,
+                                 encoder_dropout=encoder_dropout, init_std=init_std,
+                                 bounds_check=bounds_check, backend=backend)
+
+    def _record(self, **hparams) -> None:
+        self.config.update(hparams)
+
+    def make_encoder(self) -> Optional[SFGEncoder]:
+        if not self.generative:
+            return None
+        return SFGEncoder(self.num_fields, self.embedding_dim, **self.encoder_kwargs)
+
+    def encoders(self) -> List[SFGEncoder]:
+        """Every SFG encoder of the model (empty for a base model)."""
+        return [m for m in self.modules() if isinstance(m, SFGEncoder)]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        V = self.embedding(ids)
+        return self.score(ids, V)
+
+    def score(self, ids: torch.Tensor, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def generate(self, V: torch.Tensor) -> torch.Tensor:
+        """The generated embeddings Z the model's first interaction uses (V itself for a base model)."""
+        encoder = getattr(self, "encoder", None)
+        return encoder(V) if encoder is not None else V
+
+    @torch.no_grad()
+    def analysis_embeddings(self, ids: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
+        """Embeddings the diagnostics study: ``raw`` e ``[B, N*D]`` and ``generated`` Z (None for base)."""
+        V = self.embedding(ids)
+        batch = V.shape[0]
+        raw = V.reshape(batch, -1)
+        if not self.generative:
+            return {"raw": raw, "generated": None}
+        return {"raw": raw, "generated": self.generate(V).reshape(batch, -1)}
+
+    def extra_repr(self) -> str:
+        return f"generative={self.generative}"

@@ -1,0 +1,87 @@
+"""xDeepFM, DCNv2 and CrossNet, each as its base model or its SFG form (shared/docs/SFG.md s.4)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..nn import CIN, MLP, GenerativeCrossNet
+from .base import CTRModel, FirstOrder
+
+
+class xDeepFM(CTRModel):
+    """y = sigma(lr + fc(sum-pooled CIN(V)) + DNN(e)); SFG: a separate encoder per CIN layer fed raw V."""
+    name = "xdeepfm"
+
+    def __init__(self, field_dims, embedding_dim: int = 16, generative: bool = True,
+                 cin_layer_units: Sequence[int] = (16, 16, 16), hidden_units: Sequence[int] = (400, 400, 400),
+                 dropout: float = 0.0, batch_norm: bool = False, **kwargs):
+        super().__init__(field_dims, embedding_dim, generative, **kwargs)
+        enc = self.encoder_kwargs
+        self.linear = FirstOrder(self.field_dims, self.config["bounds_check"], self.backend)
+        self.cin = CIN(self.num_fields, self.embedding_dim, cin_layer_units, self.generative,
+                       enc["activation"], enc["gamma"], enc["bias"], enc["residual"], self.backend)
+        self.cin_fc = nn.Linear(self.cin.output_dim, 1)
+        self.dnn = MLP(self.num_fields * self.embedding_dim, hidden_units, "relu", dropout, batch_norm, 1) \
+            if hidden_units else None
+        self._record(cin_layer_units=list(cin_layer_units), hidden_units=list(hidden_units),
+                     dropout=dropout, batch_norm=batch_norm)
+
+    def generate(self, V):
+        return self.cin.generators[0](V) if self.generative else V
+
+    def score(self, ids, V):
+        batch = V.shape[0]
+        logit = self.linear(ids) + self.cin_fc(self.cin(V)).squeeze(1)
+        if self.dnn is not None:
+            logit = logit + self.dnn(V.reshape(batch, -1)).squeeze(1)
+        return logit
+
+
+class CrossNet(CTRModel):
+    """CrossNet (cross layers only): base x_{l+1} = x_l + x_0 * (W_l x_l); SFG gate G_l(x_l); head Linear(x_L)."""
+    name = "crossnet"
+    parallel_dnn = False
+
+    def __init__(self, field_dims, embedding_dim: int = 16, generative: bool = True,
+                 num_cross_layers: int = 3, regenerate_from: str = "x_l", cross_bias: bool = False,
+                 hidden_units: Sequence[int] = (), dropout: float = 0.0, batch_norm: bool = False, **kwargs):
+        super().__init__(field_dims, embedding_dim, generative, **kwargs)
+        enc = self.encoder_kwargs
+        self.crossnet = GenerativeCrossNet(self.num_fields, self.embedding_dim, num_cross_layers, self.generative,
+                                           regenerate_from, enc["residual"], enc["dropout"], enc["activation"],
+                                           enc["gamma"], enc["bias"], cross_bias, self.backend)
+        width = self.num_fields * self.embedding_dim
+        self.dnn = MLP(width, hidden_units, "relu", dropout, batch_norm) if self.parallel_dnn else None
+        head_in = width + (self.dnn.output_dim if self.dnn is not None else 0)
+        self.head = nn.Linear(head_in, 1)
+        self._record(num_cross_layers=int(num_cross_layers), regenerate_from=regenerate_from,
+                     cross_bias=cross_bias)
+        if self.parallel_dnn:
+            self._record(hidden_units=list(hidden_units), dropout=dropout, batch_norm=batch_norm)
+
+    def generate(self, V):
+        if not self.generative:
+            return V
+        batch = V.shape[0]
+        x0 = V.reshape(batch, -1)
+        return self.crossnet.gate(0, x0, x0).view_as(V)
+
+    def score(self, ids, V):
+        batch = V.shape[0]
+        e = V.reshape(batch, -1)
+        parts = [self.crossnet(e)]
+        if self.dnn is not None:
+            parts.append(self.dnn(e))
+        return self.head(torch.cat(parts, dim=1)).squeeze(1)
+
+
+class DCNv2(CrossNet):
+    """DCNv2 (parallel): head on [CrossNet(e) ; DNN(e)]; SFG regenerates each layer's gate G_l(x_l)."""
+    name = "dcnv2"
+    parallel_dnn = True
+
+    def __init__(self, field_dims, embedding_dim: int = 16, generative: bool = True,
+                 hidden_units: Sequence[int] = (400, 400, 400), **kwargs):
+        super().__init__(field_dims, embedding_dim, generative, hidden_units=hidden_units, **kwargs)

@@ -1,0 +1,264 @@
+"""SFG layers as nn.Modules (nouns); each calls the ops of ``sfg_fast.functional``.
+
+Shape letters (B, N, D, V, P) are defined in ``sfg_fast.functional``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import _checks as C
+from . import functional as SF
+
+
+def _as_field_dims(field_dims) -> list:
+    dims = [int(x) for x in field_dims]
+    if not dims:
+        raise ValueError("field_dims must name at least one field")
+    bad = [(f, x) for f, x in enumerate(dims) if x < 1]
+    if bad:
+        raise ValueError(f"field_dims must be positive vocabulary sizes; field {bad[0][0]} has {bad[0][1]}")
+    return dims
+
+
+class FieldEmbedding(nn.Module):
+    """N per-field tables stored as one concatenated ``[sum(field_dims), D]`` table.
+
+    ``forward(ids [B, N]) -> V [B, N, D]``. ``offsets`` (int64 [N]) is the first row of each field.
+    Rows start as N(0, init_std^2) (FuxiCTR's default std 1e-4).
+    ``bounds_check="clamp_to_oov"`` remaps bad ids to the field's last id and counts them in
+    ``num_clamped``.
+    """
+
+    def __init__(self, field_dims: Sequence[int], embedding_dim: int, bounds_check: str = "fatal",
+                 init_std: float = 1e-4, backend: str = "auto"):
+        super().__init__()
+        dims = _as_field_dims(field_dims)
+        C.check_choice("bounds_check", bounds_check, C.BOUNDS_CHECKS)
+        if int(embedding_dim) < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        self.field_dims = dims
+        self.num_fields = len(dims)
+        self.embedding_dim = int(embedding_dim)
+        self.bounds_check = bounds_check
+        self.backend = backend
+        self.num_clamped = 0
+        self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim))
+        starts = [0]
+        for x in dims[:-1]:
+            starts.append(starts[-1] + x)
+        self.register_buffer("offsets", torch.tensor(starts, dtype=torch.int64), persistent=False)
+        self.init_std = float(init_std)
+        nn.init.normal_(self.weight, std=self.init_std)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] != self.num_fields:
+            raise ValueError(f"ids must have shape [B, N]=[B, {self.num_fields}] for field_dims of "
+                             f"{self.num_fields} fields, got {list(ids.shape)}")
+        if self.bounds_check == "clamp_to_oov":
+            C.check_lookup(ids, self.weight, self.offsets, "clamp_to_oov")
+            sizes = torch.tensor(self.field_dims, dtype=torch.int64, device=ids.device)
+            ids, count = C.clamp_to_oov(ids, sizes)
+            self.num_clamped += count
+            return SF.embedding_lookup(ids, self.weight, self.offsets, "off", backend=self.backend)
+        return SF.embedding_lookup(ids, self.weight, self.offsets, self.bounds_check, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"field_dims={self.field_dims}, embedding_dim={self.embedding_dim}, bounds_check={self.bounds_check!r}"
+
+
+class SFGEncoder(nn.Module):
+    """The SFG generator: ``Z = gamma * act(e @ W.T (+ b)).reshape(B, N, D) (+ V)``, W ``[N*D, N*D]``.
+
+    Every generated field embedding sees all fields. ``reset_to_identity()`` sets W = I (with
+    activation="identity", gamma=1 the encoder then returns V exactly: the base model).
+    """
+
+    def __init__(self, num_fields: int, embedding_dim: int, activation: str = "relu", gamma: float = 1.0,
+                 bias: bool = False, residual: bool = False, dropout: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        C.check_choice("activation", activation, tuple(C.ACTIVATIONS))
+        self.num_fields = int(num_fields)
+        self.embedding_dim = int(embedding_dim)
+        self.activation = activation
+        self.gamma = C.check_gamma(gamma)
+        self.residual = bool(residual)
+        self.backend = backend
+        width = self.num_fields * self.embedding_dim
+        linear = nn.Linear(width, width, bias=bias)   # nn.Linear's default init
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        self.weight.copy_(torch.eye(self.weight.shape[0], dtype=self.weight.dtype))
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def forward(self, V: torch.Tensor) -> torch.Tensor:
+        z = SF.sfg_encode(V, self.weight, self.bias, self.activation, self.gamma, self.residual,
+                          backend=self.backend)
+        return self.dropout(z) if self.dropout is not None else z
+
+    def extra_repr(self) -> str:
+        return (f"num_fields={self.num_fields}, embedding_dim={self.embedding_dim}, "
+                f"activation={self.activation!r}, gamma={self.gamma}, bias={self.bias is not None}, "
+                f"residual={self.residual}")
+
+
+class PairwiseDecoder(nn.Module):
+    """All-Predict-All decoder + score: ``forward(Z, V) -> [B]`` (see functional.pairwise_decode).
+
+    The decoder weights are the base model's interaction weights. They start so that the layer
+    begins as FM: scalar weights 1, vector weights 1, matrix weights I.
+    """
+
+    def __init__(self, num_fields: int, embedding_dim: int, kind: str = "identity", pairs: str = "upper",
+                 generated_side: str = "left", symmetric: bool = False, backend: str = "auto"):
+        super().__init__()
+        C.check_choice("kind", kind, C.KINDS)
+        C.check_choice("pairs", pairs, C.PAIRS)
+        C.check_choice("generated_side", generated_side, C.SIDES)
+        n, d = int(num_fields), int(embedding_dim)
+        self.num_fields, self.embedding_dim = n, d
+        self.kind, self.pairs, self.generated_side, self.symmetric = kind, pairs, generated_side, bool(symmetric)
+        self.backend = backend
+        if kind == "identity":
+            self.register_parameter("weight", None)
+        elif kind == "scalar":
+            self.weight = nn.Parameter(torch.ones(n, n))
+        elif kind == "vector":
+            self.weight = nn.Parameter(torch.ones(n, n, d))
+        else:
+            self.weight = nn.Parameter(torch.eye(d).expand(n, n, d, d).clone())
+
+    def forward(self, Z: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        return SF.pairwise_decode(Z, V, self.weight, self.kind, self.pairs, self.generated_side,
+                                  self.symmetric, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"num_fields={self.num_fields}, embedding_dim={self.embedding_dim}, kind={self.kind!r}, "
+                f"pairs={self.pairs!r}, generated_side={self.generated_side!r}, symmetric={self.symmetric}")
+
+
+_MLP_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU,
+                    "gelu": nn.GELU, "identity": nn.Identity}
+
+
+class MLP(nn.Module):
+    """Feed-forward block: [Linear -> (BatchNorm) -> act -> (Dropout)] per hidden layer, then an
+    optional output Linear. ``forward(x [B, input_dim]) -> [B, output_dim or last hidden]``."""
+
+    def __init__(self, input_dim: int, hidden_units: Sequence[int] = (400, 400, 400),
+                 activation: str = "relu", dropout: float = 0.0, batch_norm: bool = False,
+                 output_dim: Optional[int] = None):
+        super().__init__()
+        C.check_choice("activation", activation, tuple(_MLP_ACTIVATIONS))
+        layers = []
+        width = int(input_dim)
+        for units in hidden_units:
+            layers.append(nn.Linear(width, int(units)))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(int(units)))
+            layers.append(_MLP_ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = int(units)
+        if output_dim is not None:
+            layers.append(nn.Linear(width, int(output_dim)))
+            width = int(output_dim)
+        self.output_dim = width
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class GenerativeCrossNet(nn.Module):
+    """DCNv2 cross network with an optional generator per layer.
+
+    Base (``generative=False``): ``x_{l+1} = x_l + x_0 * (W_l x_l (+ b_l))``.
+    SFG: ``x_{l+1} = x_l + G_l(src) * (W_l x_l (+ b_l))`` with ``src = x_l`` (``regenerate_from="x_l"``,
+    the authors' form) or ``x_0``; ``G_l`` is an :class:`SFGEncoder` (optional residual, dropout).
+    ``forward(x0 [B, N*D]) -> x_L [B, N*D]``.
+    """
+
+    def __init__(self, num_fields: int, embedding_dim: int, num_layers: int = 3, generative: bool = True,
+                 regenerate_from: str = "x_l", residual: bool = False, dropout: float = 0.0,
+                 activation: str = "relu", gamma: float = 1.0, encoder_bias: bool = False,
+                 cross_bias: bool = False, backend: str = "auto"):
+        super().__init__()
+        C.check_choice("regenerate_from", regenerate_from, ("x_l", "x_0"))
+        self.num_fields, self.embedding_dim = int(num_fields), int(embedding_dim)
+        self.num_layers = int(num_layers)
+        self.generative = bool(generative)
+        self.regenerate_from = regenerate_from
+        self.backend = backend
+        width = self.num_fields * self.embedding_dim
+        self.cross = nn.ModuleList(nn.Linear(width, width, bias=cross_bias) for _ in range(self.num_layers))
+        if self.generative:
+            self.generators = nn.ModuleList(
+                SFGEncoder(num_fields, embedding_dim, activation, gamma, encoder_bias, residual, dropout, backend)
+                for _ in range(self.num_layers))
+        else:
+            self.generators = None
+
+    def gate(self, layer: int, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The multiplicative operand of cross layer ``layer``: x_0 (base) or G_l(x_l or x_0)."""
+        if not self.generative:
+            return x0
+        src = x if self.regenerate_from == "x_l" else x0
+        batch = src.shape[0]
+        return self.generators[layer](src.view(batch, self.num_fields, self.embedding_dim)).reshape(batch, -1)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        C.check_tensor("x0", x0, ndim=2)
+        x = x0
+        for layer, linear in enumerate(self.cross):
+            x = SF.generative_cross(x, self.gate(layer, x0, x), linear.weight, linear.bias, backend=self.backend)
+        return x
+
+
+class CIN(nn.Module):
+    """xDeepFM's Compressed Interaction Network, with an optional generator per layer.
+
+    Layer k: ``Z^k[b, h, m, :] = x^{k-1}[b, h] * g^k[b, m]`` and ``x^k = conv1x1(Z^k)``, where the base
+    model uses ``g^k = x^0 = V`` and SFG uses ``g^k = G_k(V)`` (a separate encoder per layer, fed the raw
+    V). ``forward(V [B, N, D]) -> [B, sum(layer_sizes)]`` (each layer's output sum-pooled over D).
+    """
+
+    def __init__(self, num_fields: int, embedding_dim: int, layer_sizes: Sequence[int] = (16, 16, 16),
+                 generative: bool = False, activation: str = "relu", gamma: float = 1.0,
+                 encoder_bias: bool = False, residual: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.num_fields, self.embedding_dim = int(num_fields), int(embedding_dim)
+        self.layer_sizes = [int(h) for h in layer_sizes]
+        self.generative = bool(generative)
+        convs = []
+        prev = self.num_fields
+        for h in self.layer_sizes:
+            convs.append(nn.Conv1d(prev * self.num_fields, h, kernel_size=1))
+            prev = h
+        self.convs = nn.ModuleList(convs)
+        if self.generative:
+            self.generators = nn.ModuleList(
+                SFGEncoder(num_fields, embedding_dim, activation, gamma, encoder_bias, residual, 0.0, backend)
+                for _ in self.layer_sizes)
+        else:
+            self.generators = None
+        self.output_dim = sum(self.layer_sizes)
+
+    def forward(self, V: torch.Tensor) -> torch.Tensor:
+        C.check_embeddings("V", V)
+        batch, _, d = V.shape
+        x = V
+        pooled = []
+        for k, conv in enumerate(self.convs):
+            g = self.generators[k](V) if self.generative else V
+            z = torch.einsum("bhd,bmd->bhmd", x, g).reshape(batch, -1, d)
+            x = conv(z)
+            pooled.append(x.sum(dim=2))
+        return torch.cat(pooled, dim=1)
