@@ -211,3 +211,19 @@ def check_bce(logits, labels, reduction) -> None:
             raise ValueError(f"labels contain {int((~torch.isfinite(lab)).sum())} NaN/inf values")
         if bool(((lab < 0) | (lab > 1)).any()):
             raise ValueError(f"labels must lie in [0, 1], got min {float(lab.min())} max {float(lab.max())}")
+
+
+def check_sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
+                     residual, pairs, generated_side, symmetric, bounds_check) -> float:
+    """Shape/dtype checks of the fused op, without reading tensor data."""
+    check_lookup(ids, table, offsets, bounds_check)
+    n, d = ids.shape[1], table.shape[1]
+    probe = torch.empty(0, n, d, dtype=table.dtype, device=table.device)
+    if enc_weight is not None:
+        gamma = check_encode(probe, enc_weight, enc_bias, activation, gamma, residual)
+    elif enc_bias is not None:
+        raise ValueError("enc_bias must be None when enc_weight is None (no encoder: the base model)")
+    else:
+        gamma = check_gamma(gamma)
+    check_decode(probe, probe, dec_weight, kind, pairs, generated_side, symmetric)
+    return gamma

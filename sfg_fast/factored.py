@@ -87,3 +87,10 @@ def generative_cross(x, x_gen, weight, bias):
 def bce_with_logits(logits, labels, reduction):
     x = logits if logits.dtype == torch.float64 else logits.float()
     return F.binary_cross_entropy_with_logits(x, labels.to(x.dtype), reduction=reduction)
+
+
+def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
+               pairs, generated_side, symmetric):
+    V = embedding_lookup(ids, table, offsets)
+    Z = V if enc_weight is None else sfg_encode(V, enc_weight, enc_bias, activation, gamma, residual)
+    return pairwise_decode(Z, V, dec_weight, kind, pairs, generated_side, symmetric)

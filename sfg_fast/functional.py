@@ -22,7 +22,7 @@ from . import factored, reference
 from ._backend import resolve
 
 __all__ = ["embedding_lookup", "sfg_encode", "pairwise_decode", "pairwise_products",
-           "generative_cross", "bce_with_logits"]
+           "generative_cross", "bce_with_logits", "sfg_logits"]
 
 _OPTIONAL_IMPLS = {}  # (backend, op) -> callable, registered by the compiled/Triton backends
 
@@ -164,3 +164,31 @@ def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
     if impl is None:
         return reference.bce_with_logits(logits, labels, reduction)
     return impl(logits, labels, reduction)
+
+
+def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
+               enc_weight: Optional[torch.Tensor], enc_bias: Optional[torch.Tensor],
+               dec_weight: Optional[torch.Tensor], kind: str, activation: str = "relu", gamma: float = 1.0,
+               residual: bool = False, pairs: str = "upper", generated_side: str = "left",
+               symmetric: bool = False, bounds_check: str = "fatal", backend: str = "auto") -> torch.Tensor:
+    """The whole SFG interaction in one op (what fused backends implement as one kernel pipeline).
+
+    ``V = embedding_lookup(ids, table, offsets)``; ``Z = sfg_encode(V, enc_weight, enc_bias, activation,
+    gamma, residual)`` (``Z = V`` when ``enc_weight`` is None: the base model); returns
+    ``pairwise_decode(Z, V, dec_weight, kind, pairs, generated_side, symmetric)`` as ``[B]``.
+    Args: as for the three ops it composes; ``table [V, D]``, ``enc_weight [N*D, N*D]`` or None.
+    """
+    gamma = C.check_sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
+                               gamma, residual, pairs, generated_side, symmetric, bounds_check)
+    impl = _impl(backend, "sfg_logits", table.device)
+    if impl is None:
+        return reference.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
+                                    gamma, residual, pairs, generated_side, symmetric, bounds_check)
+    if bounds_check != "off":
+        sizes = C.check_offsets(offsets, table.shape[0])
+        if bounds_check == "fatal":
+            C.check_ids_in_range(ids, sizes)
+        else:
+            ids, _ = C.clamp_to_oov(ids, sizes)
+    return impl(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
+                pairs, generated_side, symmetric)

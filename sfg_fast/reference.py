@@ -115,3 +115,14 @@ def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
+               enc_weight: Optional[torch.Tensor], enc_bias: Optional[torch.Tensor],
+               dec_weight: Optional[torch.Tensor], kind: str, activation: str = "relu", gamma: float = 1.0,
+               residual: bool = False, pairs: str = "upper", generated_side: str = "left",
+               symmetric: bool = False, bounds_check: str = "fatal", backend: str = "reference") -> torch.Tensor:
+    """The whole SFG interaction: lookup -> encode (skipped when enc_weight is None) -> decode."""
+    V = embedding_lookup(ids, table, offsets, bounds_check)
+    Z = V if enc_weight is None else sfg_encode(V, enc_weight, enc_bias, activation, gamma, residual)
+    return pairwise_decode(Z, V, dec_weight, kind, pairs, generated_side, symmetric)
