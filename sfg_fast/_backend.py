@@ -8,6 +8,7 @@ An explicitly requested backend that is unavailable raises, quoting why.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Dict, Optional
 
@@ -24,6 +25,7 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
 
 
+@functools.lru_cache(maxsize=None)
 def _extension_status() -> Optional[str]:
     """None when sfg_fast._C imports, else the reason it does not."""
     try:
@@ -33,11 +35,19 @@ def _extension_status() -> Optional[str]:
     return None
 
 
-def _triton_status() -> Optional[str]:
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> Optional[str]:
     try:
         import triton  # noqa: F401
     except Exception as exc:
         return f"triton is not installed ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _triton_status() -> Optional[str]:
+    why = _triton_importable()
+    if why:
+        return why
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return "no CUDA device and TRITON_INTERPRET=1 is not set"
     return None

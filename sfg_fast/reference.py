@@ -105,11 +105,17 @@ def generative_cross(x: torch.Tensor, x_gen: torch.Tensor, weight: torch.Tensor,
 
 def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
                     backend: str = "reference") -> torch.Tensor:
-    """Binary cross-entropy on logits: max(x, 0) - x*y + log1p(exp(-|x|)), in fp32 or better."""
+    """Binary cross-entropy on logits: log(1 + e^x) - x*y (= max(x,0) - x*y + log1p(e^-|x|)), fp32 or better."""
     C.check_bce(logits, labels, reduction)
     x = logits if logits.dtype == torch.float64 else logits.to(torch.float32)
     y = labels.to(x.dtype)
-    loss = x.clamp_min(0) - x * y + torch.log1p(torch.exp(-x.abs()))
+    # Two branches so that each exp() sees a non-positive argument (no overflow) and the gradient is
+    # the true sigmoid(x) - y everywhere, including x = 0 where max() and |x| have kinks.
+    positive = x >= 0
+    x_pos = torch.where(positive, x, torch.zeros_like(x))
+    x_neg = torch.where(positive, torch.zeros_like(x), x)
+    softplus = torch.where(positive, x_pos + torch.log1p(torch.exp(-x_pos)), torch.log1p(torch.exp(x_neg)))
+    loss = softplus - x * y
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

@@ -1,0 +1,149 @@
+"""Bad input gets a clear error naming the argument, and never corrupts state."""
+import pytest
+import torch
+
+from sfg_fast import functional as SF
+from sfg_fast import models, nn as snn
+from sfg_fast import reference as REF
+from sfg_fast._backend import BackendUnavailableError
+
+from helpers import offsets_of
+
+FIELD_DIMS = [3, 5, 4]
+
+
+def _lookup_args():
+    return torch.tensor([[0, 1, 2], [2, 4, 3]]), torch.randn(sum(FIELD_DIMS), 4), offsets_of(FIELD_DIMS)
+
+
+@pytest.mark.parametrize("fn", [SF.embedding_lookup, REF.embedding_lookup])
+@pytest.mark.parametrize("bad,field,value", [((0, 1), 1, 5), ((1, 0), 0, -1), ((1, 2), 2, 99)])
+def test_out_of_range_and_negative_ids_name_field_and_size(fn, bad, field, value):
+    ids, weight, offsets = _lookup_args()
+    ids[bad] = value
+    with pytest.raises(IndexError, match=rf"field {field}\).*id {value}.*\[0, {FIELD_DIMS[field]}\)"):
+        fn(ids, weight, offsets)
+
+
+def test_float_ids_and_wrong_ranks():
+    ids, weight, offsets = _lookup_args()
+    with pytest.raises(TypeError, match="ids must be int32 or int64"):
+        SF.embedding_lookup(ids.float(), weight, offsets)
+    with pytest.raises(ValueError, match=r"ids must have shape \[B, N\]"):
+        SF.embedding_lookup(ids[0], weight, offsets)
+    with pytest.raises(TypeError, match="offsets must be an int64"):
+        SF.embedding_lookup(ids, weight, offsets.int())
+    with pytest.raises(ValueError, match=r"offsets must have shape \[N\]=\[3\]"):
+        SF.embedding_lookup(ids, weight, offsets[:2])
+    with pytest.raises(ValueError, match="weight must have 2 dimensions"):
+        SF.embedding_lookup(ids, weight[None], offsets)
+    with pytest.raises(ValueError, match="bounds_check must be one of"):
+        SF.embedding_lookup(ids, weight, offsets, bounds_check="warn")
+
+
+def test_decode_shape_and_choice_errors():
+    Z, V = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"weight for kind='scalar' must have shape \[3, 3\]"):
+        SF.pairwise_decode(Z, V, torch.randn(3, 4), "scalar")
+    with pytest.raises(ValueError, match=r"weight for kind='matrix' must have shape \[3, 3, 4, 4\]"):
+        SF.pairwise_decode(Z, V, torch.randn(3, 3, 4), "matrix")
+    with pytest.raises(ValueError, match="weight is required for kind='vector'"):
+        SF.pairwise_decode(Z, V, None, "vector")
+    with pytest.raises(ValueError, match="weight must be None for kind='identity'"):
+        SF.pairwise_decode(Z, V, torch.randn(3, 3), "identity")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        SF.pairwise_decode(Z, V, None, "tensor")
+    with pytest.raises(ValueError, match="pairs must be one of"):
+        SF.pairwise_decode(Z, V, None, "identity", pairs="lower")
+    with pytest.raises(ValueError, match="generated_side must be one of"):
+        SF.pairwise_decode(Z, V, None, "identity", generated_side="both")
+    with pytest.raises(ValueError, match=r"V must have the shape of Z \[2, 3, 4\]"):
+        SF.pairwise_decode(Z, V[:, :2], None, "identity")
+    with pytest.raises(ValueError, match="Z must have 3 dimensions"):
+        SF.pairwise_decode(Z[0], V, None, "identity")
+    with pytest.raises(TypeError, match="Z must be a floating-point tensor"):
+        SF.pairwise_decode(Z.long(), V, None, "identity")
+
+
+def test_encode_errors():
+    V = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"weight must have shape \[N\*D, N\*D\]=\[12, 12\]"):
+        SF.sfg_encode(V, torch.randn(12, 11))
+    with pytest.raises(ValueError, match=r"bias must have shape \[N\*D\]=\[12\]"):
+        SF.sfg_encode(V, torch.randn(12, 12), torch.randn(3))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        SF.sfg_encode(V, torch.randn(12, 12), activation="swish")
+    with pytest.raises(ValueError, match="gamma must be finite"):
+        SF.sfg_encode(V, torch.randn(12, 12), gamma=float("nan"))
+
+
+@pytest.mark.parametrize("fn", [SF.bce_with_logits, REF.bce_with_logits])
+def test_bad_labels(fn):
+    logits = torch.randn(4)
+    with pytest.raises(ValueError, match="labels contain 1 NaN/inf"):
+        fn(logits, torch.tensor([0.0, float("nan"), 1.0, 0.0]))
+    with pytest.raises(ValueError, match="labels contain 1 NaN/inf"):
+        fn(logits, torch.tensor([0.0, float("inf"), 1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+        fn(logits, torch.tensor([0.0, 2.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"labels must have the shape of logits \[4\]"):
+        fn(logits, torch.zeros(3))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fn(logits, torch.zeros(4), reduction="avg")
+
+
+def test_cross_errors():
+    with pytest.raises(ValueError, match=r"weight must have shape \[K, K\]=\[6, 6\]"):
+        SF.generative_cross(torch.randn(2, 6), torch.randn(2, 6), torch.randn(6, 5))
+    with pytest.raises(ValueError, match=r"x_gen must have the shape of x"):
+        SF.generative_cross(torch.randn(2, 6), torch.randn(2, 5), torch.randn(6, 6))
+
+
+def test_backend_errors_quote_reason():
+    Z, V = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SF.pairwise_decode(Z, V, None, "identity", backend="numpy")
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable"):
+        SF.pairwise_decode(Z, V, None, "identity", backend="cuda")
+
+
+def test_env_var_overrides_auto(monkeypatch):
+    Z, V = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    monkeypatch.setenv("SFG_FAST_BACKEND", "reference")
+    calls = []
+    monkeypatch.setattr(REF, "pairwise_decode", lambda *a, **k: calls.append(1) or torch.zeros(2))
+    SF.pairwise_decode(Z, V, None, "identity")
+    assert calls == [1]
+    monkeypatch.setenv("SFG_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SFG_FAST_BACKEND must be one of"):
+        SF.pairwise_decode(Z, V, None, "identity")
+
+
+def test_models_reject_mismatched_ids_and_bad_field_dims():
+    model = models.build("fm", FIELD_DIMS, 4, generative=True)
+    with pytest.raises(ValueError, match=r"ids must have shape \[B, N\]=\[B, 3\]"):
+        model(torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(IndexError, match=r"field 1\)"):
+        model(torch.tensor([[0, 7, 0]]))
+    with pytest.raises(ValueError, match="field_dims must be positive"):
+        models.build("fm", [3, 0], 4)
+    with pytest.raises(ValueError, match="unknown model 'fmm'"):
+        models.build("fmm", FIELD_DIMS)
+
+
+def test_bad_ids_leave_parameters_untouched():
+    model = models.build("fwfm", FIELD_DIMS, 4, generative=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(IndexError):
+        model(torch.tensor([[0, 1, 4]])).sum().backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_clamp_to_oov_module_counts():
+    emb = snn.FieldEmbedding(FIELD_DIMS, 2, bounds_check="clamp_to_oov")
+    out = emb(torch.tensor([[0, 9, 1], [-3, 1, 1]]))
+    assert emb.num_clamped == 2
+    assert torch.equal(out[0, 1], emb.weight[3 + 4]) and torch.equal(out[1, 0], emb.weight[2])

@@ -1,0 +1,197 @@
+"""Model zoo: identity reduction (SFG with an identity encoder == base model), base formulas, learning."""
+import itertools
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from sfg_fast import functional as SF
+from sfg_fast import models
+
+from helpers import zipf_ids
+
+FIELD_DIMS = [7, 3, 11, 5, 2]
+SMALL = dict(hidden_units=(8, 8))
+HPARAMS = {"deepfm": SMALL, "ipnn": SMALL, "dcnv2": SMALL,
+           "xdeepfm": dict(hidden_units=(8,), cin_layer_units=(4, 3))}
+
+
+def _identity_pair(name, dtype=torch.float32):
+    torch.manual_seed(1)
+    extra = dict(HPARAMS.get(name, {}))
+    if name in ("dcnv2", "crossnet"):
+        extra["regenerate_from"] = "x_0"
+    base = models.build(name, FIELD_DIMS, 4, generative=False, init_std=0.3, **extra).to(dtype).eval()
+    gen = models.build(name, FIELD_DIMS, 4, generative=True, init_std=0.3, activation="identity", gamma=1.0,
+                       **extra).to(dtype).eval()
+    missing, unexpected = gen.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected
+    assert missing and all(".weight" in k or ".bias" in k for k in missing)
+    for enc in gen.encoders():
+        enc.reset_to_identity()
+    assert len(gen.encoders()) >= 1 and not base.encoders()
+    return base, gen
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_identity_encoder_reduces_to_base_model_exactly(name):
+    base, gen = _identity_pair(name)
+    ids = zipf_ids(9, FIELD_DIMS)
+    with torch.no_grad():
+        assert torch.equal(gen(ids), base(ids))
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_generative_model_differs_from_base_with_a_real_encoder(name):
+    base, gen = _identity_pair(name)
+    for enc in gen.encoders():
+        torch.nn.init.normal_(enc.weight, std=0.5)
+    ids = zipf_ids(9, FIELD_DIMS)
+    with torch.no_grad():
+        assert not torch.allclose(gen(ids), base(ids))
+
+
+def _lr(model, ids):
+    table = model.linear.table
+    return table(ids).sum((1, 2)) + model.linear.bias
+
+
+def test_fm_family_base_formulas():
+    ids = zipf_ids(6, FIELD_DIMS)
+    n = len(FIELD_DIMS)
+    for name in ["fm", "fwfm", "fmfm"]:
+        m = models.build(name, FIELD_DIMS, 3, generative=False, init_std=0.5).double()
+        with torch.no_grad():
+            if m.decoder.weight is not None:
+                m.decoder.weight.normal_()
+            V = m.embedding(ids)
+            want = _lr(m, ids)
+            for i, j in itertools.combinations(range(n), 2):
+                if name == "fm":
+                    want = want + (V[:, i] * V[:, j]).sum(-1)
+                elif name == "fwfm":
+                    want = want + m.decoder.weight[i, j] * (V[:, i] * V[:, j]).sum(-1)
+                else:
+                    want = want + ((V[:, i] @ m.decoder.weight[i, j]) * V[:, j]).sum(-1)
+            torch.testing.assert_close(m(ids), want)
+
+
+def test_sfg_fm_family_formulas():
+    ids = zipf_ids(6, FIELD_DIMS)
+    n = len(FIELD_DIMS)
+    for name in ["fm", "fwfm", "fmfm"]:
+        m = models.build(name, FIELD_DIMS, 3, generative=True, init_std=0.5, gamma=0.8, activation="tanh").double()
+        with torch.no_grad():
+            if m.decoder.weight is not None:
+                m.decoder.weight.normal_()
+            V = m.embedding(ids)
+            e = V.reshape(len(ids), -1)
+            Z = (0.8 * torch.tanh(e @ m.encoder.weight.t())).view_as(V)
+            want = _lr(m, ids)
+            for i, j in itertools.combinations(range(n), 2):
+                if name == "fm":
+                    want = want + (Z[:, i] * V[:, j]).sum(-1)
+                elif name == "fwfm":
+                    want = want + m.decoder.weight[i, j] * (Z[:, i] * V[:, j]).sum(-1)
+                else:   # the authors' FmFM generates the right operand: (v_i M_ij) . z_j
+                    want = want + ((V[:, i] @ m.decoder.weight[i, j]) * Z[:, j]).sum(-1)
+            torch.testing.assert_close(m(ids), want)
+
+
+def test_ipnn_and_deepfm_formulas():
+    ids = zipf_ids(5, FIELD_DIMS)
+    n = len(FIELD_DIMS)
+    for generative in (False, True):
+        m = models.build("ipnn", FIELD_DIMS, 3, generative=generative, hidden_units=(6,), init_std=0.5).double()
+        with torch.no_grad():
+            V = m.embedding(ids)
+            Z = m.encoder(V) if generative else V
+            p = torch.stack([(Z[:, i] * V[:, j]).sum(-1) for i, j in itertools.combinations(range(n), 2)], 1)
+            torch.testing.assert_close(m(ids), m.dnn(torch.cat([V.reshape(5, -1), p], 1)).squeeze(1))
+        d = models.build("deepfm", FIELD_DIMS, 3, generative=generative, hidden_units=(6,), init_std=0.5).double()
+        with torch.no_grad():
+            V = d.embedding(ids)
+            Z = d.encoder(V) if generative else V
+            fm = sum((Z[:, i] * V[:, j]).sum(-1) for i, j in itertools.combinations(range(n), 2))
+            torch.testing.assert_close(d(ids), _lr(d, ids) + fm + d.dnn(V.reshape(5, -1)).squeeze(1))
+
+
+def test_cross_network_formulas():
+    ids = zipf_ids(5, FIELD_DIMS)
+    for name in ["crossnet", "dcnv2"]:
+        for generative, source in [(False, "x_l"), (True, "x_l"), (True, "x_0")]:
+            m = models.build(name, FIELD_DIMS, 3, generative=generative, regenerate_from=source, init_std=0.5,
+                             **HPARAMS.get(name, {})).double()
+            with torch.no_grad():
+                x0 = m.embedding(ids).reshape(5, -1)
+                x = x0
+                for layer, lin in enumerate(m.crossnet.cross):
+                    if generative:
+                        src = x if source == "x_l" else x0
+                        gate = torch.relu(src @ m.crossnet.generators[layer].weight.t())
+                    else:
+                        gate = x0
+                    x = x + gate * (x @ lin.weight.t())
+                parts = [x] + ([m.dnn(x0)] if name == "dcnv2" else [])
+                torch.testing.assert_close(m(ids), m.head(torch.cat(parts, 1)).squeeze(1))
+
+
+def test_xdeepfm_cin_formula():
+    ids = zipf_ids(4, FIELD_DIMS)
+    for generative in (False, True):
+        m = models.build("xdeepfm", FIELD_DIMS, 3, generative=generative, hidden_units=(), cin_layer_units=(4, 2),
+                         init_std=0.5).double()
+        with torch.no_grad():
+            V = m.embedding(ids)
+            x, pooled = V, []
+            for k, conv in enumerate(m.cin.convs):
+                g = m.cin.generators[k](V) if generative else V
+                hk = torch.zeros(4, conv.out_channels, 3, dtype=torch.float64)
+                w = conv.weight[:, :, 0].view(conv.out_channels, x.shape[1], V.shape[1])
+                for h in range(x.shape[1]):
+                    for mm in range(V.shape[1]):
+                        hk += w[None, :, h, mm, None] * (x[:, h] * g[:, mm])[:, None, :]
+                x = hk + conv.bias[None, :, None]
+                pooled.append(x.sum(2))
+            want = _lr(m, ids) + m.cin_fc(torch.cat(pooled, 1)).squeeze(1)
+            torch.testing.assert_close(m(ids), want)
+
+
+def _planted_data(num_rows, field_dims, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randint(0, s, (num_rows,), generator=g) for s in field_dims], 1)
+    latent = [torch.randn(s, 3, generator=g) for s in field_dims]
+    logit = torch.zeros(num_rows)
+    for i, j in itertools.combinations(range(len(field_dims)), 2):
+        logit += (latent[i][ids[:, i]] * latent[j][ids[:, j]]).sum(-1)
+    logit = 3.0 * logit / logit.std()
+    labels = torch.bernoulli(torch.sigmoid(logit), generator=g)
+    return ids, labels
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("generative", [False, True])
+def test_tiny_training_learns_planted_pairwise_signal(name, generative):
+    field_dims = [12, 9, 15, 10, 8]
+    ids, labels = _planted_data(5000, field_dims, seed=3)
+    train_ids, train_y, test_ids, test_y = ids[:4000], labels[:4000], ids[4000:], labels[4000:]
+    torch.manual_seed(0)
+    model = models.build(name, field_dims, 8, generative=generative, init_std=0.01, **HPARAMS.get(name, {}))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    losses = []
+    for epoch in range(6):
+        perm = torch.randperm(len(train_ids))
+        for k in range(0, len(perm), 250):
+            idx = perm[k:k + 250]
+            loss = SF.bce_with_logits(model(train_ids[idx]), train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        auc = roc_auc_score(test_y.numpy(), model(test_ids).numpy())
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+    print(f"{name} generative={generative}: test AUC {auc:.3f}")
+    assert auc > 0.7, f"{name} generative={generative}: test AUC {auc:.3f}"
