@@ -114,8 +114,9 @@ def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
     positive = x >= 0
     x_pos = torch.where(positive, x, torch.zeros_like(x))
     x_neg = torch.where(positive, torch.zeros_like(x), x)
-    softplus = torch.where(positive, x_pos + torch.log1p(torch.exp(-x_pos)), torch.log1p(torch.exp(x_neg)))
-    loss = softplus - x * y
+    # log(1 + e^x) - x*y regrouped per branch so no large terms cancel (keeps tiny losses exact).
+    loss = torch.where(positive, x_pos * (1 - y) + torch.log1p(torch.exp(-x_pos)),
+                       torch.log1p(torch.exp(x_neg)) - x_neg * y)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

@@ -1,0 +1,116 @@
+"""Multi-field embedding lookup from one concatenated table: forward gather and weight-gradient kernels.
+
+Row of (sample b, field f) is ``offsets[f] + ids[b, f]``; every row index and every ``row * stride``
+product is formed in int64 so tables past 2^31 elements address correctly.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _embedding_lookup_fwd_kernel(ids_ptr, offsets_ptr, weight_ptr, out_ptr,
+                                 batch, num_fields, dim,
+                                 stride_ids_b, stride_ids_f, stride_w,
+                                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, f, :] = weight[offsets[f] + ids[b, f], :].
+
+    Each program owns BLOCK_B samples x all N fields (BLOCK_N >= N) x the whole row (BLOCK_D >= D),
+    so one program issues BLOCK_B * N independent row gathers. Values pass through fp32 (exact for
+    fp16/bf16/fp32; bf16 must not be used arithmetically under the interpreter) and are stored in the
+    output's dtype; fp64 tables gather in fp64.
+    """
+    pid = tl.program_id(0)
+    offs_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    offs_f = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask_bf = (offs_b[:, None] < batch) & (offs_f[None, :] < num_fields)
+    ids = tl.load(ids_ptr + offs_b[:, None] * stride_ids_b + offs_f[None, :] * stride_ids_f,
+                  mask=mask_bf, other=0).to(tl.int64)
+    base = tl.load(offsets_ptr + offs_f, mask=offs_f < num_fields, other=0).to(tl.int64)
+    rows = base[None, :] + ids                                     # int64 [BLOCK_B, BLOCK_N]
+    mask = mask_bf[:, :, None] & (offs_d[None, None, :] < dim)
+    src = weight_ptr + rows[:, :, None] * stride_w + offs_d[None, None, :]
+    vals = tl.load(src, mask=mask, other=0.0)
+    if vals.dtype != tl.float64:
+        vals = vals.to(tl.float32)
+    dst = out_ptr + ((offs_b[:, None] * num_fields + offs_f[None, :]) * dim)[:, :, None] + offs_d[None, None, :]
+    tl.store(dst, vals.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _embedding_lookup_bwd_kernel(ids_ptr, offsets_ptr, grad_ptr, grad_weight_ptr,
+                                 batch, num_fields, dim,
+                                 stride_ids_b, stride_ids_f, stride_g_b, stride_g_f, stride_g_d,
+                                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_weight[offsets[f] + ids[b, f], :] += grad[b, f, :] with atomics (non-deterministic order).
+
+    Tiling as in the forward; duplicate rows meet in the atomic adds of an fp32 (or fp64) buffer.
+    """
+    pid = tl.program_id(0)
+    offs_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    offs_f = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask_bf = (offs_b[:, None] < batch) & (offs_f[None, :] < num_fields)
+    ids = tl.load(ids_ptr + offs_b[:, None] * stride_ids_b + offs_f[None, :] * stride_ids_f,
+                  mask=mask_bf, other=0).to(tl.int64)
+    base = tl.load(offsets_ptr + offs_f, mask=offs_f < num_fields, other=0).to(tl.int64)
+    rows = base[None, :] + ids
+    mask = mask_bf[:, :, None] & (offs_d[None, None, :] < dim)
+    g = tl.load(grad_ptr + (offs_b[:, None] * stride_g_b + offs_f[None, :] * stride_g_f)[:, :, None]
+                + offs_d[None, None, :] * stride_g_d, mask=mask, other=0.0)
+    if g.dtype != tl.float64:
+        g = g.to(tl.float32)
+    tl.atomic_add(grad_weight_ptr + rows[:, :, None] * dim + offs_d[None, None, :],
+                  g.to(grad_weight_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def segment_sum(grad_ptr, num_fields, stride_g_b, stride_g_f, stride_g_d,
+                perm_ptr, seg_start_ptr, offs_u, mask_u, offs_d, mask_d,
+                ACC_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum of the gradient rows of each segment ``offs_u`` of a row-sorted permutation.
+
+    Segment u covers ``perm[seg_start[u]:seg_start[u+1]]`` (flattened b * N + f indices, sorted
+    stably by table row). Each step loads CHUNK members of every segment as a [U, CHUNK, D] tile and
+    reduces it over CHUNK, so a hot row (Zipf ids) costs len / CHUNK steps, not len. The chunking and
+    the reduction tree are fixed by the shapes, so the result is bitwise repeatable (no atomics).
+    Returns ``[BLOCK_U, BLOCK_D]`` in ACC_DTYPE.
+    """
+    start = tl.load(seg_start_ptr + offs_u, mask=mask_u, other=0)
+    end = tl.load(seg_start_ptr + (offs_u + 1), mask=mask_u, other=0)
+    length = end - start
+    longest = tl.max(length, axis=0)
+    offs_c = tl.arange(0, CHUNK).to(tl.int64)
+    acc = tl.zeros([offs_u.shape[0], BLOCK_D], dtype=ACC_DTYPE)
+    for k in range(0, longest, CHUNK):
+        live = mask_u[:, None] & ((k + offs_c)[None, :] < length[:, None])            # [U, CHUNK]
+        j = tl.load(perm_ptr + (start[:, None] + (k + offs_c)[None, :]), mask=live, other=0).to(tl.int64)
+        b = j // num_fields
+        f = j - b * num_fields
+        row_base = b * stride_g_b + f * stride_g_f
+        g = tl.load(grad_ptr + row_base[:, :, None] + offs_d[None, None, :] * stride_g_d,
+                    mask=live[:, :, None] & mask_d[None, None, :], other=0.0)
+        acc += tl.sum(g.to(ACC_DTYPE), axis=1)
+    return acc
+
+
+@triton.jit
+def _embedding_lookup_bwd_sorted_kernel(grad_ptr, grad_weight_ptr, perm_ptr, seg_start_ptr, rows_ptr,
+                                        num_segments, num_fields, dim,
+                                        stride_g_b, stride_g_f, stride_g_d,
+                                        ACC_DTYPE: tl.constexpr, BLOCK_U: tl.constexpr,
+                                        CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Deterministic weight gradient: grad_weight[rows[u]] = sum of the segment u of sorted ids.
+
+    Each program owns BLOCK_U unique rows; each row is written by exactly one program.
+    """
+    pid = tl.program_id(0)
+    offs_u = (pid * BLOCK_U + tl.arange(0, BLOCK_U)).to(tl.int64)
+    mask_u = offs_u < num_segments
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask_d = offs_d < dim
+    acc = segment_sum(grad_ptr, num_fields, stride_g_b, stride_g_f, stride_g_d, perm_ptr, seg_start_ptr,
+                      offs_u, mask_u, offs_d, mask_d, ACC_DTYPE, CHUNK, BLOCK_D)
+    rows = tl.load(rows_ptr + offs_u, mask=mask_u, other=0).to(tl.int64)
+    tl.store(grad_weight_ptr + rows[:, None] * dim + offs_d[None, :],
+             acc.to(grad_weight_ptr.dtype.element_ty), mask=mask_u[:, None] & mask_d[None, :])

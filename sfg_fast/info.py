@@ -1,0 +1,67 @@
+"""``python -m sfg_fast.info``: versions, devices, and which backends can run each op (and why not)."""
+from __future__ import annotations
+
+import platform
+import sys
+
+
+def collect() -> dict:
+    import torch
+
+    import sfg_fast
+    from sfg_fast import _backend
+    from sfg_fast.functional import __all__ as ops
+    from sfg_fast.ops import LOAD_ERRORS, load_backends
+
+    load_backends()
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception as exc:
+        triton_version = f"not installed ({type(exc).__name__})"
+    cpu = torch.device("cpu")
+    devices = [cpu] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    table = {}
+    for device in devices:
+        for op in ops:
+            for backend in _backend.BACKENDS[1:]:
+                why = _backend.unavailable_reason(backend, op, device)
+                table.setdefault(device.type, {}).setdefault(op, {})[backend] = why or "available"
+    auto = {d.type: {op: _backend.resolve("auto", op, d) for op in ops} for d in devices}
+    return {
+        "sfg_fast": sfg_fast.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "backends": _backend.status(),
+        "op_backends": table,
+        "auto": auto,
+        "backend_module_errors": dict(LOAD_ERRORS),
+    }
+
+
+def main() -> None:
+    info = collect()
+    print(f"sfg_fast {info['sfg_fast']}  python {info['python']}  torch {info['torch']} "
+          f"(cuda {info['torch_cuda']})  triton {info['triton']}")
+    print(f"platform {info['platform']}  threads {info['threads']}  cuda device: {info['cuda_device']}")
+    print("\nbackends:")
+    for name, why in info["backends"].items():
+        print(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
+    for device, ops in info["op_backends"].items():
+        print(f"\nops on {device} (auto -> chosen backend):")
+        for op, per_backend in ops.items():
+            have = [b for b, s in per_backend.items() if s == "available"]
+            print(f"  {op:18s} auto -> {info['auto'][device][op]:9s} available: {', '.join(have)}")
+    if info["backend_module_errors"]:
+        print("\nbackend modules that failed to load:")
+        for name, err in info["backend_module_errors"].items():
+            print(f"  sfg_fast.ops.{name}: {err}")
+
+
+if __name__ == "__main__":
+    main()

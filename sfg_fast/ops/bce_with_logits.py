@@ -1,0 +1,108 @@
+"""Triton launchers and autograd glue of ``bce_with_logits`` (reduction mean | sum | none).
+
+Registered as the ``"triton"`` implementation of ``functional.bce_with_logits``. The loss is
+computed in fp32 (fp64 for fp64 logits) and returned in that dtype, like the torch backend;
+gradients come back in the dtypes of logits and labels.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:  # the package works without Triton; this backend then simply does not register
+    import triton
+    import triton.language as tl
+
+    from ..kernels.bce_with_logits import _bce_with_logits_bwd_kernel, _bce_with_logits_fwd_kernel
+except ImportError:
+    triton = None
+
+
+def _block(numel: int) -> int:
+    cap = 1 << 16 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+    return max(16, min(triton.next_power_of_2(max(numel, 1)), cap))
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def bce_with_logits_fwd(logits: torch.Tensor, labels: torch.Tensor, reduction: str,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Loss of every element (``"none"``, logits' shape) or its mean/sum (0-d), in the compute dtype.
+
+    ``out``: optional contiguous destination for ``reduction="none"`` (logits' shape, compute dtype).
+    """
+    compute = _compute_dtype(logits)
+    x, y = logits.reshape(-1), labels.reshape(-1)
+    numel = x.numel()
+    if reduction != "none" and numel == 0:  # match torch: mean of nothing is nan, sum is 0
+        return torch.full((), float("nan") if reduction == "mean" else 0.0, dtype=compute, device=x.device)
+    block = _block(numel)
+    grid = (triton.cdiv(numel, block),)
+    if out is not None:
+        if reduction != "none" or out.shape != logits.shape or out.dtype != compute or not out.is_contiguous():
+            raise ValueError(f"out is only for reduction='none' and must be a contiguous {compute} tensor of "
+                             f"shape {list(logits.shape)}, got {out.dtype} {list(out.shape)}")
+        out = out.view(-1)
+    else:
+        out = torch.empty(grid[0] if reduction != "none" else numel, dtype=compute, device=x.device)
+    if numel:
+        _bce_with_logits_fwd_kernel[grid](x, y, out, numel, REDUCE=reduction != "none",
+                                          COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
+                                          BLOCK=block)
+    if reduction == "none":
+        return out.view(logits.shape)
+    total = out.sum()
+    return total / numel if reduction == "mean" else total
+
+
+def bce_with_logits_bwd(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, reduction: str,
+                        need_logits: bool = True, need_labels: bool = False):
+    """Returns ``(dlogits or None, dlabels or None)`` shaped like the inputs, in their dtypes."""
+    compute = _compute_dtype(logits)
+    x, y = logits.reshape(-1), labels.reshape(-1)
+    numel = x.numel()
+    dx = torch.empty(numel, dtype=logits.dtype, device=x.device) if need_logits else None
+    dy = torch.empty(numel, dtype=labels.dtype, device=x.device) if need_labels else None
+    if numel and (need_logits or need_labels):
+        g = grad.reshape(-1).contiguous() if reduction == "none" else grad.reshape(1)
+        block = _block(numel)
+        _bce_with_logits_bwd_kernel[(triton.cdiv(numel, block),)](
+            x, y, g, dx if dx is not None else x, dy if dy is not None else x, numel,
+            numel if reduction == "mean" else 1,
+            SCALAR_GRAD=reduction != "none", NEED_DX=need_logits, NEED_DY=need_labels,
+            COMPUTE=tl.float64 if compute == torch.float64 else tl.float32, BLOCK=block)
+    return (dx.view(logits.shape) if dx is not None else None,
+            dy.view(labels.shape) if dy is not None else None)
+
+
+class BCEWithLogitsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, reduction):
+        ctx.save_for_backward(logits, labels)
+        ctx.reduction = reduction
+        return bce_with_logits_fwd(logits, labels, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels = ctx.saved_tensors
+        need_labels = ctx.needs_input_grad[1] and labels.is_floating_point()
+        dx, dy = bce_with_logits_bwd(grad, logits, labels, ctx.reduction, ctx.needs_input_grad[0], need_labels)
+        return dx, dy, None
+
+
+def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Triton implementation of ``functional.bce_with_logits`` (inputs already validated)."""
+    return BCEWithLogitsFunction.apply(logits, labels, reduction)
+
+
+def _register() -> None:
+    from ..functional import register_impl
+    register_impl("triton", "bce_with_logits", bce_with_logits)
+
+
+if triton is not None:
+    _register()

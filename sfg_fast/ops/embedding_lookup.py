@@ -1,0 +1,204 @@
+"""Triton launchers and autograd glue of the multi-field embedding lookup and its fused sparse update.
+
+``embedding_lookup_fwd`` gathers ``[B, N, D]`` rows; ``embedding_lookup_bwd`` builds the table's
+gradient (atomics, or a sorted segment reduction with no atomics when
+``torch.are_deterministic_algorithms_enabled()``); ``sparse_update`` reduces each unique row's
+gradient and applies an optimizer update to the table in place (used by ``sfg_fast.optim``).
+Registered as the ``"triton"`` implementation of ``functional.embedding_lookup``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+try:  # the package works without Triton; this backend then simply does not register
+    import triton
+    import triton.language as tl
+
+    from ..kernels.embedding_lookup import (_embedding_lookup_bwd_kernel, _embedding_lookup_bwd_sorted_kernel,
+                                            _embedding_lookup_fwd_kernel)
+    from ..kernels.sparse_update import _sparse_update_kernel
+except ImportError:
+    triton = None
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KINDS = {"sgd": 0, "adagrad": 1, "adam": 2}  # KIND_SGD / KIND_ADAGRAD / KIND_ADAM of the kernel
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tile_rows(block_d: int, cap_on_gpu: int) -> int:
+    """Rows per program: the interpreter pays per program, a GPU wants ~cap_on_gpu elements per tile."""
+    if _interpreting():
+        return 4096
+    return max(1, cap_on_gpu // block_d)
+
+
+def _check_table(weight: torch.Tensor) -> None:
+    if weight.dtype not in _SUPPORTED:
+        raise TypeError(f"weight dtype {weight.dtype} is not supported by the triton lookup; "
+                        f"expected one of {_SUPPORTED}")
+    if weight.dim() != 2 or weight.stride(1) != 1:
+        raise ValueError(f"weight must be a [V, D] table with unit stride along D, got shape "
+                         f"{list(weight.shape)} strides {list(weight.stride())}")
+
+
+def embedding_lookup_fwd(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``V[b, f] = weight[offsets[f] + ids[b, f]]`` as ``[B, N, D]`` in weight's dtype (ids pre-validated).
+
+    ``out``: optional contiguous ``[B, N, D]`` destination of weight's dtype.
+    """
+    _check_table(weight)
+    batch, num_fields = ids.shape
+    dim = weight.shape[1]
+    if out is None:
+        out = torch.empty(batch, num_fields, dim, dtype=weight.dtype, device=weight.device)
+    elif out.shape != (batch, num_fields, dim) or out.dtype != weight.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {weight.dtype} tensor of shape [B, N, D]="
+                         f"{[batch, num_fields, dim]}, got {out.dtype} {list(out.shape)}")
+    if out.numel() == 0:
+        return out
+    block_n = triton.next_power_of_2(num_fields)
+    block_d = triton.next_power_of_2(dim)
+    block_b = min(triton.next_power_of_2(batch), max(1, _tile_rows(block_d, 4096) // block_n))
+    grid = (triton.cdiv(batch, block_b),)
+    _embedding_lookup_fwd_kernel[grid](ids, offsets.contiguous(), weight, out, batch, num_fields, dim,
+                                       ids.stride(0), ids.stride(1), weight.stride(0),
+                                       BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d)
+    return out
+
+
+def sorted_segments(ids: torch.Tensor, offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the B*N looked-up rows by table row, deterministically.
+
+    Returns ``(rows [U] int64 ascending, perm [B*N] int64, seg_start [U+1] int64)``: the flattened
+    (b * N + f) positions that read row ``rows[u]`` are ``perm[seg_start[u]:seg_start[u+1]]``, in
+    ascending position order (stable sort), which fixes the order of every later summation.
+    """
+    flat = (ids.to(torch.int64) + offsets).reshape(-1)
+    sorted_rows, perm = torch.sort(flat, stable=True)
+    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    seg_start = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=ids.device)
+    torch.cumsum(counts, 0, out=seg_start[1:])
+    return rows, perm, seg_start
+
+
+def _segment_blocks(num_segments: int, block_d: int):
+    """(BLOCK_U, CHUNK) of the segment reduction: [BLOCK_U, CHUNK, BLOCK_D] elements per step."""
+    if _interpreting():
+        return min(triton.next_power_of_2(num_segments), 1024), 16
+    return max(1, min(64, 2048 // (16 * block_d))), 16
+
+
+def _grad_strides(grad: torch.Tensor):
+    return grad.stride(0), grad.stride(1), grad.stride(2)
+
+
+def embedding_lookup_bwd(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, num_rows: int,
+                         dtype: torch.dtype, deterministic: Optional[bool] = None) -> torch.Tensor:
+    """Dense ``[V, D]`` table gradient: ``sum`` of ``grad[b, f]`` over every (b, f) that read each row.
+
+    Accumulates in fp32 (fp64 for fp64 tables). ``deterministic`` (default: torch's global flag)
+    selects the sorted segment reduction, bitwise repeatable; otherwise atomics.
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    batch, num_fields, dim = grad.shape
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    block_d = triton.next_power_of_2(dim)
+    if deterministic:
+        out_dtype = dtype
+        grad_weight = torch.zeros(num_rows, dim, dtype=out_dtype, device=grad.device)
+        if grad.numel() == 0:
+            return grad_weight
+        rows, perm, seg_start = sorted_segments(ids, offsets)
+        block_u, chunk = _segment_blocks(rows.numel(), block_d)
+        grid = (triton.cdiv(rows.numel(), block_u),)
+        _embedding_lookup_bwd_sorted_kernel[grid](
+            grad, grad_weight, perm, seg_start, rows, rows.numel(), num_fields, dim, *_grad_strides(grad),
+            ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+            BLOCK_U=block_u, CHUNK=chunk, BLOCK_D=block_d)
+        return grad_weight
+    grad_weight = torch.zeros(num_rows, dim, dtype=acc_dtype, device=grad.device)
+    if grad.numel():
+        block_n = triton.next_power_of_2(num_fields)
+        block_b = min(triton.next_power_of_2(batch), max(1, _tile_rows(block_d, 4096) // block_n))
+        grid = (triton.cdiv(batch, block_b),)
+        _embedding_lookup_bwd_kernel[grid](ids, offsets.contiguous(), grad, grad_weight, batch, num_fields, dim,
+                                           ids.stride(0), ids.stride(1), *_grad_strides(grad),
+                                           BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d)
+    return grad_weight.to(dtype)
+
+
+def sparse_update(weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
+                  kind: str, lr: float, eps: float = 0.0, beta1: float = 0.0, beta2: float = 0.0,
+                  bias1: float = 1.0, bias2: float = 1.0, state1: Optional[torch.Tensor] = None,
+                  state2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Apply one row-sparse optimizer step to ``weight`` in place from the lookup's output gradient.
+
+    See ``sfg_fast.kernels.sparse_update`` for the formulas. ``state1``/``state2``: fp32 optimizer
+    state (Adagrad ``[V]``; Adam ``[V, D]`` each), updated in place on touched rows only.
+    Returns the unique touched rows (int64, ascending).
+    """
+    _check_table(weight)
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
+    num_rows, dim = weight.shape
+    if grad.shape != (ids.shape[0], ids.shape[1], dim):
+        raise ValueError(f"grad must have shape [B, N, D]={[ids.shape[0], ids.shape[1], dim]}, "
+                         f"got {list(grad.shape)}")
+    if kind == "adagrad" and (state1 is None or state1.shape != (num_rows,) or state1.dtype != torch.float32
+                              or not state1.is_contiguous()):
+        raise ValueError(f"adagrad needs a contiguous fp32 state1 of shape [V]=[{num_rows}]")
+    if kind == "adam":
+        for name, s in (("state1", state1), ("state2", state2)):
+            if s is None or s.shape != (num_rows, dim) or s.dtype != torch.float32 or not s.is_contiguous():
+                raise ValueError(f"adam needs a contiguous fp32 {name} of shape [V, D]=[{num_rows}, {dim}]")
+    rows, perm, seg_start = sorted_segments(ids, offsets)
+    if rows.numel() == 0:
+        return rows
+    dummy = weight.new_empty(0, dtype=torch.float32)
+    block_d = triton.next_power_of_2(dim)
+    block_u, chunk = _segment_blocks(rows.numel(), block_d)
+    grid = (triton.cdiv(rows.numel(), block_u),)
+    _sparse_update_kernel[grid](
+        weight, weight.stride(0), grad, *_grad_strides(grad), perm, seg_start, rows,
+        state1 if state1 is not None else dummy, state2 if state2 is not None else dummy,
+        rows.numel(), ids.shape[1], dim, float(lr), float(eps), float(beta1), float(beta2),
+        float(bias1), float(bias2), KIND=_KINDS[kind], BLOCK_U=block_u, CHUNK=chunk, BLOCK_D=block_d)
+    return rows
+
+
+class EmbeddingLookupFunction(torch.autograd.Function):
+    """Lookup forward by gather; backward returns the dense table gradient (kernel accumulation)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, offsets):
+        ctx.save_for_backward(ids, offsets)
+        ctx.table = (weight.shape[0], weight.dtype)
+        return embedding_lookup_fwd(ids, weight, offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, offsets = ctx.saved_tensors
+        num_rows, dtype = ctx.table
+        return None, embedding_lookup_bwd(grad, ids, offsets, num_rows, dtype), None
+
+
+def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Triton implementation of ``functional.embedding_lookup`` (ids already validated or remapped)."""
+    return EmbeddingLookupFunction.apply(ids, weight, offsets)
+
+
+def _register() -> None:
+    from ..functional import register_impl
+    register_impl("triton", "embedding_lookup", embedding_lookup)
+
+
+if triton is not None:
+    _register()

@@ -1,0 +1,238 @@
+"""Row-sparse optimizers fused into the lookup's backward (sfg_fast.optim), torch and triton paths.
+
+The expected tables come from an independent fp64 re-statement of each formula, applied to the
+gradient of the reference lookup (dense, fp64); SGD and Adam are also checked against torch.optim.
+"""
+import math
+
+import pytest
+import torch
+
+from sfg_fast import reference
+from sfg_fast.nn import FieldEmbedding
+from sfg_fast.optim import FusedFieldEmbedding, SparseRowOptimizer, fused_embedding_lookup, unique_row_grads
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FIELD_DIMS = [50, 3, 7]
+OFFSETS = [0, 50, 53]
+KINDS = ["sgd", "adagrad", "adam"]
+HYPER = {"sgd": dict(lr=0.5), "adagrad": dict(lr=0.1, eps=1e-8), "adam": dict(lr=0.05, eps=1e-8, betas=(0.8, 0.9))}
+
+
+def _offsets():
+    return torch.tensor(OFFSETS, dtype=torch.int64, device=DEVICE)
+
+
+def _zipf_ids(batch, dtype=torch.int64):
+    cols = []
+    for size in FIELD_DIMS:
+        p = 1.0 / torch.arange(1, size + 1, dtype=torch.float64) ** 1.3
+        cols.append(torch.multinomial(p, batch, replacement=True))
+    return torch.stack(cols, 1).to(dtype).to(DEVICE)
+
+
+def _reference_steps(weight0, steps, kind, lr, eps=1e-8, betas=(0.9, 0.999)):
+    """fp64 ground truth: dense reference gradient, then the formula on each touched row."""
+    w = weight0.detach().double().clone()
+    acc = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    for t, (ids, upstream) in enumerate(steps, start=1):
+        leaf = w.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(reference.embedding_lookup(ids, leaf, _offsets()), leaf, upstream.double())
+        touched = torch.unique(ids.to(torch.int64) + _offsets())
+        for r in touched.tolist():
+            g = grad[r]
+            if kind == "sgd":
+                w[r] -= lr * g
+            elif kind == "adagrad":
+                acc[r] += (g * g).sum() / g.numel()
+                w[r] -= lr * g / (acc[r].sqrt() + eps)
+            else:
+                m[r] = betas[0] * m[r] + (1 - betas[0]) * g
+                v[r] = betas[1] * v[r] + (1 - betas[1]) * g * g
+                w[r] -= lr * (m[r] / (1 - betas[0] ** t)) / ((v[r] / (1 - betas[1] ** t)).sqrt() + eps)
+    return w
+
+
+def _run_fused(weight0, steps, kind, backend, dtype=torch.float32):
+    weight = weight0.detach().to(dtype).clone().requires_grad_()
+    opt = SparseRowOptimizer(kind, **HYPER[kind])
+    for ids, upstream in steps:
+        out = fused_embedding_lookup(ids, weight, _offsets(), opt, backend=backend)
+        out.backward(upstream.to(dtype))
+    assert weight.grad is None
+    return weight.detach(), opt
+
+
+def _steps(num_steps, batch=40, id_dtype=torch.int64, dim=17):
+    return [(_zipf_ids(batch, id_dtype), torch.randn(batch, len(FIELD_DIMS), dim, device=DEVICE))
+            for _ in range(num_steps)]
+
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_fused_update_equals_reference_optimizer(kind, backend, id_dtype):
+    weight0 = torch.randn(sum(FIELD_DIMS), 17, device=DEVICE)
+    steps = _steps(3, id_dtype=id_dtype)
+    expected = _reference_steps(weight0, steps, kind, **HYPER[kind])
+    got, opt = _run_fused(weight0, steps, kind, backend)
+    assert opt.step_count == 3
+    # fp32 arithmetic on O(1) values over 3 steps; adagrad/adam normalise by the gradient scale.
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-6)
+    touched = torch.unique(torch.cat([ids.to(torch.int64) + _offsets() for ids, _ in steps]).reshape(-1))
+    untouched = torch.ones(weight0.shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[touched] = False
+    assert untouched.any() and torch.equal(got[untouched], weight0[untouched])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_update_within_2x_of_torch_path(kind):
+    weight0 = torch.randn(sum(FIELD_DIMS), 3, device=DEVICE)
+    steps = _steps(2, batch=64, dim=3)
+    expected = _reference_steps(weight0, steps, kind, **HYPER[kind])
+    torch_err = (_run_fused(weight0, steps, kind, "torch")[0].double() - expected).abs().max().item()
+    triton_w = _run_fused(weight0, steps, kind, "triton")[0]
+    torch.testing.assert_close(triton_w.double(), expected, rtol=0, atol=2 * torch_err + 1e-6)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_tables_update_in_fp32_then_round(dtype):
+    weight0 = torch.randn(sum(FIELD_DIMS), 16, device=DEVICE).to(dtype).float()
+    steps = _steps(2, batch=32, dim=16)
+    for i, (ids, up) in enumerate(steps):
+        steps[i] = (ids, up.to(dtype).float())
+    expected = _reference_steps(weight0, steps, "adagrad", **HYPER["adagrad"])
+    for backend in ("torch", "triton"):
+        got = _run_fused(weight0, steps, "adagrad", backend, dtype=dtype)[0]
+        assert got.dtype == dtype
+        # each step's result is rounded to the table dtype once: two roundings of O(1) values.
+        torch.testing.assert_close(got.double(), expected, rtol=3 * torch.finfo(dtype).eps, atol=1e-3)
+
+
+def test_sgd_and_adam_match_torch_optim_when_every_row_is_touched():
+    """With every row in every batch, lazy Adam is dense Adam and sparse SGD is dense SGD."""
+    dims, dim = [4, 3], 5
+    offsets = torch.tensor([0, 4], device=DEVICE)
+    ids = torch.tensor([[0, 0], [1, 1], [2, 2], [3, 0], [0, 1]], device=DEVICE)
+    for kind, torch_opt in (("sgd", lambda p: torch.optim.SGD([p], lr=0.3)),
+                            ("adam", lambda p: torch.optim.Adam([p], lr=0.05, betas=(0.8, 0.9), eps=1e-8))):
+        w0 = torch.randn(sum(dims), dim, device=DEVICE, dtype=torch.float64)
+        mine = w0.clone().requires_grad_()
+        theirs = w0.clone().requires_grad_()
+        opt = SparseRowOptimizer(kind, lr=0.3 if kind == "sgd" else 0.05, betas=(0.8, 0.9), eps=1e-8)
+        dense = torch_opt(theirs)
+        for _ in range(4):
+            up = torch.randn(5, 2, dim, device=DEVICE, dtype=torch.float64)
+            fused_embedding_lookup(ids, mine, offsets, opt, backend="torch").backward(up)
+            dense.zero_grad()
+            reference.embedding_lookup(ids, theirs, offsets).backward(up)
+            dense.step()
+        torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_unique_row_grads_is_the_reference_gradient(id_dtype):
+    ids = _zipf_ids(64, id_dtype)
+    up = torch.randn(64, 3, 5, device=DEVICE, dtype=torch.float64)
+    rows, grads = unique_row_grads(ids, _offsets(), up)
+    assert rows.dtype == torch.int64 and torch.equal(rows, torch.unique(ids.to(torch.int64) + _offsets()))
+    leaf = torch.randn(sum(FIELD_DIMS), 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    (dense,) = torch.autograd.grad(reference.embedding_lookup(ids, leaf, _offsets()), leaf, up)
+    torch.testing.assert_close(grads, dense[rows], rtol=1e-12, atol=1e-12)
+    again = unique_row_grads(ids, _offsets(), up)[1]
+    assert torch.equal(grads, again)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+def test_triton_fused_update_is_bitwise_repeatable(kind):
+    weight0 = torch.randn(sum(FIELD_DIMS), 17, device=DEVICE)
+    steps = _steps(2, batch=64)
+    first = _run_fused(weight0, steps, kind, "triton")[0]
+    second = _run_fused(weight0, steps, kind, "triton")[0]
+    assert torch.equal(first, second)
+
+
+def test_bounds_modes_of_fused_lookup():
+    weight = torch.randn(sum(FIELD_DIMS), 4, device=DEVICE, requires_grad=True)
+    opt = SparseRowOptimizer("sgd", lr=1.0)
+    bad = torch.tensor([[0, 3, 0]], device=DEVICE)
+    with pytest.raises(IndexError, match=r"field 1\).*id 3"):
+        fused_embedding_lookup(bad, weight, _offsets(), opt, backend="torch")
+    out = fused_embedding_lookup(bad, weight, _offsets(), opt, bounds_check="clamp_to_oov", backend="torch")
+    assert torch.equal(out[0, 1], weight[52].detach())       # field 1's last row, not row 0 of the field
+    before = weight.detach().clone()
+    out.backward(torch.ones_like(out))
+    changed = (weight.detach() != before).any(1).nonzero().flatten().tolist()
+    assert changed == [0, 52, 53]
+
+
+def test_module_forward_matches_field_embedding_and_counts_clamps():
+    fused = FusedFieldEmbedding(FIELD_DIMS, 6, optimizer="adagrad", bounds_check="clamp_to_oov", backend="torch")
+    plain = FieldEmbedding(FIELD_DIMS, 6, bounds_check="clamp_to_oov", backend="torch")
+    with torch.no_grad():
+        plain.weight.copy_(fused.weight)
+    fused, plain = fused.to(DEVICE), plain.to(DEVICE)
+    ids = torch.tensor([[1, 2, 9], [60, 0, 6]], device=DEVICE)
+    assert torch.equal(fused(ids), plain(ids))
+    assert fused.num_clamped == plain.num_clamped == 2
+    with pytest.raises(ValueError, match="ids must have shape"):
+        fused(ids[:, :2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_module_checkpoint_round_trip(kind):
+    a = FusedFieldEmbedding(FIELD_DIMS, 5, optimizer=kind, lr=0.05, backend="torch").to(DEVICE)
+    for _ in range(2):
+        ids = _zipf_ids(16)
+        a(ids).square().sum().backward()
+    b = FusedFieldEmbedding(FIELD_DIMS, 5, optimizer=kind, lr=0.05, backend="torch").to(DEVICE)
+    b.load_state_dict(a.state_dict())
+    assert b.optimizer.step_count == 2 and torch.equal(a.weight, b.weight)
+    ids = _zipf_ids(16)
+    a(ids).square().sum().backward()
+    b(ids).square().sum().backward()
+    assert torch.equal(a.weight, b.weight)
+    for name, tensor in a.optimizer.state.items():
+        assert torch.equal(tensor, b.optimizer.state[name])
+
+
+@pytest.mark.interpreter
+def test_module_triton_backend_trains_like_torch_backend():
+    torch.manual_seed(1)
+    a = FusedFieldEmbedding(FIELD_DIMS, 3, optimizer="adam", lr=0.05, backend="torch").to(DEVICE)
+    b = FusedFieldEmbedding(FIELD_DIMS, 3, optimizer="adam", lr=0.05, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        b.weight.copy_(a.weight)
+    for _ in range(2):
+        ids, target = _zipf_ids(32), torch.randn(32, device=DEVICE)
+        for module in (a, b):
+            ((module(ids).sum((1, 2)) - target) ** 2).mean().backward()
+    torch.testing.assert_close(b.weight, a.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="kind"):
+        SparseRowOptimizer("rmsprop")
+    with pytest.raises(ValueError, match="lr"):
+        SparseRowOptimizer("sgd", lr=0.0)
+    with pytest.raises(ValueError, match="betas"):
+        SparseRowOptimizer("adam", betas=(0.9, 1.0))
+    weight = torch.randn(60, 3, requires_grad=True)
+    ids = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(TypeError, match="optimizer"):
+        fused_embedding_lookup(ids, weight, torch.tensor(OFFSETS), torch.optim.SGD([weight], lr=1.0))
+    with pytest.raises(ValueError, match="backend"):
+        fused_embedding_lookup(ids, weight, torch.tensor(OFFSETS), SparseRowOptimizer("sgd"), backend="cuda")
+    opt = SparseRowOptimizer("adam")
+    fused_embedding_lookup(ids, weight, torch.tensor(OFFSETS), opt, backend="torch").sum().backward()
+    other = torch.randn(61, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="exp_avg"):
+        fused_embedding_lookup(ids, other, torch.tensor(OFFSETS), opt, backend="torch").sum().backward()
+    assert math.isclose(SparseRowOptimizer("adagrad").eps, 1e-8)

@@ -1,0 +1,191 @@
+"""Triton generative cross layer and bce_with_logits: forward and every gradient against the fp64
+reference by the 2x rule (kernel error <= 2 x torch's same-dtype error + a small floor)."""
+import pytest
+import torch
+
+import sfg_fast.functional as SF
+from sfg_fast import reference
+
+pytestmark = pytest.mark.interpreter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _err(a, ref):
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_2x(kernel, ref64, torch_same_dtype, floor):
+    bound = 2 * _err(torch_same_dtype, ref64) + floor
+    torch.testing.assert_close(kernel.double(), ref64.double(), rtol=0, atol=bound)
+
+
+def _forward_and_grads(fn, inputs, upstream):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    wrt = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, wrt, upstream.to(out.dtype))
+    return out, grads
+
+
+# ---------------------------------------------------------------- generative cross
+
+CROSS_SHAPES = [(1, 3), (2, 2 * 17), (7, 51), (33, 40)]   # K = N * D: B=1, N=2 D=17, N=3 D=17, non-powers of 2
+
+
+def _cross_inputs(batch, width, bias, dtype=torch.float32):
+    x = torch.randn(batch, width, device=DEVICE).to(dtype)
+    x_gen = torch.randn(batch, width, device=DEVICE).to(dtype)
+    weight = (torch.randn(width, width, device=DEVICE) / width ** 0.5).to(dtype)
+    b = torch.randn(width, device=DEVICE).to(dtype) if bias else None
+    return [x, x_gen, weight, b]
+
+
+@pytest.mark.parametrize("batch,width", CROSS_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cross_forward_and_grads_fp32(batch, width, bias):
+    inputs = _cross_inputs(batch, width, bias)
+    upstream = torch.randn(batch, width, device=DEVICE)
+    ref_out, ref_grads = _forward_and_grads(reference.generative_cross, [t.double() if t is not None else None
+                                                                        for t in inputs], upstream.double())
+    t_out, t_grads = _forward_and_grads(lambda *a: SF.generative_cross(*a, backend="torch"), inputs, upstream)
+    k_out, k_grads = _forward_and_grads(lambda *a: SF.generative_cross(*a, backend="triton"), inputs, upstream)
+    assert k_out.dtype == torch.float32
+    assert_2x(k_out, ref_out, t_out, floor=1e-6)
+    assert len(k_grads) == len(ref_grads) == (4 if bias else 3)
+    for name, k, t, r in zip(["dx", "dx_gen", "dW", "db"], k_grads, t_grads, ref_grads):
+        assert k.dtype == torch.float32, name
+        assert_2x(k, r, t, floor=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cross_half_inputs(dtype):
+    inputs = _cross_inputs(9, 34, True, dtype)
+    upstream = torch.randn(9, 34, device=DEVICE).to(dtype)
+    ref_out, ref_grads = _forward_and_grads(reference.generative_cross, [t.double() for t in inputs],
+                                            upstream.double())
+    t_out, t_grads = _forward_and_grads(lambda *a: SF.generative_cross(*a, backend="torch"), inputs, upstream)
+    k_out, k_grads = _forward_and_grads(lambda *a: SF.generative_cross(*a, backend="triton"), inputs, upstream)
+    assert k_out.dtype == dtype and all(g.dtype == dtype for g in k_grads)
+    eps = torch.finfo(dtype).eps
+    assert_2x(k_out, ref_out, t_out, floor=eps)
+    for k, t, r in zip(k_grads, t_grads, ref_grads):
+        assert_2x(k, r, t, floor=eps * r.abs().max().item())
+
+
+def test_cross_non_contiguous_inputs_and_poisoned_output():
+    from sfg_fast.ops.generative_cross import generative_cross_fwd
+    base = torch.randn(5, 2 * 17, device=DEVICE)
+    x = base[:, ::2]                                  # stride 2 along K
+    x_gen = torch.randn(17, 5, device=DEVICE).t()     # column-major
+    weight = torch.randn(17, 17, device=DEVICE).t()
+    bias = torch.randn(17, device=DEVICE)
+    out = torch.full((5, 17), float("nan"), device=DEVICE)
+    generative_cross_fwd(x, x_gen, weight, bias, out=out)
+    expected = reference.generative_cross(x.double(), x_gen.double(), weight.double(), bias.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_cross_backward_is_repeatable_and_default_is_exact_fp32():
+    inputs = _cross_inputs(33, 40, True)
+    upstream = torch.randn(33, 40, device=DEVICE)
+    fn = lambda *a: SF.generative_cross(*a, backend="triton")  # noqa: E731
+    first = _forward_and_grads(fn, inputs, upstream)[1]
+    second = _forward_and_grads(fn, inputs, upstream)[1]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # IEEE fp32 (not TF32, ~1e-3 relative): dW within fp32 accumulation error of the fp64 truth.
+    ref = _forward_and_grads(reference.generative_cross, [t.double() for t in inputs], upstream.double())[1]
+    torch.testing.assert_close(first[2].double(), ref[2], rtol=0, atol=1e-4 * ref[2].abs().max().item())
+
+
+def test_cross_rejects_unsupported_dtypes():
+    x = torch.randn(3, 4, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        SF.generative_cross(x, x, torch.randn(4, 4, device=DEVICE, dtype=torch.float64), backend="triton")
+
+
+
+def test_cross_mixed_dtypes_promote_like_torch():
+    """Under autocast the gate may arrive in bf16 while x and W stay fp32: promote, return fp32."""
+    x, x_gen, weight, bias = _cross_inputs(5, 34, True)
+    x_gen = x_gen.bfloat16().requires_grad_()
+    x, weight = x.requires_grad_(), weight.requires_grad_()
+    out = SF.generative_cross(x, x_gen, weight, bias, backend="triton")
+    assert out.dtype == torch.float32
+    expected = reference.generative_cross(x.double(), x_gen.double(), weight.double(), bias.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.sum(), [x, x_gen, weight])
+    assert [g.dtype for g in grads] == [torch.float32, torch.bfloat16, torch.float32]
+
+
+# ---------------------------------------------------------------- bce_with_logits
+
+def _logits_labels(numel, dtype=torch.float32):
+    logits = torch.randn(numel, device=DEVICE) * 6
+    labels = torch.rand(numel, device=DEVICE)
+    extremes = torch.tensor([1e4, -1e4, 1e4, -1e4, 100.0, -100.0, 30.0, -30.0, 0.0], device=DEVICE)
+    k = min(numel, extremes.numel())
+    logits[:k] = extremes[:k]
+    labels[:k] = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5, 0.25, 1.0], device=DEVICE)[:k]
+    return logits.to(dtype), labels
+
+
+@pytest.mark.parametrize("numel", [1, 37, 1000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_forward_and_grads_fp32(numel, reduction):
+    logits, labels = _logits_labels(numel)
+    upstream = torch.randn(numel if reduction == "none" else (), device=DEVICE)
+    ref_out, ref_grads = _forward_and_grads(lambda x, y: reference.bce_with_logits(x, y, reduction),
+                                            [logits.double(), labels.double()], upstream.double())
+    t_out, t_grads = _forward_and_grads(lambda x, y: SF.bce_with_logits(x, y, reduction, backend="torch"),
+                                        [logits, labels], upstream)
+    k_out, k_grads = _forward_and_grads(lambda x, y: SF.bce_with_logits(x, y, reduction, backend="triton"),
+                                        [logits, labels], upstream)
+    assert k_out.dtype == torch.float32 and k_out.shape == ref_out.shape
+    assert torch.isfinite(k_out).all()
+    assert_2x(k_out, ref_out, t_out, floor=1e-6 * max(1.0, ref_out.abs().max().item()))
+    for k, t, r in zip(k_grads, t_grads, ref_grads):       # dlogits, dlabels
+        assert torch.isfinite(k).all()
+        assert_2x(k, r, t, floor=1e-7)
+
+
+def test_bce_tiny_losses_keep_relative_accuracy():
+    """log1p(exp(-|x|)) for large confident logits: the loss is ~exp(-x), far below fp32's eps."""
+    logits = torch.tensor([20.0, 40.0, 80.0, -20.0, -40.0, -80.0], device=DEVICE)
+    labels = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], device=DEVICE)
+    got = SF.bce_with_logits(logits, labels, "none", backend="triton")
+    # With y = 1 for x > 0 and y = 0 for x < 0 the loss is exactly log1p(exp(-|x|)); computed
+    # directly, because the reference's max(x, 0) - x*y + ... form cancels it away in fp64 too.
+    expected = torch.log1p(torch.exp(-logits.double().abs()))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_bce_other_logit_dtypes(dtype):
+    logits, labels = _logits_labels(50, dtype)
+    if dtype != torch.float64:
+        logits = logits.clamp(-1e4, 1e4)               # half types round 1e4 but stay finite
+    upstream = torch.randn((), device=DEVICE, dtype=torch.float64)
+    ref_out, ref_grads = _forward_and_grads(lambda x: reference.bce_with_logits(x, labels.double()),
+                                            [logits.double()], upstream)
+    k_out, k_grads = _forward_and_grads(lambda x: SF.bce_with_logits(x, labels, backend="triton"),
+                                        [logits], upstream)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    assert k_out.dtype == compute and k_grads[0].dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(k_out.double(), ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(k_grads[0].double(), ref_grads[0], rtol=torch.finfo(dtype).eps, atol=1e-12)
+
+
+def test_bce_integer_labels_and_poisoned_output():
+    from sfg_fast.ops.bce_with_logits import bce_with_logits_fwd
+    logits = torch.randn(4, 9, device=DEVICE)
+    labels = torch.randint(0, 2, (4, 9), device=DEVICE)
+    out = torch.full((4, 9), float("nan"), device=DEVICE)
+    bce_with_logits_fwd(logits, labels, "none", out=out)
+    expected = reference.bce_with_logits(logits.double(), labels, "none")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-7)
+    loss = SF.bce_with_logits(logits.requires_grad_(), labels, "mean", backend="triton")
+    (grad,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(grad.double(), (torch.sigmoid(logits.double()) - labels) / 36, rtol=1e-6, atol=1e-9)

@@ -1,0 +1,224 @@
+"""Triton multi-field embedding lookup: forward gather, table gradient (atomic and deterministic),
+bounds modes, and the int64 addressing probe. Runs under TRITON_INTERPRET=1 on CPU (conftest)."""
+import pytest
+import torch
+
+import sfg_fast.functional as SF
+from sfg_fast import reference
+
+pytestmark = pytest.mark.interpreter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (batch, field_dims, D): B=1, N=2, odd D (1, 3, 17), non-powers of 2, a hot field of 50 rows.
+CASES = [(1, [3, 5], 1), (5, [2, 7, 1], 3), (33, [11, 4, 9, 2, 6], 17), (64, [50, 3], 16)]
+
+
+def _ops():
+    from sfg_fast.ops import embedding_lookup as ops
+    return ops
+
+
+def _table(field_dims, dim, dtype=torch.float32):
+    return torch.randn(sum(field_dims), dim, device=DEVICE).to(dtype)
+
+
+def _offsets(field_dims):
+    starts = [0]
+    for x in field_dims[:-1]:
+        starts.append(starts[-1] + x)
+    return torch.tensor(starts, dtype=torch.int64, device=DEVICE)
+
+
+def _ids(batch, field_dims, dtype=torch.int64, zipf=True):
+    """Zipf-like ids: most samples hit the first rows of each field, so duplicates are common."""
+    cols = []
+    for size in field_dims:
+        if zipf:
+            ranks = torch.arange(1, size + 1, dtype=torch.float64)
+            col = torch.multinomial(1.0 / ranks ** 1.2, batch, replacement=True)
+        else:
+            col = torch.randint(0, size, (batch,))
+        cols.append(col)
+    return torch.stack(cols, 1).to(dtype).to(DEVICE)
+
+
+def _max_err(a, ref):
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_2x(kernel, ref64, torch_same_dtype, floor):
+    """Kernel error vs the fp64 reference <= 2x torch's same-dtype error + floor."""
+    bound = 2 * _max_err(torch_same_dtype, ref64) + floor
+    torch.testing.assert_close(kernel.double(), ref64.double(), rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("batch,field_dims,dim", CASES)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_forward_is_exact_gather(batch, field_dims, dim, id_dtype, dtype):
+    weight, offsets = _table(field_dims, dim, dtype), _offsets(field_dims)
+    ids = _ids(batch, field_dims, id_dtype)
+    out = SF.embedding_lookup(ids, weight, offsets, backend="triton")
+    assert out.dtype == dtype and out.shape == (batch, len(field_dims), dim)
+    assert torch.equal(out, reference.embedding_lookup(ids, weight, offsets))
+
+
+def test_forward_writes_every_element_of_a_poisoned_output():
+    field_dims, dim = [11, 4, 9], 17
+    weight, offsets, ids = _table(field_dims, dim), _offsets(field_dims), _ids(7, field_dims)
+    out = torch.full((7, 3, dim), float("nan"), device=DEVICE)
+    _ops().embedding_lookup_fwd(ids, weight, offsets, out=out)
+    assert torch.equal(out, reference.embedding_lookup(ids, weight, offsets))
+
+
+def test_non_contiguous_ids_and_row_strided_table():
+    field_dims, dim = [6, 5, 7], 3
+    ids = _ids(9, field_dims).t().contiguous().t()          # column-major [B, N]
+    assert not ids.is_contiguous()
+    base = torch.randn(sum(field_dims), dim + 4, device=DEVICE)
+    weight = base[:, 2:2 + dim]                              # row stride D + 4
+    offsets = _offsets(field_dims)
+    out = SF.embedding_lookup(ids, weight, offsets, backend="triton")
+    assert torch.equal(out, reference.embedding_lookup(ids, weight, offsets))
+
+
+def _grads(ids, weight, offsets, upstream, backend):
+    w = weight.detach().clone().requires_grad_()
+    if backend == "reference":
+        out = reference.embedding_lookup(ids, w, offsets)
+    else:
+        out = SF.embedding_lookup(ids, w, offsets, backend=backend)
+    (grad,) = torch.autograd.grad(out, w, upstream.to(w.dtype))
+    return grad
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("batch,field_dims,dim", CASES)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("mode", ["atomic", "sorted"])
+def test_table_gradient_sums_duplicates(batch, field_dims, dim, id_dtype, mode, request):
+    if mode == "sorted":
+        request.getfixturevalue("deterministic")
+    weight, offsets = _table(field_dims, dim), _offsets(field_dims)
+    ids = _ids(batch, field_dims, id_dtype)
+    upstream = torch.randn(batch, len(field_dims), dim, device=DEVICE)
+    ref = _grads(ids, weight.double(), offsets, upstream.double(), "reference")
+    torch32 = _grads(ids, weight, offsets, upstream, "torch")
+    got = _grads(ids, weight, offsets, upstream, "triton")
+    assert got.dtype == torch.float32 and got.shape == weight.shape
+    assert_2x(got, ref, torch32, floor=1e-6)
+    untouched = ref.abs().sum(1) == 0
+    assert torch.equal(got[untouched], torch.zeros_like(got[untouched]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["atomic", "sorted"])
+def test_half_table_gradient_accumulates_in_fp32(dtype, mode, request):
+    if mode == "sorted":
+        request.getfixturevalue("deterministic")
+    field_dims, dim, batch = [50, 3], 16, 64
+    weight, offsets, ids = _table(field_dims, dim, dtype), _offsets(field_dims), _ids(batch, field_dims)
+    upstream = torch.randn(batch, 2, dim, device=DEVICE).to(dtype)
+    ref = _grads(ids, weight.double(), offsets, upstream.double(), "reference")
+    got = _grads(ids, weight, offsets, upstream, "triton")
+    assert got.dtype == dtype
+    # fp32 accumulation then one rounding: within one half-precision rounding of the exact sum.
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), ref, rtol=ulp, atol=1e-6)
+
+
+def test_fp64_table_gradient():
+    field_dims, dim, batch = [50, 3], 3, 64
+    weight, offsets, ids = _table(field_dims, dim, torch.float64), _offsets(field_dims), _ids(batch, field_dims)
+    upstream = torch.randn(batch, 2, dim, device=DEVICE, dtype=torch.float64)
+    ref = _grads(ids, weight, offsets, upstream, "reference")
+    torch.testing.assert_close(_grads(ids, weight, offsets, upstream, "triton"), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_deterministic_backward_is_bitwise_repeatable(deterministic):
+    field_dims, dim, batch = [50, 3, 7], 17, 128
+    weight, offsets, ids = _table(field_dims, dim), _offsets(field_dims), _ids(batch, field_dims)
+    upstream = torch.randn(batch, 3, dim, device=DEVICE)
+    first = _grads(ids, weight, offsets, upstream, "triton")
+    second = _grads(ids, weight, offsets, upstream, "triton")
+    assert torch.equal(first, second)
+
+
+def test_bounds_fatal_names_field_and_id():
+    field_dims = [3, 5]
+    weight, offsets = _table(field_dims, 3), _offsets(field_dims)
+    ids = torch.tensor([[0, 1], [2, 5]], device=DEVICE)
+    with pytest.raises(IndexError, match=r"field 1\).*id 5"):
+        SF.embedding_lookup(ids, weight, offsets, backend="triton")
+    with pytest.raises(IndexError, match=r"field 0\).*id -1"):
+        SF.embedding_lookup(torch.tensor([[-1, 0]], device=DEVICE), weight, offsets, backend="triton")
+
+
+def test_bounds_clamp_to_oov_and_off():
+    field_dims = [3, 5]
+    weight, offsets = _table(field_dims, 3), _offsets(field_dims)
+    bad = torch.tensor([[0, 9], [7, -2], [1, 4]], device=DEVICE, dtype=torch.int32)
+    out = SF.embedding_lookup(bad, weight, offsets, "clamp_to_oov", backend="triton")
+    assert torch.equal(out, reference.embedding_lookup(bad, weight, offsets, "clamp_to_oov"))
+    assert torch.equal(out[0, 1], weight[3 + 4]) and torch.equal(out[1, 0], weight[2])  # each field's last row
+    good = torch.tensor([[2, 4], [0, 0]], device=DEVICE)
+    out = SF.embedding_lookup(good, weight, offsets, "off", backend="triton")
+    assert torch.equal(out, reference.embedding_lookup(good, weight, offsets))
+
+
+_TTIR_PROBE = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sfg_fast.kernels import embedding_lookup as K
+from sfg_fast.kernels import sparse_update as S
+probes = [
+    (K._embedding_lookup_fwd_kernel,
+     {"ids_ptr": "*i32", "offsets_ptr": "*i64", "weight_ptr": "*fp32", "out_ptr": "*fp32"},
+     {"BLOCK_B": 4, "BLOCK_N": 4, "BLOCK_D": 16}),
+    (S._sparse_update_kernel,
+     {"weight_ptr": "*bf16", "grad_ptr": "*bf16", "perm_ptr": "*i64", "seg_start_ptr": "*i64",
+      "rows_ptr": "*i64", "state1_ptr": "*fp32", "state2_ptr": "*fp32", "lr": "fp32", "eps": "fp32",
+      "beta1": "fp32", "beta2": "fp32", "bias1": "fp32", "bias2": "fp32"},
+     {"KIND": 2, "BLOCK_U": 4, "CHUNK": 16, "BLOCK_D": 16}),
+]
+result = {}
+for kernel, signature, constexprs in probes:
+    full = {name: signature.get(name, "constexpr" if name in constexprs else "i32") for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, full, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    result[kernel.__name__] = compiled.asm["ttir"]
+json.dump(result, sys.stdout)
+"""
+
+
+def test_row_offsets_are_int64_in_generated_code():
+    """int64 addressing probe. A table with row * D >= 2^31 elements (e.g. 40M rows x 64) needs
+    gigabytes, so instead of running one we compile the kernels for an sm_90 target (no GPU needed)
+    with every integer argument typed i32 (as Triton specialises small ints) and check that every
+    pointer offset in the generated TTIR is an i64 tensor: an int32 ``row * stride`` would show up as
+    an i32 addptr offset and wrap past 2^31. Covers the gather and the fused sparse update (whose
+    segment reduction the deterministic backward shares). Compiled in a child process because
+    kernels imported under TRITON_INTERPRET=1 are interpreter objects, not compilable ones."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _TTIR_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ttirs = json.loads(done.stdout)
+    assert len(ttirs) == 2
+    for name, ttir in ttirs.items():
+        addptrs = [line.split(" loc(")[0] for line in ttir.splitlines() if "tt.addptr" in line]
+        assert addptrs, f"{name}: no pointer arithmetic found in the generated code"
+        narrow = [line for line in addptrs if not line.rstrip().endswith("i64>")]
+        assert not narrow, f"{name}: pointer offsets not in int64: {narrow}"
