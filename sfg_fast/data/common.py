@@ -1,0 +1,286 @@
+"""Pieces shared by the dataset loaders: bad-line errors, seeded splits, train-only vocabularies, caching.
+
+Vocabulary convention (every dataset): a field's raw values are first given provisional ids in
+order of appearance; after reading, the values seen at least ``min_count`` times in the TRAIN split
+get ids ``0 .. k-1`` ordered by decreasing train frequency (ties by value), and every other value,
+including those absent from training, maps to the OOV id ``k``; the field's dimension is ``k + 1``.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import os
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .schema import CTRData, Schema, Split
+
+CACHE_FORMAT = 1
+
+
+class BadLineError(ValueError):
+    """A malformed input line; ``path`` and the 1-based ``line`` number say where."""
+
+    def __init__(self, path: str, line: int, reason: str):
+        super().__init__(f"{path}: line {line}: {reason} (pass skip_bad_lines=True to skip such lines)")
+        self.path = path
+        self.line = line
+        self.reason = reason
+
+
+class SkipLog:
+    """Counts skipped lines and keeps the first few for the report in ``CTRData.info``."""
+
+    def __init__(self, path: str, skip: bool, keep: int = 5):
+        self.path = path
+        self.skip = skip
+        self.count = 0
+        self.examples: List[str] = []
+        self.keep = keep
+
+    def bad(self, line: int, reason: str) -> None:
+        if not self.skip:
+            raise BadLineError(self.path, line, reason)
+        self.count += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(f"{os.path.basename(self.path)}:{line}: {reason}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits
+# ----------------------------------------------------------------------------------------------
+
+def check_ratios(split) -> Tuple[int, ...]:
+    try:
+        ratios = tuple(split)
+    except TypeError:
+        raise ValueError(f"split must be three non-negative ratios like (8, 1, 1), got {split!r}") from None
+    if len(ratios) != 3 or any((not isinstance(r, (int, float, np.integer, np.floating))) or r < 0 for r in ratios) \
+            or sum(ratios) <= 0:
+        raise ValueError(f"split must be three non-negative ratios like (8, 1, 1), got {split!r}")
+    return ratios
+
+
+def split_assignment(num_rows: int, ratios: Sequence[float], seed: int) -> np.ndarray:
+    """uint8 ``[num_rows]``: 0 train, 1 valid, 2 test; a seeded random permutation, exact sizes.
+
+    Split sizes are ``floor(n * r0 / sum)``, ``floor(n * r1 / sum)`` and the remainder.
+    """
+    total = float(sum(ratios))
+    n_train = int(num_rows * ratios[0] / total)
+    n_valid = int(num_rows * ratios[1] / total)
+    perm = np.random.default_rng(seed).permutation(num_rows)
+    out = np.full(num_rows, 2, dtype=np.uint8)
+    out[perm[:n_train]] = 0
+    out[perm[n_train:n_train + n_valid]] = 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Vocabularies
+# ----------------------------------------------------------------------------------------------
+
+def build_vocab(counts: np.ndarray, min_count: int, token_names: Optional[Sequence] = None) -> Tuple[np.ndarray, int]:
+    """Map tokens to final ids from their TRAIN counts.
+
+    Args:
+        counts: int ``[num_tokens]`` occurrences of each token in the training split.
+        min_count: tokens seen fewer times in training map to OOV (``min_count <= 1``: every seen token kept).
+        token_names: optional names used to break frequency ties (default: token index).
+    Returns:
+        ``(table, dim)``: int64 ``[num_tokens]`` final id of each token, and the field dimension
+        ``k + 1`` where ``k`` tokens were kept and ``k`` is the OOV id.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    kept = np.flatnonzero(counts >= max(int(min_count), 1))
+    if token_names is not None and kept.size:
+        names = [token_names[i] for i in kept.tolist()]
+        tie = np.empty(kept.size, dtype=np.int64)
+        tie[np.array(sorted(range(kept.size), key=names.__getitem__), dtype=np.int64)] = np.arange(kept.size)
+    else:
+        tie = kept
+    order = kept[np.lexsort((tie, -counts[kept]))]
+    k = int(order.size)
+    table = np.full(counts.size, k, dtype=np.int64)
+    table[order] = np.arange(k, dtype=np.int64)
+    return table, k + 1
+
+
+class ColumnEncoder:
+    """Provisional ids for one raw column, in order of first appearance, at C speed.
+
+    ``defaultdict(count().__next__)`` assigns the next id on a miss without a Python-level call,
+    so ``map(d.__getitem__, column)`` encodes a column with no interpreter loop.
+    """
+
+    def __init__(self):
+        self.ids: Dict[str, int] = defaultdict(itertools.count().__next__)
+
+    def encode(self, column: Sequence[str]) -> np.ndarray:
+        return np.fromiter(map(self.ids.__getitem__, column), dtype=np.int64, count=len(column))
+
+    def values(self) -> List[str]:
+        return list(self.ids)  # insertion order == provisional id order
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def tokens_of(values: Sequence, transform: Optional[Callable]) -> Tuple[np.ndarray, List]:
+    """``(value_to_token int64 [len(values)], token_names)`` after applying ``transform`` per value."""
+    if transform is None:
+        return np.arange(len(values), dtype=np.int64), list(values)
+    index: Dict = {}
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        out[i] = index.setdefault(transform(v), len(index))
+    return out, list(index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembling a dataset from provisional ids
+# ----------------------------------------------------------------------------------------------
+
+def finalize(name: str, field_names: Sequence[str], field_sources: Sequence[Tuple[int, Optional[Callable]]],
+             column_values: Sequence[Sequence], split_chunks: Sequence[List[Tuple[np.ndarray, np.ndarray]]],
+             min_count: int) -> Tuple[Schema, List[Split]]:
+    """Turn provisional ids into final ids with train-only vocabularies.
+
+    Args:
+        field_sources: per output field ``(source column, transform)``: the field's token is
+            ``transform(raw value)`` (identity when None). Several fields may share one column.
+        column_values: per source column, its raw values in provisional id order.
+        split_chunks: for train, valid, test: a list of ``(provisional ids [k, C], labels [k])``;
+            the lists are emptied as the chunks are copied out.
+    """
+    # train counts per provisional value, chunk by chunk: never a second copy of the train split
+    value_counts = {c: np.zeros(len(column_values[c]), dtype=np.int64) for c in {src for src, _ in field_sources}}
+    for chunk_ids, _ in split_chunks[0]:
+        for c, counts in value_counts.items():
+            counts += np.bincount(chunk_ids[:, c], minlength=counts.size)
+    tables, dims = [], []
+    for src, transform in field_sources:
+        value_to_token, token_names = tokens_of(column_values[src], transform)
+        counts = np.bincount(value_to_token, weights=value_counts[src], minlength=len(token_names))
+        table, dim = build_vocab(np.rint(counts).astype(np.int64), min_count, token_names)
+        tables.append(table[value_to_token])
+        dims.append(dim)
+    schema = Schema(name=name, field_names=list(field_names), field_dims=dims)
+    splits = []
+    for chunks in split_chunks:
+        n = sum(len(labels) for _, labels in chunks)
+        ids = np.empty((n, len(field_sources)), dtype=np.int64)
+        labels = np.empty(n, dtype=np.float32)
+        row = 0
+        # pop chunks as they are copied so peak memory stays near one copy of the data
+        while chunks:
+            chunk_ids, chunk_labels = chunks.pop(0)
+            k = len(chunk_labels)
+            for f, (src, _) in enumerate(field_sources):
+                ids[row:row + k, f] = tables[f][chunk_ids[:, src]]
+            labels[row:row + k] = chunk_labels
+            row += k
+        splits.append(Split(ids=ids, labels=labels))
+    return schema, splits
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+def open_text(path: str):
+    """Open a text file, gzip-aware; latin-1 maps every byte to one character, so decoding never fails."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="latin-1", newline="")
+    return open(path, "r", encoding="latin-1", newline="")
+
+
+def count_lines(path: str, limit: Optional[int] = None) -> int:
+    """Number of lines (a last line without newline counts), stopping once ``limit`` is reached."""
+    opener = gzip.open if path.endswith(".gz") else open
+    n = 0
+    last = b"\n"
+    with opener(path, "rb") as f:
+        while True:
+            block = f.read(1 << 22)
+            if not block:
+                break
+            n += block.count(b"\n")
+            last = block[-1:]
+            if limit is not None and n >= limit:
+                return limit
+    if last != b"\n":
+        n += 1
+    return n if limit is None else min(n, limit)
+
+
+def resolve_file(name: str, data_dir, candidates: Sequence[str]) -> str:
+    """The data file: ``data_dir`` itself when it is a file, else the first candidate inside it."""
+    if data_dir is None:
+        raise ValueError(f"dataset {name!r} needs data_dir: a folder holding one of {list(candidates)} or the "
+                         f"file itself (its licence forbids redistribution, so it is never downloaded)")
+    data_dir = os.path.expanduser(os.fspath(data_dir))
+    if os.path.isfile(data_dir):
+        return data_dir
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data_dir {data_dir!r} for dataset {name!r} does not exist")
+    for c in candidates:
+        p = os.path.join(data_dir, c)
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"no {' / '.join(candidates)} in data_dir {data_dir!r} for dataset {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache: <cache_dir>/<name>-<key>.npz (ids, labels, info) + <name>-<key>.schema.json
+# ----------------------------------------------------------------------------------------------
+
+def cache_key(path: str, options: Dict) -> str:
+    st = os.stat(path)
+    payload = {"format": CACHE_FORMAT, "file": os.path.basename(path), "size": st.st_size,
+               "mtime_ns": st.st_mtime_ns, "options": options}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def cache_paths(cache_dir: str, name: str, key: str) -> Tuple[str, str]:
+    stem = os.path.join(cache_dir, f"{name}-{key}")
+    return stem + ".npz", stem + ".schema.json"
+
+
+def load_cache(cache_dir: str, name: str, key: str) -> Optional[CTRData]:
+    npz_path, schema_path = cache_paths(cache_dir, name, key)
+    if not (os.path.isfile(npz_path) and os.path.isfile(schema_path)):
+        return None
+    schema = Schema.load_json(schema_path)
+    with np.load(npz_path, allow_pickle=False) as z:
+        splits = [Split(ids=z[f"{s}_ids"].astype(np.int64), labels=z[f"{s}_labels"])
+                  for s in ("train", "valid", "test")]
+        info = json.loads(str(z["info"]))
+    info.update(from_cache=True, cache_path=npz_path)
+    return CTRData(schema, *splits, info=info)
+
+
+def save_cache(cache_dir: str, name: str, key: str, data: CTRData) -> Optional[str]:
+    """Write the cache atomically; returns the .npz path, or None (with info['cache_error']) on failure."""
+    npz_path, schema_path = cache_paths(cache_dir, name, key)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        # int32 halves the file whenever every id fits, which is always the case for real vocabularies
+        id_dtype = np.int32 if max(data.schema.field_dims, default=0) < 2 ** 31 else np.int64
+        arrays = {"info": np.array(json.dumps(data.info, default=str))}
+        for s, split in data.splits().items():
+            arrays[f"{s}_ids"] = split.ids.astype(id_dtype)
+            arrays[f"{s}_labels"] = split.labels
+        data.schema.save_json(schema_path)
+        tmp = f"{npz_path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:  # a file object stops numpy from appending another .npz
+            np.savez(f, **arrays)
+        os.replace(tmp, npz_path)
+        return npz_path
+    except OSError as exc:
+        data.info["cache_error"] = f"could not write the cache in {cache_dir!r}: {exc}"
+        return None

@@ -1,0 +1,91 @@
+"""``load_dataset``: one entry point for every dataset, with argument checks."""
+from __future__ import annotations
+
+from typing import Optional
+
+from . import avazu, criteo, movielens, synthetic
+from .common import check_ratios, resolve_file
+from .schema import CTRData
+from .tabular import DEFAULT_CHUNK_ROWS, load_table
+
+DATASETS = ("movielens100k", "criteo", "avazu", "synthetic-criteo", "synthetic-avazu")
+
+_OPTIONS = {
+    "movielens100k": {"split", "genre", "threshold"},
+    "criteo": {"split", "chunk_rows"},
+    "avazu": {"split", "chunk_rows"},
+    "synthetic-criteo": {"split", "vocab_scale", "zipf_a", "embed_dim", "target_ctr", "linear_std", "pairwise_std"},
+    "synthetic-avazu": {"split", "vocab_scale", "zipf_a", "embed_dim", "target_ctr", "linear_std", "pairwise_std"},
+}
+
+
+def _count(name: str, value, minimum: int) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} or None, got {value!r}")
+    return int(value)
+
+
+def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, seed: int = 2018,
+                 max_rows: Optional[int] = None, min_count: Optional[int] = None, skip_bad_lines: bool = False,
+                 num_rows: Optional[int] = None, **options) -> CTRData:
+    """Load a CTR dataset as train/valid/test splits of field-local int64 ids and 0/1 labels.
+
+    Args:
+        name: one of ``DATASETS``.
+        data_dir: folder holding the raw files, or the raw file itself (criteo: ``train.txt``; avazu:
+            ``train`` / ``train.csv``, optionally ``.gz``; movielens100k: optional, see
+            :mod:`sfg_fast.data.movielens`). Not used by the synthetic datasets.
+        cache_dir: where criteo/avazu keep their preprocessed form (default ``<data folder>/.sfg_cache``;
+            ``False`` disables it). A hit is reported as ``info["from_cache"] = True``.
+        seed: fixes the random split (and, for synthetic data, the generator).
+        max_rows: read at most this many data lines (synthetic: cap on ``num_rows``).
+        min_count: values seen fewer times in the train split map to their field's OOV id
+            (defaults: criteo 10, avazu 2, others 1).
+        skip_bad_lines: skip malformed lines, counting them in ``info["skipped_lines"]``, instead of
+            raising ValueError with the file name and line number.
+        num_rows: rows the synthetic datasets generate (default 100000).
+        **options: per dataset: ``split`` (three ratios; defaults movielens100k/avazu/synthetic 8:1:1,
+            criteo 7:2:1); movielens100k ``genre`` ('first' | 'combination'), ``threshold`` (4.0);
+            criteo/avazu ``chunk_rows``; synthetic ``vocab_scale``, ``zipf_a``, ``embed_dim``,
+            ``target_ctr``, ``linear_std``, ``pairwise_std`` (see :func:`sfg_fast.data.synthetic.generate`).
+    Returns:
+        CTRData with ``schema``, ``train``/``valid``/``test`` and ``info`` (source, rows, seed,
+        skipped_lines, from_cache, ...). Rows keep their file order within each split; the split
+        itself is a seeded random permutation with exact sizes ``floor(n * r_i / sum(r))`` for
+        train and valid, the rest for test.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset name {name!r}; expected one of {DATASETS}")
+    unknown = sorted(set(options) - _OPTIONS[name])
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for dataset {name!r}; it accepts {sorted(_OPTIONS[name])}")
+    if isinstance(seed, bool) or not hasattr(seed, "__index__") or int(seed) < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)
+    max_rows = _count("max_rows", max_rows, 0)
+    min_count = _count("min_count", min_count, 1)
+    num_rows = _count("num_rows", num_rows, 0)
+    if not isinstance(skip_bad_lines, bool):
+        raise ValueError(f"skip_bad_lines must be True or False, got {skip_bad_lines!r}")
+    synthetic_name = name.startswith("synthetic-")
+    if num_rows is not None and not synthetic_name:
+        raise ValueError(f"num_rows sets the size of the synthetic datasets; dataset {name!r} is read from files: "
+                         f"use max_rows to cap the rows read")
+    module = {"movielens100k": movielens, "criteo": criteo, "avazu": avazu}.get(name, synthetic)
+    ratios = check_ratios(options.pop("split", module.DEFAULT_SPLIT))
+
+    if name == "movielens100k":
+        return movielens.load_movielens(data_dir, seed=seed, max_rows=max_rows, min_count=min_count or 1,
+                                        skip_bad_lines=skip_bad_lines, split=ratios, **options)
+    if synthetic_name:
+        return synthetic.load_synthetic(name, num_rows, seed=seed, max_rows=max_rows, min_count=min_count or 1,
+                                        split=ratios, **options)
+    chunk_rows = _count("chunk_rows", options.pop("chunk_rows", DEFAULT_CHUNK_ROWS), 1)
+    path = resolve_file(name, data_dir, module.FILE_NAMES)
+    if cache_dir is not None and cache_dir is not False and not isinstance(cache_dir, (str, bytes)) \
+            and not hasattr(cache_dir, "__fspath__"):
+        raise ValueError(f"cache_dir must be a path, None (default location) or False (no cache), got {cache_dir!r}")
+    return load_table(module.FORMAT, path, cache_dir, seed, ratios, max_rows,
+                      module.DEFAULT_MIN_COUNT if min_count is None else min_count, skip_bad_lines, chunk_rows)

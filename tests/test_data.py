@@ -1,0 +1,555 @@
+"""sfg_fast.data: schema, MovieLens-100K, Criteo/Avazu readers on generated files, cache, bad input, synthetic."""
+import datetime
+import gzip
+import importlib.util
+import math
+import os
+import random
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from sfg_fast.data import DATASETS, CTRData, Schema, Split, load_dataset
+from sfg_fast.data import synthetic
+
+HAS_RECBOLE = importlib.util.find_spec("recbole") is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def all_rows(data: CTRData):
+    return np.concatenate([s.ids for s in data.splits().values()]), np.concatenate(
+        [s.labels for s in data.splits().values()])
+
+
+def assert_well_formed(data: CTRData):
+    dims = np.asarray(data.schema.field_dims)
+    assert data.schema.oov_ids == [d - 1 for d in data.schema.field_dims]
+    for name, split in data.splits().items():
+        assert split.ids.dtype == np.int64 and split.labels.dtype == np.float32, name
+        assert split.ids.shape == (len(split), data.schema.num_fields), name
+        if len(split):
+            assert (split.ids >= 0).all() and (split.ids < dims).all(), name
+            assert set(np.unique(split.labels).tolist()) <= {0.0, 1.0}, name
+    data.check()
+
+
+def assert_same_data(a: CTRData, b: CTRData):
+    assert a.schema == b.schema
+    for (name, x), y in zip(a.splits().items(), b.splits().values()):
+        np.testing.assert_array_equal(x.ids, y.ids, err_msg=name)
+        np.testing.assert_array_equal(x.labels, y.labels, err_msg=name)
+
+
+def log2_bucket(x: int) -> int:
+    """The Criteo bucket, written independently: largest b with b <= ln(x)^2 for x > 2."""
+    if x <= 2:
+        return x
+    square = math.log(x) * math.log(x)
+    b = 0
+    while b + 1 <= square:
+        b += 1
+    return b
+
+
+def one_id_per_group(keys, ids):
+    """Map group key -> the single id its rows share; fails if a group has two ids."""
+    seen = defaultdict(set)
+    for k, i in zip(keys, ids):
+        seen[k].add(int(i))
+    assert all(len(v) == 1 for v in seen.values()), {k: v for k, v in seen.items() if len(v) > 1}
+    return {k: next(iter(v)) for k, v in seen.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# schema and containers
+# ----------------------------------------------------------------------------------------------
+
+def test_schema_json_round_trip(tmp_path):
+    schema = Schema(name="toy", field_names=["a", "b", "c"], field_dims=[3, 1, 7])
+    assert schema.oov_ids == [2, 0, 6] and schema.num_fields == 3
+    np.testing.assert_array_equal(schema.offsets, [0, 3, 4])
+    assert schema.offsets.dtype == np.int64
+    path = tmp_path / "schema.json"
+    schema.save_json(path)
+    assert Schema.load_json(path) == schema
+    assert Schema.from_dict(schema.to_dict()) == schema
+
+
+def test_schema_rejects_inconsistent_fields():
+    with pytest.raises(ValueError, match="oov_ids"):
+        Schema("toy", ["a", "b"], [3, 4], oov_ids=[2, 2])
+    with pytest.raises(ValueError, match="field_names"):
+        Schema("toy", ["a"], [3, 4])
+    with pytest.raises(ValueError, match="field_dims"):
+        Schema("toy", ["a"], [0])
+    with pytest.raises(ValueError, match="lacks keys"):
+        Schema.from_dict({"name": "x"})
+
+
+def test_split_checks_shapes():
+    split = Split(np.zeros((4, 2), np.int32), np.ones(4))
+    assert len(split) == 4 and split.ids.dtype == np.int64 and split.labels.dtype == np.float32
+    with pytest.raises(ValueError, match="labels"):
+        Split(np.zeros((4, 2), np.int64), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="ids"):
+        Split(np.zeros(4, np.int64), np.zeros(4, np.float32))
+
+
+def test_unknown_dataset_and_option():
+    with pytest.raises(ValueError) as info:
+        load_dataset("criteo-1tb")
+    for name in DATASETS:
+        assert name in str(info.value)
+    with pytest.raises(ValueError, match="vocab_scal"):
+        load_dataset("synthetic-avazu", num_rows=100, vocab_scal=0.5)
+    with pytest.raises(ValueError, match="num_rows"):
+        load_dataset("criteo", data_dir="/nonexistent", num_rows=10)
+    with pytest.raises(ValueError, match="max_rows"):
+        load_dataset("synthetic-avazu", max_rows=-1)
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("synthetic-avazu", num_rows=100, split=(1, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# MovieLens-100K
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def movielens():
+    if not HAS_RECBOLE:
+        pytest.skip("recbole is not installed (pip install --no-deps recbole==1.2.1); it ships MovieLens-100K")
+    return load_dataset("movielens100k")
+
+
+def test_movielens_sizes_labels_and_ids(movielens):
+    data = movielens
+    assert_well_formed(data)
+    assert data.schema.field_names == ["user_id", "item_id", "age", "gender", "occupation", "zip3",
+                                       "release_year", "genre"]
+    assert [len(s) for s in data.splits().values()] == [80000, 10000, 10000]
+    # the click count, recomputed from the raw ratings file
+    inter = os.path.join(data.info["source"], "ml-100k.inter")
+    with open(inter) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        rating = [h.split(":")[0] for h in header].index("rating")
+        clicks = sum(float(line.rstrip("\n").split("\t")[rating]) >= 4 for line in f)
+    _, labels = all_rows(data)
+    assert int(labels.sum()) == clicks
+    assert 0.4 < labels.mean() < 0.7
+    # 943 users, 2 genders, 7 age buckets: each vocabulary holds at most the raw values, plus OOV
+    dims = dict(zip(data.schema.field_names, data.schema.field_dims))
+    assert dims["user_id"] <= 944 and dims["gender"] == 3 and dims["age"] == 8
+    # min_count 1: every train value is kept, so OOV never occurs in train
+    oov = np.asarray(data.schema.oov_ids)
+    assert not (data.train.ids == oov).any()
+
+
+def test_movielens_deterministic_and_seeded(movielens):
+    again = load_dataset("movielens100k")
+    assert_same_data(movielens, again)
+    other = load_dataset("movielens100k", seed=7)
+    assert len(other.train) == len(movielens.train)
+    assert not np.array_equal(other.train.labels, movielens.train.labels)
+
+
+def test_movielens_min_count_maps_rare_values_to_oov(movielens):
+    data = load_dataset("movielens100k", min_count=50)
+    for f, dim in enumerate(data.schema.field_dims):
+        counts = np.bincount(data.train.ids[:, f], minlength=dim)
+        kept = counts[:-1]
+        assert (kept >= 50).all(), data.schema.field_names[f]
+        assert (np.diff(kept) <= 0).all(), "kept ids are ordered by decreasing train frequency"
+    assert data.schema.field_dims[0] < movielens.schema.field_dims[0]
+    assert (data.train.ids[:, 0] == data.schema.oov_ids[0]).any()
+    combo = load_dataset("movielens100k", genre="combination")
+    assert combo.schema.field_dims[-1] > movielens.schema.field_dims[-1]
+    with pytest.raises(ValueError, match="genre"):
+        load_dataset("movielens100k", genre="all")
+
+
+GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+
+def write_tiny_movielens(folder, layout, bad_rating_line=None):
+    """40 users, 60 items (item i rated exactly once when i >= 30), ratings in both layouts."""
+    rnd = random.Random(3)
+    occupations = ["writer", "doctor", "student"]
+    users = [(u, [10, 17, 18, 24, 25, 34, 44, 60][u % 8], "MF"[u % 2], occupations[u % 3], f"{u % 4}{u % 3}9{u:02d}")
+             for u in range(1, 41)]
+    items = []
+    for i in range(1, 61):
+        genres = [GENRES[1 + i % 5]] + ([GENRES[7 + i % 3]] if i % 2 else [])
+        year = "" if i == 5 else str(1980 + i % 6)
+        items.append((i, f"Movie {i}", year, genres))
+    ratings = [(rnd.randint(1, 40), rnd.randint(1, 29), rnd.randint(1, 5)) for _ in range(300)]
+    ratings += [(rnd.randint(1, 40), i, rnd.randint(1, 5)) for i in range(30, 61)]
+    os.makedirs(folder, exist_ok=True)
+    lines = [f"{u}\t{i}\t{r}\t{880000000 + n}" for n, (u, i, r) in enumerate(ratings)]
+    if bad_rating_line is not None:
+        lines[bad_rating_line - (2 if layout == "recbole" else 1)] = "3\t4\tfive\t880000000"
+    if layout == "grouplens":
+        with open(os.path.join(folder, "u.data"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(os.path.join(folder, "u.user"), "w") as f:
+            f.writelines(f"{u}|{a}|{g}|{o}|{z}\n" for u, a, g, o, z in users)
+        with open(os.path.join(folder, "u.item"), "w", encoding="latin-1") as f:
+            for i, title, year, genres in items:
+                date = f"01-Jan-{year}" if year else ""
+                flags = "|".join("1" if g in genres else "0" for g in GENRES)
+                f.write(f"{i}|{title} ({year})|{date}||http://x/{i}|{flags}\n")
+    else:
+        with open(os.path.join(folder, "ml-100k.inter"), "w") as f:
+            f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "\n".join(lines) + "\n")
+        with open(os.path.join(folder, "ml-100k.user"), "w") as f:
+            f.write("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n")
+            f.writelines(f"{u}\t{a}\t{g}\t{o}\t{z}\n" for u, a, g, o, z in users)
+        with open(os.path.join(folder, "ml-100k.item"), "w") as f:
+            f.write("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n")
+            f.writelines(f"{i}\t{t}\t{y or 'unknown'}\t{' '.join(g)}\n" for i, t, y, g in items)
+    return ratings, {u[0]: u for u in users}, {i[0]: i for i in items}
+
+
+def test_movielens_grouplens_layout_and_oov(tmp_path):
+    ratings, users, items = write_tiny_movielens(tmp_path / "gl", "grouplens")
+    data = load_dataset("movielens100k", data_dir=tmp_path / "gl", seed=5)
+    assert_well_formed(data)
+    assert data.info["layout"] == "grouplens"
+    ids, labels = all_rows(data)
+    assert len(labels) == len(ratings) and int(labels.sum()) == sum(r >= 4 for _, _, r in ratings)
+    assert sum(len(s) for s in data.splits().values()) == len(ratings)
+    # items 30..60 occur once: in valid/test they were never trained on, so they must be OOV;
+    # in train they are kept (min_count 1)
+    item_oov = data.schema.oov_ids[1]
+    assert (data.train.ids[:, 1] != item_oov).all()
+    singles_in_train = int((np.bincount(data.train.ids[:, 1]) == 1).sum())
+    evaluated = np.concatenate([data.valid.ids[:, 1], data.test.ids[:, 1]])
+    assert (evaluated == item_oov).sum() == 31 - singles_in_train > 0
+    assert_same_data(data, load_dataset("movielens100k", data_dir=tmp_path / "gl", seed=5))
+
+
+def test_movielens_both_layouts_agree_and_tokens(tmp_path):
+    ratings, users, items = write_tiny_movielens(tmp_path / "gl", "grouplens")
+    write_tiny_movielens(tmp_path / "rb", "recbole")
+    grouplens = load_dataset("movielens100k", data_dir=tmp_path / "gl", split=(1, 0, 0))
+    recbole = load_dataset("movielens100k", data_dir=tmp_path / "rb", split=(1, 0, 0))
+    assert recbole.info["layout"] == "recbole"
+    assert_same_data(grouplens, recbole)
+    # everything in train, in file order: tokens can be checked row by row
+    ids = grouplens.train.ids
+    assert len(ids) == len(ratings)
+    np.testing.assert_array_equal(grouplens.train.labels, [float(r >= 4) for _, _, r in ratings])
+
+    def bucket(age):
+        return "<18" if age < 18 else "18-24" if age < 25 else "25-34" if age < 35 else "35-44" if age < 45 \
+            else "45-49" if age < 50 else "50-55" if age < 56 else "56+"
+    fields = grouplens.schema.field_names
+    expected = {
+        "user_id": [u for u, _, _ in ratings],
+        "item_id": [i for _, i, _ in ratings],
+        "age": [bucket(users[u][1]) for u, _, _ in ratings],
+        "gender": [users[u][2] for u, _, _ in ratings],
+        "zip3": [users[u][4][:3] for u, _, _ in ratings],
+        "release_year": [items[i][2] for _, i, _ in ratings],
+        "genre": [min(items[i][3], key=GENRES.index) for _, i, _ in ratings],
+    }
+    for name, keys in expected.items():
+        mapping = one_id_per_group(keys, ids[:, fields.index(name)])
+        assert len(set(mapping.values())) == len(mapping), f"{name}: distinct values must get distinct ids"
+    combo = load_dataset("movielens100k", data_dir=tmp_path / "gl", split=(1, 0, 0), genre="combination")
+    mapping = one_id_per_group([tuple(sorted(items[i][3])) for _, i, _ in ratings], combo.train.ids[:, -1])
+    assert len(set(mapping.values())) == len(mapping)
+
+
+def test_movielens_bad_rating_reports_line(tmp_path):
+    write_tiny_movielens(tmp_path / "gl", "grouplens", bad_rating_line=7)
+    with pytest.raises(ValueError, match=r"u\.data: line 7: rating 'five'"):
+        load_dataset("movielens100k", data_dir=tmp_path / "gl")
+    data = load_dataset("movielens100k", data_dir=tmp_path / "gl", skip_bad_lines=True)
+    assert data.info["skipped_lines"] == 1
+    write_tiny_movielens(tmp_path / "rb", "recbole", bad_rating_line=9)
+    with pytest.raises(ValueError, match=r"ml-100k\.inter: line 9"):
+        load_dataset("movielens100k", data_dir=tmp_path / "rb")
+    with pytest.raises(FileNotFoundError, match="u.data"):
+        load_dataset("movielens100k", data_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Criteo
+# ----------------------------------------------------------------------------------------------
+
+NUMERIC_POOL = ["", "0", "1", "2", "3", "7", "8", "20", "54", "55", "1000", "-1", "123456"]
+
+
+def write_criteo(path, num_rows=600, seed=0, opener=open):
+    """Rows in the Kaggle format plus the raw values, for independent checks."""
+    rnd = random.Random(seed)
+    rows = []
+    for n in range(num_rows):
+        label = "1" if rnd.random() < 0.3 else "0"
+        numeric = [rnd.choice(NUMERIC_POOL) for _ in range(13)]
+        categorical = [format(rnd.randrange(40) * 7919, "08x") for _ in range(26)]
+        categorical[0] = "68fd1e64"                                        # in every row: kept
+        categorical[1] = format(n, "08x") if n % 10 else ""                # unique per row -> OOV; '' frequent
+        categorical[2] = f"rare{n % 100:04d}" if n < 500 else "0a0a0a0a"  # 5 times each -> OOV at min_count 10
+        rows.append([label] + numeric + categorical)
+    with opener(path, "wt") as f:
+        f.write("".join("\t".join(r) + "\n" for r in rows))
+    return rows
+
+
+def test_criteo_reader(tmp_path):
+    rows = write_criteo(tmp_path / "train.txt")
+    data = load_dataset("criteo", data_dir=tmp_path, split=(1, 0, 0))
+    assert_well_formed(data)
+    assert data.schema.num_fields == 39
+    assert data.schema.field_names == [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+    assert len(data.train) == len(rows) and data.info["min_count"] == 10
+    ids = data.train.ids
+    np.testing.assert_array_equal(data.train.labels, [float(r[0]) for r in rows])
+    # numeric fields: rows in the same bucket share an id, different buckets differ, missing is its own token
+    for f in range(13):
+        keys = ["missing" if r[1 + f] == "" else log2_bucket(int(r[1 + f])) for r in rows]
+        mapping = one_id_per_group(keys, ids[:, f])
+        assert len(set(mapping.values())) == len(mapping)
+    assert log2_bucket(3) == log2_bucket(1) == 1 and log2_bucket(54) == 15 and log2_bucket(55) == 16
+    # categorical fields with min_count 10
+    oov = data.schema.oov_ids
+    assert data.schema.field_dims[13] == 2 and (ids[:, 13] == 0).all()
+    c2 = ids[:, 14]
+    blank = np.array([r[15] == "" for r in rows])
+    assert len(set(c2[blank])) == 1 and c2[blank][0] != oov[14] and (c2[~blank] == oov[14]).all()
+    c3 = ids[:, 15]
+    rare = np.array([r[16].startswith("rare") for r in rows])
+    assert (c3[rare] == oov[15]).all() and (c3[~rare] != oov[15]).all()
+    assert data.schema.field_dims[15] == 2
+
+
+def test_criteo_split_gzip_and_max_rows(tmp_path):
+    write_criteo(tmp_path / "train.txt")
+    data = load_dataset("criteo", data_dir=tmp_path / "train.txt", min_count=1)
+    sizes = [len(s) for s in data.splits().values()]
+    assert sum(sizes) == 600
+    assert all(abs(n - 600 * r / 10) <= 1 for n, r in zip(sizes, (7, 2, 1)))
+    # values never seen in train map to OOV in valid/test: C2 holds a unique value per row
+    assert (data.valid.ids[:, 14][data.valid.ids[:, 14] != 0] == data.schema.oov_ids[14]).all()
+    (tmp_path / "gz").mkdir()
+    write_criteo(tmp_path / "gz" / "train.txt.gz", opener=gzip.open)
+    assert_same_data(data, load_dataset("criteo", data_dir=tmp_path / "gz", min_count=1))
+    small = load_dataset("criteo", data_dir=tmp_path, max_rows=100, min_count=1)
+    assert sum(len(s) for s in small.splits().values()) == 100
+
+
+def test_criteo_chunking_line_endings_and_blank_lines(tmp_path):
+    rows = write_criteo(tmp_path / "train.txt", num_rows=120)
+    reference = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, split=(1, 0, 0), min_count=2)
+    lines = ["\t".join(r) for r in rows]
+    (tmp_path / "crlf").mkdir()
+    (tmp_path / "crlf" / "train.txt").write_bytes(
+        ("\r\n".join(lines[:50]) + "\r\n\r\n" + "\r\n".join(lines[50:])).encode())  # no final newline
+    for chunk_rows in (7, 50, 1000):
+        data = load_dataset("criteo", data_dir=tmp_path / "crlf", cache_dir=False, split=(1, 0, 0), min_count=2,
+                            chunk_rows=chunk_rows)
+        assert_same_data(reference, data)
+        assert data.info["blank_lines"] == 1 and data.info["skipped_lines"] == 0
+
+
+def test_criteo_cache(tmp_path):
+    write_criteo(tmp_path / "train.txt", num_rows=300)
+    first = load_dataset("criteo", data_dir=tmp_path)
+    assert first.info["from_cache"] is False
+    cache = tmp_path / ".sfg_cache"
+    assert any(p.suffix == ".npz" for p in cache.iterdir())
+    second = load_dataset("criteo", data_dir=tmp_path)
+    assert second.info["from_cache"] is True
+    assert_same_data(first, second)
+    assert second.info["rows"] == first.info["rows"]
+    assert load_dataset("criteo", data_dir=tmp_path, min_count=3).info["from_cache"] is False
+    assert load_dataset("criteo", data_dir=tmp_path, seed=1).info["from_cache"] is False
+    # a changed file is read again
+    write_criteo(tmp_path / "train.txt", num_rows=301)
+    third = load_dataset("criteo", data_dir=tmp_path)
+    assert third.info["from_cache"] is False and third.info["rows"] == 301
+    # a touched file (same size, new mtime) is read again too
+    stat = os.stat(tmp_path / "train.txt")
+    os.utime(tmp_path / "train.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    assert load_dataset("criteo", data_dir=tmp_path).info["from_cache"] is False
+    # explicit cache_dir, and no cache at all
+    other = load_dataset("criteo", data_dir=tmp_path, cache_dir=tmp_path / "elsewhere")
+    assert other.info["from_cache"] is False and (tmp_path / "elsewhere").is_dir()
+    assert load_dataset("criteo", data_dir=tmp_path, cache_dir=tmp_path / "elsewhere").info["from_cache"] is True
+    assert load_dataset("criteo", data_dir=tmp_path, cache_dir=False).info["from_cache"] is False
+
+
+def test_criteo_bad_lines(tmp_path):
+    rows = write_criteo(tmp_path / "train.txt", num_rows=50)
+    lines = ["\t".join(r) for r in rows]
+    lines[4] = "\t".join(rows[4][:-1])                  # line 5: 39 columns
+    lines[6] = "\t".join(["x"] + rows[6][1:])           # line 7: non-numeric label
+    lines[7] = "\t".join(["2"] + rows[7][1:])           # line 8: label not 0/1
+    lines[8] = "\t".join(rows[8][:3] + ["abc"] + rows[8][4:])  # line 9: non-numeric I3
+    lines.insert(20, "")                                # a blank line is no row and no error
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"train\.txt: line 5: expected 40 columns"):
+        load_dataset("criteo", data_dir=tmp_path, cache_dir=False)
+    lines[4] = "\t".join(rows[4])
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"train\.txt: line 7: .*label 'x' is not numeric"):
+        load_dataset("criteo", data_dir=tmp_path, cache_dir=False)
+    lines[4] = "\t".join(rows[4][:-1])
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    data = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, skip_bad_lines=True, min_count=1)
+    assert data.info["skipped_lines"] == 4
+    assert sum(len(s) for s in data.splits().values()) == 46
+    assert any(":9: column 'I3'" in e for e in data.info["skipped_examples"])
+    lines[4] = "\t".join(rows[4])
+    lines[6] = "\t".join(rows[6])
+    lines[8] = "\t".join(rows[8])
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 8: .*label '2' is not 0 or 1"):
+        load_dataset("criteo", data_dir=tmp_path, cache_dir=False)
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        load_dataset("criteo", data_dir=tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="train.txt"):
+        load_dataset("criteo", data_dir=tmp_path / "empty")
+    with pytest.raises(ValueError, match="data_dir"):
+        load_dataset("criteo")
+
+
+# ----------------------------------------------------------------------------------------------
+# Avazu
+# ----------------------------------------------------------------------------------------------
+
+AVAZU_HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
+                "device_id,device_ip,device_model,device_type,device_conn_type,C14,C15,C16,C17,C18,C19,C20,C21")
+
+
+def write_avazu(path, num_rows=400, seed=1):
+    rnd = random.Random(seed)
+    days = ["141020", "141021", "141024", "141025", "141026", "141029"]   # Mon, Tue, Fri, Sat, Sun, Wed
+    rows = []
+    for n in range(num_rows):
+        hour = rnd.choice(days) + f"{rnd.randrange(24):02d}"
+        values = [str(10 ** 18 + n), "1" if rnd.random() < 0.2 else "0", hour]
+        values += [format(rnd.randrange(6) * 31, "x") for _ in range(21)]
+        values[12] = f"ip{n}"                       # device_ip: unique per row -> OOV at min_count 2
+        values[11] = "" if n % 3 == 0 else "a99f214a"
+        rows.append(values)
+    with open(path, "w") as f:
+        f.write(AVAZU_HEADER + "\n" + "".join(",".join(r) + "\n" for r in rows))
+    return rows
+
+
+def test_avazu_reader(tmp_path):
+    rows = write_avazu(tmp_path / "train.csv")
+    data = load_dataset("avazu", data_dir=tmp_path, cache_dir=tmp_path / "cache", split=(1, 0, 0))
+    assert_well_formed(data)
+    names = data.schema.field_names
+    assert data.schema.num_fields == 24 and "id" not in names and "click" not in names
+    assert names[:3] == ["hour", "weekday", "is_weekend"]
+    assert len(data.train) == len(rows) and data.info["min_count"] == 2
+    np.testing.assert_array_equal(data.train.labels, [float(r[1]) for r in rows])
+    ids = data.train.ids
+    weekday = [datetime.date(2000 + int(r[2][:2]), int(r[2][2:4]), int(r[2][4:6])).isoweekday() for r in rows]
+    for f, keys in enumerate([[r[2][6:] for r in rows], weekday, [w >= 6 for w in weekday]]):
+        mapping = one_id_per_group(keys, ids[:, f])
+        assert len(set(mapping.values())) == len(mapping)
+    assert data.schema.field_dims[1] == 7 and data.schema.field_dims[2] == 3
+    ip = names.index("device_ip")
+    assert data.schema.field_dims[ip] == 1 and (ids[:, ip] == 0).all()
+    device_id = names.index("device_id")
+    one_id_per_group([r[11] for r in rows], ids[:, device_id])
+    again = load_dataset("avazu", data_dir=tmp_path, cache_dir=tmp_path / "cache", split=(1, 0, 0))
+    assert again.info["from_cache"] is True
+    assert_same_data(data, again)
+    default = load_dataset("avazu", data_dir=tmp_path / "train.csv", cache_dir=False)
+    assert [len(s) for s in default.splits().values()] == [320, 40, 40]
+
+
+def test_avazu_bad_input(tmp_path):
+    rows = write_avazu(tmp_path / "train", num_rows=30)
+    lines = [AVAZU_HEADER] + [",".join(r) for r in rows]
+    lines[5] = ",".join(rows[4][:2] + ["14023100"] + rows[4][3:])   # line 6: no 31 February
+    lines[9] = ",".join(rows[8][:2] + ["1410210"] + rows[8][3:])    # line 10: 7 digits
+    (tmp_path / "train").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"train: line 6: column 'hour'"):
+        load_dataset("avazu", data_dir=tmp_path, cache_dir=False)
+    data = load_dataset("avazu", data_dir=tmp_path, cache_dir=False, skip_bad_lines=True)
+    assert data.info["skipped_lines"] == 2 and data.info["rows"] == 28
+    (tmp_path / "train").write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: expected the header"):
+        load_dataset("avazu", data_dir=tmp_path, cache_dir=False, skip_bad_lines=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic
+# ----------------------------------------------------------------------------------------------
+
+def auc(labels, scores):
+    """Rank-sum AUC, independent of the code under test."""
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores):  # average ranks of ties
+        tie = scores == value
+        ranks[tie] = ranks[tie].mean()
+    positives = labels == 1
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    return (ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def test_generate_deterministic_skewed_and_learnable():
+    ids, labels, model = synthetic.generate([50] * 6, 5000, seed=3, return_model=True)
+    assert ids.shape == (5000, 6) and ids.dtype == np.int64 and labels.dtype == np.float32
+    assert ids.min() >= 0 and ids.max() < 50
+    again_ids, again_labels = synthetic.generate([50] * 6, 5000, seed=3)
+    np.testing.assert_array_equal(ids, again_ids)
+    np.testing.assert_array_equal(labels, again_labels)
+    assert not np.array_equal(ids, synthetic.generate([50] * 6, 5000, seed=4)[0])
+    assert 0.15 < labels.mean() < 0.35
+    # Zipf: the hottest id of a field is far above the uniform share 1/50
+    assert Counter(ids[:, 0].tolist()).most_common(1)[0][1] / 5000 > 5 / 50
+    # the planted model ranks clicks well, and its pairwise part alone carries signal
+    logits = model.logits(ids)
+    assert auc(labels, logits) > 0.7
+    linear = sum(w[ids[:, f]] for f, w in enumerate(model.weights))
+    assert auc(labels, logits - linear) > 0.6
+    with pytest.raises(ValueError, match="field_dims"):
+        synthetic.generate([], 10)
+    with pytest.raises(ValueError, match="zipf_a"):
+        synthetic.generate([5], 10, zipf_a=-1)
+
+
+def test_synthetic_datasets_load_and_learn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import OneHotEncoder
+
+    data = load_dataset("synthetic-avazu", num_rows=6000, seed=11)
+    assert_well_formed(data)
+    assert data.schema.num_fields == 24 and data.schema.name == "synthetic-avazu"
+    assert [len(s) for s in data.splits().values()] == [4800, 600, 600]
+    assert_same_data(data, load_dataset("synthetic-avazu", num_rows=6000, seed=11))
+    assert 0.15 < data.train.labels.mean() < 0.35
+    encoder = OneHotEncoder(handle_unknown="ignore").fit(data.train.ids)
+    model = LogisticRegression(C=0.3, max_iter=300).fit(encoder.transform(data.train.ids), data.train.labels)
+    scores = model.decision_function(encoder.transform(np.concatenate([data.valid.ids, data.test.ids])))
+    assert auc(np.concatenate([data.valid.labels, data.test.labels]), scores) > 0.6
+
+    criteo = load_dataset("synthetic-criteo", num_rows=3000, seed=2, vocab_scale=0.5)
+    assert_well_formed(criteo)
+    assert criteo.schema.num_fields == 39
+    bigger = load_dataset("synthetic-criteo", num_rows=3000, seed=2, vocab_scale=0.7)
+    assert sum(bigger.info["generator"]["field_dims"]) > sum(criteo.info["generator"]["field_dims"])
+    assert load_dataset("synthetic-criteo", num_rows=5000, max_rows=1000).info["rows"] == 1000
+
+
+def test_movielens_without_recbole_says_how_to_get_it(monkeypatch):
+    from sfg_fast.data import movielens as ml
+    monkeypatch.setattr(ml.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps recbole==1\.2\.1.*data_dir"):
+        load_dataset("movielens100k")
