@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up .venv with sfg_fast and everything its tests and main job need, on a fresh CPU machine.
+# torch==2.13.0 is installed FIRST: any requirement naming torch without this exact pin would
+# otherwise pull a multi-GB CUDA build. Re-running is cheap (pip skips what is installed).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install -q torch==2.13.0
+$PIP install -q -r requirements.txt
+# MovieLens-100K ships inside recbole; only its data files are used, so skip its large dependency list.
+$PIP install -q --no-deps recbole==1.2.1
+# --no-build-isolation: build against the torch installed above (an isolated build would fetch another).
+$PIP install -q --no-build-isolation -e .
+.venv/bin/python -m sfg_fast.info
