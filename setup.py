@@ -27,7 +27,9 @@ def _extensions():
         print(f"sfg_fast: skipping sfg_fast._C ({exc!r})")
         return [], {}
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    extra = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    # torch >= 2.13 headers use C++20 features (they warn under C++17); the .cu files stay C++17.
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2] if x.isdigit())
+    extra = {"cxx": ["-O3", "-std=c++20" if version >= (2, 13) else "-std=c++17", "-fopenmp"]}
     if torch.version.cuda is not None and cu_sources:
         extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
         ext = CUDAExtension("sfg_fast._C", cpp_sources + cu_sources, extra_compile_args=extra,
