@@ -37,7 +37,27 @@ def _extensions():
     else:
         ext = CppExtension("sfg_fast._C", cpp_sources, extra_compile_args=extra,
                            extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class OptionalBuildExtension(BuildExtension):
+        """Build sfg_fast._C, but never fail the install: without it the package still works."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # compiler missing, ABI mismatch, ...: fall back to pure Python
+                self._warn(exc)
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                self._warn(exc)
+
+        @staticmethod
+        def _warn(exc):
+            print(f"sfg_fast: WARNING: could not build sfg_fast._C ({exc!r}); the package works without it, "
+                  "see `python -m sfg_fast.info`")
+
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

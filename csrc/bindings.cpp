@@ -1,0 +1,39 @@
+// The one Python binding of sfg_fast._C. CUDA entry points exist only in builds against a CUDA
+// torch (SFG_FAST_WITH_CUDA); WITH_CUDA tells Python which build it got.
+#include <torch/extension.h>
+
+#include "embedding_cpu_api.h"
+#ifdef SFG_FAST_WITH_CUDA
+#include "embedding_cuda_api.h"
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sfg_fast compiled kernels: CPU (OpenMP) and, in CUDA builds, CUDA embedding kernels";
+#ifdef SFG_FAST_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  m.def("embedding_lookup", &sfg::embedding_lookup_cpu, "V[b, f] = weight[offsets[f] + ids[b, f]] (CPU)",
+        py::arg("ids"), py::arg("weight"), py::arg("offsets"), py::arg("bounds_check") = "fatal");
+  m.def("embedding_lookup_int8", &sfg::embedding_lookup_int8_cpu,
+        "Lookup from an int8 row-wise quantised table, dequantised to float32 (CPU)", py::arg("ids"),
+        py::arg("qweight"), py::arg("scale_bias"), py::arg("offsets"), py::arg("bounds_check") = "fatal");
+  m.def("sparse_row_update", &sfg::sparse_row_update_cpu,
+        "Deterministic duplicate reduction + fused SGD / rowwise Adagrad / lazy Adam on touched rows (CPU)",
+        py::arg("kind"), py::arg("weight"), py::arg("state1"), py::arg("state2"), py::arg("ids"), py::arg("offsets"),
+        py::arg("grad_V"), py::arg("lr"), py::arg("eps"), py::arg("beta1"), py::arg("beta2"), py::arg("step"),
+        py::arg("bounds_check") = "fatal");
+  m.def("sfg_logits", &sfg::sfg_logits_cpu, "Fused SFG inference: gather -> encoder -> decoder -> [B] (CPU)",
+        py::arg("ids"), py::arg("table"), py::arg("offsets"), py::arg("enc_weight"), py::arg("enc_bias"),
+        py::arg("dec_weight"), py::arg("kind"), py::arg("activation"), py::arg("gamma"), py::arg("residual"),
+        py::arg("pairs"), py::arg("generated_side"), py::arg("symmetric"), py::arg("bounds_check") = "fatal",
+        py::arg("tile") = 64);
+#ifdef SFG_FAST_WITH_CUDA
+  m.def("embedding_lookup_cuda", &sfg::embedding_lookup_cuda, "Multi-field lookup forward (CUDA)", py::arg("ids"),
+        py::arg("weight"), py::arg("offsets"));
+  m.def("rowwise_adagrad_update_cuda", &sfg::rowwise_adagrad_update_cuda,
+        "Sorted segment-reduced embedding backward with fused rowwise Adagrad, no atomics (CUDA)", py::arg("weight"),
+        py::arg("momentum"), py::arg("ids"), py::arg("offsets"), py::arg("grad_V"), py::arg("lr"), py::arg("eps"));
+#endif
+}

@@ -1,0 +1,97 @@
+// Torch glue shared by the CPU entry points: argument checks that name the offending argument,
+// bounds-mode parsing and the id bounds check with the same wording as sfg_fast/_checks.py.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <atomic>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "embedding_cpu.h"
+
+namespace sfg {
+
+inline int parse_bounds_mode(const std::string& mode) {
+  if (mode == "fatal") return cpu::kFatal;
+  if (mode == "clamp_to_oov") return cpu::kClampToOov;
+  if (mode == "off") return cpu::kOff;
+  TORCH_CHECK_VALUE(false, "bounds_check must be one of ('fatal', 'clamp_to_oov', 'off'), got '", mode, "'");
+  return cpu::kOff;
+}
+
+inline void check_ids_offsets(const torch::Tensor& ids, const torch::Tensor& offsets, int64_t num_rows) {
+  TORCH_CHECK_TYPE(ids.scalar_type() == torch::kInt32 || ids.scalar_type() == torch::kInt64,
+                   "ids must be int32 or int64 field-local ids, got dtype ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 2, "ids must have shape [B, N], got ", ids.sizes());
+  TORCH_CHECK_TYPE(offsets.scalar_type() == torch::kInt64,
+                   "offsets must be an int64 tensor (row offsets into weight), got ", offsets.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == ids.size(1), "offsets must have shape [N]=[",
+                    ids.size(1), "] (one per field of ids), got ", offsets.sizes());
+  TORCH_CHECK_VALUE(ids.device().is_cpu() && offsets.device().is_cpu(), "ids and offsets must be CPU tensors");
+  (void)num_rows;
+}
+
+// Field sizes from offsets (validated: non-decreasing, start >= 0, below the table's row count).
+inline std::vector<int64_t> field_sizes(const torch::Tensor& offsets_contig, int64_t num_rows) {
+  const int64_t n = offsets_contig.size(0);
+  const int64_t* off = offsets_contig.data_ptr<int64_t>();
+  std::vector<int64_t> sizes(n);
+  bool ok = n == 0 || off[0] >= 0;
+  for (int64_t f = 0; f < n; ++f) {
+    const int64_t end = f + 1 < n ? off[f + 1] : num_rows;
+    sizes[f] = end - off[f];
+    ok = ok && sizes[f] >= 0;
+  }
+  if (!ok) {
+    std::ostringstream msg;
+    msg << "offsets must be non-decreasing, start >= 0 and stay below weight rows (" << num_rows << "), got [";
+    for (int64_t f = 0; f < n; ++f) msg << (f ? ", " : "") << off[f];
+    msg << "]";
+    TORCH_CHECK_VALUE(false, msg.str());
+  }
+  return sizes;
+}
+
+// Applies the bounds mode before any kernel runs: "fatal" raises IndexError naming the first bad
+// field (lowest index) and its first bad id, like the Python check; "clamp_to_oov" needs a
+// non-empty field to clamp into. The scan itself is parallel; the error path is serial.
+template <typename Id>
+void check_bounds_typed(const torch::Tensor& ids, const std::vector<int64_t>& sizes, int mode) {
+  const int64_t batch = ids.size(0), n = ids.size(1);
+  const Id* p = ids.data_ptr<Id>();
+  if (mode == cpu::kClampToOov) {
+    for (int64_t f = 0; f < n; ++f)
+      TORCH_CHECK_VALUE(sizes[f] > 0 || batch == 0, "bounds_check='clamp_to_oov' needs at least one row in "
+                        "every field, but field ", f, " has an empty vocabulary");
+    return;
+  }
+  if (mode != cpu::kFatal) return;
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, batch, 2048, [&](int64_t b0, int64_t b1) {
+    if (cpu::any_bad_id(p, b0, b1, n, sizes.data())) bad = true;
+  });
+  if (!bad) return;
+  for (int64_t f = 0; f < n; ++f) {
+    int64_t count = 0, first = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t id = static_cast<int64_t>(p[b * n + f]);
+      if (id < 0 || id >= sizes[f]) {
+        if (count == 0) first = id;
+        ++count;
+      }
+    }
+    if (count) {
+      TORCH_CHECK_INDEX(false, "ids[:, ", f, "] (field ", f, ") holds id ", first, " outside [0, ", sizes[f],
+                        ") (the field's vocabulary size); ", count, " bad ids in this field");
+    }
+  }
+}
+
+inline void check_bounds(const torch::Tensor& ids, const std::vector<int64_t>& sizes, int mode) {
+  if (ids.scalar_type() == torch::kInt64) check_bounds_typed<int64_t>(ids, sizes, mode);
+  else check_bounds_typed<int32_t>(ids, sizes, mode);
+}
+
+}  // namespace sfg

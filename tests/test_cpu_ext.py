@@ -1,0 +1,349 @@
+"""The compiled CPU backend (sfg_fast._C via sfg_fast.ops.cpu_ext) against the fp64 reference.
+
+Gathers compare exactly; reductions follow the STYLE.md 2x rule (error vs fp64 at most twice the
+error of torch's own fp32 computation, plus a small floor). The sparse optimizer update is
+checked against a small torch reference written here, and for bitwise determinism across
+thread counts.
+"""
+import pytest
+import torch
+
+from helpers import assert_close_2x, offsets_of, zipf_ids
+from sfg_fast import factored, functional, reference
+from sfg_fast.ops import cpu_ext
+
+pytestmark = pytest.mark.skipif(not cpu_ext.available(), reason="sfg_fast._C is not built (no compiler at install)")
+
+
+def _table(field_dims, dim, dtype=torch.float32):
+    return torch.randn(sum(field_dims), dim, dtype=torch.float64).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------- lookup
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("batch,field_dims,dim", [(1, [3, 5], 1), (37, [7, 1, 300, 11], 17), (256, [50] * 6, 16)])
+def test_lookup_matches_reference_exactly(dtype, id_dtype, batch, field_dims, dim):
+    weight = _table(field_dims, dim, dtype)
+    offsets = offsets_of(field_dims)
+    ids = zipf_ids(batch, field_dims, dtype=id_dtype)
+    out = cpu_ext.embedding_lookup(ids, weight, offsets, "fatal")
+    assert out.dtype == dtype
+    assert torch.equal(out, reference.embedding_lookup(ids, weight, offsets))
+
+
+def test_functional_lookup_cpu_backend_inference_and_grad():
+    field_dims = [4, 9, 6]
+    weight, offsets = _table(field_dims, 5), offsets_of(field_dims)
+    ids = zipf_ids(12, field_dims, dtype=torch.int32)
+    with torch.no_grad():
+        assert torch.equal(functional.embedding_lookup(ids, weight, offsets, backend="cpu"),
+                           reference.embedding_lookup(ids, weight, offsets))
+    leaf = weight.clone().requires_grad_()
+    out = functional.embedding_lookup(ids, leaf, offsets, backend="cpu")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected = torch.zeros_like(weight).index_add_(0, (ids.long() + offsets).reshape(-1), grad.reshape(-1, 5))
+    torch.testing.assert_close(leaf.grad, expected)
+
+
+def test_lookup_non_contiguous_ids():
+    field_dims = [4, 9, 6]
+    weight, offsets = _table(field_dims, 3), offsets_of(field_dims)
+    ids = zipf_ids(10, field_dims).t().contiguous().t()       # column-major [B, N]
+    assert not ids.is_contiguous()
+    assert torch.equal(cpu_ext.embedding_lookup(ids, weight, offsets), reference.embedding_lookup(ids, weight, offsets))
+
+
+def test_bounds_fatal_names_field_and_id():
+    field_dims = [4, 6, 5]
+    weight, offsets = _table(field_dims, 3), offsets_of(field_dims)
+    ids = zipf_ids(8, field_dims)
+    ids[5, 1] = 6          # the field's vocabulary is [0, 6)
+    ids[2, 2] = -1
+    with pytest.raises(IndexError, match=r"ids\[:, 1\] \(field 1\) holds id 6 outside \[0, 6\)"):
+        cpu_ext.embedding_lookup(ids, weight, offsets, "fatal")
+    with pytest.raises(IndexError, match=r"field 1"):
+        cpu_ext.sparse_row_update("sgd", weight.clone(), {}, ids, offsets, torch.randn(8, 3, 3), lr=0.1)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_bounds_clamp_to_oov_and_off(id_dtype):
+    field_dims = [4, 6, 5]
+    weight, offsets = _table(field_dims, 5), offsets_of(field_dims)
+    ids = zipf_ids(9, field_dims, dtype=id_dtype)
+    ids[0, 0], ids[3, 2], ids[8, 1] = 4, -7, 100
+    out = cpu_ext.embedding_lookup(ids, weight, offsets, "clamp_to_oov")
+    assert torch.equal(out, reference.embedding_lookup(ids, weight, offsets, "clamp_to_oov"))
+    good = zipf_ids(9, field_dims, dtype=id_dtype)
+    assert torch.equal(cpu_ext.embedding_lookup(good, weight, offsets, "off"),
+                       reference.embedding_lookup(good, weight, offsets))
+    with pytest.raises(ValueError, match="bounds_check"):
+        cpu_ext.embedding_lookup(good, weight, offsets, "wrap")
+
+
+def test_lookup_rejects_bad_arguments():
+    field_dims = [4, 6]
+    weight, offsets = _table(field_dims, 3), offsets_of(field_dims)
+    ids = zipf_ids(3, field_dims)
+    with pytest.raises(TypeError, match="offsets"):
+        cpu_ext.embedding_lookup(ids, weight, offsets.to(torch.int32))
+    with pytest.raises(ValueError, match="offsets"):
+        cpu_ext.embedding_lookup(ids, weight, torch.tensor([0, 11]))
+    with pytest.raises(TypeError, match="ids"):
+        cpu_ext.embedding_lookup(ids.float(), weight, offsets)
+    with pytest.raises(TypeError, match="weight"):
+        cpu_ext.embedding_lookup(ids, weight.double(), offsets)
+
+
+# --------------------------------------------------------------------------------------- int8 tables
+
+def test_int8_quantiser_error_bound_and_lookup():
+    field_dims = [40, 3, 25]
+    weight = _table(field_dims, 17) * torch.rand(sum(field_dims), 1) * 10   # rows of very different ranges
+    weight[5] = 0.25                                                         # a constant row: exact
+    offsets = offsets_of(field_dims)
+    q, scale_bias = cpu_ext.quantize_rowwise_int8(weight)
+    assert q.dtype == torch.uint8 and scale_bias.shape == (weight.shape[0], 2)
+    deq = cpu_ext.dequantize_rowwise_int8(q, scale_bias)
+    scale = scale_bias[:, :1]
+    bound = scale / 2 * (1 + 1e-5) + 1e-6 * weight.abs()
+    assert bool(((deq - weight).abs() <= bound).all()), float(((deq - weight).abs() / scale.clamp_min(1e-30)).max())
+    assert torch.equal(deq[5], weight[5])
+    ids = zipf_ids(33, field_dims)
+    out = cpu_ext.embedding_lookup_int8(ids, q, scale_bias, offsets)
+    torch.testing.assert_close(out, reference.embedding_lookup(ids, deq, offsets), rtol=1e-6, atol=1e-6)
+    with pytest.raises(IndexError, match="field 2"):
+        bad = ids.clone()
+        bad[0, 2] = 25
+        cpu_ext.embedding_lookup_int8(bad, q, scale_bias, offsets)
+
+
+# ------------------------------------------------------------------------------------- sparse update
+
+def _torch_sparse_update(kind, weight, state, ids, offsets, grad_V, lr, eps, betas, step):
+    """Reference of the fused update, in the weight's dtype (fp64 for the fp64 twin): unique rows,
+    summed gradients, then the optimizer formula on those rows only."""
+    dtype = weight.dtype
+    rows = (ids.to(torch.int64) + offsets).reshape(-1)
+    uniq, inverse = torch.unique(rows, return_inverse=True)
+    g = torch.zeros(uniq.numel(), weight.shape[1], dtype=dtype).index_add_(0, inverse, grad_V.reshape(-1, weight.shape[1]).to(dtype))
+    w = weight[uniq]
+    if kind == "sgd":
+        w = w - lr * g
+    elif kind == "adagrad":
+        acc = state["sum"][uniq] + (g * g).mean(dim=1)
+        state["sum"][uniq] = acc
+        w = w - lr * g / (acc.sqrt() + eps)[:, None]
+    else:
+        b1, b2 = betas
+        m = b1 * state["exp_avg"][uniq] + (1 - b1) * g
+        v = b2 * state["exp_avg_sq"][uniq] + (1 - b2) * g * g
+        state["exp_avg"][uniq], state["exp_avg_sq"][uniq] = m, v
+        w = w - lr * (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + eps)
+    weight[uniq] = w
+
+
+def _fresh_state(kind, rows, dim, dtype):
+    if kind == "adagrad":
+        return {"sum": torch.zeros(rows, dtype=dtype)}
+    if kind == "adam":
+        return {"exp_avg": torch.zeros(rows, dim, dtype=dtype), "exp_avg_sq": torch.zeros(rows, dim, dtype=dtype)}
+    return {}
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+@pytest.mark.parametrize("batch,field_dims,dim", [(1, [3, 4], 3), (64, [5, 2, 40], 17), (200, [30] * 5, 16)])
+def test_sparse_update_matches_torch_reference(kind, batch, field_dims, dim):
+    offsets = offsets_of(field_dims)
+    weight64 = _table(field_dims, dim, torch.float64)
+    weight, weight32 = weight64.float(), weight64.float()
+    state, state32, state64 = {}, _fresh_state(kind, weight.shape[0], dim, torch.float32), \
+        _fresh_state(kind, weight.shape[0], dim, torch.float64)
+    lr, eps, betas = 0.05, 1e-8, (0.9, 0.999)
+    for step in range(1, 4):                     # several steps: state carries over, Zipf duplicates
+        ids = zipf_ids(batch, field_dims)
+        grad = torch.randn(batch, len(field_dims), dim, dtype=torch.float64)
+        cpu_ext.sparse_row_update(kind, weight, state, ids, offsets, grad.float(), lr, eps, betas, step)
+        _torch_sparse_update(kind, weight32, state32, ids, offsets, grad.float(), lr, eps, betas, step)
+        _torch_sparse_update(kind, weight64, state64, ids, offsets, grad, lr, eps, betas, step)
+        assert_close_2x(weight, weight64, weight32, f"{kind} weight, step {step}")
+        for name in state64:
+            assert_close_2x(state[name], state64[name], state32[name], f"{kind} {name}, step {step}")
+
+
+def test_sparse_update_leaves_untouched_rows_alone():
+    field_dims = [50, 50]
+    offsets = offsets_of(field_dims)
+    weight = _table(field_dims, 4)
+    before = weight.clone()
+    ids = torch.tensor([[1, 2], [1, 7]])
+    state = {}
+    cpu_ext.sparse_row_update("adam", weight, state, ids, offsets, torch.randn(2, 2, 4), lr=0.1, step=1)
+    touched = torch.tensor([1, 52, 57])
+    mask = torch.ones(weight.shape[0], dtype=torch.bool)
+    mask[touched] = False
+    assert torch.equal(weight[mask], before[mask])
+    assert not torch.equal(weight[touched], before[touched])
+    assert bool((state["exp_avg"][mask] == 0).all()) and bool((state["exp_avg_sq"][mask] == 0).all())
+
+
+def test_sparse_update_bf16_table():
+    field_dims = [20, 9]
+    offsets = offsets_of(field_dims)
+    weight64 = _table(field_dims, 16, torch.float64)
+    weight = weight64.to(torch.bfloat16)
+    weight64 = weight.double()
+    ids = zipf_ids(50, field_dims)
+    grad = torch.randn(50, 2, 16)
+    state = {}
+    cpu_ext.sparse_row_update("adagrad", weight, state, ids, offsets, grad, lr=0.1)
+    state64 = _fresh_state("adagrad", weight.shape[0], 16, torch.float64)
+    _torch_sparse_update("adagrad", weight64, state64, ids, offsets, grad.double(), 0.1, 1e-8, (0.9, 0.999), 1)
+    # one bf16 rounding of the stored result: half an ulp of bf16 (2^-8 relative)
+    torch.testing.assert_close(weight.double(), weight64, rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_sparse_update_bitwise_deterministic_across_thread_counts(kind):
+    field_dims = [300, 7, 2000, 40]
+    offsets = offsets_of(field_dims)
+    ids = zipf_ids(1024, field_dims, a=1.5)          # heavy duplicates: the sum order matters
+    grad = torch.randn(1024, 4, 16)
+    start = _table(field_dims, 16)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            weight, state = start.clone(), {}
+            for step in (1, 2):
+                cpu_ext.sparse_row_update(kind, weight, state, ids, offsets, grad, 0.01, 1e-8, (0.9, 0.999), step)
+            results.append((weight, state))
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(results[0][0], start)
+    for weight, state in results[1:]:
+        assert torch.equal(weight, results[0][0])
+        for name in state:
+            assert torch.equal(state[name], results[0][1][name])
+
+
+def test_sparse_update_rejects_bad_arguments():
+    field_dims = [4, 6]
+    weight, offsets = _table(field_dims, 3), offsets_of(field_dims)
+    ids = zipf_ids(3, field_dims)
+    with pytest.raises(ValueError, match="kind"):
+        cpu_ext.sparse_row_update("rmsprop", weight, {}, ids, offsets, torch.randn(3, 2, 3), lr=0.1)
+    with pytest.raises(ValueError, match="grad_V"):
+        cpu_ext.sparse_row_update("sgd", weight, {}, ids, offsets, torch.randn(3, 2, 4), lr=0.1)
+    with pytest.raises(ValueError, match="exp_avg"):
+        cpu_ext.sparse_row_update("adam", weight, {"exp_avg": torch.zeros(10, 2), "exp_avg_sq": torch.zeros(10, 3)},
+                                  ids, offsets, torch.randn(3, 2, 3), lr=0.1)
+    with pytest.raises(ValueError, match="step"):
+        cpu_ext.sparse_row_update("adam", weight, {}, ids, offsets, torch.randn(3, 2, 3), lr=0.1, step=0)
+
+
+# ------------------------------------------------------------------------------------ fused sfg_logits
+
+def _decoder_weight(kind, n, dim, dtype=torch.float64):
+    shape = {"identity": None, "scalar": (n, n), "vector": (n, n, dim), "matrix": (n, n, dim, dim)}[kind]
+    return None if shape is None else torch.randn(*shape, dtype=dtype) / dim ** 0.5
+
+
+CASES = [
+    # kind, activation, gamma, residual, pairs, side, symmetric, bias, encode
+    ("identity", "relu", 0.5, False, "upper", "left", False, False, True),
+    ("identity", "tanh", 1.0, True, "all", "right", False, True, True),
+    ("identity", "identity", 1.0, False, "offdiag", "left", True, False, True),
+    ("scalar", "relu", 2.0, False, "upper", "left", False, True, True),
+    ("scalar", "gelu", 0.7, True, "offdiag", "right", False, False, True),
+    ("vector", "silu", 1.3, False, "all", "left", True, True, True),
+    ("vector", "sigmoid", 1.0, False, "upper", "right", False, False, True),
+    ("matrix", "relu", 0.9, True, "upper", "right", False, True, True),
+    ("matrix", "tanh", 1.0, False, "all", "left", True, False, True),
+    ("scalar", "relu", 1.0, False, "upper", "left", False, False, False),   # base model: no encoder
+    ("matrix", "relu", 1.0, False, "offdiag", "left", False, False, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c))
+@pytest.mark.parametrize("batch,field_dims,dim", [(1, [3, 4], 1), (70, [5, 9, 2, 30, 6], 3), (130, [11] * 7, 16)])
+def test_sfg_logits_cpu_vs_reference(case, batch, field_dims, dim):
+    kind, act, gamma, residual, pairs, side, symmetric, use_bias, encode = case
+    n = len(field_dims)
+    offsets = offsets_of(field_dims)
+    table = _table(field_dims, dim, torch.float64)
+    enc = torch.randn(n * dim, n * dim, dtype=torch.float64) / (n * dim) ** 0.5 if encode else None
+    bias = torch.randn(n * dim, dtype=torch.float64) if use_bias else None
+    dec = _decoder_weight(kind, n, dim)
+    ids = zipf_ids(batch, field_dims)
+    args = (kind, act, gamma, residual, pairs, side, symmetric)
+    f32 = [None if t is None else t.float() for t in (table, enc, bias, dec)]
+    ref64 = reference.sfg_logits(ids, table, offsets, enc, bias, dec, *args)
+    torch32 = factored.sfg_logits(ids, f32[0], offsets, f32[1], f32[2], f32[3], *args)
+    with torch.no_grad():
+        out = functional.sfg_logits(ids, f32[0], offsets, f32[1], f32[2], f32[3], *args, backend="cpu")
+    assert out.shape == (batch,) and out.dtype == torch.float32
+    assert_close_2x(out, ref64, torch32, f"sfg_logits {case}", floor=1e-5)
+
+
+@pytest.mark.parametrize("tile", [1, 3, 64])
+def test_sfg_logits_tile_boundaries(tile):
+    field_dims, dim = [6, 4, 9], 5
+    n, offsets = 3, offsets_of(field_dims)
+    table = _table(field_dims, dim)
+    enc = torch.randn(n * dim, n * dim) / 4
+    dec = torch.randn(n, n)
+    ids = zipf_ids(67, field_dims, dtype=torch.int32)
+    from sfg_fast import _C
+    out = _C.sfg_logits(ids, table, offsets, enc, None, dec, "scalar", "relu", 1.0, False, "upper", "left", False,
+                        "fatal", tile)
+    ref = reference.sfg_logits(ids, table.double(), offsets, enc.double(), None, dec.double(), "scalar")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    bad = ids.clone()
+    bad[66, 2] = 9
+    with pytest.raises(IndexError, match="field 2"):
+        _C.sfg_logits(bad, table, offsets, enc, None, dec, "scalar", "relu", 1.0, False, "upper", "left", False,
+                      "fatal", tile)
+
+
+def test_sfg_logits_bf16_table_accumulates_in_fp32():
+    field_dims, dim = [8, 20, 5, 9], 16
+    n, offsets = 4, offsets_of(field_dims)
+    params64 = [_table(field_dims, dim, torch.float64), torch.randn(n * dim, n * dim, dtype=torch.float64) / 8,
+                torch.randn(n, n, dim, dtype=torch.float64)]
+    bf = [t.to(torch.bfloat16) for t in params64]
+    exact = [t.double() for t in bf]            # the bf16 values, evaluated exactly
+    ids = zipf_ids(40, field_dims)
+    ref64 = reference.sfg_logits(ids, exact[0], offsets, exact[1], None, exact[2], "vector")
+    torch_bf16 = factored.sfg_logits(ids, bf[0], offsets, bf[1], None, bf[2], "vector", "relu", 1.0, False,
+                                     "upper", "left", False)
+    with torch.no_grad():
+        out = functional.sfg_logits(ids, bf[0], offsets, bf[1], None, bf[2], "vector", backend="cpu")
+    assert out.dtype == torch.bfloat16
+    assert_close_2x(out, ref64, torch_bf16, "bf16 sfg_logits", floor=1e-3)
+
+
+def test_sfg_logits_cpu_falls_back_to_autograd_when_grad_is_needed():
+    field_dims, dim = [5, 7, 3], 4
+    n, offsets = 3, offsets_of(field_dims)
+    table = _table(field_dims, dim).requires_grad_()
+    enc = (torch.randn(n * dim, n * dim) / 4).requires_grad_()
+    ids = zipf_ids(9, field_dims)
+    out = functional.sfg_logits(ids, table, offsets, enc, None, None, "identity", backend="cpu")
+    out.sum().backward()
+    ref_table = table.detach().double().requires_grad_()
+    ref_enc = enc.detach().double().requires_grad_()
+    reference.sfg_logits(ids, ref_table, offsets, ref_enc, None, None, "identity").sum().backward()
+    torch.testing.assert_close(table.grad.double(), ref_table.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(enc.grad.double(), ref_enc.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_picks_cpu_for_sfg_logits(monkeypatch):
+    from sfg_fast._backend import ENV_VAR, resolve
+    from sfg_fast.ops import load_backends
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    load_backends()
+    assert resolve("auto", "sfg_logits", torch.device("cpu")) == "cpu"
