@@ -1,0 +1,7 @@
+"""``python -m sfg_fast train | compare | analyze``: the same command line as ``sfg-fast``."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

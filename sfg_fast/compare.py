@@ -1,0 +1,251 @@
+"""Base vs SFG over seeds: ``compare(models, seeds) -> summary``; writes compare.md, .json and .png.
+
+Every (model, variant, seed) run is a full :class:`sfg_fast.train.Trainer` run with its own run
+directory (checkpoints and results.json) under ``out``. The data are loaded once and shared. Seeds
+vary the model initialisation and the shuffling; the train/valid/test split stays fixed
+(``data_seed``), as is usual when reporting mean +- std in CTR papers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .train import Trainer, _jsonable, atomic_write_text, load_data, resolve_config, versions
+
+__all__ = ["DEFAULT_MODELS", "compare", "parse_models", "parse_seeds", "format_table", "plot"]
+
+log = logging.getLogger("sfg_fast.compare")
+
+DEFAULT_MODELS = ("fm", "fwfm", "deepfm", "dcnv2")
+_DATA_KEYS = ("dataset", "data_dir", "cache_dir", "data_seed", "num_rows", "max_rows", "min_count",
+              "skip_bad_lines", "data_options")
+
+
+def parse_models(models: Union[str, Sequence[str]]) -> List[str]:
+    names = [m.strip().lower() for m in (models.split(",") if isinstance(models, str) else models)]
+    names = [m for m in names if m]
+    if not names:
+        raise ValueError("models must name at least one model")
+    from .models import MODELS
+    bad = [m for m in names if m not in MODELS]
+    if bad:
+        raise ValueError(f"models: unknown model {bad[0]!r}; choose from {sorted(MODELS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"models lists a model twice: {names}")
+    return names
+
+
+def parse_seeds(seeds: Union[int, str, Sequence[int]], first_seed: int = 2018) -> List[int]:
+    """``3`` -> [first, first+1, first+2]; ``"1,5,9"`` or ``[1, 5, 9]`` -> those seeds."""
+    if isinstance(seeds, str):
+        text = seeds.strip()
+        if "," in text:
+            try:
+                values = [int(s) for s in text.split(",") if s.strip()]
+            except ValueError:
+                raise ValueError(f"seeds must be a count or a comma-separated list of integers, got {seeds!r}") from None
+            seeds = values
+        else:
+            try:
+                seeds = int(text)
+            except ValueError:
+                raise ValueError(f"seeds must be a count or a comma-separated list of integers, got {seeds!r}") from None
+    if isinstance(seeds, bool):
+        raise ValueError(f"seeds must be a count or a list of integers, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {seeds}")
+        return [int(first_seed) + k for k in range(seeds)]
+    values = [int(s) for s in seeds]
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {list(seeds)}")
+    return values
+
+
+def _mean_std(values: Sequence[float]):
+    n = len(values)
+    mean = sum(values) / n
+    # Sample standard deviation (ddof=1), the usual "mean +- std over seeds"; 0 for a single seed.
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def _aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    out = {"n": len(runs), "seeds": [r["seed"] for r in runs]}
+    for key in ("test_auc", "test_logloss", "valid_auc", "train_seconds", "samples_per_second", "best_epoch"):
+        mean, std = _mean_std([float(r[key]) for r in runs])
+        out[key] = {"mean": mean, "std": std, "values": [r[key] for r in runs]}
+    out["num_parameters"] = runs[0]["num_parameters"]
+    return out
+
+
+def format_table(summary: Dict[str, Any], markdown: bool = True) -> str:
+    """The results table: one row per (model, variant) plus SFG's AUC gain over base."""
+    header = ["model", "variant", "test AUC", "test logloss", "dAUC vs base", "best epoch",
+              "train s", "samples/s", "params"]
+    rows = []
+    for model, variants in summary["results"].items():
+        base_auc = variants.get("base", {}).get("test_auc", {}).get("mean")
+        for variant in ("base", "sfg"):
+            if variant not in variants:
+                continue
+            agg = variants[variant]
+            auc, loss = agg["test_auc"], agg["test_logloss"]
+            gain = "" if variant == "base" or base_auc is None else f"{auc['mean'] - base_auc:+.5f}"
+            rows.append([model, "SFG" if variant == "sfg" else "base",
+                         f"{auc['mean']:.5f} ± {auc['std']:.5f}", f"{loss['mean']:.5f} ± {loss['std']:.5f}",
+                         gain, f"{agg['best_epoch']['mean']:.1f}", f"{agg['train_seconds']['mean']:.1f}",
+                         f"{agg['samples_per_second']['mean']:,.0f}", f"{agg['num_parameters']:,}"])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+def plot(summary: Dict[str, Any], path: str) -> None:
+    """Grouped bars (base vs SFG per model) of test AUC and logloss, mean with std error bars."""
+    # The object-oriented Agg canvas renders without touching pyplot's global backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    models = list(summary["results"])
+    fig = Figure(figsize=(max(6.0, 1.6 * len(models) + 3), 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    width = 0.38
+    colors = {"base": "#8c8c8c", "sfg": "#2a6fbb"}
+    for axis_index, (key, label) in enumerate((("test_auc", "test AUC (higher is better)"),
+                                               ("test_logloss", "test logloss (lower is better)"))):
+        ax = fig.add_subplot(1, 2, axis_index + 1)
+        lows, highs = [], []
+        for offset, variant in ((-width / 2, "base"), (width / 2, "sfg")):
+            xs, means, stds = [], [], []
+            for i, model in enumerate(models):
+                agg = summary["results"][model].get(variant)
+                if agg is None:
+                    continue
+                xs.append(i + offset)
+                means.append(agg[key]["mean"])
+                stds.append(agg[key]["std"])
+            ax.bar(xs, means, width, yerr=stds, capsize=3, color=colors[variant],
+                   label="SFG" if variant == "sfg" else "base")
+            lows += [m - s for m, s in zip(means, stds)]
+            highs += [m + s for m, s in zip(means, stds)]
+        if lows:
+            # Differences between models are small next to the values: zoom the axis on them.
+            span = max(max(highs) - min(lows), 1e-4)
+            ax.set_ylim(min(lows) - 0.6 * span, max(highs) + 0.3 * span)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models)
+        ax.set_title(label, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        if axis_index == 0:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{summary['dataset']}: base vs SFG, mean ± std over {len(summary['seeds'])} seed(s)", fontsize=11)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int, str, Sequence[int]] = 3,
+            out: str = os.path.join("runs", "compare"), config_path: Optional[str] = None,
+            overrides: Optional[Dict[str, Any]] = None, variants: Sequence[str] = ("base", "sfg"),
+            command: Optional[str] = None) -> Dict[str, Any]:
+    """Train every model of ``models`` as base and SFG over ``seeds``; summarise and write the reports.
+
+    Args:
+        models: names (list or comma-separated string).
+        seeds: a count (seeds ``seed, seed+1, ...`` from the config's ``seed``) or explicit seeds.
+        out: directory for compare.md / compare.json / compare.png and one run directory per run.
+        config_path: YAML config (default: the packaged default.yaml); each model uses its block.
+        overrides: config keys applied to every run (epochs, batch_size, dataset, threads, ...).
+    Returns:
+        The summary written to compare.json.
+    """
+    names = parse_models(models)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key in ("model", "generative", "out", "seed", "expid"):
+        if key in overrides:
+            raise ValueError(f"overrides may not set {key!r}: compare chooses it per run")
+    bad = [v for v in variants if v not in ("base", "sfg")]
+    if bad or not variants:
+        raise ValueError(f"variants must be a subset of ('base', 'sfg'), got {list(variants)}")
+    first_seed = resolve_config(config_path, None, dict(overrides, model=names[0]))["seed"]
+    seed_list = parse_seeds(seeds, first_seed)
+    os.makedirs(out, exist_ok=True)
+    started = time.perf_counter()
+    datasets: Dict[str, Any] = {}
+    runs: List[Dict[str, Any]] = []
+    results: Dict[str, Dict[str, Any]] = {}
+    total = len(names) * len(variants) * len(seed_list)
+    count = 0
+    dataset_name = None
+    for model in names:
+        results[model] = {}
+        for variant in variants:
+            variant_runs = []
+            for seed in seed_list:
+                count += 1
+                config = resolve_config(config_path, None, dict(overrides, model=model, generative=(variant == "sfg"),
+                                                                seed=seed))
+                config["out"] = os.path.join(out, f"{model}-{variant}-seed{seed}")
+                data_key = json.dumps({k: config.get(k) for k in _DATA_KEYS}, sort_keys=True, default=str)
+                if data_key not in datasets:
+                    datasets[data_key] = load_data(config)
+                dataset_name = config["dataset"]
+                tick = time.perf_counter()
+                result = Trainer(config, data=datasets[data_key]).fit()
+                log.info("[%d/%d] %s %s seed %d: test AUC %.5f logloss %.5f, best epoch %d, %.1f s", count, total,
+                         model, variant, seed, result["test_auc"], result["test_logloss"], result["best_epoch"],
+                         time.perf_counter() - tick)
+                variant_runs.append(result)
+                runs.append({k: result[k] for k in ("model", "generative", "seed", "test_auc", "test_logloss",
+                                                   "valid_auc", "valid_logloss", "best_epoch", "epochs_run",
+                                                   "train_seconds", "samples_per_second", "num_parameters",
+                                                   "device")}
+                            | {"out": config["out"], "config": result["config"]})
+            results[model][variant] = _aggregate(variant_runs)
+    wall = time.perf_counter() - started
+    first = runs[0]["config"]
+    summary = _jsonable({
+        "dataset": dataset_name,
+        "models": names,
+        "variants": list(variants),
+        "seeds": seed_list,
+        "epochs": first["epochs"],
+        "batch_size": first["batch_size"],
+        "lr": first["lr"],
+        "threads": torch.get_num_threads(),
+        "device": runs[0]["device"],
+        "wall_seconds": wall,
+        "command": command,
+        "results": results,
+        "runs": runs,
+        "versions": versions(),
+    })
+    table = format_table(summary, markdown=True)
+    md = [f"# Base vs SFG on {dataset_name}", "",
+          f"Mean ± sample std over seeds {seed_list}; {first['epochs']} epochs max (early stopping, patience "
+          f"{first['patience']}), batch {first['batch_size']}, Adam lr {first['lr']:g}; "
+          f"{summary['threads']} CPU thread(s); total wall time {wall:.1f} s.", ""]
+    if command:
+        md += ["```", command, "```", ""]
+    md += [table, "",
+           f"Versions: {', '.join(f'{k} {v}' for k, v in summary['versions'].items() if v)}.", "",
+           "Per-run results are in each run directory's results.json; the plot is compare.png.", ""]
+    atomic_write_text("\n".join(md), os.path.join(out, "compare.md"))
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(out, "compare.json"))
+    plot(summary, os.path.join(out, "compare.png"))
+    summary["table"] = format_table(summary, markdown=False)
+    return summary

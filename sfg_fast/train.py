@@ -1,0 +1,838 @@
+"""Training: configs, the Trainer (early stopping, exact resume, atomic checkpoints) and evaluation.
+
+Data flows ids -> model -> logits -> ``bce_with_logits``; the metrics are AUC
+(``sklearn.metrics.roc_auc_score``) and logloss (mean BCE on the logits, in fp64).
+
+A config is one flat dict in FuxiCTR's spirit: trainer keys (``TRAIN_DEFAULTS``) plus the model's
+hyper-parameters (``embedding_dim``, ``generative``, ``gamma``, ``activation``, ``hidden_units``, ...).
+YAML files hold a ``Base:`` block and experiment blocks; see :func:`resolve_config`.
+
+Checkpoints (``last.pt`` at every epoch end, ``best.pt`` when validation AUC improves) carry the
+model, the optimizer, the epoch and step counters, every RNG state (torch, CUDA, numpy, python and
+the shuffling generator), the early-stopping state, the history, the config and the schema, so that
+:func:`resume` reproduces an uninterrupted run bit for bit. They are written atomically.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import functional as SF
+from . import models as model_zoo
+
+__all__ = ["TRAIN_DEFAULTS", "DEFAULT_CONFIG_PATH", "TrainingDiverged", "Trainer", "train", "resume",
+           "resolve_config", "load_yaml_config", "split_config", "load_checkpoint", "resolve_checkpoint",
+           "model_from_checkpoint", "atomic_save", "atomic_write_text", "versions", "evaluate_model"]
+
+log = logging.getLogger("sfg_fast.train")
+
+DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.yaml")
+CHECKPOINT_FORMAT = "sfg_fast.checkpoint/1"
+
+# Every key the trainer itself reads; everything else in a config is a model hyper-parameter.
+TRAIN_DEFAULTS: Dict[str, Any] = {
+    "model": "fm",
+    "expid": None,
+    # data
+    "dataset": "movielens100k",
+    "data_dir": None,
+    "cache_dir": None,
+    "data_seed": 2018,          # fixes the train/valid/test split; ``seed`` varies only training
+    "num_rows": None,           # rows the synthetic datasets generate
+    "max_rows": None,           # cap on rows read from a real dataset
+    "min_count": None,
+    "skip_bad_lines": False,
+    "data_options": {},         # extra keyword arguments of sfg_fast.data.load_dataset
+    # optimisation
+    "seed": 2018,
+    "epochs": 10,
+    "batch_size": 4096,
+    "eval_batch_size": 16384,
+    "lr": 1.0e-3,
+    "weight_decay": 0.0,
+    "clip_grad_norm": 10.0,
+    "patience": 2,
+    "reduce_lr_on_plateau": True,
+    "lr_decay_factor": 0.1,
+    "min_lr": 1.0e-6,
+    # runtime
+    "device": "auto",
+    "threads": None,
+    "verbose": 1,
+    "out": None,
+}
+
+# Keys a resumed run may change; anything else would make it a different experiment.
+RESUME_OVERRIDABLE = ("epochs", "verbose", "threads", "device", "out", "eval_batch_size")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the checkpoints on disk are the last good state."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config handling
+# ----------------------------------------------------------------------------------------------
+
+def _model_keys(name: str) -> List[str]:
+    """Keyword hyper-parameters the model class ``name`` accepts (walking its __init__ chain)."""
+    cls = model_zoo.MODELS[str(name).lower()]
+    keys: List[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) \
+                    and param.name not in ("self", "field_dims") and param.name not in keys:
+                keys.append(param.name)
+        if klass is model_zoo.CTRModel:
+            break
+    return keys
+
+
+def _all_model_keys() -> set:
+    keys = set()
+    for name in model_zoo.MODELS:
+        keys.update(_model_keys(name))
+    return keys
+
+
+def split_config(config: Dict[str, Any]):
+    """Split a flat config into ``(train_keys, model_hparams, ignored)``.
+
+    ``ignored`` are keys some other model of the zoo accepts but this one does not (a shared
+    ``Base:`` block may hold ``hidden_units`` that FM has no use for). A key that no model and not
+    the trainer knows is a typo and raises ValueError naming it.
+    """
+    name = str(config.get("model", TRAIN_DEFAULTS["model"])).lower()
+    if name not in model_zoo.MODELS:
+        raise ValueError(f"model must be one of {sorted(model_zoo.MODELS)}, got {config.get('model')!r}")
+    accepted = set(_model_keys(name))
+    known = _all_model_keys()
+    train_cfg, hparams, ignored = {}, {}, []
+    for key, value in config.items():
+        if key in TRAIN_DEFAULTS:
+            train_cfg[key] = value
+        elif key in accepted:
+            hparams[key] = value
+        elif key in known:
+            ignored.append(key)
+        else:
+            raise ValueError(f"unknown config key {key!r}: not a trainer key ({sorted(TRAIN_DEFAULTS)}) "
+                             f"and not a hyper-parameter of any model ({sorted(known)})")
+    return train_cfg, hparams, sorted(ignored)
+
+
+def load_yaml_config(path: str) -> Dict[str, Dict[str, Any]]:
+    """Read a FuxiCTR-style YAML file (or every ``*.yaml`` of a directory) into ``{block: dict}``."""
+    import yaml
+
+    if path is None:
+        raise ValueError("config path is None")
+    paths = [path]
+    if os.path.isdir(path):
+        paths = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".yaml", ".yml")))
+        if not paths:
+            raise FileNotFoundError(f"config directory {path!r} holds no .yaml files")
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    blocks: Dict[str, Dict[str, Any]] = {}
+    for file in paths:
+        with open(file) as fh:
+            content = yaml.safe_load(fh) or {}
+        if not isinstance(content, dict):
+            raise ValueError(f"config file {file!r} must hold a mapping of blocks, got {type(content).__name__}")
+        for block, values in content.items():
+            if values is None:
+                values = {}
+            if not isinstance(values, dict):
+                raise ValueError(f"block {block!r} of {file!r} must be a mapping, got {type(values).__name__}")
+            if block == "Base" and "Base" in blocks:
+                blocks["Base"].update(values)
+            else:
+                blocks[block] = dict(values)
+    return blocks
+
+
+def _find_block(blocks: Dict[str, Dict[str, Any]], name: str) -> Optional[str]:
+    for block in blocks:
+        if block.lower() == str(name).lower():
+            return block
+    return None
+
+
+def resolve_config(config_path: Optional[str] = None, expid: Optional[str] = None,
+                   overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Merge, lowest to highest precedence: trainer defaults < ``Base`` < experiment block < overrides.
+
+    The experiment block is ``expid`` (an error if the file lacks it) or, without ``expid``, the block
+    named after the model (``overrides["model"]``, else Base's model, matched case-insensitively) if
+    the file has one. ``config_path=None`` reads the packaged ``configs/default.yaml``. Overrides
+    whose value is None are ignored (a flag the user did not give).
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    blocks = load_yaml_config(config_path or DEFAULT_CONFIG_PATH)
+    config: Dict[str, Any] = dict(TRAIN_DEFAULTS)
+    config.update(blocks.get("Base", {}))
+    if expid is not None:
+        block = _find_block(blocks, expid)
+        if block is None or block == "Base":
+            choices = [b for b in blocks if b != "Base"]
+            raise ValueError(f"expid {expid!r} is not a block of {config_path or DEFAULT_CONFIG_PATH}; "
+                             f"choose one of {choices}")
+        config.update(blocks[block])
+        config["expid"] = block
+    else:
+        model = overrides.get("model", config.get("model"))
+        block = _find_block(blocks, model) if model is not None else None
+        if block is not None and block != "Base":
+            config.update(blocks[block])
+    config.update(overrides)
+    config["model"] = str(config["model"]).lower()
+    split_config(config)  # raises on unknown keys now, before any data is loaded
+    return config
+
+
+def _check_train_config(cfg: Dict[str, Any]) -> None:
+    def positive_int(key):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        positive_int(key)
+    if cfg["patience"] is not None and (not isinstance(cfg["patience"], (int, np.integer)) or cfg["patience"] < 1):
+        raise ValueError(f"patience must be a positive integer or None, got {cfg['patience']!r}")
+    for key in ("lr", "min_lr"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{key} must be a positive finite number, got {value!r}")
+    if cfg["clip_grad_norm"] is not None and not (float(cfg["clip_grad_norm"]) > 0):
+        raise ValueError(f"clip_grad_norm must be positive or None, got {cfg['clip_grad_norm']!r}")
+    if not 0 < float(cfg["lr_decay_factor"]) <= 1:
+        raise ValueError(f"lr_decay_factor must be in (0, 1], got {cfg['lr_decay_factor']!r}")
+    if cfg["threads"] is not None and (not isinstance(cfg["threads"], (int, np.integer)) or cfg["threads"] < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {cfg['threads']!r}")
+    if not isinstance(cfg["data_options"] or {}, dict):
+        raise ValueError(f"data_options must be a mapping, got {cfg['data_options']!r}")
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA device is available")
+    return dev
+
+
+def default_out_dir(config: Dict[str, Any]) -> str:
+    variant = "sfg" if config.get("generative", True) else "base"
+    name = config.get("expid") or config["model"]
+    return os.path.join("runs", str(config["dataset"]), f"{name}-{variant}-seed{config['seed']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic files, versions
+# ----------------------------------------------------------------------------------------------
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename over it.
+
+    A crash at any point leaves either the old file or the new one, never a torn file; the temp
+    file is removed on failure.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save(obj, path)``, atomically (temp file in the same directory, fsync, os.replace)."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _jsonable(obj):
+    """Plain-Python copy of ``obj`` (numpy scalars/arrays, tuples, tensors made JSON-friendly)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
+
+
+def _git_sha() -> Optional[str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else None
+
+
+def versions() -> Dict[str, Optional[str]]:
+    """Library versions and the git SHA of the sfg_fast checkout (None when not a git checkout)."""
+    from . import __version__
+
+    info = {"sfg_fast": str(__version__), "torch": str(torch.__version__), "numpy": str(np.__version__),
+            "python": sys.version.split()[0], "git_sha": _git_sha()}
+    try:
+        import sklearn
+        info["scikit_learn"] = str(sklearn.__version__)
+    except ImportError:
+        info["scikit_learn"] = None
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state (stored as tensors and plain Python so checkpoints load with weights_only=True)
+# ----------------------------------------------------------------------------------------------
+
+def _capture_rng(generator: torch.Generator) -> Dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+        "data": generator.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: Dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    generator.set_state(state["data"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str, name: str = "last.pt") -> str:
+    """A checkpoint file, or a run directory (then ``<dir>/<name>``)."""
+    if path is None:
+        raise ValueError("checkpoint path is None")
+    if os.path.isdir(path):
+        candidate = os.path.join(path, name)
+        if not os.path.exists(candidate):
+            raise FileNotFoundError(f"run directory {path!r} holds no {name}")
+        return candidate
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    return path
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """Load an sfg_fast checkpoint (file or run directory) with ``weights_only=True``."""
+    path = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path!r} could not be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path!r} is not an sfg_fast checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return ckpt
+
+
+def model_from_checkpoint(path: str, map_location="cpu"):
+    """Rebuild the model of a checkpoint: returns ``(model, checkpoint)``; the model is in eval mode."""
+    ckpt = load_checkpoint(path, map_location)
+    model = model_zoo.build(ckpt["model_name"], ckpt["schema"]["field_dims"], **ckpt["model_config"])
+    model.load_state_dict(ckpt["model_state"])
+    model.eval()
+    return model, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+def load_data(config: Dict[str, Any]):
+    """``sfg_fast.data.load_dataset`` with the data keys of ``config``."""
+    from .data import load_dataset
+
+    options = dict(config.get("data_options") or {})
+    return load_dataset(name=config["dataset"], data_dir=config.get("data_dir"),
+                        cache_dir=config.get("cache_dir"), seed=config.get("data_seed", 2018),
+                        max_rows=config.get("max_rows"), min_count=config.get("min_count"),
+                        skip_bad_lines=bool(config.get("skip_bad_lines", False)),
+                        num_rows=config.get("num_rows"), **options)
+
+
+def _split_tensors(split, name: str):
+    ids = torch.as_tensor(np.ascontiguousarray(split.ids), dtype=torch.int64)
+    labels = torch.as_tensor(np.ascontiguousarray(split.labels), dtype=torch.float32)
+    if ids.dim() != 2 or labels.dim() != 1 or ids.shape[0] != labels.shape[0]:
+        raise ValueError(f"{name} split must have ids [n, N] and labels [n], got {list(ids.shape)} "
+                         f"and {list(labels.shape)}")
+    return ids, labels
+
+
+def evaluate_model(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                   batch_size: int = 16384, name: str = "valid") -> Dict[str, float]:
+    """AUC and logloss of ``model`` on ``(ids, labels)``; logloss is mean BCE on the logits in fp64.
+
+    Raises TrainingDiverged when a logit is NaN/inf, ValueError when the split is empty or one-class.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if ids.shape[0] == 0:
+        raise ValueError(f"the {name} split is empty")
+    was_training = model.training
+    model.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], batch_size):
+            chunks.append(model(ids[start:start + batch_size].to(device, non_blocking=True)).float().cpu())
+    model.train(was_training)
+    logits = torch.cat(chunks).double()
+    y = labels.double()
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).sum())
+        raise TrainingDiverged(f"{bad} of {logits.numel()} {name} logits are NaN/inf")
+    positives = int(y.sum().round())
+    if positives in (0, y.numel()):
+        raise ValueError(f"the {name} split holds only one class ({positives} clicks of {y.numel()}); "
+                         f"AUC is undefined: use more rows")
+    # AUC is rank-based: score the logits themselves, which fp64 sigmoid would saturate into ties.
+    auc = float(roc_auc_score(y.numpy(), logits.numpy()))
+    logloss = float(SF.bce_with_logits(logits, y, reduction="mean", backend="torch"))
+    return {"AUC": auc, "logloss": logloss}
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Train one model on one dataset: ``Trainer(config).fit() -> results``.
+
+    Args:
+        config: a flat config (see :func:`resolve_config`; missing trainer keys take ``TRAIN_DEFAULTS``).
+        data: an already loaded ``CTRData`` (else loaded from the config's data keys). Several
+            trainers may share one (``compare`` does).
+        checkpoint: a loaded checkpoint to resume from (see :func:`resume`).
+    """
+
+    def __init__(self, config: Dict[str, Any], data=None, checkpoint: Optional[Dict[str, Any]] = None):
+        config = dict(TRAIN_DEFAULTS, **config)
+        config["model"] = str(config["model"]).lower()
+        self.train_cfg, self.hparams, self.ignored_keys = split_config(config)
+        _check_train_config(self.train_cfg)
+        self.config = config
+        if config["out"] is None:
+            config["out"] = default_out_dir(config)
+        self.out = config["out"]
+        self.verbose = int(config["verbose"] or 0)
+        if config["threads"] is not None:
+            torch.set_num_threads(int(config["threads"]))
+        self.device = _resolve_device(config["device"])
+        if self.ignored_keys:
+            log.info("model %s ignores config keys %s", config["model"], self.ignored_keys)
+
+        self.data = data if data is not None else load_data(config)
+        self.schema = self.data.schema
+        if checkpoint is not None and list(checkpoint["schema"]["field_dims"]) != list(self.schema.field_dims):
+            raise ValueError(f"the checkpoint's schema (field_dims {checkpoint['schema']['field_dims']}) does not "
+                             f"match the dataset's ({list(self.schema.field_dims)}); is it the same data?")
+        self.train_ids, self.train_labels = _split_tensors(self.data.train, "train")
+        self.valid_ids, self.valid_labels = _split_tensors(self.data.valid, "valid")
+        self.test_ids, self.test_labels = _split_tensors(self.data.test, "test")
+
+        seed = int(config["seed"])
+        _seed_everything(seed)  # model initialisation depends on the global torch RNG
+        self.model = model_zoo.build(config["model"], list(self.schema.field_dims), **self.hparams).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=float(config["lr"]),
+                                          weight_decay=float(config["weight_decay"]))
+        self.generator = torch.Generator().manual_seed(seed)
+
+        self.epoch = 0            # completed epochs
+        self.step = 0             # completed optimizer steps
+        self.best_auc = -math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self.history: List[Dict[str, Any]] = []
+        self.step_seconds = 0.0   # time inside training steps only (samples/s is measured on it)
+        self.fit_seconds = 0.0    # wall time of fit(), validation included, summed over resumes
+        self.samples_seen = 0
+        if checkpoint is not None:
+            self._load_state(checkpoint)
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def schema_dict(self) -> Dict[str, Any]:
+        return _jsonable(self.schema.to_dict())
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_name": self.config["model"],
+            "model_config": _jsonable(self.model.config),
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": _capture_rng(self.generator),
+            "early_stopping": {"best_auc": self.best_auc, "best_epoch": self.best_epoch,
+                               "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early},
+            "history": copy.deepcopy(self.history),
+            "timing": {"step_seconds": self.step_seconds, "fit_seconds": self.fit_seconds,
+                       "samples_seen": self.samples_seen},
+            "config": _jsonable(self.config),
+            "schema": self.schema_dict,
+            "versions": versions(),
+        }
+
+    def _load_state(self, ckpt: Dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model_state"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        self.epoch = int(ckpt["epoch"])
+        self.step = int(ckpt["step"])
+        stop = ckpt["early_stopping"]
+        self.best_auc = float(stop["best_auc"])
+        self.best_epoch = int(stop["best_epoch"])
+        self.bad_epochs = int(stop["bad_epochs"])
+        self.stopped_early = bool(stop["stopped_early"])
+        self.history = list(ckpt["history"])
+        timing = ckpt.get("timing", {})
+        self.step_seconds = float(timing.get("step_seconds", 0.0))
+        self.fit_seconds = float(timing.get("fit_seconds", 0.0))
+        self.samples_seen = int(timing.get("samples_seen", 0))
+        _restore_rng(ckpt["rng"], self.generator)
+
+    def save(self, name: str, state: Optional[Dict[str, Any]] = None) -> str:
+        path = os.path.join(self.out, name)
+        atomic_save(state if state is not None else self.state_dict(), path)
+        return path
+
+    # -- loop --------------------------------------------------------------------------------
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _train_epoch(self) -> Dict[str, float]:
+        cfg = self.config
+        self.model.train()
+        num = self.train_ids.shape[0]
+        batch_size = int(cfg["batch_size"])
+        order = torch.randperm(num, generator=self.generator)
+        clip = cfg["clip_grad_norm"]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        loss_sum, seen, seconds = 0.0, 0, 0.0
+        progress = None
+        if self.verbose:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=num, unit="sample", unit_scale=True, leave=False, dynamic_ncols=True,
+                            desc=f"epoch {self.epoch + 1}/{cfg['epochs']}", file=sys.stderr)
+        try:
+            for batch_index, start in enumerate(range(0, num, batch_size)):
+                tick = time.perf_counter()
+                index = order[start:start + batch_size]
+                ids = self.train_ids[index].to(self.device, non_blocking=True)
+                labels = self.train_labels[index].to(self.device, non_blocking=True)
+                logits = self.model(ids)
+                loss = SF.bce_with_logits(logits, labels, reduction="mean")
+                loss_value = float(loss.detach())
+                where = (f"epoch {self.epoch + 1}, batch {batch_index + 1} (global step {self.step + 1})")
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(self._diverged_message(f"training loss is {loss_value}", where))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(params, float(clip))
+                    if not math.isfinite(float(norm)):
+                        raise TrainingDiverged(self._diverged_message(f"gradient norm is {float(norm)}", where))
+                self.optimizer.step()
+                self.step += 1
+                rows = int(index.shape[0])
+                loss_sum += loss_value * rows
+                seen += rows
+                seconds += time.perf_counter() - tick
+                if progress is not None:
+                    progress.update(rows)
+                    progress.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+        finally:
+            if progress is not None:
+                progress.close()
+        return {"train_loss": loss_sum / max(seen, 1), "samples": seen, "step_seconds": seconds}
+
+    def _diverged_message(self, what: str, where: str) -> str:
+        last = os.path.join(self.out, "last.pt")
+        kept = (f"the last good checkpoint {last} (end of epoch {self.epoch}) is intact"
+                if os.path.exists(last) else "no checkpoint had been written yet")
+        return (f"training diverged: {what} at {where}; stopping. {kept}. "
+                f"Try a lower lr (now {self._lr():g}) or a smaller gamma.")
+
+    def _end_epoch(self, stats: Dict[str, float], lr: float) -> None:
+        cfg = self.config
+        try:
+            metrics = evaluate_model(self.model, self.valid_ids, self.valid_labels, self.device,
+                                     int(cfg["eval_batch_size"]), "valid")
+        except TrainingDiverged as exc:
+            raise TrainingDiverged(self._diverged_message(str(exc), f"the validation after epoch {self.epoch + 1}")) \
+                from None
+        self.epoch += 1
+        improved = metrics["AUC"] > self.best_auc
+        if improved:
+            self.best_auc, self.best_epoch, self.bad_epochs = metrics["AUC"], self.epoch, 0
+        else:
+            self.bad_epochs += 1
+            if cfg["reduce_lr_on_plateau"]:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = max(group["lr"] * float(cfg["lr_decay_factor"]), float(cfg["min_lr"]))
+            if cfg["patience"] is not None and self.bad_epochs >= int(cfg["patience"]):
+                self.stopped_early = True
+        self.step_seconds += stats["step_seconds"]
+        self.samples_seen += stats["samples"]
+        record = {"epoch": self.epoch, "train_loss": stats["train_loss"], "valid_auc": metrics["AUC"],
+                  "valid_logloss": metrics["logloss"], "lr": lr, "improved": improved,
+                  "seconds": None,
+                  "samples_per_second": stats["samples"] / max(stats["step_seconds"], 1e-12)}
+        self.history.append(record)
+        if self.verbose:
+            log.info("epoch %d: train loss %.5f | valid AUC %.5f logloss %.5f | lr %.1e | %.0f samples/s%s",
+                     self.epoch, stats["train_loss"], metrics["AUC"], metrics["logloss"], lr,
+                     record["samples_per_second"], " | best" if improved else "")
+
+    def _checkpoint(self, improved: bool) -> None:
+        state = self.state_dict()
+        # best.pt first: if we die between the two writes, last.pt is one epoch behind and a resume
+        # redoes that epoch identically, rewriting best.pt with the same content.
+        if improved:
+            self.save("best.pt", state)
+        self.save("last.pt", state)
+
+    def fit(self) -> Dict[str, Any]:
+        """Train until ``epochs`` or early stopping, reload the best checkpoint, test, write results."""
+        cfg = self.config
+        os.makedirs(self.out, exist_ok=True)
+        if self.verbose:
+            log.info("training %s (%s) on %s: %d train / %d valid / %d test rows, %d fields, %d parameters, "
+                     "device %s, out %s", cfg["model"], "SFG" if self.model.generative else "base", cfg["dataset"],
+                     self.train_ids.shape[0], self.valid_ids.shape[0], self.test_ids.shape[0],
+                     self.train_ids.shape[1], self.num_parameters, self.device, self.out)
+        while self.epoch < int(cfg["epochs"]) and not self.stopped_early:
+            tick = time.perf_counter()
+            lr = self._lr()
+            stats = self._train_epoch()
+            self._end_epoch(stats, lr)
+            # Timing is settled before the checkpoint so that it is part of the saved state.
+            self.history[-1]["seconds"] = time.perf_counter() - tick
+            self.fit_seconds += self.history[-1]["seconds"]
+            self._checkpoint(self.history[-1]["improved"])
+        if self.stopped_early and self.verbose:
+            log.info("early stop after epoch %d: no validation AUC gain for %d epochs", self.epoch, self.bad_epochs)
+        return self.finish()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def finish(self) -> Dict[str, Any]:
+        """Reload best.pt, evaluate valid and test, and write ``results.json``."""
+        cfg = self.config
+        best_path = os.path.join(self.out, "best.pt")
+        if os.path.exists(best_path):
+            best = load_checkpoint(best_path, map_location=self.device)
+            self.model.load_state_dict(best["model_state"])
+        self.model.eval()
+        batch = int(cfg["eval_batch_size"])
+        valid = evaluate_model(self.model, self.valid_ids, self.valid_labels, self.device, batch, "valid")
+        test = evaluate_model(self.model, self.test_ids, self.test_labels, self.device, batch, "test")
+        results = {
+            "model": cfg["model"],
+            "generative": bool(self.model.generative),
+            "dataset": cfg["dataset"],
+            "seed": cfg["seed"],
+            "test_auc": test["AUC"],
+            "test_logloss": test["logloss"],
+            "valid_auc": valid["AUC"],
+            "valid_logloss": valid["logloss"],
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epoch,
+            "steps": self.step,
+            "stopped_early": self.stopped_early,
+            "samples_per_second": self.samples_seen / max(self.step_seconds, 1e-12),
+            "train_seconds": self.fit_seconds,
+            "step_seconds": self.step_seconds,
+            "num_parameters": self.num_parameters,
+            "rows": {"train": int(self.train_ids.shape[0]), "valid": int(self.valid_ids.shape[0]),
+                     "test": int(self.test_ids.shape[0])},
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "history": self.history,
+            "config": self.config,
+            "model_config": self.model.config,
+            "ignored_config_keys": self.ignored_keys,
+            "schema": self.schema_dict,
+            "data_info": getattr(self.data, "info", None),
+            "versions": versions(),
+            "best_checkpoint": best_path if os.path.exists(best_path) else None,
+        }
+        results = _jsonable(results)
+        atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", os.path.join(self.out, "results.json"))
+        if self.verbose:
+            log.info("test AUC %.5f logloss %.5f (best epoch %d); results in %s", test["AUC"], test["logloss"],
+                     self.best_epoch, os.path.join(self.out, "results.json"))
+        return results
+
+
+def train(config: Optional[Dict[str, Any]] = None, data=None, **overrides) -> Dict[str, Any]:
+    """Train with ``config`` (default: the packaged default.yaml for ``overrides['model']``) + overrides."""
+    if config is None:
+        config = resolve_config(None, overrides.pop("expid", None), overrides)
+    else:
+        config = dict(config, **{k: v for k, v in overrides.items() if v is not None})
+    return Trainer(config, data=data).fit()
+
+
+def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
+    """Continue the run whose checkpoint (or run directory, then its ``last.pt``) is ``path``.
+
+    Only ``RESUME_OVERRIDABLE`` keys may be changed (e.g. ``epochs`` to train longer); the output
+    directory defaults to the checkpoint's directory. Final metrics equal an uninterrupted run's.
+    """
+    file = resolve_checkpoint(path)
+    ckpt = load_checkpoint(file)
+    config = dict(ckpt["config"])
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for key, value in overrides.items():
+        if key not in RESUME_OVERRIDABLE and config.get(key) != value:
+            raise ValueError(f"cannot change {key!r} when resuming ({config.get(key)!r} -> {value!r}); "
+                             f"only {list(RESUME_OVERRIDABLE)} may change")
+    config.update(overrides)
+    source_dir = os.path.dirname(os.path.abspath(file))
+    if "out" not in overrides:
+        config["out"] = source_dir
+    best = os.path.join(source_dir, "best.pt")
+    if os.path.abspath(config["out"]) != source_dir and os.path.exists(best):
+        # The final reload needs the best model so far, which may predate the resumed epochs.
+        _atomic_write(os.path.join(config["out"], "best.pt"), lambda fh: _copy_into(best, fh))
+    return Trainer(config, data=data, checkpoint=ckpt).fit()
+
+
+def _copy_into(path: str, fh) -> None:
+    with open(path, "rb") as src:
+        shutil.copyfileobj(src, fh)
+
+
+def iter_batches(ids: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
+    for start in range(0, ids.shape[0], batch_size):
+        yield ids[start:start + batch_size]
+
+
+def analyze_checkpoint(checkpoint: str, out: Optional[str] = None, max_samples: int = 50000,
+                       batch_size: int = 8192, data=None, device: str = "cpu") -> Dict[str, Any]:
+    """Embedding diagnostics (spectrum, information abundance, redundancy) of a trained model.
+
+    Rebuilds the model and its dataset from ``checkpoint`` (file or run directory, then its
+    ``best.pt``), collects ``model.analysis_embeddings`` on the first ``max_samples`` validation rows
+    and hands them to ``sfg_fast.diagnostics.analyze_embeddings``, which writes spectrum.png,
+    correlation.png (SFG models) and diagnostics.json into ``out`` (default ``<run dir>/analysis``).
+    """
+    from .diagnostics import analyze_embeddings
+
+    if isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 2:
+        raise ValueError(f"max_samples must be an integer >= 2, got {max_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    file = resolve_checkpoint(checkpoint, "best.pt")
+    dev = _resolve_device(device)
+    model, ckpt = model_from_checkpoint(file, map_location=dev)
+    model.to(dev)
+    config = dict(ckpt["config"])
+    if data is None:
+        data = load_data(config)
+    if list(data.schema.field_dims) != list(ckpt["schema"]["field_dims"]):
+        raise ValueError(f"the dataset's field_dims {list(data.schema.field_dims)} differ from the checkpoint's "
+                         f"{ckpt['schema']['field_dims']}; was the data or its preprocessing changed?")
+    ids, _ = _split_tensors(data.valid, "valid")
+    ids = ids[:int(max_samples)]
+    raws, generated = [], []
+    for batch in iter_batches(ids, int(batch_size)):
+        emb = model.analysis_embeddings(batch.to(dev))
+        raws.append(emb["raw"].float().cpu())
+        if emb.get("generated") is not None:
+            generated.append(emb["generated"].float().cpu())
+    raw = torch.cat(raws)
+    gen = torch.cat(generated) if generated else None
+    out = out or os.path.join(os.path.dirname(os.path.abspath(file)), "analysis")
+    variant = "SFG" if model.generative else "base"
+    title = f"{ckpt['model_name']} ({variant}) on {config.get('dataset')}, epoch {ckpt['epoch']}, n={raw.shape[0]}"
+    result = analyze_embeddings(raw, gen, out, title=title)
+    return result

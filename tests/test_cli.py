@@ -1,0 +1,135 @@
+"""Command line: parsing, YAML Base + experiment block + flag precedence, train/resume/compare/analyze."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sfg_fast import cli
+from sfg_fast import models as model_zoo
+from sfg_fast import train as T
+
+TINY = ["--dataset", "synthetic-avazu", "--num-rows", "2000", "--embedding-dim", "4", "--batch-size", "256",
+        "--threads", "1", "--quiet"]
+
+
+def _write_config(tmp_path, content):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return str(path)
+
+
+def _parse(argv):
+    return cli.build_parser().parse_args(argv)
+
+
+def test_precedence_base_block_set_flags(tmp_path):
+    path = _write_config(tmp_path, {
+        "Base": {"model": "fm", "epochs": 7, "lr": 0.01, "batch_size": 128, "gamma": 2.0, "seed": 5},
+        "deep_exp": {"model": "deepfm", "epochs": 3, "hidden_units": [8, 8], "gamma": 0.5},
+    })
+    config = cli.config_from_args(_parse(["train", "--config", path, "--expid", "deep_exp"]))
+    # Base < block: the block's values win, Base fills the rest, trainer defaults fill what neither sets.
+    assert config["model"] == "deepfm" and config["epochs"] == 3 and config["gamma"] == 0.5
+    assert config["lr"] == 0.01 and config["batch_size"] == 128 and config["seed"] == 5
+    assert config["patience"] == T.TRAIN_DEFAULTS["patience"] and config["expid"] == "deep_exp"
+    assert config["hidden_units"] == [8, 8]
+    # block < --set < explicit flags.
+    args = _parse(["train", "--config", path, "--expid", "deep_exp", "--set", "epochs=9", "--set",
+                   "hidden_units=[4]", "--epochs", "2", "--lr", "0.5", "--base", "--gamma", "3"])
+    config = cli.config_from_args(args)
+    assert config["epochs"] == 2 and config["hidden_units"] == [4] and config["lr"] == 0.5
+    assert config["generative"] is False and config["gamma"] == 3.0
+
+
+def test_model_flag_selects_its_block(tmp_path):
+    path = _write_config(tmp_path, {"Base": {"epochs": 4}, "DCNv2": {"model": "dcnv2", "num_cross_layers": 1},
+                                    "fm": {"model": "fm", "epochs": 6}})
+    assert cli.config_from_args(_parse(["train", "--config", path, "--model", "dcnv2"]))["num_cross_layers"] == 1
+    config = cli.config_from_args(_parse(["train", "--config", path, "--model", "fm"]))
+    assert config["epochs"] == 6 and "num_cross_layers" not in config
+    # A model without a block gets Base alone.
+    config = cli.config_from_args(_parse(["train", "--config", path, "--model", "fwfm"]))
+    assert config["model"] == "fwfm" and config["epochs"] == 4
+
+
+def test_config_errors(tmp_path, capsys):
+    path = _write_config(tmp_path, {"Base": {"model": "fm"}, "exp": {"model": "fm", "gama": 1.0}})
+    with pytest.raises(ValueError, match="expid 'nope' is not a block"):
+        cli.config_from_args(_parse(["train", "--config", path, "--expid", "nope"]))
+    with pytest.raises(ValueError, match="unknown config key 'gama'"):
+        cli.config_from_args(_parse(["train", "--config", path, "--expid", "exp"]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.config_from_args(_parse(["train", "--config", str(tmp_path / "missing.yaml")]))
+    assert cli.main(["train", "--config", path, "--expid", "exp"]) == 2
+    assert "unknown config key 'gama'" in capsys.readouterr().err
+    for bad in (["train", "--epochs", "0"], ["train", "--lr", "-1"], ["train", "--base", "--generative"],
+                ["train", "--set", "novalue"], ["compare", "--seeds"], ["frobnicate"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(bad)
+        assert info.value.code == 2, bad
+
+
+def test_default_config_blocks_build_every_model():
+    blocks = T.load_yaml_config(T.DEFAULT_CONFIG_PATH)
+    assert set(model_zoo.MODELS) <= {b.lower() for b in blocks}
+    for name in model_zoo.MODELS:
+        config = T.resolve_config(None, None, {"model": name})
+        train_cfg, hparams, ignored = T.split_config(config)
+        assert ignored == [], (name, ignored)
+        assert train_cfg["dataset"] == "movielens100k" and train_cfg["lr"] > 0 and train_cfg["patience"] == 2
+        model = model_zoo.build(name, [5, 7, 3], **hparams)
+        assert model.generative is True
+        for units in (hparams.get("hidden_units") or []):
+            assert units <= 128, (name, hparams["hidden_units"])
+
+
+def test_train_resume_analyze_via_main(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--model", "fwfm", "--epochs", "1", "--out", out, "--seed", "3"] + TINY) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["model"] == "fwfm" and summary["epochs_run"] == 1 and summary["out"] == out
+    results = json.loads(open(os.path.join(out, "results.json")).read())
+    assert results["config"]["dataset"] == "synthetic-avazu" and results["config"]["num_rows"] == 2000
+    assert results["config"]["seed"] == 3 and results["generative"] is True
+
+    # Resume to 2 epochs; changing the experiment while resuming is refused with exit status 2.
+    assert cli.main(["train", "--resume", out, "--lr", "0.5", "--quiet"]) == 2
+    assert "cannot change 'lr'" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", out, "--epochs", "2", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["epochs_run"] == 2
+    assert T.load_checkpoint(out)["epoch"] == 2
+
+    assert cli.main(["analyze", out, "--max-samples", "150", "--out", str(tmp_path / "an")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] == 150
+    assert {"spectrum.png", "correlation.png", "diagnostics.json"} <= set(os.listdir(tmp_path / "an"))
+    assert cli.main(["analyze", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_compare_via_main(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    argv = ["compare", "--models", "fm", "--seeds", "1", "--epochs", "1", "--out", out, "--only", "sfg"] + TINY
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fm" in printed and "SFG" in printed and "total wall time" in printed
+    summary = json.loads(open(os.path.join(out, "compare.json")).read())
+    assert summary["variants"] == ["sfg"] and len(summary["runs"]) == 1
+    assert summary["command"].startswith("sfg-fast compare --models fm")
+    assert os.path.exists(os.path.join(out, "compare.png"))
+
+
+@pytest.mark.slow
+def test_python_dash_m_movielens_default(tmp_path):
+    """``python -m sfg_fast train`` with the packaged default config on the embedded MovieLens data."""
+    out = tmp_path / "ml"
+    proc = subprocess.run([sys.executable, "-m", "sfg_fast", "train", "--model", "fm", "--epochs", "1",
+                           "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "movielens100k" and results["rows"]["train"] == 80000
+    assert results["schema"]["field_names"][:2] == ["user_id", "item_id"]
+    assert results["test_auc"] > 0.6

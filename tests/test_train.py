@@ -1,0 +1,289 @@
+"""Trainer: end-to-end results, exact resume, atomic checkpoints, divergence stop, compare, analyze."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sfg_fast import train as T
+from sfg_fast.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small Criteo-shaped synthetic dataset (3000 rows, 39 fields), generated once per module."""
+    return load_dataset("synthetic-criteo", num_rows=3000, seed=7)
+
+
+def _config(tmp_path, name="run", **kw):
+    config = dict(model="fm", dataset="synthetic-criteo", num_rows=3000, data_seed=7, generative=True,
+                  embedding_dim=4, epochs=2, batch_size=256, lr=3e-3, seed=11, verbose=0, threads=1,
+                  out=str(tmp_path / name))
+    config.update(kw)
+    return config
+
+
+def _leftover_temp_files(directory):
+    return [f for f in os.listdir(directory) if f.endswith(".tmp")]
+
+
+def test_train_end_to_end_results(tmp_path, tiny):
+    results = T.Trainer(_config(tmp_path, epochs=2, patience=5), data=tiny).fit()
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["test_auc"] == results["test_auc"]
+    for key in ("test_auc", "test_logloss", "best_epoch", "samples_per_second", "train_seconds", "history",
+                "config", "schema", "versions", "valid_auc", "num_parameters"):
+        assert key in on_disk, key
+    assert 0.0 <= on_disk["test_auc"] <= 1.0 and on_disk["test_logloss"] > 0
+    assert len(on_disk["history"]) == 2 and on_disk["epochs_run"] == 2
+    assert on_disk["best_epoch"] in (1, 2)
+    assert on_disk["history"][on_disk["best_epoch"] - 1]["valid_auc"] == max(h["valid_auc"] for h in on_disk["history"])
+    assert on_disk["samples_per_second"] > 0 and on_disk["train_seconds"] > 0
+    assert on_disk["schema"]["field_dims"] == list(tiny.schema.field_dims)
+    assert on_disk["config"]["model"] == "fm" and on_disk["config"]["lr"] == 3e-3
+    assert on_disk["versions"]["torch"] == torch.__version__
+    assert (out / "last.pt").exists() and (out / "best.pt").exists()
+    assert _leftover_temp_files(out) == []
+    # The model learns the planted signal: better than chance on held-out data.
+    assert on_disk["test_auc"] > 0.55
+    # The reported test metrics are those of the best checkpoint, recomputed independently here.
+    model, ckpt = T.model_from_checkpoint(str(out / "best.pt"))
+    assert ckpt["epoch"] == on_disk["best_epoch"]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(tiny.test.ids)).double()
+    labels = torch.from_numpy(tiny.test.labels).double()
+    from sklearn.metrics import log_loss, roc_auc_score
+    assert roc_auc_score(labels.numpy(), logits.numpy()) == pytest.approx(on_disk["test_auc"], abs=1e-12)
+    probs = torch.sigmoid(logits).numpy()
+    assert log_loss(labels.numpy(), probs) == pytest.approx(on_disk["test_logloss"], rel=1e-6)
+
+
+def test_early_stopping_and_lr_decay(tmp_path, tiny, monkeypatch):
+    # Scripted validation AUCs make the plateau logic observable without depending on training noise.
+    scores = iter([0.70, 0.72, 0.71, 0.705, 0.9, 0.9])
+    real = T.evaluate_model
+
+    def fake(model, ids, labels, device, batch_size=16384, name="valid"):
+        metrics = real(model, ids, labels, device, batch_size, name)
+        if name == "valid" and fake.in_fit:
+            metrics["AUC"] = next(scores)
+        return metrics
+
+    fake.in_fit = True
+    monkeypatch.setattr(T, "evaluate_model", fake)
+    trainer = T.Trainer(_config(tmp_path, epochs=6, patience=2, lr=1e-3), data=tiny)
+    real_finish = trainer.finish
+
+    def finish():
+        fake.in_fit = False
+        return real_finish()
+
+    trainer.finish = finish
+    results = trainer.fit()
+    assert results["epochs_run"] == 4 and results["stopped_early"]
+    assert results["best_epoch"] == 2
+    assert [h["lr"] for h in results["history"]] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
+    assert [h["improved"] for h in results["history"]] == [True, True, False, False]
+    best = T.load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert best["epoch"] == 2
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("model,moved", [("fm", True), ("deepfm", False)])
+def test_resume_is_exact(tmp_path, tiny, model, moved):
+    extra = {"hidden_units": [16], "dropout": 0.2} if model == "deepfm" else {}
+    # lr decay on plateau and dropout make every piece of state (optimizer lr, RNGs) matter.
+    full = T.Trainer(_config(tmp_path, "full", model=model, epochs=3, patience=3, **extra), data=tiny)
+    full_results = full.fit()
+
+    part = _config(tmp_path, "part", model=model, epochs=1, patience=3, **extra)
+    T.Trainer(part, data=tiny).fit()
+    # ``moved``: continue into another directory (best.pt must follow the run there).
+    target = tmp_path / ("moved" if moved else "part")
+    resumed = T.resume(str(tmp_path / "part"), data=tiny, epochs=3, out=str(target) if moved else None)
+
+    assert resumed["test_auc"] == full_results["test_auc"]
+    assert resumed["test_logloss"] == full_results["test_logloss"]
+    assert resumed["best_epoch"] == full_results["best_epoch"]
+    assert [h["valid_auc"] for h in resumed["history"]] == [h["valid_auc"] for h in full_results["history"]]
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full_results["history"]]
+    last_full = T.load_checkpoint(str(tmp_path / "full" / "last.pt"))
+    last_resumed = T.load_checkpoint(str(target / "last.pt"))
+    assert last_full["step"] == last_resumed["step"] > 0
+    for key, value in last_full["model_state"].items():
+        assert torch.equal(value, last_resumed["model_state"][key]), key
+    for a, b in zip(last_full["optimizer_state"]["state"].values(), last_resumed["optimizer_state"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_resume_rejects_changed_experiment(tmp_path, tiny):
+    T.Trainer(_config(tmp_path, epochs=1), data=tiny).fit()
+    with pytest.raises(ValueError, match="cannot change 'lr'"):
+        T.resume(str(tmp_path / "run"), data=tiny, lr=0.5)
+    with pytest.raises(FileNotFoundError, match="holds no last.pt"):
+        T.resume(str(tmp_path), data=tiny)
+
+
+def test_resume_of_finished_run_does_not_train(tmp_path, tiny):
+    first = T.Trainer(_config(tmp_path, epochs=2), data=tiny).fit()
+    again = T.resume(str(tmp_path / "run" / "last.pt"), data=tiny)
+    assert again["steps"] == first["steps"] and again["test_auc"] == first["test_auc"]
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    T.atomic_save({"format": "old", "x": torch.arange(3)}, str(path))
+    before = path.read_bytes()
+
+    def torn_save(obj, fh, *args, **kwargs):
+        fh.write(b"partial bytes of a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        T.atomic_save({"format": "new"}, str(path))
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+    monkeypatch.undo()
+    T.atomic_save({"format": "new", "x": torch.ones(2)}, str(path))
+    assert torch.load(str(path), weights_only=True)["format"] == "new"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, tiny):
+    trainer = T.Trainer(_config(tmp_path, epochs=3, patience=5), data=tiny)
+    steps_per_epoch = math.ceil(len(tiny.train) / 256)
+    poison_at = steps_per_epoch + 3          # third batch of epoch 2
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == poison_at:
+                return output * float("nan")
+        return output
+
+    trainer.model.register_forward_hook(hook)
+    with pytest.raises(T.TrainingDiverged) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "training loss is nan" in message
+    assert "epoch 2, batch 3" in message and f"global step {poison_at}" in message
+    assert "last.pt" in message and "intact" in message
+    out = tmp_path / "run"
+    for name in ("last.pt", "best.pt"):
+        ckpt = T.load_checkpoint(str(out / name))
+        assert ckpt["epoch"] == 1 and ckpt["step"] == steps_per_epoch
+        assert all(torch.isfinite(v).all() for v in ckpt["model_state"].values() if v.is_floating_point())
+    assert not (out / "results.json").exists()
+    assert _leftover_temp_files(out) == []
+    # The intact checkpoint resumes (the hook is gone with the old trainer) and finishes.
+    results = T.resume(str(out), data=tiny)
+    assert results["epochs_run"] == 3 and math.isfinite(results["test_logloss"])
+
+
+def test_huge_lr_diverges_with_clear_message(tmp_path, tiny):
+    config = _config(tmp_path, epochs=3, lr=1e30, clip_grad_norm=None, embedding_dim=4, init_std=1.0)
+    with pytest.raises(T.TrainingDiverged, match=r"(training loss|gradient norm|valid logits).*(nan|inf|NaN)"):
+        T.Trainer(config, data=tiny).fit()
+
+
+def test_config_errors_name_the_key(tmp_path, tiny):
+    with pytest.raises(ValueError, match="unknown config key 'hiden_units'"):
+        T.Trainer(_config(tmp_path, hiden_units=[4]), data=tiny)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        T.Trainer(_config(tmp_path, batch_size=0), data=tiny)
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        T.Trainer(_config(tmp_path, lr=float("nan")), data=tiny)
+    with pytest.raises(ValueError, match="model must be one of"):
+        T.Trainer(_config(tmp_path, model="nope"), data=tiny)
+    # A key another model accepts is reported as ignored, not silently used.
+    trainer = T.Trainer(_config(tmp_path, hidden_units=[8]), data=tiny)
+    assert trainer.ignored_keys == ["hidden_units"]
+
+
+def test_seeds_change_results_and_same_seed_repeats(tmp_path, tiny):
+    a = T.Trainer(_config(tmp_path, "a", epochs=1, seed=1), data=tiny).fit()
+    b = T.Trainer(_config(tmp_path, "b", epochs=1, seed=1), data=tiny).fit()
+    c = T.Trainer(_config(tmp_path, "c", epochs=1, seed=2), data=tiny).fit()
+    assert a["test_logloss"] == b["test_logloss"]
+    assert a["test_logloss"] != c["test_logloss"]
+
+
+def test_compare_writes_reports(tmp_path, tiny):
+    from sfg_fast.compare import compare, parse_seeds
+
+    overrides = dict(dataset="synthetic-criteo", num_rows=3000, data_seed=7, epochs=1, batch_size=512,
+                     embedding_dim=4, verbose=0, threads=1)
+    summary = compare(["fm", "dcnv2"], seeds=2, out=str(tmp_path / "cmp"), overrides=overrides)
+    out = tmp_path / "cmp"
+    for name in ("compare.md", "compare.json", "compare.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / "compare.json").read_text())
+    assert on_disk["models"] == ["fm", "dcnv2"] and on_disk["seeds"] == parse_seeds(2, 2018)
+    assert len(on_disk["runs"]) == 8
+    for model in ("fm", "dcnv2"):
+        for variant in ("base", "sfg"):
+            agg = on_disk["results"][model][variant]
+            values = agg["test_auc"]["values"]
+            assert len(values) == 2
+            assert agg["test_auc"]["mean"] == pytest.approx(np.mean(values))
+            assert agg["test_auc"]["std"] == pytest.approx(np.std(values, ddof=1))
+            runs = [r for r in on_disk["runs"] if r["model"] == model and r["generative"] == (variant == "sfg")]
+            assert sorted(r["test_auc"] for r in runs) == sorted(values)
+            for run in runs:
+                assert (tmp_path / "cmp" / os.path.basename(run["out"]) / "results.json").exists()
+    md = (out / "compare.md").read_text()
+    assert "| fm | SFG |" in md and "| dcnv2 | base |" in md and "±" in md
+    assert "dcnv2" in summary["table"]
+
+
+def test_parse_seeds_and_models():
+    from sfg_fast.compare import parse_models, parse_seeds
+
+    assert parse_seeds(3, 10) == [10, 11, 12]
+    assert parse_seeds("4,2") == [4, 2]
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        parse_seeds(0)
+    with pytest.raises(ValueError, match="seeds must be a count"):
+        parse_seeds("a,b")
+    assert parse_models("FM, dcnv2") == ["fm", "dcnv2"]
+    with pytest.raises(ValueError, match="unknown model 'foo'"):
+        parse_models("fm,foo")
+
+
+def test_analyze_checkpoint(tmp_path, tiny):
+    T.Trainer(_config(tmp_path, epochs=1), data=tiny).fit()
+    result = T.analyze_checkpoint(str(tmp_path / "run"), max_samples=200, data=tiny)
+    out = tmp_path / "run" / "analysis"
+    for name in ("spectrum.png", "correlation.png", "diagnostics.json"):
+        assert (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "diagnostics.json").read_text())
+    assert on_disk["num_samples"] == 200 == result["num_samples"]
+    assert on_disk["dim"] == 39 * 4
+    with pytest.raises(ValueError, match="max_samples"):
+        T.analyze_checkpoint(str(tmp_path / "run"), max_samples=1, data=tiny)
+
+
+def test_resume_into_new_directory_keeps_best(tmp_path, tiny, monkeypatch):
+    first = T.Trainer(_config(tmp_path, "a", epochs=1, patience=5), data=tiny).fit()
+    real = T.evaluate_model
+
+    def worse(model, ids, labels, device, batch_size=16384, name="valid"):
+        metrics = real(model, ids, labels, device, batch_size, name)
+        if name == "valid" and model.training:   # only the per-epoch validation inside fit()
+            metrics["AUC"] = 0.0
+        return metrics
+
+    monkeypatch.setattr(T, "evaluate_model", worse)
+    again = T.resume(str(tmp_path / "a"), data=tiny, epochs=2, out=str(tmp_path / "b"))
+    assert again["epochs_run"] == 2 and again["best_epoch"] == 1
+    assert T.load_checkpoint(str(tmp_path / "b" / "best.pt"))["epoch"] == 1
+    assert again["test_auc"] == first["test_auc"] and again["test_logloss"] == first["test_logloss"]
