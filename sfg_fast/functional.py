@@ -35,6 +35,9 @@ def register_impl(backend: str, op: str, fn) -> None:
 
 
 def _impl(backend: str, op: str, device: torch.device):
+    if torch.compiler.is_compiling():
+        # opaque backends become custom ops so the whole model stays one graph (sfg_fast.library)
+        return _library.compiled_impl(backend, op, device)
     if backend != "torch" and backend != "reference":
         from .ops import load_backends
         load_backends()
@@ -63,6 +66,9 @@ def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
     impl = _impl(backend, "embedding_lookup", weight.device)
     if impl is None:
         return reference.embedding_lookup(ids, weight, offsets, bounds_check)
+    if bounds_check != "off" and torch.compiler.is_compiling():
+        # reading ids is a graph break: check them at run time inside the graph instead
+        ids, bounds_check = _library.checked_ids(ids, offsets, weight.shape[0], bounds_check), "off"
     if bounds_check != "off":
         sizes = C.check_offsets(offsets, weight.shape[0])
         if bounds_check == "fatal":
@@ -159,7 +165,10 @@ def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
         logits: floating ``[B]`` (any shape).  labels: same shape, values in [0, 1], no NaN/inf.
         reduction: mean | sum | none.
     """
-    C.check_bce(logits, labels, reduction)
+    if torch.compiler.is_compiling():
+        labels = _library.validate_bce(logits, labels, reduction)   # label values checked at run time
+    else:
+        C.check_bce(logits, labels, reduction)
     impl = _impl(backend, "bce_with_logits", logits.device)
     if impl is None:
         return reference.bce_with_logits(logits, labels, reduction)
@@ -184,6 +193,8 @@ def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
     if impl is None:
         return reference.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
                                     gamma, residual, pairs, generated_side, symmetric, bounds_check)
+    if bounds_check != "off" and torch.compiler.is_compiling():
+        ids, bounds_check = _library.checked_ids(ids, offsets, table.shape[0], bounds_check), "off"
     if bounds_check != "off":
         sizes = C.check_offsets(offsets, table.shape[0])
         if bounds_check == "fatal":
@@ -192,3 +203,6 @@ def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
             ids, _ = C.clamp_to_oov(ids, sizes)
     return impl(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
                 pairs, generated_side, symmetric)
+
+
+from . import library as _library  # noqa: E402  (registers the custom ops; imports this module back)

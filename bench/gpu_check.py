@@ -1,0 +1,517 @@
+"""The one prepared GPU check: environment, GPU tests, then the Criteo-shape numbers in one table.
+
+    bash bench/gpu_check.sh                 # on a CUDA machine (about 4-6 minutes on an H100)
+    python bench/gpu_check.py --smoke       # CPU: tiny shapes, 1 rep, GPU-only parts skipped
+
+Sections (every provider runs in try/except: a failure is a row with its error, never fatal):
+  interaction  functional.sfg_logits per decoder kind (scalar, vector, matrix): fused ("triton") vs
+               literal reference vs factored torch vs torch.compile of reference and factored (and of
+               the fused op, which enters the graph as an sfg_fast:: custom op);
+               forward and forward+backward; TFLOP/s from the model FLOP count; peak memory.
+  lookup       embedding_lookup forward GB/s against a measured device-to-device copy.
+  step         a full SFG-FwFM training step (lookup with fused sparse rowwise Adagrad, encoder,
+               scalar decoder, BCE, backward, dense Adagrad) in samples/s, vs the literal step.
+Targets of the Triton issue are evaluated at the end (benchmark, not test). Timings are
+triton.testing.do_bench medians on CUDA (bench.common.time_gpu), wall-clock medians on CPU.
+Results: JSON + markdown under $OUT (default bench/results/<device>/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton only runs on CPU through its interpreter, which must be on before any kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench import common  # noqa: E402
+
+KINDS = ("scalar", "vector", "matrix")
+COLUMNS = ["section", "kind", "provider", "mode", "median_ms", "iqr_ms", "tflops", "gbps", "pct_copy_bw",
+           "peak_mb", "samples_per_s", "speedup_vs_reference", "status", "note"]
+
+
+class Budget:
+    """Wall-clock budget of the benchmark part: later providers are skipped (with a reason) when spent."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def _device_info(device: str) -> Dict:
+    env = common.environment(device)
+    env["cuda_runtime"] = torch.version.cuda
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env["sm_count"] = props.multi_processor_count
+        env["memory_gb"] = round(props.total_memory / 2**30, 1)
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
+    return env
+
+
+def _device_dir(env: Dict) -> str:
+    if env["device"] != "cuda":
+        return "cpu"
+    return "".join(c if c.isalnum() else "-" for c in env.get("device_name", "cuda")).strip("-").lower() or "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# optional steps before the benchmarks
+
+
+def run_gpu_tests(device: str, timeout_s: int) -> Dict:
+    """``pytest -m "gpu or interpreter" -x -q`` on CUDA (interpreter tests then run natively)."""
+    if device != "cuda":
+        return {"status": "skipped", "note": "no CUDA device: the GPU tests run only on a GPU "
+                                             "(the interpreter tests run in the CPU suite)"}
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)   # conftest sets it only without CUDA; never inherit it here
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu or interpreter", "-x", "-q", "-p", "no:cacheprovider"]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        out = (proc.stdout + proc.stderr).strip().splitlines()
+        status = "ok" if proc.returncode == 0 else f"failed (rc {proc.returncode})"
+        return {"status": status, "seconds": round(time.monotonic() - start, 1), "tail": out[-15:]}
+    except subprocess.TimeoutExpired as exc:
+        text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return {"status": f"timed out after {timeout_s} s", "tail": text.strip().splitlines()[-15:]}
+
+
+def build_extension(timeout_s: int) -> Dict:
+    """Build sfg_fast._C (CUDA when torch has CUDA) in place, within a time limit."""
+    env = dict(os.environ, SFG_FAST_BUILD_EXT="1")
+    cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        status = "ok" if proc.returncode == 0 else f"failed (rc {proc.returncode})"
+        return {"status": status, "seconds": round(time.monotonic() - start, 1),
+                "tail": (proc.stdout + proc.stderr).strip().splitlines()[-10:]}
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout_s} s"}
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement helpers
+
+
+def _timer(device: str, reps: int) -> Callable[[Callable], Dict]:
+    if device == "cuda":
+        return lambda fn: common.time_gpu(fn, warmup=25, rep=max(20, reps))
+    return lambda fn: common.time_cpu(fn, warmup=1 if reps > 1 else 0, reps=reps)
+
+
+def _peak_mb(fn: Callable, device: str) -> Optional[float]:
+    if device != "cuda":
+        return None   # CPU peak memory needs the profiler: too slow for the smoke run, not the point here
+    return common.peak_alloc_bytes(fn, device) / 2**20
+
+
+def _skip(reason: str) -> Callable[[], Dict]:
+    def body():
+        raise common.Skip(reason)
+    return body
+
+
+def _row(section, kind, provider, mode, **fields) -> Dict:
+    row = {"section": section, "kind": kind, "provider": provider, "mode": mode, "status": "ok", "note": ""}
+    row.update(fields)
+    return row
+
+
+def _attempt(rows: List[Dict], budget: Budget, base: Dict, body: Callable[[], Dict], min_left: float = 5.0):
+    """Run one provider: its fields go into a row; an exception or a spent budget becomes the row's status."""
+    row = dict(base)
+    if budget.left() < min_left:
+        row.update(status="skipped", note="time budget spent")
+    else:
+        try:
+            row.update(body())
+        except common.Skip as exc:
+            row.update(status="skipped", note=str(exc))
+        except Exception as exc:  # one provider failing must not stop the check
+            row.update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            traceback.print_exc(limit=3)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    rows.append(row)
+    _print_row(row)
+    return row
+
+
+def _print_row(row: Dict) -> None:
+    ms = row.get("median_ms")
+    print(f"  {row['section']:<11} {row['kind']:<7} {row['provider']:<18} {row['mode']:<9} "
+          f"{(f'{ms:9.4f} ms' if isinstance(ms, float) else row['status']):>12}  {row.get('note', '')}", flush=True)
+
+
+def interaction_flops(batch: int, n: int, d: int, kind: str) -> float:
+    """Model FLOPs of one sfg_logits forward: encoder GEMM + decoder mix + row dot (2 per MAC)."""
+    width = n * d
+    encoder = 2.0 * batch * width * width
+    decoder = {"scalar": 2.0 * batch * n * n * d, "vector": 2.0 * batch * n * n * d,
+               "matrix": 2.0 * batch * width * width}[kind]
+    return encoder + decoder + 2.0 * batch * width
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def _decoder_weight(kind: str, n: int, d: int, device: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    shape = {"scalar": (n, n), "vector": (n, n, d), "matrix": (n, n, d, d)}[kind]
+    return (torch.randn(*shape, generator=gen) * 0.1).to(device).requires_grad_()
+
+
+def bench_interaction(rows, args, device, budget, dims) -> None:
+    """Eager providers for every kind first; the torch.compile baselines last, most important first,
+    because their compile time is what the budget runs out on."""
+    import sfg_fast.functional as SF
+    from bench.providers import concatenated_table
+    batch, d, n = args.batch, args.dim, len(dims)
+    timer = _timer(device, args.reps)
+    table, offsets = concatenated_table(dims, d, device)
+    gen = torch.Generator().manual_seed(1)
+    enc = (torch.randn(n * d, n * d, generator=gen) / math.sqrt(n * d)).to(device).requires_grad_()
+    decs = {kind: _decoder_weight(kind, n, d, device) for kind in KINDS}
+    ids_list = [common.make_ids(batch, dims, "zipf", device=device, seed=s) for s in range(args.rotations)]
+    labels_list = [(torch.rand(batch, generator=gen) < 0.25).float().to(device) for _ in ids_list]
+    counter = [0]
+
+    def batch_inputs():
+        i = counter[0] = (counter[0] + 1) % len(ids_list)
+        return ids_list[i], labels_list[i]
+
+    def logits_fn(kind, backend):
+        dec = decs[kind]
+        return lambda ids: SF.sfg_logits(ids, table, offsets, enc, None, dec, kind, "relu", 1.0, False,
+                                         "upper", "left", False, bounds_check="off", backend=backend)
+
+    def forward_call(fn):
+        def call():
+            with torch.no_grad():
+                fn(batch_inputs()[0])
+        return call
+
+    def train_call(fn, kind):
+        def call():
+            ids, labels = batch_inputs()
+            for p in (table, enc, decs[kind]):
+                p.grad = None
+            SF.bce_with_logits(fn(ids), labels, backend="torch").backward()
+        return call
+
+    def measure(kind, backend, mode, compiled=False):
+        def body():
+            if compiled and device != "cuda" and not args.compile_on_cpu:
+                raise common.Skip("torch.compile (Inductor) takes ~15 s per graph on CPU; GPU-only here "
+                                  "(--compile-on-cpu to force)")
+            if backend == "triton" and device != "cuda" and batch * n > 4096:
+                raise common.Skip("the Triton interpreter at this shape would take minutes (use --smoke on CPU)")
+            fn = logits_fn(kind, backend)
+            if compiled:
+                fn = torch.compile(fn)
+            call = forward_call(fn) if mode == "fwd" else train_call(fn, kind)
+            call()   # compile / JIT-compile outside the timing
+            t = timer(call)
+            work = interaction_flops(batch, n, d, kind) * (1 if mode == "fwd" else 3)
+            out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
+                   "tflops": work / (t["median_ms"] * 1e-3) / 1e12}
+            peak = _peak_mb(call, device)
+            if peak is not None:
+                out["peak_mb"] = peak
+            return out
+        return body
+
+    eager = {"fused": "triton", "reference": "reference", "factored": "torch"}
+    for kind in KINDS:
+        for mode in ("fwd", "fwd+bwd"):
+            for name, backend in eager.items():
+                _attempt(rows, budget, _row("interaction", kind, name, mode), measure(kind, backend, mode))
+    # compile_fused: the Triton kernels as sfg_fast:: custom ops inside an Inductor graph
+    compiled = [("compile_factored", "torch", "fwd+bwd"), ("compile_fused", "triton", "fwd+bwd"),
+                ("compile_reference", "reference", "fwd+bwd"),
+                ("compile_factored", "torch", "fwd"), ("compile_reference", "reference", "fwd")]
+    for name, backend, mode in compiled:
+        for kind in KINDS:
+            _attempt(rows, budget, _row("interaction", kind, name, mode), measure(kind, backend, mode, True),
+                     min_left=45.0)
+
+
+def bench_lookup(rows, args, device, budget, dims) -> Dict:
+    import sfg_fast.functional as SF
+    from bench.providers import concatenated_table
+    timer = _timer(device, args.reps)
+    facts = {}
+
+    def copy_body():
+        megabytes = 8 if args.smoke else 1024
+        gbps = common.copy_bandwidth_gbps(device, megabytes)
+        facts["copy_gbps"] = gbps
+        return {"gbps": gbps, "note": f"torch copy_ of a {megabytes} MB buffer (read + write bytes)"}
+    _attempt(rows, budget, _row("lookup", "-", "copy", "fwd"), copy_body)
+
+    table, offsets = concatenated_table(dims, args.dim, device)
+    table = table.detach()
+    ids_list = [common.make_ids(args.batch, dims, "zipf", device=device, seed=s) for s in range(args.rotations)]
+    counter = [0]
+    moved = args.batch * len(dims) * (2 * args.dim * table.element_size() + ids_list[0].element_size())
+
+    for name, backend in (("fused", "triton"), ("factored", "torch")):
+        def body(backend=backend):
+            def call():
+                counter[0] = (counter[0] + 1) % len(ids_list)
+                SF.embedding_lookup(ids_list[counter[0]], table, offsets, "off", backend=backend)
+            call()
+            t = timer(call)
+            gbps = moved / (t["median_ms"] * 1e-3) / 1e9
+            out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "gbps": gbps}
+            if facts.get("copy_gbps"):
+                out["pct_copy_bw"] = 100.0 * gbps / facts["copy_gbps"]
+            facts[f"lookup_{name}_pct"] = out.get("pct_copy_bw")
+            return out
+        _attempt(rows, budget, _row("lookup", "-", name, "fwd"), body)
+    return facts
+
+
+def bench_step(rows, args, device, budget, dims) -> None:
+    """Full SFG-FwFM step: lookup (+ fused sparse Adagrad in backward), encoder, scalar decoder, BCE."""
+    import sfg_fast.functional as SF
+    from sfg_fast import models
+    from sfg_fast.nn import PairwiseDecoder, SFGEncoder
+    from sfg_fast.optim import FusedFieldEmbedding
+    timer = _timer(device, args.reps)
+    batch, d, n = args.batch, args.dim, len(dims)
+    ids_list = [common.make_ids(batch, dims, "zipf", device=device, seed=s) for s in range(args.rotations)]
+    gen = torch.Generator().manual_seed(2)
+    labels_list = [(torch.rand(batch, generator=gen) < 0.25).float().to(device) for _ in ids_list]
+    counter = [0]
+
+    def next_batch():
+        counter[0] = (counter[0] + 1) % len(ids_list)
+        return ids_list[counter[0]], labels_list[counter[0]]
+
+    def fused_body():
+        backend = "triton"
+        embedding = FusedFieldEmbedding(dims, d, optimizer="adagrad", lr=0.01, bounds_check="off",
+                                        backend=backend).to(device)
+        encoder = SFGEncoder(n, d, backend=backend).to(device)
+        decoder = PairwiseDecoder(n, d, "scalar", backend=backend).to(device)
+        dense = list(encoder.parameters()) + list(decoder.parameters())
+        opt = torch.optim.Adagrad(dense, lr=0.01)
+
+        def step():
+            ids, labels = next_batch()
+            V = embedding(ids)
+            loss = SF.bce_with_logits(decoder(encoder(V), V), labels, backend=backend)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return _time_step(step)
+
+    def literal_body():
+        model = models.build("fwfm", dims, embedding_dim=d, generative=True, backend="reference",
+                             bounds_check="off").to(device)
+        opt = torch.optim.Adagrad(model.parameters(), lr=0.01)   # dense: sweeps the whole table
+
+        def step():
+            ids, labels = next_batch()
+            loss = SF.bce_with_logits(model(ids), labels, backend="torch")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return _time_step(step)
+
+    def _time_step(step):
+        step()
+        t = timer(step)
+        out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "samples_per_s": batch / (t["median_ms"] * 1e-3)}
+        peak = _peak_mb(step, device)
+        if peak is not None:
+            out["peak_mb"] = peak
+        return out
+
+    _attempt(rows, budget, _row("step", "scalar", "fused", "train"), fused_body)
+    _attempt(rows, budget, _row("step", "scalar", "reference", "train"), literal_body)
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+
+
+def add_speedups(rows: List[Dict]) -> None:
+    ref = {(r["section"], r["kind"], r["mode"]): r["median_ms"] for r in rows
+           if r["provider"] == "reference" and isinstance(r.get("median_ms"), float)}
+    for r in rows:
+        base = ref.get((r["section"], r["kind"], r["mode"]))
+        if base and isinstance(r.get("median_ms"), float) and r["median_ms"] > 0:
+            r["speedup_vs_reference"] = base / r["median_ms"]
+
+
+def evaluate_targets(rows: List[Dict], facts: Dict, device: str) -> List[Dict]:
+    """The Triton issue's targets, each with the measured value (None when not measured).
+
+    They are GPU targets: on CPU the values are listed but ``met`` stays None."""
+    def ms(kind, provider, mode):
+        for r in rows:
+            if (r["section"], r["kind"], r["provider"], r["mode"]) == ("interaction", kind, provider, mode) \
+                    and isinstance(r.get("median_ms"), float):
+                return r
+        return None
+
+    out = []
+    for kind in KINDS:
+        fused, ref, comp = (ms(kind, p, "fwd+bwd") for p in ("fused", "reference", "compile_factored"))
+        out.append({"target": f"{kind}: fused fwd+bwd >= 10x literal reference",
+                    "value": ref["median_ms"] / fused["median_ms"] if fused and ref else None, "goal": 10.0})
+        out.append({"target": f"{kind}: fused fwd+bwd >= 2x torch.compile(factored)",
+                    "value": comp["median_ms"] / fused["median_ms"] if fused and comp else None, "goal": 2.0})
+        if fused and ref and fused.get("peak_mb") and ref.get("peak_mb"):
+            mem = ref["peak_mb"] / max(fused["peak_mb"], 1e-6)
+        else:
+            mem = None
+        out.append({"target": f"{kind}: peak memory >= 20x below literal", "value": mem, "goal": 20.0})
+    out.append({"target": "lookup fwd >= 60% of copy bandwidth", "value": facts.get("lookup_fused_pct"),
+                "goal": 60.0})
+    step = next((r for r in rows if r["section"] == "step" and r["provider"] == "fused"
+                 and isinstance(r.get("samples_per_s"), float)), None)
+    out.append({"target": "SFG-FwFM step >= 20M samples/s",
+                "value": step["samples_per_s"] / 1e6 if step else None, "goal": 20.0})
+    for t in out:
+        t["met"] = None if (t["value"] is None or device != "cuda") else bool(t["value"] >= t["goal"])
+    return out
+
+
+def summary_markdown(env: Dict, shape: Dict, pre: Dict, rows: List[Dict], targets: List[Dict]) -> str:
+    lines = [f"# GPU check: {env.get('device_name')}", "",
+             f"torch {env['torch']} | triton {env['triton']} | CUDA {env.get('cuda_runtime')} | "
+             f"git {env['git_sha']} | {env['date']}", "",
+             "Shape: " + ", ".join(f"{k}={v}" for k, v in shape.items()), ""]
+    for name, result in pre.items():
+        lines.append(f"- {name}: {result.get('status')} {result.get('note', '')}".rstrip())
+    lines += ["", common.markdown_table(rows, COLUMNS), "", "| target | value | goal | met |", "|---|---|---|---|"]
+    for t in targets:
+        value = "n/a" if t["value"] is None else f"{t['value']:.3g}"
+        lines.append(f"| {t['target']} | {value} | {t['goal']} | {t['met']} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 rep, CPU-runnable (for tests)")
+    p.add_argument("--vocab-scale", type=float, default=None,
+                   help="scale of the Criteo vocabularies (1.0 = 33.8M rows; default 1.0, smoke 1e-5)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 4096, smoke 16)")
+    p.add_argument("--fields", type=int, default=None, help="number of fields (default 39, smoke 5)")
+    p.add_argument("--dim", type=int, default=None, help="embedding dim (default 16, smoke 4)")
+    p.add_argument("--reps", type=int, default=None, help="do_bench rep in ms on CUDA / repetitions on CPU")
+    p.add_argument("--rotations", type=int, default=None, help="id batches cycled so caches don't flatter")
+    p.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results/<device>/)")
+    p.add_argument("--skip-tests", action="store_true", help="do not run the GPU test suite first")
+    p.add_argument("--tests-timeout", type=int, default=120, help="seconds for the GPU tests (default 120)")
+    p.add_argument("--build-ext", action="store_true", help="build sfg_fast._C first (optional)")
+    p.add_argument("--build-timeout", type=int, default=120, help="seconds for the extension build")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the benchmarks; later providers are skipped when spent (default 180)")
+    p.add_argument("--compile-on-cpu", action="store_true", help="run the torch.compile baselines on CPU too")
+    p.add_argument("--sections", default="lookup,step,interaction", help="comma-separated sections to run")
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    defaults = dict(vocab_scale=1e-5 if smoke else 1.0, batch=16 if smoke else 4096, fields=5 if smoke else 39,
+                    dim=4 if smoke else 16, reps=1 if smoke else 100, rotations=2 if smoke else 4,
+                    budget=120.0 if smoke else 180.0)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = "cuda" if HAS_CUDA else "cpu"
+    env = _device_info(device)
+    print(f"device: {env.get('device_name')} ({device}) | torch {env['torch']} | triton {env['triton']} | "
+          f"CUDA {env['cuda_runtime']} | git {env['git_sha']} | python {env['python']}", flush=True)
+    if device != "cuda":
+        print("no CUDA device: GPU timings (do_bench), peak GPU memory, the GPU tests and the torch.compile "
+              "baselines are skipped; Triton runs through the interpreter on tiny shapes only", flush=True)
+    pre: Dict[str, Dict] = {}
+    if args.build_ext:
+        pre["build_ext"] = build_extension(args.build_timeout)
+        print(f"build_ext: {pre['build_ext']['status']}", flush=True)
+    if args.skip_tests:
+        pre["gpu_tests"] = {"status": "skipped", "note": "--skip-tests"}
+    else:
+        pre["gpu_tests"] = run_gpu_tests(device, args.tests_timeout)
+    print(f"gpu tests: {pre['gpu_tests']['status']} {pre['gpu_tests'].get('note', '')}", flush=True)
+    for line in pre["gpu_tests"].get("tail", [])[-5:]:
+        print(f"    {line}")
+
+    dims = common.field_dims_for(args.fields, args.vocab_scale)
+    shape = {"B": args.batch, "N": len(dims), "D": args.dim, "rows": sum(dims), "vocab_scale": args.vocab_scale,
+             "ids": "zipf(1.05)", "dtype": "float32", "allow_tf32": os.environ.get("SFG_FAST_ALLOW_TF32", "0")}
+    print("shape: " + ", ".join(f"{k}={v}" for k, v in shape.items()), flush=True)
+    budget = Budget(args.budget)
+    rows: List[Dict] = []
+    facts: Dict = {}
+    out_dir = args.out or os.environ.get("OUT") or os.path.join(ROOT, "bench", "results", _device_dir(env))
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = env["date"].replace(":", "").replace("-", "")[:15]
+    path = os.path.join(out_dir, f"gpu_check-{stamp}.json")
+
+    def save(complete: bool) -> str:
+        """Rewritten after every section, so a run cut short by its time limit still leaves results."""
+        add_speedups(rows)
+        targets = evaluate_targets(rows, facts, device)
+        markdown = summary_markdown(env, shape, pre, rows, targets)
+        with open(path, "w") as fh:
+            json.dump({"benchmark": "gpu_check", "env": env, "shape": shape, "pre": pre, "rows": rows,
+                       "targets": targets, "smoke": args.smoke, "complete": complete}, fh, indent=2, default=str)
+        with open(path[:-5] + ".md", "w") as fh:
+            fh.write(markdown)
+        return markdown
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for section in sections:
+        try:
+            if section == "interaction":
+                bench_interaction(rows, args, device, budget, dims)
+            elif section == "lookup":
+                facts.update(bench_lookup(rows, args, device, budget, dims))
+            elif section == "step":
+                bench_step(rows, args, device, budget, dims)
+            else:
+                raise ValueError(f"unknown section {section!r}; choose from interaction, lookup, step")
+        except Exception as exc:   # a whole section failing (e.g. out of memory building its table)
+            rows.append(_row(section, "-", "-", "-", status="error", note=f"{type(exc).__name__}: {exc}"[:240]))
+            traceback.print_exc(limit=3)
+        save(complete=False)
+    markdown = save(complete=True)
+    print()
+    print(markdown)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

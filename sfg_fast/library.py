@@ -1,0 +1,377 @@
+"""sfg_fast ops as ``torch.library`` custom ops, so models compose with ``torch.compile(fullgraph=True)``.
+
+Why this exists: the ``"torch"`` backend (``sfg_fast.factored``) is plain PyTorch and traces as it is,
+but the Triton launchers and the compiled extension are opaque to Dynamo (host-side block sizing,
+autograd.Functions holding Python state, raw kernel launches). Each functional op therefore has a
+custom op ``sfg_fast::<op>(..., str backend)`` with a fake (meta) implementation that states the
+output's shape and dtype, and a registered autograd formula whose backward is itself a custom op
+``sfg_fast::<op>_backward``. ``sfg_fast.functional`` routes through them only while compiling;
+eager calls keep the direct path (no dispatcher overhead).
+
+Data-reading validation (id bounds, label values) cannot be traced: a ``bool(tensor.any())`` is a
+graph break. While compiling it runs inside the graph as the opaque ops ``sfg_fast::checked_ids``
+and ``sfg_fast::checked_labels``, which read the data at run time and raise the same errors as
+eager mode.
+
+Output dtype contract (the fake and the real kernel must agree, so the eager body casts to it):
+the promoted dtype of the op's floating operands (bias excluded for the encoder ops), the table's
+dtype for ``embedding_lookup``, and fp32 (fp64 for fp64 logits) for ``bce_with_logits``. Under
+autocast the custom ops receive their inputs uncast, so a bf16 activation meeting an fp32 table
+promotes to fp32 instead of silently losing precision.
+
+Backward: ``embedding_lookup`` and ``bce_with_logits`` call their Triton backward launchers
+directly; the other ops recompute their forward under autograd inside the backward op and pull
+the gradients through the backend's own autograd.Function (one extra forward kernel per backward;
+the eager path has no such cost).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _checks as C
+from . import factored
+from . import functional as _functional
+
+__all__ = ["NAMESPACE", "OPS", "compiled_impl", "checked_ids", "checked_labels", "validate_bce",
+           "op", "backward_op"]
+
+NAMESPACE = "sfg_fast"
+
+
+# ---------------------------------------------------------------------------------------------
+# run-time validation inside compiled graphs
+
+
+@torch.library.custom_op(f"{NAMESPACE}::checked_ids", mutates_args=())
+def checked_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: int, bounds_check: str) -> torch.Tensor:
+    """Validated ids for a lookup (``"fatal"``: IndexError naming field and id; ``"clamp_to_oov"``:
+    remapped to the field's last id). Returns a new tensor: custom op outputs may not alias inputs."""
+    C.check_choice("bounds_check", bounds_check, ("fatal", "clamp_to_oov"))
+    sizes = C.check_offsets(offsets, num_rows)
+    if bounds_check == "fatal":
+        C.check_ids_in_range(ids, sizes)
+        return ids.clone()
+    remapped, _ = C.clamp_to_oov(ids, sizes)
+    return remapped
+
+
+@checked_ids.register_fake
+def _checked_ids_fake(ids, offsets, num_rows, bounds_check):
+    return torch.empty_like(ids)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::checked_labels", mutates_args=())
+def checked_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` (copied) after the value checks of ``bce_with_logits``: finite and in [0, 1]."""
+    probe = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
+    C.check_bce(probe, labels, "mean")
+    return labels.clone()
+
+
+@checked_labels.register_fake
+def _checked_labels_fake(labels):
+    return torch.empty_like(labels)
+
+
+def _labels_setup(ctx, inputs, output):
+    pass
+
+
+def _labels_backward(ctx, grad):
+    return grad
+
+
+checked_labels.register_autograd(_labels_backward, setup_context=_labels_setup)
+
+
+def validate_bce(logits, labels, reduction: str) -> torch.Tensor:
+    """Every check of ``bce_with_logits`` that needs no tensor data, then :func:`checked_labels`."""
+    C.check_tensor("logits", logits)
+    if isinstance(labels, torch.Tensor):
+        # zero-size stand-ins keep the dtype and choice checks and skip the value checks
+        C.check_bce(logits.new_empty(0), labels.new_empty(0), reduction)
+        C.check_same("logits", logits, "labels", labels)
+    else:
+        C.check_bce(logits, labels, reduction)
+    return checked_labels(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# one custom op (and one backward op) per functional op
+
+
+def _promote(*tensors) -> torch.dtype:
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _num_pairs(n: int, pairs: str) -> int:
+    return {"upper": n * (n - 1) // 2, "all": n * n, "offdiag": n * (n - 1)}[pairs]
+
+
+def _bce_meta(logits, labels, reduction):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return (tuple(logits.shape) if reduction == "none" else ()), dtype
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Schema of one functional op as a custom op, and how its output is shaped."""
+    name: str
+    args: str                                  # schema of the arguments, without ``str backend``
+    differentiable: Tuple[int, ...]            # positions of the tensor arguments that get gradients
+    meta: Callable                             # (*args) -> (output shape, output dtype)
+
+    @property
+    def arg_names(self) -> List[str]:
+        return [a.strip().split(" ")[-1] for a in self.args.split(",")]
+
+
+OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
+    OpSpec("embedding_lookup", "Tensor ids, Tensor weight, Tensor offsets", (1,),
+           lambda ids, w, off: ((ids.shape[0], ids.shape[1], w.shape[1]), w.dtype)),
+    OpSpec("sfg_encode", "Tensor V, Tensor weight, Tensor? bias, str activation, float gamma, bool residual",
+           (0, 1, 2), lambda V, w, b, *_: (tuple(V.shape), _promote(V, w))),
+    OpSpec("pairwise_decode", "Tensor Z, Tensor V, Tensor? weight, str kind, str pairs, str generated_side, "
+           "bool symmetric", (0, 1, 2), lambda Z, V, w, *_: ((Z.shape[0],), _promote(Z, V, w))),
+    OpSpec("pairwise_products", "Tensor Z, Tensor V, str pairs, str generated_side, bool symmetric", (0, 1),
+           lambda Z, V, pairs, *_: ((Z.shape[0], _num_pairs(Z.shape[1], pairs)), _promote(Z, V))),
+    OpSpec("generative_cross", "Tensor x, Tensor x_gen, Tensor weight, Tensor? bias", (0, 1, 2, 3),
+           lambda x, g, w, b: (tuple(x.shape), _promote(x, g, w, b))),
+    OpSpec("bce_with_logits", "Tensor logits, Tensor labels, str reduction", (0, 1), _bce_meta),
+    OpSpec("sfg_logits", "Tensor ids, Tensor table, Tensor offsets, Tensor? enc_weight, Tensor? enc_bias, "
+           "Tensor? dec_weight, str kind, str activation, float gamma, bool residual, str pairs, "
+           "str generated_side, bool symmetric", (1, 3, 4, 5),
+           lambda ids, t, off, ew, eb, dw, *_: ((ids.shape[0],), _promote(t, ew, dw))),
+)}
+
+
+def _backend_impl(backend: str, name: str) -> Callable:
+    """The eager implementation of op ``name`` on ``backend`` (the torch one is sfg_fast.factored)."""
+    if backend == "torch":
+        return getattr(factored, name)
+    from .ops import load_backends
+    load_backends()
+    impl = _functional._OPTIONAL_IMPLS.get((backend, name))
+    if impl is None:
+        from ._backend import unavailable_reason
+        raise RuntimeError(f"backend {backend!r} has no implementation of {name!r}: "
+                           f"{unavailable_reason(backend, name) or 'it did not register one'}")
+    return impl
+
+
+def _fresh(out: torch.Tensor, inputs: Sequence) -> torch.Tensor:
+    """``out`` itself unless it shares memory with an input (custom op outputs must not alias)."""
+    ptr = out.untyped_storage().data_ptr()
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() == ptr:
+            return out.clone()
+    return out
+
+
+def _make_forward(spec: OpSpec):
+    def forward(*args):
+        *op_args, backend = args
+        shape, dtype = spec.meta(*op_args)
+        with torch.no_grad():
+            out = _backend_impl(backend, spec.name)(*op_args)
+        if tuple(out.shape) != tuple(shape):
+            raise RuntimeError(f"{spec.name} on backend {backend!r} returned shape {list(out.shape)}, "
+                               f"expected {list(shape)}")
+        return _fresh(out.to(dtype), op_args)
+
+    def fake(*args):
+        *op_args, _ = args
+        shape, dtype = spec.meta(*op_args)
+        ref = next(a for a in op_args if isinstance(a, torch.Tensor))
+        return ref.new_empty(shape, dtype=dtype)
+    return forward, fake
+
+
+def _lookup_backward_triton(grad, ids, weight, offsets, needs):
+    from .ops.embedding_lookup import embedding_lookup_bwd
+    return [embedding_lookup_bwd(grad, ids, offsets, weight.shape[0], weight.dtype) if needs[0] else None]
+
+
+def _bce_backward_triton(grad, logits, labels, reduction, needs):
+    from .ops.bce_with_logits import bce_with_logits_bwd
+    need_labels = bool(needs[1]) and labels.is_floating_point()
+    dx, dy = bce_with_logits_bwd(grad, logits, labels, reduction, bool(needs[0]), need_labels)
+    return [dx, dy]
+
+
+# Backward launchers that need no recomputation of the forward; every other (backend, op) recomputes.
+_DIRECT_BACKWARD = {("triton", "embedding_lookup"): _lookup_backward_triton,
+                    ("triton", "bce_with_logits"): _bce_backward_triton}
+
+
+def _autograd_inside_kernel():
+    """Re-enable autograd recording inside a custom op's kernel.
+
+    The dispatcher runs custom op kernels with the autograd keys excluded (the op's own formula is
+    the autograd), so ATen ops in a recomputed forward would record nothing and every gradient
+    would silently be zero. This lifts exactly those keys for the recomputation (autocast stays off).
+    """
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality) | \
+        torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                           torch._C._dispatch_tls_local_exclude_set() - keys)
+
+
+def _recompute_backward(spec: OpSpec, backend: str, grad, op_args, needs) -> List[Optional[torch.Tensor]]:
+    """Gradients of ``sum(grad * op(*op_args))`` through the backend's own autograd formula."""
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args]
+    impl = _backend_impl(backend, spec.name)
+    wanted = []
+    for pos, need in zip(spec.differentiable, needs):
+        if need and args[pos] is not None and args[pos].is_floating_point():
+            args[pos] = args[pos].requires_grad_(True)
+            wanted.append(pos)
+    grads: Dict[int, torch.Tensor] = {}
+    if wanted:
+        with torch.enable_grad(), _autograd_inside_kernel():
+            out = impl(*args)
+            if out.requires_grad:
+                got = torch.autograd.grad(out, [args[p] for p in wanted], grad.to(out.dtype), allow_unused=True)
+                grads = {p: g for p, g in zip(wanted, got) if g is not None}
+    return [None if pos not in wanted else grads.get(pos, torch.zeros_like(args[pos]))
+            for pos in spec.differentiable]
+
+
+def _make_backward(spec: OpSpec):
+    def backward(*args):
+        grad, *op_args, backend, needs = args
+        direct = _DIRECT_BACKWARD.get((backend, spec.name))
+        grads = direct(grad, *op_args, needs) if direct else _recompute_backward(spec, backend, grad, op_args, needs)
+        out = []
+        for pos, g, need in zip(spec.differentiable, grads, needs):
+            t = op_args[pos]
+            if g is None or not need or t is None:
+                out.append(grad.new_empty(0))       # the autograd formula maps empties to None
+            else:
+                out.append(_fresh(g.to(t.dtype).reshape(t.shape), [grad, *op_args]))
+        return out
+
+    def fake(*args):
+        grad, *op_args, _, needs = args
+        out = []
+        for pos, need in zip(spec.differentiable, needs):
+            t = op_args[pos]
+            out.append(torch.empty_like(t) if (need and t is not None) else grad.new_empty(0))
+        return out
+    return backward, fake
+
+
+def _register(spec: OpSpec):
+    forward, forward_fake = _make_forward(spec)
+    backward, backward_fake = _make_backward(spec)
+    fwd = torch.library.custom_op(f"{NAMESPACE}::{spec.name}", forward, mutates_args=(),
+                                  schema=f"({spec.args}, str backend) -> Tensor")
+    fwd.register_fake(forward_fake)
+    bwd = torch.library.custom_op(f"{NAMESPACE}::{spec.name}_backward", backward, mutates_args=(),
+                                  schema=f"(Tensor grad, {spec.args}, str backend, bool[] needs) -> Tensor[]")
+    bwd.register_fake(backward_fake)
+    num_args = len(spec.arg_names)
+
+    def setup_context(ctx, inputs, output):
+        *op_args, backend = inputs
+        tensors = [i for i, a in enumerate(op_args) if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*[op_args[i] for i in tensors])
+        ctx.layout = (tensors, [None if isinstance(a, torch.Tensor) else a for a in op_args], backend)
+
+    def autograd_backward(ctx, grad):
+        tensors, op_args, backend = ctx.layout
+        op_args = list(op_args)
+        for i, t in zip(tensors, ctx.saved_tensors):
+            op_args[i] = t
+        needs = [bool(ctx.needs_input_grad[pos]) for pos in spec.differentiable]
+        result = [None] * (num_args + 1)
+        if any(needs):
+            grads = bwd(grad.contiguous(), *op_args, backend, needs)
+            for pos, need, g in zip(spec.differentiable, needs, grads):
+                keep = need and op_args[pos] is not None and g.numel() == op_args[pos].numel()
+                result[pos] = g if keep else None
+        return tuple(result)
+
+    fwd.register_autograd(autograd_backward, setup_context=setup_context)
+    return fwd, bwd
+
+
+_REGISTERED = {name: _register(spec) for name, spec in OPS.items()}
+
+
+def op(name: str):
+    """The custom op of functional op ``name`` (call as ``op(name)(*args, backend)``)."""
+    return _REGISTERED[name][0]
+
+
+def backward_op(name: str):
+    """The backward custom op of functional op ``name``."""
+    return _REGISTERED[name][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# what sfg_fast.functional calls while torch.compile traces it
+
+
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing Dynamo at import time (seconds).
+
+    Dynamo runs a function carrying this mark eagerly while tracing and bakes in its result."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True   # the mark that decorator sets
+    return fn
+
+
+@_assume_constant_result
+def _resolve_while_tracing(backend: str, name: str, device: str) -> str:
+    """Backend choice, run eagerly at trace time: loading the backends imports modules, which Dynamo
+    cannot trace. The result is baked into the graph (set SFG_FAST_BACKEND before compiling)."""
+    from ._backend import resolve
+    from .ops import load_backends
+    if backend not in ("torch", "reference"):
+        load_backends()
+    return resolve(backend, name, torch.device(device))
+
+
+def _pair_index(n: int, pairs: str, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the pairs of P in row-major order, built from Python ints (no data-dependent
+    nonzero, which Dynamo cannot trace)."""
+    C.check_choice("pairs", pairs, C.PAIRS)
+    keep = {"upper": lambda i, j: i < j, "all": lambda i, j: True, "offdiag": lambda i, j: i != j}[pairs]
+    index = [(i, j) for i in range(n) for j in range(n) if keep(i, j)]
+    rows = torch.tensor([i for i, _ in index], dtype=torch.int64, device=device)
+    cols = torch.tensor([j for _, j in index], dtype=torch.int64, device=device)
+    return rows, cols
+
+
+def _pairwise_products_traceable(Z, V, pairs, generated_side, symmetric):
+    """The torch backend's pairwise_products with a static pair index (same math as factored)."""
+    left, right = (Z, Z) if symmetric else ((Z, V) if generated_side == "left" else (V, Z))
+    dtype = torch.promote_types(left.dtype, right.dtype)
+    gram = torch.bmm(left.to(dtype), right.to(dtype).transpose(1, 2))
+    rows, cols = _pair_index(Z.shape[1], pairs, Z.device)
+    return gram[:, rows, cols]
+
+
+_TRACEABLE_TORCH = {"pairwise_products": _pairwise_products_traceable}
+
+
+def compiled_impl(backend: str, name: str, device: torch.device) -> Optional[Callable]:
+    """What ``functional._impl`` returns while compiling: the traceable torch implementation, or a
+    caller of the custom op for an opaque backend (None selects the reference)."""
+    chosen = _resolve_while_tracing(backend, name, str(device))
+    if chosen == "reference":
+        return None
+    if chosen == "torch":
+        return _TRACEABLE_TORCH.get(name, getattr(factored, name))
+    custom = op(name)
+    return lambda *args: custom(*args, chosen)

@@ -1,0 +1,310 @@
+"""Drop-in composition: torch.library custom ops, torch.compile(fullgraph=True) and autocast.
+
+CPU runs the "torch" backend (plain PyTorch, traced by Dynamo) and the "triton" backend through the
+interpreter (opaque kernels behind the sfg_fast:: custom ops). Inductor compiles take ~15-60 s on
+this machine, so one model goes through Inductor (slow); the others use the "aot_eager" backend,
+which runs the same Dynamo capture, fake-tensor propagation and AOTAutograd partitioning.
+"""
+import pytest
+import torch
+
+import sfg_fast.functional as SF
+from sfg_fast import library, models
+from sfg_fast import ops as sfg_ops
+from tests.helpers import offsets_of
+
+# Triton runs natively on a GPU and through the interpreter on CPU; the torch backend stays on CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FIELD_DIMS = [7, 5, 11, 3]
+D = 4
+B = 6
+ALL_MODELS = ["fm", "fwfm", "fmfm", "deepfm", "ipnn", "xdeepfm", "dcnv2", "crossnet"]
+# IPNN's pairwise_products has no Triton kernel; the model raises BackendUnavailableError there.
+TRITON_MODELS = [m for m in ALL_MODELS if m != "ipnn"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _device(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def _ids(batch=B, dtype=torch.int64, device="cpu"):
+    return torch.stack([torch.randint(0, d, (batch,)) for d in FIELD_DIMS], 1).to(dtype).to(device)
+
+
+def _model(name, backend="torch", **extra):
+    kw = {}
+    if name in ("deepfm", "ipnn", "xdeepfm", "dcnv2"):
+        kw["hidden_units"] = (8,)
+    if name == "xdeepfm":
+        kw["cin_layer_units"] = (4,)
+    kw.update(extra)
+    torch.manual_seed(1)
+    model = models.build(name, FIELD_DIMS, embedding_dim=D, generative=True, backend=backend, **kw)
+    with torch.no_grad():   # larger weights than the 1e-4 default so products are not ~0
+        model.embedding.weight.normal_(0, 0.5)
+    return model.to(_device(backend))
+
+
+def _step(model, ids, labels, backend):
+    logits = model(ids)
+    return logits, SF.bce_with_logits(logits, labels, backend=backend)
+
+
+def _grads(model):
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare_compiled(name, backend, compile_backend):
+    model = _model(name, backend)
+    device = _device(backend)
+    ids, labels = _ids(device=device), torch.rand(B, device=device)
+    logits, loss = _step(model, ids, labels, backend)
+    loss.backward()
+    eager = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    compiled = torch.compile(lambda i, y: _step(model, i, y, backend), fullgraph=True, backend=compile_backend)
+    logits_c, loss_c = compiled(ids, labels)
+    loss_c.backward()
+    got = _grads(model)
+    torch.testing.assert_close(logits_c, logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
+    assert set(got) == set(eager) and len(got) > 0
+    for key in eager:
+        torch.testing.assert_close(got[key], eager[key], rtol=1e-4, atol=1e-6, msg=f"grad of {key}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom ops themselves
+
+
+def _op_cases(device):
+    n, width = len(FIELD_DIMS), len(FIELD_DIMS) * D
+    rows = sum(FIELD_DIMS)
+    offsets = offsets_of(FIELD_DIMS).to(device)
+
+    def r(*shape):
+        return torch.randn(*shape, device=device, requires_grad=True)
+    return {
+        "embedding_lookup": lambda: (_ids(3, device=device), r(rows, D), offsets),
+        "sfg_encode": lambda: (r(3, n, D), r(width, width), r(width), "relu", 0.5, True),
+        "pairwise_decode": lambda: (r(3, n, D), r(3, n, D), r(n, n, D), "vector", "upper", "left", False),
+        "pairwise_products": lambda: (r(3, n, D), r(3, n, D), "offdiag", "right", False),
+        "generative_cross": lambda: (r(3, width), r(3, width), r(width, width), r(width)),
+        "bce_with_logits": lambda: (r(3), torch.rand(3, device=device), "mean"),
+        "sfg_logits": lambda: (_ids(3, device=device), r(rows, D), offsets, r(width, width), None,
+                               r(n, n, D, D), "matrix", "tanh", 1.5, False, "upper", "right", False),
+    }
+
+
+OP_CASES = {"torch": _op_cases("cpu"), "triton": _op_cases(TRITON_DEVICE)}
+OP_PARAMS = [pytest.param("torch", name, id=f"torch-{name}") for name in OP_CASES["torch"]] + [
+    pytest.param("triton", name, id=f"triton-{name}", marks=pytest.mark.interpreter)
+    for name in OP_CASES["triton"] if name != "pairwise_products"]
+
+
+@pytest.mark.parametrize("backend,name", OP_PARAMS)
+def test_opcheck(backend, name):
+    """Schema, fake tensor, autograd registration and AOT dispatch of every custom op."""
+    torch.library.opcheck(library.op(name), OP_CASES[backend][name]() + (backend,))
+
+
+@pytest.mark.parametrize("backend,name", OP_PARAMS)
+def test_custom_op_matches_backend(backend, name):
+    """The custom op returns the backend's own forward and gradients (fake and real agree on dtype)."""
+    args = OP_CASES[backend][name]()
+    direct_args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                   for a in args]
+    out = library.op(name)(*args, backend)
+    sfg_ops.load_backends()
+    impl = library._backend_impl(backend, name)
+    expected = impl(*direct_args)
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    checked = 0
+    for a, b in zip(args, direct_args):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked >= 1
+
+
+def test_opcheck_validation_ops():
+    offsets = offsets_of(FIELD_DIMS)
+    torch.library.opcheck(library.checked_ids, (_ids(3), offsets, sum(FIELD_DIMS), "fatal"))
+    torch.library.opcheck(library.checked_ids, (_ids(3), offsets, sum(FIELD_DIMS), "clamp_to_oov"))
+    torch.library.opcheck(library.checked_labels, (torch.rand(5, requires_grad=True),))
+
+
+def test_fake_dtype_follows_promotion():
+    """bf16 activations meeting fp32 weights promote to fp32 (what the kernels return under autocast)."""
+    n, width = len(FIELD_DIMS), len(FIELD_DIMS) * D
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        V = torch.empty(2, n, D, dtype=torch.bfloat16)
+        w = torch.empty(width, width)
+        assert library.op("sfg_encode")(V, w, None, "relu", 1.0, False, "torch").dtype == torch.float32
+        loss = library.op("bce_with_logits")(torch.empty(2, dtype=torch.bfloat16), torch.empty(2), "none", "torch")
+        assert loss.dtype == torch.float32 and loss.shape == (2,)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole models under torch.compile(fullgraph=True)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_model_traces_without_graph_break(name):
+    """fullgraph=True raises on any graph break; the "eager" backend keeps this to Dynamo alone."""
+    model = _model(name)
+    ids, labels = _ids(), torch.rand(B)
+    compiled = torch.compile(lambda i, y: _step(model, i, y, "torch"), fullgraph=True, backend="eager")
+    logits_c, loss_c = compiled(ids, labels)
+    logits, loss = _step(model, ids, labels, "torch")
+    torch.testing.assert_close(logits_c, logits)
+    torch.testing.assert_close(loss_c, loss)
+
+
+@pytest.mark.parametrize("name", ["fm", "fmfm", "dcnv2"])
+def test_compiled_matches_eager_torch_backend(name):
+    _compare_compiled(name, "torch", "aot_eager")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", ["fm", "fmfm", "dcnv2"])
+def test_compiled_matches_eager_triton_backend(name):
+    """Opaque Triton kernels inside one graph: forward, loss and every parameter gradient."""
+    _compare_compiled(name, "triton", "aot_eager")
+
+
+@pytest.mark.slow
+def test_inductor_matches_eager():
+    """The default backend (Inductor, C++ codegen on CPU) on SFG-FM: one graph, same numbers."""
+    _compare_compiled("fm", "torch", "inductor")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fm", "dcnv2"])
+def test_inductor_triton_backend_on_gpu(name):
+    """Inductor (Triton codegen) around the opaque sfg_fast kernels on a GPU."""
+    _compare_compiled(name, "triton", "inductor")
+
+
+def test_backend_choice_loads_backends_at_trace_time():
+    """A first call that is already compiled must not trace module imports (load_backends)."""
+    sfg_ops.load_backends()
+    saved = sfg_ops._LOADED
+    sfg_ops._LOADED = False
+    try:
+        model = _model("fwfm", backend="auto")
+        ids = _ids()
+        out = torch.compile(model, fullgraph=True, backend="eager")(ids)
+        assert sfg_ops._LOADED
+    finally:
+        sfg_ops._LOADED = saved
+    torch.testing.assert_close(out, model(ids))
+
+
+def _ids_with_bad(field, value):
+    ids = _ids()
+    ids[2, field] = value
+    return ids
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_compiled_bounds_check_raises_naming_field(backend):
+    model = _model("fm", backend)
+    device = _device(backend)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(_ids(device=device))
+    with pytest.raises(IndexError, match=r"field 2"):
+        compiled(_ids_with_bad(2, FIELD_DIMS[2] + 4).to(device))
+    with pytest.raises(IndexError, match=r"field 1"):
+        compiled(_ids_with_bad(1, -1).to(device))
+
+
+def test_compiled_clamp_to_oov_matches_eager():
+    weight = torch.randn(sum(FIELD_DIMS), D)
+    offsets = offsets_of(FIELD_DIMS)
+    ids = _ids_with_bad(3, 99)
+
+    def lookup(i):
+        return SF.embedding_lookup(i, weight, offsets, "clamp_to_oov", backend="torch")
+    got = torch.compile(lookup, fullgraph=True, backend="eager")(ids)
+    torch.testing.assert_close(got, lookup(ids))
+    assert torch.equal(got[2, 3], weight[offsets[3] + FIELD_DIMS[3] - 1])
+
+
+def test_compiled_label_check_raises():
+    compiled = torch.compile(lambda x, y: SF.bce_with_logits(x, y), fullgraph=True, backend="eager")
+    logits = torch.randn(4)
+    torch.testing.assert_close(compiled(logits, torch.tensor([0.0, 1.0, 0.5, 1.0])),
+                               SF.bce_with_logits(logits, torch.tensor([0.0, 1.0, 0.5, 1.0])))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+        compiled(logits, torch.tensor([0.0, 2.0, 0.5, 1.0]))
+    # a static error under fullgraph stops the trace; without fullgraph Dynamo falls back to eager
+    # for that frame, which raises the usual ValueError
+    lenient = torch.compile(lambda x, y: SF.bce_with_logits(x, y), backend="eager")
+    with pytest.raises(ValueError, match=r"labels must have the shape of logits"):
+        lenient(logits, torch.rand(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# autocast
+
+
+def _autocast_check(name, backend, dtype):
+    model = _model(name, backend)
+    device = _device(backend)
+    ids, labels = _ids(device=device), torch.rand(B, device=device)
+    logits32, loss32 = _step(model, ids, labels, backend)
+    with torch.autocast(device, dtype=dtype):
+        logits, loss = _step(model, ids, labels, backend)
+    assert loss.dtype == torch.float32, f"{name}: loss must be computed in fp32, got {loss.dtype}"
+    loss.backward()
+    grads = _grads(model)
+    assert model.embedding.weight.grad is not None
+    for key, g in grads.items():
+        assert g.dtype == dict(model.named_parameters())[key].dtype
+        assert torch.isfinite(g).all(), f"{name}: non-finite gradient of {key}"
+    # bf16 keeps 8 bits of mantissa: the mixed-precision loss stays within a few 1e-2 of fp32
+    torch.testing.assert_close(loss.detach(), loss32.detach(), rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(logits.detach().float(), logits32.detach(), rtol=1e-1, atol=1e-1)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_autocast_bf16_every_model(name):
+    _autocast_check(name, "torch", torch.bfloat16)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", ["fm", "dcnv2"])
+def test_autocast_bf16_triton_backend(name):
+    _autocast_check(name, "triton", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fm", "fmfm", "dcnv2"])
+def test_autocast_fp16_triton_backend_on_gpu(name):
+    _autocast_check(name, "triton", torch.float16)
+
+
+def test_autocast_under_compile():
+    model = _model("dcnv2")
+    ids, labels = _ids(), torch.rand(B)
+
+    def step(i, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _step(model, i, y, "torch")
+    logits_c, loss_c = torch.compile(step, fullgraph=True, backend="aot_eager")(ids, labels)
+    logits, loss = step(ids, labels)
+    assert loss_c.dtype == torch.float32
+    torch.testing.assert_close(loss_c, loss, rtol=1e-2, atol=1e-2)

@@ -1,0 +1,105 @@
+"""bench/gpu_check.py must run anywhere: its --smoke mode on CPU yields a well-formed table and JSON."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = dict(os.environ, OUT=str(out))
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--skip-tests"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert len([f for f in files if f.endswith(".json")]) == 1, files
+    path = os.path.join(out, next(f for f in files if f.endswith(".json")))
+    with open(path) as fh:
+        data = json.load(fh)
+    with open(path[:-5] + ".md") as fh:
+        markdown = fh.read()
+    return proc.stdout, data, markdown
+
+
+def test_json_carries_environment(smoke):
+    _, data, _ = smoke
+    env = data["env"]
+    for key in ("device", "device_name", "torch", "triton", "git_sha", "date", "cuda_runtime"):
+        assert key in env, key
+    assert env["torch"] == torch.__version__
+    assert data["smoke"] is True and data["complete"] is True
+    assert data["shape"]["N"] == 5 and data["shape"]["B"] == 16
+
+
+def test_every_section_kind_and_provider_has_a_row(smoke):
+    _, data, _ = smoke
+    rows = data["rows"]
+    statuses = {r["status"] for r in rows}
+    assert statuses <= {"ok", "skipped", "error"}
+    assert not [r for r in rows if r["status"] == "error"], [r for r in rows if r["status"] == "error"]
+    seen = {(r["section"], r["kind"], r["provider"], r["mode"]) for r in rows}
+    for kind in ("scalar", "vector", "matrix"):
+        for provider in ("fused", "reference", "factored", "compile_factored", "compile_reference", "compile_fused"):
+            assert ("interaction", kind, provider, "fwd+bwd") in seen, (kind, provider)
+    assert ("lookup", "-", "copy", "fwd") in seen and ("step", "scalar", "fused", "train") in seen
+    for r in rows:
+        if r["status"] == "ok" and r["provider"] != "copy":
+            assert r["median_ms"] > 0 and r["iqr_ms"] >= 0, r
+        if r["status"] == "skipped":
+            assert r["note"], r   # a skip always says why
+    if not torch.cuda.is_available():
+        compiled = [r for r in rows if r["provider"].startswith("compile_")]
+        assert compiled and all(r["status"] == "skipped" for r in compiled)
+
+
+def test_derived_numbers_are_consistent(smoke):
+    _, data, _ = smoke
+    rows = data["rows"]
+    ref = {(r["kind"], r["mode"]): r["median_ms"] for r in rows
+           if r["section"] == "interaction" and r["provider"] == "reference" and r["status"] == "ok"}
+    for r in rows:
+        if r["section"] == "interaction" and r["status"] == "ok":
+            assert r["speedup_vs_reference"] == pytest.approx(ref[(r["kind"], r["mode"])] / r["median_ms"])
+            assert r["tflops"] > 0
+    step = next(r for r in rows if r["section"] == "step" and r["provider"] == "fused")
+    assert step["samples_per_s"] == pytest.approx(16 / (step["median_ms"] * 1e-3))
+    copy = next(r for r in rows if r["provider"] == "copy")
+    lookup = next(r for r in rows if r["section"] == "lookup" and r["provider"] == "fused")
+    assert lookup["pct_copy_bw"] == pytest.approx(100 * lookup["gbps"] / copy["gbps"])
+    targets = data["targets"]
+    assert len(targets) == 11 and all(set(t) == {"target", "value", "goal", "met"} for t in targets)
+    if not torch.cuda.is_available():
+        assert all(t["met"] is None for t in targets)   # GPU targets are not judged on CPU
+
+
+def test_table_is_printed_and_written(smoke):
+    stdout, data, markdown = smoke
+    header = "| section | kind | provider | mode | median_ms |"
+    assert header in stdout and header in markdown
+    table = [line for line in markdown.splitlines()
+             if line.startswith(("| interaction | ", "| lookup | ", "| step | "))]
+    assert len(table) == len(data["rows"])
+    width = next(line for line in markdown.splitlines() if line.startswith(header)).count("|")
+    assert all(line.count("|") == width for line in table)
+    assert data["env"]["git_sha"] in markdown and "wrote " in stdout
+
+
+def test_parse_args_defaults_are_the_criteo_shape():
+    sys.path.insert(0, ROOT)
+    from bench.gpu_check import interaction_flops, parse_args
+    args = parse_args([])
+    assert (args.batch, args.fields, args.dim, args.vocab_scale) == (4096, 39, 16, 1.0)
+    from bench.common import field_dims_for
+    assert 33_000_000 < sum(field_dims_for(args.fields, args.vocab_scale)) < 34_500_000
+    # matrix decoder: two (ND x ND) GEMMs; scalar: one GEMM plus the N x N mix
+    assert interaction_flops(2, 3, 4, "matrix") == 2 * 2 * 144 * 2 + 2 * 2 * 12
+    assert interaction_flops(2, 3, 4, "scalar") == 2 * 2 * 144 + 2 * 2 * 9 * 4 + 2 * 2 * 12
