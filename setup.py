@@ -69,7 +69,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["sfg_fast", "sfg_fast.ops", "sfg_fast.models", "sfg_fast.data", "sfg_fast.kernels"],
+    packages=["sfg_fast", "sfg_fast.ops", "sfg_fast.models", "sfg_fast.data", "sfg_fast.kernels", "sfg_fast.integrations"],
     package_dir={"sfg_fast": "sfg_fast", "sfg_fast.kernels": "kernels"},
     package_data={"sfg_fast": ["configs/*.yaml"]},
     install_requires=[

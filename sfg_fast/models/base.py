@@ -36,7 +36,7 @@ class CTRModel(nn.Module):
     def __init__(self, field_dims: Sequence[int], embedding_dim: int = 16, generative: bool = True,
                  gamma: float = 1.0, activation: str = "relu", encoder_bias: bool = False,
                  residual: bool = False, encoder_dropout: float = 0.0, init_std: float = 1e-4,
-                 bounds_check: str = "fatal", backend: str = "auto"):
+                 bounds_check: str = "fatal", backend: str = "auto", embedding="native"):
         super().__init__()
         self.field_dims = [int(x) for x in field_dims]
         self.num_fields = len(self.field_dims)
@@ -45,12 +45,15 @@ class CTRModel(nn.Module):
         self.backend = backend
         self.encoder_kwargs = dict(activation=activation, gamma=gamma, bias=encoder_bias,
                                    residual=residual, dropout=encoder_dropout, backend=backend)
-        self.embedding = FieldEmbedding(self.field_dims, self.embedding_dim, bounds_check=bounds_check,
-                                        init_std=init_std, backend=backend)
+        self.embedding = make_field_embedding(embedding, self.field_dims, self.embedding_dim,
+                                              bounds_check=bounds_check, init_std=init_std, backend=backend)
         self.config: Dict = dict(embedding_dim=self.embedding_dim, generative=self.generative, gamma=gamma,
                                  activation=activation, encoder_bias=encoder_bias, residual=residual,
                                  encoder_dropout=encoder_dropout, init_std=init_std,
                                  bounds_check=bounds_check, backend=backend)
+        if isinstance(embedding, str) and embedding != "native":
+            # Recorded only when not the default, so native configs and checkpoints stay as they were.
+            self.config["embedding"] = embedding
 
     def _record(self, **hparams) -> None:
         self.config.update(hparams)
@@ -88,3 +91,47 @@ class CTRModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"generative={self.generative}"
+
+
+EMBEDDINGS = ("native", "torchrec")
+
+
+def make_field_embedding(embedding, field_dims: Sequence[int], embedding_dim: int, **kwargs) -> nn.Module:
+    """The ids -> V ``[B, N, D]`` module a model uses.
+
+    ``embedding``: "native" (:class:`sfg_fast.nn.FieldEmbedding`), "torchrec"
+    (:class:`sfg_fast.integrations.torchrec.TorchRecFieldEmbedding`, shardable by TorchRec's
+    DistributedModelParallel) or a ready module with the same forward contract. ``kwargs``:
+    bounds_check, init_std, backend.
+    """
+    if isinstance(embedding, nn.Module):
+        return embedding
+    if embedding == "native":
+        return FieldEmbedding(field_dims, embedding_dim, **kwargs)
+    if embedding == "torchrec":
+        from ..integrations.torchrec import TorchRecFieldEmbedding
+
+        return TorchRecFieldEmbedding(field_dims, embedding_dim, **kwargs)
+    raise ValueError(f"embedding must be one of {EMBEDDINGS} or an nn.Module mapping ids [B, N] to "
+                     f"[B, N, D], got {embedding!r}")
+
+
+def use_embedding_for_first_order(model: nn.Module, embedding) -> None:
+    """Rebuild every :class:`FirstOrder` table of ``model`` with ``embedding`` ("native"/"torchrec").
+
+    The first-order weights are one more id-indexed table (D = 1); with TorchRec they must be
+    sharded like the main table, so they become a second EmbeddingBagCollection.
+    """
+    if not isinstance(embedding, str) or embedding == "native":
+        return
+    for module in model.modules():
+        if isinstance(module, FirstOrder) and isinstance(module.table, FieldEmbedding):
+            old = module.table
+            options = dict(bounds_check=old.bounds_check, init_std=old.init_std, backend=old.backend)
+            if embedding == "torchrec":
+                from ..integrations.torchrec import TorchRecFieldEmbedding
+
+                # own table names: sharding constraints are keyed by table name
+                module.table = TorchRecFieldEmbedding(old.field_dims, 1, table_prefix="first_order_", **options)
+            else:
+                module.table = make_field_embedding(embedding, old.field_dims, 1, **options)

@@ -1,0 +1,495 @@
+"""Multi-process training of sfg_fast models on TorchRec: sharded tables, data-parallel SFG layers.
+
+Launch with torchrun (``torchrun --nproc_per_node=K -m sfg_fast train --distributed ...``): NCCL on
+GPUs, gloo on CPU. The model is built with ``embedding="torchrec"`` so every id-indexed table sits in
+an EmbeddingBagCollection; DistributedModelParallel shards those tables (table-wise, column-wise,
+row-wise or data-parallel) and wraps the dense SFG encoder/decoder/heads in DDP.
+
+Semantics of one step (what an unsharded reference must do to match it exactly):
+- every rank takes its own ``batch_size`` rows of a global batch of ``batch_size * world_size``;
+  the loss is the mean BCE over the rank's rows;
+- dense parameters: DDP averages their gradients over ranks; sharded tables: TorchRec's backward
+  all-to-all delivers the ranks' gradients to each shard divided by the world size (its default
+  gradient division), and data-parallel tables are all-reduced like dense parameters. Every
+  parameter therefore steps on the gradient of the mean loss over the global batch, as an
+  unsharded model trained on that batch would (tests/test_distributed.py checks it to fp32
+  tolerance for table-wise, column-wise and data-parallel plans);
+- the fused table optimizer (FBGEMM) runs inside backward; the dense optimizer (Adam) after it.
+
+Checkpoints are torch.distributed.checkpoint directories (each rank writes its own shards, a
+``.metadata`` file indexes them; loading reshards) plus ``manifest.json`` with the counters,
+config and plan.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import functional as SF
+
+__all__ = ["SHARDINGS", "EMBEDDING_OPTIMIZERS", "DIST_DEFAULTS", "init_distributed", "make_sharding_plan",
+           "ShardedModel", "shard_model", "distributed_auc", "gather_to_all", "run_distributed_training"]
+
+log = logging.getLogger("sfg_fast.distributed")
+
+SHARDINGS = ("auto", "table_wise", "column_wise", "row_wise", "data_parallel")
+EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+
+# Keys of a distributed run on top of sfg_fast.train.TRAIN_DEFAULTS.
+DIST_DEFAULTS: Dict[str, Any] = {
+    "sharding": "auto",                    # auto: planner-chosen (GPU) / table_wise (CPU)
+    "embedding_optimizer": "rowwise_adagrad",
+    "embedding_lr": 0.01,
+    "embedding_eps": 1e-8,
+    "max_steps": None,                     # stop after this many steps (smoke tests, benchmarks)
+    "resume": None,                        # a checkpoint directory written by a distributed run
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Process group
+# ----------------------------------------------------------------------------------------------
+
+def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, torch.device]:
+    """Join (or create) the default process group from torchrun's environment.
+
+    Returns ``(rank, world_size, device)``. ``backend=None``: NCCL when CUDA is available (one GPU
+    per local rank), else gloo. A group that already exists is reused.
+    """
+    cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    if backend == "nccl" and not cuda:
+        raise ValueError("backend 'nccl' needs CUDA devices; use 'gloo' on CPU")
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(f"environment lacks {missing}: launch with torchrun "
+                               f"(torchrun --nproc_per_node=K -m sfg_fast train --distributed ...)")
+        dist.init_process_group(backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding
+# ----------------------------------------------------------------------------------------------
+
+def _optimizer_class(name: str):
+    import torchrec.optim as trec_optim
+
+    return {"rowwise_adagrad": trec_optim.RowWiseAdagrad, "adagrad": torch.optim.Adagrad,
+            "sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
+
+
+def _table_dims(model: nn.Module) -> Dict[str, int]:
+    from .integrations.torchrec import torchrec_embeddings
+
+    dims: Dict[str, int] = {}
+    for module in torchrec_embeddings(model).values():
+        for name in module.table_names:
+            if name in dims:
+                raise ValueError(f"table name {name!r} appears twice in the model; sharding constraints are "
+                                 f"keyed by table name (give the modules distinct table_prefix)")
+            dims[name] = module.embedding_dim
+    return dims
+
+
+def make_sharding_plan(model: nn.Module, world_size: int, sharding: str = "auto",
+                       device: Optional[torch.device] = None, batch_size: int = 512, sharders=None):
+    """A TorchRec ShardingPlan for every EmbeddingBagCollection of ``model``, identical on all ranks.
+
+    ``sharding`` forces one sharding type on every table through ParameterConstraints; "auto"
+    leaves the choice to the planner on GPU and means table-wise on CPU (row-wise does not run over
+    gloo). Must be called by every rank (rank 0 plans and broadcasts).
+    """
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.types import ShardingType
+
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu" and sharding == "row_wise":
+        raise ValueError("sharding='row_wise' is not supported on CPU/gloo by TorchRec; use table_wise, "
+                         "column_wise or data_parallel")
+    if sharding == "auto" and device.type == "cpu":
+        sharding = "table_wise"
+    kinds = None
+    if sharding != "auto":
+        kinds = [{"table_wise": ShardingType.TABLE_WISE, "column_wise": ShardingType.COLUMN_WISE,
+                  "row_wise": ShardingType.ROW_WISE, "data_parallel": ShardingType.DATA_PARALLEL}[sharding].value]
+    constraints = None
+    if kinds is not None:
+        constraints = {name: ParameterConstraints(sharding_types=kinds) for name in _table_dims(model)}
+    topology = Topology(world_size=int(world_size), compute_device=device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=int(batch_size), constraints=constraints)
+    if dist.is_initialized():
+        return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    return planner.plan(model, sharders)
+
+
+@torch.no_grad()
+def _copy_into_sharded(target: Dict[str, Any], source: Dict[str, torch.Tensor]) -> None:
+    """Copy full (unsharded) tensors of ``source`` into the local shards of the state dict ``target``."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    for key, value in target.items():
+        if key not in source:
+            raise KeyError(f"state dict lacks {key!r}")
+        full = source[key]
+        if isinstance(value, ShardedTensor):
+            if tuple(value.size()) != tuple(full.shape):
+                raise ValueError(f"{key}: sharded shape {list(value.size())} != given {list(full.shape)}")
+            for shard in value.local_shards():
+                index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets,
+                                                               shard.metadata.shard_sizes))
+                shard.tensor.copy_(full[index])
+        elif isinstance(value, torch.Tensor):
+            value.copy_(full)
+
+
+class ShardedModel:
+    """A model sharded by DistributedModelParallel with its two optimizers; one object per rank.
+
+    Build it with :func:`shard_model`. ``train_step(ids, labels)`` runs one step on the rank's rows,
+    ``predict(ids)`` returns the rank's logits, ``full_state_dict()`` gathers the unsharded state,
+    ``save(path)`` / ``load(path)`` checkpoint the sharded state, ``close()`` releases the modules
+    and, with ``destroy=True``, the process group (in that order: gloo aborts at exit otherwise).
+    """
+
+    def __init__(self, dmp, optimizer, plan, sharding: str, clip_grad_norm: Optional[float] = None):
+        self.dmp = dmp
+        self.optimizer = optimizer
+        self.plan = plan
+        self.sharding = sharding
+        self.clip_grad_norm = clip_grad_norm
+        self.device = dmp.device
+        self.step = 0
+
+    @property
+    def module(self) -> nn.Module:
+        """The sharded sfg_fast model (DMP and DDP wrappers removed)."""
+        from torchrec.distributed.model_parallel import get_unwrapped_module
+
+        return get_unwrapped_module(self.dmp)
+
+    def train_step(self, ids: torch.Tensor, labels: torch.Tensor) -> float:
+        """One optimizer step on this rank's rows; returns the rank's mean loss."""
+        self.dmp.train()
+        logits = self.dmp(ids.to(self.device, non_blocking=True))
+        loss = SF.bce_with_logits(logits, labels.to(self.device, dtype=logits.dtype), reduction="mean")
+        self.optimizer.zero_grad()
+        loss.backward()  # the fused embedding optimizer steps inside backward
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of this rank's rows (every rank must call it with the same number of rows)."""
+        was_training = self.dmp.training
+        self.dmp.eval()
+        out = self.dmp(ids.to(self.device, non_blocking=True)).float()
+        self.dmp.train(was_training)
+        return out
+
+    def _state(self) -> Dict[str, Any]:
+        return {"model": self.dmp.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def full_state_dict(self, dst: Optional[int] = 0) -> Optional[Dict[str, torch.Tensor]]:
+        """The unsharded model state (TorchRec keys) on rank ``dst`` (every rank when None); collective."""
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        rank = dist.get_rank()
+        out: Dict[str, torch.Tensor] = {}
+        for key, value in self.dmp.state_dict().items():
+            if isinstance(value, ShardedTensor):
+                target = dst if dst is not None else 0
+                full = torch.empty(value.size(), dtype=value.dtype) if rank == target else None
+                value.gather(dst=target, out=full)
+                if dst is None:
+                    full = full if full is not None else torch.empty(value.size(), dtype=value.dtype)
+                    dist.broadcast(full, src=0)
+                if full is not None:
+                    out[key] = full
+            else:
+                out[key] = value.detach().cpu().clone()
+        return out if dst is None or rank == dst else None
+
+    def load_full_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Copy an unsharded state (TorchRec keys, e.g. of the unsharded model) into the shards."""
+        _copy_into_sharded(self.dmp.state_dict(), state)
+
+    def save(self, path: str, manifest: Optional[Dict[str, Any]] = None) -> None:
+        """Write the sharded model and optimizer state to the directory ``path`` (collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=path)
+        if dist.get_rank() == 0:
+            info = {"format": "sfg_fast.distributed/1", "step": self.step, "world_size": dist.get_world_size(),
+                    "sharding": self.sharding, "plan": str(self.plan)}
+            info.update(manifest or {})
+            from .train import atomic_write_text, _jsonable
+
+            atomic_write_text(json.dumps(_jsonable(info), indent=2), os.path.join(path, "manifest.json"))
+        dist.barrier()
+
+    def load(self, path: str) -> Dict[str, Any]:
+        """Restore what :meth:`save` wrote (any plan/world size: DCP reshards); returns the manifest."""
+        import torch.distributed.checkpoint as dcp
+
+        manifest_path = os.path.join(path, "manifest.json")
+        if not os.path.exists(manifest_path):
+            raise FileNotFoundError(f"{path!r} is not a distributed sfg_fast checkpoint (no manifest.json)")
+        with open(manifest_path) as fh:
+            manifest = json.load(fh)
+        # DCP loads in place, so the optimizer state must exist (same structure) before loading.
+        self.optimizer.init_state()
+        state = self._state()
+        dcp.load(state, checkpoint_id=path)
+        self.dmp.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(manifest["step"])
+        return manifest
+
+    def close(self, destroy: bool = False) -> None:
+        """Drop the DMP module and optimizers and collect them, then (optionally) destroy the group."""
+        self.dmp = None
+        self.optimizer = None
+        gc.collect()
+        if destroy and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def shard_model(model: nn.Module, device: Optional[torch.device] = None, sharding: str = "auto",
+                embedding_optimizer: str = "rowwise_adagrad", embedding_lr: float = 0.01,
+                embedding_eps: float = 1e-8, dense_optimizer=None, dense_lr: float = 1e-3,
+                batch_size: int = 512) -> ShardedModel:
+    """Shard ``model`` (built with ``embedding="torchrec"``) over the default process group.
+
+    The tables get a fused ``embedding_optimizer`` applied in backward; every other parameter gets
+    ``dense_optimizer(params)`` (default ``torch.optim.Adam(lr=dense_lr)``). The shards start from
+    ``model``'s own weights, so a model built identically on every rank (same seed) shards to the
+    same function whatever the plan.
+    """
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from .integrations.torchrec import torchrec_embeddings
+
+    if not dist.is_initialized():
+        raise RuntimeError("shard_model needs an initialised process group (see init_distributed)")
+    if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {embedding_optimizer!r}")
+    if not float(embedding_lr) > 0:
+        raise ValueError(f"embedding_lr must be positive, got {embedding_lr!r}")
+    tables = torchrec_embeddings(model)
+    if not tables:
+        raise ValueError("model has no TorchRec tables to shard: build it with embedding='torchrec'")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kwargs: Dict[str, Any] = {"lr": float(embedding_lr)}
+    if embedding_optimizer in ("rowwise_adagrad", "adagrad", "adam"):
+        kwargs["eps"] = float(embedding_eps)
+    for module in tables.values():
+        apply_optimizer_in_backward(_optimizer_class(embedding_optimizer), module.ebc.parameters(), kwargs)
+    plan = make_sharding_plan(model, dist.get_world_size(), sharding, device, batch_size)
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan)
+    _copy_into_sharded(dmp.state_dict(), initial)
+    if dense_optimizer is None:
+        def dense_optimizer(params):
+            return torch.optim.Adam(params, lr=float(dense_lr))
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+    return ShardedModel(dmp, optimizer, plan, sharding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+def gather_to_all(values: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's 1-D ``values`` (lengths may differ) in rank order, on every rank."""
+    world = dist.get_world_size()
+    values = values.detach().reshape(-1).cpu()
+    length = torch.tensor([values.numel()], dtype=torch.int64)
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    longest = int(max(int(x) for x in lengths))
+    padded = torch.zeros(longest, dtype=values.dtype)
+    padded[:values.numel()] = values
+    parts = [torch.empty(longest, dtype=values.dtype) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(n)] for p, n in zip(parts, lengths)])
+
+
+def distributed_auc(session: ShardedModel, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 16384,
+                    name: str = "valid") -> Dict[str, float]:
+    """AUC and logloss over the WHOLE split: rows are dealt to ranks, logits gathered, scored once.
+
+    Every rank passes the same full ``ids``/``labels``; rank r scores rows ``r::world_size``'s
+    contiguous block. Ranks run the same number of equal-size batches (collectives inside the
+    sharded forward must match), padding with row 0 whose logits are dropped.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    total = ids.shape[0]
+    if total == 0:
+        raise ValueError(f"the {name} split is empty")
+    per_rank = math.ceil(total / world)
+    start, stop = rank * per_rank, min(total, (rank + 1) * per_rank)
+    local = ids[start:stop]
+    chunks = []
+    for offset in range(0, per_rank, batch_size):
+        rows = local[offset:offset + batch_size]
+        size = min(batch_size, per_rank - offset)
+        if rows.shape[0] < size:  # pad so every rank runs the same batch shapes
+            pad = ids[:1].expand(size - rows.shape[0], -1)
+            rows = torch.cat([rows, pad]) if rows.shape[0] else pad.clone()
+        chunks.append(session.predict(rows)[:max(0, min(size, stop - start - offset))])
+    logits = gather_to_all(torch.cat(chunks) if chunks else torch.empty(0)).double()
+    y = labels.double()
+    if logits.numel() != total:
+        raise RuntimeError(f"gathered {logits.numel()} {name} logits for {total} rows")
+    positives = int(y.sum().round())
+    if positives in (0, total):
+        raise ValueError(f"the {name} split holds only one class; AUC is undefined")
+    auc = float(roc_auc_score(y.numpy(), torch.sigmoid(logits).numpy()))
+    logloss = float(SF.bce_with_logits(logits, y, reduction="mean", backend="torch"))
+    return {"AUC": auc, "logloss": logloss}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training entry
+# ----------------------------------------------------------------------------------------------
+
+def _split_dist_config(config: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    config = dict(config)
+    dist_cfg = {k: config.pop(k, v) for k, v in DIST_DEFAULTS.items()}
+    if dist_cfg["sharding"] not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {dist_cfg['sharding']!r}")
+    if dist_cfg["embedding_optimizer"] not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, "
+                         f"got {dist_cfg['embedding_optimizer']!r}")
+    if dist_cfg["max_steps"] is not None and int(dist_cfg["max_steps"]) < 1:
+        raise ValueError(f"max_steps must be a positive integer or None, got {dist_cfg['max_steps']!r}")
+    if config.get("embedding", "torchrec") != "torchrec":
+        raise ValueError(f"a distributed run needs embedding='torchrec', got {config['embedding']!r}")
+    config["embedding"] = "torchrec"
+    return config, dist_cfg
+
+
+def run_distributed_training(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one model over the torchrun process group; returns the results (same on every rank).
+
+    ``config``: a flat sfg_fast training config (see :func:`sfg_fast.train.resolve_config`) plus
+    :data:`DIST_DEFAULTS`. ``batch_size`` is per rank (the global batch is ``batch_size *
+    world_size``); ``lr`` is the dense Adam rate, ``embedding_lr`` the fused table optimizer's.
+    Every rank loads the dataset (rank 0 first, filling the cache). A checkpoint directory
+    ``<out>/checkpoint`` is written after every epoch; ``resume=<dir>`` continues from one.
+    Validation AUC is computed over the whole split after every epoch, test AUC at the end.
+    """
+    from . import models as model_zoo
+    from .train import (TRAIN_DEFAULTS, _check_train_config, _seed_everything, _split_tensors,
+                        default_out_dir, load_data, split_config, versions, atomic_write_text, _jsonable)
+
+    config, dist_cfg = _split_dist_config(config)
+    cfg = dict(TRAIN_DEFAULTS, **config)
+    cfg["model"] = str(cfg["model"]).lower()
+    train_cfg, hparams, _ = split_config(cfg)
+    _check_train_config(train_cfg)
+    if cfg["threads"] is not None:
+        torch.set_num_threads(int(cfg["threads"]))
+    rank, world, device = init_distributed()
+    session = None
+    try:
+        if cfg["out"] is None:
+            cfg["out"] = default_out_dir(cfg) + "-distributed"
+        out = cfg["out"]
+        if rank == 0:
+            data = load_data(cfg)
+            dist.barrier()
+        else:
+            dist.barrier()
+            data = load_data(cfg)
+        train_ids, train_labels = _split_tensors(data.train, "train")
+        valid_ids, valid_labels = _split_tensors(data.valid, "valid")
+        test_ids, test_labels = _split_tensors(data.test, "test")
+        field_dims = list(data.schema.field_dims)
+        seed = int(cfg["seed"])
+        _seed_everything(seed)  # identical initial weights on every rank
+        model = model_zoo.build(cfg["model"], field_dims, **hparams)
+        batch = int(cfg["batch_size"])
+        session = shard_model(model, device, dist_cfg["sharding"], dist_cfg["embedding_optimizer"],
+                              dist_cfg["embedding_lr"], dist_cfg["embedding_eps"], dense_lr=float(cfg["lr"]),
+                              batch_size=batch)
+        del model
+        epoch, history = 0, []
+        if dist_cfg["resume"]:
+            manifest = session.load(dist_cfg["resume"])
+            epoch, history = int(manifest.get("epoch", 0)), list(manifest.get("history", []))
+        global_batch = batch * world
+        steps_per_epoch = train_ids.shape[0] // global_batch
+        if steps_per_epoch == 0:
+            raise ValueError(f"the train split ({train_ids.shape[0]} rows) is smaller than one global batch "
+                             f"({batch} x {world} ranks)")
+        max_steps = dist_cfg["max_steps"]
+        step_seconds, samples = 0.0, 0
+        while epoch < int(cfg["epochs"]) and (max_steps is None or session.step < int(max_steps)):
+            # one permutation per epoch, the same on every rank; each rank takes its block of each global batch
+            order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
+            losses = []
+            for step in range(steps_per_epoch):
+                if max_steps is not None and session.step >= int(max_steps):
+                    break
+                rows = order[step * global_batch + rank * batch: step * global_batch + (rank + 1) * batch]
+                started = time.perf_counter()
+                losses.append(session.train_step(train_ids[rows], train_labels[rows]))
+                step_seconds += time.perf_counter() - started
+                samples += global_batch
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"loss became {losses[-1]} at step {session.step} on rank {rank}")
+            epoch += 1
+            metrics = distributed_auc(session, valid_ids, valid_labels, int(cfg["eval_batch_size"]))
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
+                            "valid_AUC": metrics["AUC"], "valid_logloss": metrics["logloss"]})
+            if rank == 0:
+                log.info("epoch %d: %s", epoch, history[-1])
+            session.save(os.path.join(out, "checkpoint"), {"epoch": epoch, "history": history,
+                                                           "config": dict(cfg, **dist_cfg)})
+        test = distributed_auc(session, test_ids, test_labels, int(cfg["eval_batch_size"]), name="test")
+        results = {"model": cfg["model"], "generative": cfg.get("generative", True), "rank": rank, "world_size": world,
+                   "sharding": dist_cfg["sharding"], "backend": dist.get_backend(), "steps": session.step,
+                   "epochs_run": epoch, "history": history, "test_auc": test["AUC"], "test_logloss": test["logloss"],
+                   "samples_per_second": samples / step_seconds if step_seconds else None,
+                   "config": dict(cfg, **dist_cfg), "versions": versions()}
+        if rank == 0:
+            atomic_write_text(json.dumps(_jsonable(results), indent=2), os.path.join(out, "results.json"))
+        return results
+    finally:
+        if session is not None:
+            session.close(destroy=True)
+        elif dist.is_initialized():
+            dist.destroy_process_group()
