@@ -13,6 +13,14 @@ $PIP install -q torch==2.13.0
 $PIP install -q -r requirements.txt
 # MovieLens-100K ships inside recbole; only its data files are used, so skip its large dependency list.
 $PIP install -q --no-deps recbole==1.2.1
+# TorchRec (sharded embeddings; optional for users, exercised by the tests). Versions move in lock-step
+# with torch 2.13; torchrec names the CUDA fbgemm package, hence --no-deps after fbgemm-gpu-cpu.
+# Set SFG_FAST_NO_TORCHREC=1 to skip.
+if [ "${SFG_FAST_NO_TORCHREC:-0}" != "1" ]; then
+    $PIP install -q fbgemm-gpu-cpu==1.8.0
+    $PIP install -q --no-deps torchrec==1.8.0
+    $PIP install -q tensordict==0.15.3 torchmetrics==1.9.0 tqdm pyre-extensions==0.0.32
+fi
 # --no-build-isolation: build against the torch installed above (an isolated build would fetch another).
 $PIP install -q --no-build-isolation -e .
 .venv/bin/python -m sfg_fast.info
