@@ -79,6 +79,17 @@ def pair_mask(num_fields: int, pairs: str, device=None) -> torch.Tensor:
     return ones
 
 
+def pair_index(num_fields: int, pairs: str, device=None):
+    """(rows, cols) int64 of the pairs of P in row-major order, built from Python ints: no
+    data-dependent ``nonzero``, so torch.compile traces it."""
+    check_choice("pairs", pairs, PAIRS)
+    keep = {"upper": lambda i, j: i < j, "all": lambda i, j: True, "offdiag": lambda i, j: i != j}[pairs]
+    index = [(i, j) for i in range(num_fields) for j in range(num_fields) if keep(i, j)]
+    rows = torch.tensor([i for i, _ in index], dtype=torch.int64, device=device)
+    cols = torch.tensor([j for _, j in index], dtype=torch.int64, device=device)
+    return rows, cols
+
+
 def check_lookup(ids, weight, offsets, bounds_check: str) -> None:
     check_choice("bounds_check", bounds_check, BOUNDS_CHECKS)
     if not isinstance(ids, torch.Tensor):

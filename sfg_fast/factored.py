@@ -76,7 +76,7 @@ def pairwise_products(Z, V, pairs, generated_side, symmetric):
     left, right = _operands(Z, V, generated_side, symmetric)
     dtype = torch.promote_types(left.dtype, right.dtype)
     gram = torch.bmm(left.to(dtype), right.to(dtype).transpose(1, 2))  # [B, N, N], never [B, P, D]
-    rows, cols = C.pair_mask(Z.shape[1], pairs, Z.device).nonzero(as_tuple=True)
+    rows, cols = C.pair_index(Z.shape[1], pairs, Z.device)
     return gram[:, rows, cols]
 
 

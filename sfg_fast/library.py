@@ -342,29 +342,6 @@ def _resolve_while_tracing(backend: str, name: str, device: str) -> str:
     return resolve(backend, name, torch.device(device))
 
 
-def _pair_index(n: int, pairs: str, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the pairs of P in row-major order, built from Python ints (no data-dependent
-    nonzero, which Dynamo cannot trace)."""
-    C.check_choice("pairs", pairs, C.PAIRS)
-    keep = {"upper": lambda i, j: i < j, "all": lambda i, j: True, "offdiag": lambda i, j: i != j}[pairs]
-    index = [(i, j) for i in range(n) for j in range(n) if keep(i, j)]
-    rows = torch.tensor([i for i, _ in index], dtype=torch.int64, device=device)
-    cols = torch.tensor([j for _, j in index], dtype=torch.int64, device=device)
-    return rows, cols
-
-
-def _pairwise_products_traceable(Z, V, pairs, generated_side, symmetric):
-    """The torch backend's pairwise_products with a static pair index (same math as factored)."""
-    left, right = (Z, Z) if symmetric else ((Z, V) if generated_side == "left" else (V, Z))
-    dtype = torch.promote_types(left.dtype, right.dtype)
-    gram = torch.bmm(left.to(dtype), right.to(dtype).transpose(1, 2))
-    rows, cols = _pair_index(Z.shape[1], pairs, Z.device)
-    return gram[:, rows, cols]
-
-
-_TRACEABLE_TORCH = {"pairwise_products": _pairwise_products_traceable}
-
-
 def compiled_impl(backend: str, name: str, device: torch.device) -> Optional[Callable]:
     """What ``functional._impl`` returns while compiling: the traceable torch implementation, or a
     caller of the custom op for an opaque backend (None selects the reference)."""
@@ -372,6 +349,6 @@ def compiled_impl(backend: str, name: str, device: torch.device) -> Optional[Cal
     if chosen == "reference":
         return None
     if chosen == "torch":
-        return _TRACEABLE_TORCH.get(name, getattr(factored, name))
+        return getattr(factored, name)
     custom = op(name)
     return lambda *args: custom(*args, chosen)

@@ -44,12 +44,13 @@ class FieldEmbedding(nn.Module):
         self.embedding_dim = int(embedding_dim)
         self.bounds_check = bounds_check
         self.backend = backend
-        self.num_clamped = 0
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim))
         starts = [0]
         for x in dims[:-1]:
             starts.append(starts[-1] + x)
         self.register_buffer("offsets", torch.tensor(starts, dtype=torch.int64), persistent=False)
+        self.register_buffer("field_sizes", torch.tensor(dims, dtype=torch.int64), persistent=False)
+        self.register_buffer("clamped_count", torch.zeros((), dtype=torch.int64), persistent=False)
         self.init_std = float(init_std)
         nn.init.normal_(self.weight, std=self.init_std)
 
@@ -59,11 +60,18 @@ class FieldEmbedding(nn.Module):
                              f"{self.num_fields} fields, got {list(ids.shape)}")
         if self.bounds_check == "clamp_to_oov":
             C.check_lookup(ids, self.weight, self.offsets, "clamp_to_oov")
-            sizes = torch.tensor(self.field_dims, dtype=torch.int64, device=ids.device)
-            ids, count = C.clamp_to_oov(ids, sizes)
-            self.num_clamped += count
+            sizes = self.field_sizes.to(ids.dtype)
+            bad = (ids < 0) | (ids >= sizes)
+            # counted in a tensor buffer: no host sync, and torch.compile traces it without a graph break
+            self.clamped_count += bad.sum()
+            ids = torch.where(bad, (sizes - 1).expand_as(ids), ids)
             return SF.embedding_lookup(ids, self.weight, self.offsets, "off", backend=self.backend)
         return SF.embedding_lookup(ids, self.weight, self.offsets, self.bounds_check, backend=self.backend)
+
+    @property
+    def num_clamped(self) -> int:
+        """How many out-of-range ids ``clamp_to_oov`` has remapped so far (reads the device counter)."""
+        return int(self.clamped_count)
 
     def extra_repr(self) -> str:
         return f"field_dims={self.field_dims}, embedding_dim={self.embedding_dim}, bounds_check={self.bounds_check!r}"

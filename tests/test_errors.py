@@ -147,3 +147,11 @@ def test_clamp_to_oov_module_counts():
     out = emb(torch.tensor([[0, 9, 1], [-3, 1, 1]]))
     assert emb.num_clamped == 2
     assert torch.equal(out[0, 1], emb.weight[3 + 4]) and torch.equal(out[1, 0], emb.weight[2])
+
+
+def test_clamp_to_oov_counts_under_compile_without_graph_break():
+    emb = snn.FieldEmbedding(FIELD_DIMS, 2, bounds_check="clamp_to_oov")
+    compiled = torch.compile(emb, backend="eager", fullgraph=True)
+    out = compiled(torch.tensor([[0, 9, 1], [-3, 1, 1]]))
+    assert emb.num_clamped == 2
+    assert torch.equal(out[0, 1], emb.weight[3 + 4])
