@@ -1,0 +1,157 @@
+"""Multi-field embedding lookup: forward, and forward + backward + sparse Adam update.
+
+Providers: literal (one nn.Embedding per field; update = dense torch.optim.Adam over every table,
+the authors' setup), torch (``embedding_lookup`` forward; update = ``sfg_fast.optim`` fused
+row-sparse Adam in backward), their torch.compile versions, triton (GPU), the compiled extension,
+FBGEMM TBE (fused Adam in backward) and TorchRec EBC (dense Adam), when importable.
+Criteo-like vocabularies (``--vocab-scale``, default 0.01 on CPU), uniform and Zipf ids.
+
+    python -m bench.bench_lookup [--quick | --smoke] [--device cuda] [--vocab-scale 1]
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from sfg_fast import functional as SF
+from sfg_fast import optim as sfg_optim
+
+from . import common, plots
+from .common import Skip, Workload
+from .providers import (FbgemmLookup, PerFieldEmbedding, TorchrecLookup, compile_available,
+                        concatenated_table, extension_backend, triton_backend)
+
+MODES = ("fwd", "fwd+bwd+update")
+LR = 0.01
+
+
+def _module_workload(module_fn, params, ids_inputs, mode: str, grad_out, compiled=False) -> Workload:
+    """Forward-only, or forward + backward + dense Adam step over ``params``."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return module_fn(*ids_inputs)
+        return Workload(step=step, compiled=compiled)
+    opt = torch.optim.Adam(params, lr=LR)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        module_fn(*ids_inputs).backward(grad_out)
+        opt.step()
+    return Workload(step=step, forward=lambda: module_fn(*ids_inputs), compiled=compiled,
+                    info={"optimizer": "adam (dense)"})
+
+
+def providers(field_dims, d: int, ids: torch.Tensor, mode: str, device: str) -> Dict:
+    batch, n = ids.shape
+    grad_out = torch.randn(batch, n, d, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def literal(compiled=False):
+        def factory():
+            if compiled:
+                compile_available(device)
+            module = PerFieldEmbedding(field_dims, d).to(device)
+            fn = torch.compile(module) if compiled else module
+            return _module_workload(fn, list(module.parameters()), (ids,), mode, grad_out, compiled)
+        return factory
+
+    def functional(backend_fn, compiled=False):
+        def factory():
+            backend = backend_fn()
+            if compiled:
+                compile_available(device)
+            weight, offsets = concatenated_table(field_dims, d, device)
+            if mode == "fwd":
+                fn = lambda i: SF.embedding_lookup(i, weight, offsets, "off", backend=backend)  # noqa: E731
+                fn = torch.compile(fn) if compiled else fn
+                return _module_workload(fn, [weight], (ids,), mode, grad_out, compiled)
+            fused = {"torch": "torch", "triton": "triton"}.get(backend)
+            if fused is None:
+                raise Skip(f"sfg_fast.optim has no fused sparse update for backend {backend!r}")
+            optimizer = sfg_optim.SparseRowOptimizer("adam", lr=LR)
+            fn = lambda i: sfg_optim.fused_embedding_lookup(i, weight, offsets, optimizer, "off",  # noqa: E731
+                                                            backend=fused)
+            fn = torch.compile(fn) if compiled else fn
+
+            def step():
+                fn(ids).backward(grad_out)
+            return Workload(step=step, forward=lambda: fn(ids), compiled=compiled,
+                            info={"backend": backend, "optimizer": "adam (row-sparse, fused)"})
+        return factory
+
+    def fbgemm():
+        tbe = FbgemmLookup(field_dims, d, device, optimizer="adam")
+        inputs = tbe.inputs(ids)
+        if mode == "fwd":
+            def step():
+                with torch.no_grad():
+                    return tbe(*inputs)
+            return Workload(step=step)
+
+        def step():
+            tbe(*inputs).backward(grad_out)
+        return Workload(step=step, forward=lambda: tbe(*inputs),
+                        info={"optimizer": f"{tbe.optimizer} (fbgemm fused)"})
+
+    def torchrec():
+        ebc = TorchrecLookup(field_dims, d, device)
+        return _module_workload(ebc, list(ebc.module.parameters()), ebc.inputs(ids), mode, grad_out)
+
+    ext = f"ext-{device}"
+    return {
+        "literal": literal(),
+        "torch": functional(lambda: "torch"),
+        "literal+compile": literal(compiled=True),
+        "torch+compile": functional(lambda: "torch", compiled=True),
+        "triton": functional(lambda: triton_backend("embedding_lookup", device)),
+        ext: functional(lambda: extension_backend("embedding_lookup", device)),
+        "fbgemm-tbe": fbgemm,
+        "torchrec-ebc": torchrec,
+    }
+
+
+def work_bytes(batch: int, n: int, d: int, mode: str) -> float:
+    """Minimum traffic: ids + gathered rows + output; the update adds dV and read/write of each
+    touched row with Adam's two moments (upper bound: every (sample, field) a distinct row)."""
+    fwd = batch * n * (8 + 2 * d * 4)
+    return fwd if mode == "fwd" else fwd + batch * n * d * 4 * (1 + 6)
+
+
+def cases(args) -> List[common.Case]:
+    if args.smoke:
+        specs = [("smoke", 32, 4, 4, dist) for dist in ("uniform", "zipf")]
+    elif args.quick:
+        specs = [("criteo", 4096, 39, 16, dist) for dist in ("uniform", "zipf")]
+    else:
+        specs = [("criteo", b, 39, 16, dist) for b in (1024, 4096, 16384) for dist in ("uniform", "zipf")]
+        specs += [("avazu", 10000, 24, 16, dist) for dist in ("uniform", "zipf")]
+    out = []
+    for shape, b, n, d, dist in specs:
+        if shape == "smoke":
+            dims = [50, 7, 300, 3]
+        else:
+            dims = common.field_dims_for(n, args.vocab_scale, "avazu" if shape == "avazu" else "criteo")
+        ids = common.make_ids(b, dims, dist, device=args.device)
+        for mode in MODES:
+            out.append(common.Case({"shape": shape, "mode": mode, "dist": dist, "B": b, "N": n, "D": d,
+                                    "rows": sum(dims)},
+                                   providers(dims, d, ids, mode, args.device), bytes=work_bytes(b, n, d, mode)))
+    return out
+
+
+def run(args, env):
+    return common.run_cases("bench_lookup", cases(args), args, env)
+
+
+def main(argv=None) -> int:
+    args = common.parse_args(__doc__.splitlines()[0], argv)
+    env = common.bench_env(args)
+    rows = run(args, env)
+    common.finish("bench_lookup", "embedding lookup", rows, env, args,
+                  plots=plots.batch_plots("embedding lookup", ["mode", "dist"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

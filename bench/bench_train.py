@@ -1,0 +1,127 @@
+"""End-to-end training throughput (samples/s): every model of the zoo, SFG vs its base model.
+
+One step = ``model(ids)`` -> BCE -> backward -> ``torch.optim.Adam`` over all parameters (dense,
+as the authors train). Providers: literal (the models on the reference backend), torch (the
+factored backend), their torch.compile versions, triton (GPU) and the compiled extension (when they
+implement every op the model calls).
+
+    python -m bench.bench_train [--quick | --smoke] [--device cuda] [--models fm,dcnv2]
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from sfg_fast import functional as SF
+from sfg_fast import models as M
+from sfg_fast._backend import BackendUnavailableError
+
+from . import common
+from .common import Skip, Workload
+from .providers import EXTENSION, compile_available
+
+SMALL_HPARAMS = {"deepfm": {"hidden_units": (32, 32)}, "ipnn": {"hidden_units": (32, 32)},
+                 "xdeepfm": {"hidden_units": (32, 32), "cin_layer_units": (8, 8)},
+                 "dcnv2": {"hidden_units": (32, 32)}}
+
+
+def providers(name: str, generative: bool, dims, d: int, ids, labels, device: str, hparams):
+    def factory_for(backend: str, compiled: bool = False):
+        def factory():
+            if compiled:
+                compile_available(device)
+            torch.manual_seed(0)
+            model = M.build(name, dims, d, generative, backend=backend, **hparams).to(device)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            forward = torch.compile(model) if compiled else model
+            loss_backend = "reference" if backend == "reference" else "torch"
+
+            def loss():
+                return SF.bce_with_logits(forward(ids), labels, backend=loss_backend)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                loss().backward()
+                opt.step()
+            if not compiled:
+                try:
+                    step()
+                except BackendUnavailableError as exc:
+                    raise Skip(str(exc)) from None
+            return Workload(step=step, forward=loss, compiled=compiled,
+                            info={"backend": backend, "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
+        return factory
+
+    ext = EXTENSION[device]
+    return {
+        "literal": factory_for("reference"),
+        "torch": factory_for("torch"),
+        "literal+compile": factory_for("reference", compiled=True),
+        "torch+compile": factory_for("torch", compiled=True),
+        "triton": _gpu_only(factory_for("triton"), device),
+        f"ext-{ext}": factory_for(ext),
+    }
+
+
+def _gpu_only(factory, device):
+    def wrapped():
+        if device != "cuda":
+            raise Skip("Triton needs a GPU; on CPU it runs only in the interpreter (TRITON_INTERPRET=1), "
+                       "whose timings mean nothing")
+        return factory()
+    return wrapped
+
+
+def cases(args) -> List[common.Case]:
+    wanted = getattr(args, "models", "")
+    names = [m.strip().lower() for m in wanted.split(",") if m.strip()] if wanted else sorted(M.MODELS)
+    unknown = [m for m in names if m not in M.MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown model(s) {unknown}; choose from {sorted(M.MODELS)}")
+    if args.smoke:
+        b, n, d, dims = 16, 4, 4, [50, 7, 300, 3]
+        shape = "smoke"
+    else:
+        b = 1024 if args.quick else 4096
+        n, d = 39, 16
+        dims = common.field_dims_for(n, args.vocab_scale, "criteo")
+        shape = "criteo"
+    ids = common.make_ids(b, dims, "zipf", device=args.device)
+    labels = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(3)).float().to(args.device)
+    out = []
+    for name in names:
+        hparams = SMALL_HPARAMS.get(name, {}) if args.smoke else {}
+        for generative in (False, True):
+            out.append(common.Case({"shape": shape, "model": name, "sfg": generative, "B": b, "N": n, "D": d},
+                                   providers(name, generative, dims, d, ids, labels, args.device, hparams)))
+    return out
+
+
+def run(args, env):
+    rows = common.run_cases("bench_train", cases(args), args, env, memory=not args.smoke)
+    for r in rows:
+        if r["status"] == "ok":
+            r["samples_per_s"] = r["B"] / (r["median_ms"] * 1e-3)
+    # SFG's cost over the base model, same provider, same run.
+    for r in rows:
+        if r["status"] == "ok" and r["sfg"]:
+            base = next((x for x in rows if x["model"] == r["model"] and not x["sfg"]
+                         and x["provider"] == r["provider"] and x["status"] == "ok"), None)
+            if base is not None:
+                r["time_vs_base"] = r["median_ms"] / base["median_ms"]
+    return rows
+
+
+def main(argv=None) -> int:
+    def extra(p):
+        p.add_argument("--models", default="", help="comma-separated model names (default: all eight)")
+    args = common.parse_args(__doc__.splitlines()[0], argv, extra)
+    env = common.bench_env(args)
+    rows = run(args, env)
+    common.finish("bench_train", "training throughput (samples/s), SFG vs base", rows, env, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

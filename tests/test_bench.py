@@ -1,0 +1,245 @@
+"""The bench suite: regression-gate logic on synthetic result files, harness helpers, and a smoke
+run of every bench script (tiny shapes, one rep) checking that each provider runs or is skipped
+with a reason and that every row is well-formed. No timing is asserted here."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from bench import common, regress, run_all
+
+SHAPE = {"benchmark": "bench_decode", "shape": "criteo", "kind": "scalar", "B": 4096, "N": 39, "D": 16}
+
+
+def _row(provider, ms, literal_ms=100.0, status="ok", **extra):
+    row = {**SHAPE, "provider": provider, "status": status, **extra}
+    if status == "ok":
+        row.update(median_ms=ms, iqr_ms=0.1 * ms, reps=5, ratio_vs_literal=ms / literal_ms)
+    else:
+        row["reason"] = "synthetic reason"
+    return row
+
+
+def _write(path, rows, mode="quick"):
+    path.write_text(json.dumps({"benchmark": "suite", "env": {"device": "cpu", "mode": mode, "threads": 2},
+                                "rows": rows}))
+    return str(path)
+
+
+# ---------------------------------------------------------------- regression gate
+
+def test_gate_passes_within_tolerance_even_when_absolute_times_drift():
+    base = [_row("literal", 100.0), _row("torch", 10.0)]
+    # Whole machine twice as slow: the ratio to literal is unchanged, so no regression.
+    cur = [_row("literal", 200.0, 200.0), _row("torch", 22.0, 200.0)]
+    result = regress.compare(base, cur, tolerance=0.25)
+    assert result["passed"]
+    assert len(result["checked"]) == 1 and not result["regressions"]
+    assert result["checked"][0]["change"] == pytest.approx(1.1)
+
+
+def test_gate_flags_a_provider_slower_than_tolerance():
+    base = [_row("literal", 100.0), _row("torch", 10.0), _row("torch+compile", 8.0)]
+    cur = [_row("literal", 100.0), _row("torch", 13.0), _row("torch+compile", 8.0)]
+    result = regress.compare(base, cur, tolerance=0.25)
+    assert not result["passed"]
+    assert [r["key"].split("provider=")[1] for r in result["regressions"]] == ["torch"]
+    assert result["regressions"][0]["change"] == pytest.approx(1.3)
+    # The same numbers pass a looser gate.
+    assert regress.compare(base, cur, tolerance=0.35)["passed"]
+
+
+def test_gate_reports_improvements_and_ignores_literal_itself():
+    base = [_row("literal", 100.0), _row("torch", 10.0)]
+    cur = [_row("literal", 50.0, 50.0), _row("torch", 2.0, 50.0)]
+    result = regress.compare(base, cur)
+    assert result["passed"] and len(result["improved"]) == 1
+    assert all("provider=literal" not in c["key"] for c in result["checked"])
+
+
+def test_gate_fails_on_error_rows_and_on_missing_literal():
+    base = [_row("literal", 100.0), _row("torch", 10.0)]
+    errored = [_row("literal", 100.0), _row("torch", 0, status="error")]
+    assert not regress.compare(base, errored)["passed"]
+    no_literal = [_row("literal", 0, status="error"), {**_row("torch", 10.0), "ratio_vs_literal": None}]
+    result = regress.compare(base, no_literal)
+    assert not result["passed"] and "literal" in result["errors"][0]["reason"]
+
+
+def test_gate_missing_provider_fails_only_when_strict():
+    base = [_row("literal", 100.0), _row("torch", 10.0), _row("fbgemm-tbe", 5.0)]
+    cur = [_row("literal", 100.0), _row("torch", 10.0), _row("fbgemm-tbe", 0, status="skipped")]
+    assert regress.compare(base, cur)["passed"]
+    strict = regress.compare(base, cur, strict=True)
+    assert not strict["passed"] and len(strict["missing"]) == 1
+
+
+def test_gate_matches_rows_by_shape_not_by_order():
+    other = {"B": 1024}
+    base = [_row("literal", 100.0), _row("torch", 10.0),
+            {**_row("literal", 30.0, 30.0), **other}, {**_row("torch", 3.0, 30.0), **other}]
+    cur = list(reversed([_row("literal", 100.0), _row("torch", 10.0),
+                         {**_row("literal", 30.0, 30.0), **other}, {**_row("torch", 6.0, 30.0), **other}]))
+    result = regress.compare(base, cur)
+    assert [("B=1024" in r["key"]) for r in result["regressions"]] == [True]
+
+
+def test_gate_rejects_negative_tolerance():
+    with pytest.raises(ValueError, match="tolerance"):
+        regress.compare([], [], tolerance=-0.1)
+
+
+def test_regress_cli_exit_codes(tmp_path, capsys):
+    base = _write(tmp_path / "base.json", [_row("literal", 100.0), _row("torch", 10.0)])
+    good = _write(tmp_path / "good.json", [_row("literal", 90.0, 90.0), _row("torch", 9.5, 90.0)])
+    bad = _write(tmp_path / "bad.json", [_row("literal", 100.0), _row("torch", 20.0)])
+    assert regress.main(["--baseline", base, "--current", good]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert regress.main(["--baseline", base, "--current", bad]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    assert regress.main(["--baseline", base, "--current", bad, "--tolerance", "1.5"]) == 0
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    assert regress.main(["--baseline", base, "--current", str(tmp_path / "junk.json")]) == 2
+    assert regress.main(["--baseline", str(tmp_path / "absent.json"), "--current", good]) == 2
+
+
+def test_stored_baselines_are_usable():
+    folder = os.path.join(common.ROOT, "bench", "baselines")
+    files = [f for f in os.listdir(folder) if f.endswith(".json")] if os.path.isdir(folder) else []
+    assert files, "bench/baselines/ holds no baseline"
+    for name in files:
+        rows, env = run_all.load_rows(os.path.join(folder, name))
+        assert env.get("device") and env.get("git_sha") and env.get("torch")
+        gated = [r for r in rows if r["status"] == "ok" and r["provider"] != "literal"]
+        assert gated and all(r["ratio_vs_literal"] > 0 for r in gated)
+        # A baseline compared with itself passes.
+        assert regress.compare(rows, rows)["passed"]
+
+
+# ---------------------------------------------------------------- harness helpers
+
+def test_make_ids_in_range_int64_and_zipf_is_skewed():
+    dims = [3, 1000, 2_000_000]
+    uni = common.make_ids(20000, dims, "uniform", seed=1)
+    zipf = common.make_ids(20000, dims, "zipf", seed=1)
+    for ids in (uni, zipf):
+        assert ids.dtype == torch.int64 and ids.shape == (20000, 3)
+        for f, n in enumerate(dims):
+            assert int(ids[:, f].min()) >= 0 and int(ids[:, f].max()) < n
+    # Hot ids: the most frequent id of the 1000-row field is far above the uniform 1/1000 share.
+    top_zipf = torch.bincount(zipf[:, 1]).max().item() / 20000
+    top_uni = torch.bincount(uni[:, 1]).max().item() / 20000
+    assert top_zipf > 10 * top_uni
+    with pytest.raises(ValueError, match="dist"):
+        common.make_ids(4, dims, "normal")
+
+
+def test_field_dims_for_criteo_scale():
+    full = common.field_dims_for(39, 1.0)
+    assert len(full) == 39 and 30e6 < sum(full) < 40e6
+    small = common.field_dims_for(39, 0.01)
+    assert all(x >= 2 for x in small) and sum(small) < sum(full) / 50
+    assert len(common.field_dims_for(64, 0.01)) == 64
+
+
+def test_peak_alloc_bytes_sees_a_temporary():
+    size = 8 * 2 ** 20
+
+    def fn():
+        t = torch.ones(size // 4)          # fp32: exactly `size` bytes, freed on return
+        return float(t[0])
+    peak = common.peak_alloc_bytes(fn, "cpu")
+    assert size <= peak < 2 * size
+
+
+def test_time_interleaved_returns_stats_per_callable():
+    out = common.time_interleaved({"a": lambda: sum(range(100)), "b": lambda: None}, warmup=0, reps=4)
+    assert set(out) == {"a", "b"}
+    for stats in out.values():
+        assert stats["reps"] == 4 and stats["median_ms"] >= 0 and stats["iqr_ms"] >= 0
+
+
+def test_markdown_and_files(tmp_path):
+    env = {"device": "cpu", "device_name": "test cpu", "threads": 1, "torch": torch.__version__, "triton": None,
+           "sfg_fast": "0", "git_sha": "abc", "date": "2026-01-01T00:00:00+00:00", "mode": "smoke"}
+    rows = [_row("literal", 100.0), _row("torch", 10.0), _row("triton", 0, status="skipped")]
+    md = common.summary_markdown("t", rows, env)
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| shape"))
+    column = [c.strip() for c in header.strip("|").split("|")].index("provider")
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| criteo")]
+    assert [cells[column] for cells in table] == ["literal", "torch"]     # skipped rows stay out of the table
+    assert "Not measured" in md
+    assert "synthetic reason" in md
+    path = common.write_results_to("unit", rows, env, md, str(tmp_path))
+    loaded, loaded_env = run_all.load_rows(path)
+    assert loaded == rows and loaded_env["git_sha"] == "abc"
+    assert os.path.exists(path[:-5] + ".md")
+
+
+def test_plots_write_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench import plots
+    rows = []
+    for b in (1024, 4096):
+        rows += [{**_row("literal", b / 10.0, b / 10.0), "B": b}, {**_row("torch", b / 100.0, b / 10.0), "B": b}]
+    for n in (8, 16, 32):
+        rows += [{**_row("literal", n * 1.0, n * 1.0), "shape": "sweep-N", "N": n},
+                 {**_row("torch", 1.0, n * 1.0), "shape": "sweep-N", "N": n}]
+    written = plots.decode_plots(rows, str(tmp_path / "decode"))
+    assert len(written) == 2
+    for png in written:
+        with open(png, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- smoke run of every script
+
+SMOKE_ARGV = ["--smoke", "--no-compile", "--threads", "1", "--no-write"]
+ALWAYS_RUN = {"literal", "torch"}
+
+
+@pytest.fixture(scope="module")
+def smoke_env():
+    args = common.parse_args("test", SMOKE_ARGV)
+    return args, common.bench_env(args)
+
+
+@pytest.mark.parametrize("script", run_all.SCRIPTS + ("foundation",))
+def test_smoke_every_provider_runs_or_says_why(script, smoke_env):
+    import importlib
+    args, env = smoke_env
+    module = importlib.import_module(f"bench.bench_{script}")
+    if script == "foundation":
+        args = common.parse_args("test", SMOKE_ARGV)
+        args.batch, args.fields, args.dim = 4096, 39, 16   # ignored in smoke mode (tiny shape)
+        rows = module.run(args)
+    else:
+        rows = module.run(args, env)
+    assert rows
+    errors = [(r["provider"], r.get("reason")) for r in rows if r["status"] == "error"]
+    assert not errors, errors
+    for r in rows:
+        assert r["status"] in ("ok", "skipped")
+        assert r["device"] == "cpu" and r["git_sha"] and r["torch"] == torch.__version__
+        if r["status"] == "skipped":
+            assert r["reason"] and isinstance(r["reason"], str)
+            assert r["provider"] not in ALWAYS_RUN
+            continue
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0 and r["reps"] >= 1
+        assert r["ratio_vs_literal"] > 0
+        if "saved_mb" in r:
+            assert r["saved_mb"] >= 0
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(regress.row_key({k: v for k, v in r.items() if k != "provider"}), set()).add(r["provider"])
+    for providers in by_case.values():
+        assert ALWAYS_RUN <= providers
+    ok_literal = [r for r in rows if r["provider"] == "literal"]
+    assert ok_literal and all(r["status"] == "ok" and r["ratio_vs_literal"] == 1.0 for r in ok_literal)
+    if script != "foundation":
+        # Compile providers are left out by --no-compile; every other provider appears in every case.
+        names = set().union(*by_case.values())
+        assert {"triton", "ext-cpu"} <= names
