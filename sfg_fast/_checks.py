@@ -90,14 +90,31 @@ def pair_index(num_fields: int, pairs: str, device=None):
     return rows, cols
 
 
-def check_lookup(ids, weight, offsets, bounds_check: str) -> None:
-    check_choice("bounds_check", bounds_check, BOUNDS_CHECKS)
+def check_ids(ids) -> None:
+    """``ids`` must be an int32/int64 ``[B, N]`` tensor of field-local ids (values are not read)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"ids must be int32 or int64 field-local ids, got dtype {ids.dtype}")
     if ids.dim() != 2:
         raise ValueError(f"ids must have shape [B, N], got {_shape(ids)}")
+
+
+def apply_bounds_check(ids, offsets, num_rows: int, bounds_check: str):
+    """Eager bounds handling shared by the fused ops: validate offsets, then raise ("fatal"),
+    remap to the field's OOV id ("clamp_to_oov"), or pass through ("off"). Reads ids and offsets."""
+    if bounds_check == "off":
+        return ids
+    sizes = check_offsets(offsets, num_rows)
+    if bounds_check == "fatal":
+        check_ids_in_range(ids, sizes)
+        return ids
+    return clamp_to_oov(ids, sizes)[0]
+
+
+def check_lookup(ids, weight, offsets, bounds_check: str) -> None:
+    check_choice("bounds_check", bounds_check, BOUNDS_CHECKS)
+    check_ids(ids)
     check_tensor("weight", weight, ndim=2)
     if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64:
         got = offsets.dtype if isinstance(offsets, torch.Tensor) else type(offsets).__name__

@@ -69,12 +69,7 @@ def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
     if bounds_check != "off" and torch.compiler.is_compiling():
         # reading ids is a graph break: check them at run time inside the graph instead
         ids, bounds_check = _library.checked_ids(ids, offsets, weight.shape[0], bounds_check), "off"
-    if bounds_check != "off":
-        sizes = C.check_offsets(offsets, weight.shape[0])
-        if bounds_check == "fatal":
-            C.check_ids_in_range(ids, sizes)
-        else:
-            ids, _ = C.clamp_to_oov(ids, sizes)
+    ids = C.apply_bounds_check(ids, offsets, weight.shape[0], bounds_check)
     return impl(ids, weight, offsets)
 
 
@@ -195,12 +190,7 @@ def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
                                     gamma, residual, pairs, generated_side, symmetric, bounds_check)
     if bounds_check != "off" and torch.compiler.is_compiling():
         ids, bounds_check = _library.checked_ids(ids, offsets, table.shape[0], bounds_check), "off"
-    if bounds_check != "off":
-        sizes = C.check_offsets(offsets, table.shape[0])
-        if bounds_check == "fatal":
-            C.check_ids_in_range(ids, sizes)
-        else:
-            ids, _ = C.clamp_to_oov(ids, sizes)
+    ids = C.apply_bounds_check(ids, offsets, table.shape[0], bounds_check)
     return impl(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
                 pairs, generated_side, symmetric)
 

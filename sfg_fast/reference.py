@@ -18,11 +18,8 @@ def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
                      bounds_check: str = "fatal", backend: str = "reference") -> torch.Tensor:
     """V[b, f] = weight[offsets[f] + ids[b, f]]: one row gather per (sample, field)."""
     C.check_lookup(ids, weight, offsets, bounds_check)
-    sizes = C.check_offsets(offsets, weight.shape[0])
-    if bounds_check == "fatal":
-        C.check_ids_in_range(ids, sizes)
-    elif bounds_check == "clamp_to_oov":
-        ids, _ = C.clamp_to_oov(ids, sizes)
+    C.check_offsets(offsets, weight.shape[0])
+    ids = C.apply_bounds_check(ids, offsets, weight.shape[0], bounds_check)
     columns = []
     for f in range(ids.shape[1]):
         rows = offsets[f] + ids[:, f].to(torch.int64)

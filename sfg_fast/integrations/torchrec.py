@@ -105,12 +105,7 @@ def ids_to_kjt(ids: torch.Tensor, feature_names: Sequence[str]) -> "KeyedJaggedT
     Key f of the result holds ``ids[:, f]`` (lengths all 1, values int64, key-major as TorchRec
     lays them out). Args: ids ``[B, N]`` int32/int64 field-local ids; feature_names N unique keys.
     """
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"ids must be int32 or int64 field-local ids, got dtype {ids.dtype}")
-    if ids.dim() != 2:
-        raise ValueError(f"ids must have shape [B, N], got {list(ids.shape)}")
+    C.check_ids(ids)
     names = _check_feature_names(feature_names, ids.shape[1])
     batch, num_fields = ids.shape
     # KJT values are key-major: all samples of key 0, then key 1, ...; transpose then flatten.
