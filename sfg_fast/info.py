@@ -28,8 +28,15 @@ def collect() -> dict:
                 why = _backend.unavailable_reason(backend, op, device)
                 table.setdefault(device.type, {}).setdefault(op, {})[backend] = why or "available"
     auto = {d.type: {op: _backend.resolve("auto", op, d) for op in ops} for d in devices}
+    try:
+        from sfg_fast import _C
+        extension = {"built": True, "with_cuda": bool(getattr(_C, "WITH_CUDA", False)),
+                     "path": getattr(_C, "__file__", None)}
+    except Exception as exc:
+        extension = {"built": False, "why": f"{type(exc).__name__}: {exc}"}
     return {
         "sfg_fast": sfg_fast.__version__,
+        "extension": extension,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -49,6 +56,11 @@ def main() -> None:
     print(f"sfg_fast {info['sfg_fast']}  python {info['python']}  torch {info['torch']} "
           f"(cuda {info['torch_cuda']})  triton {info['triton']}")
     print(f"platform {info['platform']}  threads {info['threads']}  cuda device: {info['cuda_device']}")
+    ext = info["extension"]
+    if ext["built"]:
+        print(f"extension sfg_fast._C: built (CUDA kernels: {'yes' if ext['with_cuda'] else 'no'}) at {ext['path']}")
+    else:
+        print(f"extension sfg_fast._C: not built ({ext['why']})")
     print("\nbackends:")
     for name, why in info["backends"].items():
         print(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")

@@ -1,0 +1,23 @@
+"""`python -m sfg_fast.info` reports versions, the extension and every backend with a reason."""
+import subprocess
+import sys
+
+from sfg_fast import info
+
+
+def test_collect_names_every_backend_and_reason():
+    data = info.collect()
+    assert data["torch"] and data["sfg_fast"]
+    assert set(data["backends"]) == {"triton", "cuda", "cpu", "torch", "reference"}
+    assert data["backends"]["torch"] is None and data["backends"]["reference"] is None
+    for name, why in data["backends"].items():
+        assert why is None or len(why) > 10, (name, why)
+    assert data["extension"]["built"] == (data["backends"]["cpu"] is None)
+    for device, ops in data["auto"].items():
+        assert set(ops) >= {"embedding_lookup", "sfg_encode", "pairwise_decode", "bce_with_logits"}
+
+
+def test_module_runs():
+    out = subprocess.run([sys.executable, "-m", "sfg_fast.info"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "backends:" in out.stdout and "auto ->" in out.stdout
