@@ -290,3 +290,23 @@ def test_sfg_logits_composes_the_three_ops():
         got = SF.sfg_logits(ids, table, offsets, W, None, M, "matrix", "tanh", 0.5, False, "all", "right",
                             backend=backend)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_noncontiguous_operands_match_contiguous(kind):
+    n, d = 5, 3
+    base_z = torch.randn(n, 4, d, dtype=torch.float64)          # [N, B, D] then transposed: strided
+    base_v = torch.randn(4, d, n, dtype=torch.float64)
+    Z, V = base_z.transpose(0, 1), base_v.transpose(1, 2)
+    assert not Z.is_contiguous() and not V.is_contiguous()
+    W = _decoder_weight(kind, n, d, torch.float64)
+    if W is not None:
+        W = W.transpose(0, 1).contiguous().transpose(0, 1)        # strided weight too
+    for backend in ["torch", "reference"]:
+        got = SF.pairwise_decode(Z, V, W, kind, backend=backend)
+        want = SF.pairwise_decode(Z.contiguous(), V.contiguous(), None if W is None else W.contiguous(), kind,
+                                  backend="reference")
+        torch.testing.assert_close(got, want)
+    enc = torch.randn(n * d, n * d, dtype=torch.float64).t()
+    torch.testing.assert_close(SF.sfg_encode(Z, enc, backend="torch"),
+                               SF.sfg_encode(Z.contiguous(), enc.contiguous(), backend="reference"))
