@@ -30,13 +30,22 @@ def _extensions():
     # torch >= 2.13 headers use C++20 features (they warn under C++17); the .cu files stay C++17.
     version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2] if x.isdigit())
     extra = {"cxx": ["-O3", "-std=c++20" if version >= (2, 13) else "-std=c++17", "-fopenmp"]}
+    link = ["-fopenmp"]
+    if os.environ.get("SFG_FAST_SANITIZE", "0") == "1":
+        # AddressSanitizer + UBSan build for testing only (slow). Python itself is not instrumented,
+        # so run it with LD_PRELOAD="$(gcc -print-file-name=libasan.so)" and
+        # ASAN_OPTIONS=detect_leaks=0 (torch's own libraries hold allocations until exit).
+        # tests/test_asan.py builds the same flags into a temporary folder instead.
+        sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        extra["cxx"] = [f for f in extra["cxx"] if f != "-O3"] + ["-O1", "-g"] + sanitize
+        link += sanitize
     if torch.version.cuda is not None and cu_sources:
         extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
         ext = CUDAExtension("sfg_fast._C", cpp_sources + cu_sources, extra_compile_args=extra,
-                            define_macros=[("SFG_FAST_WITH_CUDA", "1")], extra_link_args=["-fopenmp"])
+                            define_macros=[("SFG_FAST_WITH_CUDA", "1")], extra_link_args=link)
     else:
         ext = CppExtension("sfg_fast._C", cpp_sources, extra_compile_args=extra,
-                           extra_link_args=["-fopenmp"])
+                           extra_link_args=link)
     class OptionalBuildExtension(BuildExtension):
         """Build sfg_fast._C, but never fail the install: without it the package still works."""
 

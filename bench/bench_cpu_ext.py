@@ -6,10 +6,18 @@ run so the ratios survive a noisy shared machine:
   embedding_lookup (inference):   cpu gather | torch F.embedding
   sparse update from grad_V:      cpu fused sort+update | sfg_fast.optim torch path |
                                   torch.optim on nn.Embedding(sparse=True)-style sparse grads
+  train_step (SFG, BCE, dense Adam on the encoder/decoder; the interaction is the factored torch
+              path on both sides):  fused_embedding_lookup(backend="cpu") (C++ gather + C++ fused
+              update in backward) | fused_embedding_lookup(backend="torch") | torch's best:
+              nn.Embedding(sparse=True) + torch.optim.Adagrad / SparseAdam
+  FBGEMM (fbgemm-gpu-cpu, optional): embedding forward vs SplitTableBatchedEmbeddingBagsCodegen
+              (one id per bag, pooling SUM == the lookup), fp32 and int8 (IntNBit inference TBE);
+              forward + backward with fused update (rowwise Adagrad, SGD) vs the TBE's fused backward
 Results go to bench/results/ (JSON + markdown) with versions, threads and git SHA.
 
     python bench/bench_cpu_ext.py --threads 2            # full run
     python bench/bench_cpu_ext.py --threads 2 --quick    # fewer reps, no literal reference
+    python bench/bench_cpu_ext.py --only train fbgemm    # a subset of the workloads
 """
 from __future__ import annotations
 
@@ -25,7 +33,9 @@ from bench.common import (environment, field_dims_for, make_ids, markdown_table,
                           time_interleaved, write_results)
 from sfg_fast import factored, reference  # noqa: E402
 from sfg_fast.ops import cpu_ext  # noqa: E402
-from sfg_fast.optim import SparseRowOptimizer, unique_row_grads  # noqa: E402
+from sfg_fast.optim import SparseRowOptimizer, fused_embedding_lookup, unique_row_grads  # noqa: E402
+
+WORKLOADS = ("logits", "lookup", "update", "train", "fbgemm")
 
 
 def _offsets(field_dims):
@@ -119,6 +129,207 @@ def bench_update(args, table, offsets, ids_list, rows):
                          "speedup_vs_torch": round(times["torch.optim sparse"]["median_ms"] / t["median_ms"], 2)})
 
 
+def _rotator(items):
+    state = {"i": 0}
+
+    def next_item():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+    return next_item
+
+
+def bench_train(args, table, offsets, ids_list, rows):
+    """One SFG training step: lookup -> encoder -> decoder -> BCE -> backward -> optimizers.
+
+    Every provider runs the same factored torch interaction and the same dense Adam on
+    (W_enc, decoder); only the embedding path differs, so the ratio is what a CPU user gains by
+    switching the table to the fused C++ path. The row "interaction only" runs that shared part
+    alone (gather without any table update): step minus it = the embedding path's own cost.
+    Kinds: "scalar" / "matrix" (SFG: encoder + decoder) and "base-scalar" (FwFM, no encoder).
+    """
+    n, d = len(offsets), table.shape[1]
+    width = n * d
+    labels = [torch.randint(0, 2, (args.batch,), generator=torch.Generator().manual_seed(s)).float()
+              for s in range(len(ids_list))]
+    data = list(zip(ids_list, labels))
+
+    def dense_params(kind):
+        gen = torch.Generator().manual_seed(1)
+        enc = (torch.randn(width, width, generator=gen) / width ** 0.5).requires_grad_()
+        decoder = kind.replace("base-", "")
+        dec = {"identity": None, "scalar": torch.randn(n, n, generator=gen),
+               "vector": torch.randn(n, n, d, generator=gen),
+               "matrix": torch.randn(n, n, d, d, generator=gen) / d}[decoder]
+        if kind.startswith("base-"):
+            enc = None
+        params = ([enc] if enc is not None else []) + ([dec.requires_grad_()] if dec is not None else [])
+        return enc, dec, torch.optim.Adam(params, lr=1e-3)
+
+    def interaction_loss(V, enc, dec, kind, y):
+        Z = V if enc is None else factored.sfg_encode(V, enc, None, "relu", 0.5, False)
+        logit = factored.pairwise_decode(Z, V, dec, kind.replace("base-", ""), "upper", "left", False)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logit, y)
+
+    for kind in args.train_kinds:
+        for opt_kind in ("adagrad", "adam"):
+            fns = {}
+            for backend in ("cpu", "torch"):
+                weight = table.clone().requires_grad_()
+                sparse = SparseRowOptimizer(opt_kind, lr=0.01)
+                enc, dec, dense = dense_params(kind)
+                batches = _rotator(data)
+
+                def step(weight=weight, sparse=sparse, enc=enc, dec=dec, dense=dense, batches=batches,
+                         backend=backend):
+                    ids, y = batches()
+                    V = fused_embedding_lookup(ids, weight, offsets, sparse, "off", backend=backend)
+                    loss = interaction_loss(V, enc, dec, kind, y)
+                    dense.zero_grad(set_to_none=True)
+                    loss.backward()
+                    dense.step()
+                fns[f"fused {backend}"] = step
+            emb = torch.nn.Embedding(table.shape[0], d, sparse=True, _weight=table.clone())
+            torch_sparse = (torch.optim.Adagrad(emb.parameters(), lr=0.01) if opt_kind == "adagrad"
+                            else torch.optim.SparseAdam(emb.parameters(), lr=0.01))
+            enc_t, dec_t, dense_t = dense_params(kind)
+            batches_t = _rotator(data)
+
+            def torch_step():
+                ids, y = batches_t()
+                V = emb(ids + offsets)
+                loss = interaction_loss(V, enc_t, dec_t, kind, y)
+                dense_t.zero_grad(set_to_none=True)
+                torch_sparse.zero_grad(set_to_none=True)
+                loss.backward()
+                dense_t.step()
+                torch_sparse.step()
+            fns["torch nn.Embedding(sparse)+optim"] = torch_step
+            enc_i, dec_i, dense_i = dense_params(kind)
+            batches_i = _rotator(data)
+
+            def interaction_only():
+                ids, y = batches_i()
+                V = torch.nn.functional.embedding(ids + offsets, table).requires_grad_()
+                loss = interaction_loss(V, enc_i, dec_i, kind, y)
+                dense_i.zero_grad(set_to_none=True)
+                loss.backward()
+                dense_i.step()
+            fns["interaction only (shared part)"] = interaction_only
+            times = time_interleaved(fns, warmup=2, reps=args.reps)
+            base = times["torch nn.Embedding(sparse)+optim"]["median_ms"]
+            torch_name = "SparseAdam" if opt_kind == "adam" else "Adagrad"
+            for name, t in times.items():
+                rows.append({"workload": f"train_step[{kind}, {opt_kind}]",
+                             "provider": name.replace("optim", f"optim.{torch_name}"),
+                             "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),
+                             "speedup_vs_torch": round(base / t["median_ms"], 2)})
+
+
+def _fbgemm():
+    """(training TBE module, inference module, enums) or raise ImportError with the reason."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
+                                                                        SplitTableBatchedEmbeddingBagsCodegen)
+    return (SplitTableBatchedEmbeddingBagsCodegen, IntNBitTableBatchedEmbeddingBagsCodegen, EmbOptimType,
+            SparseType, EmbeddingLocation, PoolingMode, ComputeDevice)
+
+
+def bench_fbgemm(args, table, offsets, ids_list, rows):
+    """FBGEMM's CPU table-batched embeddings at the same shape: one table per field, one id per
+    bag (pooling SUM of one row == the lookup), inputs pre-laid out in TBE's table-major CSR form
+    outside the timed region. Numerical agreement is checked before timing."""
+    try:
+        (Training, Inference, Optim, SparseType, Location, PoolingMode, ComputeDevice) = _fbgemm()
+    except Exception as exc:  # optional benchmark dependency
+        rows.append({"workload": "fbgemm", "provider": "fbgemm", "status": f"skipped: {exc!r}"})
+        print(f"FBGEMM comparison skipped: {exc!r}")
+        return
+    n, d = len(offsets), table.shape[1]
+    bounds = offsets.tolist() + [table.shape[0]]
+    sizes = [bounds[f + 1] - bounds[f] for f in range(n)]
+    tbe_inputs = [(ids.t().contiguous().reshape(-1), torch.arange(n * args.batch + 1, dtype=torch.int64))
+                  for ids in ids_list]
+
+    def make_training(optim):
+        tbe = Training([(r, d, Location.HOST, ComputeDevice.CPU) for r in sizes], optimizer=optim,
+                       learning_rate=0.01, eps=1e-8, pooling_mode=PoolingMode.SUM,
+                       weights_precision=SparseType.FP32, output_dtype=SparseType.FP32)
+        with torch.no_grad():
+            for f, w in enumerate(tbe.split_embedding_weights()):
+                w.copy_(table[bounds[f]:bounds[f + 1]])
+        return tbe
+
+    # ---- forward (inference), fp32
+    tbe = make_training(Optim.EXACT_SGD)
+    with torch.no_grad():
+        got = tbe(*tbe_inputs[0]).view(args.batch, n, d)
+        assert torch.equal(got, cpu_ext.embedding_lookup(ids_list[0], table, offsets, "off")), "FBGEMM forward differs"
+    next_ids, next_tbe = _rotator(ids_list), _rotator(tbe_inputs)
+    fns = {"cpu": lambda: cpu_ext.embedding_lookup(next_ids(), table, offsets, "off"),
+           "fbgemm TBE fp32": lambda: tbe(*next_tbe())}
+    # ---- forward (inference), int8 row-wise
+    q, scale_bias = cpu_ext.quantize_rowwise_int8(table)
+    try:
+        int8 = Inference([("", r, d, SparseType.INT8, Location.HOST) for r in sizes], device="cpu",
+                         pooling_mode=PoolingMode.SUM, output_dtype=SparseType.FP32)
+        int8.fill_random_weights()
+        for f, (w, scale, bias) in enumerate(int8.split_embedding_weights_with_scale_bias(split_scale_bias_mode=2)):
+            w.copy_(q[bounds[f]:bounds[f + 1]])
+            scale.copy_(scale_bias[bounds[f]:bounds[f + 1], 0].view(scale.shape))
+            bias.copy_(scale_bias[bounds[f]:bounds[f + 1], 1].view(bias.shape))
+        expect = cpu_ext.dequantize_rowwise_int8(q, scale_bias)
+        got8 = int8(*(x.int() for x in tbe_inputs[0])).view(args.batch, n, d)
+        # FBGEMM keeps scale/bias in fp16: compare at fp16 precision of the affine map.
+        torch.testing.assert_close(got8, reference.embedding_lookup(ids_list[0], expect, offsets), rtol=2e-3, atol=2e-3)
+        tbe_int_inputs = [tuple(x.int() for x in pair) for pair in tbe_inputs]
+        next_int = _rotator(tbe_int_inputs)
+        fns["cpu int8"] = lambda: cpu_ext.embedding_lookup_int8(next_ids(), q, scale_bias, offsets, "off")
+        fns["fbgemm TBE int8"] = lambda: int8(*next_int())
+    except Exception as exc:
+        print(f"FBGEMM int8 inference skipped: {exc!r}")
+        rows.append({"workload": "fbgemm_forward_int8", "provider": "fbgemm TBE int8", "status": f"skipped: {exc!r}"})
+    with torch.no_grad():
+        times = time_interleaved(fns, warmup=2, reps=args.reps * 3)
+    moved = {"fp32": 2 * args.batch * n * d * table.element_size(),
+             "int8": args.batch * n * (d + 8 + 4 * d)}   # uint8 row + fp32 scale/bias in, fp32 out
+    for name, t in times.items():
+        group = "int8" if "int8" in name else "fp32"
+        other = "fbgemm TBE int8" if group == "int8" else "fbgemm TBE fp32"
+        rows.append({"workload": f"embedding_forward[{group}] vs fbgemm", "provider": name,
+                     "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),
+                     "gb_per_s": round(moved[group] / t["median_ms"] / 1e6, 2),
+                     "speedup_vs_fbgemm": round(times[other]["median_ms"] / t["median_ms"], 2)})
+    # ---- forward + backward with the fused optimizer update
+    grads = [torch.randn(args.batch, n, d, generator=torch.Generator().manual_seed(s)) for s in range(len(ids_list))]
+    for kind, optim in (("adagrad", Optim.EXACT_ROWWISE_ADAGRAD), ("sgd", Optim.EXACT_SGD)):
+        tbe = make_training(optim)
+        weight = table.clone().requires_grad_()
+        sparse = SparseRowOptimizer(kind, lr=0.01)
+        # one step each from the same start: the updated tables agree (same formulas, fp32)
+        fused_embedding_lookup(ids_list[0], weight, offsets, sparse, "off", backend="cpu").backward(grads[0])
+        tbe(*tbe_inputs[0]).backward(grads[0].reshape(args.batch, n * d))
+        mine = torch.cat([w for w in tbe.split_embedding_weights()])
+        torch.testing.assert_close(mine, weight.detach(), rtol=1e-5, atol=1e-6)
+        pairs = _rotator(list(zip(ids_list, tbe_inputs, grads)))
+        pairs_tbe = _rotator(list(zip(ids_list, tbe_inputs, grads)))
+
+        def ours():
+            ids, _, g = pairs()
+            fused_embedding_lookup(ids, weight, offsets, sparse, "off", backend="cpu").backward(g)
+
+        def theirs():
+            _, (indices, bag_offsets), g = pairs_tbe()
+            tbe(indices, bag_offsets).backward(g.view(args.batch, n * d))
+        times = time_interleaved({"cpu fused_embedding_lookup": ours, "fbgemm TBE": theirs}, warmup=2,
+                                 reps=args.reps * 2)
+        for name, t in times.items():
+            rows.append({"workload": f"lookup+fused_update[{kind}] vs fbgemm", "provider": name,
+                         "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),
+                         "speedup_vs_fbgemm": round(times["fbgemm TBE"]["median_ms"] / t["median_ms"], 2)})
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4096)
@@ -128,6 +339,10 @@ def main(argv=None):
     parser.add_argument("--vocab-scale", type=float, default=0.05,
                         help="scale of the Criteo vocabularies (1.0 = 33.8M rows, 2.2 GB fp32)")
     parser.add_argument("--kinds", nargs="+", default=["identity", "scalar", "vector", "matrix"])
+    parser.add_argument("--train-kinds", nargs="+", default=["scalar", "matrix", "base-scalar"],
+                        help="decoder kinds of the training-step workload (base-*: no encoder)")
+    parser.add_argument("--only", nargs="+", default=list(WORKLOADS), choices=WORKLOADS,
+                        help="workloads to run (default all)")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
@@ -141,12 +356,15 @@ def main(argv=None):
     table = torch.randn(sum(field_dims), args.dim) * 0.1
     ids_list = [make_ids(args.batch, field_dims, "zipf", seed=s) for s in range(4)]   # rotate inputs
     rows = []
-    bench_logits(args, table, offsets, ids_list, rows)
-    bench_lookup(args, table, offsets, ids_list, rows)
-    bench_update(args, table, offsets, ids_list, rows)
+    runners = {"logits": bench_logits, "lookup": bench_lookup, "update": bench_update, "train": bench_train,
+               "fbgemm": bench_fbgemm}
+    for name in WORKLOADS:
+        if name in args.only:
+            runners[name](args, table, offsets, ids_list, rows)
     env = environment("cpu")
     env.update({"batch": args.batch, "fields": args.fields, "dim": args.dim, "table_rows": sum(field_dims)})
-    cols = ["workload", "provider", "median_ms", "iqr_ms", "speedup_vs_torch", "gflops", "gb_per_s"]
+    cols = ["workload", "provider", "median_ms", "iqr_ms", "speedup_vs_torch", "speedup_vs_fbgemm", "gflops",
+            "gb_per_s", "status"]
     table_md = markdown_table(rows, cols)
     summary = (f"# bench_cpu_ext: B={args.batch} N={args.fields} D={args.dim}, {args.threads} threads, "
                f"{sum(field_dims)} table rows\n\n{env['device_name']}, torch {env['torch']}, git {env['git_sha']}\n\n"

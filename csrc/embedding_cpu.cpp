@@ -90,8 +90,10 @@ void table_rows(const torch::Tensor& ids, const int64_t* off, const std::vector<
   const int64_t batch = ids.size(0), n = ids.size(1);
   const Id* p = ids.data_ptr<Id>();
   rows.resize(batch * n);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t f = 0; f < n; ++f) rows[b * n + f] = cpu::table_row(p, b, f, n, off, sizes.data(), mode);
+  at::parallel_for(0, batch, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t f = 0; f < n; ++f) rows[b * n + f] = cpu::table_row(p, b, f, n, off, sizes.data(), mode);
+  });
 }
 
 template <typename T, typename G>

@@ -16,8 +16,10 @@ results stored in the table's dtype; untouched rows and their state are left alo
               w[r] -= lr * (m[r] / (1 - b1^t)) / (sqrt(v[r] / (1 - b2^t)) + eps)
               (lazy rows, like torch.optim.SparseAdam, with torch.optim.Adam's eps placement)
 
-Backends: ``"torch"`` (index ops on the unique rows) and ``"triton"`` (one fused segment-reduce +
-update kernel, ``kernels/sparse_update.py``); ``"auto"`` takes triton for CUDA tensors when available.
+Backends: ``"torch"`` (index ops on the unique rows), ``"triton"`` (one fused segment-reduce +
+update kernel, ``kernels/sparse_update.py``) and ``"cpu"`` (the C++ gather and the C++ sort + fused
+update of ``sfg_fast._C``, fp32/bf16 tables); ``"auto"`` takes triton for CUDA tensors and cpu for
+fp32/bf16 CPU tables when available, else torch.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ from ._backend import ENV_VAR, BackendUnavailableError, unavailable_reason
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]
 
 KINDS = ("sgd", "adagrad", "adam")
-FUSED_BACKENDS = ("auto", "torch", "triton")
+FUSED_BACKENDS = ("auto", "torch", "triton", "cpu")
+_CPU_FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class SparseRowOptimizer:
@@ -142,6 +145,23 @@ class SparseRowOptimizer:
         sparse_update(weight, grad_V, ids, offsets, self.kind, state1=state1, state2=self.state.get("exp_avg_sq"),
                       **s)
 
+    @torch.no_grad()
+    def step_lookup_cpu(self, weight: torch.Tensor, grad_V: torch.Tensor, ids: torch.Tensor,
+                        offsets: torch.Tensor) -> None:
+        """Fused path on CPU: stable radix sort by row, fp32 duplicate sums, update in place (C++).
+
+        Bitwise identical for any thread count (each row's gradients are summed in entry order).
+        Args: weight fp32/bf16 contiguous ``[V, D]`` CPU table; grad_V ``[B, N, D]``; ids int32/int64
+        ``[B, N]`` (already bounds-checked); offsets int64 ``[N]``.
+        """
+        from .ops import cpu_ext
+        if weight.dtype not in _CPU_FUSED_DTYPES:
+            raise TypeError(f"the cpu fused update handles float32/bfloat16 tables, got {weight.dtype}; "
+                            "use backend='torch'")
+        s = self._begin_step(weight)
+        cpu_ext.sparse_row_update(self.kind, weight, self.state, ids, offsets, grad_V, s["lr"], s["eps"],
+                                  (s["beta1"], s["beta2"]), self.step_count, "off")
+
     def state_dict(self) -> dict:
         return {"kind": self.kind, "lr": self.lr, "eps": self.eps, "betas": self.betas,
                 "initial_accumulator_value": self.initial_accumulator_value, "step": self.step_count,
@@ -183,16 +203,30 @@ def unique_row_grads(ids: torch.Tensor, offsets: torch.Tensor, grad_V: torch.Ten
     return rows, grads.to(out_dtype)
 
 
-def _resolve_fused_backend(backend: str, device: torch.device) -> str:
+def _cpu_fused_reason(device: torch.device, dtype) -> "str | None":
+    """None when the C++ fused lookup + update can run on this table, else why not."""
+    why = unavailable_reason("cpu", "", device)
+    if why is None and dtype is not None and dtype not in _CPU_FUSED_DTYPES:
+        why = f"the C++ fused update handles float32/bfloat16 tables, got {dtype}"
+    return why
+
+
+def _resolve_fused_backend(backend: str, device: torch.device, dtype=None) -> str:
     C.check_choice("backend", backend, FUSED_BACKENDS)
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
-        if env in ("torch", "triton"):
+        if env in ("torch", "triton", "cpu"):
             backend = env
         elif device.type == "cuda" and unavailable_reason("triton", "embedding_lookup", device) is None:
             return "triton"
+        elif device.type == "cpu" and _cpu_fused_reason(device, dtype) is None:
+            return "cpu"
         else:
             return "torch"
+    if backend == "cpu":
+        why = _cpu_fused_reason(device, dtype)
+        if why is not None:
+            raise BackendUnavailableError(f"backend 'cpu' is unavailable for fused_embedding_lookup: {why}")
     if backend == "triton":
         from .ops import load_backends
         load_backends()
@@ -215,6 +249,9 @@ class _FusedLookupFunction(torch.autograd.Function):
             if weight.dtype == torch.float64:
                 raise TypeError("the triton fused update computes in fp32; use backend='torch' for float64 tables")
             return embedding_lookup_fwd(ids, weight, offsets)
+        if backend == "cpu":
+            from .ops import cpu_ext
+            return cpu_ext.embedding_lookup(ids, weight, offsets, "off")
         return torch.nn.functional.embedding(ids.to(torch.int64) + offsets, weight)
 
     @staticmethod
@@ -223,6 +260,8 @@ class _FusedLookupFunction(torch.autograd.Function):
         weight = ctx.weight
         if ctx.backend == "triton":
             ctx.optimizer.step_lookup_triton(weight, grad_V, ids, offsets)
+        elif ctx.backend == "cpu":
+            ctx.optimizer.step_lookup_cpu(weight, grad_V, ids, offsets)
         else:
             rows, grads = unique_row_grads(ids, offsets, grad_V)
             ctx.optimizer.step_rows(weight, rows, grads)
@@ -254,14 +293,14 @@ def fused_embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: tor
         ids: int32/int64 ``[B, N]`` field-local ids.  weight: ``[V, D]`` table (updated in place).
         offsets: int64 ``[N]`` first row of each field.  optimizer: a :class:`SparseRowOptimizer`.
         bounds_check: "fatal" (IndexError naming field and id) | "clamp_to_oov" | "off".
-        backend: "auto" | "torch" | "triton".
+        backend: "auto" | "torch" | "triton" | "cpu" (C++ gather + fused update, fp32/bf16 CPU tables).
     Returns:
         ``[B, N, D]`` embeddings in weight's dtype.
     """
     if not isinstance(optimizer, SparseRowOptimizer):
         raise TypeError(f"optimizer must be a SparseRowOptimizer, got {type(optimizer).__name__}")
     ids, _ = _validated_ids(ids, weight, offsets, bounds_check)
-    chosen = _resolve_fused_backend(backend, weight.device)
+    chosen = _resolve_fused_backend(backend, weight.device, weight.dtype)
     return _FusedLookupFunction.apply(ids, weight, offsets, optimizer, chosen)
 
 
@@ -307,7 +346,7 @@ class FusedFieldEmbedding(nn.Module):
                              f"{self.num_fields} fields, got {list(ids.shape)}")
         ids, count = _validated_ids(ids, self.weight, self.offsets, self.bounds_check)
         self.num_clamped += count
-        chosen = _resolve_fused_backend(self.backend, self.weight.device)
+        chosen = _resolve_fused_backend(self.backend, self.weight.device, self.weight.dtype)
         return _FusedLookupFunction.apply(ids, self.weight, self.offsets, self.optimizer, chosen)
 
     def get_extra_state(self) -> dict:

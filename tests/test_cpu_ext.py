@@ -347,3 +347,138 @@ def test_auto_picks_cpu_for_sfg_logits(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     load_backends()
     assert resolve("auto", "sfg_logits", torch.device("cpu")) == "cpu"
+
+
+# ------------------------------------------------------- training: fused lookup with the C++ update
+
+def _reference_rows_update(weight64, opt64, ids, offsets, upstream64):
+    """fp64 ground truth of one fused step: the reference lookup's dense gradient, reduced to its
+    touched rows, then the torch-path optimizer (SparseRowOptimizer.step_rows) on those rows."""
+    leaf = weight64.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(reference.embedding_lookup(ids, leaf, offsets), leaf, upstream64)
+    rows = torch.unique((ids.to(torch.int64) + offsets).reshape(-1))
+    opt64.step_rows(weight64, rows, grad[rows])
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("batch,field_dims,dim", [(1, [3, 4], 3), (96, [60, 2, 7, 300], 17)])
+def test_fused_lookup_cpu_backend_equals_reference_optimizer(kind, id_dtype, batch, field_dims, dim):
+    from sfg_fast.optim import SparseRowOptimizer, fused_embedding_lookup
+    offsets = offsets_of(field_dims)
+    hyper = dict(lr=0.05, eps=1e-8, betas=(0.8, 0.9))
+    weight64 = _table(field_dims, dim, torch.float64)
+    start = weight64.clone()
+    weight_cpu = weight64.float().requires_grad_()
+    weight_torch = weight64.float().requires_grad_()
+    opts = {name: SparseRowOptimizer(kind, **hyper) for name in ("cpu", "torch", "ref")}
+    for _ in range(3):                                   # state carries over; Zipf ids repeat rows
+        ids = zipf_ids(batch, field_dims, dtype=id_dtype)
+        upstream = torch.randn(batch, len(field_dims), dim, dtype=torch.float64)
+        out = fused_embedding_lookup(ids, weight_cpu, offsets, opts["cpu"], backend="cpu")
+        assert torch.equal(out, reference.embedding_lookup(ids, weight_cpu.detach(), offsets))
+        out.backward(upstream.float())
+        fused_embedding_lookup(ids, weight_torch, offsets, opts["torch"], backend="torch").backward(upstream.float())
+        _reference_rows_update(weight64, opts["ref"], ids, offsets, upstream)
+    assert weight_cpu.grad is None and opts["cpu"].step_count == 3
+    assert not torch.equal(weight_cpu.detach().double(), start)
+    assert_close_2x(weight_cpu, weight64, weight_torch, f"{kind} fused cpu update", floor=1e-7)
+    for name, value in opts["ref"].state.items():
+        assert_close_2x(opts["cpu"].state[name], value, opts["torch"].state[name], f"{kind} state {name}", floor=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+def test_fused_lookup_cpu_backend_bitwise_repeatable(kind):
+    from sfg_fast.optim import FusedFieldEmbedding
+    field_dims = [500, 3, 40, 2000]
+    ids = [zipf_ids(700, field_dims, a=1.5) for _ in range(2)]
+    ups = [torch.randn(700, 4, 16) for _ in range(2)]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (2, 1):
+            torch.manual_seed(3)
+            module = FusedFieldEmbedding(field_dims, 16, optimizer=kind, lr=0.02, backend="cpu", init_std=0.1)
+            torch.set_num_threads(count)
+            for i, u in zip(ids, ups):
+                module(i).backward(u)
+            results.append(module.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    first, second = results
+    assert torch.equal(first["weight"], second["weight"])
+    for name, value in first["_extra_state"]["optimizer"]["state"].items():
+        assert torch.equal(value, second["_extra_state"]["optimizer"]["state"][name])
+
+
+def test_fused_module_cpu_backend_trains_like_torch_backend_bf16_and_resumes():
+    from sfg_fast.optim import FusedFieldEmbedding
+    field_dims = [30, 5, 11]
+    modules = {}
+    for backend in ("cpu", "torch"):
+        torch.manual_seed(7)
+        modules[backend] = FusedFieldEmbedding(field_dims, 16, optimizer="adagrad", lr=0.05, backend=backend,
+                                               init_std=0.1, dtype=torch.bfloat16)
+    for _ in range(3):
+        ids = zipf_ids(40, field_dims)
+        up = torch.randn(40, 3, 16).to(torch.bfloat16)
+        for module in modules.values():
+            module(ids).backward(up)
+    got, want = modules["cpu"].weight.detach().double(), modules["torch"].weight.detach().double()
+    # both sum and update in fp32 and round once per step to bf16: at most a bf16 ulp apart per step.
+    torch.testing.assert_close(got, want, rtol=3 * 2 ** -8, atol=1e-3)
+    restored = FusedFieldEmbedding(field_dims, 16, optimizer="adagrad", lr=0.05, backend="cpu", dtype=torch.bfloat16)
+    restored.load_state_dict(modules["cpu"].state_dict())
+    ids, up = zipf_ids(40, field_dims), torch.randn(40, 3, 16).to(torch.bfloat16)
+    modules["cpu"](ids).backward(up)
+    restored(ids).backward(up)
+    assert torch.equal(restored.weight, modules["cpu"].weight)
+
+
+def test_fused_backend_choice_and_errors(monkeypatch):
+    from sfg_fast._backend import ENV_VAR, BackendUnavailableError
+    from sfg_fast.optim import SparseRowOptimizer, _resolve_fused_backend, fused_embedding_lookup
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    cpu = torch.device("cpu")
+    assert _resolve_fused_backend("auto", cpu, torch.float32) == "cpu"
+    assert _resolve_fused_backend("auto", cpu, torch.bfloat16) == "cpu"
+    assert _resolve_fused_backend("auto", cpu, torch.float64) == "torch"    # the C++ update is fp32
+    field_dims = [4, 6]
+    weight = _table(field_dims, 3, torch.float64).requires_grad_()
+    ids = zipf_ids(5, field_dims)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        fused_embedding_lookup(ids, weight, offsets_of(field_dims), SparseRowOptimizer("sgd"), backend="cpu")
+    # auto on an fp64 table still trains (torch path)
+    opt = SparseRowOptimizer("sgd", lr=0.1)
+    before = weight.detach().clone()
+    fused_embedding_lookup(ids, weight, offsets_of(field_dims), opt).sum().backward()
+    assert opt.step_count == 1 and not torch.equal(weight.detach(), before)
+    with pytest.raises(TypeError, match="float32/bfloat16"):
+        SparseRowOptimizer("sgd").step_lookup_cpu(weight.detach(), torch.ones(5, 2, 3, dtype=torch.float64), ids,
+                                                  offsets_of(field_dims))
+    bad = ids.clone()
+    bad[1, 1] = 6
+    with pytest.raises(IndexError, match="field 1"):
+        fused_embedding_lookup(bad, weight.detach().float().requires_grad_(), offsets_of(field_dims),
+                               SparseRowOptimizer("sgd"), backend="cpu")
+
+
+@pytest.mark.parametrize("num_fields", [9, 17, 39])
+@pytest.mark.parametrize("pairs,side,symmetric", [("upper", "left", False), ("upper", "right", False),
+                                                  ("offdiag", "left", True), ("upper", "left", True)])
+def test_sfg_logits_matrix_decoder_column_chunks(num_fields, pairs, side, symmetric):
+    """The matrix decoder runs as column chunks over the K range each chunk's fields pair with
+    (several fields per chunk at N > 8, a last partial chunk, fields that pair with nothing)."""
+    field_dims, dim = [3 + (f * 7) % 11 for f in range(num_fields)], 3
+    n, offsets = num_fields, offsets_of(field_dims)
+    table = _table(field_dims, dim, torch.float64)
+    enc = torch.randn(n * dim, n * dim, dtype=torch.float64) / (n * dim) ** 0.5
+    dec = _decoder_weight("matrix", n, dim)
+    ids = zipf_ids(67, field_dims)
+    args = ("matrix", "relu", 0.8, False, pairs, side, symmetric)
+    ref64 = reference.sfg_logits(ids, table, offsets, enc, None, dec, *args)
+    torch32 = factored.sfg_logits(ids, table.float(), offsets, enc.float(), None, dec.float(), *args)
+    from sfg_fast import _C
+    for tile in (5, 64):
+        out = _C.sfg_logits(ids, table.float(), offsets, enc.float(), None, dec.float(), *args, "fatal", tile)
+        assert_close_2x(out, ref64, torch32, f"chunked matrix decoder N={n} {pairs} {side} tile {tile}", floor=1e-5)

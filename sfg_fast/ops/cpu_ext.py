@@ -112,11 +112,11 @@ def sparse_row_update(kind: str, weight: torch.Tensor, state: Dict[str, torch.Te
     rows, dim = weight.shape if weight.dim() == 2 else (None, None)
     if rows is None:
         raise ValueError(f"weight must have shape [V, D], got {list(weight.shape)}")
-    if kind == "adagrad":
-        state.setdefault("sum", torch.zeros(rows, dtype=torch.float32))
-    elif kind == "adam":
-        state.setdefault("exp_avg", torch.zeros(rows, dim, dtype=torch.float32))
-        state.setdefault("exp_avg_sq", torch.zeros(rows, dim, dtype=torch.float32))
+    # Create missing state only: an eager default would zero two [V, D] tensors on every step.
+    shapes = {"adagrad": {"sum": (rows,)}, "adam": {"exp_avg": (rows, dim), "exp_avg_sq": (rows, dim)}}
+    for name, shape in shapes.get(kind, {}).items():
+        if name not in state:
+            state[name] = torch.zeros(shape, dtype=torch.float32)
     state1 = state.get("sum") if kind == "adagrad" else state.get("exp_avg")
     state2 = state.get("exp_avg_sq") if kind == "adam" else None
     b1, b2 = (float(b) for b in betas)
@@ -182,7 +182,9 @@ def _cuda_embedding_lookup(ids, weight, offsets):
 def _register() -> None:
     from ..functional import register_impl
     # Only ops measured at least as fast as the factored torch path at the Criteo shape are
-    # registered (bench/bench_cpu_ext.py: fused sfg_logits 1.3-8x, gather 1.9x on 2 threads).
+    # registered (bench/bench_cpu_ext.py, idle 2-core run: fused sfg_logits 1.1-1.7x, gather 1.5x).
+    # Training on CPU goes through sfg_fast.optim.fused_embedding_lookup(backend="cpu"): the C++
+    # gather forward and sparse_row_update in backward.
     register_impl("cpu", "sfg_logits", sfg_logits)
     register_impl("cpu", "embedding_lookup", _cpu_embedding_lookup)
     if getattr(_C, "WITH_CUDA", False):
