@@ -112,7 +112,8 @@ def _encoder_block(enc_w_ptr, o, k, D, rows_q, cols_p, mask_q, mask_p, stride_w0
 def _decoder_block(dec_ptr, o, k, rows_p, cols_q, mask_p, mask_q, stride_d0, stride_d1, stride_d2, stride_d3):
     """Blk(o, k)[p, q] = dec[o, k, p, q] for the matrix decoder (any strides).
 
-    Weight offsets stay int32: a decoder or encoder weight holds at most (N*D)^2 elements.
+    The block base ``o * stride_d0 + k * stride_d1`` stays int32 (a decoder holds (N*D)^2 elements,
+    far below 2^31 for any CTR shape); the in-block offsets are int64 like every other offset.
     """
     base = dec_ptr + o * stride_d0 + k * stride_d1
     return tl.load(base + rows_p[:, None].to(tl.int64) * stride_d2 + cols_q[None, :].to(tl.int64) * stride_d3,

@@ -58,6 +58,11 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}")
 
 
+def _check_device(name: str, t: torch.Tensor, name_ref: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {name_ref} is on {ref.device}")
+
+
 def check_gamma(gamma) -> float:
     try:
         value = float(gamma)
@@ -144,7 +149,7 @@ def check_offsets(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
 
 def check_ids_in_range(ids: torch.Tensor, sizes: torch.Tensor) -> None:
     """Raise IndexError naming the first field with an id outside [0, field size). Reads ids."""
-    bad = (ids < 0) | (ids >= sizes.to(ids.dtype))
+    bad = (ids < 0) | (ids >= sizes)    # compared in int64: a field past 2^31 rows must not wrap for int32 ids
     if bool(bad.any()):
         field = int(bad.any(0).nonzero()[0, 0])
         col = ids[:, field]
@@ -155,31 +160,38 @@ def check_ids_in_range(ids: torch.Tensor, sizes: torch.Tensor) -> None:
 
 
 def clamp_to_oov(ids: torch.Tensor, sizes: torch.Tensor):
-    """Remap out-of-range ids to their field's last id (the OOV row). Returns (ids, count)."""
-    sizes = sizes.to(ids.dtype)
-    bad = (ids < 0) | (ids >= sizes)
-    oov = (sizes - 1).clamp_min(0).expand_as(ids)
+    """Remap out-of-range ids to their field's last id (the OOV row). Returns (ids, count) with ids
+    in their own dtype."""
+    bad = (ids < 0) | (ids >= sizes)    # int64 comparison (sizes may exceed int32 ids' range)
+    # every int32 id is below a size past 2^31, so capping the OOV id to the dtype's max changes no result
+    oov = (sizes - 1).clamp(0, torch.iinfo(ids.dtype).max).to(ids.dtype).expand_as(ids)
     return torch.where(bad, oov, ids), int(bad.sum())
 
 
-def check_encode(V, weight, bias, activation, gamma, residual) -> float:
-    check_embeddings("V", V)
+def check_encode(V, weight, bias, activation, gamma, residual, prefix: str = "", source: str = "V") -> float:
+    """Encoder checks. ``prefix`` and ``source`` rename the arguments in messages (sfg_logits passes
+    "enc_" and "table", so its errors name enc_weight / enc_bias, not a weight it does not have)."""
+    check_embeddings(source, V)
     _, n, d = V.shape
-    check_tensor("weight", weight, ndim=2)
+    w_name, b_name = f"{prefix}weight", f"{prefix}bias"
+    check_tensor(w_name, weight, ndim=2)
     if tuple(weight.shape) != (n * d, n * d):
-        raise ValueError(f"weight must have shape [N*D, N*D]=[{n * d}, {n * d}] for V {_shape(V)}, "
+        raise ValueError(f"{w_name} must have shape [N*D, N*D]=[{n * d}, {n * d}] (N={n}, D={d}), "
                          f"got {_shape(weight)}")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1)
+        check_tensor(b_name, bias, ndim=1)
         if bias.numel() != n * d:
-            raise ValueError(f"bias must have shape [N*D]=[{n * d}], got {_shape(bias)}")
+            raise ValueError(f"{b_name} must have shape [N*D]=[{n * d}], got {_shape(bias)}")
+    _check_device(w_name, weight, source, V)
+    if bias is not None:
+        _check_device(b_name, bias, source, V)
     check_choice("activation", activation, tuple(ACTIVATIONS))
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {residual!r}")
     return check_gamma(gamma)
 
 
-def check_decode(Z, V, weight, kind, pairs, generated_side, symmetric) -> None:
+def check_decode(Z, V, weight, kind, pairs, generated_side, symmetric, weight_name: str = "weight") -> None:
     check_embeddings("Z", Z)
     check_embeddings("V", V)
     check_same("Z", Z, "V", V)
@@ -192,16 +204,16 @@ def check_decode(Z, V, weight, kind, pairs, generated_side, symmetric) -> None:
     expected = {"identity": None, "scalar": (n, n), "vector": (n, n, d), "matrix": (n, n, d, d)}[kind]
     if expected is None:
         if weight is not None:
-            raise ValueError("weight must be None for kind='identity'")
+            raise ValueError(f"{weight_name} must be None for kind='identity'")
         return
     if weight is None:
-        raise ValueError(f"weight is required for kind={kind!r}: expected shape {list(expected)}")
-    check_tensor("weight", weight)
+        raise ValueError(f"{weight_name} is required for kind={kind!r}: expected shape {list(expected)}")
+    check_tensor(weight_name, weight)
     if tuple(weight.shape) != expected:
-        raise ValueError(f"weight for kind={kind!r} must have shape {list(expected)} "
+        raise ValueError(f"{weight_name} for kind={kind!r} must have shape {list(expected)} "
                          f"(N={n}, D={d}), got {_shape(weight)}")
     if weight.device != Z.device:
-        raise ValueError(f"weight is on {weight.device} but Z is on {Z.device}")
+        raise ValueError(f"{weight_name} is on {weight.device} but Z is on {Z.device}")
 
 
 def check_products(Z, V, pairs, generated_side, symmetric) -> None:
@@ -220,6 +232,10 @@ def check_cross(x, x_gen, weight, bias) -> None:
         check_tensor("bias", bias, ndim=1)
         if bias.numel() != k:
             raise ValueError(f"bias must have shape [K]=[{k}], got {_shape(bias)}")
+    # the fused backends take raw pointers: a parameter left on another device must not reach them
+    _check_device("weight", weight, "x", x)
+    if bias is not None:
+        _check_device("bias", bias, "x", x)
 
 
 def check_bce(logits, labels, reduction) -> None:
@@ -248,10 +264,10 @@ def check_sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind
     n, d = ids.shape[1], table.shape[1]
     probe = torch.empty(0, n, d, dtype=table.dtype, device=table.device)
     if enc_weight is not None:
-        gamma = check_encode(probe, enc_weight, enc_bias, activation, gamma, residual)
+        gamma = check_encode(probe, enc_weight, enc_bias, activation, gamma, residual, prefix="enc_", source="table")
     elif enc_bias is not None:
         raise ValueError("enc_bias must be None when enc_weight is None (no encoder: the base model)")
     else:
         gamma = check_gamma(gamma)
-    check_decode(probe, probe, dec_weight, kind, pairs, generated_side, symmetric)
+    check_decode(probe, probe, dec_weight, kind, pairs, generated_side, symmetric, weight_name="dec_weight")
     return gamma

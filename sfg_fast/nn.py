@@ -60,11 +60,12 @@ class FieldEmbedding(nn.Module):
                              f"{self.num_fields} fields, got {list(ids.shape)}")
         if self.bounds_check == "clamp_to_oov":
             C.check_lookup(ids, self.weight, self.offsets, "clamp_to_oov")
-            sizes = self.field_sizes.to(ids.dtype)
+            sizes = self.field_sizes                      # int64: compared without narrowing to ids' dtype
             bad = (ids < 0) | (ids >= sizes)
             # counted in a tensor buffer: no host sync, and torch.compile traces it without a graph break
             self.clamped_count += bad.sum()
-            ids = torch.where(bad, (sizes - 1).expand_as(ids), ids)
+            oov = (sizes - 1).clamp(0, torch.iinfo(ids.dtype).max).to(ids.dtype)
+            ids = torch.where(bad, oov.expand_as(ids), ids)
             return SF.embedding_lookup(ids, self.weight, self.offsets, "off", backend=self.backend)
         return SF.embedding_lookup(ids, self.weight, self.offsets, self.bounds_check, backend=self.backend)
 
@@ -236,11 +237,13 @@ class CIN(nn.Module):
     Layer k: ``Z^k[b, h, m, :] = x^{k-1}[b, h] * g^k[b, m]`` and ``x^k = conv1x1(Z^k)``, where the base
     model uses ``g^k = x^0 = V`` and SFG uses ``g^k = G_k(V)`` (a separate encoder per layer, fed the raw
     V). ``forward(V [B, N, D]) -> [B, sum(layer_sizes)]`` (each layer's output sum-pooled over D).
+    ``dropout`` applies to the generators' outputs (the models' ``encoder_dropout``).
     """
 
     def __init__(self, num_fields: int, embedding_dim: int, layer_sizes: Sequence[int] = (16, 16, 16),
                  generative: bool = False, activation: str = "relu", gamma: float = 1.0,
-                 encoder_bias: bool = False, residual: bool = False, backend: str = "auto"):
+                 encoder_bias: bool = False, residual: bool = False, backend: str = "auto",
+                 dropout: float = 0.0):
         super().__init__()
         self.num_fields, self.embedding_dim = int(num_fields), int(embedding_dim)
         self.layer_sizes = [int(h) for h in layer_sizes]
@@ -253,7 +256,7 @@ class CIN(nn.Module):
         self.convs = nn.ModuleList(convs)
         if self.generative:
             self.generators = nn.ModuleList(
-                SFGEncoder(num_fields, embedding_dim, activation, gamma, encoder_bias, residual, 0.0, backend)
+                SFGEncoder(num_fields, embedding_dim, activation, gamma, encoder_bias, residual, dropout, backend)
                 for _ in self.layer_sizes)
         else:
             self.generators = None

@@ -155,3 +155,54 @@ def test_clamp_to_oov_counts_under_compile_without_graph_break():
     out = compiled(torch.tensor([[0, 9, 1], [-3, 1, 1]]))
     assert emb.num_clamped == 2
     assert torch.equal(out[0, 1], emb.weight[3 + 4])
+
+
+def test_parameters_on_another_device_are_named():
+    """Fused backends take raw pointers, so a weight left on another device must be refused up front
+    (the meta device stands in for a second device on CPU-only machines)."""
+    V = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="weight is on meta but V is on cpu"):
+        SF.sfg_encode(V, torch.randn(12, 12, device="meta"))
+    with pytest.raises(ValueError, match="bias is on meta but V is on cpu"):
+        SF.sfg_encode(V, torch.randn(12, 12), torch.randn(12, device="meta"))
+    x = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        SF.generative_cross(x, x, torch.randn(6, 6, device="meta"))
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        SF.generative_cross(x, x, torch.randn(6, 6), torch.randn(6, device="meta"))
+    ids, table, offsets = _lookup_args()
+    with pytest.raises(ValueError, match="enc_weight is on meta but table is on cpu"):
+        SF.sfg_logits(ids, table, offsets, torch.randn(12, 12, device="meta"), None, None, "identity")
+
+
+def test_sfg_logits_errors_name_its_own_arguments():
+    """sfg_logits has two weights: its errors must say which (enc_weight / enc_bias / dec_weight)."""
+    ids, table, offsets = _lookup_args()                      # N = 3, D = 4
+    with pytest.raises(ValueError, match=r"enc_weight must have shape \[N\*D, N\*D\]=\[12, 12\]"):
+        SF.sfg_logits(ids, table, offsets, torch.randn(12, 11), None, None, "identity")
+    with pytest.raises(ValueError, match=r"enc_bias must have shape \[N\*D\]=\[12\]"):
+        SF.sfg_logits(ids, table, offsets, torch.randn(12, 12), torch.randn(5), None, "identity")
+    with pytest.raises(ValueError, match=r"dec_weight for kind='scalar' must have shape \[3, 3\]"):
+        SF.sfg_logits(ids, table, offsets, None, None, torch.randn(3, 3, 4), "scalar")
+    with pytest.raises(ValueError, match="dec_weight is required for kind='matrix'"):
+        SF.sfg_logits(ids, table, offsets, None, None, None, "matrix")
+    with pytest.raises(ValueError, match="dec_weight must be None for kind='identity'"):
+        SF.sfg_logits(ids, table, offsets, None, None, torch.randn(3, 3), "identity")
+
+
+
+def test_int32_ids_against_a_field_past_int32_range():
+    """Field sizes are int64; narrowing them to int32 ids' dtype would wrap a 2^31+ row field negative
+    and flag every id as bad. Checked on the size tensor directly (no such table is allocated)."""
+    from sfg_fast import _checks as C
+    sizes = torch.tensor([2**31 + 5, 4], dtype=torch.int64)
+    ids = torch.tensor([[0, 1], [2**31 - 1, 3]], dtype=torch.int32)
+    C.check_ids_in_range(ids, sizes)                                  # all in range: no error
+    remapped, count = C.clamp_to_oov(ids, sizes)
+    assert count == 0 and torch.equal(remapped, ids)
+    bad = torch.tensor([[0, 7], [2**31 - 1, -2]], dtype=torch.int32)
+    with pytest.raises(IndexError, match=r"field 1\).*id 7"):
+        C.check_ids_in_range(bad, sizes)
+    remapped, count = C.clamp_to_oov(bad, sizes)
+    assert count == 2 and remapped.dtype == torch.int32
+    assert torch.equal(remapped, torch.tensor([[0, 3], [2**31 - 1, 3]], dtype=torch.int32))

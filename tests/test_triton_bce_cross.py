@@ -189,3 +189,25 @@ def test_bce_integer_labels_and_poisoned_output():
     loss = SF.bce_with_logits(logits.requires_grad_(), labels, "mean", backend="triton")
     (grad,) = torch.autograd.grad(loss, logits)
     torch.testing.assert_close(grad.double(), (torch.sigmoid(logits.double()) - labels) / 36, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bce_strided_one_dimensional_views(reduction):
+    """A logit column sliced from a [B, 2] head (stride 2) stays a strided view under reshape(-1);
+    the flat-indexing kernel must still read the right elements, forward and backward."""
+    head = torch.randn(37, 2, device=DEVICE) * 3
+    soft = torch.rand(37, 3, device=DEVICE)
+    logits, labels = head[:, 0], soft[:, 1]
+    assert logits.stride() == (2,) and labels.stride() == (3,)
+    upstream = torch.randn(37 if reduction == "none" else (), device=DEVICE)
+    ref_out, ref_grads = _forward_and_grads(lambda x, y: reference.bce_with_logits(x, y, reduction),
+                                            [logits.double(), labels.double()], upstream.double())
+    t_out, t_grads = _forward_and_grads(lambda x, y: SF.bce_with_logits(x, y, reduction, backend="torch"),
+                                        [logits, labels], upstream)
+    leaves = [head.clone().requires_grad_(), soft.clone().requires_grad_()]
+    k_out = SF.bce_with_logits(leaves[0][:, 0], leaves[1][:, 1], reduction, backend="triton")
+    k_head, k_soft = torch.autograd.grad(k_out, leaves, upstream)
+    assert_2x(k_out, ref_out, t_out, floor=1e-6)
+    assert_2x(k_head[:, 0], ref_grads[0], t_grads[0], floor=1e-7)
+    assert_2x(k_soft[:, 1], ref_grads[1], t_grads[1], floor=1e-7)
+    assert not k_head[:, 1].any() and not k_soft[:, [0, 2]].any()   # neighbouring columns untouched

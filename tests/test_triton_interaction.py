@@ -354,3 +354,28 @@ def test_pairwise_decode_matches_reference(kind, pairs, side, symmetric, shape):
             assert g is None or torch.equal(g, torch.zeros_like(g)), f"d {name} should be zero"
             continue
         assert_2x(g, g64, g32, f"d {name}")
+
+
+def test_launchers_check_ids_and_label_values():
+    """The public launchers gather (and in backward scatter to) raw table rows: a bad id must raise
+    before any kernel runs, and bad label values must not reach the fused loss."""
+    ops = _ops()
+    ids, offsets, params = _problem(6, 3, 3, "scalar", bias=False, seed=43)
+    p32 = {k: (None if v is None else v.float()) for k, v in params.items()}
+    args = (offsets, p32["enc_weight"], None, p32["dec_weight"], "scalar")
+    bad = ids.clone()
+    bad[2, 1] = params["table"].shape[0]                      # beyond field 1 (and the whole table)
+    with pytest.raises(IndexError, match=r"field 1\)"):
+        ops.sfg_logits_fwd(bad, p32["table"], *args)
+    with pytest.raises(IndexError, match=r"field 1\)"):
+        ops.sfg_logits_bwd(torch.ones(6), bad, p32["table"], *args)
+    # clamp_to_oov remaps to the field's last id, exactly as the functional op does
+    clamped = ops.sfg_logits_fwd(bad, p32["table"], *args, bounds_check="clamp_to_oov")
+    want = SF.sfg_logits(bad, p32["table"], *args, bounds_check="clamp_to_oov", backend="torch")
+    assert_2x(clamped, R.sfg_logits(bad, params["table"], offsets, params["enc_weight"], None,
+                                    params["dec_weight"], "scalar", bounds_check="clamp_to_oov"), want, "clamped")
+    for label_values, message in (([0.0, float("nan")], "NaN/inf"), ([0.0, 2.0], r"\[0, 1\]")):
+        labels = torch.zeros(6)
+        labels[:2] = torch.tensor(label_values)
+        with pytest.raises(ValueError, match=message):
+            ops.sfg_logits_fwd(ids, p32["table"], *args, labels=labels)

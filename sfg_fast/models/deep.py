@@ -21,7 +21,8 @@ class xDeepFM(CTRModel):
         enc = self.encoder_kwargs
         self.linear = FirstOrder(self.field_dims, self.config["bounds_check"], self.backend)
         self.cin = CIN(self.num_fields, self.embedding_dim, cin_layer_units, self.generative,
-                       enc["activation"], enc["gamma"], enc["bias"], enc["residual"], self.backend)
+                       enc["activation"], enc["gamma"], enc["bias"], enc["residual"], self.backend,
+                       dropout=enc["dropout"])
         self.cin_fc = nn.Linear(self.cin.output_dim, 1)
         self.dnn = MLP(self.num_fields * self.embedding_dim, hidden_units, "relu", dropout, batch_norm, 1) \
             if hidden_units else None

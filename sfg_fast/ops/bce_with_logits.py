@@ -36,7 +36,9 @@ def bce_with_logits_fwd(logits: torch.Tensor, labels: torch.Tensor, reduction: s
     ``out``: optional contiguous destination for ``reduction="none"`` (logits' shape, compute dtype).
     """
     compute = _compute_dtype(logits)
-    x, y = logits.reshape(-1), labels.reshape(-1)
+    # The kernel indexes flat memory: reshape(-1) of a strided 1-D view (e.g. logits[:, 0]) is
+    # still that strided view, so force unit stride or the kernel reads the wrong elements.
+    x, y = logits.reshape(-1).contiguous(), labels.reshape(-1).contiguous()
     numel = x.numel()
     if reduction != "none" and numel == 0:  # match torch: mean of nothing is nan, sum is 0
         return torch.full((), float("nan") if reduction == "mean" else 0.0, dtype=compute, device=x.device)
@@ -63,7 +65,7 @@ def bce_with_logits_bwd(grad: torch.Tensor, logits: torch.Tensor, labels: torch.
                         need_logits: bool = True, need_labels: bool = False):
     """Returns ``(dlogits or None, dlabels or None)`` shaped like the inputs, in their dtypes."""
     compute = _compute_dtype(logits)
-    x, y = logits.reshape(-1), labels.reshape(-1)
+    x, y = logits.reshape(-1).contiguous(), labels.reshape(-1).contiguous()   # unit stride, as in fwd
     numel = x.numel()
     dx = torch.empty(numel, dtype=logits.dtype, device=x.device) if need_logits else None
     dy = torch.empty(numel, dtype=labels.dtype, device=x.device) if need_labels else None

@@ -315,7 +315,8 @@ def result_dtype(*tensors):
 
 def _check_float(name, t):
     if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{name} must be float32, float16 or bfloat16 for the triton backend, got {t.dtype}")
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 for the triton backend (float64 runs "
+                        f"the exact factored path), got {t.dtype}")
 
 
 def _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side, symmetric, allow_tf32):
@@ -356,22 +357,26 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
 
 def sfg_logits_fwd(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation="relu", gamma=1.0,
                    residual=False, pairs="upper", generated_side="left", symmetric=False, labels=None,
-                   allow_tf32: Optional[bool] = None):
+                   allow_tf32: Optional[bool] = None, bounds_check: str = "fatal"):
     """Forward launcher (no autograd): ``logit [B]``, or with ``labels`` ``(logit, loss, dlogit)``.
 
     ``loss[b] = BCEWithLogits(logit[b], labels[b])`` and ``dlogit[b] = sigmoid(logit[b]) - labels[b]``
     (the gradient of the per-sample loss; scale by 1/B for a mean) are computed in the kernel's
-    epilogue. Arguments as ``functional.sfg_logits``; ids must already be in range (this launcher
-    does not read them on the host). fp32 outputs.
+    epilogue. Arguments as ``functional.sfg_logits`` (``bounds_check`` included: the kernel gathers
+    raw table rows, so ids are checked on the host unless ``"off"``). Labels must be finite and in
+    [0, 1]. fp32 outputs.
     """
     with torch.no_grad():
-        gamma = _validated(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
-                           residual, pairs, generated_side, symmetric)
+        gamma, ids = _validated(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
+                                residual, pairs, generated_side, symmetric, bounds_check)
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.shape != (ids.shape[0],):
                 got = list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
                 raise ValueError(f"labels must have shape [B]=[{ids.shape[0]}], got {got}")
             labels = labels.to(device=table.device, dtype=torch.float32).contiguous()
+            # same value checks as bce_with_logits: a NaN or 2.0 label would silently poison loss and dlogit
+            from .. import _checks as C
+            C.check_bce(torch.empty_like(labels), labels, "none")
         if has_fp64(table, enc_weight, enc_bias, dec_weight):
             # fp64 is for checking: exact factored path, loss and dlogit from the same formulas
             logit = factored.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
@@ -401,15 +406,17 @@ def sfg_logits_fwd(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, 
 
 def sfg_logits_bwd(dlogit, ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation="relu",
                    gamma=1.0, residual=False, pairs="upper", generated_side="left", symmetric=False,
-                   allow_tf32: Optional[bool] = None):
+                   allow_tf32: Optional[bool] = None, bounds_check: str = "fatal"):
     """Backward launcher (no autograd): gradients of ``sum(dlogit * logit)``.
 
     Returns ``(d_table [V, D] dense, d_enc_weight or None, d_enc_bias or None, d_dec_weight or None)``
     in fp32, the decoder gradient zero outside P. Recomputes the forward inside (nothing saved).
+    ``bounds_check`` as for ``functional.sfg_logits``: the table gradient is scattered to the gathered
+    rows, so an unchecked bad id would write outside it.
     """
     with torch.no_grad():
-        gamma = _validated(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
-                           residual, pairs, generated_side, symmetric)
+        gamma, ids = _validated(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
+                                residual, pairs, generated_side, symmetric, bounds_check)
         if not isinstance(dlogit, torch.Tensor) or dlogit.shape != (ids.shape[0],):
             got = list(dlogit.shape) if isinstance(dlogit, torch.Tensor) else type(dlogit).__name__
             raise ValueError(f"dlogit must have shape [B]=[{ids.shape[0]}], got {got}")
@@ -433,10 +440,12 @@ def sfg_logits_bwd(dlogit, ids, table, offsets, enc_weight, enc_bias, dec_weight
 
 
 def _validated(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
-               pairs, generated_side, symmetric) -> float:
+               pairs, generated_side, symmetric, bounds_check):
+    """(gamma, ids after the bounds mode): the launchers' share of functional.sfg_logits's checks."""
     from .. import _checks as C
-    return C.check_sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
-                              residual, pairs, generated_side, symmetric, "off")
+    gamma = C.check_sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
+                               residual, pairs, generated_side, symmetric, bounds_check)
+    return gamma, C.apply_bounds_check(ids, offsets, table.shape[0], bounds_check)
 
 
 if triton is not None:
