@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 # sfg_fast.kernels is mapped onto kernels/ by setup.py, so the package must be installed (editable,
 # offline, no dependencies, no extension build: a few seconds).
 if ! "$PYTHON" -c "import sfg_fast.kernels" >/dev/null 2>&1; then
-  SFG_FAST_BUILD_EXT=0 "$PYTHON" -m pip install --no-deps --no-build-isolation -q -e . \
+  SFG_FAST_BUILD_EXT=0 "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -q -e . \
     || echo "gpu_check: editable install failed; the Triton backend may be unavailable" >&2
 fi
 unset TRITON_INTERPRET

@@ -4,7 +4,9 @@ Absolute times drift between machines and runs; the ratio ``provider time / lite
 in the SAME run does much less, so that is what is compared. A provider regresses when its current
 ratio exceeds the baseline ratio by more than ``--tolerance`` (default 0.25 = 25% slower relative
 to literal). A provider that ran in the baseline but errors now also fails the gate; one missing
-from the current run is reported (and fails with ``--strict``).
+from the current run is reported (and fails with ``--strict``). A current run that shares no
+measurement with the baseline (another benchmark, shape or device) fails: a gate that compared
+nothing has checked nothing.
 
     python -m bench.regress --baseline bench/baselines/cpu.json                 # runs a fresh suite
     python -m bench.regress --baseline bench/baselines/cpu.json --current FILE  # compares two files
@@ -32,16 +34,19 @@ def describe(key: Tuple) -> str:
 
 def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAULT_TOLERANCE,
             strict: bool = False) -> Dict:
-    """Return {"regressions", "errors", "missing", "improved", "checked"} (lists of dicts) and "passed"."""
+    """Return {"regressions", "errors", "missing", "improved", "checked"} (lists of dicts), "passed" and
+    "nothing_compared" (the baseline had gated rows but none of them could be compared)."""
     if not (tolerance >= 0):
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     cur = {}
     for r in current:
         cur[row_key(r)] = r
     out = {"regressions": [], "errors": [], "missing": [], "improved": [], "checked": []}
+    gated = 0
     for b in baseline:
         if b.get("status") != "ok" or b.get("provider") == "literal" or b.get("ratio_vs_literal") is None:
             continue
+        gated += 1
         key = row_key(b)
         c = cur.get(key)
         if c is None or c.get("status") == "skipped":
@@ -61,7 +66,9 @@ def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAUL
             out["regressions"].append(item)
         elif change < 1.0 / (1.0 + tolerance):
             out["improved"].append(item)
-    out["passed"] = not out["regressions"] and not out["errors"] and not (strict and out["missing"])
+    out["nothing_compared"] = gated > 0 and not out["checked"]
+    out["passed"] = (not out["regressions"] and not out["errors"] and not out["nothing_compared"]
+                     and not (strict and out["missing"]))
     return out
 
 
@@ -77,6 +84,9 @@ def report(result: Dict, tolerance: float) -> str:
         lines.append(f"missing {item['key']}" + (f": {item['reason']}" if item["reason"] else ""))
     for item in result["improved"]:
         lines.append(f"improved {item['key']}: ratio {item['baseline_ratio']:.4g} -> {item['current_ratio']:.4g}")
+    if result.get("nothing_compared"):
+        lines.append("ERROR no baseline measurement has a match in the current run (different benchmark, "
+                     "shape or mode?): nothing was checked")
     lines.append("PASS" if result["passed"] else "FAIL")
     return "\n".join(lines)
 

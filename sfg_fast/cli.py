@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -44,6 +45,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _key_value(text: str):
     import yaml
 
@@ -57,6 +61,9 @@ def _key_value(text: str):
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise argparse.ArgumentTypeError(f"value of {key!r} is not valid YAML: {exc}") from None
+    if isinstance(parsed, str) and _EXPONENT_FLOAT.match(parsed.strip()):
+        # YAML 1.1 (PyYAML) reads 1e-3 as a string; on a command line it can only mean the number
+        parsed = float(parsed)
     return key, parsed
 
 

@@ -16,9 +16,10 @@ Semantics of one step (what an unsharded reference must do to match it exactly):
   tolerance for table-wise, column-wise and data-parallel plans);
 - the fused table optimizer (FBGEMM) runs inside backward; the dense optimizer (Adam) after it.
 
-Checkpoints are torch.distributed.checkpoint directories (each rank writes its own shards, a
-``.metadata`` file indexes them; loading reshards) plus ``manifest.json`` with the counters,
-config and plan.
+Checkpoints are directories holding ``manifest.json`` (counters, config, plan) and the
+torch.distributed.checkpoint folder it names (each rank writes its own shards, a ``.metadata`` file
+indexes them; loading reshards). A save writes a new shards folder and commits by renaming the
+manifest over the old one, so an interrupted save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
+import uuid
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -239,17 +242,24 @@ class ShardedModel:
         _copy_into_sharded(self.dmp.state_dict(), state)
 
     def save(self, path: str, manifest: Optional[Dict[str, Any]] = None) -> None:
-        """Write the sharded model and optimizer state to the directory ``path`` (collective)."""
+        """Write the sharded model and optimizer state into the directory ``path`` (collective).
+
+        The shards go to a fresh ``path/shards-<step>-<tag>/`` and only then does rank 0 rename a new
+        ``manifest.json`` naming them into place: that rename is the commit. A run killed while
+        writing leaves the previous checkpoint (manifest and shards) untouched, never a mix of two
+        steps; superseded shard folders are removed after the commit.
+        """
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._state(), checkpoint_id=path)
-        if dist.get_rank() == 0:
-            info = {"format": "sfg_fast.distributed/1", "step": self.step, "world_size": dist.get_world_size(),
-                    "sharding": self.sharding, "plan": str(self.plan)}
-            info.update(manifest or {})
-            from .train import atomic_write_text, _jsonable
-
-            atomic_write_text(json.dumps(_jsonable(info), indent=2), os.path.join(path, "manifest.json"))
+        tag = [f"shards-{self.step:09d}-{uuid.uuid4().hex[:8]}" if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(tag, src=0)  # every rank must write into the same folder
+        shards = tag[0]
+        dcp.save(self._state(), checkpoint_id=os.path.join(path, shards))
+        dist.barrier()  # every rank's shards are on disk before the manifest points at them
+        info = {"format": "sfg_fast.distributed/1", "step": self.step, "world_size": dist.get_world_size(),
+                "sharding": self.sharding, "plan": str(self.plan), "shards": shards}
+        info.update(manifest or {})
+        _commit_checkpoint(path, info)
         dist.barrier()
 
     def load(self, path: str) -> Dict[str, Any]:
@@ -261,10 +271,12 @@ class ShardedModel:
             raise FileNotFoundError(f"{path!r} is not a distributed sfg_fast checkpoint (no manifest.json)")
         with open(manifest_path) as fh:
             manifest = json.load(fh)
+        # Checkpoints from before the shards sub-folder keep their shards beside the manifest.
+        shards = os.path.join(path, manifest["shards"]) if manifest.get("shards") else path
         # DCP loads in place, so the optimizer state must exist (same structure) before loading.
         self.optimizer.init_state()
         state = self._state()
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=shards)
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(manifest["step"])
@@ -278,6 +290,21 @@ class ShardedModel:
         if destroy and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _commit_checkpoint(path: str, info: Dict[str, Any]) -> None:
+    """Rank 0: atomically point ``path/manifest.json`` at ``info['shards']``, then drop older shard folders.
+
+    Called on every rank (only rank 0 writes) so that a failure here is seen by all ranks alike.
+    """
+    if dist.get_rank() != 0:
+        return
+    from .train import _jsonable, atomic_write_text
+
+    atomic_write_text(json.dumps(_jsonable(info), indent=2), os.path.join(path, "manifest.json"))
+    for name in os.listdir(path):
+        if name.startswith("shards-") and name != info["shards"]:
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
 def shard_model(model: nn.Module, device: Optional[torch.device] = None, sharding: str = "auto",

@@ -222,10 +222,16 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{key} must be a positive finite number, got {value!r}")
-    if cfg["clip_grad_norm"] is not None and not (float(cfg["clip_grad_norm"]) > 0):
-        raise ValueError(f"clip_grad_norm must be positive or None, got {cfg['clip_grad_norm']!r}")
-    if not 0 < float(cfg["lr_decay_factor"]) <= 1:
-        raise ValueError(f"lr_decay_factor must be in (0, 1], got {cfg['lr_decay_factor']!r}")
+    if cfg["min_lr"] > cfg["lr"]:
+        # the plateau decay clamps at min_lr: above lr it would raise the learning rate instead
+        raise ValueError(f"min_lr ({cfg['min_lr']!r}) must not exceed lr ({cfg['lr']!r})")
+    clip = cfg["clip_grad_norm"]
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
+                             or not math.isfinite(clip)):
+        raise ValueError(f"clip_grad_norm must be a positive finite number or None, got {clip!r}")
+    decay = cfg["lr_decay_factor"]
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+        raise ValueError(f"lr_decay_factor must be a number in (0, 1], got {decay!r}")
     if cfg["threads"] is not None and (not isinstance(cfg["threads"], (int, np.integer)) or cfg["threads"] < 1):
         raise ValueError(f"threads must be a positive integer or None, got {cfg['threads']!r}")
     if not isinstance(cfg["data_options"] or {}, dict):

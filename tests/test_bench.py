@@ -76,6 +76,20 @@ def test_gate_missing_provider_fails_only_when_strict():
     assert not strict["passed"] and len(strict["missing"]) == 1
 
 
+def test_gate_fails_when_the_current_run_shares_no_measurement_with_the_baseline(tmp_path, capsys):
+    # A result file of another benchmark (or shape) must not pass the gate by comparing nothing.
+    base = [_row("literal", 100.0), _row("torch", 10.0)]
+    other = [{**r, "benchmark": "bench_lookup"} for r in base]
+    result = regress.compare(base, other)
+    assert not result["checked"] and result["nothing_compared"] and not result["passed"]
+    base_file = _write(tmp_path / "base.json", base)
+    other_file = _write(tmp_path / "other.json", other)
+    assert regress.main(["--baseline", base_file, "--current", other_file]) == 1
+    assert "nothing was checked" in capsys.readouterr().out
+    # A baseline without any gated row has nothing to compare, which is not a failure.
+    assert regress.compare([_row("literal", 100.0)], other)["passed"]
+
+
 def test_gate_matches_rows_by_shape_not_by_order():
     other = {"B": 1024}
     base = [_row("literal", 100.0), _row("torch", 10.0),

@@ -44,6 +44,14 @@ def test_precedence_base_block_set_flags(tmp_path):
     assert config["generative"] is False and config["gamma"] == 3.0
 
 
+def test_set_reads_exponent_notation_as_a_number():
+    # PyYAML reads "1e-3" as a string; --set lr=1e-3 must still mean the number
+    config = cli.config_from_args(_parse(["train", "--set", "lr=1e-3", "--set", "min_lr=5E-7",
+                                          "--set", "activation=relu"]))
+    assert config["lr"] == 1e-3 and isinstance(config["lr"], float)
+    assert config["min_lr"] == 5e-7 and config["activation"] == "relu"
+
+
 def test_model_flag_selects_its_block(tmp_path):
     path = _write_config(tmp_path, {"Base": {"epochs": 4}, "DCNv2": {"model": "dcnv2", "num_cross_layers": 1},
                                     "fm": {"model": "fm", "epochs": 6}})

@@ -553,3 +553,26 @@ def test_movielens_without_recbole_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(ml.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps recbole==1\.2\.1.*data_dir"):
         load_dataset("movielens100k")
+
+
+def test_min_count_counts_train_rows_only(tmp_path):
+    # A value rare in train but frequent in valid must map to OOV: its valid/test occurrences may
+    # not lift it over min_count (that would leak held-out rows into the vocabulary).
+    from sfg_fast.data.common import split_assignment
+
+    num_rows, seed = 80, 5
+    where = split_assignment(num_rows, (1, 1, 0), seed)
+    first_train = int(np.flatnonzero(where == 0)[0])
+    lines = []
+    for i in range(num_rows):
+        value = "hot" if (where[i] == 1 or i == first_train) else "common"
+        label = str(i % 2)
+        lines.append("\t".join([label] + ["1"] * 13 + [value] + ["x"] * 25))
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    data = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, seed=seed, split=(1, 1, 0), min_count=2)
+    assert (where == 1).sum() >= 2  # 'hot' is frequent overall, seen once in train
+    c1 = data.schema.field_names.index("C1")
+    oov = data.schema.oov_ids[c1]
+    assert data.schema.field_dims[c1] == 2  # 'common' and the OOV id, nothing for 'hot'
+    assert (data.valid.ids[:, c1] == oov).all()
+    assert (data.train.ids[:, c1] == oov).sum() == 1 and (data.train.ids[:, c1] == 0).sum() == len(data.train) - 1

@@ -83,9 +83,25 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     batches = [_global_batch(300 + step, WORLD * LOCAL_BATCH) for step in range(2)]
     first = D.shard_model(_build("torchrec"), sharding="table_wise", embedding_optimizer="rowwise_adagrad",
                           embedding_lr=LR, dense_lr=0.01)
+    first.save(ckpt, {"note": "before any step"})  # replaced below: a second save into the folder
     first.train_step(batches[0][0][lo:hi], batches[0][1][lo:hi])
     first.save(ckpt, {"note": "after one step"})
+    committed = sorted(os.listdir(ckpt))
     first.train_step(batches[1][0][lo:hi], batches[1][1][lo:hi])
+    # a save killed after writing its shards but before the commit must leave the step-1 checkpoint
+    # intact: the resume below has to reproduce step 2 from it exactly
+    real_commit = D._commit_checkpoint
+
+    def die(path, info):
+        raise RuntimeError("killed before the commit")
+
+    D._commit_checkpoint = die
+    try:
+        first.save(ckpt, {"note": "torn"})
+    except RuntimeError:
+        pass
+    D._commit_checkpoint = real_commit
+    torn = sorted(os.listdir(ckpt))
     uninterrupted = first.full_state_dict(dst=0)
     first.close()
     second = D.shard_model(_build("torchrec", seed=99), sharding="table_wise", embedding_optimizer="rowwise_adagrad",
@@ -94,7 +110,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     manifest = second.load(ckpt)
     second.train_step(batches[1][0][lo:hi], batches[1][1][lo:hi])
     report["resume"] = {"uninterrupted": uninterrupted, "resumed": second.full_state_dict(dst=0),
-                        "fresh": before, "manifest": manifest, "step": second.step}
+                        "fresh": before, "manifest": manifest, "step": second.step,
+                        "committed_files": committed, "torn_files": torn}
 
     # distributed evaluation over an odd-sized split: every row scored once, AUC over the whole set
     eval_ids, eval_labels = _global_batch(400, 23)
@@ -170,6 +187,17 @@ def test_resume_continues_exactly(report):
     assert any(not torch.equal(res["fresh"][k], res["uninterrupted"][k]) for k in res["fresh"])
     for key, value in res["uninterrupted"].items():
         torch.testing.assert_close(res["resumed"][key], value, rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.slow
+def test_checkpoint_save_commits_atomically(report):
+    res = report["resume"]
+    shards = res["manifest"]["shards"]
+    # the second save replaced the first: one manifest and the one shards folder it names
+    assert res["committed_files"] == ["manifest.json", shards]
+    # the interrupted save left its folder behind, but the manifest still names the step-1 shards
+    extra = [f for f in res["torn_files"] if f not in res["committed_files"]]
+    assert len(extra) == 1 and extra[0].startswith("shards-") and extra[0] != shards
 
 
 @pytest.mark.slow

@@ -203,6 +203,13 @@ def test_config_errors_name_the_key(tmp_path, tiny):
         T.Trainer(_config(tmp_path, lr=float("nan")), data=tiny)
     with pytest.raises(ValueError, match="model must be one of"):
         T.Trainer(_config(tmp_path, model="nope"), data=tiny)
+    # min_lr above lr would make the plateau "decay" raise the learning rate
+    with pytest.raises(ValueError, match=r"min_lr \(0.01\) must not exceed lr"):
+        T.Trainer(_config(tmp_path, lr=1e-3, min_lr=1e-2), data=tiny)
+    with pytest.raises(ValueError, match="clip_grad_norm must be a positive finite number"):
+        T.Trainer(_config(tmp_path, clip_grad_norm="ten"), data=tiny)
+    with pytest.raises(ValueError, match="lr_decay_factor must be a number"):
+        T.Trainer(_config(tmp_path, lr_decay_factor="0.5"), data=tiny)
     # A key another model accepts is reported as ignored, not silently used.
     trainer = T.Trainer(_config(tmp_path, hidden_units=[8]), data=tiny)
     assert trainer.ignored_keys == ["hidden_units"]
