@@ -23,6 +23,20 @@ def _as_field_dims(field_dims) -> list:
     return dims
 
 
+def init_table_fields(module: nn.Module, field_dims, embedding_dim, bounds_check: str) -> list:
+    """Validate and set the attributes every per-field table module shares (field_dims, num_fields,
+    embedding_dim, bounds_check). Returns the field sizes as ints."""
+    dims = _as_field_dims(field_dims)
+    C.check_choice("bounds_check", bounds_check, C.BOUNDS_CHECKS)
+    if int(embedding_dim) < 1:
+        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    module.field_dims = dims
+    module.num_fields = len(dims)
+    module.embedding_dim = int(embedding_dim)
+    module.bounds_check = bounds_check
+    return dims
+
+
 class FieldEmbedding(nn.Module):
     """N per-field tables stored as one concatenated ``[sum(field_dims), D]`` table.
 
@@ -35,14 +49,7 @@ class FieldEmbedding(nn.Module):
     def __init__(self, field_dims: Sequence[int], embedding_dim: int, bounds_check: str = "fatal",
                  init_std: float = 1e-4, backend: str = "auto"):
         super().__init__()
-        dims = _as_field_dims(field_dims)
-        C.check_choice("bounds_check", bounds_check, C.BOUNDS_CHECKS)
-        if int(embedding_dim) < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
-        self.field_dims = dims
-        self.num_fields = len(dims)
-        self.embedding_dim = int(embedding_dim)
-        self.bounds_check = bounds_check
+        dims = init_table_fields(self, field_dims, embedding_dim, bounds_check)
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim))
         starts = [0]

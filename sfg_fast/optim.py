@@ -319,16 +319,9 @@ class FusedFieldEmbedding(nn.Module):
                  bounds_check: str = "fatal", init_std: float = 1e-4, backend: str = "auto",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        from .nn import _as_field_dims
-        dims = _as_field_dims(field_dims)
-        C.check_choice("bounds_check", bounds_check, C.BOUNDS_CHECKS)
+        from .nn import init_table_fields
+        dims = init_table_fields(self, field_dims, embedding_dim, bounds_check)
         C.check_choice("backend", backend, FUSED_BACKENDS)
-        if int(embedding_dim) < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
-        self.field_dims = dims
-        self.num_fields = len(dims)
-        self.embedding_dim = int(embedding_dim)
-        self.bounds_check = bounds_check
         self.backend = backend
         self.num_clamped = 0
         self.optimizer = SparseRowOptimizer(optimizer, lr=lr, eps=eps, betas=betas)

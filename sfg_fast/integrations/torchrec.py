@@ -148,19 +148,12 @@ class TorchRecFieldEmbedding(nn.Module):
                  bounds_check: str = "fatal", init_std: float = 1e-4, backend: str = "auto",
                  device: Optional[torch.device] = None, table_prefix: str = "t_"):
         super().__init__()
-        from ..nn import _as_field_dims
+        from ..nn import init_table_fields
 
-        dims = _as_field_dims(field_dims)
-        C.check_choice("bounds_check", bounds_check, C.BOUNDS_CHECKS)
-        if int(embedding_dim) < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
-        self.field_dims = dims
-        self.num_fields = len(dims)
-        self.embedding_dim = int(embedding_dim)
+        dims = init_table_fields(self, field_dims, embedding_dim, bounds_check)
         # FBGEMM's fused (shardable) kernels need row widths divisible by 4: narrower tables (the D=1
         # first-order weights, odd D) are stored padded and forward returns the first D columns.
         self.storage_dim = -(-self.embedding_dim // 4) * 4
-        self.bounds_check = bounds_check
         self.backend = backend  # kept for the FieldEmbedding contract; FBGEMM does the lookup
         self.init_std = float(init_std)
         self.num_clamped = 0
