@@ -141,3 +141,28 @@ def test_python_dash_m_movielens_default(tmp_path):
     assert results["dataset"] == "movielens100k" and results["rows"]["train"] == 80000
     assert results["schema"]["field_names"][:2] == ["user_id", "item_id"]
     assert results["test_auc"] > 0.6
+
+
+@pytest.mark.parametrize("dataset", ["criteo", "avazu"])
+def test_train_on_real_format_files_end_to_end(tmp_path, dataset):
+    """The CLI on small files written in the Kaggle Criteo / Avazu formats (the real data is never shipped)."""
+    from test_data import write_avazu, write_criteo   # generators of the readers' tests
+
+    data_dir = tmp_path / "raw"
+    data_dir.mkdir()
+    if dataset == "criteo":
+        write_criteo(str(data_dir / "train.txt"), num_rows=800)
+    else:
+        write_avazu(str(data_dir / "train.csv"), num_rows=800)
+    out = str(tmp_path / "run")
+    argv = ["train", "--model", "fwfm", "--dataset", dataset, "--data-dir", str(data_dir), "--epochs", "1",
+            "--embedding-dim", "4", "--batch-size", "128", "--threads", "1", "--quiet", "--out", out]
+    assert cli.main(argv) == 0
+    with open(os.path.join(out, "results.json")) as fh:
+        results = json.load(fh)
+    assert results["config"]["dataset"] == dataset
+    assert 0.0 <= results["test_auc"] <= 1.0 and results["test_logloss"] > 0
+    num_fields = 39 if dataset == "criteo" else 24
+    assert len(results["schema"]["field_dims"]) == num_fields
+    # the preprocessed arrays are cached beside the raw file for the next run
+    assert any(name.startswith(".sfg_cache") or name == ".sfg_cache" for name in os.listdir(data_dir))
