@@ -34,7 +34,19 @@ def init_table_fields(module: nn.Module, field_dims, embedding_dim, bounds_check
     module.num_fields = len(dims)
     module.embedding_dim = int(embedding_dim)
     module.bounds_check = bounds_check
+    starts = [0]
+    for x in dims[:-1]:
+        starts.append(starts[-1] + x)
+    module.register_buffer("offsets", torch.tensor(starts, dtype=torch.int64), persistent=False)
+    module.register_buffer("field_sizes", torch.tensor(dims, dtype=torch.int64), persistent=False)
     return dims
+
+
+def check_ids_width(module: nn.Module, ids) -> None:
+    """A [B, N] ids tensor must have one column per field of ``module`` (other checks come later)."""
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] != module.num_fields:
+        raise ValueError(f"ids must have shape [B, N]=[B, {module.num_fields}] for field_dims of "
+                         f"{module.num_fields} fields, got {list(ids.shape)}")
 
 
 class FieldEmbedding(nn.Module):
@@ -52,19 +64,12 @@ class FieldEmbedding(nn.Module):
         dims = init_table_fields(self, field_dims, embedding_dim, bounds_check)
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim))
-        starts = [0]
-        for x in dims[:-1]:
-            starts.append(starts[-1] + x)
-        self.register_buffer("offsets", torch.tensor(starts, dtype=torch.int64), persistent=False)
-        self.register_buffer("field_sizes", torch.tensor(dims, dtype=torch.int64), persistent=False)
         self.register_buffer("clamped_count", torch.zeros((), dtype=torch.int64), persistent=False)
         self.init_std = float(init_std)
         nn.init.normal_(self.weight, std=self.init_std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] != self.num_fields:
-            raise ValueError(f"ids must have shape [B, N]=[B, {self.num_fields}] for field_dims of "
-                             f"{self.num_fields} fields, got {list(ids.shape)}")
+        check_ids_width(self, ids)
         if self.bounds_check == "clamp_to_oov":
             C.check_lookup(ids, self.weight, self.offsets, "clamp_to_oov")
             sizes = self.field_sizes                      # int64: compared without narrowing to ids' dtype

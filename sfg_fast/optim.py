@@ -32,6 +32,7 @@ from torch import nn
 
 from . import _checks as C
 from ._backend import ENV_VAR, BackendUnavailableError, unavailable_reason
+from .nn import check_ids_width, init_table_fields
 
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]
 
@@ -319,24 +320,17 @@ class FusedFieldEmbedding(nn.Module):
                  bounds_check: str = "fatal", init_std: float = 1e-4, backend: str = "auto",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        from .nn import init_table_fields
         dims = init_table_fields(self, field_dims, embedding_dim, bounds_check)
         C.check_choice("backend", backend, FUSED_BACKENDS)
         self.backend = backend
         self.num_clamped = 0
         self.optimizer = SparseRowOptimizer(optimizer, lr=lr, eps=eps, betas=betas)
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim, dtype=dtype))
-        starts = [0]
-        for x in dims[:-1]:
-            starts.append(starts[-1] + x)
-        self.register_buffer("offsets", torch.tensor(starts, dtype=torch.int64), persistent=False)
         self.init_std = float(init_std)
         nn.init.normal_(self.weight, std=self.init_std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] != self.num_fields:
-            raise ValueError(f"ids must have shape [B, N]=[B, {self.num_fields}] for field_dims of "
-                             f"{self.num_fields} fields, got {list(ids.shape)}")
+        check_ids_width(self, ids)
         ids, count = _validated_ids(ids, self.weight, self.offsets, self.bounds_check)
         self.num_clamped += count
         chosen = _resolve_fused_backend(self.backend, self.weight.device, self.weight.dtype)

@@ -166,8 +166,8 @@ class TorchRecFieldEmbedding(nn.Module):
                                      pooling=PoolingType.SUM, init_fn=init)
                   for t, f, n in zip(self.table_names, self.feature_names, dims)]
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu") if device is None else device)
-        # Kept on CPU even for meta tables: the bounds check needs real sizes.
-        self.register_buffer("field_sizes", torch.tensor(dims, dtype=torch.int64), persistent=False)
+        # field_sizes (set by init_table_fields) is a real CPU tensor even for meta tables: the bounds
+        # check needs real sizes.
 
     def _checked_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor):
