@@ -332,6 +332,16 @@ def _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual, genera
     return encode, decode, "left"
 
 
+def _plans_and_decoder(table, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
+                       generated_side, symmetric, allow_tf32, num_fields):
+    """Kernel plans (fused, or encode then decode) and the decoder operand laid out for them."""
+    tf32 = DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32)
+    plan, decode, orientation = _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual,
+                                             generated_side, symmetric, tf32)
+    like = torch.empty(0, dtype=torch.float32, device=table.device)
+    return plan, decode, decoder_operand(dec_weight, kind, pairs, num_fields, orientation, like)
+
+
 def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
                pairs, generated_side, symmetric, allow_tf32: Optional[bool] = None):
     """Triton implementation of ``functional.sfg_logits`` (inputs already validated). Returns [B]."""
@@ -342,13 +352,9 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
         # fp64 is for checking: the kernels accumulate in fp32, so run the exact factored path
         return factored.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
                                    gamma, residual, pairs, generated_side, symmetric)
-    tf32 = DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32)
     out_dtype = result_dtype(table, enc_weight, dec_weight)
-    n = ids.shape[1]
-    plan, decode, orientation = _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual,
-                                             generated_side, symmetric, tf32)
-    like = torch.empty(0, dtype=torch.float32, device=table.device)
-    dec = decoder_operand(dec_weight, kind, pairs, n, orientation, like)
+    plan, decode, dec = _plans_and_decoder(table, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
+                                           residual, pairs, generated_side, symmetric, allow_tf32, ids.shape[1])
     if decode is None:
         return SfgInteractionFunction.apply(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, dec)
     z = SfgInteractionFunction.apply(plan, torch.float32, table, ids, offsets, None, enc_weight, enc_bias, None)
@@ -386,13 +392,10 @@ def sfg_logits_fwd(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, 
             y = labels.to(logit.dtype)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
             return logit, loss, torch.sigmoid(logit) - y
-        tf32 = DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32)
         batch, n = ids.shape
         d = table.shape[1]
-        plan, decode, orientation = _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual,
-                                                 generated_side, symmetric, tf32)
-        like = torch.empty(0, dtype=torch.float32, device=table.device)
-        dec = decoder_operand(dec_weight, kind, pairs, n, orientation, like)
+        plan, decode, dec = _plans_and_decoder(table, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
+                                               residual, pairs, generated_side, symmetric, allow_tf32, n)
         if decode is None:
             logit, _, loss, dlogit = _engine_forward(plan, table, ids, offsets, None, enc_weight, enc_bias, dec,
                                                      batch, n, d, labels=labels)
