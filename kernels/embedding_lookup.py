@@ -8,6 +8,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_rows(ids_ptr, offsets_ptr, batch, num_fields, dim, stride_ids_b, stride_ids_f,
+               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_B samples x all fields: int64 table rows ``offsets[f] + ids[b, f]`` and the
+    [BLOCK_B, BLOCK_N, BLOCK_D] mask. Everything is int64 before any multiply (rows * stride > 2^31)."""
+    pid = tl.program_id(0)
+    offs_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    offs_f = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask_bf = (offs_b[:, None] < batch) & (offs_f[None, :] < num_fields)
+    ids = tl.load(ids_ptr + offs_b[:, None] * stride_ids_b + offs_f[None, :] * stride_ids_f,
+                  mask=mask_bf, other=0).to(tl.int64)
+    base = tl.load(offsets_ptr + offs_f, mask=offs_f < num_fields, other=0).to(tl.int64)
+    rows = base[None, :] + ids                                     # int64 [BLOCK_B, BLOCK_N]
+    mask = mask_bf[:, :, None] & (offs_d[None, None, :] < dim)
+    return offs_b, offs_f, offs_d, rows, mask
+
+
+@triton.jit
 def _embedding_lookup_fwd_kernel(ids_ptr, offsets_ptr, weight_ptr, out_ptr,
                                  batch, num_fields, dim,
                                  stride_ids_b, stride_ids_f, stride_w,
@@ -19,16 +37,8 @@ def _embedding_lookup_fwd_kernel(ids_ptr, offsets_ptr, weight_ptr, out_ptr,
     fp16/bf16/fp32; bf16 must not be used arithmetically under the interpreter) and are stored in the
     output's dtype; fp64 tables gather in fp64.
     """
-    pid = tl.program_id(0)
-    offs_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    offs_f = tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    mask_bf = (offs_b[:, None] < batch) & (offs_f[None, :] < num_fields)
-    ids = tl.load(ids_ptr + offs_b[:, None] * stride_ids_b + offs_f[None, :] * stride_ids_f,
-                  mask=mask_bf, other=0).to(tl.int64)
-    base = tl.load(offsets_ptr + offs_f, mask=offs_f < num_fields, other=0).to(tl.int64)
-    rows = base[None, :] + ids                                     # int64 [BLOCK_B, BLOCK_N]
-    mask = mask_bf[:, :, None] & (offs_d[None, None, :] < dim)
+    offs_b, offs_f, offs_d, rows, mask = _tile_rows(ids_ptr, offsets_ptr, batch, num_fields, dim,
+                                                    stride_ids_b, stride_ids_f, BLOCK_B, BLOCK_N, BLOCK_D)
     src = weight_ptr + rows[:, :, None] * stride_w + offs_d[None, None, :]
     vals = tl.load(src, mask=mask, other=0.0)
     if vals.dtype != tl.float64:
@@ -46,16 +56,8 @@ def _embedding_lookup_bwd_kernel(ids_ptr, offsets_ptr, grad_ptr, grad_weight_ptr
 
     Tiling as in the forward; duplicate rows meet in the atomic adds of an fp32 (or fp64) buffer.
     """
-    pid = tl.program_id(0)
-    offs_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    offs_f = tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    mask_bf = (offs_b[:, None] < batch) & (offs_f[None, :] < num_fields)
-    ids = tl.load(ids_ptr + offs_b[:, None] * stride_ids_b + offs_f[None, :] * stride_ids_f,
-                  mask=mask_bf, other=0).to(tl.int64)
-    base = tl.load(offsets_ptr + offs_f, mask=offs_f < num_fields, other=0).to(tl.int64)
-    rows = base[None, :] + ids
-    mask = mask_bf[:, :, None] & (offs_d[None, None, :] < dim)
+    offs_b, offs_f, offs_d, rows, mask = _tile_rows(ids_ptr, offsets_ptr, batch, num_fields, dim,
+                                                    stride_ids_b, stride_ids_f, BLOCK_B, BLOCK_N, BLOCK_D)
     g = tl.load(grad_ptr + (offs_b[:, None] * stride_g_b + offs_f[None, :] * stride_g_f)[:, :, None]
                 + offs_d[None, None, :] * stride_g_d, mask=mask, other=0.0)
     if g.dtype != tl.float64:
