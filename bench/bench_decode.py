@@ -58,20 +58,14 @@ def cases(args) -> List[common.Case]:
             sb = 4096 if args.device == "cuda" else 512
             sweep = [("sweep-N", sb, n, 16) for n in (8, 16, 32, 64)] + \
                     [("sweep-D", sb, 39, d) for d in (8, 16, 32, 64)]
-    for shape, b, n, d in shapes:
-        for kind in KINDS:
-            flops, nbytes = work_model(kind, b, n, d)
-            out.append(common.Case({"shape": shape, "kind": kind, "B": b, "N": n, "D": d},
-                                   functional_providers("pairwise_decode", args.device,
-                                                        make_factory(kind, b, n, d, args.device)),
-                                   flops=flops, bytes=nbytes))
-    for shape, b, n, d in sweep:
-        for kind in SWEEP_KINDS:
-            flops, nbytes = work_model(kind, b, n, d)
-            out.append(common.Case({"shape": shape, "kind": kind, "B": b, "N": n, "D": d},
-                                   functional_providers("pairwise_decode", args.device,
-                                                        make_factory(kind, b, n, d, args.device)),
-                                   flops=flops, bytes=nbytes))
+    grid = [(shape, kind) for shape in shapes for kind in KINDS] + \
+           [(shape, kind) for shape in sweep for kind in SWEEP_KINDS]
+    for (shape, b, n, d), kind in grid:
+        flops, nbytes = work_model(kind, b, n, d)
+        out.append(common.Case({"shape": shape, "kind": kind, "B": b, "N": n, "D": d},
+                               functional_providers("pairwise_decode", args.device,
+                                                    make_factory(kind, b, n, d, args.device)),
+                               flops=flops, bytes=nbytes))
     return out
 
 
