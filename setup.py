@@ -40,7 +40,7 @@ def _extensions():
         extra["cxx"] = [f for f in extra["cxx"] if f != "-O3"] + ["-O1", "-g"] + sanitize
         link += sanitize
     if torch.version.cuda is not None and cu_sources:
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        extra["nvcc"] = ["-O3", "-std=c++17"]   # no fast math: the optimizer update must round like torch
         ext = CUDAExtension("sfg_fast._C", cpp_sources + cu_sources, extra_compile_args=extra,
                             define_macros=[("SFG_FAST_WITH_CUDA", "1")], extra_link_args=link)
     else:

@@ -221,8 +221,12 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
             SF.bce_with_logits(fn(ids), labels, backend="torch").backward()
         return call
 
-    def measure(kind, backend, mode, compiled=False):
+    def measure(kind, backend, mode, compiled=False, tf32=False):
         def body():
+            with _tf32(tf32):
+                return inner()
+
+        def inner():
             if compiled and device != "cuda" and not args.compile_on_cpu:
                 raise common.Skip("torch.compile (Inductor) takes ~15 s per graph on CPU; GPU-only here "
                                   "(--compile-on-cpu to force)")
@@ -243,19 +247,95 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
             return out
         return body
 
-    eager = {"fused": "triton", "reference": "reference", "factored": "torch"}
+    # (name, backend, tf32): *_tf32 rows let the matrix units run in TF32 (ours through
+    # SFG_FAST_ALLOW_TF32's switch, torch's through torch.backends.cuda.matmul.allow_tf32)
+    eager = [("fused", "triton", False), ("reference", "reference", False), ("factored", "torch", False),
+             ("fused_tf32", "triton", True), ("factored_tf32", "torch", True)]
     for kind in KINDS:
         for mode in ("fwd", "fwd+bwd"):
-            for name, backend in eager.items():
-                _attempt(rows, budget, _row("interaction", kind, name, mode), measure(kind, backend, mode))
+            for name, backend, tf32 in eager:
+                if tf32 and device != "cuda":
+                    continue
+                _attempt(rows, budget, _row("interaction", kind, name, mode), measure(kind, backend, mode, tf32=tf32))
     # compile_fused: the Triton kernels as sfg_fast:: custom ops inside an Inductor graph
-    compiled = [("compile_factored", "torch", "fwd+bwd"), ("compile_fused", "triton", "fwd+bwd"),
-                ("compile_reference", "reference", "fwd+bwd"),
-                ("compile_factored", "torch", "fwd"), ("compile_reference", "reference", "fwd")]
-    for name, backend, mode in compiled:
+    compiled = [("compile_factored", "torch", "fwd+bwd", False), ("compile_fused", "triton", "fwd+bwd", False),
+                ("compile_reference", "reference", "fwd+bwd", False),
+                ("compile_factored_tf32", "torch", "fwd+bwd", True),
+                ("compile_factored", "torch", "fwd", False), ("compile_reference", "reference", "fwd", False)]
+    for name, backend, mode, tf32 in compiled:
         for kind in KINDS:
-            _attempt(rows, budget, _row("interaction", kind, name, mode), measure(kind, backend, mode, True),
-                     min_left=45.0)
+            _attempt(rows, budget, _row("interaction", kind, name, mode),
+                     measure(kind, backend, mode, True, tf32=tf32), min_left=45.0)
+
+
+class _tf32:
+    """Context: TF32 matrix units on/off for torch (cuBLAS) and for sfg_fast's Triton kernels."""
+
+    def __init__(self, on: bool):
+        self.on = bool(on)
+
+    def __enter__(self):
+        from sfg_fast.ops import sfg_logits as ops_logits
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, ops_logits.DEFAULT_ALLOW_TF32)
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+        ops_logits.DEFAULT_ALLOW_TF32 = self.on
+        return self
+
+    def __exit__(self, *exc):
+        from sfg_fast.ops import sfg_logits as ops_logits
+        torch.backends.cuda.matmul.allow_tf32, ops_logits.DEFAULT_ALLOW_TF32 = self.saved
+        return False
+
+
+def bench_profile(rows, args, device, budget, dims, out_dir) -> None:
+    """Per-kernel GPU time of the fused forward+backward (torch.profiler), per decoder kind and
+    precision: shows which pass dominates. Written to profile.txt; one row per kernel."""
+    import sfg_fast.functional as SF
+    from bench.providers import concatenated_table
+    if device != "cuda":
+        rows.append(_row("profile", "-", "-", "-", status="skipped", note="needs CUDA"))
+        return
+    from torch.profiler import ProfilerActivity, profile
+    batch, d, n = args.batch, args.dim, len(dims)
+    table, offsets = concatenated_table(dims, d, device)
+    gen = torch.Generator().manual_seed(1)
+    enc = (torch.randn(n * d, n * d, generator=gen) / math.sqrt(n * d)).to(device).requires_grad_()
+    ids = common.make_ids(batch, dims, "zipf", device=device, seed=0)
+    labels = (torch.rand(batch, generator=gen) < 0.25).float().to(device)
+    lines = []
+    for kind in ("scalar", "matrix"):
+        dec = _decoder_weight(kind, n, d, device)
+        for tf32 in (False, True):
+            if budget.left() < 10:
+                break
+            with _tf32(tf32):
+                def step():
+                    for p in (table, enc, dec):
+                        p.grad = None
+                    logit = SF.sfg_logits(ids, table, offsets, enc, None, dec, kind, "relu", 1.0, False,
+                                          "upper", "left", False, bounds_check="off", backend="triton")
+                    SF.bce_with_logits(logit, labels, backend="torch").backward()
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                reps = 10
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(reps):
+                        step()
+                    torch.cuda.synchronize()
+            events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+            events.sort(key=lambda e: -e.device_time_total)
+            total = sum(e.device_time_total for e in events) / reps
+            lines.append(f"## {kind} tf32={tf32}: {total:.1f} us of GPU time per fwd+bwd")
+            for e in events[:10]:
+                us = e.device_time_total / reps
+                lines.append(f"  {us:9.1f} us  {100 * us / max(total, 1e-9):5.1f}%  x{e.count // reps:<3} {e.key[:90]}")
+                rows.append(_row("profile", kind, e.key[:40], "tf32" if tf32 else "ieee",
+                                 median_ms=us / 1e3, note=f"{e.count // reps} launches per step"))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(os.path.join(out_dir, "profile.txt"), "w") as fh:
+        fh.write(text + "\n")
 
 
 def bench_lookup(rows, args, device, budget, dims) -> Dict:
@@ -277,8 +357,14 @@ def bench_lookup(rows, args, device, budget, dims) -> Dict:
     counter = [0]
     moved = args.batch * len(dims) * (2 * args.dim * table.element_size() + ids_list[0].element_size())
 
-    for name, backend in (("fused", "triton"), ("factored", "torch")):
+    for name, backend in (("fused", "triton"), ("ext-cuda", "cuda"), ("factored", "torch")):
         def body(backend=backend):
+            from sfg_fast._backend import unavailable_reason
+            # (triton registers its kernels on first use, so only the extension is asked up front)
+            reason = unavailable_reason(backend, "embedding_lookup", table.device) if backend == "cuda" else None
+            if reason:
+                raise common.Skip(reason)
+
             def call():
                 counter[0] = (counter[0] + 1) % len(ids_list)
                 SF.embedding_lookup(ids_list[counter[0]], table, offsets, "off", backend=backend)
@@ -291,6 +377,43 @@ def bench_lookup(rows, args, device, budget, dims) -> Dict:
             facts[f"lookup_{name}_pct"] = out.get("pct_copy_bw")
             return out
         _attempt(rows, budget, _row("lookup", "-", name, "fwd"), body)
+
+    # backward + rowwise Adagrad from grad_V [B, N, D]: the Triton fused update, the CUDA extension's
+    # sorted segment reduction (no atomics), and torch (unique rows + index_add + the update)
+    from sfg_fast.optim import SparseRowOptimizer, unique_row_grads
+    grads = [torch.randn(args.batch, len(dims), args.dim, device=device) for _ in ids_list]
+    # bytes: read grad_V and ids, read+write each touched row and its accumulator (lower bound)
+    update_bytes = args.batch * len(dims) * (args.dim * 4 + ids_list[0].element_size())
+
+    def update_body(provider):
+        def body():
+            weight = table.clone()
+            opt = SparseRowOptimizer("adagrad", lr=0.01)
+            momentum = torch.zeros(weight.shape[0], device=device)
+            if provider == "ext-cuda":
+                from sfg_fast.ops import cpu_ext
+                if device != "cuda" or not getattr(cpu_ext._C, "WITH_CUDA", False):
+                    raise common.Skip("sfg_fast._C was not built with CUDA")
+
+            def call():
+                counter[0] = (counter[0] + 1) % len(ids_list)
+                ids, g = ids_list[counter[0]], grads[counter[0]]
+                if provider == "fused":
+                    opt.step_lookup_triton(weight, g, ids, offsets)
+                elif provider == "ext-cuda":
+                    from sfg_fast.ops import cpu_ext
+                    cpu_ext._C.rowwise_adagrad_update_cuda(weight, momentum, ids, offsets, g, 0.01, 1e-8)
+                else:
+                    rows_, summed = unique_row_grads(ids, offsets, g)
+                    opt.step_rows(weight, rows_, summed)
+            call()
+            t = timer(call)
+            return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
+                    "gbps": update_bytes / (t["median_ms"] * 1e-3) / 1e9,
+                    "note": "rowwise Adagrad from grad_V; gbps counts grad_V + ids only"}
+        return body
+    for provider in ("fused", "ext-cuda", "factored"):
+        _attempt(rows, budget, _row("lookup", "-", provider, "bwd+adagrad"), update_body(provider))
     return facts
 
 
@@ -434,7 +557,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the benchmarks; later providers are skipped when spent (default 180)")
     p.add_argument("--compile-on-cpu", action="store_true", help="run the torch.compile baselines on CPU too")
-    p.add_argument("--sections", default="lookup,step,interaction", help="comma-separated sections to run")
+    p.add_argument("--sections", default="lookup,step,profile,interaction", help="comma-separated sections to run")
     args = p.parse_args(argv)
     smoke = args.smoke
     defaults = dict(vocab_scale=1e-5 if smoke else 1.0, batch=16 if smoke else 4096, fields=5 if smoke else 39,
@@ -500,8 +623,10 @@ def main(argv=None) -> int:
                 facts.update(bench_lookup(rows, args, device, budget, dims))
             elif section == "step":
                 bench_step(rows, args, device, budget, dims)
+            elif section == "profile":
+                bench_profile(rows, args, device, budget, dims, out_dir)
             else:
-                raise ValueError(f"unknown section {section!r}; choose from interaction, lookup, step")
+                raise ValueError(f"unknown section {section!r}; choose from interaction, lookup, step, profile")
         except Exception as exc:   # a whole section failing (e.g. out of memory building its table)
             rows.append(_row(section, "-", "-", "-", status="error", note=f"{type(exc).__name__}: {exc}"[:240]))
             traceback.print_exc(limit=3)

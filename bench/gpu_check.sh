@@ -1,15 +1,51 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (device, GPU tests, Criteo-shape benchmarks); about 4-6 minutes on an H100.
-# Usage: bash bench/gpu_check.sh [gpu_check.py options, e.g. --vocab-scale 0.1 --skip-tests]
-# Results go to $OUT when set, else bench/results/<device>/.
+# The one prepared GPU check: device facts, the GPU test suite, the CUDA extension (built in the
+# background while the tests run, then its own tests), then the Criteo-shape benchmarks.
+# About 5-7 minutes on an H100/H200.
+# Usage: bash bench/gpu_check.sh [gpu_check.py options, e.g. --vocab-scale 0.1 --sections lookup]
+# Env: GPU_TESTS_TIMEOUT (s, default 150), GPU_TEST_WORKERS (pytest-xdist workers, default 8),
+#      SFG_FAST_GPU_BUILD_EXT=0 (skip the extension), GPU_CHECK_TIMEOUT (s for the benchmarks, default 300).
+# Logs and results go to $OUT when set, else bench/results/gpu-latest/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+LOGS=${OUT:-bench/results/gpu-latest}
+mkdir -p "$LOGS"
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv \
+  2>&1 | tee "$LOGS/device.txt"
+"$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| triton', triton.__version__, '| cuda', torch.version.cuda)" 2>&1 | tee -a "$LOGS/device.txt"
+git rev-parse HEAD 2>/dev/null | tee -a "$LOGS/device.txt"
 # sfg_fast.kernels is mapped onto kernels/ by setup.py, so the package must be installed (editable,
 # offline, no dependencies, no extension build: a few seconds).
 if ! "$PYTHON" -c "import sfg_fast.kernels" >/dev/null 2>&1; then
-  SFG_FAST_BUILD_EXT=0 "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -q -e . \
-    || echo "gpu_check: editable install failed; the Triton backend may be unavailable" >&2
+  SFG_FAST_BUILD_EXT=0 "$PYTHON" -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check \
+    -q -e . || echo "gpu_check: editable install failed; the Triton backend may be unavailable" >&2
 fi
-unset TRITON_INTERPRET
-exec timeout "${GPU_CHECK_TIMEOUT:-345}" "$PYTHON" bench/gpu_check.py "$@"
+BUILD_PID=
+if [ "${SFG_FAST_GPU_BUILD_EXT:-1}" = 1 ]; then
+  ( SFG_FAST_BUILD_EXT=1 MAX_JOBS=6 TORCH_CUDA_ARCH_LIST="9.0" timeout 300 "$PYTHON" setup.py build_ext --inplace \
+      >"$LOGS/build.log" 2>&1; echo "build rc=$?" >>"$LOGS/build.log" ) &
+  BUILD_PID=$!
+fi
+XDIST=()
+if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${GPU_TEST_WORKERS:-8}"); fi
+start=$(date +%s)
+timeout "${GPU_TESTS_TIMEOUT:-150}" "$PYTHON" -m pytest -m "gpu or interpreter" -q -p no:cacheprovider "${XDIST[@]}" \
+  >"$LOGS/tests.log" 2>&1
+echo "gpu tests: rc=$? in $(( $(date +%s) - start )) s (124 = timed out)"
+grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -20
+tail -3 "$LOGS/tests.log"
+if [ -n "$BUILD_PID" ]; then
+  wait "$BUILD_PID"
+  grep -iE "error|warning: could not" "$LOGS/build.log" | head -5
+  tail -1 "$LOGS/build.log"
+  "$PYTHON" -c "from sfg_fast import _C; print('sfg_fast._C WITH_CUDA =', _C.WITH_CUDA)" 2>&1 | tail -1
+  timeout 90 "$PYTHON" -m pytest tests/test_cuda_ext.py -q -p no:cacheprovider -rs >"$LOGS/ext_tests.log" 2>&1
+  echo "cuda ext tests: rc=$?"
+  grep -E "^(FAILED|ERROR)" "$LOGS/ext_tests.log" | head -10
+  tail -2 "$LOGS/ext_tests.log"
+fi
+exec timeout "${GPU_CHECK_TIMEOUT:-300}" "$PYTHON" bench/gpu_check.py --skip-tests --out "$LOGS" "$@"

@@ -51,6 +51,8 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
         for provider in ("fused", "reference", "factored", "compile_factored", "compile_reference", "compile_fused"):
             assert ("interaction", kind, provider, "fwd+bwd") in seen, (kind, provider)
     assert ("lookup", "-", "copy", "fwd") in seen and ("step", "scalar", "fused", "train") in seen
+    for provider in ("fused", "ext-cuda", "factored"):
+        assert ("lookup", "-", provider, "bwd+adagrad") in seen, provider
     for r in rows:
         if r["status"] == "ok" and r["provider"] != "copy":
             assert r["median_ms"] > 0 and r["iqr_ms"] >= 0, r
@@ -73,7 +75,7 @@ def test_derived_numbers_are_consistent(smoke):
     step = next(r for r in rows if r["section"] == "step" and r["provider"] == "fused")
     assert step["samples_per_s"] == pytest.approx(16 / (step["median_ms"] * 1e-3))
     copy = next(r for r in rows if r["provider"] == "copy")
-    lookup = next(r for r in rows if r["section"] == "lookup" and r["provider"] == "fused")
+    lookup = next(r for r in rows if r["section"] == "lookup" and r["provider"] == "fused" and r["mode"] == "fwd")
     assert lookup["pct_copy_bw"] == pytest.approx(100 * lookup["gbps"] / copy["gbps"])
     targets = data["targets"]
     assert len(targets) == 11 and all(set(t) == {"target", "value", "goal", "met"} for t in targets)
@@ -86,7 +88,7 @@ def test_table_is_printed_and_written(smoke):
     header = "| section | kind | provider | mode | median_ms |"
     assert header in stdout and header in markdown
     table = [line for line in markdown.splitlines()
-             if line.startswith(("| interaction | ", "| lookup | ", "| step | "))]
+             if line.startswith(("| interaction | ", "| lookup | ", "| step | ", "| profile | "))]
     assert len(table) == len(data["rows"])
     width = next(line for line in markdown.splitlines() if line.startswith(header)).count("|")
     assert all(line.count("|") == width for line in table)
