@@ -221,9 +221,9 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
             SF.bce_with_logits(fn(ids), labels, backend="torch").backward()
         return call
 
-    def measure(kind, backend, mode, compiled=False, tf32=False):
+    def measure(kind, backend, mode, compiled=False, tf32=False, engine=False):
         def body():
-            with _tf32(tf32):
+            with _tf32(tf32), _per_field_engine(engine):
                 return inner()
 
         def inner():
@@ -249,14 +249,16 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
 
     # (name, backend, tf32): *_tf32 rows let the matrix units run in TF32 (ours through
     # SFG_FAST_ALLOW_TF32's switch, torch's through torch.backends.cuda.matmul.allow_tf32)
+    # fused = the GEMM-shaped kernels (ops.sfg_gemm); fused_engine = the per-field engine they replace
     eager = [("fused", "triton", False), ("reference", "reference", False), ("factored", "torch", False),
-             ("fused_tf32", "triton", True), ("factored_tf32", "torch", True)]
+             ("fused_tf32", "triton", True), ("factored_tf32", "torch", True), ("fused_engine", "triton", False)]
     for kind in KINDS:
         for mode in ("fwd", "fwd+bwd"):
             for name, backend, tf32 in eager:
                 if tf32 and device != "cuda":
                     continue
-                _attempt(rows, budget, _row("interaction", kind, name, mode), measure(kind, backend, mode, tf32=tf32))
+                _attempt(rows, budget, _row("interaction", kind, name, mode),
+                         measure(kind, backend, mode, tf32=tf32, engine=name == "fused_engine"))
     # compile_fused: the Triton kernels as sfg_fast:: custom ops inside an Inductor graph
     compiled = [("compile_factored", "torch", "fwd+bwd", False), ("compile_fused", "triton", "fwd+bwd", False),
                 ("compile_reference", "reference", "fwd+bwd", False),
@@ -266,6 +268,72 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
         for kind in KINDS:
             _attempt(rows, budget, _row("interaction", kind, name, mode),
                      measure(kind, backend, mode, True, tf32=tf32), min_left=45.0)
+
+
+class _per_field_engine:
+    """Context: route the Triton sfg_logits through the per-field engine instead of ops.sfg_gemm."""
+
+    def __init__(self, on: bool):
+        self.on = bool(on)
+
+    def __enter__(self):
+        from sfg_fast.ops import sfg_logits as ops_logits
+        self.saved = ops_logits.GEMM_PATH
+        ops_logits.GEMM_PATH = self.saved and not self.on
+        return self
+
+    def __exit__(self, *exc):
+        from sfg_fast.ops import sfg_logits as ops_logits
+        ops_logits.GEMM_PATH = self.saved
+        return False
+
+
+SWEEP = ["64,64,32,4,3", "128,64,32,4,3", "64,128,32,4,3", "128,128,32,8,3", "64,64,64,4,3",
+         "128,64,64,8,3", "32,64,32,4,3", "64,64,16,4,4"]
+
+
+def bench_sweep(rows, args, device, budget, dims) -> None:
+    """Block sizes of the GEMM-shaped kernels (SFG_FAST_GEMM_BLOCKS=BM,BN,BK,warps,stages):
+    fused fwd+bwd of the scalar decoder per precision."""
+    import sfg_fast.functional as SF
+    from bench.providers import concatenated_table
+    if device != "cuda":
+        rows.append(_row("sweep", "-", "-", "-", status="skipped", note="block sizes only matter on a GPU"))
+        return
+    timer = _timer(device, args.reps)
+    batch, d, n = args.batch, args.dim, len(dims)
+    table, offsets = concatenated_table(dims, d, device)
+    gen = torch.Generator().manual_seed(1)
+    enc = (torch.randn(n * d, n * d, generator=gen) / math.sqrt(n * d)).to(device).requires_grad_()
+    ids_list = [common.make_ids(batch, dims, "zipf", device=device, seed=s) for s in range(args.rotations)]
+    counter = [0]
+    saved = os.environ.get("SFG_FAST_GEMM_BLOCKS")
+    try:
+        for kind in ("scalar",):
+            dec = _decoder_weight(kind, n, d, device)
+            for tf32 in (False, True):
+                for config in SWEEP:
+                    def body(config=config, tf32=tf32, dec=dec, kind=kind):
+                        os.environ["SFG_FAST_GEMM_BLOCKS"] = config
+
+                        def call():
+                            counter[0] = (counter[0] + 1) % len(ids_list)
+                            for p in (table, enc, dec):
+                                p.grad = None
+                            SF.sfg_logits(ids_list[counter[0]], table, offsets, enc, None, dec, kind, "relu", 1.0,
+                                          False, "upper", "left", False, bounds_check="off",
+                                          backend="triton").sum().backward()
+                        with _tf32(tf32):
+                            call()
+                            t = timer(call)
+                        return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"]}
+                    _attempt(rows, budget, _row("sweep", kind, "gemm" + config.replace(",", "_"),
+                                                "tf32" if tf32 else "ieee"), body, min_left=10.0)
+    finally:
+        if saved is None:
+            os.environ.pop("SFG_FAST_GEMM_BLOCKS", None)
+        else:
+            os.environ["SFG_FAST_GEMM_BLOCKS"] = saved
 
 
 class _tf32:
@@ -557,7 +625,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the benchmarks; later providers are skipped when spent (default 180)")
     p.add_argument("--compile-on-cpu", action="store_true", help="run the torch.compile baselines on CPU too")
-    p.add_argument("--sections", default="lookup,step,profile,interaction", help="comma-separated sections to run")
+    p.add_argument("--sections", default="lookup,step,profile,interaction,sweep", help="comma-separated sections to run")
     args = p.parse_args(argv)
     smoke = args.smoke
     defaults = dict(vocab_scale=1e-5 if smoke else 1.0, batch=16 if smoke else 4096, fields=5 if smoke else 39,
@@ -623,10 +691,12 @@ def main(argv=None) -> int:
                 facts.update(bench_lookup(rows, args, device, budget, dims))
             elif section == "step":
                 bench_step(rows, args, device, budget, dims)
+            elif section == "sweep":
+                bench_sweep(rows, args, device, budget, dims)
             elif section == "profile":
                 bench_profile(rows, args, device, budget, dims, out_dir)
             else:
-                raise ValueError(f"unknown section {section!r}; choose from interaction, lookup, step, profile")
+                raise ValueError(f"unknown section {section!r}; choose from interaction, lookup, step, profile, sweep")
         except Exception as exc:   # a whole section failing (e.g. out of memory building its table)
             rows.append(_row(section, "-", "-", "-", status="error", note=f"{type(exc).__name__}: {exc}"[:240]))
             traceback.print_exc(limit=3)

@@ -13,11 +13,10 @@ LOGS=${OUT:-bench/results/gpu-latest}
 mkdir -p "$LOGS"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv \
-  2>&1 | tee "$LOGS/device.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>&1
 "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'| triton', triton.__version__, '| cuda', torch.version.cuda)" 2>&1 | tee -a "$LOGS/device.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$LOGS/device.txt"
+'| triton', triton.__version__, '| cuda', torch.version.cuda)" 2>&1
+git rev-parse HEAD 2>/dev/null
 # sfg_fast.kernels is mapped onto kernels/ by setup.py, so the package must be installed (editable,
 # offline, no dependencies, no extension build: a few seconds).
 if ! "$PYTHON" -c "import sfg_fast.kernels" >/dev/null 2>&1; then
@@ -43,9 +42,18 @@ if [ -n "$BUILD_PID" ]; then
   grep -iE "error|warning: could not" "$LOGS/build.log" | head -5
   tail -1 "$LOGS/build.log"
   "$PYTHON" -c "from sfg_fast import _C; print('sfg_fast._C WITH_CUDA =', _C.WITH_CUDA)" 2>&1 | tail -1
-  timeout 90 "$PYTHON" -m pytest tests/test_cuda_ext.py -q -p no:cacheprovider -rs >"$LOGS/ext_tests.log" 2>&1
-  echo "cuda ext tests: rc=$?"
-  grep -E "^(FAILED|ERROR)" "$LOGS/ext_tests.log" | head -10
+  timeout 90 "$PYTHON" -m pytest tests/test_cuda_ext.py -v -p no:cacheprovider -rs >"$LOGS/ext_tests.log" 2>&1
+  rc=$?
+  echo "cuda ext tests: rc=$rc"
+  grep -E "(FAILED|ERROR|Fatal|line [0-9]+ in test_)" "$LOGS/ext_tests.log" | head -10
   tail -2 "$LOGS/ext_tests.log"
+  if [ "$rc" = 139 ] && command -v cuda-gdb >/dev/null; then   # a crash: where, natively
+    last=$(grep -oE "test_cuda_ext.py::[a-z_0-9]+" "$LOGS/ext_tests.log" | tail -1)
+    timeout 120 cuda-gdb -batch -ex run -ex bt --args "$PYTHON" -m pytest -q -p no:cacheprovider "tests/$last" \
+      >"$LOGS/ext_gdb.log" 2>&1
+    grep -E "^#[0-9]+" "$LOGS/ext_gdb.log" | head -25
+  fi
+  # the CPU kernels of the same build, argument checks included
+  timeout 60 "$PYTHON" -m pytest tests/test_cpu_ext.py -q -p no:cacheprovider -k "rejects or bounds" 2>&1 | tail -2
 fi
 exec timeout "${GPU_CHECK_TIMEOUT:-300}" "$PYTHON" bench/gpu_check.py --skip-tests --out "$LOGS" "$@"

@@ -28,3 +28,45 @@ def offsets_of(field_dims):
     for size in field_dims[:-1]:
         out.append(out[-1] + size)
     return torch.tensor(out, dtype=torch.int64)
+
+
+_TTIR_PROBE = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+result = {}
+for module, name, signature, constexprs in json.loads(sys.argv[1]):
+    kernel = getattr(importlib.import_module(module), name)
+    full = {arg: signature.get(arg, "constexpr" if arg in constexprs else "i32") for arg in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, full, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    result[name] = compiled.asm["ttir"]
+json.dump(result, sys.stdout)
+"""
+
+
+def assert_int64_pointer_offsets(probes):
+    """int64 addressing probe for Triton kernels. A table with row * D >= 2^31 elements needs
+    gigabytes, so instead of running one, compile each kernel for an sm_90 target (no GPU needed)
+    with every integer argument typed i32 (as Triton specialises small ints; unlisted arguments
+    default to i32) and check that every pointer offset in the generated TTIR is an i64 tensor: an
+    int32 ``row * stride`` would show up as an i32 addptr offset and wrap past 2^31. Compiled in a
+    child process because kernels imported under TRITON_INTERPRET=1 are interpreter objects.
+
+    probes: [(module, kernel name, {arg: type} for pointers and floats, {arg: value} constexprs)].
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _TTIR_PROBE, json.dumps(probes)], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ttirs = json.loads(done.stdout)
+    assert len(ttirs) == len(probes)
+    for name, ttir in ttirs.items():
+        addptrs = [line.split(" loc(")[0] for line in ttir.splitlines() if "tt.addptr" in line]
+        assert addptrs, f"{name}: no pointer arithmetic found in the generated code"
+        narrow = [line for line in addptrs if not line.rstrip().endswith("i64>")]
+        assert not narrow, f"{name}: pointer offsets not in int64: {narrow}"

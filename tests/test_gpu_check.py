@@ -88,7 +88,7 @@ def test_table_is_printed_and_written(smoke):
     header = "| section | kind | provider | mode | median_ms |"
     assert header in stdout and header in markdown
     table = [line for line in markdown.splitlines()
-             if line.startswith(("| interaction | ", "| lookup | ", "| step | ", "| profile | "))]
+             if line.startswith(("| interaction | ", "| lookup | ", "| step | ", "| profile | ", "| sweep | "))]
     assert len(table) == len(data["rows"])
     width = next(line for line in markdown.splitlines() if line.startswith(header)).count("|")
     assert all(line.count("|") == width for line in table)

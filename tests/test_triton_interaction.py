@@ -8,6 +8,7 @@ sampled so that every kind, pair set, side, symmetric flag and activation appear
 import pytest
 import torch
 
+from helpers import assert_int64_pointer_offsets
 from sfg_fast import functional as SF
 from sfg_fast import reference as R
 
@@ -50,7 +51,9 @@ def _problem(batch, n, d, kind, bias, encoder=True, ids_dtype=torch.int64, seed=
     enc_b = torch.randn(k, generator=gen, dtype=torch.float64) * 0.3 if (bias and encoder) else None
     shape = {"identity": None, "scalar": (n, n), "vector": (n, n, d), "matrix": (n, n, d, d)}[kind]
     dec = None if shape is None else torch.randn(*shape, generator=gen, dtype=torch.float64) / d ** 0.5
-    return ids, offsets, {"table": table, "enc_weight": enc_w, "enc_bias": enc_b, "dec_weight": dec}
+    params = {"table": table, "enc_weight": enc_w, "enc_bias": enc_b, "dec_weight": dec}
+    # every tensor on the device the kernels run on (CUDA when present; the references run there too)
+    return ids.to(DEVICE), offsets.to(DEVICE), {k: None if v is None else v.to(DEVICE) for k, v in params.items()}
 
 
 def _run(fn, ids, offsets, params, dtype, options):
@@ -133,7 +136,7 @@ def test_sfg_logits_decoder_gradient_is_zero_outside_pairs():
 def test_sfg_logits_noncontiguous_inputs():
     ids, offsets, params = _problem(12, 3, 4, "matrix", bias=True, seed=7)
     ids_nc = ids.t().contiguous().t()                          # column-major ids
-    wide = torch.randn(params["table"].shape[0], 8, dtype=torch.float64)
+    wide = torch.randn(params["table"].shape[0], 8, dtype=torch.float64, device=DEVICE)
     wide[:, ::2] = params["table"]
     leaves = {
         "table": wide.float().requires_grad_(True),
@@ -162,7 +165,9 @@ def test_sfg_logits_noncontiguous_inputs():
 
 def test_poisoned_buffers_are_fully_written(monkeypatch):
     ops = _ops()
+    from sfg_fast.ops import sfg_gemm
     monkeypatch.setattr(ops, "POISON_VALUE", float("nan"))
+    monkeypatch.setattr(sfg_gemm, "POISON_VALUE", float("nan"))
     for symmetric in (False, True):
         ids, offsets, params = _problem(19, 3, 5, "matrix", bias=True, seed=11)
         options = dict(kind="matrix", activation="silu", gamma=0.9, residual=True, pairs="offdiag",
@@ -194,6 +199,7 @@ def test_fused_bce_epilogue(symmetric):
     ids, offsets, params = _problem(24, 3, 4, "vector", bias=True, seed=17, scale=4.0)  # logits of +-100s
     labels = (torch.rand(24, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     labels[:3] = torch.tensor([0.25, 1.0, 0.0])                                          # soft labels too
+    labels = labels.to(DEVICE)
     options = dict(kind="vector", activation="tanh", gamma=2.0, residual=True, pairs="upper",
                    generated_side="right", symmetric=symmetric)
     p32 = {k: (None if v is None else v.float()) for k, v in params.items()}
@@ -226,7 +232,7 @@ def test_backward_launcher_matches_autograd():
     options = dict(kind="matrix", activation="sigmoid", gamma=1.3, residual=False, pairs="upper",
                    generated_side="left", symmetric=True)
     p32 = {k: v.float() for k, v in params.items()}
-    dlogit = torch.randn(14, generator=torch.Generator().manual_seed(2))
+    dlogit = torch.randn(14, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     grads = ops.sfg_logits_bwd(dlogit, ids, p32["table"], offsets, p32["enc_weight"], p32["enc_bias"],
                                p32["dec_weight"], **options)
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -246,7 +252,7 @@ def test_fwd_launcher_rejects_bad_labels():
     p32 = {k: (None if v is None else v.float()) for k, v in params.items()}
     with pytest.raises(ValueError, match="labels"):
         ops.sfg_logits_fwd(ids, p32["table"], offsets, p32["enc_weight"], None, p32["dec_weight"], "scalar",
-                           labels=torch.zeros(4))
+                           labels=torch.zeros(4, device=DEVICE))
 
 
 def test_bf16_table_accumulates_in_fp32():
@@ -368,14 +374,81 @@ def test_launchers_check_ids_and_label_values():
     with pytest.raises(IndexError, match=r"field 1\)"):
         ops.sfg_logits_fwd(bad, p32["table"], *args)
     with pytest.raises(IndexError, match=r"field 1\)"):
-        ops.sfg_logits_bwd(torch.ones(6), bad, p32["table"], *args)
+        ops.sfg_logits_bwd(torch.ones(6, device=DEVICE), bad, p32["table"], *args)
     # clamp_to_oov remaps to the field's last id, exactly as the functional op does
     clamped = ops.sfg_logits_fwd(bad, p32["table"], *args, bounds_check="clamp_to_oov")
     want = SF.sfg_logits(bad, p32["table"], *args, bounds_check="clamp_to_oov", backend="torch")
     assert_2x(clamped, R.sfg_logits(bad, params["table"], offsets, params["enc_weight"], None,
                                     params["dec_weight"], "scalar", bounds_check="clamp_to_oov"), want, "clamped")
     for label_values, message in (([0.0, float("nan")], "NaN/inf"), ([0.0, 2.0], r"\[0, 1\]")):
-        labels = torch.zeros(6)
+        labels = torch.zeros(6, device=DEVICE)
         labels[:2] = torch.tensor(label_values)
         with pytest.raises(ValueError, match=message):
             ops.sfg_logits_fwd(ids, p32["table"], *args, labels=labels)
+
+
+# ----------------------------------------------------------------------------- GEMM-shaped path
+
+
+def test_gemm_path_and_per_field_engine_agree(monkeypatch):
+    """ops.sfg_gemm (the fast path) and the per-field engine compute the same logits and gradients;
+    W = 85 spans two column tiles with fields straddling the tile edge."""
+    ops = _ops()
+    ids, offsets, params = _problem(21, 5, 17, "vector", bias=True, seed=47)
+    options = dict(kind="vector", activation="silu", gamma=0.8, residual=True, pairs="offdiag",
+                   generated_side="right", symmetric=False)
+    fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
+    calls = []
+    from sfg_fast.ops import sfg_gemm
+    real = sfg_gemm.forward
+    monkeypatch.setattr(sfg_gemm, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast, g_fast = _run(fn, ids, offsets, params, torch.float32, options)
+    assert calls, "the GEMM path was not taken"
+    monkeypatch.setattr(ops, "GEMM_PATH", False)
+    calls.clear()
+    slow, g_slow = _run(fn, ids, offsets, params, torch.float32, options)
+    assert not calls
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for name in g_slow:
+        torch.testing.assert_close(g_fast[name], g_slow[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"d {name}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["identity", "scalar", "vector", "matrix"])
+def test_decoder_matrix_reproduces_the_blocks(kind):
+    from sfg_fast.ops.sfg_gemm import decoder_matrix
+    n, d = 3, 4
+    gen = torch.Generator().manual_seed(5)
+    shape = {"identity": (n, n), "scalar": (n, n), "vector": (n, n, d), "matrix": (n, n, d, d)}[kind]
+    dec = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    wd = decoder_matrix(dec, kind, n, d, torch.empty(0, dtype=torch.float64))
+    x = torch.randn(5, n, d, generator=gen, dtype=torch.float64)
+    got = (x.reshape(5, n * d) @ wd).view(5, n, d)
+    # T_o = sum_k X_k @ Blk(o, k), written out block by block
+    for o in range(n):
+        want = torch.zeros(5, d, dtype=torch.float64)
+        for k in range(n):
+            blk = {"matrix": lambda: dec[o, k], "vector": lambda: torch.diag(dec[o, k])}.get(
+                kind, lambda: dec[o, k] * torch.eye(d, dtype=torch.float64))()
+            want += x[:, k] @ blk
+        torch.testing.assert_close(got[:, o], want)
+
+
+def test_gemm_kernels_address_in_int64():
+    f32 = "*fp32"
+    assert_int64_pointer_offsets([
+        ("sfg_fast.kernels.sfg_gemm", "_sfg_gemm_fwd_kernel",
+         {"table_ptr": "*bf16", "ids_ptr": "*i32", "offsets_ptr": "*i64", "enc_w_ptr": f32, "enc_b_ptr": f32,
+          "dec_ptr": f32, "part_ptr": f32, "v_ptr": f32, "h_ptr": f32, "t_ptr": f32, "gamma": "fp32"},
+         {"ACT": 1, "HAS_BIAS": True, "RESIDUAL": True, "STORE": True, "BLOCK_M": 16, "BLOCK_N": 16,
+          "BLOCK_K": 16, "PRECISION": "ieee"}),
+        ("sfg_fast.kernels.sfg_gemm", "_matmul_kernel",
+         {"a_ptr": f32, "b_ptr": f32, "c_ptr": f32, "s_ptr": f32, "e_ptr": f32, "ids_ptr": "*i32",
+          "offsets_ptr": "*i64"},
+         {"ADD_SCALED": True, "SCATTER": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "PRECISION": "ieee"}),
+        ("sfg_fast.kernels.sfg_gemm", "_sfg_gemm_grad_kernel",
+         {"h_ptr": f32, "t_ptr": f32, "v_ptr": f32, "dlogit_ptr": f32, "g_ptr": f32, "gamma": "fp32"},
+         {"ACT": 2, "RESIDUAL": True, "BLOCK_M": 16, "BLOCK_N": 16}),
+        ("sfg_fast.kernels.sfg_gemm", "_sfg_logit_reduce_kernel",
+         {"part_ptr": f32, "labels_ptr": f32, "logit_ptr": f32, "loss_ptr": f32, "dlogit_ptr": f32},
+         {"HAS_LABELS": True, "BLOCK_B": 16, "BLOCK_P": 4}),
+    ])

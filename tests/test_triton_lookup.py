@@ -3,6 +3,7 @@ bounds modes, and the int64 addressing probe. Runs under TRITON_INTERPRET=1 on C
 import pytest
 import torch
 
+from helpers import assert_int64_pointer_offsets
 import sfg_fast.functional as SF
 from sfg_fast import reference
 
@@ -174,51 +175,16 @@ def test_bounds_clamp_to_oov_and_off():
     assert torch.equal(out, reference.embedding_lookup(good, weight, offsets))
 
 
-_TTIR_PROBE = r"""
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from sfg_fast.kernels import embedding_lookup as K
-from sfg_fast.kernels import sparse_update as S
-probes = [
-    (K._embedding_lookup_fwd_kernel,
-     {"ids_ptr": "*i32", "offsets_ptr": "*i64", "weight_ptr": "*fp32", "out_ptr": "*fp32"},
-     {"BLOCK_B": 4, "BLOCK_N": 4, "BLOCK_D": 16}),
-    (S._sparse_update_kernel,
-     {"weight_ptr": "*bf16", "grad_ptr": "*bf16", "perm_ptr": "*i64", "seg_start_ptr": "*i64",
-      "rows_ptr": "*i64", "state1_ptr": "*fp32", "state2_ptr": "*fp32", "lr": "fp32", "eps": "fp32",
-      "beta1": "fp32", "beta2": "fp32", "bias1": "fp32", "bias2": "fp32"},
-     {"KIND": 2, "BLOCK_U": 4, "CHUNK": 16, "BLOCK_D": 16}),
-]
-result = {}
-for kernel, signature, constexprs in probes:
-    full = {name: signature.get(name, "constexpr" if name in constexprs else "i32") for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, full, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
-    result[kernel.__name__] = compiled.asm["ttir"]
-json.dump(result, sys.stdout)
-"""
-
-
 def test_row_offsets_are_int64_in_generated_code():
-    """int64 addressing probe. A table with row * D >= 2^31 elements (e.g. 40M rows x 64) needs
-    gigabytes, so instead of running one we compile the kernels for an sm_90 target (no GPU needed)
-    with every integer argument typed i32 (as Triton specialises small ints) and check that every
-    pointer offset in the generated TTIR is an i64 tensor: an int32 ``row * stride`` would show up as
-    an i32 addptr offset and wrap past 2^31. Covers the gather and the fused sparse update (whose
-    segment reduction the deterministic backward shares). Compiled in a child process because
-    kernels imported under TRITON_INTERPRET=1 are interpreter objects, not compilable ones."""
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _TTIR_PROBE], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ttirs = json.loads(done.stdout)
-    assert len(ttirs) == 2
-    for name, ttir in ttirs.items():
-        addptrs = [line.split(" loc(")[0] for line in ttir.splitlines() if "tt.addptr" in line]
-        assert addptrs, f"{name}: no pointer arithmetic found in the generated code"
-        narrow = [line for line in addptrs if not line.rstrip().endswith("i64>")]
-        assert not narrow, f"{name}: pointer offsets not in int64: {narrow}"
+    """int64 addressing (helpers.assert_int64_pointer_offsets) of the gather and the fused sparse
+    update, whose segment reduction the deterministic backward shares."""
+    assert_int64_pointer_offsets([
+        ("sfg_fast.kernels.embedding_lookup", "_embedding_lookup_fwd_kernel",
+         {"ids_ptr": "*i32", "offsets_ptr": "*i64", "weight_ptr": "*fp32", "out_ptr": "*fp32"},
+         {"BLOCK_B": 4, "BLOCK_N": 4, "BLOCK_D": 16}),
+        ("sfg_fast.kernels.sparse_update", "_sparse_update_kernel",
+         {"weight_ptr": "*bf16", "grad_ptr": "*bf16", "perm_ptr": "*i64", "seg_start_ptr": "*i64",
+          "rows_ptr": "*i64", "state1_ptr": "*fp32", "state2_ptr": "*fp32", "lr": "fp32", "eps": "fp32",
+          "beta1": "fp32", "beta2": "fp32", "bias1": "fp32", "bias2": "fp32"},
+         {"KIND": 2, "BLOCK_U": 4, "CHUNK": 16, "BLOCK_D": 16}),
+    ])

@@ -33,6 +33,7 @@ from .. import functional as _functional
 try:
     import triton
     from ..kernels import sfg_interaction as K
+    from . import sfg_gemm as _gemm
 except Exception:  # triton missing: the op stays unregistered and functional reports why
     triton = None
     K = None
@@ -342,6 +343,20 @@ def _plans_and_decoder(table, enc_weight, enc_bias, dec_weight, kind, activation
     return plan, decode, decoder_operand(dec_weight, kind, pairs, num_fields, orientation, like)
 
 
+# The GEMM-shaped kernels (ops.sfg_gemm) serve the encoder-generated, non-symmetric case; the
+# per-field engine above serves the rest (no encoder, symmetric, sfg_encode, pairwise_decode).
+# SFG_FAST_GEMM_PATH=0 routes everything through the per-field engine (for comparisons).
+GEMM_PATH = os.environ.get("SFG_FAST_GEMM_PATH", "1") != "0"
+
+
+def _gemm_path(plan, decode) -> bool:
+    return GEMM_PATH and decode is None and plan.y_mode == _Y_ENCODER and plan.kind != "none"
+
+
+def _f32_like(table):
+    return torch.empty(0, dtype=torch.float32, device=table.device)
+
+
 def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
                pairs, generated_side, symmetric, allow_tf32: Optional[bool] = None):
     """Triton implementation of ``functional.sfg_logits`` (inputs already validated). Returns [B]."""
@@ -355,6 +370,9 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
     out_dtype = result_dtype(table, enc_weight, dec_weight)
     plan, decode, dec = _plans_and_decoder(table, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
                                            residual, pairs, generated_side, symmetric, allow_tf32, ids.shape[1])
+    if _gemm_path(plan, decode):
+        wd = _gemm.decoder_matrix(dec, kind, ids.shape[1], table.shape[1], _f32_like(table))
+        return _gemm.SfgGemmFunction.apply(plan, out_dtype, table, ids, offsets, enc_weight, enc_bias, wd)
     if decode is None:
         return SfgInteractionFunction.apply(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, dec)
     z = SfgInteractionFunction.apply(plan, torch.float32, table, ids, offsets, None, enc_weight, enc_bias, None)
@@ -396,7 +414,10 @@ def sfg_logits_fwd(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, 
         d = table.shape[1]
         plan, decode, dec = _plans_and_decoder(table, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
                                                residual, pairs, generated_side, symmetric, allow_tf32, n)
-        if decode is None:
+        if _gemm_path(plan, decode):
+            wd = _gemm.decoder_matrix(dec, kind, n, d, _f32_like(table))
+            logit, loss, dlogit, _ = _gemm.forward(plan, table, ids, offsets, enc_weight, enc_bias, wd, labels=labels)
+        elif decode is None:
             logit, _, loss, dlogit = _engine_forward(plan, table, ids, offsets, None, enc_weight, enc_bias, dec,
                                                      batch, n, d, labels=labels)
         else:

@@ -1,0 +1,172 @@
+"""GEMM-shaped SFG interaction (the fast path of sfg_logits): tiles over the flattened width W = N*D.
+
+The per-field engine (kernels.sfg_interaction) walks N x N blocks of D x D, which leaves the matrix
+units idle at D = 16. Here a sample's fields are one row of W columns and the two linear maps are
+dense W x W matrices, so every pass is an ordinary tiled GEMM:
+
+    H = X @ We^T + b          X = gathered V [B, W] (prologue: column c reads field c // D)
+    T = X @ Wd                Wd[k*D + p, o*D + q] = Blk(o, k)[p, q] (all decoder kinds, built by
+                              the launcher, so the decoder's gradient flows back through autograd)
+    Y = gamma * act(H) (+ X)  logit = sum_c Y * T     (epilogue; per column tile, summed after)
+
+Backward (g = dlogit [B]):  dH = g * T * gamma * act'(H),  dT = g * Y,  G = [dH | dT]  [B, 2W]
+    dX = G @ [We ; Wd^T] (+ g * T when X feeds Y)         one GEMM, K = 2W
+    [dWe ; dWd^T] = G^T @ X                                one GEMM, K = B
+Row offsets into the table and every row * stride product are int64.
+"""
+import triton
+import triton.language as tl
+
+from .sfg_interaction import _activate, _activate_grad
+
+
+@triton.jit
+def _gather_tile(table_ptr, ids_ptr, offsets_ptr, rows, mask_m, cols, mask_c, D,
+                 stride_ib, stride_in, stride_tv, stride_td):
+    """X[rows, cols] of the gathered [B, W] view: column c is column c % D of field c // D's row."""
+    field = (cols // D).to(tl.int64)
+    within = cols - field * D
+    mask = mask_m[:, None] & mask_c[None, :]
+    local = tl.load(ids_ptr + rows[:, None] * stride_ib + field[None, :] * stride_in,
+                    mask=mask, other=0)
+    base = tl.load(offsets_ptr + field, mask=mask_c, other=0)
+    table_row = base[None, :] + local.to(tl.int64)          # int64: tables above 2^31 elements
+    return tl.load(table_ptr + table_row * stride_tv + within[None, :] * stride_td,
+                   mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _sfg_gemm_fwd_kernel(
+        table_ptr, ids_ptr, offsets_ptr, enc_w_ptr, enc_b_ptr, dec_ptr,
+        part_ptr, v_ptr, h_ptr, t_ptr,
+        B, W, D, gamma,
+        stride_ib, stride_in, stride_tv, stride_td,
+        stride_w0, stride_w1, stride_d0, stride_d1,
+        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, STORE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (m, n): samples [m*BM, +BM) x output columns [n*BN, +BN). Writes the partial logit
+    part[b, n] = sum over its columns of Y * T; with STORE also H (pre-activation), T and (programs
+    n = 0) the gathered X, each [B, W] fp32, for the backward."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < B
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols_n < W
+    acc_h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    cn = cols_n.to(tl.int64)
+    for k0 in range(0, W, BLOCK_K):
+        cols_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = cols_k < W
+        ck = cols_k.to(tl.int64)
+        x = _gather_tile(table_ptr, ids_ptr, offsets_ptr, rows, mask_m, cols_k, mask_k, D,
+                         stride_ib, stride_in, stride_tv, stride_td)
+        if STORE:
+            tl.store(v_ptr + rows[:, None] * W + ck[None, :], x,
+                     mask=mask_m[:, None] & mask_k[None, :] & (pid_n == 0))
+        mask_kn = mask_k[:, None] & mask_n[None, :]
+        # [k, n] = We[n, k]: X @ We^T
+        we = tl.load(enc_w_ptr + cn[None, :] * stride_w0 + ck[:, None] * stride_w1, mask=mask_kn, other=0.0)
+        acc_h = tl.dot(x, we.to(tl.float32), acc_h, input_precision=PRECISION)
+        wd = tl.load(dec_ptr + ck[:, None] * stride_d0 + cn[None, :] * stride_d1, mask=mask_kn, other=0.0)
+        acc_t = tl.dot(x, wd.to(tl.float32), acc_t, input_precision=PRECISION)
+    mask = mask_m[:, None] & mask_n[None, :]
+    h = acc_h
+    if HAS_BIAS:
+        h += tl.load(enc_b_ptr + cn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = gamma * _activate(h, ACT)
+    if RESIDUAL:
+        y += _gather_tile(table_ptr, ids_ptr, offsets_ptr, rows, mask_m, cols_n, mask_n, D,
+                          stride_ib, stride_in, stride_tv, stride_td)
+    y = tl.where(mask, y, 0.0)            # act(0) need not be 0 (sigmoid): padded columns add nothing
+    tl.store(part_ptr + rows * tl.num_programs(1) + pid_n.to(tl.int64), tl.sum(y * acc_t, axis=1), mask=mask_m)
+    if STORE:
+        offs = rows[:, None] * W + cn[None, :]
+        tl.store(h_ptr + offs, h, mask=mask)
+        tl.store(t_ptr + offs, acc_t, mask=mask)
+
+
+@triton.jit
+def _sfg_logit_reduce_kernel(part_ptr, labels_ptr, logit_ptr, loss_ptr, dlogit_ptr, B, P,
+                             HAS_LABELS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """logit[b] = sum_p part[b, p] (fixed order: deterministic), then optionally the per-sample
+    BCE-with-logits loss and dloss/dlogit = sigmoid(logit) - label."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = rows < B
+    p = tl.arange(0, BLOCK_P).to(tl.int64)
+    part = tl.load(part_ptr + rows[:, None] * P + p[None, :], mask=mask_b[:, None] & (p[None, :] < P), other=0.0)
+    logit = tl.sum(part, axis=1)
+    tl.store(logit_ptr + rows, logit, mask=mask_b)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=mask_b, other=0.0).to(tl.float32)
+        t = tl.exp(-tl.abs(logit))
+        # log1p(t) without log1p: log(1 + t) rounds to 0 once t < eps, the series does not
+        softplus = tl.where(t < 1e-4, t * (1.0 - 0.5 * t), tl.log(1.0 + t))
+        tl.store(loss_ptr + rows, tl.maximum(logit, 0.0) - logit * label + softplus, mask=mask_b)
+        prob = tl.where(logit >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
+        tl.store(dlogit_ptr + rows, prob - label, mask=mask_b)
+
+
+@triton.jit
+def _sfg_gemm_grad_kernel(
+        h_ptr, t_ptr, v_ptr, dlogit_ptr, g_ptr, B, W, gamma,
+        ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """G[:, :W] = dH = g * T * gamma * act'(H);  G[:, W:] = dT = g * Y  (G is [B, 2W] fp32)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rows < B
+    mask = mask_m[:, None] & (cols < W)[None, :]
+    offs = rows[:, None] * W + cols[None, :]
+    g = tl.load(dlogit_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+    y = gamma * _activate(h, ACT)
+    if RESIDUAL:
+        y += tl.load(v_ptr + offs, mask=mask, other=0.0)
+    out = rows[:, None] * (2 * W) + cols[None, :]
+    tl.store(g_ptr + out, g * t * gamma * _activate_grad(h, ACT), mask=mask)
+    tl.store(g_ptr + (out + W), g * y, mask=mask)
+
+
+@triton.jit
+def _matmul_kernel(
+        a_ptr, b_ptr, c_ptr, M, N, K,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        s_ptr, e_ptr, stride_em, stride_en,
+        ids_ptr, offsets_ptr, D, stride_ib, stride_in,
+        ADD_SCALED: tl.constexpr, SCATTER: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """C = A @ B (fp32 accumulate), optionally + s[m] * E[m, n] (ADD_SCALED).
+
+    SCATTER: C is the dense [V, D] table gradient and row m, column n of the product belongs to
+    table row offsets[n // D] + ids[m, n // D], column n % D: atomically added there (the
+    non-deterministic path; duplicates of hot ids meet in the atomics).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = rk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ADD_SCALED:
+        s = tl.load(s_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + rm[:, None] * stride_em + rn[None, :] * stride_en, mask=mask, other=0.0)
+        acc += s[:, None] * e.to(tl.float32)
+    if SCATTER:
+        field = rn // D
+        local = tl.load(ids_ptr + rm[:, None] * stride_ib + field[None, :] * stride_in, mask=mask, other=0)
+        row = tl.load(offsets_ptr + field, mask=mask_n, other=0)[None, :] + local.to(tl.int64)
+        tl.atomic_add(c_ptr + row * stride_cm + (rn - field * D)[None, :] * stride_cn, acc, mask=mask)
+    else:
+        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc, mask=mask)
