@@ -56,4 +56,8 @@ if [ -n "$BUILD_PID" ]; then
   # the CPU kernels of the same build, argument checks included
   timeout 60 "$PYTHON" -m pytest tests/test_cpu_ext.py -q -p no:cacheprovider -k "rejects or bounds" 2>&1 | tail -2
 fi
-exec timeout "${GPU_CHECK_TIMEOUT:-300}" "$PYTHON" bench/gpu_check.py --skip-tests --out "$LOGS" "$@"
+timeout "${GPU_CHECK_TIMEOUT:-300}" "$PYTHON" bench/gpu_check.py --skip-tests --out "$LOGS" "$@"
+rc=$?
+# the logs travel as one archive (the device tool returns at most 8 files)
+(cd "$LOGS" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && rm -f ./*.log)
+exit $rc

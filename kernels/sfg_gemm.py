@@ -12,7 +12,9 @@ dense W x W matrices, so every pass is an ordinary tiled GEMM:
 Backward (g = dlogit [B]):  dH = g * T * gamma * act'(H),  dT = g * Y,  G = [dH | dT]  [B, 2W]
     dX = G @ [We ; Wd^T] (+ g * T when X feeds Y)         one GEMM, K = 2W
     [dWe ; dWd^T] = G^T @ X                                one GEMM, K = B
-Row offsets into the table and every row * stride product are int64.
+The same kernels run the encoder alone (sfg_encode: Z out, dZ in) and the decoder alone on dense
+operands (pairwise_decode: Y given, dY out). Row offsets into the table and every row * stride
+product are int64.
 """
 import triton
 import triton.language as tl
@@ -21,70 +23,90 @@ from .sfg_interaction import _activate, _activate_grad
 
 
 @triton.jit
-def _gather_tile(table_ptr, ids_ptr, offsets_ptr, rows, mask_m, cols, mask_c, D,
-                 stride_ib, stride_in, stride_tv, stride_td):
-    """X[rows, cols] of the gathered [B, W] view: column c is column c % D of field c // D's row."""
+def _x_tile(x_ptr, ids_ptr, offsets_ptr, rows, mask_m, cols, mask_c, D,
+            stride_ib, stride_in, stride_x0, stride_x1, stride_x2, GATHER: tl.constexpr):
+    """X[rows, cols] of the [B, W] view; column c is column c % D of field c // D.
+
+    GATHER: the field's table row offsets[f] + ids[b, f] of a [V, D] table (strides x0, -, x2);
+    else a dense [B, N, D] tensor with strides (x0, x1, x2)."""
     field = (cols // D).to(tl.int64)
     within = cols - field * D
     mask = mask_m[:, None] & mask_c[None, :]
-    local = tl.load(ids_ptr + rows[:, None] * stride_ib + field[None, :] * stride_in,
-                    mask=mask, other=0)
-    base = tl.load(offsets_ptr + field, mask=mask_c, other=0)
-    table_row = base[None, :] + local.to(tl.int64)          # int64: tables above 2^31 elements
-    return tl.load(table_ptr + table_row * stride_tv + within[None, :] * stride_td,
-                   mask=mask, other=0.0).to(tl.float32)
+    if GATHER:
+        local = tl.load(ids_ptr + rows[:, None] * stride_ib + field[None, :] * stride_in, mask=mask, other=0)
+        base = tl.load(offsets_ptr + field, mask=mask_c, other=0)
+        row_offs = (base[None, :] + local.to(tl.int64)) * stride_x0    # int64: tables above 2^31 elements
+    else:
+        row_offs = rows[:, None] * stride_x0 + field[None, :] * stride_x1
+    return tl.load(x_ptr + row_offs + within[None, :] * stride_x2, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _sfg_gemm_fwd_kernel(
-        table_ptr, ids_ptr, offsets_ptr, enc_w_ptr, enc_b_ptr, dec_ptr,
-        part_ptr, v_ptr, h_ptr, t_ptr,
+        x_ptr, ids_ptr, offsets_ptr, y_ptr, enc_w_ptr, enc_b_ptr, dec_ptr,
+        part_ptr, xs_ptr, h_ptr, t_ptr, z_ptr,
         B, W, D, gamma,
-        stride_ib, stride_in, stride_tv, stride_td,
+        stride_ib, stride_in, stride_x0, stride_x1, stride_x2, stride_y0, stride_y1, stride_y2,
         stride_w0, stride_w1, stride_d0, stride_d1,
-        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, STORE: tl.constexpr,
+        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATHER: tl.constexpr,
+        HAS_ENC: tl.constexpr, HAS_DEC: tl.constexpr, STORE: tl.constexpr, STORE_Z: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Program (m, n): samples [m*BM, +BM) x output columns [n*BN, +BN). Writes the partial logit
-    part[b, n] = sum over its columns of Y * T; with STORE also H (pre-activation), T and (programs
-    n = 0) the gathered X, each [B, W] fp32, for the backward."""
+    """Program (m, n): samples [m*BM, +BM) x output columns [n*BN, +BN).
+
+    HAS_ENC: H = X @ We^T (+ b), Y = gamma * act(H) (+ X); else Y is the dense input y.
+    HAS_DEC: T = X @ Wd and the partial logit part[b, n] = sum over the tile's columns of Y * T.
+    STORE (for backward): H and T as [B, W] fp32, and the gathered X (programs n = 0, GATHER only).
+    STORE_Z: Y as [B, W] fp32 (the encoder-only op).
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rows < B
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols_n < W
+    cn = cols_n.to(tl.int64)
     acc_h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    cn = cols_n.to(tl.int64)
     for k0 in range(0, W, BLOCK_K):
         cols_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = cols_k < W
         ck = cols_k.to(tl.int64)
-        x = _gather_tile(table_ptr, ids_ptr, offsets_ptr, rows, mask_m, cols_k, mask_k, D,
-                         stride_ib, stride_in, stride_tv, stride_td)
-        if STORE:
-            tl.store(v_ptr + rows[:, None] * W + ck[None, :], x,
+        x = _x_tile(x_ptr, ids_ptr, offsets_ptr, rows, mask_m, cols_k, mask_k, D,
+                    stride_ib, stride_in, stride_x0, stride_x1, stride_x2, GATHER)
+        if STORE and GATHER:
+            tl.store(xs_ptr + rows[:, None] * W + ck[None, :], x,
                      mask=mask_m[:, None] & mask_k[None, :] & (pid_n == 0))
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        # [k, n] = We[n, k]: X @ We^T
-        we = tl.load(enc_w_ptr + cn[None, :] * stride_w0 + ck[:, None] * stride_w1, mask=mask_kn, other=0.0)
-        acc_h = tl.dot(x, we.to(tl.float32), acc_h, input_precision=PRECISION)
-        wd = tl.load(dec_ptr + ck[:, None] * stride_d0 + cn[None, :] * stride_d1, mask=mask_kn, other=0.0)
-        acc_t = tl.dot(x, wd.to(tl.float32), acc_t, input_precision=PRECISION)
+        if HAS_ENC:
+            # [k, n] = We[n, k]: X @ We^T
+            we = tl.load(enc_w_ptr + cn[None, :] * stride_w0 + ck[:, None] * stride_w1, mask=mask_kn, other=0.0)
+            acc_h = tl.dot(x, we.to(tl.float32), acc_h, input_precision=PRECISION)
+        if HAS_DEC:
+            wd = tl.load(dec_ptr + ck[:, None] * stride_d0 + cn[None, :] * stride_d1, mask=mask_kn, other=0.0)
+            acc_t = tl.dot(x, wd.to(tl.float32), acc_t, input_precision=PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
-    h = acc_h
-    if HAS_BIAS:
-        h += tl.load(enc_b_ptr + cn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = gamma * _activate(h, ACT)
-    if RESIDUAL:
-        y += _gather_tile(table_ptr, ids_ptr, offsets_ptr, rows, mask_m, cols_n, mask_n, D,
-                          stride_ib, stride_in, stride_tv, stride_td)
-    y = tl.where(mask, y, 0.0)            # act(0) need not be 0 (sigmoid): padded columns add nothing
-    tl.store(part_ptr + rows * tl.num_programs(1) + pid_n.to(tl.int64), tl.sum(y * acc_t, axis=1), mask=mask_m)
-    if STORE:
-        offs = rows[:, None] * W + cn[None, :]
-        tl.store(h_ptr + offs, h, mask=mask)
-        tl.store(t_ptr + offs, acc_t, mask=mask)
+    offs = rows[:, None] * W + cn[None, :]
+    if HAS_ENC:
+        h = acc_h
+        if HAS_BIAS:
+            h += tl.load(enc_b_ptr + cn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y = gamma * _activate(h, ACT)
+        if RESIDUAL:
+            y += _x_tile(x_ptr, ids_ptr, offsets_ptr, rows, mask_m, cols_n, mask_n, D,
+                         stride_ib, stride_in, stride_x0, stride_x1, stride_x2, GATHER)
+        if STORE:
+            tl.store(h_ptr + offs, h, mask=mask)
+        if STORE_Z:
+            tl.store(z_ptr + offs, y, mask=mask)
+    else:
+        y = _x_tile(y_ptr, ids_ptr, offsets_ptr, rows, mask_m, cols_n, mask_n, D,
+                    stride_ib, stride_in, stride_y0, stride_y1, stride_y2, False)
+    if HAS_DEC:
+        y = tl.where(mask, y, 0.0)        # act(0) need not be 0 (sigmoid): padded columns add nothing
+        tl.store(part_ptr + rows * tl.num_programs(1) + pid_n.to(tl.int64), tl.sum(y * acc_t, axis=1),
+                 mask=mask_m)
+        if STORE:
+            tl.store(t_ptr + offs, acc_t, mask=mask)
 
 
 @triton.jit
@@ -110,23 +132,44 @@ def _sfg_logit_reduce_kernel(part_ptr, labels_ptr, logit_ptr, loss_ptr, dlogit_p
 
 @triton.jit
 def _sfg_gemm_grad_kernel(
-        h_ptr, t_ptr, v_ptr, dlogit_ptr, g_ptr, B, W, gamma,
-        ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """G[:, :W] = dH = g * T * gamma * act'(H);  G[:, W:] = dT = g * Y  (G is [B, 2W] fp32)."""
+        h_ptr, t_ptr, xy_ptr, dlogit_ptr, dz_ptr, g_ptr, dy_ptr, B, W, gamma,
+        stride_a0, stride_a1, stride_z0, stride_z1,
+        ACT: tl.constexpr, RESIDUAL: tl.constexpr, HAS_ENC: tl.constexpr, HAS_DEC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The elementwise middle of the backward; G is [B, KG] fp32 with KG = W * (HAS_ENC + HAS_DEC).
+
+    fused (enc + dec, g = dlogit):  G[:, :W] = dH = g * T * gamma * act'(H),  G[:, W:] = dT = g * Y
+    encoder only (dZ given):        G = dH = dZ * gamma * act'(H)
+    decoder only (dense Y):         G = dT = g * Y,  dY = g * T  ([B, W] fp32)
+    xy: the [B, W] X (fused, for the residual Y) or the dense Y (decoder only), strides (a0, a1)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < B
     mask = mask_m[:, None] & (cols < W)[None, :]
     offs = rows[:, None] * W + cols[None, :]
-    g = tl.load(dlogit_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-    h = tl.load(h_ptr + offs, mask=mask, other=0.0)
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0)
-    y = gamma * _activate(h, ACT)
-    if RESIDUAL:
-        y += tl.load(v_ptr + offs, mask=mask, other=0.0)
-    out = rows[:, None] * (2 * W) + cols[None, :]
-    tl.store(g_ptr + out, g * t * gamma * _activate_grad(h, ACT), mask=mask)
-    tl.store(g_ptr + (out + W), g * y, mask=mask)
+    width_g = W * (HAS_ENC + HAS_DEC)
+    out = rows[:, None] * width_g + cols[None, :]
+    if HAS_DEC:
+        g = tl.load(dlogit_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+    if HAS_ENC:
+        h = tl.load(h_ptr + offs, mask=mask, other=0.0)
+        if HAS_DEC:
+            upstream = g * t
+        else:
+            upstream = tl.load(dz_ptr + rows[:, None] * stride_z0 + cols[None, :] * stride_z1,
+                               mask=mask, other=0.0).to(tl.float32)
+        tl.store(g_ptr + out, upstream * gamma * _activate_grad(h, ACT), mask=mask)
+        if HAS_DEC:
+            y = gamma * _activate(h, ACT)
+            if RESIDUAL:
+                y += tl.load(xy_ptr + rows[:, None] * stride_a0 + cols[None, :] * stride_a1,
+                             mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_ptr + (out + W), g * y, mask=mask)
+    else:
+        y = tl.load(xy_ptr + rows[:, None] * stride_a0 + cols[None, :] * stride_a1, mask=mask, other=0.0)
+        tl.store(g_ptr + out, g * y.to(tl.float32), mask=mask)
+        tl.store(dy_ptr + offs, g * t, mask=mask)
 
 
 @triton.jit
@@ -135,9 +178,9 @@ def _matmul_kernel(
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
         s_ptr, e_ptr, stride_em, stride_en,
         ids_ptr, offsets_ptr, D, stride_ib, stride_in,
-        ADD_SCALED: tl.constexpr, SCATTER: tl.constexpr,
+        ADD: tl.constexpr, SCATTER: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """C = A @ B (fp32 accumulate), optionally + s[m] * E[m, n] (ADD_SCALED).
+    """C = A @ B (fp32 accumulate), + s[m] * E[m, n] (ADD = 1) or + E[m, n] (ADD = 2).
 
     SCATTER: C is the dense [V, D] table gradient and row m, column n of the product belongs to
     table row offsets[n // D] + ids[m, n // D], column n % D: atomically added there (the
@@ -159,10 +202,11 @@ def _matmul_kernel(
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
-    if ADD_SCALED:
-        s = tl.load(s_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)
-        e = tl.load(e_ptr + rm[:, None] * stride_em + rn[None, :] * stride_en, mask=mask, other=0.0)
-        acc += s[:, None] * e.to(tl.float32)
+    if ADD != 0:
+        e = tl.load(e_ptr + rm[:, None] * stride_em + rn[None, :] * stride_en, mask=mask, other=0.0).to(tl.float32)
+        if ADD == 1:
+            e = tl.load(s_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None] * e
+        acc += e
     if SCATTER:
         field = rn // D
         local = tl.load(ids_ptr + rm[:, None] * stride_ib + field[None, :] * stride_in, mask=mask, other=0)

@@ -36,11 +36,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 result = {}
-for module, name, signature, constexprs in json.loads(sys.argv[1]):
+for i, (module, name, signature, constexprs) in enumerate(json.loads(sys.argv[1])):
     kernel = getattr(importlib.import_module(module), name)
     full = {arg: signature.get(arg, "constexpr" if arg in constexprs else "i32") for arg in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, full, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
-    result[name] = compiled.asm["ttir"]
+    result[f"{name}#{i}"] = compiled.asm["ttir"]
 json.dump(result, sys.stdout)
 """
 

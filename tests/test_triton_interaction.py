@@ -437,18 +437,59 @@ def test_gemm_kernels_address_in_int64():
     f32 = "*fp32"
     assert_int64_pointer_offsets([
         ("sfg_fast.kernels.sfg_gemm", "_sfg_gemm_fwd_kernel",
-         {"table_ptr": "*bf16", "ids_ptr": "*i32", "offsets_ptr": "*i64", "enc_w_ptr": f32, "enc_b_ptr": f32,
-          "dec_ptr": f32, "part_ptr": f32, "v_ptr": f32, "h_ptr": f32, "t_ptr": f32, "gamma": "fp32"},
-         {"ACT": 1, "HAS_BIAS": True, "RESIDUAL": True, "STORE": True, "BLOCK_M": 16, "BLOCK_N": 16,
-          "BLOCK_K": 16, "PRECISION": "ieee"}),
+         {"x_ptr": "*bf16", "ids_ptr": "*i32", "offsets_ptr": "*i64", "y_ptr": f32, "enc_w_ptr": f32,
+          "enc_b_ptr": f32, "dec_ptr": f32, "part_ptr": f32, "xs_ptr": f32, "h_ptr": f32, "t_ptr": f32,
+          "z_ptr": f32, "gamma": "fp32"},
+         {"ACT": 1, "HAS_BIAS": True, "RESIDUAL": True, "GATHER": True, "HAS_ENC": True, "HAS_DEC": True,
+          "STORE": True, "STORE_Z": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "PRECISION": "ieee"}),
+        ("sfg_fast.kernels.sfg_gemm", "_sfg_gemm_fwd_kernel",   # dense X and Y (pairwise_decode)
+         {"x_ptr": f32, "ids_ptr": "*i32", "offsets_ptr": "*i64", "y_ptr": f32, "enc_w_ptr": f32,
+          "enc_b_ptr": f32, "dec_ptr": f32, "part_ptr": f32, "xs_ptr": f32, "h_ptr": f32, "t_ptr": f32,
+          "z_ptr": f32, "gamma": "fp32"},
+         {"ACT": 0, "HAS_BIAS": False, "RESIDUAL": False, "GATHER": False, "HAS_ENC": False, "HAS_DEC": True,
+          "STORE": True, "STORE_Z": False, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "PRECISION": "ieee"}),
         ("sfg_fast.kernels.sfg_gemm", "_matmul_kernel",
          {"a_ptr": f32, "b_ptr": f32, "c_ptr": f32, "s_ptr": f32, "e_ptr": f32, "ids_ptr": "*i32",
           "offsets_ptr": "*i64"},
-         {"ADD_SCALED": True, "SCATTER": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "PRECISION": "ieee"}),
+         {"ADD": 1, "SCATTER": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "PRECISION": "ieee"}),
         ("sfg_fast.kernels.sfg_gemm", "_sfg_gemm_grad_kernel",
-         {"h_ptr": f32, "t_ptr": f32, "v_ptr": f32, "dlogit_ptr": f32, "g_ptr": f32, "gamma": "fp32"},
-         {"ACT": 2, "RESIDUAL": True, "BLOCK_M": 16, "BLOCK_N": 16}),
+         {"h_ptr": f32, "t_ptr": f32, "xy_ptr": f32, "dlogit_ptr": f32, "dz_ptr": f32, "g_ptr": f32,
+          "dy_ptr": f32, "gamma": "fp32"},
+         {"ACT": 2, "RESIDUAL": True, "HAS_ENC": True, "HAS_DEC": True, "BLOCK_M": 16, "BLOCK_N": 16}),
         ("sfg_fast.kernels.sfg_gemm", "_sfg_logit_reduce_kernel",
          {"part_ptr": f32, "labels_ptr": f32, "logit_ptr": f32, "loss_ptr": f32, "dlogit_ptr": f32},
          {"HAS_LABELS": True, "BLOCK_B": 16, "BLOCK_P": 4}),
     ])
+
+
+@pytest.mark.parametrize("op", ["sfg_encode", "pairwise_decode"])
+def test_encode_and_decode_gemm_path_match_the_per_field_engine(op, monkeypatch):
+    from sfg_fast.ops import sfg_gemm
+    ops = _ops()
+    gen = torch.Generator().manual_seed(53)
+    batch, n, d = 19, 4, 9                                    # W = 36: tiles of 32 + 4 in the interpreter
+    V = torch.randn(batch, n, d, generator=gen).to(DEVICE)
+    Z = torch.randn(batch, n, d, generator=gen).to(DEVICE)
+    W = (torch.randn(n * d, n * d, generator=gen) / (n * d) ** 0.5).to(DEVICE)
+    b = torch.randn(n * d, generator=gen).to(DEVICE)
+    M = torch.randn(n, n, d, d, generator=gen).to(DEVICE)
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in ((V, W, b) if op == "sfg_encode" else (Z, V, M))]
+        if op == "sfg_encode":
+            out = SF.sfg_encode(*leaves, "tanh", 1.2, True, backend="triton")
+        else:
+            out = SF.pairwise_decode(*leaves, "matrix", "offdiag", "right", False, backend="triton")
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        return out, torch.autograd.grad((out * upstream).sum(), leaves)
+
+    calls = []
+    real = sfg_gemm.forward
+    monkeypatch.setattr(sfg_gemm, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast, g_fast = run()
+    assert calls, "the GEMM path was not taken"
+    monkeypatch.setattr(ops, "GEMM_PATH", False)
+    slow, g_slow = run()
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for got, want in zip(g_fast, g_slow):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

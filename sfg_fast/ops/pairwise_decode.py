@@ -1,9 +1,9 @@
 """Triton backend of ``functional.pairwise_decode``: the All-Predict-All score on dense Z and V.
 
-``logit[b] = sum_{(i,j) in P} (a_i @ W_ij) . b_j`` by the shared interaction engine
-(``sfg_fast.ops.sfg_logits``): X = b is mixed by the masked decoder (scalar/identity and vector as
-per-field mixing, matrix as block GEMMs) and scored against Y = a in the epilogue. Backward: pass 1
-writes dA = g * T and g * a, pass 2 dB, pass 3 the decoder gradient block by block (no atomics).
+``logit[b] = sum_{(i,j) in P} (a_i @ W_ij) . b_j`` by the GEMM-shaped kernels
+(``sfg_fast.ops.sfg_gemm``): X = b times the dense decoder matrix, scored against Y = a in the
+epilogue; backward: one elementwise pass (dT = g * a, dA = g * T) and two GEMMs (dB; the decoder
+gradient, reduced to the kind's weight by autograd). SFG_FAST_GEMM_PATH=0 runs the per-field engine.
 fp64 inputs fall back to the factored torch path (the kernels accumulate in fp32).
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch
 
 from .. import factored
 from .. import functional as _functional
+from . import sfg_gemm as _gemm
+from . import sfg_logits as ops_logits
 from .sfg_logits import (DEFAULT_ALLOW_TF32, SfgInteractionFunction, _check_float, _Plan, decoder_operand,
                          has_fp64, result_dtype, triton)
 
@@ -36,6 +38,10 @@ def pairwise_decode(Z, V, weight, kind, pairs, generated_side, symmetric, allow_
     like = torch.empty(0, dtype=torch.float32, device=Z.device)
     dec = decoder_operand(weight, kind, pairs, Z.shape[1], "left", like)
     out_dtype = result_dtype(Z, V, weight)
+    if ops_logits.GEMM_PATH:
+        n, d = Z.shape[1], Z.shape[2]
+        wd = _gemm.decoder_matrix(dec, kind, n, d, like)
+        return _gemm.SfgGemmFunction.apply(plan, out_dtype, right, None, None, left, None, None, wd)
     return SfgInteractionFunction.apply(plan, out_dtype, right, None, None, left, None, None, dec)
 
 

@@ -1,8 +1,9 @@
 """Triton backend of ``functional.sfg_encode``: the SFG encoder alone, on a dense V.
 
-``Z = gamma * act(V.reshape(B, N*D) @ weight.T + bias).reshape(B, N, D) (+ V)`` by the shared
-interaction engine (``sfg_fast.ops.sfg_logits``) with no decoder: the forward kernel stores Z, the
-backward recomputes H, then writes dV (pass 2) and dW/db block by block (pass 3, no atomics).
+``Z = gamma * act(V.reshape(B, N*D) @ weight.T + bias).reshape(B, N, D) (+ V)`` by the GEMM-shaped
+kernels (``sfg_fast.ops.sfg_gemm``) with no decoder: one GEMM with the bias/act/gamma/residual
+epilogue (H kept for backward), then dH elementwise, dV = dH @ W (+ dZ) and dW = dH^T V as GEMMs.
+SFG_FAST_GEMM_PATH=0 runs the per-field engine.
 fp64 inputs fall back to the factored torch path (the kernels accumulate in fp32).
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Optional
 
 from .. import factored
 from .. import functional as _functional
+from . import sfg_gemm as _gemm
+from . import sfg_logits as ops_logits
 from .sfg_logits import (DEFAULT_ALLOW_TF32, SfgInteractionFunction, _check_float, _Plan, has_fp64,
                          result_dtype, triton)
 
@@ -29,6 +32,8 @@ def sfg_encode(V, weight, bias, activation, gamma, residual, allow_tf32: Optiona
                  y_mode=0, kind="none", gather=False,
                  allow_tf32=DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32))
     out_dtype = result_dtype(V, weight)
+    if ops_logits.GEMM_PATH:
+        return _gemm.SfgGemmFunction.apply(plan, out_dtype, V, None, None, None, weight, bias, None)
     return SfgInteractionFunction.apply(plan, out_dtype, V, None, None, None, weight, bias, None)
 
 

@@ -70,14 +70,15 @@ def decoder_matrix(dec: Optional[torch.Tensor], kind: str, n: int, d: int, like:
 
 
 def _matmul(a, b, c, scale=None, addend=None, ids=None, offsets=None, d=1, precision="ieee"):
-    """c = a @ b (+ scale[:, None] * addend); with ids/offsets, c is the table gradient and the
-    product is atomically scattered into it (see the kernel)."""
+    """c = a @ b (+ scale[:, None] * addend, or + addend when scale is None); with ids/offsets, c is the
+    table gradient and the product is atomically scattered into it (see the kernel)."""
     m, k = a.shape
     n = b.shape[1]
     if m == 0 or n == 0:
         return c
     bm, bn, bk, warps, stages = gemm_blocks(m, n, k)
     scatter = ids is not None
+    add = 0 if addend is None else (1 if scale is not None else 2)
     dummy = a
     G._matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
@@ -85,104 +86,156 @@ def _matmul(a, b, c, scale=None, addend=None, ids=None, offsets=None, d=1, preci
         addend.stride(0) if addend is not None else 0, addend.stride(1) if addend is not None else 0,
         ids if scatter else dummy, offsets if scatter else dummy, d,
         ids.stride(0) if scatter else 0, ids.stride(1) if scatter else 0,
-        ADD_SCALED=addend is not None, SCATTER=scatter,
+        ADD=add, SCATTER=scatter,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, num_warps=warps, num_stages=stages)
     return c
 
 
-def forward(plan, table, ids, offsets, enc_w, enc_b, wd, labels=None, store=False):
-    """(logit [B] fp32, loss or None, dlogit or None, saved (X, H, T) or None)."""
-    batch, n = ids.shape
-    d = table.shape[1]
+def _x_strides(x, ids, gather):
+    if gather:
+        return ids.stride(0), ids.stride(1), x.stride(0), 0, x.stride(1)
+    return 0, 0, x.stride(0), x.stride(1), x.stride(2)
+
+
+def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False):
+    """One forward pass. x: the table [V, D] (plan.gather, with ids/offsets) or dense [B, N, D];
+    y: dense Y [B, N, D] when there is no encoder, else None; enc_w/enc_b the encoder (or None);
+    wd the decoder matrix [W, W] (or None: encoder only).
+
+    Returns (logit [B] or None, loss, dlogit, z [B, N, D] or None, saved) with fp32 outputs; saved
+    = (X [B, W] when gathered, H, T) for ``backward`` when ``store``."""
+    batch, n = ids.shape if plan.gather else x.shape[:2]
+    d = x.shape[-1]
     width = n * d
-    device = table.device
-    f32 = dict(dtype=torch.float32, device=device)
+    has_enc, has_dec = enc_w is not None, wd is not None
+    f32 = dict(dtype=torch.float32, device=x.device)
     bm, bn, bk, warps, stages = gemm_blocks(batch, width, width)
-    tiles_n = triton.cdiv(width, bn)
-    logit = _empty(batch, **f32)
+    tiles_n = triton.cdiv(width, bn) if width > 0 else 1
+    logit = _empty(batch, **f32) if has_dec else None
     loss = _empty(batch, **f32) if labels is not None else None
     dlogit = _empty(batch, **f32) if labels is not None else None
-    saved = (_empty(batch, width, **f32), _empty(batch, width, **f32), _empty(batch, width, **f32)) if store else None
-    if batch == 0:
-        return logit, loss, dlogit, saved
+    z = _empty(batch, n, d, **f32) if not has_dec else None
+    saved = None
+    if store:
+        saved = (_empty(batch, width, **f32) if plan.gather else None,
+                 _empty(batch, width, **f32) if has_enc else None,
+                 _empty(batch, width, **f32) if has_dec else None)
+    if batch == 0 or width == 0:
+        if logit is not None:
+            logit.zero_()
+        return logit, loss, dlogit, z, saved
     part = _empty(batch, tiles_n, **f32)
     dummy = part
-    x_buf, h_buf, t_buf = saved if store else (dummy, dummy, dummy)
+    xs, hs, ts = saved if store else (None, None, None)
+    ys = (y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)
     G._sfg_gemm_fwd_kernel[(triton.cdiv(batch, bm), tiles_n)](
-        table, ids, offsets, enc_w, enc_b if enc_b is not None else dummy, wd,
-        part, x_buf, h_buf, t_buf,
-        batch, width, d, float(plan.gamma),
-        ids.stride(0), ids.stride(1), table.stride(0), table.stride(1),
-        enc_w.stride(0), enc_w.stride(1), wd.stride(0), wd.stride(1),
-        ACT=K.ACT_CODES[plan.activation], HAS_BIAS=enc_b is not None, RESIDUAL=plan.residual, STORE=store,
+        x, ids if plan.gather else dummy, offsets if plan.gather else dummy, y if y is not None else dummy,
+        enc_w if has_enc else dummy, enc_b if enc_b is not None else dummy, wd if has_dec else dummy,
+        part, xs if xs is not None else dummy, hs if hs is not None else dummy, ts if ts is not None else dummy,
+        z if z is not None else dummy,
+        batch, width, d, float(plan.gamma), *_x_strides(x, ids, plan.gather), *ys,
+        enc_w.stride(0) if has_enc else 0, enc_w.stride(1) if has_enc else 0,
+        wd.stride(0) if has_dec else 0, wd.stride(1) if has_dec else 0,
+        ACT=K.ACT_CODES[plan.activation], HAS_BIAS=enc_b is not None, RESIDUAL=plan.residual,
+        GATHER=plan.gather, HAS_ENC=has_enc, HAS_DEC=has_dec, STORE=store, STORE_Z=not has_dec,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=plan.precision, num_warps=warps, num_stages=stages)
-    block_b = 16 if _interpreting() else 128
-    G._sfg_logit_reduce_kernel[(triton.cdiv(batch, block_b),)](
-        part, labels if labels is not None else dummy, logit, loss if loss is not None else dummy,
-        dlogit if dlogit is not None else dummy, batch, tiles_n,
-        HAS_LABELS=labels is not None, BLOCK_B=block_b, BLOCK_P=triton.next_power_of_2(tiles_n))
-    return logit, loss, dlogit, saved
+    if has_dec:
+        block_b = 16 if _interpreting() else 128
+        G._sfg_logit_reduce_kernel[(triton.cdiv(batch, block_b),)](
+            part, labels if labels is not None else dummy, logit, loss if loss is not None else dummy,
+            dlogit if dlogit is not None else dummy, batch, tiles_n,
+            HAS_LABELS=labels is not None, BLOCK_B=block_b, BLOCK_P=triton.next_power_of_2(tiles_n))
+    return logit, loss, dlogit, z, saved
 
 
-def backward(plan, table, ids, offsets, enc_w, wd, saved, dlogit, need_table=True, need_w=True,
-             need_b=True, need_wd=True):
-    """(d_table [V, D] dense or None, d_enc_w [W, W], d_enc_b [W], d_wd [W, W]), fp32."""
-    x_buf, h_buf, t_buf = saved
-    batch, width = x_buf.shape
-    d = table.shape[1]
-    device = table.device
-    f32 = dict(dtype=torch.float32, device=device)
-    grads = _empty(batch, 2 * width, **f32)
-    if batch > 0:
+def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, need_x=True, need_y=False,
+             need_w=True, need_b=True, need_wd=True):
+    """(dx, dy, d_enc_w [W, W], d_enc_b [W], d_wd [W, W]) in fp32: dx is the dense table gradient
+    [V, D] when gathered, else [B, N, D]; dy [B, N, D] for a dense Y. ``dlogit`` [B] with a decoder,
+    ``dz`` [B, N, D] for the encoder alone."""
+    xs, hs, ts = saved
+    has_enc, has_dec = enc_w is not None, wd is not None
+    batch, n = ids.shape if plan.gather else x.shape[:2]
+    d = x.shape[-1]
+    width = n * d
+    f32 = dict(dtype=torch.float32, device=x.device)
+    x2d = xs if plan.gather else x.reshape(batch, width)
+    y2d = y.reshape(batch, width) if y is not None else None
+    dz2d = dz.reshape(batch, width) if dz is not None else None
+    parts = int(has_enc) + int(has_dec)
+    grads = _empty(batch, parts * width, **f32)
+    dy = _empty(batch, width, **f32) if (not has_enc and has_dec) else None
+    if batch > 0 and width > 0:
         bm = 16 if _interpreting() else 32
         bn = _pow2(width, 16, 64) if _interpreting() else 128
+        xy = x2d if has_enc else y2d
+        dummy = grads
         G._sfg_gemm_grad_kernel[(triton.cdiv(batch, bm), triton.cdiv(width, bn))](
-            h_buf, t_buf, x_buf, dlogit, grads, batch, width, float(plan.gamma),
-            ACT=K.ACT_CODES[plan.activation], RESIDUAL=plan.residual, BLOCK_M=bm, BLOCK_N=bn)
-    d_table = None
-    if need_table:
-        # dX = G @ [We ; Wd^T] (+ g * T when X also feeds Y directly)
-        stacked = torch.cat([enc_w.to(torch.float32), wd.to(torch.float32).t()], dim=0)
-        extra = dict(scale=dlogit, addend=t_buf) if plan.residual else {}
-        if torch.are_deterministic_algorithms_enabled():
-            dx = _matmul(grads, stacked, _empty(batch, width, **f32), precision=plan.precision, **extra)
-            from .sfg_logits import _table_grad_deterministic
-            d_table = _table_grad_deterministic(dx.view(batch, -1, d), ids, offsets, table.shape[0])
+            hs if hs is not None else dummy, ts if ts is not None else dummy, xy if xy is not None else dummy,
+            dlogit if dlogit is not None else dummy, dz2d if dz2d is not None else dummy, grads,
+            dy if dy is not None else dummy, batch, width, float(plan.gamma),
+            xy.stride(0) if xy is not None else 0, xy.stride(1) if xy is not None else 0,
+            dz2d.stride(0) if dz2d is not None else 0, dz2d.stride(1) if dz2d is not None else 0,
+            ACT=K.ACT_CODES[plan.activation], RESIDUAL=plan.residual, HAS_ENC=has_enc, HAS_DEC=has_dec,
+            BLOCK_M=bm, BLOCK_N=bn)
+    dx = None
+    if need_x:
+        # dX = G @ [We ; Wd^T] (+ g * T or + dZ where X also feeds Y directly through the residual)
+        mats = ([enc_w.to(torch.float32)] if has_enc else []) + ([wd.to(torch.float32).t()] if has_dec else [])
+        stacked = torch.cat(mats, dim=0) if len(mats) > 1 else mats[0]
+        extra = {}
+        if plan.residual and has_enc:
+            extra = dict(scale=dlogit, addend=ts) if has_dec else dict(addend=dz2d)
+        if plan.gather and not torch.are_deterministic_algorithms_enabled():
+            dx = torch.zeros(x.shape[0], d, **f32)
+            _matmul(grads, stacked, dx, ids=ids, offsets=offsets, d=d, precision=plan.precision, **extra)
         else:
-            d_table = torch.zeros(table.shape[0], d, **f32)
-            _matmul(grads, stacked, d_table, ids=ids, offsets=offsets, d=d, precision=plan.precision, **extra)
+            dense = _matmul(grads, stacked, _empty(batch, width, **f32), precision=plan.precision, **extra)
+            if plan.gather:
+                from .sfg_logits import _table_grad_deterministic
+                dx = _table_grad_deterministic(dense.view(batch, n, d), ids, offsets, x.shape[0])
+            else:
+                dx = dense.view(batch, n, d)
     d_w = d_b = d_wd = None
-    if need_w or need_wd:
+    if (has_enc and need_w) or (has_dec and need_wd):
         # [dWe ; dWd^T] = G^T @ X: one GEMM over the batch (no atomics)
-        both = _matmul(grads.t(), x_buf, _empty(2 * width, width, **f32), precision=plan.precision)
-        d_w = both[:width] if need_w else None
-        d_wd = both[width:].t() if need_wd else None
-    if need_b:
+        both = _matmul(grads.t(), x2d, _empty(parts * width, width, **f32), precision=plan.precision)
+        if has_enc and need_w:
+            d_w = both[:width]
+        if has_dec and need_wd:
+            d_wd = both[(parts - 1) * width:].t()
+    if has_enc and need_b:
         d_b = grads[:, :width].sum(dim=0)
-    return d_table, d_w, d_b, d_wd
+    return dx, (dy.view(batch, n, d) if (dy is not None and need_y) else None), d_w, d_b, d_wd
 
 
 class SfgGemmFunction(torch.autograd.Function):
-    """logit [B] from (table, ids, offsets, enc_w, enc_b, wd); gradients for table, enc_w, enc_b, wd."""
+    """The GEMM-shaped interaction under autograd: logit [B] (with a decoder) or Z [B, N, D] (encoder
+    only) from (x, ids, offsets, y, enc_w, enc_b, wd) as in ``forward``."""
 
     @staticmethod
-    def forward(ctx, plan, out_dtype, table, ids, offsets, enc_w, enc_b, wd):
-        logit, _, _, saved = forward(plan, table, ids, offsets, enc_w, enc_b, wd, store=any(ctx.needs_input_grad))
+    def forward(ctx, plan, out_dtype, x, ids, offsets, y, enc_w, enc_b, wd):
+        store = any(ctx.needs_input_grad)
+        logit, _, _, z, saved = forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, store=store)
         ctx.plan = plan
         ctx.bias_dtype = enc_b.dtype if enc_b is not None else None
-        if saved is not None:
-            ctx.save_for_backward(table, ids, offsets, enc_w, wd, *saved)
-        return logit.to(out_dtype)
+        if store:
+            ctx.save_for_backward(x, ids, offsets, y, enc_w, wd, *saved)
+        return (logit if wd is not None else z).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        table, ids, offsets, enc_w, wd, x_buf, h_buf, t_buf = ctx.saved_tensors
+        x, ids, offsets, y, enc_w, wd, xs, hs, ts = ctx.saved_tensors
         need = ctx.needs_input_grad
-        d_table, d_w, d_b, d_wd = backward(
-            ctx.plan, table, ids, offsets, enc_w, wd, (x_buf, h_buf, t_buf), grad.contiguous().to(torch.float32),
-            need_table=need[2], need_w=need[5], need_b=need[6] and ctx.bias_dtype is not None, need_wd=need[7])
+        grad = grad.contiguous().to(torch.float32)
+        dx, dy, d_w, d_b, d_wd = backward(
+            ctx.plan, x, ids, offsets, y, enc_w, wd, (xs, hs, ts),
+            dlogit=grad if wd is not None else None, dz=grad if wd is None else None,
+            need_x=need[2], need_y=need[5], need_w=need[6], need_b=need[7] and ctx.bias_dtype is not None,
+            need_wd=need[8])
 
-        def cast(g, dtype, wanted):
-            return g.to(dtype) if (wanted and g is not None) else None
-        return (None, None, cast(d_table, table.dtype, need[2]), None, None, cast(d_w, enc_w.dtype, need[5]),
-                cast(d_b, ctx.bias_dtype, need[6]), cast(d_wd, wd.dtype, need[7]))
+        def cast(g, like_dtype, wanted):
+            return g.to(like_dtype) if (wanted and g is not None) else None
+        return (None, None, cast(dx, x.dtype, need[2]), None, None, cast(dy, y.dtype if y is not None else None, need[5]),
+                cast(d_w, enc_w.dtype if enc_w is not None else None, need[6]), cast(d_b, ctx.bias_dtype, need[7]),
+                cast(d_wd, wd.dtype if wd is not None else None, need[8]))

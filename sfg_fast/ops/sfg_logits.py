@@ -343,9 +343,9 @@ def _plans_and_decoder(table, enc_weight, enc_bias, dec_weight, kind, activation
     return plan, decode, decoder_operand(dec_weight, kind, pairs, num_fields, orientation, like)
 
 
-# The GEMM-shaped kernels (ops.sfg_gemm) serve the encoder-generated, non-symmetric case; the
-# per-field engine above serves the rest (no encoder, symmetric, sfg_encode, pairwise_decode).
-# SFG_FAST_GEMM_PATH=0 routes everything through the per-field engine (for comparisons).
+# The GEMM-shaped kernels (ops.sfg_gemm) serve sfg_logits with an encoder and symmetric=False, and
+# the sfg_encode and pairwise_decode ops; the per-field engine above serves the rest of sfg_logits
+# (no encoder, symmetric). SFG_FAST_GEMM_PATH=0 routes everything through the per-field engine.
 GEMM_PATH = os.environ.get("SFG_FAST_GEMM_PATH", "1") != "0"
 
 
@@ -372,7 +372,7 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
                                            residual, pairs, generated_side, symmetric, allow_tf32, ids.shape[1])
     if _gemm_path(plan, decode):
         wd = _gemm.decoder_matrix(dec, kind, ids.shape[1], table.shape[1], _f32_like(table))
-        return _gemm.SfgGemmFunction.apply(plan, out_dtype, table, ids, offsets, enc_weight, enc_bias, wd)
+        return _gemm.SfgGemmFunction.apply(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, wd)
     if decode is None:
         return SfgInteractionFunction.apply(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, dec)
     z = SfgInteractionFunction.apply(plan, torch.float32, table, ids, offsets, None, enc_weight, enc_bias, None)
@@ -416,7 +416,8 @@ def sfg_logits_fwd(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, 
                                                residual, pairs, generated_side, symmetric, allow_tf32, n)
         if _gemm_path(plan, decode):
             wd = _gemm.decoder_matrix(dec, kind, n, d, _f32_like(table))
-            logit, loss, dlogit, _ = _gemm.forward(plan, table, ids, offsets, enc_weight, enc_bias, wd, labels=labels)
+            logit, loss, dlogit, _, _ = _gemm.forward(plan, table, ids, offsets, None, enc_weight, enc_bias, wd,
+                                                      labels=labels)
         elif decode is None:
             logit, _, loss, dlogit = _engine_forward(plan, table, ids, offsets, None, enc_weight, enc_bias, dec,
                                                      batch, n, d, labels=labels)
