@@ -42,14 +42,14 @@ if [ -n "$BUILD_PID" ]; then
   grep -iE "error|warning: could not" "$LOGS/build.log" | head -5
   tail -1 "$LOGS/build.log"
   "$PYTHON" -c "from sfg_fast import _C; print('sfg_fast._C WITH_CUDA =', _C.WITH_CUDA)" 2>&1 | tail -1
-  timeout 90 "$PYTHON" -m pytest tests/test_cuda_ext.py -v -p no:cacheprovider -rs >"$LOGS/ext_tests.log" 2>&1
+  timeout 60 "$PYTHON" -m pytest tests/test_cuda_ext.py -v -p no:cacheprovider -rs >"$LOGS/ext_tests.log" 2>&1
   rc=$?
   echo "cuda ext tests: rc=$rc"
   grep -E "(FAILED|ERROR|Fatal|line [0-9]+ in test_)" "$LOGS/ext_tests.log" | head -10
   tail -2 "$LOGS/ext_tests.log"
   if [ "$rc" = 139 ] && command -v cuda-gdb >/dev/null; then   # a crash: where, natively
     last=$(grep -oE "test_cuda_ext.py::[a-z_0-9]+" "$LOGS/ext_tests.log" | tail -1)
-    timeout 120 cuda-gdb -batch -ex run -ex bt --args "$PYTHON" -m pytest -q -p no:cacheprovider "tests/$last" \
+    timeout 60 cuda-gdb -batch -ex run -ex bt --args "$PYTHON" -m pytest -q -p no:cacheprovider "tests/$last" \
       >"$LOGS/ext_gdb.log" 2>&1
     grep -E "^#[0-9]+" "$LOGS/ext_gdb.log" | head -25
   fi
