@@ -29,10 +29,10 @@ torch::Tensor embedding_lookup_cpu(torch::Tensor ids, torch::Tensor weight, torc
                                    const std::string& bounds_check) {
   const int mode = parse_bounds_mode(bounds_check);
   check_ids_offsets(ids, offsets, weight.size(0));
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must have shape [V, D], got ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.device().is_cpu(), "weight must be a CPU tensor, got ", weight.device());
+  TORCH_CHECK_VALUE(weight.dim() == 2, sfg::msg("weight must have shape [V, D], got ", weight.sizes()));
+  TORCH_CHECK_VALUE(weight.device().is_cpu(), sfg::msg("weight must be a CPU tensor, got ", weight.device()));
   TORCH_CHECK_TYPE(weight.scalar_type() == torch::kFloat || weight.scalar_type() == torch::kBFloat16,
-                   "weight must be float32 or bfloat16 for the cpu backend, got ", weight.scalar_type());
+                   sfg::msg("weight must be float32 or bfloat16 for the cpu backend, got ", weight.scalar_type()));
   ids = ids.contiguous();
   offsets = offsets.contiguous();
   weight = weight.contiguous();
@@ -53,13 +53,14 @@ torch::Tensor embedding_lookup_cpu(torch::Tensor ids, torch::Tensor weight, torc
 torch::Tensor embedding_lookup_int8_cpu(torch::Tensor ids, torch::Tensor qweight, torch::Tensor scale_bias,
                                         torch::Tensor offsets, const std::string& bounds_check) {
   const int mode = parse_bounds_mode(bounds_check);
-  TORCH_CHECK_TYPE(qweight.scalar_type() == torch::kUInt8, "qweight must be uint8, got ", qweight.scalar_type());
-  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.device().is_cpu(), "qweight must be a CPU [V, D] tensor, got ",
-                    qweight.sizes());
-  TORCH_CHECK_TYPE(scale_bias.scalar_type() == torch::kFloat, "scale_bias must be float32, got ",
-                   scale_bias.scalar_type());
+  TORCH_CHECK_TYPE(qweight.scalar_type() == torch::kUInt8,
+                   sfg::msg("qweight must be uint8, got ", qweight.scalar_type()));
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.device().is_cpu(),
+                    sfg::msg("qweight must be a CPU [V, D] tensor, got ", qweight.sizes()));
+  TORCH_CHECK_TYPE(scale_bias.scalar_type() == torch::kFloat,
+                   sfg::msg("scale_bias must be float32, got ", scale_bias.scalar_type()));
   TORCH_CHECK_VALUE(scale_bias.dim() == 2 && scale_bias.size(0) == qweight.size(0) && scale_bias.size(1) == 2,
-                    "scale_bias must have shape [V, 2]=[", qweight.size(0), ", 2], got ", scale_bias.sizes());
+                    sfg::msg("scale_bias must have shape [V, 2]=[", qweight.size(0), ", 2], got ", scale_bias.sizes()));
   check_ids_offsets(ids, offsets, qweight.size(0));
   ids = ids.contiguous();
   offsets = offsets.contiguous();
@@ -122,32 +123,34 @@ void sparse_row_update_cpu(const std::string& kind, torch::Tensor weight, c10::o
   if (kind == "sgd") k = cpu::kSgd;
   if (kind == "adagrad" || kind == "rowwise_adagrad") k = cpu::kRowwiseAdagrad;
   if (kind == "adam") k = cpu::kAdam;
-  TORCH_CHECK_VALUE(k >= 0, "kind must be one of ('sgd', 'adagrad', 'adam') (adagrad is rowwise), got '", kind, "'");
+  TORCH_CHECK_VALUE(k >= 0,
+                    sfg::msg("kind must be one of ('sgd', 'adagrad', 'adam') (adagrad is rowwise), got '", kind, "'"));
   const int mode = parse_bounds_mode(bounds_check);
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.device().is_cpu(), "weight must be a CPU [V, D] tensor, got ",
-                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.device().is_cpu(),
+                    sfg::msg("weight must be a CPU [V, D] tensor, got ", weight.sizes()));
   TORCH_CHECK_VALUE(weight.is_contiguous(), "weight must be contiguous (it is updated in place)");
   TORCH_CHECK_TYPE(weight.scalar_type() == torch::kFloat || weight.scalar_type() == torch::kBFloat16,
-                   "weight must be float32 or bfloat16, got ", weight.scalar_type());
+                   sfg::msg("weight must be float32 or bfloat16, got ", weight.scalar_type()));
   check_ids_offsets(ids, offsets, weight.size(0));
   const int64_t rows_total = weight.size(0), dim = weight.size(1), batch = ids.size(0), n = ids.size(1);
   TORCH_CHECK_VALUE(grad_V.dim() == 3 && grad_V.size(0) == batch && grad_V.size(1) == n && grad_V.size(2) == dim,
-                    "grad_V must have shape [B, N, D]=[", batch, ", ", n, ", ", dim, "], got ", grad_V.sizes());
+                    sfg::msg("grad_V must have shape [B, N, D]=[", batch, ", ", n, ", ", dim, "], got ",
+                             grad_V.sizes()));
   TORCH_CHECK_TYPE(grad_V.scalar_type() == torch::kFloat || grad_V.scalar_type() == torch::kBFloat16,
-                   "grad_V must be float32 or bfloat16, got ", grad_V.scalar_type());
+                   sfg::msg("grad_V must be float32 or bfloat16, got ", grad_V.scalar_type()));
   float* s1 = nullptr;
   float* s2 = nullptr;
   auto check_state = [&](const c10::optional<torch::Tensor>& st, const char* name, bool per_row) -> float* {
-    TORCH_CHECK_VALUE(st.has_value(), name, " is required for kind='", kind, "'");
+    TORCH_CHECK_VALUE(st.has_value(), sfg::msg(name, " is required for kind='", kind, "'"));
     const auto& t = *st;
-    TORCH_CHECK_TYPE(t.scalar_type() == torch::kFloat, name, " must be float32, got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), name, " must be a contiguous CPU tensor");
+    TORCH_CHECK_TYPE(t.scalar_type() == torch::kFloat, sfg::msg(name, " must be float32, got ", t.scalar_type()));
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.device().is_cpu(), sfg::msg(name, " must be a contiguous CPU tensor"));
     if (per_row) {
-      TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == rows_total, name, " must have shape [V]=[", rows_total,
-                        "], got ", t.sizes());
+      TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == rows_total,
+                        sfg::msg(name, " must have shape [V]=[", rows_total, "], got ", t.sizes()));
     } else {
-      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows_total && t.size(1) == dim, name,
-                        " must have shape [V, D]=[", rows_total, ", ", dim, "], got ", t.sizes());
+      TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows_total && t.size(1) == dim,
+                        sfg::msg(name, " must have shape [V, D]=[", rows_total, ", ", dim, "], got ", t.sizes()));
     }
     return t.data_ptr<float>();
   };
@@ -155,7 +158,7 @@ void sparse_row_update_cpu(const std::string& kind, torch::Tensor weight, c10::o
   if (k == cpu::kAdam) {
     s1 = check_state(state1, "state['exp_avg']", false);
     s2 = check_state(state2, "state['exp_avg_sq']", false);
-    TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 for Adam (bias correction), got ", step);
+    TORCH_CHECK_VALUE(step >= 1, sfg::msg("step must be >= 1 for Adam (bias correction), got ", step));
   }
   ids = ids.contiguous();
   offsets = offsets.contiguous();

@@ -7,6 +7,7 @@
 
 #include "embedding_cuda.h"
 #include "embedding_cuda_api.h"
+#include "message.h"
 
 namespace sfg {
 
@@ -16,12 +17,13 @@ void check_common(const torch::Tensor& ids, const torch::Tensor& weight, const t
   TORCH_CHECK_VALUE(weight.is_cuda() && ids.device() == weight.device() && offsets.device() == weight.device(),
                     "ids, weight and offsets must be on one CUDA device");
   TORCH_CHECK_TYPE(ids.scalar_type() == torch::kInt32 || ids.scalar_type() == torch::kInt64,
-                   "ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.dim() == 2, "ids must have shape [B, N], got ", ids.sizes());
-  TORCH_CHECK_TYPE(offsets.scalar_type() == torch::kInt64, "offsets must be int64, got ", offsets.scalar_type());
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == ids.size(1), "offsets must have shape [N]=[",
-                    ids.size(1), "], got ", offsets.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must have shape [V, D], got ", weight.sizes());
+                   sfg::msg("ids must be int32 or int64, got ", ids.scalar_type()));
+  TORCH_CHECK_VALUE(ids.dim() == 2, sfg::msg("ids must have shape [B, N], got ", ids.sizes()));
+  TORCH_CHECK_TYPE(offsets.scalar_type() == torch::kInt64,
+                   sfg::msg("offsets must be int64, got ", offsets.scalar_type()));
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == ids.size(1),
+                    sfg::msg("offsets must have shape [N]=[", ids.size(1), "], got ", offsets.sizes()));
+  TORCH_CHECK_VALUE(weight.dim() == 2, sfg::msg("weight must have shape [V, D], got ", weight.sizes()));
 }
 
 }  // namespace
@@ -37,7 +39,7 @@ torch::Tensor embedding_lookup_cuda(torch::Tensor ids, torch::Tensor weight, tor
       ids.data_ptr(), ids.scalar_type() == torch::kInt64, offsets.data_ptr<int64_t>(), ids.size(0), ids.size(1),
       weight.data_ptr(), weight.size(1) * static_cast<int64_t>(weight.element_size()), out.data_ptr(),
       at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "embedding lookup kernel failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, sfg::msg("embedding lookup kernel failed: ", cudaGetErrorString(err)));
   return out;
 }
 
@@ -50,13 +52,13 @@ void rowwise_adagrad_update_cuda(torch::Tensor weight, torch::Tensor momentum, t
                    "weight, momentum and grad_V must be float32 for the fused CUDA Adagrad");
   TORCH_CHECK_VALUE(weight.is_contiguous() && momentum.is_contiguous(),
                     "weight and momentum must be contiguous (updated in place)");
-  TORCH_CHECK_VALUE(momentum.dim() == 1 && momentum.size(0) == weight.size(0), "momentum must have shape [V]=[",
-                    weight.size(0), "], got ", momentum.sizes());
+  TORCH_CHECK_VALUE(momentum.dim() == 1 && momentum.size(0) == weight.size(0),
+                    sfg::msg("momentum must have shape [V]=[", weight.size(0), "], got ", momentum.sizes()));
   TORCH_CHECK_VALUE(grad_V.dim() == 3 && grad_V.size(0) == ids.size(0) && grad_V.size(1) == ids.size(1) &&
                         grad_V.size(2) == weight.size(1),
-                    "grad_V must have shape [B, N, D]=[", ids.size(0), ", ", ids.size(1), ", ", weight.size(1),
-                    "], got ", grad_V.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) <= 256, "the fused CUDA Adagrad supports D <= 256, got ", weight.size(1));
+                                    sfg::msg("grad_V must have shape [B, N, D]=[", ids.size(0), ", ", ids.size(1), ", ",
+                                             weight.size(1), "], got ", grad_V.sizes()));
+  TORCH_CHECK_VALUE(weight.size(1) <= 256, sfg::msg("the fused CUDA Adagrad supports D <= 256, got ", weight.size(1)));
   ids = ids.contiguous();
   offsets = offsets.contiguous();
   grad_V = grad_V.contiguous();
@@ -68,7 +70,7 @@ void rowwise_adagrad_update_cuda(torch::Tensor weight, torch::Tensor momentum, t
       weight.size(0), weight.data_ptr<float>(), momentum.data_ptr<float>(), weight.size(1),
       grad_V.data_ptr<float>(), static_cast<float>(lr), static_cast<float>(eps), workspace.data_ptr(), bytes,
       at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fused rowwise Adagrad kernel failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, sfg::msg("fused rowwise Adagrad kernel failed: ", cudaGetErrorString(err)));
 }
 
 }  // namespace sfg

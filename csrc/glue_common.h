@@ -5,11 +5,11 @@
 #include <torch/extension.h>
 
 #include <atomic>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "embedding_cpu.h"
+#include "message.h"
 
 namespace sfg {
 
@@ -17,18 +17,19 @@ inline int parse_bounds_mode(const std::string& mode) {
   if (mode == "fatal") return cpu::kFatal;
   if (mode == "clamp_to_oov") return cpu::kClampToOov;
   if (mode == "off") return cpu::kOff;
-  TORCH_CHECK_VALUE(false, "bounds_check must be one of ('fatal', 'clamp_to_oov', 'off'), got '", mode, "'");
+  TORCH_CHECK_VALUE(false, sfg::msg("bounds_check must be one of ('fatal', 'clamp_to_oov', 'off'), got '", mode, "'"));
   return cpu::kOff;
 }
 
 inline void check_ids_offsets(const torch::Tensor& ids, const torch::Tensor& offsets, int64_t num_rows) {
   TORCH_CHECK_TYPE(ids.scalar_type() == torch::kInt32 || ids.scalar_type() == torch::kInt64,
-                   "ids must be int32 or int64 field-local ids, got dtype ", ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.dim() == 2, "ids must have shape [B, N], got ", ids.sizes());
+                   sfg::msg("ids must be int32 or int64 field-local ids, got dtype ", ids.scalar_type()));
+  TORCH_CHECK_VALUE(ids.dim() == 2, sfg::msg("ids must have shape [B, N], got ", ids.sizes()));
   TORCH_CHECK_TYPE(offsets.scalar_type() == torch::kInt64,
-                   "offsets must be an int64 tensor (row offsets into weight), got ", offsets.scalar_type());
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == ids.size(1), "offsets must have shape [N]=[",
-                    ids.size(1), "] (one per field of ids), got ", offsets.sizes());
+                   sfg::msg("offsets must be an int64 tensor (row offsets into weight), got ", offsets.scalar_type()));
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == ids.size(1),
+                    sfg::msg("offsets must have shape [N]=[", ids.size(1), "] (one per field of ids), got ",
+                             offsets.sizes()));
   TORCH_CHECK_VALUE(ids.device().is_cpu() && offsets.device().is_cpu(), "ids and offsets must be CPU tensors");
   (void)num_rows;
 }
@@ -45,11 +46,8 @@ inline std::vector<int64_t> field_sizes(const torch::Tensor& offsets_contig, int
     ok = ok && sizes[f] >= 0;
   }
   if (!ok) {
-    std::ostringstream msg;
-    msg << "offsets must be non-decreasing, start >= 0 and stay below weight rows (" << num_rows << "), got [";
-    for (int64_t f = 0; f < n; ++f) msg << (f ? ", " : "") << off[f];
-    msg << "]";
-    TORCH_CHECK_VALUE(false, msg.str());
+    TORCH_CHECK_VALUE(false, sfg::msg("offsets must be non-decreasing, start >= 0 and stay below weight rows (",
+                                      num_rows, "), got ", c10::IntArrayRef(off, n)));
   }
   return sizes;
 }
@@ -63,8 +61,9 @@ void check_bounds_typed(const torch::Tensor& ids, const std::vector<int64_t>& si
   const Id* p = ids.data_ptr<Id>();
   if (mode == cpu::kClampToOov) {
     for (int64_t f = 0; f < n; ++f)
-      TORCH_CHECK_VALUE(sizes[f] > 0 || batch == 0, "bounds_check='clamp_to_oov' needs at least one row in "
-                        "every field, but field ", f, " has an empty vocabulary");
+      TORCH_CHECK_VALUE(sizes[f] > 0 || batch == 0,
+                        sfg::msg("bounds_check='clamp_to_oov' needs at least one row in " "every field, but field ", f,
+                                 " has an empty vocabulary"));
     return;
   }
   if (mode != cpu::kFatal) return;
@@ -83,8 +82,9 @@ void check_bounds_typed(const torch::Tensor& ids, const std::vector<int64_t>& si
       }
     }
     if (count) {
-      TORCH_CHECK_INDEX(false, "ids[:, ", f, "] (field ", f, ") holds id ", first, " outside [0, ", sizes[f],
-                        ") (the field's vocabulary size); ", count, " bad ids in this field");
+      TORCH_CHECK_INDEX(false,
+                        sfg::msg("ids[:, ", f, "] (field ", f, ") holds id ", first, " outside [0, ", sizes[f],
+                                 ") (the field's vocabulary size); ", count, " bad ids in this field"));
     }
   }
 }

@@ -181,7 +181,7 @@ int parse(const std::string& name, const std::string& value, std::initializer_li
     listed += (k ? ", '" : "'") + std::string(c) + "'";
     ++k;
   }
-  TORCH_CHECK_VALUE(false, name, " must be one of (", listed, "), got '", value, "'");
+  TORCH_CHECK_VALUE(false, sfg::msg(name, " must be one of (", listed, "), got '", value, "'"));
   return -1;
 }
 
@@ -202,11 +202,11 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
   p.symmetric = symmetric;
   p.residual = residual;
   p.gamma = static_cast<float>(gamma);
-  TORCH_CHECK_VALUE(tile >= 1, "tile must be >= 1, got ", tile);
-  TORCH_CHECK_VALUE(table.dim() == 2 && table.device().is_cpu(), "table must be a CPU [V, D] tensor, got ",
-                    table.sizes());
+  TORCH_CHECK_VALUE(tile >= 1, sfg::msg("tile must be >= 1, got ", tile));
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.device().is_cpu(),
+                    sfg::msg("table must be a CPU [V, D] tensor, got ", table.sizes()));
   TORCH_CHECK_TYPE(table.scalar_type() == torch::kFloat || table.scalar_type() == torch::kBFloat16,
-                   "table must be float32 or bfloat16 for the cpu backend, got ", table.scalar_type());
+                   sfg::msg("table must be float32 or bfloat16 for the cpu backend, got ", table.scalar_type()));
   check_ids_offsets(ids, offsets, table.size(0));
   p.n = ids.size(1);
   p.dim = table.size(1);
@@ -220,11 +220,12 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
   p.encode = enc_weight.has_value();
   if (p.encode) {
     TORCH_CHECK_VALUE(enc_weight->dim() == 2 && enc_weight->size(0) == width && enc_weight->size(1) == width,
-                      "enc_weight must have shape [N*D, N*D]=[", width, ", ", width, "], got ", enc_weight->sizes());
+                      sfg::msg("enc_weight must have shape [N*D, N*D]=[", width, ", ", width, "], got ",
+                               enc_weight->sizes()));
     enc_t = enc_weight->to(torch::kFloat).contiguous().t();  // a transposed view: the BLAS reads it as is
     if (enc_bias.has_value()) {
-      TORCH_CHECK_VALUE(enc_bias->numel() == width, "enc_bias must have shape [N*D]=[", width, "], got ",
-                        enc_bias->sizes());
+      TORCH_CHECK_VALUE(enc_bias->numel() == width,
+                        sfg::msg("enc_bias must have shape [N*D]=[", width, "], got ", enc_bias->sizes()));
       bias = enc_bias->to(torch::kFloat).contiguous().view({width});
     }
   } else {
@@ -233,13 +234,13 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
   if (p.kind == kIdentity) {
     TORCH_CHECK_VALUE(!dec_weight.has_value(), "dec_weight must be None for kind='identity'");
   } else {
-    TORCH_CHECK_VALUE(dec_weight.has_value(), "dec_weight is required for kind='", kind, "'");
+    TORCH_CHECK_VALUE(dec_weight.has_value(), sfg::msg("dec_weight is required for kind='", kind, "'"));
     const auto dw = dec_weight->to(torch::kFloat).contiguous();
     const std::vector<int64_t> expected = p.kind == kScalar   ? std::vector<int64_t>{n, n}
                                           : p.kind == kVector ? std::vector<int64_t>{n, n, dim}
                                                               : std::vector<int64_t>{n, n, dim, dim};
-    TORCH_CHECK_VALUE(dw.sizes().vec() == expected, "dec_weight for kind='", kind, "' must have shape ", expected,
-                      ", got ", dw.sizes());
+    TORCH_CHECK_VALUE(dw.sizes().vec() == expected,
+                      sfg::msg("dec_weight for kind='", kind, "' must have shape ", expected, ", got ", dw.sizes()));
     if (p.kind == kMatrix) {
       auto mask = torch::zeros({n, n}, torch::kFloat);
       auto acc = mask.accessor<float, 2>();
