@@ -138,6 +138,11 @@ def _row(section, kind, provider, mode, **fields) -> Dict:
     return row
 
 
+# set by main: rewrites the result files after every row, so a run stopped by its time limit keeps
+# every measurement it made
+_SAVE_HOOK: Optional[Callable[[], object]] = None
+
+
 def _attempt(rows: List[Dict], budget: Budget, base: Dict, body: Callable[[], Dict], min_left: float = 5.0):
     """Run one provider: its fields go into a row; an exception or a spent budget becomes the row's status."""
     row = dict(base)
@@ -155,6 +160,8 @@ def _attempt(rows: List[Dict], budget: Budget, base: Dict, body: Callable[[], Di
         torch.cuda.empty_cache()
     rows.append(row)
     _print_row(row)
+    if _SAVE_HOOK is not None:
+        _SAVE_HOOK()
     return row
 
 
@@ -682,6 +689,8 @@ def main(argv=None) -> int:
             fh.write(markdown)
         return markdown
 
+    global _SAVE_HOOK
+    _SAVE_HOOK = lambda: save(complete=False)  # noqa: E731
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     for section in sections:
         try:

@@ -176,6 +176,16 @@ def _fresh(out: torch.Tensor, inputs: Sequence) -> torch.Tensor:
     return out
 
 
+def _laid_out_like(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``g`` with the strides of ``torch.empty_like(like)`` (what the fake kernels return): Inductor
+    asserts real strides against fake ones, and autograd through views (the decoder's masked,
+    permuted weight) hands back permuted gradients."""
+    target = torch.empty_like(like)
+    if g.stride() == target.stride():
+        return g
+    return target.copy_(g)
+
+
 def _make_forward(spec: OpSpec):
     def forward(*args):
         *op_args, backend = args
@@ -185,7 +195,7 @@ def _make_forward(spec: OpSpec):
         if tuple(out.shape) != tuple(shape):
             raise RuntimeError(f"{spec.name} on backend {backend!r} returned shape {list(out.shape)}, "
                                f"expected {list(shape)}")
-        return _fresh(out.to(dtype), op_args)
+        return _fresh(out.to(dtype).contiguous(), op_args)
 
     def fake(*args):
         *op_args, _ = args
@@ -256,7 +266,7 @@ def _make_backward(spec: OpSpec):
             if g is None or not need or t is None:
                 out.append(grad.new_empty(0))       # the autograd formula maps empties to None
             else:
-                out.append(_fresh(g.to(t.dtype).reshape(t.shape), [grad, *op_args]))
+                out.append(_fresh(_laid_out_like(g.to(t.dtype).reshape(t.shape), t), [grad, *op_args]))
         return out
 
     def fake(*args):

@@ -139,6 +139,23 @@ def test_custom_op_matches_backend(backend, name):
     assert checked >= 1
 
 
+@pytest.mark.parametrize("backend,name", OP_PARAMS)
+def test_real_outputs_have_the_fake_strides(backend, name):
+    """Inductor asserts that a custom op's real outputs have the strides its fake kernel promised
+    (a mismatch failed torch.compile of the fused matrix/vector decoders on an H200): forward and
+    backward outputs must be laid out as the fakes are (dense, like the inputs)."""
+    args = OP_CASES[backend][name]()
+    out = library.op(name)(*args, backend)
+    assert out.stride() == torch.empty_like(out, memory_format=torch.contiguous_format).stride()
+    spec = library.OPS[name]
+    needs = [isinstance(args[p], torch.Tensor) and args[p].is_floating_point() for p in spec.differentiable]
+    grads = library.backward_op(name)(torch.randn_like(out), *args, backend, needs)
+    for pos, g, need in zip(spec.differentiable, grads, needs):
+        if need:
+            assert g.shape == args[pos].shape and g.stride() == torch.empty_like(args[pos]).stride(), \
+                f"d{spec.arg_names[pos]}: strides {g.stride()} != {torch.empty_like(args[pos]).stride()}"
+
+
 def test_opcheck_validation_ops():
     offsets = offsets_of(FIELD_DIMS)
     torch.library.opcheck(library.checked_ids, (_ids(3), offsets, sum(FIELD_DIMS), "fatal"))
