@@ -336,6 +336,29 @@ def bench_sweep(rows, args, device, budget, dims) -> None:
                         return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"]}
                     _attempt(rows, budget, _row("sweep", kind, "gemm" + config.replace(",", "_"),
                                                 "tf32" if tf32 else "ieee"), body, min_left=10.0)
+                # where V is gathered (ops.sfg_gemm.GATHER_IN_GEMM), at the default blocks
+                for in_gemm in (False, True):
+                    def gather_body(in_gemm=in_gemm, tf32=tf32, dec=dec, kind=kind):
+                        from sfg_fast.ops import sfg_gemm
+                        os.environ.pop("SFG_FAST_GEMM_BLOCKS", None)
+                        saved_mode = sfg_gemm.GATHER_IN_GEMM
+                        sfg_gemm.GATHER_IN_GEMM = in_gemm
+                        try:
+                            def call():
+                                counter[0] = (counter[0] + 1) % len(ids_list)
+                                for p in (table, enc, dec):
+                                    p.grad = None
+                                SF.sfg_logits(ids_list[counter[0]], table, offsets, enc, None, dec, kind, "relu",
+                                              1.0, False, "upper", "left", False, bounds_check="off",
+                                              backend="triton").sum().backward()
+                            with _tf32(tf32):
+                                call()
+                                t = timer(call)
+                        finally:
+                            sfg_gemm.GATHER_IN_GEMM = saved_mode
+                        return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"]}
+                    _attempt(rows, budget, _row("sweep", kind, "gather_in_gemm" if in_gemm else "gather_first",
+                                                "tf32" if tf32 else "ieee"), gather_body, min_left=10.0)
     finally:
         if saved is None:
             os.environ.pop("SFG_FAST_GEMM_BLOCKS", None)

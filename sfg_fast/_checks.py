@@ -105,15 +105,28 @@ def check_ids(ids) -> None:
         raise ValueError(f"ids must have shape [B, N], got {_shape(ids)}")
 
 
+def check_offsets_and_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``check_offsets`` then ``check_ids_in_range`` (same errors) with ONE host sync on the good path:
+    the offsets test and the id test are reduced on the device into one flag, and only a failing
+    flag runs the checks that find and name the culprit. Returns the field sizes."""
+    sizes = field_sizes(offsets, num_rows)
+    if offsets.numel():
+        problem = ((ids < 0) | (ids >= sizes)).any() | (offsets[0] < 0) | (sizes < 0).any()
+        if bool(problem):
+            check_offsets(offsets, num_rows)    # bad offsets: ValueError (sizes are meaningless then)
+            check_ids_in_range(ids, sizes)      # else a bad id: IndexError naming field and id
+    return sizes
+
+
 def apply_bounds_check(ids, offsets, num_rows: int, bounds_check: str):
     """Eager bounds handling shared by the fused ops: validate offsets, then raise ("fatal"),
     remap to the field's OOV id ("clamp_to_oov"), or pass through ("off"). Reads ids and offsets."""
     if bounds_check == "off":
         return ids
-    sizes = check_offsets(offsets, num_rows)
     if bounds_check == "fatal":
-        check_ids_in_range(ids, sizes)
+        check_offsets_and_ids(ids, offsets, num_rows)
         return ids
+    sizes = check_offsets(offsets, num_rows)
     return clamp_to_oov(ids, sizes)[0]
 
 
@@ -251,9 +264,10 @@ def check_bce(logits, labels, reduction) -> None:
         raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
     if labels.numel():
         lab = labels if labels.is_floating_point() else labels.to(torch.float32)
-        if not bool(torch.isfinite(lab).all()):
-            raise ValueError(f"labels contain {int((~torch.isfinite(lab)).sum())} NaN/inf values")
-        if bool(((lab < 0) | (lab > 1)).any()):
+        # one host sync per call: NaN fails both comparisons, so one test catches NaN, inf and range
+        if not bool(((lab >= 0) & (lab <= 1)).all()):
+            if not bool(torch.isfinite(lab).all()):
+                raise ValueError(f"labels contain {int((~torch.isfinite(lab)).sum())} NaN/inf values")
             raise ValueError(f"labels must lie in [0, 1], got min {float(lab.min())} max {float(lab.max())}")
 
 

@@ -51,11 +51,10 @@ def checked_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: int, bounds_
     """Validated ids for a lookup (``"fatal"``: IndexError naming field and id; ``"clamp_to_oov"``:
     remapped to the field's last id). Returns a new tensor: custom op outputs may not alias inputs."""
     C.check_choice("bounds_check", bounds_check, ("fatal", "clamp_to_oov"))
-    sizes = C.check_offsets(offsets, num_rows)
     if bounds_check == "fatal":
-        C.check_ids_in_range(ids, sizes)
+        C.check_offsets_and_ids(ids, offsets, num_rows)
         return ids.clone()
-    remapped, _ = C.clamp_to_oov(ids, sizes)
+    remapped, _ = C.clamp_to_oov(ids, C.check_offsets(offsets, num_rows))
     return remapped
 
 

@@ -274,11 +274,10 @@ def _validated_ids(ids, weight, offsets, bounds_check):
     C.check_lookup(ids, weight, offsets, bounds_check)
     if bounds_check == "off":
         return ids, 0
-    sizes = C.check_offsets(offsets, weight.shape[0])
     if bounds_check == "fatal":
-        C.check_ids_in_range(ids, sizes)
+        C.check_offsets_and_ids(ids, offsets, weight.shape[0])
         return ids, 0
-    return C.clamp_to_oov(ids, sizes)
+    return C.clamp_to_oov(ids, C.check_offsets(offsets, weight.shape[0]))
 
 
 def fused_embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,

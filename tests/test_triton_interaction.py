@@ -390,9 +390,11 @@ def test_launchers_check_ids_and_label_values():
 # ----------------------------------------------------------------------------- GEMM-shaped path
 
 
-def test_gemm_path_and_per_field_engine_agree(monkeypatch):
-    """ops.sfg_gemm (the fast path) and the per-field engine compute the same logits and gradients;
-    W = 85 spans two column tiles with fields straddling the tile edge."""
+@pytest.mark.parametrize("gather_in_gemm", [False, True])
+def test_gemm_path_and_per_field_engine_agree(monkeypatch, gather_in_gemm):
+    """ops.sfg_gemm (the fast path, gathering V before the GEMM or inside its K-loop) and the
+    per-field engine compute the same logits and gradients; W = 85 spans two column tiles with
+    fields straddling the tile edge."""
     ops = _ops()
     ids, offsets, params = _problem(21, 5, 17, "vector", bias=True, seed=47)
     options = dict(kind="vector", activation="silu", gamma=0.8, residual=True, pairs="offdiag",
@@ -400,6 +402,7 @@ def test_gemm_path_and_per_field_engine_agree(monkeypatch):
     fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
     calls = []
     from sfg_fast.ops import sfg_gemm
+    monkeypatch.setattr(sfg_gemm, "GATHER_IN_GEMM", gather_in_gemm)
     real = sfg_gemm.forward
     monkeypatch.setattr(sfg_gemm, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast, g_fast = _run(fn, ids, offsets, params, torch.float32, options)

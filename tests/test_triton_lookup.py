@@ -188,3 +188,27 @@ def test_row_offsets_are_int64_in_generated_code():
           "beta1": "fp32", "beta2": "fp32", "bias1": "fp32", "bias2": "fp32"},
          {"KIND": 2, "BLOCK_U": 4, "CHUNK": 16, "BLOCK_D": 16}),
     ])
+
+
+@pytest.mark.gpu
+def test_fatal_bounds_check_syncs_with_the_host_once():
+    """"fatal" needs the ids on the host side once (to raise before a kernel reads a bad row); the
+    offsets test rides in the same device reduction. "off" never syncs."""
+    import warnings
+    field_dims = [50, 7, 300]
+    weight = _table(field_dims, 16)
+    offsets = _offsets(field_dims)
+    ids = _ids(64, field_dims, torch.int64)
+    SF.embedding_lookup(ids, weight, offsets, bounds_check="fatal", backend="triton")   # compile first
+    torch.cuda.synchronize()
+    counts = {}
+    for mode in ("fatal", "off"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                SF.embedding_lookup(ids, weight, offsets, bounds_check=mode, backend="triton")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[mode] = sum("synchroniz" in str(w.message) for w in caught)
+    assert counts == {"fatal": 1, "off": 0}, counts

@@ -16,6 +16,7 @@ tuning sweeps); under the Triton interpreter blocks are as large as the problem 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch
@@ -29,6 +30,13 @@ except Exception:  # triton missing: sfg_logits reports the backend as unavailab
     G = K = None
 
 POISON_VALUE: Optional[float] = None   # tests set NaN: an element a kernel fails to write shows up
+
+# Where sfg_logits gathers V: False (default) runs the lookup kernel once and the GEMM kernel on the
+# dense [B, N, D] result; True gathers inside the GEMM's K-loop, which re-reads each table row once
+# per output column tile (cdiv(N*D, BLOCK_N) times). Measured on an H200 at the Criteo shape, the
+# in-kernel gather made the forward 3x slower per FLOP than the plain GEMM kernel
+# (bench/results/nvidia-h200/profile-20261128T052622.txt); SFG_FAST_GATHER_IN_GEMM=1 restores it.
+GATHER_IN_GEMM = os.environ.get("SFG_FAST_GATHER_IN_GEMM", "0") == "1"
 
 
 def _empty(*shape, **kwargs) -> torch.Tensor:
@@ -109,6 +117,13 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
     width = n * d
     has_enc, has_dec = enc_w is not None, wd is not None
     f32 = dict(dtype=torch.float32, device=x.device)
+    gathered = None
+    if plan.gather and not GATHER_IN_GEMM and x.stride(1) == 1:   # (the lookup kernel wants unit-stride rows)
+        # one pass of the lookup kernel; the GEMM then reads a dense X (saved for backward as is)
+        from .embedding_lookup import embedding_lookup_fwd
+        gathered = embedding_lookup_fwd(ids, x, offsets)
+        x, ids, offsets = gathered, None, None
+        plan = replace(plan, gather=False)
     bm, bn, bk, warps, stages = gemm_blocks(batch, width, width)
     tiles_n = triton.cdiv(width, bn) if width > 0 else 1
     logit = _empty(batch, **f32) if has_dec else None
@@ -117,8 +132,9 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
     z = _empty(batch, n, d, **f32) if not has_dec else None
     saved = None
     if store:
-        saved = (_empty(batch, width, **f32) if plan.gather else None,
-                 _empty(batch, width, **f32) if has_enc else None,
+        x_saved = gathered.view(batch, width) if gathered is not None else (
+            _empty(batch, width, **f32) if plan.gather else None)
+        saved = (x_saved, _empty(batch, width, **f32) if has_enc else None,
                  _empty(batch, width, **f32) if has_dec else None)
     if batch == 0 or width == 0:
         if logit is not None:
@@ -127,6 +143,8 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
     part = _empty(batch, tiles_n, **f32)
     dummy = part
     xs, hs, ts = saved if store else (None, None, None)
+    if gathered is not None:
+        xs = None                     # nothing for the kernel to store: X is the gathered tensor
     ys = (y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)
     G._sfg_gemm_fwd_kernel[(triton.cdiv(batch, bm), tiles_n)](
         x, ids if plan.gather else dummy, offsets if plan.gather else dummy, y if y is not None else dummy,
