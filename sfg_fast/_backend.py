@@ -83,6 +83,23 @@ def register(backend: str, op: str) -> None:
     _IMPLEMENTED[backend].add(op)
 
 
+# "auto" on CUDA, per op, from the H200 measurements at the Criteo shape (bench/results/nvidia-h200,
+# 2026-11-28): the Triton kernels win the lookup (25 us vs 105 us forward) and the fused sparse update
+# (optim picks it), while the factored torch path (cuBLAS) tied or beat them on the interaction ops
+# (sfg_logits fwd+bwd 2.64 vs 2.90 ms, sfg_encode 0.62 vs 1.01 ms, pairwise_decode, BCE, cross layer),
+# so auto takes torch there. backend="triton" still selects the kernels. Revisit with every GPU run.
+_CUDA_AUTO_DEFAULT = ("triton", "cuda", "torch")
+_CUDA_AUTO = {op: ("torch", "triton", "cuda")
+              for op in ("sfg_logits", "sfg_encode", "pairwise_decode", "bce_with_logits", "generative_cross")}
+
+
+def auto_order(op: str, device: torch.device):
+    """Backends "auto" tries for ``op`` on ``device``, best first."""
+    if device.type == "cuda":
+        return _CUDA_AUTO.get(op, _CUDA_AUTO_DEFAULT)
+    return ("cpu", "torch")
+
+
 def resolve(backend: str, op: str, device: torch.device) -> str:
     """Map a requested backend to a concrete one for ``op`` on ``device``."""
     if backend not in BACKENDS:
@@ -94,8 +111,7 @@ def resolve(backend: str, op: str, device: torch.device) -> str:
                 raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
             backend = env
         else:
-            order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
-            for candidate in order:
+            for candidate in auto_order(op, device):
                 if unavailable_reason(candidate, op, device) is None:
                     return candidate
             return "torch"

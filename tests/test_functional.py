@@ -310,3 +310,19 @@ def test_noncontiguous_operands_match_contiguous(kind):
     enc = torch.randn(n * d, n * d, dtype=torch.float64).t()
     torch.testing.assert_close(SF.sfg_encode(Z, enc, backend="torch"),
                                SF.sfg_encode(Z.contiguous(), enc.contiguous(), backend="reference"))
+
+
+def test_auto_on_cuda_follows_the_measured_winner(monkeypatch):
+    """auto on a CUDA tensor: Triton for the lookup, the factored torch path for the interaction ops
+    (the H200 measurements in bench/results/nvidia-h200), the next one when the first is unavailable."""
+    from sfg_fast import _backend
+    cuda = torch.device("cuda")
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda backend, op="", device=None: None)
+    assert _backend.resolve("auto", "embedding_lookup", cuda) == "triton"
+    for op in ("sfg_logits", "sfg_encode", "pairwise_decode", "bce_with_logits", "generative_cross"):
+        assert _backend.resolve("auto", op, cuda) == "torch"
+    assert _backend.resolve("auto", "sfg_logits", torch.device("cpu")) == "cpu"
+    monkeypatch.setattr(_backend, "unavailable_reason",
+                        lambda backend, op="", device=None: "absent" if backend == "triton" else None)
+    assert _backend.resolve("auto", "embedding_lookup", cuda) == "cuda"
