@@ -68,13 +68,16 @@ def gemm_blocks(m: int, n: int, k: int) -> Tuple[int, int, int, int, int]:
 
 def decoder_matrix(dec: Optional[torch.Tensor], kind: str, n: int, d: int, like: torch.Tensor) -> torch.Tensor:
     """Wd [N*D, N*D] with Wd[k*D + p, o*D + q] = Blk(o, k)[p, q] from the decoder in Blk orientation
-    (``[N, N]`` scalar/identity, ``[N, N, D]`` vector, ``[N, N, D, D]`` matrix). Differentiable."""
+    (``[N, N]`` scalar/identity, ``[N, N, D]`` vector, ``[N, N, D, D]`` matrix). Differentiable.
+
+    Returned as the transpose of a contiguous Wd^T (strides (1, N*D)): the forward GEMM reads it in
+    [K, N] tiles, and K-contiguous operands are what the matrix units load without a transpose."""
     if kind == "matrix":
         blocks = dec
     else:
         eye = torch.eye(d, dtype=dec.dtype, device=dec.device)
         blocks = torch.diag_embed(dec) if kind == "vector" else dec[:, :, None, None] * eye
-    return blocks.to(like.dtype).permute(1, 2, 0, 3).reshape(n * d, n * d)
+    return blocks.to(like.dtype).permute(0, 3, 1, 2).reshape(n * d, n * d).t()
 
 
 def _matmul(a, b, c, scale=None, addend=None, ids=None, offsets=None, d=1, precision="ieee"):
@@ -199,8 +202,9 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
     dx = None
     if need_x:
         # dX = G @ [We ; Wd^T] (+ g * T or + dZ where X also feeds Y directly through the residual)
-        mats = ([enc_w.to(torch.float32)] if has_enc else []) + ([wd.to(torch.float32).t()] if has_dec else [])
-        stacked = torch.cat(mats, dim=0) if len(mats) > 1 else mats[0]
+        # the B operand [We ; Wd^T] ([K = parts*W, W]) stored K-contiguous, as [We^T | Wd] transposed
+        mats = ([enc_w.to(torch.float32).t()] if has_enc else []) + ([wd.to(torch.float32)] if has_dec else [])
+        stacked = torch.cat(mats, dim=1).t()
         extra = {}
         if plan.residual and has_enc:
             extra = dict(scale=dlogit, addend=ts) if has_dec else dict(addend=dz2d)
