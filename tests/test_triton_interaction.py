@@ -496,3 +496,73 @@ def test_encode_and_decode_gemm_path_match_the_per_field_engine(op, monkeypatch)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     for got, want in zip(g_fast, g_slow):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gemm_path", [True, False])
+def test_strided_offsets_and_bias(monkeypatch, gemm_path):
+    """offsets and enc_bias as strided views (every other element of a wider tensor): the kernels
+    index both with unit stride, so the launchers must hand them over contiguous."""
+    from sfg_fast.ops import sfg_gemm
+    ops = _ops()
+    monkeypatch.setattr(ops, "GEMM_PATH", gemm_path)
+    for in_gemm in ((False, True) if gemm_path else (False,)):
+        monkeypatch.setattr(sfg_gemm, "GATHER_IN_GEMM", in_gemm)
+        ids, offsets, params = _problem(13, 3, 4, "scalar", bias=True, seed=59)
+        wide_offsets = torch.stack([offsets, torch.full_like(offsets, 10 ** 6)], 1).reshape(-1)
+        wide_bias = torch.stack([params["enc_bias"], torch.full_like(params["enc_bias"], 50.0)], 1).reshape(-1)
+        strided = dict(params, enc_bias=wide_bias[::2])
+        options = dict(kind="scalar", activation="tanh", gamma=1.1, residual=True, pairs="upper",
+                       generated_side="left", symmetric=False)
+        fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
+        out, grads = _run(fn, ids, wide_offsets[::2], strided, torch.float32, options)
+        ref64, g64 = _run(R.sfg_logits, ids, offsets, params, torch.float64, options)
+        ref32, g32 = _run(R.sfg_logits, ids, offsets, params, torch.float32, options)
+        assert_2x(out, ref64, ref32, "logit")
+        for name in g64:
+            assert_2x(grads[name], g64[name], g32[name], f"d {name}")
+    V = torch.randn(6, 3, 4, device=DEVICE)
+    W = torch.randn(12, 12, device=DEVICE) / 12 ** 0.5
+    bias = torch.randn(24, device=DEVICE)
+    got = SF.sfg_encode(V, W, bias[::2], "relu", 1.0, False, backend="triton")
+    want = R.sfg_encode(V.double(), W.double(), bias[::2].double(), "relu", 1.0, False)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_fields_with_labels_gives_the_loss_of_a_zero_logit():
+    ops = _ops()
+    table = torch.randn(5, 4, device=DEVICE)
+    labels = torch.tensor([0.0, 1.0, 0.25], device=DEVICE)
+    ids = torch.zeros(3, 0, dtype=torch.int64, device=DEVICE)
+    offsets = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    logit, loss, dlogit = ops.sfg_logits_fwd(ids, table, offsets, torch.zeros(0, 0, device=DEVICE), None,
+                                             torch.zeros(0, 0, device=DEVICE), "scalar", labels=labels)
+    assert torch.equal(logit, torch.zeros(3, device=DEVICE))
+    torch.testing.assert_close(loss, torch.full((3,), 0.6931471805599453, device=DEVICE))
+    torch.testing.assert_close(dlogit, 0.5 - labels)
+
+
+def test_inference_saves_nothing_and_double_backward_is_refused():
+    """Under no_grad the GEMM path runs its forward alone (no autograd node, no saved buffers); a
+    create_graph backward through the kernels raises instead of returning graph-less gradients."""
+    from sfg_fast.ops import sfg_gemm
+    ids, offsets, params = _problem(7, 3, 4, "matrix", bias=False, seed=61)
+    leaves = {k: (None if v is None else v.float().requires_grad_(True)) for k, v in params.items()}
+    args = (ids, leaves["table"], offsets, leaves["enc_weight"], None, leaves["dec_weight"], "matrix")
+    stored = []
+    real = sfg_gemm.forward
+
+    def spy(*a, **k):
+        stored.append(k.get("store", False))
+        return real(*a, **k)
+    sfg_gemm.forward = spy
+    try:
+        with torch.no_grad():
+            out = SF.sfg_logits(*args, backend="triton")
+        assert out.grad_fn is None and stored == [False]
+        out = SF.sfg_logits(*args, backend="triton")
+        assert stored[-1] is True
+    finally:
+        sfg_gemm.forward = real
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grads = torch.autograd.grad(out.sum(), [leaves["enc_weight"]], create_graph=True)
+        grads[0].sum().backward()

@@ -41,7 +41,7 @@ def pairwise_decode(Z, V, weight, kind, pairs, generated_side, symmetric, allow_
     if ops_logits.GEMM_PATH:
         n, d = Z.shape[1], Z.shape[2]
         wd = _gemm.decoder_matrix(dec, kind, n, d, like)
-        return _gemm.SfgGemmFunction.apply(plan, out_dtype, right, None, None, left, None, None, wd)
+        return _gemm.interaction(plan, out_dtype, right, None, None, left, None, None, wd)
     return SfgInteractionFunction.apply(plan, out_dtype, right, None, None, left, None, None, dec)
 
 

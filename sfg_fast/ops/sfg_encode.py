@@ -33,7 +33,7 @@ def sfg_encode(V, weight, bias, activation, gamma, residual, allow_tf32: Optiona
                  allow_tf32=DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32))
     out_dtype = result_dtype(V, weight)
     if ops_logits.GEMM_PATH:
-        return _gemm.SfgGemmFunction.apply(plan, out_dtype, V, None, None, None, weight, bias, None)
+        return _gemm.interaction(plan, out_dtype, V, None, None, None, weight, bias, None)
     return SfgInteractionFunction.apply(plan, out_dtype, V, None, None, None, weight, bias, None)
 
 

@@ -5,10 +5,11 @@ gathered V (``symmetric=False``, the configuration of every SFG model here). The
 kernel (gather -> encoder GEMM and decoder GEMM sharing each A tile -> bias/act/gamma/residual ->
 row dot) plus a tiny reduce (+ fused BCE); the backward is one elementwise pass and two GEMMs.
 
-Saved for backward: X (the gathered V), H and T, each [B, N*D] fp32 -- O(B*N*D), about 10 MB each at
-the Criteo shape, in exchange for no recomputation. The decoder is handed to the kernels as the
-dense [N*D, N*D] matrix ``decoder_matrix`` builds with differentiable torch ops, so its gradient
-reaches the scalar / vector / matrix weight (masked to P) through autograd.
+Saved for backward: X (the gathered V, in the table's dtype), H and T ([B, N*D] fp32) -- O(B*N*D),
+about 10 MB each at the Criteo shape, in exchange for no recomputation; nothing under no_grad. The
+decoder is handed to the kernels as the dense [N*D, N*D] matrix ``decoder_matrix`` builds with
+differentiable torch ops, so its gradient reaches the scalar / vector / matrix weight (masked to P)
+through autograd.
 
 Block sizes: ``SFG_FAST_GEMM_BLOCKS="BM,BN,BK,warps,stages"`` overrides the GPU defaults (for
 tuning sweeps); under the Triton interpreter blocks are as large as the problem allows.
@@ -20,6 +21,7 @@ from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -61,7 +63,15 @@ def gemm_blocks(m: int, n: int, k: int) -> Tuple[int, int, int, int, int]:
         return _pow2(m, 16, 64), _pow2(n, 16, 64), _pow2(k, 16, 64), 4, 1
     override = os.environ.get("SFG_FAST_GEMM_BLOCKS")
     if override:
-        bm, bn, bk, warps, stages = (int(v) for v in override.split(","))
+        try:
+            bm, bn, bk, warps, stages = (int(v) for v in override.split(","))
+        except ValueError:
+            raise ValueError(f"SFG_FAST_GEMM_BLOCKS must be 'BM,BN,BK,warps,stages' (five integers), "
+                             f"got {override!r}") from None
+        blocks_ok = all(b >= 16 and b & (b - 1) == 0 for b in (bm, bn, bk))   # tl.dot: powers of 2, >= 16
+        if not (blocks_ok and warps in (1, 2, 4, 8, 16) and stages >= 1):
+            raise ValueError(f"SFG_FAST_GEMM_BLOCKS: BM, BN, BK must be powers of 2 >= 16, warps a power of 2 "
+                             f"up to 16 and stages >= 1, got {override!r}")
         return bm, bn, bk, warps, stages
     return 64, 64, 32, 4, 3
 
@@ -70,7 +80,7 @@ def decoder_matrix(dec: Optional[torch.Tensor], kind: str, n: int, d: int, like:
     """Wd [N*D, N*D] with Wd[k*D + p, o*D + q] = Blk(o, k)[p, q] from the decoder in Blk orientation
     (``[N, N]`` scalar/identity, ``[N, N, D]`` vector, ``[N, N, D, D]`` matrix). Differentiable.
 
-    Returned as the transpose of a contiguous Wd^T (strides (1, N*D)): the forward GEMM reads it in
+    Returned as the transpose of a contiguous Wd^T (K-contiguous): the forward GEMM reads it in
     [K, N] tiles, and K-contiguous operands are what the matrix units load without a transpose."""
     if kind == "matrix":
         blocks = dec
@@ -120,6 +130,9 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
     width = n * d
     has_enc, has_dec = enc_w is not None, wd is not None
     f32 = dict(dtype=torch.float32, device=x.device)
+    # the kernels index offsets and the bias with unit stride
+    offsets = offsets.contiguous() if offsets is not None else None
+    enc_b = enc_b.contiguous() if enc_b is not None else None
     gathered = None
     if plan.gather and not GATHER_IN_GEMM and x.stride(1) == 1:   # (the lookup kernel wants unit-stride rows)
         # one pass of the lookup kernel; the GEMM then reads a dense X (saved for backward as is)
@@ -139,27 +152,31 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
             _empty(batch, width, **f32) if plan.gather else None)
         saved = (x_saved, _empty(batch, width, **f32) if has_enc else None,
                  _empty(batch, width, **f32) if has_dec else None)
-    if batch == 0 or width == 0:
-        if logit is not None:
-            logit.zero_()
+    if batch == 0:
         return logit, loss, dlogit, z, saved
-    part = _empty(batch, tiles_n, **f32)
+    if width == 0:
+        # no fields: every logit is 0 (and the reduce kernel still writes loss and dlogit)
+        part = torch.zeros(batch, 1, **f32)
+        tiles_n = 1
+    else:
+        part = _empty(batch, tiles_n, **f32)
     dummy = part
     xs, hs, ts = saved if store else (None, None, None)
     if gathered is not None:
         xs = None                     # nothing for the kernel to store: X is the gathered tensor
     ys = (y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)
-    G._sfg_gemm_fwd_kernel[(triton.cdiv(batch, bm), tiles_n)](
-        x, ids if plan.gather else dummy, offsets if plan.gather else dummy, y if y is not None else dummy,
-        enc_w if has_enc else dummy, enc_b if enc_b is not None else dummy, wd if has_dec else dummy,
-        part, xs if xs is not None else dummy, hs if hs is not None else dummy, ts if ts is not None else dummy,
-        z if z is not None else dummy,
-        batch, width, d, float(plan.gamma), *_x_strides(x, ids, plan.gather), *ys,
-        enc_w.stride(0) if has_enc else 0, enc_w.stride(1) if has_enc else 0,
-        wd.stride(0) if has_dec else 0, wd.stride(1) if has_dec else 0,
-        ACT=K.ACT_CODES[plan.activation], HAS_BIAS=enc_b is not None, RESIDUAL=plan.residual,
-        GATHER=plan.gather, HAS_ENC=has_enc, HAS_DEC=has_dec, STORE=store, STORE_Z=not has_dec,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=plan.precision, num_warps=warps, num_stages=stages)
+    if width > 0:
+        G._sfg_gemm_fwd_kernel[(triton.cdiv(batch, bm), tiles_n)](
+            x, ids if plan.gather else dummy, offsets if plan.gather else dummy, y if y is not None else dummy,
+            enc_w if has_enc else dummy, enc_b if enc_b is not None else dummy, wd if has_dec else dummy,
+            part, xs if xs is not None else dummy, hs if hs is not None else dummy, ts if ts is not None else dummy,
+            z if z is not None else dummy,
+            batch, width, d, float(plan.gamma), *_x_strides(x, ids, plan.gather), *ys,
+            enc_w.stride(0) if has_enc else 0, enc_w.stride(1) if has_enc else 0,
+            wd.stride(0) if has_dec else 0, wd.stride(1) if has_dec else 0,
+            ACT=K.ACT_CODES[plan.activation], HAS_BIAS=enc_b is not None, RESIDUAL=plan.residual,
+            GATHER=plan.gather, HAS_ENC=has_enc, HAS_DEC=has_dec, STORE=store, STORE_Z=not has_dec,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=plan.precision, num_warps=warps, num_stages=stages)
     if has_dec:
         block_b = 16 if _interpreting() else 128
         G._sfg_logit_reduce_kernel[(triton.cdiv(batch, block_b),)](
@@ -176,6 +193,7 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
     ``dz`` [B, N, D] for the encoder alone."""
     xs, hs, ts = saved
     has_enc, has_dec = enc_w is not None, wd is not None
+    offsets = offsets.contiguous() if offsets is not None else None   # indexed with unit stride
     batch, n = ids.shape if plan.gather else x.shape[:2]
     d = x.shape[-1]
     width = n * d
@@ -231,6 +249,15 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
     return dx, (dy.view(batch, n, d) if (dy is not None and need_y) else None), d_w, d_b, d_wd
 
 
+def interaction(plan, out_dtype, x, ids, offsets, y, enc_w, enc_b, wd):
+    """The op's entry point: under autograd when a gradient can flow, else the forward alone (it then
+    saves nothing, so inference under no_grad / inference_mode allocates no backward buffers)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, enc_w, enc_b, wd)):
+        return SfgGemmFunction.apply(plan, out_dtype, x, ids, offsets, y, enc_w, enc_b, wd)
+    logit, _, _, z, _ = forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, store=False)
+    return (logit if wd is not None else z).to(out_dtype)
+
+
 class SfgGemmFunction(torch.autograd.Function):
     """The GEMM-shaped interaction under autograd: logit [B] (with a decoder) or Z [B, N, D] (encoder
     only) from (x, ids, offsets, y, enc_w, enc_b, wd) as in ``forward``."""
@@ -246,6 +273,7 @@ class SfgGemmFunction(torch.autograd.Function):
         return (logit if wd is not None else z).to(out_dtype)
 
     @staticmethod
+    @once_differentiable   # the backward is kernels, not differentiable ops: create_graph must not pretend
     def backward(ctx, grad):
         x, ids, offsets, y, enc_w, wd, xs, hs, ts = ctx.saved_tensors
         need = ctx.needs_input_grad

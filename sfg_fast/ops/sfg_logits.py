@@ -18,6 +18,10 @@ Backward recomputes H and T (no activations saved besides the inputs): pass 1 wr
 (O(B*N*D)); pass 2 writes dX (atomics into the dense table gradient, or a sorted deterministic
 reduction when torch.are_deterministic_algorithms_enabled()); pass 3 writes the weight gradients
 block by block (no atomics).
+
+That per-field engine now serves only sfg_logits without an encoder or with symmetric=True: the
+encoder-generated case goes to the GEMM-shaped kernels of ``sfg_fast.ops.sfg_gemm`` (which save X, H
+and T instead of recomputing), as do sfg_encode and pairwise_decode (see GEMM_PATH below).
 """
 from __future__ import annotations
 
@@ -119,6 +123,9 @@ def _engine_forward(plan: _Plan, x, ids, offsets, y, enc_w, enc_b, dec, batch, n
                     labels=None, store_z=False):
     """Run the forward kernel. Returns (logit fp32 [B] or None, z fp32 [B, N, D] or None, loss, dlogit)."""
     device = x.device
+    # the kernels index offsets and the bias with unit stride
+    offsets = offsets.contiguous() if offsets is not None else None
+    enc_b = enc_b.contiguous() if enc_b is not None else None
     f32 = dict(dtype=torch.float32, device=device)
     logit = _empty(batch, **f32) if plan.kind != "none" else None
     z = _empty(batch, n, d, **f32) if store_z else None
@@ -166,6 +173,8 @@ def _engine_backward(plan: _Plan, x, ids, offsets, y, enc_w, enc_b, dec, batch, 
     dx is the dense table gradient [V, D] when plan.gather, else [B, N, D]; d_dec is contiguous in
     Blk orientation (the shape of ``dec``).
     """
+    offsets = offsets.contiguous() if offsets is not None else None   # indexed with unit stride
+    enc_b = enc_b.contiguous() if enc_b is not None else None
     device = x.device
     f32 = dict(dtype=torch.float32, device=device)
     has_dec = plan.kind != "none"
@@ -372,7 +381,7 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
                                            residual, pairs, generated_side, symmetric, allow_tf32, ids.shape[1])
     if _gemm_path(plan, decode):
         wd = _gemm.decoder_matrix(dec, kind, ids.shape[1], table.shape[1], _f32_like(table))
-        return _gemm.SfgGemmFunction.apply(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, wd)
+        return _gemm.interaction(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, wd)
     if decode is None:
         return SfgInteractionFunction.apply(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, dec)
     z = SfgInteractionFunction.apply(plan, torch.float32, table, ids, offsets, None, enc_weight, enc_bias, None)
