@@ -566,3 +566,36 @@ def test_inference_saves_nothing_and_double_backward_is_refused():
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         grads = torch.autograd.grad(out.sum(), [leaves["enc_weight"]], create_graph=True)
         grads[0].sum().backward()
+
+
+@pytest.mark.parametrize("encoder,symmetric,kind", [(False, False, "vector"), (True, True, "matrix"),
+                                                    (True, True, "identity")])
+def test_composed_gemm_plans_match_the_per_field_engine(monkeypatch, encoder, symmetric, kind):
+    """No encoder (V against V) and symmetric (Z against Z) run as GEMM-shaped passes by default:
+    same logits and gradients as the per-field engine, and the fused launcher's loss and dlogit."""
+    ops = _ops()
+    ids, offsets, params = _problem(17, 3, 5, kind, bias=encoder, encoder=encoder, seed=67)
+    options = dict(kind=kind, activation="gelu", gamma=1.3, residual=encoder, pairs="upper",
+                   generated_side="right", symmetric=symmetric)
+    fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
+    calls = []
+    real = ops._composed_logits
+    monkeypatch.setattr(ops, "_composed_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast, g_fast = _run(fn, ids, offsets, params, torch.float32, options)
+    assert calls, "the composed GEMM plan was not taken"
+    p32 = {k: (None if v is None else v.float()) for k, v in params.items()}
+    labels = (torch.arange(17, device=DEVICE) % 2).float()
+    launched = ops.sfg_logits_fwd(ids, p32["table"], offsets, p32["enc_weight"], p32["enc_bias"],
+                                  p32["dec_weight"], labels=labels, **options)
+    monkeypatch.setattr(ops, "GEMM_PATH", False)
+    calls.clear()
+    slow, g_slow = _run(fn, ids, offsets, params, torch.float32, options)
+    assert not calls
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    for name in g_slow:
+        torch.testing.assert_close(g_fast[name], g_slow[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"d {name}: {m}")
+    logit, loss, dlogit = launched
+    torch.testing.assert_close(logit, fast.detach(), rtol=1e-5, atol=1e-5)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logit, labels, reduction="none")
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dlogit, torch.sigmoid(logit) - labels, rtol=1e-5, atol=1e-6)

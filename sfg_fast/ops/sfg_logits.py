@@ -19,9 +19,10 @@ Backward recomputes H and T (no activations saved besides the inputs): pass 1 wr
 reduction when torch.are_deterministic_algorithms_enabled()); pass 3 writes the weight gradients
 block by block (no atomics).
 
-That per-field engine now serves only sfg_logits without an encoder or with symmetric=True: the
-encoder-generated case goes to the GEMM-shaped kernels of ``sfg_fast.ops.sfg_gemm`` (which save X, H
-and T instead of recomputing), as do sfg_encode and pairwise_decode (see GEMM_PATH below).
+That per-field engine now runs only with SFG_FAST_GEMM_PATH=0 (or a table whose rows are not unit
+stride, for the no-encoder and symmetric plans): by default every plan runs the GEMM-shaped kernels of
+``sfg_fast.ops.sfg_gemm`` (which save X, H and T instead of recomputing), as do sfg_encode and
+pairwise_decode (see GEMM_PATH below).
 """
 from __future__ import annotations
 
@@ -362,6 +363,36 @@ def _gemm_path(plan, decode) -> bool:
     return GEMM_PATH and decode is None and plan.y_mode == _Y_ENCODER and plan.kind != "none"
 
 
+def _gemm_composed(plan, decode, table) -> bool:
+    """The other sfg_logits plans as GEMM-shaped passes: no encoder (V scored against itself: the
+    lookup kernel, then the decoder pass on dense V, V) and symmetric (the encoder pass writes Z, then
+    the decoder pass scores Z against Z). The lookup kernel wants unit-stride table rows."""
+    return GEMM_PATH and not _gemm_path(plan, decode) and table.stride(1) == 1
+
+
+def _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, dec, kind, out_dtype, labels=None,
+                     autograd=True):
+    """sfg_logits for the no-encoder and symmetric plans through ops.sfg_gemm. With ``autograd`` the
+    passes are autograd nodes and the logit is returned; else ``(logit, loss, dlogit)`` fp32."""
+    from .embedding_lookup import embedding_lookup as triton_lookup, embedding_lookup_fwd
+    n, d = ids.shape[1], table.shape[1]
+    wd = _gemm.decoder_matrix(dec, kind, n, d, _f32_like(table))
+    dense = _Plan(kind=kind, y_mode=_Y_DENSE, gather=False, allow_tf32=plan.allow_tf32)
+    if decode is None:                                   # no encoder: Y = X = V
+        if autograd:
+            V = triton_lookup(ids, table, offsets)
+            return _gemm.interaction(dense, out_dtype, V, None, None, V, None, None, wd)
+        V = embedding_lookup_fwd(ids, table, offsets)
+        logit, loss, dlogit, _, _ = _gemm.forward(dense, V, None, None, V, None, None, wd, labels=labels)
+        return logit, loss, dlogit
+    if autograd:                                         # symmetric: Z = encoder(V), scored against Z
+        z = _gemm.interaction(plan, torch.float32, table, ids, offsets, None, enc_weight, enc_bias, None)
+        return _gemm.interaction(decode, out_dtype, z, None, None, z, None, None, wd)
+    _, _, _, z, _ = _gemm.forward(plan, table, ids, offsets, None, enc_weight, enc_bias, None)
+    logit, loss, dlogit, _, _ = _gemm.forward(decode, z, None, None, z, None, None, wd, labels=labels)
+    return logit, loss, dlogit
+
+
 def _f32_like(table):
     return torch.empty(0, dtype=torch.float32, device=table.device)
 
@@ -382,6 +413,8 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
     if _gemm_path(plan, decode):
         wd = _gemm.decoder_matrix(dec, kind, ids.shape[1], table.shape[1], _f32_like(table))
         return _gemm.interaction(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, wd)
+    if _gemm_composed(plan, decode, table):
+        return _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, dec, kind, out_dtype)
     if decode is None:
         return SfgInteractionFunction.apply(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, dec)
     z = SfgInteractionFunction.apply(plan, torch.float32, table, ids, offsets, None, enc_weight, enc_bias, None)
@@ -427,6 +460,9 @@ def sfg_logits_fwd(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, 
             wd = _gemm.decoder_matrix(dec, kind, n, d, _f32_like(table))
             logit, loss, dlogit, _, _ = _gemm.forward(plan, table, ids, offsets, None, enc_weight, enc_bias, wd,
                                                       labels=labels)
+        elif _gemm_composed(plan, decode, table):
+            logit, loss, dlogit = _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, dec,
+                                                   kind, torch.float32, labels=labels, autograd=False)
         elif decode is None:
             logit, _, loss, dlogit = _engine_forward(plan, table, ids, offsets, None, enc_weight, enc_bias, dec,
                                                      batch, n, d, labels=labels)
