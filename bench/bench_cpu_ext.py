@@ -2,7 +2,8 @@
 
 Workloads at the Criteo shape (B=4096, N=39, D=16, Zipf ids), providers timed interleaved in one
 run so the ratios survive a noisy shared machine:
-  sfg_logits (inference, no grad): cpu fused tile pipeline | torch factored | literal reference
+  sfg_logits (inference, no grad): cpu fused tile pipeline | torch factored | literal reference,
+                                   in fp32 and with every provider under torch.autocast("cpu", bfloat16)
   embedding_lookup (inference):   cpu gather | torch F.embedding
   sparse update from grad_V:      cpu fused sort+update | sfg_fast.optim torch path |
                                   torch.optim on nn.Embedding(sparse=True)-style sparse grads
@@ -57,19 +58,35 @@ def bench_logits(args, table, offsets, ids_list, rows):
             return ids_list[state["i"]]
 
         common = (kind, "relu", 0.5, False, "upper", "left", False)
-        fns = {
-            "cpu": lambda: cpu_ext.sfg_logits(next_ids(), table, offsets, enc, None, dec, *common),
-            "torch": lambda: factored.sfg_logits(next_ids(), table, offsets, enc, None, dec, *common),
-        }
-        if not args.quick and kind in ("scalar", "matrix"):
-            fns["reference"] = lambda: reference.sfg_logits(next_ids(), table, offsets, enc, None, dec, *common)
-        with torch.no_grad():
-            times = time_interleaved(fns, warmup=1, reps=args.reps if "reference" not in fns else max(3, args.reps // 3))
         flops = 2 * args.batch * width * width * (2 if kind == "matrix" else 1)
-        for name, t in times.items():
-            rows.append({"workload": f"sfg_logits[{kind}]", "provider": name, "median_ms": round(t["median_ms"], 3),
-                         "iqr_ms": round(t["iqr_ms"], 3), "gflops": round(flops / t["median_ms"] / 1e6, 1),
-                         "speedup_vs_torch": round(times["torch"]["median_ms"] / t["median_ms"], 2)})
+        # fp32, then every provider under torch.autocast("cpu", bf16) (bf16 GEMMs for all of them); the
+        # speedup column compares with torch at the same precision
+        for precision in args.precisions:
+            suffix = "" if precision == "fp32" else "+autocast-bf16"
+
+            def under(fn, precision=precision):
+                if precision == "fp32":
+                    return fn
+                def wrapped():
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        return fn()
+                return wrapped
+            fns = {
+                "cpu" + suffix: under(lambda: cpu_ext.sfg_logits(next_ids(), table, offsets, enc, None, dec, *common)),
+                "torch" + suffix: under(lambda: factored.sfg_logits(next_ids(), table, offsets, enc, None, dec,
+                                                                    *common)),
+            }
+            if not args.quick and kind in ("scalar", "matrix"):
+                fns["reference" + suffix] = under(lambda: reference.sfg_logits(next_ids(), table, offsets, enc, None,
+                                                                               dec, *common))
+            with torch.no_grad():
+                times = time_interleaved(fns, warmup=1,
+                                         reps=args.reps if len(fns) == 2 else max(3, args.reps // 3))
+            for name, t in times.items():
+                rows.append({"workload": f"sfg_logits[{kind}]", "provider": name,
+                             "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),
+                             "gflops": round(flops / t["median_ms"] / 1e6, 1),
+                             "speedup_vs_torch": round(times["torch" + suffix]["median_ms"] / t["median_ms"], 2)})
 
 
 def bench_lookup(args, table, offsets, ids_list, rows):
@@ -339,6 +356,8 @@ def main(argv=None):
     parser.add_argument("--vocab-scale", type=float, default=0.05,
                         help="scale of the Criteo vocabularies (1.0 = 33.8M rows, 2.2 GB fp32)")
     parser.add_argument("--kinds", nargs="+", default=["identity", "scalar", "vector", "matrix"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="sfg_logits: fp32, and/or every provider under torch.autocast('cpu', bfloat16)")
     parser.add_argument("--train-kinds", nargs="+", default=["scalar", "matrix", "base-scalar"],
                         help="decoder kinds of the training-step workload (base-*: no encoder)")
     parser.add_argument("--only", nargs="+", default=list(WORKLOADS), choices=WORKLOADS,

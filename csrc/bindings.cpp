@@ -28,7 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ids"), py::arg("table"), py::arg("offsets"), py::arg("enc_weight"), py::arg("enc_bias"),
         py::arg("dec_weight"), py::arg("kind"), py::arg("activation"), py::arg("gamma"), py::arg("residual"),
         py::arg("pairs"), py::arg("generated_side"), py::arg("symmetric"), py::arg("bounds_check") = "fatal",
-        py::arg("tile") = 64);
+        py::arg("tile") = 64, py::arg("bf16_gemm") = false);
 #ifdef SFG_FAST_WITH_CUDA
   m.def("embedding_lookup_cuda", &sfg::embedding_lookup_cuda, "Multi-field lookup forward (CUDA)", py::arg("ids"),
         py::arg("weight"), py::arg("offsets"));

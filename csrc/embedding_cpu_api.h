@@ -23,6 +23,6 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
                              c10::optional<torch::Tensor> dec_weight, const std::string& kind,
                              const std::string& activation, double gamma, bool residual, const std::string& pairs,
                              const std::string& generated_side, bool symmetric, const std::string& bounds_check,
-                             int64_t tile);
+                             int64_t tile, bool bf16_gemm);
 
 }  // namespace sfg

@@ -1,7 +1,8 @@
 // Fused SFG inference on CPU, one tile of samples at a time:
 //   gather V (fp32) -> Z = gamma * act(V @ W_enc^T + b) (+ V) -> logit[b] = sum_{(i,j) in P} (a_i W_ij) . b_j
 // Every intermediate lives in a per-thread buffer of tile x (N*D) floats (160 KB at tile 64, N*D 624),
-// so it stays in L2 between the GEMM and its epilogue. The GEMMs call torch's BLAS on the tile
+// so it stays in L2 between the GEMM and its epilogue. bf16_gemm runs the GEMMs on bf16 operands
+// (fp32 accumulation, bf16-rounded products, as torch's bf16 matmul) and keeps the rest in fp32. The GEMMs call torch's BLAS on the tile
 // (single-threaded inside the parallel region); the decoders are small per-sample loops:
 //   identity:        t_i = sum_{j: (i,j) in P} b_j   (prefix/suffix sums, O(N D) per sample)
 //   scalar / vector: t_i = sum_j R_ij b_j  (CSR over P; R_ij a scalar or a D-vector)
@@ -34,6 +35,7 @@ struct Plan {
   int64_t n = 0, dim = 0;
   float gamma = 1.f;
   bool residual = false, encode = false, symmetric = false, left_generated = true;
+  bool bf16_gemm = false;  // the GEMMs on bf16 operands (fp32 accumulation), everything else in fp32
   // Matrix decoder: T[:, col0 : col0 + cols] = right[:, k0 : k0 + ks] @ weight ([ks, cols]).
   struct Chunk {
     int64_t col0, cols, k0, ks;
@@ -128,6 +130,22 @@ void encoder_epilogue(const Plan& p, torch::Tensor& z_tile, const float* v, int6
   }
 }
 
+// A GEMM of the tile: out (fp32) = a (fp32 tile) @ w, where w is fp32, or bf16 for the bf16 mode.
+// In bf16 mode the tile is rounded to bf16 into `a16`, the product is formed by the BLAS's bf16
+// path (fp32 accumulation, bf16 result, as torch's own bf16 matmul) into `out16`, then widened.
+inline void tile_mm(torch::Tensor& out, const torch::Tensor& a, const torch::Tensor& w, torch::Tensor& a16,
+                    torch::Tensor& out16) {
+  if (w.scalar_type() != torch::kBFloat16) {
+    at::mm_out(out, a, w);
+    return;
+  }
+  auto a_half = a16.narrow(0, 0, a.size(0)).narrow(1, 0, a.size(1));
+  auto o_half = out16.narrow(0, 0, out.size(0)).narrow(1, 0, out.size(1));
+  a_half.copy_(a);
+  at::mm_out(o_half, a_half, w);
+  out.copy_(o_half);
+}
+
 template <typename Id, typename T>
 void run_tiles(const Plan& p, const torch::Tensor& ids, const torch::Tensor& table, const torch::Tensor& offsets,
                const std::vector<int64_t>& sizes, int mode, const torch::Tensor& enc_t,
@@ -138,10 +156,15 @@ void run_tiles(const Plan& p, const torch::Tensor& ids, const torch::Tensor& tab
   const int64_t* off = offsets.data_ptr<int64_t>();
   const T* w = reinterpret_cast<const T*>(table.data_ptr());
   const auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+  const bool bf16 = p.bf16_gemm;
   at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
     int64_t chunk_cols = 0;
     for (const auto& c : p.chunks) chunk_cols = std::max(chunk_cols, c.cols);
     std::vector<float> vbuf(tile * width), zbuf(p.encode ? tile * width : 0), tbuf(tile * chunk_cols), row(dim);
+    // bf16 staging tiles of the bf16 mode (empty otherwise)
+    const auto b16 = torch::TensorOptions().dtype(torch::kBFloat16);
+    auto a16 = torch::empty({bf16 ? tile : 0, bf16 ? width : 0}, b16);
+    auto o16 = torch::empty({bf16 ? tile : 0, bf16 ? std::max(width, chunk_cols) : 0}, b16);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * tile, b1 = std::min(batch, b0 + tile), m = b1 - b0;
       cpu::gather_rows_f32(id_ptr, b0, b1, n, off, sizes.data(), mode, w, dim, vbuf.data());
@@ -150,8 +173,14 @@ void run_tiles(const Plan& p, const torch::Tensor& ids, const torch::Tensor& tab
       if (p.encode) {
         auto v_tile = torch::from_blob(vbuf.data(), {m, width}, f32);
         auto z_tile = torch::from_blob(zbuf.data(), {m, width}, f32);
-        if (bias.has_value()) at::addmm_out(z_tile, *bias, v_tile, enc_t);
-        else at::mm_out(z_tile, v_tile, enc_t);
+        if (bf16) {
+          tile_mm(z_tile, v_tile, enc_t, a16, o16);
+          if (bias.has_value()) z_tile.add_(*bias);
+        } else if (bias.has_value()) {
+          at::addmm_out(z_tile, *bias, v_tile, enc_t);
+        } else {
+          at::mm_out(z_tile, v_tile, enc_t);
+        }
         encoder_epilogue(p, z_tile, v, m, width);
         z = zbuf.data();
       }
@@ -162,7 +191,8 @@ void run_tiles(const Plan& p, const torch::Tensor& ids, const torch::Tensor& tab
         std::fill(out + b0, out + b1, 0.f);
         for (const auto& c : p.chunks) {
           auto t_tile = torch::from_blob(tbuf.data(), {m, c.cols}, f32);
-          at::mm_out(t_tile, r_tile.narrow(1, c.k0, c.ks), c.weight);  // strided A: the BLAS takes lda
+          // strided A: the BLAS takes lda
+          tile_mm(t_tile, r_tile.narrow(1, c.k0, c.ks), c.weight, a16, o16);
           for (int64_t b = 0; b < m; ++b)
             out[b0 + b] += row_dot(left + b * width + c.col0, tbuf.data() + b * c.cols, c.cols);
         }
@@ -192,7 +222,7 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
                              c10::optional<torch::Tensor> dec_weight, const std::string& kind,
                              const std::string& activation, double gamma, bool residual, const std::string& pairs,
                              const std::string& generated_side, bool symmetric, const std::string& bounds_check,
-                             int64_t tile) {
+                             int64_t tile, bool bf16_gemm) {
   const int mode = parse_bounds_mode(bounds_check);
   Plan p;
   p.kind = parse("kind", kind, {"identity", "scalar", "vector", "matrix"});
@@ -202,6 +232,7 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
   p.symmetric = symmetric;
   p.residual = residual;
   p.gamma = static_cast<float>(gamma);
+  p.bf16_gemm = bf16_gemm;
   TORCH_CHECK_VALUE(tile >= 1, sfg::msg("tile must be >= 1, got ", tile));
   TORCH_CHECK_VALUE(table.dim() == 2 && table.device().is_cpu(),
                     sfg::msg("table must be a CPU [V, D] tensor, got ", table.sizes()));
@@ -222,7 +253,8 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
     TORCH_CHECK_VALUE(enc_weight->dim() == 2 && enc_weight->size(0) == width && enc_weight->size(1) == width,
                       sfg::msg("enc_weight must have shape [N*D, N*D]=[", width, ", ", width, "], got ",
                                enc_weight->sizes()));
-    enc_t = enc_weight->to(torch::kFloat).contiguous().t();  // a transposed view: the BLAS reads it as is
+    // a transposed view: the BLAS reads it as is
+    enc_t = enc_weight->to(bf16_gemm ? torch::kBFloat16 : torch::kFloat).contiguous().t();
     if (enc_bias.has_value()) {
       TORCH_CHECK_VALUE(enc_bias->numel() == width,
                         sfg::msg("enc_bias must have shape [N*D]=[", width, "], got ", enc_bias->sizes()));
@@ -266,7 +298,10 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
         chunks.push_back(c);
       }
       if (chunk_flops * 10 > width * width * 9) chunks.assign(1, Plan::Chunk{0, width, 0, width, torch::Tensor()});
-      for (auto& c : chunks) c.weight = big_t.narrow(0, c.k0, c.ks).narrow(1, c.col0, c.cols).contiguous();
+      for (auto& c : chunks) {
+        c.weight = big_t.narrow(0, c.k0, c.ks).narrow(1, c.col0, c.cols).contiguous();
+        if (bf16_gemm) c.weight = c.weight.to(torch::kBFloat16);
+      }
       p.chunks = std::move(chunks);
     } else {
       const float* src = dw.data_ptr<float>();

@@ -326,6 +326,44 @@ def test_sfg_logits_bf16_table_accumulates_in_fp32():
     assert_close_2x(out, ref64, torch_bf16, "bf16 sfg_logits", floor=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["identity", "scalar", "matrix"])
+def test_sfg_logits_bf16_model_and_autocast_use_bf16_gemms(kind):
+    """A bf16 model, and fp32 weights under torch.autocast("cpu", bf16), run the kernel's GEMMs on
+    bf16 operands (what torch's matmul does there): the error against the exact fp64 value of the
+    inputs stays within twice that of torch's own bf16 computation (plus a bf16-sized floor)."""
+    field_dims, dim = [8, 20, 5, 9], 16
+    n, offsets = 4, offsets_of(field_dims)
+    gen = torch.Generator().manual_seed(7)
+    table64 = torch.randn(sum(field_dims), dim, generator=gen, dtype=torch.float64)
+    enc64 = torch.randn(n * dim, n * dim, generator=gen, dtype=torch.float64) / 8
+    bias64 = torch.randn(n * dim, generator=gen, dtype=torch.float64) * 0.1
+    dec64 = {"identity": None, "scalar": torch.randn(n, n, generator=gen, dtype=torch.float64),
+             "matrix": torch.randn(n, n, dim, dim, generator=gen, dtype=torch.float64) / 4}[kind]
+    ids = zipf_ids(70, field_dims)
+    opts = (kind, "tanh", 1.2, True, "upper", "right", False)
+    # a bf16 model
+    bf = [None if t is None else t.to(torch.bfloat16) for t in (table64, enc64, bias64, dec64)]
+    exact = [None if t is None else t.double() for t in bf]
+    ref64 = reference.sfg_logits(ids, exact[0], offsets, exact[1], exact[2], exact[3], *opts)
+    torch_bf16 = factored.sfg_logits(ids, bf[0], offsets, bf[1], bf[2], bf[3], *opts)
+    with torch.no_grad():
+        out = functional.sfg_logits(ids, bf[0], offsets, bf[1], bf[2], bf[3], *opts, backend="cpu")
+    assert out.dtype == torch.bfloat16
+    assert_close_2x(out, ref64, torch_bf16, f"bf16 model {kind}", floor=2e-3)
+    # fp32 weights under CPU autocast
+    f32 = [None if t is None else t.float() for t in (table64, enc64, bias64, dec64)]
+    ref64 = reference.sfg_logits(ids, table64, offsets, enc64, bias64, dec64, *opts)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch_auto = factored.sfg_logits(ids, f32[0], offsets, f32[1], f32[2], f32[3], *opts)
+        out = functional.sfg_logits(ids, f32[0], offsets, f32[1], f32[2], f32[3], *opts, backend="cpu")
+    assert out.dtype == torch.float32
+    assert_close_2x(out, ref64, torch_auto, f"autocast {kind}", floor=2e-3)
+    with torch.no_grad():
+        exact_fp32 = functional.sfg_logits(ids, f32[0], offsets, f32[1], f32[2], f32[3], *opts, backend="cpu")
+    assert not torch.equal(out, exact_fp32), "autocast did not switch the kernel's GEMMs to bf16"
+    assert (exact_fp32.double() - ref64).abs().max() < 1e-3
+
+
 def test_sfg_logits_cpu_falls_back_to_autograd_when_grad_is_needed():
     field_dims, dim = [5, 7, 3], 4
     n, offsets = 3, offsets_of(field_dims)
