@@ -187,59 +187,71 @@ def bench_train(args, table, offsets, ids_list, rows):
         logit = factored.pairwise_decode(Z, V, dec, kind.replace("base-", ""), "upper", "left", False)
         return torch.nn.functional.binary_cross_entropy_with_logits(logit, y)
 
-    for kind in args.train_kinds:
-        for opt_kind in ("adagrad", "adam"):
-            fns = {}
-            for backend in ("cpu", "torch"):
-                weight = table.clone().requires_grad_()
-                sparse = SparseRowOptimizer(opt_kind, lr=0.01)
-                enc, dec, dense = dense_params(kind)
-                batches = _rotator(data)
+    def under(fn, precision):
+        """fn as is (fp32), or under torch.autocast("cpu", bf16): the shared interaction's GEMMs in bf16."""
+        if precision == "fp32":
+            return fn
 
-                def step(weight=weight, sparse=sparse, enc=enc, dec=dec, dense=dense, batches=batches,
-                         backend=backend):
-                    ids, y = batches()
-                    V = fused_embedding_lookup(ids, weight, offsets, sparse, "off", backend=backend)
-                    loss = interaction_loss(V, enc, dec, kind, y)
-                    dense.zero_grad(set_to_none=True)
-                    loss.backward()
-                    dense.step()
-                fns[f"fused {backend}"] = step
-            emb = torch.nn.Embedding(table.shape[0], d, sparse=True, _weight=table.clone())
-            torch_sparse = (torch.optim.Adagrad(emb.parameters(), lr=0.01) if opt_kind == "adagrad"
-                            else torch.optim.SparseAdam(emb.parameters(), lr=0.01))
-            enc_t, dec_t, dense_t = dense_params(kind)
-            batches_t = _rotator(data)
+        def wrapped():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fn()
+        return wrapped
 
-            def torch_step():
-                ids, y = batches_t()
-                V = emb(ids + offsets)
-                loss = interaction_loss(V, enc_t, dec_t, kind, y)
-                dense_t.zero_grad(set_to_none=True)
-                torch_sparse.zero_grad(set_to_none=True)
+    for kind, opt_kind, precision in [(k, o, p) for p in args.train_precisions for k in args.train_kinds
+                                      for o in ("adagrad", "adam")]:
+        fns = {}
+        for backend in ("cpu", "torch"):
+            weight = table.clone().requires_grad_()
+            sparse = SparseRowOptimizer(opt_kind, lr=0.01)
+            enc, dec, dense = dense_params(kind)
+            batches = _rotator(data)
+
+            def step(weight=weight, sparse=sparse, enc=enc, dec=dec, dense=dense, batches=batches,
+                     backend=backend):
+                ids, y = batches()
+                V = fused_embedding_lookup(ids, weight, offsets, sparse, "off", backend=backend)
+                loss = interaction_loss(V, enc, dec, kind, y)
+                dense.zero_grad(set_to_none=True)
                 loss.backward()
-                dense_t.step()
-                torch_sparse.step()
-            fns["torch nn.Embedding(sparse)+optim"] = torch_step
-            enc_i, dec_i, dense_i = dense_params(kind)
-            batches_i = _rotator(data)
+                dense.step()
+            fns[f"fused {backend}"] = step
+        emb = torch.nn.Embedding(table.shape[0], d, sparse=True, _weight=table.clone())
+        torch_sparse = (torch.optim.Adagrad(emb.parameters(), lr=0.01) if opt_kind == "adagrad"
+                        else torch.optim.SparseAdam(emb.parameters(), lr=0.01))
+        enc_t, dec_t, dense_t = dense_params(kind)
+        batches_t = _rotator(data)
 
-            def interaction_only():
-                ids, y = batches_i()
-                V = torch.nn.functional.embedding(ids + offsets, table).requires_grad_()
-                loss = interaction_loss(V, enc_i, dec_i, kind, y)
-                dense_i.zero_grad(set_to_none=True)
-                loss.backward()
-                dense_i.step()
-            fns["interaction only (shared part)"] = interaction_only
-            times = time_interleaved(fns, warmup=2, reps=args.reps)
-            base = times["torch nn.Embedding(sparse)+optim"]["median_ms"]
-            torch_name = "SparseAdam" if opt_kind == "adam" else "Adagrad"
-            for name, t in times.items():
-                rows.append({"workload": f"train_step[{kind}, {opt_kind}]",
-                             "provider": name.replace("optim", f"optim.{torch_name}"),
-                             "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),
-                             "speedup_vs_torch": round(base / t["median_ms"], 2)})
+        def torch_step():
+            ids, y = batches_t()
+            V = emb(ids + offsets)
+            loss = interaction_loss(V, enc_t, dec_t, kind, y)
+            dense_t.zero_grad(set_to_none=True)
+            torch_sparse.zero_grad(set_to_none=True)
+            loss.backward()
+            dense_t.step()
+            torch_sparse.step()
+        fns["torch nn.Embedding(sparse)+optim"] = torch_step
+        enc_i, dec_i, dense_i = dense_params(kind)
+        batches_i = _rotator(data)
+
+        def interaction_only():
+            ids, y = batches_i()
+            V = torch.nn.functional.embedding(ids + offsets, table).requires_grad_()
+            loss = interaction_loss(V, enc_i, dec_i, kind, y)
+            dense_i.zero_grad(set_to_none=True)
+            loss.backward()
+            dense_i.step()
+        fns["interaction only (shared part)"] = interaction_only
+        fns = {name: under(fn, precision) for name, fn in fns.items()}
+        times = time_interleaved(fns, warmup=2, reps=args.reps)
+        base = times["torch nn.Embedding(sparse)+optim"]["median_ms"]
+        torch_name = "SparseAdam" if opt_kind == "adam" else "Adagrad"
+        tag = "" if precision == "fp32" else ", autocast-bf16"
+        for name, t in times.items():
+            rows.append({"workload": f"train_step[{kind}, {opt_kind}{tag}]",
+                         "provider": name.replace("optim", f"optim.{torch_name}"),
+                         "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),
+                         "speedup_vs_torch": round(base / t["median_ms"], 2)})
 
 
 def _fbgemm():
@@ -360,6 +372,8 @@ def main(argv=None):
                         help="sfg_logits: fp32, and/or every provider under torch.autocast('cpu', bfloat16)")
     parser.add_argument("--train-kinds", nargs="+", default=["scalar", "matrix", "base-scalar"],
                         help="decoder kinds of the training-step workload (base-*: no encoder)")
+    parser.add_argument("--train-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="training step: fp32, and/or every provider under torch.autocast('cpu', bfloat16)")
     parser.add_argument("--only", nargs="+", default=list(WORKLOADS), choices=WORKLOADS,
                         help="workloads to run (default all)")
     parser.add_argument("--reps", type=int, default=9)
