@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def git_sha() -> str:
     """Short SHA of HEAD (+ "-dirty"). SFG_FAST_GIT_SHA overrides it: a copy of the working tree on a
-    lent GPU machine can carry a stale .git, so the GPU check is started with the SHA spelled out."""
+    remote GPU machine can carry a stale .git, so the GPU check is started with the SHA spelled out."""
     if os.environ.get("SFG_FAST_GIT_SHA"):
         return os.environ["SFG_FAST_GIT_SHA"]
     try:

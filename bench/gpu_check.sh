@@ -58,6 +58,6 @@ if [ -n "$BUILD_PID" ]; then
 fi
 timeout "${GPU_CHECK_TIMEOUT:-300}" "$PYTHON" bench/gpu_check.py --skip-tests --out "$LOGS" "$@"
 rc=$?
-# the logs travel as one archive (the device tool returns at most 8 files)
+# the logs travel as one archive (few files to copy back from a remote machine)
 (cd "$LOGS" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && rm -f ./*.log)
 exit $rc
