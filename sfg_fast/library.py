@@ -178,11 +178,11 @@ def _fresh(out: torch.Tensor, inputs: Sequence) -> torch.Tensor:
 def _laid_out_like(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``g`` with the strides of ``torch.empty_like(like)`` (what the fake kernels return): Inductor
     asserts real strides against fake ones, and autograd through views (the decoder's masked,
-    permuted weight) hands back permuted gradients."""
-    target = torch.empty_like(like)
-    if g.stride() == target.stride():
+    permuted weight) hands back permuted gradients. The layout is read off a meta tensor: the table's
+    gradient can be gigabytes, and the common case (strides already match) needs no second copy."""
+    if g.stride() == torch.empty_like(like, device="meta").stride():
         return g
-    return target.copy_(g)
+    return torch.empty_like(like).copy_(g)
 
 
 def _make_forward(spec: OpSpec):
