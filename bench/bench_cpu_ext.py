@@ -43,6 +43,17 @@ def _offsets(field_dims):
     return torch.tensor([0] + list(torch.tensor(field_dims).cumsum(0)[:-1].tolist()), dtype=torch.int64)
 
 
+def _at_precision(fn, precision: str):
+    """fn as is ("fp32"), or run under torch.autocast("cpu", bfloat16) ("bf16": bf16 GEMMs)."""
+    if precision == "fp32":
+        return fn
+
+    def wrapped():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn()
+    return wrapped
+
+
 def bench_logits(args, table, offsets, ids_list, rows):
     n, d = len(offsets), table.shape[1]
     width = n * d
@@ -63,22 +74,14 @@ def bench_logits(args, table, offsets, ids_list, rows):
         # speedup column compares with torch at the same precision
         for precision in args.precisions:
             suffix = "" if precision == "fp32" else "+autocast-bf16"
-
-            def under(fn, precision=precision):
-                if precision == "fp32":
-                    return fn
-                def wrapped():
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        return fn()
-                return wrapped
             fns = {
-                "cpu" + suffix: under(lambda: cpu_ext.sfg_logits(next_ids(), table, offsets, enc, None, dec, *common)),
-                "torch" + suffix: under(lambda: factored.sfg_logits(next_ids(), table, offsets, enc, None, dec,
-                                                                    *common)),
+                "cpu" + suffix: lambda: cpu_ext.sfg_logits(next_ids(), table, offsets, enc, None, dec, *common),
+                "torch" + suffix: lambda: factored.sfg_logits(next_ids(), table, offsets, enc, None, dec, *common),
             }
             if not args.quick and kind in ("scalar", "matrix"):
-                fns["reference" + suffix] = under(lambda: reference.sfg_logits(next_ids(), table, offsets, enc, None,
-                                                                               dec, *common))
+                fns["reference" + suffix] = lambda: reference.sfg_logits(next_ids(), table, offsets, enc, None, dec,
+                                                                         *common)
+            fns = {name: _at_precision(fn, precision) for name, fn in fns.items()}
             with torch.no_grad():
                 times = time_interleaved(fns, warmup=1,
                                          reps=args.reps if len(fns) == 2 else max(3, args.reps // 3))
@@ -187,16 +190,6 @@ def bench_train(args, table, offsets, ids_list, rows):
         logit = factored.pairwise_decode(Z, V, dec, kind.replace("base-", ""), "upper", "left", False)
         return torch.nn.functional.binary_cross_entropy_with_logits(logit, y)
 
-    def under(fn, precision):
-        """fn as is (fp32), or under torch.autocast("cpu", bf16): the shared interaction's GEMMs in bf16."""
-        if precision == "fp32":
-            return fn
-
-        def wrapped():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                fn()
-        return wrapped
-
     for kind, opt_kind, precision in [(k, o, p) for p in args.train_precisions for k in args.train_kinds
                                       for o in ("adagrad", "adam")]:
         fns = {}
@@ -242,7 +235,7 @@ def bench_train(args, table, offsets, ids_list, rows):
             loss.backward()
             dense_i.step()
         fns["interaction only (shared part)"] = interaction_only
-        fns = {name: under(fn, precision) for name, fn in fns.items()}
+        fns = {name: _at_precision(fn, precision) for name, fn in fns.items()}
         times = time_interleaved(fns, warmup=2, reps=args.reps)
         base = times["torch nn.Embedding(sparse)+optim"]["median_ms"]
         torch_name = "SparseAdam" if opt_kind == "adam" else "Adagrad"
