@@ -18,6 +18,7 @@ Results: JSON + markdown under $OUT (default bench/results/<device>/).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -277,22 +278,46 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
                      measure(kind, backend, mode, True, tf32=tf32), min_left=45.0)
 
 
-class _per_field_engine:
-    """Context: route the Triton sfg_logits through the per-field engine instead of ops.sfg_gemm."""
+@contextlib.contextmanager
+def _patched(*settings):
+    """Set (object, attribute, value) triples for the block; the previous values come back after."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in settings]
+    try:
+        for obj, name, value in settings:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
-    def __init__(self, on: bool):
-        self.on = bool(on)
 
-    def __enter__(self):
-        from sfg_fast.ops import sfg_logits as ops_logits
-        self.saved = ops_logits.GEMM_PATH
-        ops_logits.GEMM_PATH = self.saved and not self.on
-        return self
+@contextlib.contextmanager
+def _env(name: str, value: Optional[str]):
+    """Environment variable ``name`` set to ``value`` (None: unset) for the block."""
+    saved = os.environ.get(name)
+    try:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
-    def __exit__(self, *exc):
-        from sfg_fast.ops import sfg_logits as ops_logits
-        ops_logits.GEMM_PATH = self.saved
-        return False
+
+def _per_field_engine(on: bool):
+    """Route the Triton sfg_logits through the per-field engine instead of ops.sfg_gemm."""
+    from sfg_fast.ops import sfg_logits as ops_logits
+    return _patched((ops_logits, "GEMM_PATH", ops_logits.GEMM_PATH and not on))
+
+
+def _tf32(on: bool):
+    """TF32 matrix units on/off for torch (cuBLAS) and for sfg_fast's Triton kernels."""
+    from sfg_fast.ops import sfg_logits as ops_logits
+    return _patched((torch.backends.cuda.matmul, "allow_tf32", bool(on)), (ops_logits, "DEFAULT_ALLOW_TF32", bool(on)))
 
 
 SWEEP = ["64,64,32,4,3", "128,64,32,4,3", "64,128,32,4,3", "128,128,32,8,3", "64,64,64,4,3",
@@ -314,75 +339,35 @@ def bench_sweep(rows, args, device, budget, dims) -> None:
     enc = (torch.randn(n * d, n * d, generator=gen) / math.sqrt(n * d)).to(device).requires_grad_()
     ids_list = [common.make_ids(batch, dims, "zipf", device=device, seed=s) for s in range(args.rotations)]
     counter = [0]
-    saved = os.environ.get("SFG_FAST_GEMM_BLOCKS")
-    try:
-        for kind in ("scalar",):
-            dec = _decoder_weight(kind, n, d, device)
-            for tf32 in (False, True):
-                for config in SWEEP:
-                    def body(config=config, tf32=tf32, dec=dec, kind=kind):
-                        os.environ["SFG_FAST_GEMM_BLOCKS"] = config
+    from sfg_fast.ops import sfg_gemm
 
-                        def call():
-                            counter[0] = (counter[0] + 1) % len(ids_list)
-                            for p in (table, enc, dec):
-                                p.grad = None
-                            SF.sfg_logits(ids_list[counter[0]], table, offsets, enc, None, dec, kind, "relu", 1.0,
-                                          False, "upper", "left", False, bounds_check="off",
-                                          backend="triton").sum().backward()
-                        with _tf32(tf32):
-                            call()
-                            t = timer(call)
-                        return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"]}
-                    _attempt(rows, budget, _row("sweep", kind, "gemm" + config.replace(",", "_"),
-                                                "tf32" if tf32 else "ieee"), body, min_left=10.0)
-                # where V is gathered (ops.sfg_gemm.GATHER_IN_GEMM), at the default blocks
-                for in_gemm in (False, True):
-                    def gather_body(in_gemm=in_gemm, tf32=tf32, dec=dec, kind=kind):
-                        from sfg_fast.ops import sfg_gemm
-                        os.environ.pop("SFG_FAST_GEMM_BLOCKS", None)
-                        saved_mode = sfg_gemm.GATHER_IN_GEMM
-                        sfg_gemm.GATHER_IN_GEMM = in_gemm
-                        try:
-                            def call():
-                                counter[0] = (counter[0] + 1) % len(ids_list)
-                                for p in (table, enc, dec):
-                                    p.grad = None
-                                SF.sfg_logits(ids_list[counter[0]], table, offsets, enc, None, dec, kind, "relu",
-                                              1.0, False, "upper", "left", False, bounds_check="off",
-                                              backend="triton").sum().backward()
-                            with _tf32(tf32):
-                                call()
-                                t = timer(call)
-                        finally:
-                            sfg_gemm.GATHER_IN_GEMM = saved_mode
-                        return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"]}
-                    _attempt(rows, budget, _row("sweep", kind, "gather_in_gemm" if in_gemm else "gather_first",
-                                                "tf32" if tf32 else "ieee"), gather_body, min_left=10.0)
-    finally:
-        if saved is None:
-            os.environ.pop("SFG_FAST_GEMM_BLOCKS", None)
-        else:
-            os.environ["SFG_FAST_GEMM_BLOCKS"] = saved
+    def measure(kind, dec, tf32, blocks=None, gather_in_gemm=False):
+        def call():
+            counter[0] = (counter[0] + 1) % len(ids_list)
+            for p in (table, enc, dec):
+                p.grad = None
+            SF.sfg_logits(ids_list[counter[0]], table, offsets, enc, None, dec, kind, "relu", 1.0, False, "upper",
+                          "left", False, bounds_check="off", backend="triton").sum().backward()
 
+        def body():
+            with _env("SFG_FAST_GEMM_BLOCKS", blocks), _tf32(tf32), \
+                    _patched((sfg_gemm, "GATHER_IN_GEMM", gather_in_gemm)):
+                call()
+                t = timer(call)
+            return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"]}
+        return body
 
-class _tf32:
-    """Context: TF32 matrix units on/off for torch (cuBLAS) and for sfg_fast's Triton kernels."""
-
-    def __init__(self, on: bool):
-        self.on = bool(on)
-
-    def __enter__(self):
-        from sfg_fast.ops import sfg_logits as ops_logits
-        self.saved = (torch.backends.cuda.matmul.allow_tf32, ops_logits.DEFAULT_ALLOW_TF32)
-        torch.backends.cuda.matmul.allow_tf32 = self.on
-        ops_logits.DEFAULT_ALLOW_TF32 = self.on
-        return self
-
-    def __exit__(self, *exc):
-        from sfg_fast.ops import sfg_logits as ops_logits
-        torch.backends.cuda.matmul.allow_tf32, ops_logits.DEFAULT_ALLOW_TF32 = self.saved
-        return False
+    for kind in ("scalar",):
+        dec = _decoder_weight(kind, n, d, device)
+        for tf32 in (False, True):
+            precision = "tf32" if tf32 else "ieee"
+            for config in SWEEP:
+                _attempt(rows, budget, _row("sweep", kind, "gemm" + config.replace(",", "_"), precision),
+                         measure(kind, dec, tf32, blocks=config), min_left=10.0)
+            # where V is gathered (ops.sfg_gemm.GATHER_IN_GEMM), at the default blocks
+            for in_gemm in (False, True):
+                _attempt(rows, budget, _row("sweep", kind, "gather_in_gemm" if in_gemm else "gather_first", precision),
+                         measure(kind, dec, tf32, gather_in_gemm=in_gemm), min_left=10.0)
 
 
 def bench_profile(rows, args, device, budget, dims, out_dir) -> None:
