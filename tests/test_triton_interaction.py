@@ -390,6 +390,22 @@ def test_launchers_check_ids_and_label_values():
 # ----------------------------------------------------------------------------- GEMM-shaped path
 
 
+def _spy(monkeypatch, owner, name):
+    """Record every call of ``owner.name`` (which still runs): returns the list of their kwargs."""
+    calls = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+def _assert_same_results(fast, g_fast, slow, g_slow):
+    """Outputs and gradients of two implementations of the same op agree to fp32 rounding."""
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    grads = g_slow.items() if isinstance(g_slow, dict) else enumerate(g_slow)
+    for name, want in grads:
+        torch.testing.assert_close(g_fast[name], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"d {name}: {m}")
+
+
 @pytest.mark.parametrize("gather_in_gemm", [False, True])
 def test_gemm_path_and_per_field_engine_agree(monkeypatch, gather_in_gemm):
     """ops.sfg_gemm (the fast path, gathering V before the GEMM or inside its K-loop) and the
@@ -400,20 +416,16 @@ def test_gemm_path_and_per_field_engine_agree(monkeypatch, gather_in_gemm):
     options = dict(kind="vector", activation="silu", gamma=0.8, residual=True, pairs="offdiag",
                    generated_side="right", symmetric=False)
     fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
-    calls = []
     from sfg_fast.ops import sfg_gemm
     monkeypatch.setattr(sfg_gemm, "GATHER_IN_GEMM", gather_in_gemm)
-    real = sfg_gemm.forward
-    monkeypatch.setattr(sfg_gemm, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _spy(monkeypatch, sfg_gemm, "forward")
     fast, g_fast = _run(fn, ids, offsets, params, torch.float32, options)
     assert calls, "the GEMM path was not taken"
     monkeypatch.setattr(ops, "GEMM_PATH", False)
     calls.clear()
     slow, g_slow = _run(fn, ids, offsets, params, torch.float32, options)
     assert not calls
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    for name in g_slow:
-        torch.testing.assert_close(g_fast[name], g_slow[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"d {name}: {m}")
+    _assert_same_results(fast, g_fast, slow, g_slow)
 
 
 @pytest.mark.parametrize("kind", ["identity", "scalar", "vector", "matrix"])
@@ -486,16 +498,12 @@ def test_encode_and_decode_gemm_path_match_the_per_field_engine(op, monkeypatch)
         upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
         return out, torch.autograd.grad((out * upstream).sum(), leaves)
 
-    calls = []
-    real = sfg_gemm.forward
-    monkeypatch.setattr(sfg_gemm, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _spy(monkeypatch, sfg_gemm, "forward")
     fast, g_fast = run()
     assert calls, "the GEMM path was not taken"
     monkeypatch.setattr(ops, "GEMM_PATH", False)
     slow, g_slow = run()
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    for got, want in zip(g_fast, g_slow):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _assert_same_results(fast, g_fast, slow, g_slow)
 
 
 @pytest.mark.parametrize("gemm_path", [True, False])
@@ -541,28 +549,21 @@ def test_no_fields_with_labels_gives_the_loss_of_a_zero_logit():
     torch.testing.assert_close(dlogit, 0.5 - labels)
 
 
-def test_inference_saves_nothing_and_double_backward_is_refused():
+def test_inference_saves_nothing_and_double_backward_is_refused(monkeypatch):
     """Under no_grad the GEMM path runs its forward alone (no autograd node, no saved buffers); a
     create_graph backward through the kernels raises instead of returning graph-less gradients."""
     from sfg_fast.ops import sfg_gemm
     ids, offsets, params = _problem(7, 3, 4, "matrix", bias=False, seed=61)
     leaves = {k: (None if v is None else v.float().requires_grad_(True)) for k, v in params.items()}
     args = (ids, leaves["table"], offsets, leaves["enc_weight"], None, leaves["dec_weight"], "matrix")
-    stored = []
-    real = sfg_gemm.forward
-
-    def spy(*a, **k):
-        stored.append(k.get("store", False))
-        return real(*a, **k)
-    sfg_gemm.forward = spy
-    try:
-        with torch.no_grad():
-            out = SF.sfg_logits(*args, backend="triton")
-        assert out.grad_fn is None and stored == [False]
+    calls = _spy(monkeypatch, sfg_gemm, "forward")
+    with torch.no_grad():
         out = SF.sfg_logits(*args, backend="triton")
-        assert stored[-1] is True
-    finally:
-        sfg_gemm.forward = real
+    stored = [k.get("store", False) for k in calls]
+    assert out.grad_fn is None and stored == [False]
+    out = SF.sfg_logits(*args, backend="triton")
+    stored = [k.get("store", False) for k in calls]
+    assert stored[-1] is True
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         grads = torch.autograd.grad(out.sum(), [leaves["enc_weight"]], create_graph=True)
         grads[0].sum().backward()
@@ -578,9 +579,7 @@ def test_composed_gemm_plans_match_the_per_field_engine(monkeypatch, encoder, sy
     options = dict(kind=kind, activation="gelu", gamma=1.3, residual=encoder, pairs="upper",
                    generated_side="right", symmetric=symmetric)
     fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
-    calls = []
-    real = ops._composed_logits
-    monkeypatch.setattr(ops, "_composed_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _spy(monkeypatch, ops, "_composed_logits")
     fast, g_fast = _run(fn, ids, offsets, params, torch.float32, options)
     assert calls, "the composed GEMM plan was not taken"
     p32 = {k: (None if v is None else v.float()) for k, v in params.items()}
@@ -591,9 +590,7 @@ def test_composed_gemm_plans_match_the_per_field_engine(monkeypatch, encoder, sy
     calls.clear()
     slow, g_slow = _run(fn, ids, offsets, params, torch.float32, options)
     assert not calls
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    for name in g_slow:
-        torch.testing.assert_close(g_fast[name], g_slow[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"d {name}: {m}")
+    _assert_same_results(fast, g_fast, slow, g_slow)
     logit, loss, dlogit = launched
     torch.testing.assert_close(logit, fast.detach(), rtol=1e-5, atol=1e-5)
     want = torch.nn.functional.binary_cross_entropy_with_logits(logit, labels, reduction="none")
