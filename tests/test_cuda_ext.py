@@ -63,13 +63,14 @@ def test_cuda_backend_through_functional_and_bounds():
         functional.embedding_lookup(torch.tensor([[0, 20]], device=DEVICE), weight, offsets, backend="cuda")
 
 
-def _adagrad64(weight, momentum, ids, offsets, grad_V, lr, eps):
-    """Row-wise Adagrad on the unique rows in float64 (FBGEMM's formula), returns new (weight, momentum)."""
-    w, m = weight.double().clone(), momentum.double().clone()
+def _adagrad(weight, momentum, ids, offsets, grad_V, lr, eps, dtype):
+    """Row-wise Adagrad on the unique rows computed by torch in ``dtype`` (FBGEMM's formula); returns
+    new (weight, momentum)."""
+    w, m = weight.to(dtype).clone(), momentum.to(dtype).clone()
     rows = (ids.to(torch.int64) + offsets).reshape(-1)
     uniq, inverse = torch.unique(rows, return_inverse=True)
-    g = torch.zeros(uniq.numel(), w.shape[1], dtype=torch.float64, device=w.device)
-    g.index_add_(0, inverse, grad_V.reshape(-1, w.shape[1]).double())
+    g = torch.zeros(uniq.numel(), w.shape[1], dtype=dtype, device=w.device)
+    g.index_add_(0, inverse, grad_V.reshape(-1, w.shape[1]).to(dtype))
     acc = m[uniq] + (g * g).mean(dim=1)
     m[uniq] = acc
     w[uniq] = w[uniq] - lr * g / (acc.sqrt() + eps)[:, None]
@@ -84,18 +85,11 @@ def test_cuda_rowwise_adagrad_matches_fp64(id_dtype, batch, field_dims, dim):
     offsets = offsets_of(field_dims).to(DEVICE)
     ids = zipf_ids(batch, field_dims, dtype=id_dtype).to(DEVICE)     # hot rows repeat many times
     grad_V = torch.randn(batch, len(field_dims), dim, device=DEVICE)
-    w64, m64 = _adagrad64(weight, momentum, ids, offsets, grad_V, 0.05, 1e-8)
+    w64, m64 = _adagrad(weight, momentum, ids, offsets, grad_V, 0.05, 1e-8, torch.float64)
     w, m = weight.clone(), momentum.clone()
     _ext().rowwise_adagrad_update_cuda(w, m, ids, offsets, grad_V, 0.05, 1e-8)
     torch.cuda.synchronize()
-    # the fp32 twin: same formula computed in fp32 by torch
-    wt, mt = weight.clone(), momentum.clone()
-    rows = (ids.to(torch.int64) + offsets).reshape(-1)
-    uniq, inverse = torch.unique(rows, return_inverse=True)
-    g = torch.zeros(uniq.numel(), dim, device=DEVICE).index_add_(0, inverse, grad_V.reshape(-1, dim))
-    acc = mt[uniq] + (g * g).mean(dim=1)
-    mt[uniq] = acc
-    wt[uniq] = wt[uniq] - 0.05 * g / (acc.sqrt() + 1e-8)[:, None]
+    wt, mt = _adagrad(weight, momentum, ids, offsets, grad_V, 0.05, 1e-8, torch.float32)   # torch's fp32 twin
     assert_close_2x(m, m64, mt, "momentum")
     assert_close_2x(w, w64, wt, "weight")
 
