@@ -7,10 +7,11 @@ run so the ratios survive a noisy shared machine:
   embedding_lookup (inference):   cpu gather | torch F.embedding
   sparse update from grad_V:      cpu fused sort+update | sfg_fast.optim torch path |
                                   torch.optim on nn.Embedding(sparse=True)-style sparse grads
-  train_step (SFG, BCE, dense Adam on the encoder/decoder; the interaction is the factored torch
-              path on both sides):  fused_embedding_lookup(backend="cpu") (C++ gather + C++ fused
-              update in backward) | fused_embedding_lookup(backend="torch") | torch's best:
-              nn.Embedding(sparse=True) + torch.optim.Adagrad / SparseAdam
+  train_step (SFG, BCE, dense Adam on the encoder/decoder):  "fused cpu" = fused_embedding_lookup(
+              backend="cpu") (C++ gather, C++ fused update in backward) + sfg_interaction(backend="cpu")
+              (the fused C++ interaction forward + backward) | the same lookups with the factored torch
+              interaction ("... + torch interaction") | torch's best: nn.Embedding(sparse=True) +
+              factored interaction + torch.optim.Adagrad / SparseAdam
   FBGEMM (fbgemm-gpu-cpu, optional): embedding forward vs SplitTableBatchedEmbeddingBagsCodegen
               (one id per bag, pooling SUM == the lookup), fp32 and int8 (IntNBit inference TBE);
               forward + backward with fused update (rowwise Adagrad, SGD) vs the TBE's fused backward
@@ -161,11 +162,13 @@ def _rotator(items):
 def bench_train(args, table, offsets, ids_list, rows):
     """One SFG training step: lookup -> encoder -> decoder -> BCE -> backward -> optimizers.
 
-    Every provider runs the same factored torch interaction and the same dense Adam on
-    (W_enc, decoder); only the embedding path differs, so the ratio is what a CPU user gains by
-    switching the table to the fused C++ path. The row "interaction only" runs that shared part
-    alone (gather without any table update): step minus it = the embedding path's own cost.
-    Kinds: "scalar" / "matrix" (SFG: encoder + decoder) and "base-scalar" (FwFM, no encoder).
+    Every provider runs the same dense Adam on (W_enc, decoder). "fused cpu" is the whole CPU path
+    of sfg_fast: the C++ lookup with the fused sparse update in backward and the fused C++
+    interaction (sfg_interaction). The "... + torch interaction" rows swap in the factored torch
+    interaction, so they separate the two parts' gains; "interaction only" runs the factored
+    interaction alone (a gather without any table update). Torch's best is nn.Embedding(sparse=True)
+    + the factored interaction + torch.optim. Kinds: "scalar" / "matrix" (SFG: encoder + decoder)
+    and "base-scalar" (FwFM, no encoder).
     """
     n, d = len(offsets), table.shape[1]
     width = n * d
@@ -185,29 +188,35 @@ def bench_train(args, table, offsets, ids_list, rows):
         params = ([enc] if enc is not None else []) + ([dec.requires_grad_()] if dec is not None else [])
         return enc, dec, torch.optim.Adam(params, lr=1e-3)
 
-    def interaction_loss(V, enc, dec, kind, y):
-        Z = V if enc is None else factored.sfg_encode(V, enc, None, "relu", 0.5, False)
-        logit = factored.pairwise_decode(Z, V, dec, kind.replace("base-", ""), "upper", "left", False)
-        return torch.nn.functional.binary_cross_entropy_with_logits(logit, y)
+    def interaction_loss(V, enc, dec, kind, y, fused=False):
+        decoder = kind.replace("base-", "")
+        if fused:
+            logit = cpu_ext.sfg_interaction(V, enc, None, dec, decoder, "relu", 0.5, False, "upper", "left", False)
+        else:
+            Z = V if enc is None else factored.sfg_encode(V, enc, None, "relu", 0.5, False)
+            logit = factored.pairwise_decode(Z, V, dec, decoder, "upper", "left", False)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logit.float(), y)
 
     for kind, opt_kind, precision in [(k, o, p) for p in args.train_precisions for k in args.train_kinds
                                       for o in ("adagrad", "adam")]:
         fns = {}
-        for backend in ("cpu", "torch"):
+        for name, backend, fused in (("fused cpu", "cpu", True),
+                                     ("fused cpu lookup + torch interaction", "cpu", False),
+                                     ("fused torch lookup + torch interaction", "torch", False)):
             weight = table.clone().requires_grad_()
             sparse = SparseRowOptimizer(opt_kind, lr=0.01)
             enc, dec, dense = dense_params(kind)
             batches = _rotator(data)
 
             def step(weight=weight, sparse=sparse, enc=enc, dec=dec, dense=dense, batches=batches,
-                     backend=backend):
+                     backend=backend, fused=fused):
                 ids, y = batches()
                 V = fused_embedding_lookup(ids, weight, offsets, sparse, "off", backend=backend)
-                loss = interaction_loss(V, enc, dec, kind, y)
+                loss = interaction_loss(V, enc, dec, kind, y, fused)
                 dense.zero_grad(set_to_none=True)
                 loss.backward()
                 dense.step()
-            fns[f"fused {backend}"] = step
+            fns[name] = step
         emb = torch.nn.Embedding(table.shape[0], d, sparse=True, _weight=table.clone())
         torch_sparse = (torch.optim.Adagrad(emb.parameters(), lr=0.01) if opt_kind == "adagrad"
                         else torch.optim.SparseAdam(emb.parameters(), lr=0.01))

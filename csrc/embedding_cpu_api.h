@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
 
 namespace sfg {
 
@@ -24,5 +25,22 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
                              const std::string& activation, double gamma, bool residual, const std::string& pairs,
                              const std::string& generated_side, bool symmetric, const std::string& bounds_check,
                              int64_t tile, bool bf16_gemm);
+
+// Fused SFG interaction on V for training (sfg_interaction_cpu.cpp): {logit, H, T} and {dV, dW_enc, dbias, ddec}.
+std::vector<torch::Tensor> sfg_interaction_fwd_cpu(torch::Tensor V, c10::optional<torch::Tensor> enc_weight,
+                                                   c10::optional<torch::Tensor> enc_bias,
+                                                   c10::optional<torch::Tensor> dec_weight, const std::string& kind,
+                                                   const std::string& activation, double gamma, bool residual,
+                                                   const std::string& pairs, const std::string& generated_side,
+                                                   bool symmetric, int64_t tile, bool bf16_gemm, bool save);
+
+std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Tensor V, c10::optional<torch::Tensor> H,
+                                                   torch::Tensor T, c10::optional<torch::Tensor> enc_weight,
+                                                   c10::optional<torch::Tensor> enc_bias,
+                                                   c10::optional<torch::Tensor> dec_weight, const std::string& kind,
+                                                   const std::string& activation, double gamma, bool residual,
+                                                   const std::string& pairs, const std::string& generated_side,
+                                                   bool symmetric, int64_t tile, bool bf16_gemm, bool need_v,
+                                                   bool need_enc_weight, bool need_enc_bias, bool need_dec);
 
 }  // namespace sfg

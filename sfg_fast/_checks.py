@@ -285,3 +285,17 @@ def check_sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind
         gamma = check_gamma(gamma)
     check_decode(probe, probe, dec_weight, kind, pairs, generated_side, symmetric, weight_name="dec_weight")
     return gamma
+
+
+def check_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
+                      generated_side, symmetric) -> float:
+    """Checks of ``sfg_interaction`` (encoder + decoder on V); messages name enc_* / dec_weight."""
+    if enc_weight is not None:
+        gamma = check_encode(V, enc_weight, enc_bias, activation, gamma, residual, prefix="enc_")
+    else:
+        check_embeddings("V", V)
+        if enc_bias is not None:
+            raise ValueError("enc_bias must be None when enc_weight is None (no encoder: the base model)")
+        gamma = check_gamma(gamma)
+    check_decode(V, V, dec_weight, kind, pairs, generated_side, symmetric, weight_name="dec_weight")
+    return gamma

@@ -89,8 +89,13 @@ def bce_with_logits(logits, labels, reduction):
     return F.binary_cross_entropy_with_logits(x, labels.to(x.dtype), reduction=reduction)
 
 
-def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
-               pairs, generated_side, symmetric):
-    V = embedding_lookup(ids, table, offsets)
+def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
+                    generated_side, symmetric):
     Z = V if enc_weight is None else sfg_encode(V, enc_weight, enc_bias, activation, gamma, residual)
     return pairwise_decode(Z, V, dec_weight, kind, pairs, generated_side, symmetric)
+
+
+def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
+               pairs, generated_side, symmetric):
+    return sfg_interaction(embedding_lookup(ids, table, offsets), enc_weight, enc_bias, dec_weight, kind,
+                           activation, gamma, residual, pairs, generated_side, symmetric)

@@ -22,7 +22,7 @@ from . import factored, reference
 from ._backend import resolve
 
 __all__ = ["embedding_lookup", "sfg_encode", "pairwise_decode", "pairwise_products",
-           "generative_cross", "bce_with_logits", "sfg_logits"]
+           "generative_cross", "bce_with_logits", "sfg_logits", "sfg_interaction"]
 
 _OPTIONAL_IMPLS = {}  # (backend, op) -> callable, registered by the compiled/Triton backends
 
@@ -193,6 +193,29 @@ def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
     ids = C.apply_bounds_check(ids, offsets, table.shape[0], bounds_check)
     return impl(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
                 pairs, generated_side, symmetric)
+
+
+def sfg_interaction(V: torch.Tensor, enc_weight: Optional[torch.Tensor], enc_bias: Optional[torch.Tensor],
+                    dec_weight: Optional[torch.Tensor], kind: str, activation: str = "relu", gamma: float = 1.0,
+                    residual: bool = False, pairs: str = "upper", generated_side: str = "left",
+                    symmetric: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Encoder and decoder as ONE op on ready embeddings: the drop-in SFG layer for any lookup.
+
+    Equals ``pairwise_decode(sfg_encode(V, enc_weight, enc_bias, activation, gamma, residual), V,
+    dec_weight, kind, pairs, generated_side, symmetric)`` (``Z = V`` when ``enc_weight`` is None: the
+    base model). Fused backends run it as one forward and one backward pipeline; on CPU the backward
+    hands back ``dV`` ready for a fused sparse embedding update (``sfg_fast.optim``).
+    Args: ``V [B, N, D]``; the rest as for :func:`sfg_logits` (``enc_weight [N*D, N*D]`` or None).
+    Returns: ``[B]``.
+    """
+    gamma = C.check_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
+                                generated_side, symmetric)
+    impl = _impl(backend, "sfg_interaction", V.device)
+    if impl is None:
+        return reference.sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
+                                         pairs, generated_side, symmetric)
+    return impl(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs, generated_side,
+                symmetric)
 
 
 from . import library as _library  # noqa: E402  (registers the custom ops; imports this module back)

@@ -149,6 +149,9 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
            "Tensor? dec_weight, str kind, str activation, float gamma, bool residual, str pairs, "
            "str generated_side, bool symmetric", (1, 3, 4, 5),
            lambda ids, t, off, ew, eb, dw, *_: ((ids.shape[0],), _promote(t, ew, dw))),
+    OpSpec("sfg_interaction", "Tensor V, Tensor? enc_weight, Tensor? enc_bias, Tensor? dec_weight, str kind, "
+           "str activation, float gamma, bool residual, str pairs, str generated_side, bool symmetric", (0, 1, 2, 3),
+           lambda V, ew, eb, dw, *_: ((V.shape[0],), _promote(V, ew, dw))),
 )}
 
 

@@ -131,3 +131,12 @@ def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
     V = embedding_lookup(ids, table, offsets, bounds_check)
     Z = V if enc_weight is None else sfg_encode(V, enc_weight, enc_bias, activation, gamma, residual)
     return pairwise_decode(Z, V, dec_weight, kind, pairs, generated_side, symmetric)
+
+
+def sfg_interaction(V: torch.Tensor, enc_weight: Optional[torch.Tensor], enc_bias: Optional[torch.Tensor],
+                    dec_weight: Optional[torch.Tensor], kind: str, activation: str = "relu", gamma: float = 1.0,
+                    residual: bool = False, pairs: str = "upper", generated_side: str = "left",
+                    symmetric: bool = False, backend: str = "reference") -> torch.Tensor:
+    """Encode (skipped when enc_weight is None) -> decode, on ready embeddings V ``[B, N, D]``."""
+    Z = V if enc_weight is None else sfg_encode(V, enc_weight, enc_bias, activation, gamma, residual)
+    return pairwise_decode(Z, V, dec_weight, kind, pairs, generated_side, symmetric)

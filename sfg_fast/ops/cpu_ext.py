@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import factored
 from .._backend import BackendUnavailableError, _extension_status
@@ -27,7 +28,7 @@ except Exception:  # no compiler at install time, or a stale build: the package 
     _C = None
 
 __all__ = ["available", "sparse_row_update", "quantize_rowwise_int8", "dequantize_rowwise_int8",
-           "embedding_lookup_int8", "embedding_lookup", "sfg_logits"]
+           "embedding_lookup_int8", "embedding_lookup", "sfg_logits", "sfg_interaction", "SfgInteractionFunction"]
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 _TILE = 64  # samples per tile: 3 fp32 tile buffers of 64 x N*D stay in a core's L2 at N*D = 624
@@ -67,13 +68,19 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
                pairs, generated_side, symmetric):
     """``"cpu"`` sfg_logits: the fused tile pipeline of csrc/sfg_logits_cpu.cpp for inference.
 
-    The fused kernel has no backward, so whenever autograd needs one (grad enabled and any
-    parameter requires grad) this calls the factored torch path instead; it does the same for
-    dtypes the kernel does not handle (fp64, fp16) and for mixed-dtype parameters. Ids arrive
-    validated by ``sfg_fast.functional``, so the kernel runs with bounds_check="off".
+    When autograd needs gradients (grad enabled and any parameter requires grad), torch's gather
+    feeds the fused training op :func:`sfg_interaction` (the table gradient is torch's dense one; a
+    sparse update goes through ``sfg_fast.optim.fused_embedding_lookup`` + ``sfg_interaction``
+    instead). Dtypes the kernels do not handle (fp64, fp16) and mixed-dtype parameters run the
+    factored torch path. Ids arrive validated by ``sfg_fast.functional``, so the kernel runs with
+    bounds_check="off".
     """
     params = (table, enc_weight, enc_bias, dec_weight)
     dtypes = {t.dtype for t in params if t is not None}
+    if _needs_grad(*params) and len(dtypes) == 1 and table.dtype in _FAST_DTYPES:
+        # training: torch's gather (its backward builds the table gradient) + the fused interaction
+        return sfg_interaction(factored.embedding_lookup(ids, table, offsets), enc_weight, enc_bias, dec_weight,
+                               kind, activation, gamma, residual, pairs, generated_side, symmetric)
     if _needs_grad(*params) or len(dtypes) != 1 or table.dtype not in _FAST_DTYPES:
         return factored.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
                                    residual, pairs, generated_side, symmetric)
@@ -82,6 +89,70 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
                         bool(residual), pairs, generated_side, bool(symmetric), "off",
                         _TILE_BF16 if bf16 else _TILE, bf16_gemm=bf16)
     return out.to(table.dtype)
+
+
+class SfgInteractionFunction(torch.autograd.Function):
+    """The fused CPU forward and backward of ``sfg_interaction`` (csrc/sfg_interaction_cpu.cpp).
+
+    Forward saves H = V @ W_enc^T (+ b) and the decoded T (two fp32 ``[B, N*D]`` buffers, nothing
+    pair-sized); backward returns dV, dW_enc, d bias and the decoder gradient from one tile pass plus
+    the weight-gradient GEMMs. ``config`` = (kind, activation, gamma, residual, pairs, generated_side,
+    symmetric); ``bf16`` runs the GEMMs on bf16 operands (see :func:`bf16_gemms`).
+    """
+
+    @staticmethod
+    def forward(ctx, V, enc_weight, enc_bias, dec_weight, config, tile, bf16):
+        with torch.autocast("cpu", enabled=False):   # the kernel picks its GEMM dtype itself
+            logit, H, T = _C.sfg_interaction_fwd(V, enc_weight, enc_bias, dec_weight, *config, tile=tile,
+                                                 bf16_gemm=bf16, save=True)
+        ctx.save_for_backward(V, H if enc_weight is not None else None, T, enc_weight, enc_bias, dec_weight)
+        ctx.config, ctx.tile, ctx.bf16 = config, tile, bf16
+        return logit.to(_out_dtype(V, enc_weight, dec_weight))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        V, H, T, enc_weight, enc_bias, dec_weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        with torch.autocast("cpu", enabled=False):
+            grads = _C.sfg_interaction_bwd(grad.float(), V, H, T, enc_weight, enc_bias, dec_weight, *ctx.config,
+                                           tile=ctx.tile, bf16_gemm=ctx.bf16, need_v=needs[0],
+                                           need_enc_weight=needs[1], need_enc_bias=needs[2], need_dec=needs[3])
+        inputs = (V, enc_weight, enc_bias, dec_weight)
+        out = [g.to(t.dtype).view(t.shape) if need and t is not None and g is not None else None
+               for g, t, need in zip(grads, inputs, needs)]
+        return (*out, None, None, None)
+
+
+def _out_dtype(*tensors) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs, generated_side,
+                    symmetric):
+    """``"cpu"`` sfg_interaction: the fused C++ forward (and backward, under autograd) on V.
+
+    fp32 or bf16 operands of one dtype; anything else (fp64, fp16, mixed dtypes) runs the factored
+    torch path. Under ``torch.autocast("cpu", bfloat16)`` and for bf16 models the GEMMs take bf16
+    operands with fp32 accumulation; every epilogue, the decoders and the gradients' sums stay fp32.
+    """
+    params = (V, enc_weight, enc_bias, dec_weight)
+    if len({t.dtype for t in params if t is not None}) != 1 or V.dtype not in _FAST_DTYPES:
+        return factored.sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
+                                        pairs, generated_side, symmetric)
+    bf16 = bf16_gemms(V.dtype)
+    tile = _TILE_BF16 if bf16 else _TILE
+    config = (kind, activation, float(gamma), bool(residual), pairs, generated_side, bool(symmetric))
+    if _needs_grad(*params):
+        return SfgInteractionFunction.apply(V, enc_weight, enc_bias, dec_weight, config, tile, bf16)
+    with torch.autocast("cpu", enabled=False):
+        logit = _C.sfg_interaction_fwd(V, enc_weight, enc_bias, dec_weight, *config, tile=tile, bf16_gemm=bf16,
+                                       save=False)[0]
+    return logit.to(_out_dtype(V, enc_weight, dec_weight))
 
 
 def bf16_gemms(param_dtype: torch.dtype) -> bool:
@@ -200,6 +271,7 @@ def _register() -> None:
     # Training on CPU goes through sfg_fast.optim.fused_embedding_lookup(backend="cpu"): the C++
     # gather forward and sparse_row_update in backward.
     register_impl("cpu", "sfg_logits", sfg_logits)
+    register_impl("cpu", "sfg_interaction", sfg_interaction)
     register_impl("cpu", "embedding_lookup", _cpu_embedding_lookup)
     if getattr(_C, "WITH_CUDA", False):
         register_impl("cuda", "embedding_lookup", _cuda_embedding_lookup)
