@@ -90,7 +90,8 @@ def register(backend: str, op: str) -> None:
 # so auto takes torch there. backend="triton" still selects the kernels. Revisit with every GPU run.
 _CUDA_AUTO_DEFAULT = ("triton", "cuda", "torch")
 _CUDA_AUTO = {op: ("torch", "triton", "cuda")
-              for op in ("sfg_logits", "sfg_encode", "pairwise_decode", "bce_with_logits", "generative_cross")}
+              for op in ("sfg_logits", "sfg_interaction", "sfg_encode", "pairwise_decode", "bce_with_logits",
+                         "generative_cross")}
 
 
 def auto_order(op: str, device: torch.device):

@@ -101,13 +101,25 @@ def _op_cases(device):
         "bce_with_logits": lambda: (r(3), torch.rand(3, device=device), "mean"),
         "sfg_logits": lambda: (_ids(3, device=device), r(rows, D), offsets, r(width, width), None,
                                r(n, n, D, D), "matrix", "tanh", 1.5, False, "upper", "right", False),
+        "sfg_interaction": lambda: (r(3, n, D), r(width, width), r(width), r(n, n, D), "vector", "relu", 0.7, True,
+                                    "upper", "left", False),
     }
 
 
-OP_CASES = {"torch": _op_cases("cpu"), "triton": _op_cases(TRITON_DEVICE)}
+def _cpu_extension_built() -> bool:
+    from sfg_fast.ops import cpu_ext
+    return cpu_ext.available()
+
+
+OP_CASES = {"torch": _op_cases("cpu"), "triton": _op_cases(TRITON_DEVICE), "cpu": _op_cases("cpu")}
+# the compiled CPU extension's ops (sfg_fast._C; skipped when it is not built)
+CPU_OPS = ("embedding_lookup", "sfg_logits", "sfg_interaction")
 OP_PARAMS = [pytest.param("torch", name, id=f"torch-{name}") for name in OP_CASES["torch"]] + [
     pytest.param("triton", name, id=f"triton-{name}", marks=pytest.mark.interpreter)
-    for name in OP_CASES["triton"] if name != "pairwise_products"]
+    for name in OP_CASES["triton"] if name != "pairwise_products"] + [
+    pytest.param("cpu", name, id=f"cpu-{name}",
+                 marks=pytest.mark.skipif(not _cpu_extension_built(), reason="sfg_fast._C is not built"))
+    for name in CPU_OPS]
 
 
 @pytest.mark.parametrize("backend,name", OP_PARAMS)
@@ -188,6 +200,16 @@ def test_every_model_traces_without_graph_break(name):
     logits, loss = _step(model, ids, labels, "torch")
     torch.testing.assert_close(logits_c, logits)
     torch.testing.assert_close(loss_c, loss)
+
+
+@pytest.mark.skipif(not _cpu_extension_built(), reason="sfg_fast._C is not built")
+@pytest.mark.parametrize("name", ["fwfm", "fmfm"])
+def test_compiled_matches_eager_cpu_extension(name):
+    """backend="auto" on CPU runs the C++ lookup and fused interaction (custom ops while compiling):
+    fullgraph capture, the same logits, loss and gradients as eager."""
+    from sfg_fast._backend import resolve
+    assert resolve("auto", "sfg_interaction", torch.device("cpu")) == "cpu"
+    _compare_compiled(name, "auto", "aot_eager")
 
 
 @pytest.mark.parametrize("name", ["fm", "fmfm", "dcnv2"])

@@ -520,3 +520,225 @@ def test_sfg_logits_matrix_decoder_column_chunks(num_fields, pairs, side, symmet
     for tile in (5, 64):
         out = _C.sfg_logits(ids, table.float(), offsets, enc.float(), None, dec.float(), *args, "fatal", tile)
         assert_close_2x(out, ref64, torch32, f"chunked matrix decoder N={n} {pairs} {side} tile {tile}", floor=1e-5)
+
+
+# ------------------------------------------------ training: the fused interaction (sfg_interaction)
+
+def _interaction_inputs(case, batch, n, dim, dtype=torch.float64, seed=0):
+    kind, act, gamma, residual, pairs, side, symmetric, use_bias, encode = case
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(batch, n, dim, generator=gen, dtype=dtype)
+    enc = torch.randn(n * dim, n * dim, generator=gen, dtype=dtype) / (n * dim) ** 0.5 if encode else None
+    bias = torch.randn(n * dim, generator=gen, dtype=dtype) if use_bias else None
+    shape = {"identity": None, "scalar": (n, n), "vector": (n, n, dim), "matrix": (n, n, dim, dim)}[kind]
+    dec = None if shape is None else torch.randn(*shape, generator=gen, dtype=dtype) / dim ** 0.5
+    return [V, enc, bias, dec], (kind, act, gamma, residual, pairs, side, symmetric)
+
+
+def _value_and_grads(fn, tensors, opts, upstream, dtype=None):
+    """fn's output and the gradients of sum(upstream * out) for every tensor given (cast to dtype)."""
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+    out = fn(*leaves, *opts)
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad((out * upstream.to(out.dtype)).sum(), wanted)
+    return out, list(grads)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c))
+@pytest.mark.parametrize("batch,n,dim", [(1, 2, 1), (70, 5, 3), (67, 6, 10), (130, 7, 16)])
+def test_sfg_interaction_cpu_forward_and_every_gradient_vs_reference(case, batch, n, dim):
+    """The fused C++ forward and backward (dV, dW_enc, d bias, d decoder) against the fp64 reference
+    by the 2x rule; D = 1, 3, 10, 16 exercise the 16 / 8 / 4 / single-lane paths of the loops."""
+    tensors, opts = _interaction_inputs(case, batch, n, dim)
+    upstream = torch.randn(batch, dtype=torch.float64)
+    ref64, grads64 = _value_and_grads(reference.sfg_interaction, tensors, opts, upstream)
+    torch32, grads32 = _value_and_grads(factored.sfg_interaction, tensors, opts, upstream, torch.float32)
+
+    def cpu(*args):
+        return functional.sfg_interaction(*args, backend="cpu")
+    out, grads = _value_and_grads(cpu, tensors, opts, upstream, torch.float32)
+    assert out.shape == (batch,) and out.dtype == torch.float32
+    assert_close_2x(out, ref64, torch32, f"sfg_interaction {case}", floor=1e-5)
+    names = [name for name, t in zip(("dV", "d_enc_weight", "d_enc_bias", "d_dec_weight"), tensors) if t is not None]
+    for name, g, g64, g32 in zip(names, grads, grads64, grads32):
+        assert g.dtype == torch.float32 and g.shape == g64.shape, name
+        assert_close_2x(g, g64, g32, f"{name} {case}", floor=1e-5)
+
+
+@pytest.mark.parametrize("tile", [1, 3, 64])
+@pytest.mark.parametrize("kind", ["vector", "matrix"])
+def test_sfg_interaction_tile_boundaries(tile, kind):
+    """Tiles that do not divide B (67 samples) give the same values and gradients (per-thread sums
+    of the decoder gradient and bias included)."""
+    from sfg_fast import _C
+    case = (kind, "silu", 0.8, True, "offdiag", "right", False, True, True)
+    tensors, opts = _interaction_inputs(case, 67, 5, 4)
+    V, enc, bias, dec = [t.float() for t in tensors]
+    g = torch.randn(67)
+    logit, H, T = _C.sfg_interaction_fwd(V, enc, bias, dec, *opts, tile=tile)
+    dV, d_enc, d_bias, d_dec = _C.sfg_interaction_bwd(g, V, H, T, enc, bias, dec, *opts, tile=tile)
+    ref, grads = _value_and_grads(factored.sfg_interaction, tensors, opts, g.double())
+    torch.testing.assert_close(logit.double(), ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip((dV, d_enc, d_bias, d_dec), grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_sfg_interaction_only_requested_gradients():
+    """Gradients flow only to what requires grad (a frozen encoder, or V from a detached lookup), and
+    the ones computed equal those of the full backward."""
+    case = ("scalar", "relu", 1.0, False, "upper", "left", False, True, True)
+    tensors, opts = _interaction_inputs(case, 20, 4, 8, torch.float32)
+    upstream = torch.randn(20)
+    _, full = _value_and_grads(lambda *a: functional.sfg_interaction(*a, backend="cpu"), tensors, opts, upstream)
+    V, enc, bias, dec = [t.clone() for t in tensors]
+    dec.requires_grad_()
+    out = functional.sfg_interaction(V, enc, bias, dec, *opts, backend="cpu")
+    (out * upstream).sum().backward()
+    assert V.grad is None and enc.grad is None and bias.grad is None
+    torch.testing.assert_close(dec.grad, full[3], rtol=0, atol=0)
+    V.requires_grad_()
+    dec.grad = None
+    dec.requires_grad_(False)
+    (functional.sfg_interaction(V, enc, bias, dec, *opts, backend="cpu") * upstream).sum().backward()
+    torch.testing.assert_close(V.grad, full[0], rtol=0, atol=0)
+    with torch.no_grad():   # inference: the forward alone, same values
+        torch.testing.assert_close(functional.sfg_interaction(V, enc, bias, dec, *opts, backend="cpu"), out.detach(),
+                                   rtol=0, atol=0)
+
+
+def test_sfg_interaction_bitwise_repeatable():
+    case = ("vector", "relu", 0.5, False, "upper", "left", False, True, True)
+    tensors, opts = _interaction_inputs(case, 300, 6, 16, torch.float32)
+    upstream = torch.randn(300)
+    runs = [_value_and_grads(lambda *a: functional.sfg_interaction(*a, backend="cpu"), tensors, opts, upstream)
+            for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["scalar", "matrix"])
+def test_sfg_interaction_bf16_model_and_autocast_gradients(kind):
+    """bf16 models and fp32 models under torch.autocast("cpu", bf16) train through bf16 GEMMs: values
+    and every gradient stay within twice torch's own bf16 error (plus a bf16-sized floor)."""
+    case = (kind, "tanh", 1.2, True, "upper", "right", False, True, True)
+    tensors, opts = _interaction_inputs(case, 70, 4, 16, seed=3)
+    upstream = torch.randn(70, dtype=torch.float64)
+
+    def cpu(*args):
+        return functional.sfg_interaction(*args, backend="cpu")
+    bf = [t.to(torch.bfloat16) for t in tensors]
+    exact = [t.double() for t in bf]   # the bf16 values, evaluated exactly
+    ref64, grads64 = _value_and_grads(reference.sfg_interaction, exact, opts, upstream)
+    torch_bf, grads_bf = _value_and_grads(factored.sfg_interaction, bf, opts, upstream)
+    out, grads = _value_and_grads(cpu, bf, opts, upstream)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    assert_close_2x(out, ref64, torch_bf, f"bf16 model {kind}", floor=2e-3)
+    for name, g, g64, gbf in zip(("dV", "d_enc", "d_bias", "d_dec"), grads, grads64, grads_bf):
+        assert_close_2x(g, g64, gbf, f"bf16 model {kind} {name}", floor=4e-3)
+    ref64, grads64 = _value_and_grads(reference.sfg_interaction, tensors, opts, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch_auto, grads_auto = _value_and_grads(factored.sfg_interaction, tensors, opts, upstream, torch.float32)
+        out, grads = _value_and_grads(cpu, tensors, opts, upstream, torch.float32)
+    assert out.dtype == torch.float32
+    assert_close_2x(out, ref64, torch_auto, f"autocast {kind}", floor=2e-3)
+    for name, g, g64, gauto in zip(("dV", "d_enc", "d_bias", "d_dec"), grads, grads64, grads_auto):
+        assert g.dtype == torch.float32
+        assert_close_2x(g, g64, gauto, f"autocast {kind} {name}", floor=4e-3)
+    exact_fp32, _ = _value_and_grads(cpu, tensors, opts, upstream, torch.float32)
+    assert not torch.equal(out, exact_fp32), "autocast did not switch the kernel's GEMMs to bf16"
+
+
+def test_sfg_interaction_rejects_bad_arguments():
+    V = torch.randn(4, 3, 2)
+    enc = torch.randn(6, 6)
+    with pytest.raises(ValueError, match="enc_weight must have shape"):
+        functional.sfg_interaction(V, torch.randn(5, 6), None, None, "identity", backend="cpu")
+    with pytest.raises(ValueError, match="dec_weight for kind='vector' must have shape"):
+        functional.sfg_interaction(V, enc, None, torch.randn(3, 3), "vector", backend="cpu")
+    with pytest.raises(ValueError, match="enc_bias must be None when enc_weight is None"):
+        functional.sfg_interaction(V, None, torch.randn(6), None, "identity", backend="cpu")
+    with pytest.raises(ValueError, match="V"):
+        functional.sfg_interaction(torch.randn(4, 6), enc, None, None, "identity", backend="cpu")
+    from sfg_fast import _C
+    logit, H, T = _C.sfg_interaction_fwd(V, enc, None, None, "identity", "relu", 1.0, False, "upper", "left", False)
+    with pytest.raises(ValueError, match="T must be the forward's"):
+        _C.sfg_interaction_bwd(torch.ones(4), V, H, T[:2], enc, None, None, "identity", "relu", 1.0, False, "upper",
+                               "left", False)
+    with pytest.raises(ValueError, match="grad must have B=4"):
+        _C.sfg_interaction_bwd(torch.ones(3), V, H, T, enc, None, None, "identity", "relu", 1.0, False, "upper",
+                               "left", False)
+    with pytest.raises(ValueError, match="H must be the forward's"):
+        _C.sfg_interaction_bwd(torch.ones(4), V, None, T, enc, None, None, "identity", "relu", 1.0, False, "upper",
+                               "left", False)
+
+
+@pytest.mark.parametrize("name", ["fm", "fwfm", "fmfm"])
+def test_fm_family_models_run_the_fused_interaction(name, monkeypatch):
+    """The FM-family models score through ONE sfg_interaction call (fused on the cpu backend), with
+    the values and gradients of the torch backend; encoder dropout in training keeps the two ops."""
+    from sfg_fast import models
+    calls = []
+    real = cpu_ext.sfg_interaction
+
+    def spy(*args):
+        calls.append(args[4])
+        return real(*args)
+    monkeypatch.setitem(functional._OPTIONAL_IMPLS, ("cpu", "sfg_interaction"), spy)
+    field_dims, ids = [7, 5, 11, 3], None
+    built = {}
+    for backend in ("cpu", "torch"):
+        torch.manual_seed(1)
+        model = models.build(name, field_dims, embedding_dim=4, generative=True, backend=backend, gamma=0.5)
+        with torch.no_grad():
+            model.embedding.weight.normal_(0, 0.5)
+        built[backend] = model
+    ids = zipf_ids(9, field_dims)
+    outs = {}
+    for backend, model in built.items():
+        out = model(ids)
+        out.sum().backward()
+        outs[backend] = (out, {k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    assert len(calls) == 1
+    torch.testing.assert_close(outs["cpu"][0], outs["torch"][0], rtol=1e-5, atol=1e-6)
+    assert set(outs["cpu"][1]) == set(outs["torch"][1])
+    for key, g in outs["torch"][1].items():
+        torch.testing.assert_close(outs["cpu"][1][key], g, rtol=1e-4, atol=1e-6, msg=key)
+    # auto: the cpu backend where it has the op (sfg_interaction), torch for the encoder alone
+    dropped = models.build(name, field_dims, embedding_dim=4, generative=True, backend="auto", encoder_dropout=0.2)
+    dropped(ids)
+    assert len(calls) == 1, "encoder dropout in training must keep encoder and decoder apart"
+    dropped.eval()
+    dropped(ids)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("opt_kind", ["adagrad", "adam"])
+def test_fused_cpu_training_step_matches_torch_step(opt_kind):
+    """The whole CPU path (C++ lookup + fused sparse update, fused interaction) trains like the torch
+    path: after three steps the table, encoder and decoder agree."""
+    from sfg_fast.optim import SparseRowOptimizer, fused_embedding_lookup
+    field_dims, dim = [30, 4, 60, 9, 17], 8
+    n, offsets = len(field_dims), offsets_of(field_dims)
+    gen = torch.Generator().manual_seed(5)
+    table0 = torch.randn(sum(field_dims), dim, generator=gen) * 0.3
+    enc0 = torch.randn(n * dim, n * dim, generator=gen) / (n * dim) ** 0.5
+    dec0 = torch.randn(n, n, generator=gen)
+    batches = [(zipf_ids(64, field_dims, generator=gen), torch.randint(0, 2, (64,), generator=gen).float())
+               for _ in range(3)]
+    state = {}
+    for backend in ("cpu", "torch"):
+        table, enc, dec = table0.clone().requires_grad_(), enc0.clone().requires_grad_(), dec0.clone().requires_grad_()
+        sparse, dense = SparseRowOptimizer(opt_kind, lr=0.05), torch.optim.Adam([enc, dec], lr=1e-2)
+        for ids, y in batches:
+            V = fused_embedding_lookup(ids, table, offsets, sparse, "fatal", backend=backend)
+            logit = functional.sfg_interaction(V, enc, None, dec, "scalar", "relu", 0.5, False, "upper", "left", False,
+                                               backend=backend)
+            loss = functional.bce_with_logits(logit, y, backend="torch")
+            dense.zero_grad()
+            loss.backward()
+            dense.step()
+        state[backend] = (table.detach(), enc.detach(), dec.detach())
+    assert not torch.equal(state["cpu"][0], table0)
+    for got, want in zip(state["cpu"], state["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -596,3 +596,33 @@ def test_composed_gemm_plans_match_the_per_field_engine(monkeypatch, encoder, sy
     want = torch.nn.functional.binary_cross_entropy_with_logits(logit, labels, reduction="none")
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dlogit, torch.sigmoid(logit) - labels, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,symmetric,side,encode", [("matrix", False, "right", True), ("scalar", True, "left", True),
+                                                        ("vector", False, "left", False)])
+def test_sfg_interaction_on_dense_v(kind, symmetric, side, encode):
+    """functional.sfg_interaction on the triton backend (the sfg_logits plans reading a dense V): the
+    fused pass, the symmetric encode-then-score pair and the base model, values and every gradient."""
+    gen = torch.Generator().manual_seed(11)
+    batch, n, d = 16, 4, 4
+    width = n * d
+    tensors = [torch.randn(batch, n, d, generator=gen, dtype=torch.float64),
+               torch.randn(width, width, generator=gen, dtype=torch.float64) / 4 if encode else None,
+               torch.randn(width, generator=gen, dtype=torch.float64) if encode else None,
+               {"scalar": torch.randn(n, n, generator=gen, dtype=torch.float64),
+                "vector": torch.randn(n, n, d, generator=gen, dtype=torch.float64),
+                "matrix": torch.randn(n, n, d, d, generator=gen, dtype=torch.float64) / d}[kind]]
+    opts = (kind, "relu", 0.7, False, "upper", side, symmetric)
+    upstream = torch.randn(batch, generator=gen, dtype=torch.float64)
+    results = {}
+    for name, fn, dtype, device in (("ref64", R.sfg_interaction, torch.float64, "cpu"),
+                                    ("ref32", R.sfg_interaction, torch.float32, "cpu"),
+                                    ("triton", lambda *a: SF.sfg_interaction(*a, backend="triton"), torch.float32,
+                                     DEVICE)):
+        leaves = [None if t is None else t.to(device=device, dtype=dtype).requires_grad_() for t in tensors]
+        out = fn(*leaves, *opts)
+        grads = torch.autograd.grad((out * upstream.to(device=device, dtype=out.dtype)).sum(),
+                                    [t for t in leaves if t is not None])
+        results[name] = [out.cpu()] + [g.cpu() for g in grads]
+    for k, (got, ref64, ref32) in enumerate(zip(results["triton"], results["ref64"], results["ref32"])):
+        assert_2x(got, ref64, ref32, f"sfg_interaction {kind} output {k}", floor=1e-5)

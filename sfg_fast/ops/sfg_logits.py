@@ -518,5 +518,36 @@ def _validated(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
     return gamma, C.apply_bounds_check(ids, offsets, table.shape[0], bounds_check)
 
 
+def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs, generated_side,
+                    symmetric, allow_tf32: Optional[bool] = None):
+    """Triton implementation of ``functional.sfg_interaction`` (inputs already validated): the plans of
+    :func:`sfg_logits` reading a dense V instead of gathering table rows. Returns [B]."""
+    for name, t in (("V", V), ("enc_weight", enc_weight), ("enc_bias", enc_bias), ("dec_weight", dec_weight)):
+        _check_float(name, t)
+    if has_fp64(V, enc_weight, enc_bias, dec_weight) or not GEMM_PATH:
+        # fp64 runs the exact factored path; with the per-field engine selected, the two ops it serves
+        if has_fp64(V, enc_weight, enc_bias, dec_weight):
+            return factored.sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
+                                            pairs, generated_side, symmetric)
+        z = V if enc_weight is None else _functional.sfg_encode(V, enc_weight, enc_bias, activation, gamma,
+                                                                residual, backend="triton")
+        return _functional.pairwise_decode(z, V, dec_weight, kind, pairs, generated_side, symmetric,
+                                           backend="triton")
+    out_dtype = result_dtype(V, enc_weight, dec_weight)
+    plan, decode, dec = _plans_and_decoder(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
+                                           pairs, generated_side, symmetric, allow_tf32, V.shape[1])
+    n, d = V.shape[1], V.shape[2]
+    wd = _gemm.decoder_matrix(dec, kind, n, d, _f32_like(V))
+    if enc_weight is None:                               # the base model: V scored against itself
+        dense = _Plan(kind=kind, y_mode=_Y_DENSE, gather=False, allow_tf32=plan.allow_tf32)
+        return _gemm.interaction(dense, out_dtype, V, None, None, V, None, None, wd)
+    plan = replace(plan, gather=False)
+    if decode is None:                                   # encoder and decoder in one pass
+        return _gemm.interaction(plan, out_dtype, V, None, None, None, enc_weight, enc_bias, wd)
+    z = _gemm.interaction(plan, torch.float32, V, None, None, None, enc_weight, enc_bias, None)   # symmetric
+    return _gemm.interaction(decode, out_dtype, z, None, None, z, None, None, wd)
+
+
 if triton is not None:
     _functional.register_impl("triton", "sfg_logits", sfg_logits)
+    _functional.register_impl("triton", "sfg_interaction", sfg_interaction)
