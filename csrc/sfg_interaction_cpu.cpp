@@ -38,6 +38,26 @@ SFG_HOT void narrow_bf16(const float* src, uint16_t* dst, int64_t count) {
   for (int64_t k = 0; k < count; ++k) dst[k] = cpu::float_to_bf16(src[k]);
 }
 
+// out[b, :] += widened rows of a bf16 [m, width] view (row stride from the view).
+SFG_HOT void add_widened_rows(float* out, const uint16_t* x, int64_t ldx, int64_t m, int64_t width) {
+  for (int64_t b = 0; b < m; ++b)
+    for (int64_t k = 0; k < width; ++k) out[b * width + k] += cpu::bf16_to_float(x[b * ldx + k]);
+}
+
+void add_widened(float* out, const torch::Tensor& x16, int64_t m, int64_t width) {
+  add_widened_rows(out, reinterpret_cast<const uint16_t*>(x16.data_ptr()), x16.stride(0), m, width);
+}
+
+// out (fp32, row-strided view) = or += a16 @ w16: the bf16 product (fp32 accumulation, bf16 result,
+// as torch's bf16 matmul) through the staging tile o16, widened on the way out.
+void mm_widened(torch::Tensor& out, const torch::Tensor& a16, const torch::Tensor& w16, torch::Tensor& o16,
+                bool accumulate) {
+  auto o = o16.narrow(0, 0, out.size(0)).narrow(1, 0, out.size(1));
+  at::mm_out(o, a16, w16);
+  if (accumulate) out.add_(o);
+  else out.copy_(o);
+}
+
 // Rows [b0, b0 + m) of a [B, width] fp32 or bf16 tensor as fp32: a pointer into it, or widened into buf.
 const float* rows_f32(const torch::Tensor& x, int64_t b0, int64_t m, int64_t width, float* buf) {
   if (x.scalar_type() == torch::kFloat) return x.data_ptr<float>() + b0 * width;
@@ -295,6 +315,19 @@ Scratch& scratch() {
   return s;
 }
 
+// The backward's batch-GEMM operands ([B, N*D], written in full before they are read), kept per
+// calling thread across steps up to 64 MB each, for the same reason; larger ones are allocated per call.
+torch::Tensor workspace(int slot, int64_t rows, int64_t cols, c10::ScalarType dtype) {
+  constexpr int64_t kMaxCachedBytes = int64_t(64) << 20;
+  static thread_local torch::Tensor cache[4];
+  const int64_t count = rows * cols;
+  const auto opts = torch::TensorOptions().dtype(dtype);
+  if (count * static_cast<int64_t>(c10::elementSize(dtype)) > kMaxCachedBytes) return torch::empty({rows, cols}, opts);
+  auto& t = cache[slot];
+  if (!t.defined() || t.scalar_type() != dtype || t.numel() < count) t = torch::empty({count}, opts);
+  return t.narrow(0, 0, count).view({rows, cols});
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> sfg_interaction_fwd_cpu(torch::Tensor V, c10::optional<torch::Tensor> enc_weight,
@@ -347,9 +380,17 @@ std::vector<torch::Tensor> sfg_interaction_fwd_cpu(torch::Tensor V, c10::optiona
       if (p.kind == kMatrix) {
         if (!p.chunks_cover) std::fill(tp, tp + m * width, 0.f);
         const auto r_tile = torch::from_blob(const_cast<float*>(right), {m, width}, kF32);
+        // bf16: the right tile is rounded once for all chunks (the encoder GEMM already left V's
+        // rounding in a16 when V is the right operand)
+        torch::Tensor r16;
+        if (p.bf16_gemm) {
+          r16 = st.a16.narrow(0, 0, m).narrow(1, 0, width);
+          if (p.right_is_z() || !p.encode) r16.copy_(r_tile);
+        }
         for (const auto& c : p.chunks) {
           auto t_cols = torch::from_blob(tp + c.col0, {m, c.cols}, {width, 1}, kF32);
-          tile_mm(t_cols, r_tile.narrow(1, c.k0, c.ks), c.weight, st.a16, st.o16);
+          if (p.bf16_gemm) mm_widened(t_cols, r16.narrow(1, c.k0, c.ks), c.weight, st.o16, false);
+          else at::mm_out(t_cols, r_tile.narrow(1, c.k0, c.ks), c.weight);
         }
       } else {
         mix_tile(p, right, tp, m);
@@ -387,7 +428,6 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
   const auto flat = V.view({batch, width});
   const bool v_f32 = V.scalar_type() == torch::kFloat;
   const auto gemm_dtype = bf16_gemm ? torch::kBFloat16 : torch::kFloat;
-  const auto gemm_opts = torch::TensorOptions().dtype(gemm_dtype);
 
   need_enc_weight = need_enc_weight && p.encode;
   need_enc_bias = need_enc_bias && p.encode && enc.bias.has_value();
@@ -400,14 +440,14 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
 
   auto dV = need_v ? torch::empty({batch, n, dim}, kF32) : torch::Tensor();
   // Operands of the batch GEMMs, in the GEMM dtype. V is used in place when its dtype already fits.
-  auto dHg = need_enc_weight ? torch::empty({batch, width}, gemm_opts) : torch::Tensor();
+  auto dHg = need_enc_weight ? workspace(0, batch, width, gemm_dtype) : torch::Tensor();
   const bool v_fits = V.scalar_type() == gemm_dtype;
   auto Vg = need_enc_weight || (matrix_dec && !p.right_is_z())
-                ? (v_fits ? flat : torch::empty({batch, width}, gemm_opts))
+                ? (v_fits ? flat : workspace(1, batch, width, gemm_dtype))
                 : torch::Tensor();
   const bool store_v = Vg.defined() && !v_fits;
-  auto GAg = matrix_dec ? torch::empty({batch, width}, gemm_opts) : torch::Tensor();
-  auto Zg = matrix_dec && p.right_is_z() ? torch::empty({batch, width}, gemm_opts) : torch::Tensor();
+  auto GAg = matrix_dec ? workspace(2, batch, width, gemm_dtype) : torch::Tensor();
+  auto Zg = matrix_dec && p.right_is_z() ? workspace(3, batch, width, gemm_dtype) : torch::Tensor();
 
   const int threads = std::max(1, at::get_num_threads());
   const int64_t dec_size = csr_dec ? p.num_pairs() * dim : 0;
@@ -430,8 +470,6 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
     float* ga = st.get(2, cols);
     float* db = st.get(3, cols);
     float* dz = p.encode ? st.get(4, cols) : nullptr;
-    float* dvx = dv_gemm && bf16_gemm ? st.get(5, cols) : nullptr;
-    float* cbuf = p.kind == kMatrix && bf16_gemm ? st.get(6, tile * p.max_ks) : nullptr;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * tile, m = std::min(batch, b0 + tile) - b0, count = m * width;
       const float* g = g_all + b0;
@@ -451,16 +489,21 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
       if (p.kind == kMatrix) {
         std::fill(db, db + count, 0.f);
         const auto ga_tile = torch::from_blob(ga, {m, width}, kF32);
+        torch::Tensor ga16;  // bf16: g a rounded once (into the rows kept for d decoder, if wanted)
+        if (bf16_gemm) {
+          if (matrix_dec) {
+            store_rows(GAg, b0, m, width, ga);
+            ga16 = GAg.narrow(0, b0, m);
+          } else {
+            ga16 = st.a16.narrow(0, 0, m).narrow(1, 0, width);
+            ga16.copy_(ga_tile);
+          }
+        }
         for (const auto& c : p.chunks) {
           auto c_tile = torch::from_blob(db + c.k0, {m, c.ks}, {width, 1}, kF32);
           // db[:, k0:k0+ks] += ga[:, col0:col0+cols] @ W_chunk^T (chunks overlap in K)
-          if (bf16_gemm) {
-            auto x_tile = torch::from_blob(cbuf, {m, c.ks}, kF32);
-            tile_mm(x_tile, ga_tile.narrow(1, c.col0, c.cols), c.weight.t(), st.a16, st.o16);
-            c_tile.add_(x_tile);
-          } else {
-            c_tile.addmm_(ga_tile.narrow(1, c.col0, c.cols), c.weight.t());
-          }
+          if (bf16_gemm) mm_widened(c_tile, ga16.narrow(1, c.col0, c.cols), c.weight.t(), st.o16, true);
+          else c_tile.addmm_(ga_tile.narrow(1, c.col0, c.cols), c.weight.t());
         }
       } else {
         mix_transposed_tile(p, ga, db, m);
@@ -470,23 +513,31 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
       combine_tile(p, g, T.data_ptr<float>() + b0 * width, db, p.encode ? dz : nullptr, dv, m);
       if (p.encode) {
         apply_act_grad(p, h, dz, count);  // dz is dH from here on
+        if (need_enc_weight) store_rows(dHg, b0, m, width, dz);
         if (dv_gemm) {
           auto dv_tile = torch::from_blob(dv, {m, width}, kF32);
-          const auto dh_tile = torch::from_blob(dz, {m, width}, kF32);
           if (bf16_gemm) {
-            auto x_tile = torch::from_blob(dvx, {m, width}, kF32);
-            tile_mm(x_tile, dh_tile, enc_w, st.a16, st.o16);
-            add_into(dv, dvx, count);
+            // dH in bf16 once: the rows just stored for dW_enc, else the staging tile
+            torch::Tensor dh16;
+            if (need_enc_weight) {
+              dh16 = dHg.narrow(0, b0, m);
+            } else {
+              dh16 = st.a16.narrow(0, 0, m).narrow(1, 0, width);
+              auto* dst = reinterpret_cast<uint16_t*>(dh16.data_ptr());
+              for (int64_t b = 0; b < m; ++b) narrow_bf16(dz + b * width, dst + b * dh16.stride(0), width);
+            }
+            auto o16 = st.o16.narrow(0, 0, m).narrow(1, 0, width);
+            at::mm_out(o16, dh16, enc_w);
+            add_widened(dv, o16, m, width);
           } else {
-            dv_tile.addmm_(dh_tile, enc_w);
+            dv_tile.addmm_(torch::from_blob(dz, {m, width}, kF32), enc_w);
           }
         }
         if (need_enc_bias) colsum_into(bacc.data(), dz, m, width);
-        if (need_enc_weight) store_rows(dHg, b0, m, width, dz);
       }
       if (store_v) store_rows(Vg, b0, m, width, v);
       if (matrix_dec) {
-        store_rows(GAg, b0, m, width, ga);
+        if (!bf16_gemm) store_rows(GAg, b0, m, width, ga);
         if (right_z) store_rows(Zg, b0, m, width, z);
       }
     }
