@@ -742,3 +742,28 @@ def test_fused_cpu_training_step_matches_torch_step(opt_kind):
     assert not torch.equal(state["cpu"][0], table0)
     for got, want in zip(state["cpu"], state["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sfg_interaction_graphs_alive_together_keep_their_buffers():
+    """Gradient accumulation: two forwards, then the backwards in the other order. The saved buffers
+    of one graph (and the thread-local workspaces the backwards share) must not leak into the other."""
+    case = ("matrix", "relu", 0.5, False, "upper", "right", False, True, True)
+    tensors, opts = _interaction_inputs(case, 96, 5, 8, torch.float32, seed=9)
+    other, _ = _interaction_inputs(case, 96, 5, 8, torch.float32, seed=10)
+    upstream = torch.randn(96)
+
+    def cpu(*args):
+        return functional.sfg_interaction(*args, backend="cpu")
+    _, alone_a = _value_and_grads(cpu, tensors, opts, upstream)
+    _, alone_b = _value_and_grads(cpu, [other[0]] + tensors[1:], opts, upstream)
+    params = [t.clone().requires_grad_() for t in tensors[1:]]
+    va, vb = tensors[0].clone().requires_grad_(), other[0].clone().requires_grad_()
+    out_a = cpu(va, *params, *opts)
+    out_b = cpu(vb, *params, *opts)
+    (out_b * upstream).sum().backward()
+    grads_b = [va.grad] + [p.grad.clone() for p in params]
+    assert grads_b[0] is None
+    (out_a * upstream).sum().backward()
+    assert torch.equal(vb.grad, alone_b[0]) and torch.equal(va.grad, alone_a[0])
+    for p, ga, gb in zip(params, alone_a[1:], alone_b[1:]):
+        torch.testing.assert_close(p.grad, ga + gb, rtol=1e-6, atol=1e-6)
