@@ -33,14 +33,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused SFG interaction on V, forward: {logit [B], H [B, N*D] (saved), T [B, N*D] (saved)} (CPU)",
         py::arg("V"), py::arg("enc_weight"), py::arg("enc_bias"), py::arg("dec_weight"), py::arg("kind"),
         py::arg("activation"), py::arg("gamma"), py::arg("residual"), py::arg("pairs"), py::arg("generated_side"),
-        py::arg("symmetric"), py::arg("tile") = 64, py::arg("bf16_gemm") = false, py::arg("save") = true);
+        py::arg("symmetric"), py::arg("tile") = 64, py::arg("bf16_gemm") = false, py::arg("save") = true,
+        py::call_guard<py::gil_scoped_release>());
   m.def("sfg_interaction_bwd", &sfg::sfg_interaction_bwd_cpu,
         "Fused SFG interaction on V, backward: {dV, dW_enc, dbias, ddec} (undefined where not needed) (CPU)",
         py::arg("grad"), py::arg("V"), py::arg("H"), py::arg("T"), py::arg("enc_weight"), py::arg("enc_bias"),
         py::arg("dec_weight"), py::arg("kind"), py::arg("activation"), py::arg("gamma"), py::arg("residual"),
         py::arg("pairs"), py::arg("generated_side"), py::arg("symmetric"), py::arg("tile") = 64,
         py::arg("bf16_gemm") = false, py::arg("need_v") = true, py::arg("need_enc_weight") = true,
-        py::arg("need_enc_bias") = true, py::arg("need_dec") = true);
+        py::arg("need_enc_bias") = true, py::arg("need_dec") = true, py::call_guard<py::gil_scoped_release>());
 #ifdef SFG_FAST_WITH_CUDA
   m.def("embedding_lookup_cuda", &sfg::embedding_lookup_cuda, "Multi-field lookup forward (CUDA)", py::arg("ids"),
         py::arg("weight"), py::arg("offsets"));

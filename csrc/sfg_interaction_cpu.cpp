@@ -107,6 +107,7 @@ SFG_INLINE void mix_transposed_sample(const Plan& p, const float* a, float* out)
       mix_sample(p, a, out);
       return;
     }
+    if (n == 0) return;
     std::fill(out, out + dim, 0.f);  // out_j = sum_{i < j} a_i: prefix sums
     for (int64_t j = 1; j < n; ++j)
       for (int64_t d = 0; d < dim; ++d) out[j * dim + d] = out[(j - 1) * dim + d] + a[(j - 1) * dim + d];
@@ -264,11 +265,14 @@ SFG_HOT void apply_act_grad(const Plan& p, const float* h, float* dz, int64_t co
   }
 }
 
-void check_inputs(const torch::Tensor& V, int64_t tile) {
+// Checks V and returns the tile clamped to B: the per-thread buffers hold tile rows of N*D values, so
+// a tile larger than the batch would only size them by the argument (and tile * N*D could overflow).
+int64_t check_inputs(const torch::Tensor& V, int64_t tile) {
   TORCH_CHECK_VALUE(tile >= 1, sfg::msg("tile must be >= 1, got ", tile));
   TORCH_CHECK_VALUE(V.dim() == 3 && V.device().is_cpu(), sfg::msg("V must be a CPU [B, N, D] tensor, got ", V.sizes()));
   TORCH_CHECK_TYPE(V.scalar_type() == torch::kFloat || V.scalar_type() == torch::kBFloat16,
                    sfg::msg("V must be float32 or bfloat16 for the cpu backend, got ", V.scalar_type()));
+  return std::min(tile, std::max<int64_t>(V.size(0), 1));
 }
 
 void detach_all(torch::Tensor& V, c10::optional<torch::Tensor>& enc_weight, c10::optional<torch::Tensor>& enc_bias,
@@ -304,6 +308,9 @@ struct Scratch {
   }
   void staging(bool bf16, int64_t tile, int64_t width) {
     if (!bf16 || (a16.defined() && a16.size(0) >= tile && a16.size(1) >= width)) return;
+    // ordinary tensors even when the first call runs under torch.inference_mode(): a cached inference
+    // tensor would refuse the in-place writes of every later call outside it
+    c10::InferenceMode normal(false);
     const auto b16 = torch::TensorOptions().dtype(torch::kBFloat16);
     a16 = torch::empty({tile, width}, b16);
     o16 = torch::empty({tile, width}, b16);
@@ -324,7 +331,10 @@ torch::Tensor workspace(int slot, int64_t rows, int64_t cols, c10::ScalarType dt
   const auto opts = torch::TensorOptions().dtype(dtype);
   if (count * static_cast<int64_t>(c10::elementSize(dtype)) > kMaxCachedBytes) return torch::empty({rows, cols}, opts);
   auto& t = cache[slot];
-  if (!t.defined() || t.scalar_type() != dtype || t.numel() < count) t = torch::empty({count}, opts);
+  if (!t.defined() || t.scalar_type() != dtype || t.numel() < count) {
+    c10::InferenceMode normal(false);  // (as Scratch::staging)
+    t = torch::empty({count}, opts);
+  }
   return t.narrow(0, 0, count).view({rows, cols});
 }
 
@@ -336,7 +346,7 @@ std::vector<torch::Tensor> sfg_interaction_fwd_cpu(torch::Tensor V, c10::optiona
                                                    const std::string& activation, double gamma, bool residual,
                                                    const std::string& pairs, const std::string& generated_side,
                                                    bool symmetric, int64_t tile, bool bf16_gemm, bool save) {
-  check_inputs(V, tile);
+  tile = check_inputs(V, tile);
   // Plain tensors from here on: the tile GEMMs write into out= buffers from worker threads, which do
   // not inherit the caller's no-grad mode, and autograd refuses out= on inputs that require grad.
   detach_all(V, enc_weight, enc_bias, dec_weight);
@@ -409,7 +419,7 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
                                                    const std::string& pairs, const std::string& generated_side,
                                                    bool symmetric, int64_t tile, bool bf16_gemm, bool need_v,
                                                    bool need_enc_weight, bool need_enc_bias, bool need_dec) {
-  check_inputs(V, tile);
+  tile = check_inputs(V, tile);
   detach_all(V, enc_weight, enc_bias, dec_weight);
   grad = grad.detach();
   V = V.contiguous();

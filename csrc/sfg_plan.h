@@ -320,33 +320,54 @@ SFG_INLINE void mix_row(const Plan& p, const float* x, const int64_t* idx, int64
   else mix_row_kind<false>(p, x, idx, kbase, widx, count, out);
 }
 
+// The identity decoder's score over lanes [d0, d0 + L) of one sample, in registers:
+//   upper: sum_i a_i . s_i with s_i = sum_{j > i} b_j (a running suffix sum);
+//   all: (sum_i a_i) . (sum_j b_j);  offdiag: that minus sum_i a_i . b_i.
+template <int L>
+SFG_INLINE float identity_lanes(const Plan& p, const float* left, const float* right, int64_t d0) {
+  const int64_t n = p.n, dim = p.dim;
+  if constexpr (L == 1) {
+    float acc = 0.f, s = 0.f, sa = 0.f, ab = 0.f;
+    for (int64_t i = n - 1; i >= 0; --i) {
+      const float a = left[i * dim + d0], b = right[i * dim + d0];
+      acc += a * s;
+      s += b;
+      sa += a;
+      ab += a * b;
+    }
+    if (p.pairs == 0) return acc;
+    return sa * s - (p.pairs == 2 ? ab : 0.f);
+  } else {
+    using V = typename Lanes<L>::T;
+    V acc = {}, s = {}, sa = {}, ab = {};
+    for (int64_t i = n - 1; i >= 0; --i) {
+      const V a = load_lanes<L>(left + i * dim + d0), b = load_lanes<L>(right + i * dim + d0);
+      if (p.pairs == 0) {
+        acc += a * s;
+      } else {
+        sa += a;
+        ab += a * b;
+      }
+      s += b;
+    }
+    if (p.pairs != 0) acc = sa * s - (p.pairs == 2 ? ab : V{});
+    float total = 0.f;
+    for (int l = 0; l < L; ++l) total += acc[l];
+    return total;
+  }
+}
+
 // Per-sample decode of the linear kinds: logit = sum_i left_i . t_i. `left` and `right` point at one
 // sample's [N, D] rows; `t` is scratch of D floats.
 SFG_INLINE float decode_sample(const Plan& p, const float* left, const float* right, float* t) {
   const int64_t n = p.n, dim = p.dim;
   float acc = 0.f;
   if (p.kind == kIdentity) {
-    // t_i for upper = suffix sum of b_{j>i}; all = total; offdiag = total - b_i.
-    if (p.pairs == 0) {
-      std::fill(t, t + dim, 0.f);
-      for (int64_t i = n - 1; i >= 0; --i) {
-        acc += row_dot(left + i * dim, t, dim);
-        const float* b = right + i * dim;
-        for (int64_t d = 0; d < dim; ++d) t[d] += b[d];
-      }
-      return acc;
-    }
-    std::fill(t, t + dim, 0.f);
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t d = 0; d < dim; ++d) t[d] += right[j * dim + d];
-    for (int64_t i = 0; i < n; ++i) {
-      const float* a = left + i * dim;
-      const float* b = right + i * dim;
-      if (p.pairs == 1)
-        for (int64_t d = 0; d < dim; ++d) acc += a[d] * t[d];
-      else
-        for (int64_t d = 0; d < dim; ++d) acc += a[d] * (t[d] - b[d]);
-    }
+    int64_t d0 = 0;
+    for (; d0 + 16 <= dim; d0 += 16) acc += identity_lanes<16>(p, left, right, d0);
+    if (d0 + 8 <= dim) acc += identity_lanes<8>(p, left, right, d0), d0 += 8;
+    if (d0 + 4 <= dim) acc += identity_lanes<4>(p, left, right, d0), d0 += 4;
+    for (; d0 < dim; ++d0) acc += identity_lanes<1>(p, left, right, d0);
     return acc;
   }
   for (int64_t i = 0; i < n; ++i) {

@@ -767,3 +767,53 @@ def test_sfg_interaction_graphs_alive_together_keep_their_buffers():
     assert torch.equal(vb.grad, alone_b[0]) and torch.equal(va.grad, alone_a[0])
     for p, ga, gb in zip(params, alone_a[1:], alone_b[1:]):
         torch.testing.assert_close(p.grad, ga + gb, rtol=1e-6, atol=1e-6)
+
+
+def test_sfg_interaction_edge_shapes_and_tiles():
+    """No fields (N = 0), an empty batch, and tiles far beyond the batch (clamped to it): the values
+    and gradients of the factored path, no stray writes."""
+    from sfg_fast import _C
+    V = torch.randn(5, 0, 4, requires_grad=True)
+    out = functional.sfg_interaction(V, None, None, None, "identity", backend="cpu")
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(5)) and V.grad.shape == (5, 0, 4)
+    case = ("vector", "relu", 1.0, False, "upper", "left", False, True, True)
+    for batch in (0, 3):
+        tensors, opts = _interaction_inputs(case, batch, 3, 4, torch.float32)
+        upstream = torch.randn(batch)
+        _, want = _value_and_grads(factored.sfg_interaction, tensors, opts, upstream)
+        _, got = _value_and_grads(lambda *a: functional.sfg_interaction(*a, backend="cpu"), tensors, opts, upstream)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    tensors, opts = _interaction_inputs(case, 7, 3, 4, torch.float32)
+    small = _C.sfg_interaction_fwd(*tensors, *opts, tile=1)[0]
+    huge = _C.sfg_interaction_fwd(*tensors, *opts, tile=2 ** 62)[0]
+    torch.testing.assert_close(huge, small, rtol=1e-6, atol=1e-6)
+
+
+def test_sfg_interaction_bf16_after_inference_mode():
+    """A bf16 evaluation under torch.inference_mode() first (a trainer's sanity check), then training
+    on the same thread: the cached bf16 staging buffers must stay usable outside inference mode."""
+    import threading
+    case = ("identity", "relu", 1.0, False, "upper", "left", False, False, True)
+    tensors, opts = _interaction_inputs(case, 300, 4, 4, seed=2)
+    bf = [None if t is None else t.to(torch.bfloat16) for t in tensors]
+    upstream = torch.randn(300, dtype=torch.float64)
+    result = {}
+
+    def body():   # a fresh thread: its thread-local buffers are first made under inference mode
+        try:
+            with torch.inference_mode():
+                result["eval"] = functional.sfg_interaction(*bf, *opts, backend="cpu")
+            result["train"] = _value_and_grads(lambda *a: functional.sfg_interaction(*a, backend="cpu"), bf, opts,
+                                               upstream)
+        except Exception as exc:  # re-raised in the test's thread
+            result["error"] = exc
+    worker = threading.Thread(target=body)
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    out, grads = result["train"]
+    torch.testing.assert_close(out, result["eval"], rtol=0, atol=0)
+    assert all(torch.isfinite(g.float()).all() for g in grads)
