@@ -10,7 +10,8 @@ Sections (every provider runs in try/except: a failure is a row with its error, 
                forward and forward+backward; TFLOP/s from the model FLOP count; peak memory.
   lookup       embedding_lookup forward GB/s against a measured device-to-device copy.
   step         a full SFG-FwFM training step (lookup with fused sparse rowwise Adagrad, encoder,
-               scalar decoder, BCE, backward, dense Adagrad) in samples/s, vs the literal step.
+               scalar decoder, BCE, backward, dense Adagrad) in samples/s, vs the literal step; the fused step
+               runs encoder and decoder as two ops and as one sfg_interaction (what the FM-family models run).
 Targets of the Triton issue are evaluated at the end (benchmark, not test). Timings are
 triton.testing.do_bench medians on CUDA (bench.common.time_gpu), wall-clock medians on CPU.
 Results: JSON + markdown under $OUT (default bench/results/<device>/).
@@ -517,7 +518,7 @@ def bench_step(rows, args, device, budget, dims) -> None:
         counter[0] = (counter[0] + 1) % len(ids_list)
         return ids_list[counter[0]], labels_list[counter[0]]
 
-    def fused_body():
+    def fused_body(one_op=False):
         backend = "triton"
         embedding = FusedFieldEmbedding(dims, d, optimizer="adagrad", lr=0.01, bounds_check="off",
                                         backend=backend).to(device)
@@ -526,10 +527,17 @@ def bench_step(rows, args, device, budget, dims) -> None:
         dense = list(encoder.parameters()) + list(decoder.parameters())
         opt = torch.optim.Adagrad(dense, lr=0.01)
 
+        def interaction(V):
+            if not one_op:      # two ops: the encoder writes Z, the decoder scores it
+                return decoder(encoder(V), V)
+            # one op (what the FM-family models run): encoder and decoder in one GEMM pass
+            return SF.sfg_interaction(V, encoder.weight, encoder.bias, decoder.weight, "scalar", encoder.activation,
+                                      encoder.gamma, encoder.residual, backend=backend)
+
         def step():
             ids, labels = next_batch()
             V = embedding(ids)
-            loss = SF.bce_with_logits(decoder(encoder(V), V), labels, backend=backend)
+            loss = SF.bce_with_logits(interaction(V), labels, backend=backend)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -558,6 +566,7 @@ def bench_step(rows, args, device, budget, dims) -> None:
         return out
 
     _attempt(rows, budget, _row("step", "scalar", "fused", "train"), fused_body)
+    _attempt(rows, budget, _row("step", "scalar", "fused sfg_interaction", "train"), lambda: fused_body(one_op=True))
     _attempt(rows, budget, _row("step", "scalar", "reference", "train"), literal_body)
 
 
@@ -599,8 +608,9 @@ def evaluate_targets(rows: List[Dict], facts: Dict, device: str) -> List[Dict]:
         out.append({"target": f"{kind}: peak memory >= 20x below literal", "value": mem, "goal": 20.0})
     out.append({"target": "lookup fwd >= 60% of copy bandwidth", "value": facts.get("lookup_fused_pct"),
                 "goal": 60.0})
-    step = next((r for r in rows if r["section"] == "step" and r["provider"] == "fused"
-                 and isinstance(r.get("samples_per_s"), float)), None)
+    steps = [r for r in rows if r["section"] == "step" and r["provider"].startswith("fused")
+             and isinstance(r.get("samples_per_s"), float)]
+    step = max(steps, key=lambda r: r["samples_per_s"]) if steps else None   # the faster fused form
     out.append({"target": "SFG-FwFM step >= 20M samples/s",
                 "value": step["samples_per_s"] / 1e6 if step else None, "goal": 20.0})
     for t in out:

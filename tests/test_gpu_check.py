@@ -51,6 +51,7 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
         for provider in ("fused", "reference", "factored", "compile_factored", "compile_reference", "compile_fused"):
             assert ("interaction", kind, provider, "fwd+bwd") in seen, (kind, provider)
     assert ("lookup", "-", "copy", "fwd") in seen and ("step", "scalar", "fused", "train") in seen
+    assert ("step", "scalar", "fused sfg_interaction", "train") in seen
     for provider in ("fused", "ext-cuda", "factored"):
         assert ("lookup", "-", provider, "bwd+adagrad") in seen, provider
     for r in rows:
