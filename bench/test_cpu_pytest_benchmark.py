@@ -49,14 +49,16 @@ def _backend_or_skip(backend, op):
 
 
 @pytest.mark.parametrize("kind", ["identity", "scalar", "vector", "matrix"])
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 def test_sfg_step_fwd_bwd(benchmark, kind, backend):
-    """lookup -> encode -> decode -> BCE, forward + backward."""
+    """lookup -> encode -> decode -> BCE, forward + backward (cpu: torch's gather, whose backward builds
+    the dense table gradient, + the fused C++ interaction)."""
+    _backend_or_skip(backend, "sfg_logits")
     ids, table, offsets, enc, dec, labels = _inputs(kind)
 
     def step():
         logits = SF.sfg_logits(ids, table, offsets, enc, None, dec, kind, backend=backend)
-        SF.bce_with_logits(logits, labels, backend=backend).backward()
+        SF.bce_with_logits(logits, labels, backend="torch" if backend == "cpu" else backend).backward()
 
     benchmark.pedantic(step, rounds=3 if backend == "reference" else 10, warmup_rounds=1)
 
@@ -73,3 +75,19 @@ def test_sfg_inference(benchmark, kind, backend):
             SF.sfg_logits(ids, table, offsets, enc, None, dec, kind, backend=backend)
 
     benchmark.pedantic(infer, rounds=3 if backend == "reference" else 10, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("kind", ["identity", "scalar", "vector", "matrix"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_sfg_interaction_fwd_bwd(benchmark, kind, backend):
+    """encode -> decode on a ready V (sfg_interaction), forward + backward: every gradient, no table."""
+    _backend_or_skip(backend, "sfg_interaction")
+    ids, table, offsets, enc, dec, _ = _inputs(kind)
+    V = SF.embedding_lookup(ids, table.detach(), offsets, backend="torch").requires_grad_()
+    upstream = torch.randn(BATCH)
+
+    def step():
+        out = SF.sfg_interaction(V, enc, None, dec, kind, backend=backend)
+        (out * upstream).sum().backward()
+
+    benchmark.pedantic(step, rounds=10, warmup_rounds=1)
