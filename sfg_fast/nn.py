@@ -165,6 +165,46 @@ class PairwiseDecoder(nn.Module):
                 f"pairs={self.pairs!r}, generated_side={self.generated_side!r}, symmetric={self.symmetric}")
 
 
+def score_pairs(encoder: Optional[SFGEncoder], decoder: PairwiseDecoder, V: torch.Tensor,
+                backend: str = "auto") -> torch.Tensor:
+    """``decoder(encoder(V), V)`` (``decoder(V, V)`` without an encoder) as ONE ``sfg_interaction`` call,
+    so fused backends run encoder and decoder as one pipeline; with the encoder's dropout active
+    (training) Z must exist between them, and the two ops run instead. ``-> [B]``."""
+    if encoder is not None and encoder.dropout is not None and encoder.training:
+        return decoder(encoder(V), V)
+    if encoder is None:
+        return SF.sfg_interaction(V, None, None, decoder.weight, decoder.kind, "identity", 1.0, False, decoder.pairs,
+                                  decoder.generated_side, decoder.symmetric, backend=backend)
+    return SF.sfg_interaction(V, encoder.weight, encoder.bias, decoder.weight, decoder.kind, encoder.activation,
+                              encoder.gamma, encoder.residual, decoder.pairs, decoder.generated_side,
+                              decoder.symmetric, backend=backend)
+
+
+class SFGInteraction(nn.Module):
+    """The drop-in SFG layer: generator + All-Predict-All decoder on ready embeddings, ``forward(V) -> [B]``.
+
+    ``V [B, N, D]`` from any lookup (``FieldEmbedding``, ``optim.FusedFieldEmbedding``, a TorchRec
+    EmbeddingBagCollection's pooled ``[B, F, D]``). ``generative=False`` drops the encoder: the base
+    model's interaction exactly (FM for kind "identity", FwFM "scalar", FvFM "vector", FmFM "matrix").
+    Runs as one ``sfg_interaction`` op (fused on the cpu and triton backends). Keyword arguments as
+    :class:`SFGEncoder` (activation, gamma, bias, residual, dropout) and :class:`PairwiseDecoder` (kind,
+    pairs, generated_side, symmetric).
+    """
+
+    def __init__(self, num_fields: int, embedding_dim: int, kind: str = "identity", pairs: str = "upper",
+                 generated_side: str = "left", symmetric: bool = False, generative: bool = True,
+                 activation: str = "relu", gamma: float = 1.0, bias: bool = False, residual: bool = False,
+                 dropout: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.encoder = (SFGEncoder(num_fields, embedding_dim, activation, gamma, bias, residual, dropout, backend)
+                        if generative else None)
+        self.decoder = PairwiseDecoder(num_fields, embedding_dim, kind, pairs, generated_side, symmetric, backend)
+
+    def forward(self, V: torch.Tensor) -> torch.Tensor:
+        return score_pairs(self.encoder, self.decoder, V, self.backend)
+
+
 _MLP_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU,
                     "gelu": nn.GELU, "identity": nn.Identity}
 

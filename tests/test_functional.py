@@ -326,3 +326,29 @@ def test_auto_on_cuda_follows_the_measured_winner(monkeypatch):
     monkeypatch.setattr(_backend, "unavailable_reason",
                         lambda backend, op="", device=None: "absent" if backend == "triton" else None)
     assert _backend.resolve("auto", "embedding_lookup", cuda) == "cuda"
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+@pytest.mark.parametrize("generative", [True, False])
+def test_sfg_interaction_layer_equals_encoder_then_decoder(backend, generative):
+    """nn.SFGInteraction (one sfg_interaction op) = PairwiseDecoder(SFGEncoder(V), V) with the same
+    weights, values and gradients; generative=False is the base model's interaction."""
+    from sfg_fast.nn import SFGInteraction
+    torch.manual_seed(3)
+    layer = SFGInteraction(5, 4, kind="matrix", generated_side="right", generative=generative, gamma=0.7,
+                           bias=True, residual=True, backend=backend).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    V = torch.randn(11, 5, 4, dtype=torch.float64, requires_grad=True)
+    out = layer(V)
+    out.sum().backward()
+    got = [V.grad] + [p.grad for p in layer.parameters()]
+    V2 = V.detach().clone().requires_grad_()
+    Z = layer.encoder(V2) if generative else V2
+    ref = layer.decoder(Z, V2)
+    ref_grads = torch.autograd.grad(ref.sum(), [V2] + list(layer.parameters()))
+    torch.testing.assert_close(out, ref)
+    assert (layer.encoder is None) == (not generative)
+    for g, r in zip(got, ref_grads):
+        torch.testing.assert_close(g, r)

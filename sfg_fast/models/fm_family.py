@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 from .. import functional as SF
-from ..nn import MLP, PairwiseDecoder
+from ..nn import MLP, PairwiseDecoder, score_pairs
 from .base import CTRModel, FirstOrder
 
 
@@ -24,16 +24,8 @@ class _PairwiseModel(CTRModel):
                                        self.generated_side, backend=self.backend)
 
     def interaction(self, V: torch.Tensor) -> torch.Tensor:
-        encoder, decoder = self.encoder, self.decoder
-        if encoder is not None and encoder.dropout is not None and encoder.training:
-            return decoder(self.generate(V), V)   # dropout between Z and the decoder: two ops
         # encoder + decoder as one op (fused on the backends that have it; the same math elsewhere)
-        return SF.sfg_interaction(V, encoder.weight if encoder is not None else None,
-                                  encoder.bias if encoder is not None else None, decoder.weight, decoder.kind,
-                                  encoder.activation if encoder is not None else "identity",
-                                  encoder.gamma if encoder is not None else 1.0,
-                                  encoder.residual if encoder is not None else False, decoder.pairs,
-                                  decoder.generated_side, decoder.symmetric, backend=self.backend)
+        return score_pairs(self.encoder, self.decoder, V, self.backend)
 
     def score(self, ids, V):
         return self.linear(ids) + self.interaction(V)
