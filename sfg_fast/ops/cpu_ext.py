@@ -87,7 +87,7 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
     bf16 = bf16_gemms(table.dtype)
     out = _C.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, float(gamma),
                         bool(residual), pairs, generated_side, bool(symmetric), "off",
-                        _TILE_BF16 if bf16 else _TILE, bf16_gemm=bf16)
+                        _tile(ids.shape[0], bf16), bf16_gemm=bf16)
     return out.to(table.dtype)
 
 
@@ -145,7 +145,7 @@ def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma
         return factored.sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
                                         pairs, generated_side, symmetric)
     bf16 = bf16_gemms(V.dtype)
-    tile = _TILE_BF16 if bf16 else _TILE
+    tile = _tile(V.shape[0], bf16)
     config = (kind, activation, float(gamma), bool(residual), pairs, generated_side, bool(symmetric))
     if _needs_grad(*params):
         return SfgInteractionFunction.apply(V, enc_weight, enc_bias, dec_weight, config, tile, bf16)
@@ -153,6 +153,13 @@ def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma
         logit = _C.sfg_interaction_fwd(V, enc_weight, enc_bias, dec_weight, *config, tile=tile, bf16_gemm=bf16,
                                        save=False)[0]
     return logit.to(_out_dtype(V, enc_weight, dec_weight))
+
+
+def _tile(batch: int, bf16: bool) -> int:
+    """Samples per tile: the measured size (64 fp32, 256 bf16), but small enough that every thread
+    gets a tile (a batch of one tile would run on one thread)."""
+    per_thread = -(-max(int(batch), 1) // max(torch.get_num_threads(), 1))
+    return max(1, min(_TILE_BF16 if bf16 else _TILE, per_thread))
 
 
 def bf16_gemms(param_dtype: torch.dtype) -> bool:
