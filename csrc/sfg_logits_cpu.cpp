@@ -88,6 +88,11 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
                              int64_t tile, bool bf16_gemm) {
   const int mode = parse_bounds_mode(bounds_check);
   TORCH_CHECK_VALUE(tile >= 1, sfg::msg("tile must be >= 1, got ", tile));
+  // Plain tensors: the tile GEMMs write out= buffers from worker threads, which do not inherit the
+  // caller's no-grad mode, and autograd refuses out= when an input requires grad.
+  table = table.detach();
+  for (auto* t : {&enc_weight, &enc_bias, &dec_weight})
+    if (t->has_value()) *t = (*t)->detach();
   TORCH_CHECK_VALUE(table.dim() == 2 && table.device().is_cpu(),
                     sfg::msg("table must be a CPU [V, D] tensor, got ", table.sizes()));
   TORCH_CHECK_TYPE(table.scalar_type() == torch::kFloat || table.scalar_type() == torch::kBFloat16,

@@ -817,3 +817,22 @@ def test_sfg_interaction_bf16_after_inference_mode():
     out, grads = result["train"]
     torch.testing.assert_close(out, result["eval"], rtol=0, atol=0)
     assert all(torch.isfinite(g.float()).all() for g in grads)
+
+
+def test_inference_under_no_grad_with_trainable_parameters_on_all_threads():
+    """Evaluation of a model in training (parameters require grad) under torch.no_grad(): the C++
+    tiles run on every thread, whose grad mode is not the caller's, with the same result as torch."""
+    field_dims, dim = [9, 4, 30, 7], 8
+    n, offsets = 4, offsets_of(field_dims)
+    table = _table(field_dims, dim).requires_grad_()
+    enc = (torch.randn(n * dim, n * dim) / 6).requires_grad_()
+    dec = torch.randn(n, n, dim, dim).requires_grad_()
+    ids = zipf_ids(300, field_dims)
+    with torch.no_grad():
+        out = functional.sfg_logits(ids, table, offsets, enc, None, dec, "matrix", backend="cpu")
+        V = functional.embedding_lookup(ids, table, offsets, backend="torch")
+        out2 = functional.sfg_interaction(V, enc, None, dec, "matrix", backend="cpu")
+        want = factored.sfg_logits(ids, table, offsets, enc, None, dec, "matrix", "relu", 1.0, False, "upper",
+                                   "left", False)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out2, want, rtol=1e-4, atol=1e-4)
