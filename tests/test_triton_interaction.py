@@ -598,21 +598,30 @@ def test_composed_gemm_plans_match_the_per_field_engine(monkeypatch, encoder, sy
     torch.testing.assert_close(dlogit, torch.sigmoid(logit) - labels, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,symmetric,side,encode", [("matrix", False, "right", True), ("scalar", True, "left", True),
-                                                        ("vector", False, "left", False)])
-def test_sfg_interaction_on_dense_v(kind, symmetric, side, encode):
+@pytest.mark.parametrize("kind,symmetric,side,encode,act,residual,bias,pairs", [
+    ("matrix", False, "right", True, "relu", False, False, "upper"),
+    ("scalar", True, "left", True, "relu", False, True, "upper"),
+    ("vector", False, "left", False, "relu", False, False, "upper"),
+    ("identity", False, "left", True, "gelu", True, False, "offdiag"),
+    ("scalar", False, "right", True, "tanh", False, True, "all"),
+    ("vector", True, "left", True, "silu", True, True, "all"),
+    ("matrix", True, "left", True, "sigmoid", False, True, "offdiag"),
+    ("matrix", False, "left", False, "relu", False, False, "all"),
+])
+def test_sfg_interaction_on_dense_v(kind, symmetric, side, encode, act, residual, bias, pairs):
     """functional.sfg_interaction on the triton backend (the sfg_logits plans reading a dense V): the
-    fused pass, the symmetric encode-then-score pair and the base model, values and every gradient."""
+    fused pass, the symmetric encode-then-score pair and the base model, every kind, pair set,
+    activation, residual and bias; values and every gradient."""
     gen = torch.Generator().manual_seed(11)
     batch, n, d = 16, 4, 4
     width = n * d
     tensors = [torch.randn(batch, n, d, generator=gen, dtype=torch.float64),
                torch.randn(width, width, generator=gen, dtype=torch.float64) / 4 if encode else None,
-               torch.randn(width, generator=gen, dtype=torch.float64) if encode else None,
-               {"scalar": torch.randn(n, n, generator=gen, dtype=torch.float64),
+               torch.randn(width, generator=gen, dtype=torch.float64) if encode and bias else None,
+               {"identity": None, "scalar": torch.randn(n, n, generator=gen, dtype=torch.float64),
                 "vector": torch.randn(n, n, d, generator=gen, dtype=torch.float64),
                 "matrix": torch.randn(n, n, d, d, generator=gen, dtype=torch.float64) / d}[kind]]
-    opts = (kind, "relu", 0.7, False, "upper", side, symmetric)
+    opts = (kind, act, 0.7, residual and encode, pairs, side, symmetric)
     upstream = torch.randn(batch, generator=gen, dtype=torch.float64)
     results = {}
     for name, fn, dtype, device in (("ref64", R.sfg_interaction, torch.float64, "cpu"),
