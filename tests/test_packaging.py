@@ -56,3 +56,22 @@ def test_extension_built_when_required():
     from sfg_fast import _C  # noqa: F401
     from sfg_fast._backend import unavailable_reason
     assert unavailable_reason("cpu") is None
+
+
+def test_sdist_carries_every_extension_source(tmp_path):
+    """Building sfg_fast._C from the sdist needs every csrc/ file (headers and .cu kernels too, which
+    setuptools would leave out: MANIFEST.in grafts the folder)."""
+    import shutil
+    import tarfile
+    # a clean copy: setuptools also packs whatever an existing *.egg-info/SOURCES.txt lists
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "*.so",
+                                                             "__pycache__", "runs", ".pytest_cache"))
+    env = dict(os.environ, SFG_FAST_BUILD_EXT="0")
+    out = _run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")], cwd=src, env=env)
+    assert out.returncode == 0, out.stderr
+    (archive,) = list((tmp_path / "dist").glob("sfg_fast-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        names = {os.path.basename(n) for n in tar.getnames() if "/csrc/" in n}
+    wanted = {f for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith((".cpp", ".h", ".cu"))}
+    assert wanted and wanted <= names, sorted(wanted - names)
