@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "embedding_cpu_api.h"
+#include "sfg_plan.h"
 #ifdef SFG_FAST_WITH_CUDA
 #include "embedding_cuda_api.h"
 #endif
@@ -14,6 +15,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("WITH_CUDA") = false;
 #endif
+  m.def("hot_loop_isa", &sfg::hot_loop_isa,
+        "Instruction set of the CPU kernels' hot loops on this machine: x86-64-v4 (AVX-512), x86-64-v3 (AVX2) "
+        "or baseline");
   m.def("embedding_lookup", &sfg::embedding_lookup_cpu, "V[b, f] = weight[offsets[f] + ids[b, f]] (CPU)",
         py::arg("ids"), py::arg("weight"), py::arg("offsets"), py::arg("bounds_check") = "fatal");
   m.def("embedding_lookup_int8", &sfg::embedding_lookup_int8_cpu,

@@ -42,6 +42,20 @@
 #define SFG_LAMBDA_INLINE
 #endif
 
+namespace sfg {
+// Which clone of the SFG_HOT loops this CPU runs: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2 + FMA) or
+// "baseline" (also when the clones are compiled out: other compilers, sanitizer builds).
+inline const char* hot_loop_isa() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) && \
+    !defined(SFG_NO_CLONES)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3";
+#endif
+  return "baseline";
+}
+}  // namespace sfg
+
 // The lane vectors below are only passed between always-inline helpers, never across an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
 

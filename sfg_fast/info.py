@@ -31,7 +31,8 @@ def collect() -> dict:
     try:
         from sfg_fast import _C
         extension = {"built": True, "with_cuda": bool(getattr(_C, "WITH_CUDA", False)),
-                     "path": getattr(_C, "__file__", None)}
+                     "path": getattr(_C, "__file__", None),
+                     "cpu_isa": _C.hot_loop_isa() if hasattr(_C, "hot_loop_isa") else "unknown"}
     except Exception as exc:
         extension = {"built": False, "why": f"{type(exc).__name__}: {exc}"}
     return {
@@ -58,7 +59,8 @@ def main() -> None:
     print(f"platform {info['platform']}  threads {info['threads']}  cuda device: {info['cuda_device']}")
     ext = info["extension"]
     if ext["built"]:
-        print(f"extension sfg_fast._C: built (CUDA kernels: {'yes' if ext['with_cuda'] else 'no'}) at {ext['path']}")
+        print(f"extension sfg_fast._C: built (CUDA kernels: {'yes' if ext['with_cuda'] else 'no'}; CPU hot loops: "
+              f"{ext['cpu_isa']}) at {ext['path']}")
     else:
         print(f"extension sfg_fast._C: not built ({ext['why']})")
     print("\nbackends:")

@@ -13,8 +13,12 @@ def test_collect_names_every_backend_and_reason():
     for name, why in data["backends"].items():
         assert why is None or len(why) > 10, (name, why)
     assert data["extension"]["built"] == (data["backends"]["cpu"] is None)
+    if data["extension"]["built"]:
+        # which clone of the ISA-dispatched CPU loops runs here (baseline in sanitizer builds)
+        assert data["extension"]["cpu_isa"] in ("x86-64-v4", "x86-64-v3", "baseline")
     for device, ops in data["auto"].items():
-        assert set(ops) >= {"embedding_lookup", "sfg_encode", "pairwise_decode", "bce_with_logits"}
+        assert set(ops) >= {"embedding_lookup", "sfg_encode", "pairwise_decode", "bce_with_logits",
+                            "sfg_interaction"}
 
 
 def test_module_runs():
