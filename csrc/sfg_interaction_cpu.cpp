@@ -130,33 +130,6 @@ SFG_HOT void mix_transposed_tile(const Plan& p, const float* a, float* out, int6
   for (int64_t b = 0; b < m; ++b) mix_transposed_sample(p, a + b * width, out + b * width);
 }
 
-// out[0:L) += sum_b ga[b, ia:ia+L) * right[b, jb:jb+L) over the m rows of a tile, in registers.
-template <int L>
-SFG_INLINE void dec_lanes(const float* ga, const float* right, int64_t width, int64_t m, int64_t ia, int64_t jb,
-                          float* out) {
-  using V = typename Lanes<L>::T;
-  auto term = [&](int64_t b) SFG_LAMBDA_INLINE -> V {
-    return load_lanes<L>(ga + b * width + ia) * load_lanes<L>(right + b * width + jb);
-  };
-  V a0 = {}, a1 = {}, a2 = {}, a3 = {};  // four independent accumulators, not one add-latency chain
-  int64_t b = 0;
-  for (; b + 4 <= m; b += 4) {
-    a0 += term(b);
-    a1 += term(b + 1);
-    a2 += term(b + 2);
-    a3 += term(b + 3);
-  }
-  for (; b < m; ++b) a0 += term(b);
-  store_lanes<L>(out, load_lanes<L>(out) + ((a0 + a1) + (a2 + a3)));
-}
-
-SFG_INLINE void dec_lane(const float* ga, const float* right, int64_t width, int64_t m, int64_t ia, int64_t jb,
-                         float* out) {
-  float acc = 0.f;
-  for (int64_t b = 0; b < m; ++b) acc += ga[b * width + ia] * right[b * width + jb];
-  *out += acc;
-}
-
 // acc[k*D + d] += sum_b ga[b, i, d] * right[b, j, d] for every pair k = (i, j) of P, over one tile
 // (ga = g * a): a pair's D lanes stay in registers across the tile's samples; the scalar kind sums
 // the lanes at the end.
@@ -166,11 +139,15 @@ SFG_HOT void accumulate_dec_tile(const Plan& p, const float* ga, const float* ri
     for (int64_t k = p.row_ptr[i]; k < p.row_ptr[i + 1]; ++k) {
       const int64_t ia = i * dim, jb = p.col[k] * dim;
       float* out = acc + k * dim;
-      int64_t d0 = 0;
-      for (; d0 + 16 <= dim; d0 += 16) dec_lanes<16>(ga, right, width, m, ia + d0, jb + d0, out + d0);
-      if (d0 + 8 <= dim) dec_lanes<8>(ga, right, width, m, ia + d0, jb + d0, out + d0), d0 += 8;
-      if (d0 + 4 <= dim) dec_lanes<4>(ga, right, width, m, ia + d0, jb + d0, out + d0), d0 += 4;
-      for (; d0 < dim; ++d0) dec_lane(ga, right, width, m, ia + d0, jb + d0, out + d0);
+      // out[d0 : d0+L) += sum_b ga[b, i, d0 : d0+L) * right[b, j, d0 : d0+L) over the tile, in registers
+      for_lane_blocks(dim, [&](auto lanes, int64_t d0) SFG_LAMBDA_INLINE {
+        constexpr int L = decltype(lanes)::value;
+        using V = typename Lanes<L>::T;
+        const V sum = sum_terms<L>(m, [&](int64_t b) SFG_LAMBDA_INLINE -> V {
+          return load_lanes<L>(ga + b * width + ia + d0) * load_lanes<L>(right + b * width + jb + d0);
+        });
+        store_lanes<L>(out + d0, load_lanes<L>(out + d0) + sum);
+      });
     }
 }
 
@@ -424,7 +401,8 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
   grad = grad.detach();
   V = V.contiguous();
   const int64_t batch = V.size(0), n = V.size(1), dim = V.size(2), width = n * dim;
-  const EncoderOperands enc = encoder_operands(enc_weight, enc_bias, width, bf16_gemm);
+  // the backward needs no encoder GEMM operands (H is saved): the shapes are checked, nothing converted
+  check_encoder(enc_weight, enc_bias, width);
   const Plan p = make_plan(kind, activation, gamma, residual, pairs, generated_side, symmetric, n, dim,
                            enc_weight.has_value(), dec_weight, bf16_gemm);
   TORCH_CHECK_VALUE(grad.numel() == batch, sfg::msg("grad must have B=", batch, " values, got ", grad.sizes()));
@@ -440,7 +418,7 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
   const auto gemm_dtype = bf16_gemm ? torch::kBFloat16 : torch::kFloat;
 
   need_enc_weight = need_enc_weight && p.encode;
-  need_enc_bias = need_enc_bias && p.encode && enc.bias.has_value();
+  need_enc_bias = need_enc_bias && p.encode && enc_bias.has_value();
   need_dec = need_dec && p.kind != kIdentity;
   const bool dv_gemm = need_v && p.encode;
   const bool matrix_dec = need_dec && p.kind == kMatrix;

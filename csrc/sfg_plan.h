@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "message.h"
@@ -223,22 +224,29 @@ struct EncoderOperands {
   c10::optional<torch::Tensor> bias;  // fp32 [N*D]
 };
 
-inline EncoderOperands encoder_operands(const c10::optional<torch::Tensor>& enc_weight,
-                                        const c10::optional<torch::Tensor>& enc_bias, int64_t width, bool bf16_gemm) {
-  EncoderOperands e;
+// Checks the encoder's shapes, and that a bias comes with a weight.
+inline void check_encoder(const c10::optional<torch::Tensor>& enc_weight, const c10::optional<torch::Tensor>& enc_bias,
+                          int64_t width) {
   if (!enc_weight.has_value()) {
     TORCH_CHECK_VALUE(!enc_bias.has_value(), "enc_bias must be None when enc_weight is None");
-    return e;
+    return;
   }
   TORCH_CHECK_VALUE(enc_weight->dim() == 2 && enc_weight->size(0) == width && enc_weight->size(1) == width,
                     sfg::msg("enc_weight must have shape [N*D, N*D]=[", width, ", ", width, "], got ",
                              enc_weight->sizes()));
-  e.weight_t = enc_weight->to(bf16_gemm ? torch::kBFloat16 : torch::kFloat).contiguous().t();
   if (enc_bias.has_value()) {
     TORCH_CHECK_VALUE(enc_bias->numel() == width,
                       sfg::msg("enc_bias must have shape [N*D]=[", width, "], got ", enc_bias->sizes()));
-    e.bias = enc_bias->to(torch::kFloat).contiguous().view({width});
   }
+}
+
+inline EncoderOperands encoder_operands(const c10::optional<torch::Tensor>& enc_weight,
+                                        const c10::optional<torch::Tensor>& enc_bias, int64_t width, bool bf16_gemm) {
+  check_encoder(enc_weight, enc_bias, width);
+  EncoderOperands e;
+  if (!enc_weight.has_value()) return e;
+  e.weight_t = enc_weight->to(bf16_gemm ? torch::kBFloat16 : torch::kFloat).contiguous().t();
+  if (enc_bias.has_value()) e.bias = enc_bias->to(torch::kFloat).contiguous().view({width});
   return e;
 }
 
@@ -256,14 +264,15 @@ SFG_INLINE void axpy(float* out, float s, const float* x, int64_t count) {
   for (int64_t k = 0; k < count; ++k) out[k] += s * x[k];
 }
 
-// out[0:D) = sum_s R_s x_s over `count` pairs s, where x_s = x + idx[s] * D and R_s is the pair's weight
-// (k_s = widx ? widx[s] : kbase + s indexes plan.weights): a scalar for kind scalar, a D-vector for kind
-// vector. The sum runs in register accumulators of L lanes (a `float[L]` the compiler keeps in vector
-// registers): summing into out[] in memory would chain every pair through a store and a reload.
-// L float lanes as one GCC vector (L = 4, 8, 16: one SSE/AVX/AVX-512 register in the matching clone).
+// L float lanes as one GCC vector (L = 4, 8, 16: one SSE/AVX/AVX-512 register in the matching clone);
+// L = 1 is a plain float (the tail of a D that is not a multiple of 4).
 template <int L>
 struct Lanes {
   typedef float T __attribute__((vector_size(L * sizeof(float))));
+};
+template <>
+struct Lanes<1> {
+  typedef float T;
 };
 
 template <int L>
@@ -278,19 +287,22 @@ SFG_INLINE void store_lanes(float* p, typename Lanes<L>::T v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-template <int L, bool kVec>
-SFG_INLINE void mix_lanes(const Plan& p, const float* x, const int64_t* idx, int64_t kbase, const int64_t* widx,
-                          int64_t count, int64_t d0, float* out) {
+template <int L>
+SFG_INLINE float sum_of_lanes(typename Lanes<L>::T v) {
+  if constexpr (L == 1) {
+    return v;
+  } else {
+    float total = 0.f;
+    for (int l = 0; l < L; ++l) total += v[l];
+    return total;
+  }
+}
+
+// sum_{s < count} term(s) in four independent accumulators: one would serialise every term on the
+// add latency.
+template <int L, typename Term>
+SFG_INLINE typename Lanes<L>::T sum_terms(int64_t count, Term term) {
   using V = typename Lanes<L>::T;
-  const int64_t dim = p.dim;
-  const float* w = p.weights.data();
-  auto term = [&](int64_t s) SFG_LAMBDA_INLINE -> V {
-    const V xs = load_lanes<L>(x + idx[s] * dim + d0);
-    const int64_t k = widx ? widx[s] : kbase + s;
-    if (kVec) return load_lanes<L>(w + k * dim + d0) * xs;
-    return w[k] * xs;
-  };
-  // four independent accumulators: one would serialise every pair on the add latency
   V a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t s = 0;
   for (; s + 4 <= count; s += 4) {
@@ -300,32 +312,38 @@ SFG_INLINE void mix_lanes(const Plan& p, const float* x, const int64_t* idx, int
     a3 += term(s + 3);
   }
   for (; s < count; ++s) a0 += term(s);
-  store_lanes<L>(out + d0, (a0 + a1) + (a2 + a3));
+  return (a0 + a1) + (a2 + a3);
 }
 
-// One lane (the tail of a D that is not a multiple of 4).
-template <bool kVec>
-SFG_INLINE void mix_lane(const Plan& p, const float* x, const int64_t* idx, int64_t kbase, const int64_t* widx,
-                         int64_t count, int64_t d0, float* out) {
-  const int64_t dim = p.dim;
-  const float* w = p.weights.data();
-  float acc = 0.f;
-  for (int64_t s = 0; s < count; ++s) {
-    const int64_t k = widx ? widx[s] : kbase + s;
-    acc += (kVec ? w[k * dim + d0] : w[k]) * x[idx[s] * dim + d0];
-  }
-  out[d0] = acc;
+// f(std::integral_constant<int, L>{}, d0) over the lanes [0, dim) in blocks of L = 16, 8, 4, then 1.
+template <typename F>
+SFG_INLINE void for_lane_blocks(int64_t dim, F f) {
+  int64_t d0 = 0;
+  for (; d0 + 16 <= dim; d0 += 16) f(std::integral_constant<int, 16>{}, d0);
+  if (d0 + 8 <= dim) f(std::integral_constant<int, 8>{}, d0), d0 += 8;
+  if (d0 + 4 <= dim) f(std::integral_constant<int, 4>{}, d0), d0 += 4;
+  for (; d0 < dim; ++d0) f(std::integral_constant<int, 1>{}, d0);
 }
 
+// out[0:D) = sum_s R_s x_s over `count` pairs s, where x_s = x + idx[s] * D and R_s is the pair's weight
+// (k_s = widx ? widx[s] : kbase + s indexes plan.weights): a scalar for kind scalar, a D-vector for kind
+// vector. The sum runs in register accumulators of L lanes: summing into out[] in memory would chain
+// every pair through a store and a reload.
 template <bool kVec>
 SFG_INLINE void mix_row_kind(const Plan& p, const float* x, const int64_t* idx, int64_t kbase, const int64_t* widx,
-                         int64_t count, float* out) {
+                             int64_t count, float* out) {
   const int64_t dim = p.dim;
-  int64_t d0 = 0;
-  for (; d0 + 16 <= dim; d0 += 16) mix_lanes<16, kVec>(p, x, idx, kbase, widx, count, d0, out);
-  if (d0 + 8 <= dim) mix_lanes<8, kVec>(p, x, idx, kbase, widx, count, d0, out), d0 += 8;
-  if (d0 + 4 <= dim) mix_lanes<4, kVec>(p, x, idx, kbase, widx, count, d0, out), d0 += 4;
-  for (; d0 < dim; ++d0) mix_lane<kVec>(p, x, idx, kbase, widx, count, d0, out);
+  const float* w = p.weights.data();
+  for_lane_blocks(dim, [&](auto lanes, int64_t d0) SFG_LAMBDA_INLINE {
+    constexpr int L = decltype(lanes)::value;
+    using V = typename Lanes<L>::T;
+    store_lanes<L>(out + d0, sum_terms<L>(count, [&](int64_t s) SFG_LAMBDA_INLINE -> V {
+      const V xs = load_lanes<L>(x + idx[s] * dim + d0);
+      const int64_t k = widx ? widx[s] : kbase + s;
+      if (kVec) return load_lanes<L>(w + k * dim + d0) * xs;
+      return w[k] * xs;
+    }));
+  });
 }
 
 SFG_INLINE void mix_row(const Plan& p, const float* x, const int64_t* idx, int64_t kbase, const int64_t* widx,
@@ -339,36 +357,21 @@ SFG_INLINE void mix_row(const Plan& p, const float* x, const int64_t* idx, int64
 //   all: (sum_i a_i) . (sum_j b_j);  offdiag: that minus sum_i a_i . b_i.
 template <int L>
 SFG_INLINE float identity_lanes(const Plan& p, const float* left, const float* right, int64_t d0) {
+  using V = typename Lanes<L>::T;
   const int64_t n = p.n, dim = p.dim;
-  if constexpr (L == 1) {
-    float acc = 0.f, s = 0.f, sa = 0.f, ab = 0.f;
-    for (int64_t i = n - 1; i >= 0; --i) {
-      const float a = left[i * dim + d0], b = right[i * dim + d0];
+  V acc = {}, s = {}, sa = {}, ab = {};
+  for (int64_t i = n - 1; i >= 0; --i) {
+    const V a = load_lanes<L>(left + i * dim + d0), b = load_lanes<L>(right + i * dim + d0);
+    if (p.pairs == 0) {
       acc += a * s;
-      s += b;
+    } else {
       sa += a;
       ab += a * b;
     }
-    if (p.pairs == 0) return acc;
-    return sa * s - (p.pairs == 2 ? ab : 0.f);
-  } else {
-    using V = typename Lanes<L>::T;
-    V acc = {}, s = {}, sa = {}, ab = {};
-    for (int64_t i = n - 1; i >= 0; --i) {
-      const V a = load_lanes<L>(left + i * dim + d0), b = load_lanes<L>(right + i * dim + d0);
-      if (p.pairs == 0) {
-        acc += a * s;
-      } else {
-        sa += a;
-        ab += a * b;
-      }
-      s += b;
-    }
-    if (p.pairs != 0) acc = sa * s - (p.pairs == 2 ? ab : V{});
-    float total = 0.f;
-    for (int l = 0; l < L; ++l) total += acc[l];
-    return total;
+    s += b;
   }
+  if (p.pairs != 0) acc = sa * s - (p.pairs == 2 ? ab : V{});
+  return sum_of_lanes<L>(acc);
 }
 
 // Per-sample decode of the linear kinds: logit = sum_i left_i . t_i. `left` and `right` point at one
@@ -377,11 +380,9 @@ SFG_INLINE float decode_sample(const Plan& p, const float* left, const float* ri
   const int64_t n = p.n, dim = p.dim;
   float acc = 0.f;
   if (p.kind == kIdentity) {
-    int64_t d0 = 0;
-    for (; d0 + 16 <= dim; d0 += 16) acc += identity_lanes<16>(p, left, right, d0);
-    if (d0 + 8 <= dim) acc += identity_lanes<8>(p, left, right, d0), d0 += 8;
-    if (d0 + 4 <= dim) acc += identity_lanes<4>(p, left, right, d0), d0 += 4;
-    for (; d0 < dim; ++d0) acc += identity_lanes<1>(p, left, right, d0);
+    for_lane_blocks(dim, [&](auto lanes, int64_t d0) SFG_LAMBDA_INLINE {
+      acc += identity_lanes<decltype(lanes)::value>(p, left, right, d0);
+    });
     return acc;
   }
   for (int64_t i = 0; i < n; ++i) {

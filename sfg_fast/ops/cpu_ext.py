@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import factored
 from .._backend import BackendUnavailableError, _extension_status
+from ..library import _promote as _out_dtype
 
 try:
     from .. import _C
@@ -122,14 +123,6 @@ class SfgInteractionFunction(torch.autograd.Function):
         out = [g.to(t.dtype).view(t.shape) if need and t is not None and g is not None else None
                for g, t, need in zip(grads, inputs, needs)]
         return (*out, None, None, None)
-
-
-def _out_dtype(*tensors) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs, generated_side,
