@@ -3,12 +3,21 @@
 Absolute times drift between machines and runs; the ratio ``provider time / literal time`` measured
 in the SAME run does much less, so that is what is compared. A provider regresses when its current
 ratio exceeds the baseline ratio by more than ``--tolerance`` (default 0.25 = 25% slower relative
-to literal). A provider that ran in the baseline but errors now also fails the gate; one missing
-from the current run is reported (and fails with ``--strict``). A current run that shares no
-measurement with the baseline (another benchmark, shape or device) fails: a gate that compared
-nothing has checked nothing.
+to literal) AND by more than the measurements' own noise explains: each row's median carries a
+standard error estimated from its IQR and repetition count, the four medians behind a comparison
+(provider and literal, baseline and current) add up to the noise of the change, and the slow-down
+must clear the tolerance by ``--z`` (default 2) of those standard errors. A slow-down past the
+tolerance but inside that band is reported as ``inconclusive`` (it fails only with ``--strict``):
+on a shared, noisy CPU a single quick run cannot tell it from noise, so rerun with ``--repeat``.
+Every report states the smallest slow-down the run could have detected (its resolution).
+
+A provider that ran in the baseline but errors now also fails the gate; one missing from the
+current run is reported (and fails with ``--strict``). A current run that shares no measurement
+with the baseline (another benchmark, shape or device) fails: a gate that compared nothing has
+checked nothing.
 
     python -m bench.regress --baseline bench/baselines/cpu.json                 # runs a fresh suite
+    python -m bench.regress --baseline bench/baselines/cpu.json --repeat 3      # 3 runs, merged
     python -m bench.regress --baseline bench/baselines/cpu.json --current FILE  # compares two files
 
 Exit status: 0 pass, 1 regression, 2 unusable input.
@@ -16,12 +25,40 @@ Exit status: 0 pass, 1 regression, 2 unusable input.
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 # Row fields that identify a measurement (shape and provider); everything else is a result.
 KEY_FIELDS = ("benchmark", "shape", "part", "mode", "dist", "kind", "model", "sfg", "B", "N", "D", "provider")
 DEFAULT_TOLERANCE = 0.25
+DEFAULT_Z = 2.0
+
+
+def median_noise(row: Dict) -> float:
+    """Relative standard error of a row's median time: 1.253 * sigma / sqrt(reps) / median, with the
+    spread sigma = IQR / 1.349 (both exact for normal samples). 0 when the row does not say."""
+    med, iqr, reps = row.get("median_ms"), row.get("iqr_ms"), row.get("reps")
+    if not med or med <= 0 or iqr is None or not reps or reps < 1:
+        return 0.0
+    return 1.2533 * (iqr / 1.349) / math.sqrt(reps) / med
+
+
+def _literal_rows(rows: List[Dict]) -> Dict[Tuple, Dict]:
+    """The literal provider's row of each measurement, keyed by the row key without the provider."""
+    out = {}
+    for r in rows:
+        if r.get("provider") == "literal":
+            out[tuple(kv for kv in row_key(r) if kv[0] != "provider")] = r
+    return out
+
+
+def change_noise(base: Dict, cur: Dict, base_literal: Optional[Dict], cur_literal: Optional[Dict]) -> float:
+    """Standard error of log(change), change = (cur / cur literal) / (base / base literal): the four
+    medians' relative errors added in quadrature."""
+    parts = [median_noise(r) for r in (base, cur, base_literal, cur_literal) if r is not None]
+    return math.sqrt(sum(x * x for x in parts))
 
 
 def row_key(row: Dict) -> Tuple:
@@ -33,15 +70,20 @@ def describe(key: Tuple) -> str:
 
 
 def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAULT_TOLERANCE,
-            strict: bool = False) -> Dict:
-    """Return {"regressions", "errors", "missing", "improved", "checked"} (lists of dicts), "passed" and
-    "nothing_compared" (the baseline had gated rows but none of them could be compared)."""
+            strict: bool = False, z: float = DEFAULT_Z) -> Dict:
+    """Return {"regressions", "inconclusive", "errors", "missing", "improved", "checked"} (lists of
+    dicts), "passed", "nothing_compared" (the baseline had gated rows but none of them could be
+    compared) and "resolution" (the median over checked rows of the smallest slow-down each could
+    flag; None when nothing was checked). ``z = 0`` ignores the noise (the tolerance alone decides)."""
     if not (tolerance >= 0):
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if not (z >= 0):
+        raise ValueError(f"z must be >= 0, got {z}")
     cur = {}
     for r in current:
         cur[row_key(r)] = r
-    out = {"regressions": [], "errors": [], "missing": [], "improved": [], "checked": []}
+    base_lit, cur_lit = _literal_rows(baseline), _literal_rows(current)
+    out = {"regressions": [], "inconclusive": [], "errors": [], "missing": [], "improved": [], "checked": []}
     gated = 0
     for b in baseline:
         if b.get("status") != "ok" or b.get("provider") == "literal" or b.get("ratio_vs_literal") is None:
@@ -59,25 +101,76 @@ def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAUL
             out["errors"].append({"key": describe(key), "reason": "no literal measurement in the current run"})
             continue
         change = c["ratio_vs_literal"] / b["ratio_vs_literal"]
+        shape = tuple(kv for kv in key if kv[0] != "provider")
+        noise = change_noise(b, c, base_lit.get(shape), cur_lit.get(shape))
+        # the smallest change this comparison flags: past the tolerance by z standard errors
+        threshold = (1.0 + tolerance) * math.exp(z * noise)
         item = {"key": describe(key), "baseline_ratio": b["ratio_vs_literal"],
-                "current_ratio": c["ratio_vs_literal"], "change": change}
+                "current_ratio": c["ratio_vs_literal"], "change": change, "noise": noise,
+                "threshold": threshold}
         out["checked"].append(item)
-        if change > 1.0 + tolerance:
+        if change > threshold:
             out["regressions"].append(item)
-        elif change < 1.0 / (1.0 + tolerance):
+        elif change > 1.0 + tolerance:
+            out["inconclusive"].append(item)
+        elif change * threshold < 1.0:
             out["improved"].append(item)
     out["nothing_compared"] = gated > 0 and not out["checked"]
+    out["resolution"] = (statistics.median(i["threshold"] for i in out["checked"]) if out["checked"] else None)
     out["passed"] = (not out["regressions"] and not out["errors"] and not out["nothing_compared"]
-                     and not (strict and out["missing"]))
+                     and not (strict and (out["missing"] or out["inconclusive"])))
     return out
 
 
-def report(result: Dict, tolerance: float) -> str:
+def merge_runs(runs: List[List[Dict]]) -> List[Dict]:
+    """One row list from several runs of the same suite: per measurement the median of the runs'
+    medians, the median IQR, the summed repetitions (so the noise model sees the larger sample) and
+    the median of the runs' own ratios to literal. A measurement that is not "ok" in every run keeps
+    its first non-ok row (an error stays an error)."""
+    if not runs:
+        return []
+    grouped: Dict[Tuple, List[Dict]] = {}
+    order: List[Tuple] = []
+    for rows in runs:
+        for r in rows:
+            k = row_key(r)
+            if k not in grouped:
+                grouped[k] = []
+                order.append(k)
+            grouped[k].append(r)
+    merged = []
+    for k in order:
+        rows = grouped[k]
+        bad = [r for r in rows if r.get("status") != "ok"]
+        if bad or len(rows) < len(runs):
+            merged.append(dict(bad[0]) if bad else {**rows[0], "status": "skipped",
+                                                  "reason": f"measured in {len(rows)} of {len(runs)} runs"})
+            continue
+        row = dict(rows[0])
+        row["median_ms"] = statistics.median(r["median_ms"] for r in rows)
+        row["iqr_ms"] = statistics.median(r.get("iqr_ms") or 0.0 for r in rows)
+        row["reps"] = sum(int(r.get("reps") or 0) for r in rows)
+        ratios = [r["ratio_vs_literal"] for r in rows if r.get("ratio_vs_literal") is not None]
+        row["ratio_vs_literal"] = statistics.median(ratios) if len(ratios) == len(rows) else None
+        row["runs"] = len(rows)
+        merged.append(row)
+    return merged
+
+
+def report(result: Dict, tolerance: float, z: float = DEFAULT_Z) -> str:
     lines = [f"checked {len(result['checked'])} provider measurements against the baseline "
-             f"(tolerance {100 * tolerance:.0f}% on time / literal time)"]
+             f"(tolerance {100 * tolerance:.0f}% on time / literal time, plus {z:g} standard errors of the "
+             f"runs' own noise)"]
+    if result.get("resolution") is not None:
+        lines.append(f"resolution: half of the comparisons would flag a slow-down of "
+                     f"{100 * (result['resolution'] - 1):.0f}% or less")
     for item in result["regressions"]:
         lines.append(f"REGRESSION {item['key']}: ratio {item['baseline_ratio']:.4g} -> {item['current_ratio']:.4g} "
-                     f"({100 * (item['change'] - 1):+.0f}%)")
+                     f"({100 * (item['change'] - 1):+.0f}%, flagged above {100 * (item['threshold'] - 1):+.0f}%)")
+    for item in result["inconclusive"]:
+        lines.append(f"inconclusive {item['key']}: ratio {item['baseline_ratio']:.4g} -> {item['current_ratio']:.4g} "
+                     f"({100 * (item['change'] - 1):+.0f}%, within the noise band up to "
+                     f"{100 * (item['threshold'] - 1):+.0f}%; rerun with --repeat)")
     for item in result["errors"]:
         lines.append(f"ERROR {item['key']}: {item['reason']}")
     for item in result["missing"]:
@@ -97,11 +190,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--current", default=None, help="result JSON to check (default: run the suite now)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="allowed relative slow-down of time/literal (default 0.25)")
-    p.add_argument("--strict", action="store_true", help="also fail when a baseline provider is missing")
+    p.add_argument("--z", type=float, default=DEFAULT_Z,
+                   help="standard errors of measurement noise a slow-down must clear beyond the tolerance "
+                        "(default 2; 0 = tolerance only)")
+    p.add_argument("--strict", action="store_true",
+                   help="also fail when a baseline provider is missing or a slow-down is inconclusive")
     p.add_argument("--threads", type=int, default=None, help="fresh run: CPU threads (default: the baseline's)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="fresh run: run the suite this many times and merge them (less noise)")
     args = p.parse_args(argv)
     if not (args.tolerance >= 0):
         p.error(f"--tolerance must be >= 0, got {args.tolerance}")
+    if not (args.z >= 0):
+        p.error(f"--z must be >= 0, got {args.z}")
+    if args.repeat < 1:
+        p.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.current and args.repeat != 1:
+        p.error("--repeat applies to a fresh run, not to --current")
     from .run_all import load_rows
     try:
         baseline, base_env = load_rows(args.baseline)
@@ -115,9 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"cannot read --current: {exc}", file=sys.stderr)
             return 2
     else:
-        current = fresh_run(base_env, baseline, args.threads)
-    result = compare(baseline, current, args.tolerance, args.strict)
-    print(report(result, args.tolerance))
+        current = merge_runs([fresh_run(base_env, baseline, args.threads) for _ in range(args.repeat)])
+    result = compare(baseline, current, args.tolerance, args.strict, args.z)
+    print(report(result, args.tolerance, args.z))
     return 0 if result["passed"] else 1
 
 
@@ -131,6 +236,8 @@ def fresh_run(base_env: Dict, baseline: List[Dict], threads: Optional[int]) -> L
             "--threads", str(threads or base_env.get("threads", 2))]
     if mode in ("quick", "smoke"):
         argv.append(f"--{mode}")
+    if base_env.get("reps"):   # the baseline's repetitions, so both runs have the same noise
+        argv += ["--reps", str(base_env["reps"])]
     if base_env.get("vocab_scale"):
         argv += ["--vocab-scale", str(base_env["vocab_scale"])]
     if scripts:

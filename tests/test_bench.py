@@ -13,10 +13,11 @@ from bench import common, regress, run_all
 SHAPE = {"benchmark": "bench_decode", "shape": "criteo", "kind": "scalar", "B": 4096, "N": 39, "D": 16}
 
 
-def _row(provider, ms, literal_ms=100.0, status="ok", **extra):
+def _row(provider, ms, literal_ms=100.0, status="ok", iqr=0.01, reps=5, **extra):
+    """A result row; ``iqr`` is relative to the median (tight by default: the noise band stays small)."""
     row = {**SHAPE, "provider": provider, "status": status, **extra}
     if status == "ok":
-        row.update(median_ms=ms, iqr_ms=0.1 * ms, reps=5, ratio_vs_literal=ms / literal_ms)
+        row.update(median_ms=ms, iqr_ms=iqr * ms, reps=reps, ratio_vs_literal=ms / literal_ms)
     else:
         row["reason"] = "synthetic reason"
     return row
@@ -103,6 +104,95 @@ def test_gate_matches_rows_by_shape_not_by_order():
 def test_gate_rejects_negative_tolerance():
     with pytest.raises(ValueError, match="tolerance"):
         regress.compare([], [], tolerance=-0.1)
+    with pytest.raises(ValueError, match="z must"):
+        regress.compare([], [], z=-1.0)
+
+
+def test_median_noise_follows_iqr_and_repetitions():
+    row = _row("torch", 10.0, iqr=0.2, reps=9)
+    assert regress.median_noise(row) == pytest.approx(1.2533 * (0.2 / 1.349) / 3.0)
+    # four times the repetitions halve the standard error
+    assert regress.median_noise(_row("torch", 10.0, iqr=0.2, reps=36)) == pytest.approx(regress.median_noise(row) / 2)
+    assert regress.median_noise({"median_ms": 10.0}) == 0.0   # no spread recorded: no noise assumed
+
+
+def test_gate_does_not_flag_a_slowdown_the_noise_explains_but_does_flag_it_when_measured_tightly():
+    # +30% relative to literal, past the 25% tolerance. With IQRs of 60% over 5 reps (a quick run on a
+    # busy host) that is well within noise: inconclusive, a pass unless --strict.
+    noisy_base = [_row("literal", 100.0, iqr=0.6), _row("torch", 10.0, iqr=0.6)]
+    noisy_cur = [_row("literal", 100.0, iqr=0.6), _row("torch", 13.0, iqr=0.6)]
+    result = regress.compare(noisy_base, noisy_cur, tolerance=0.25)
+    assert result["passed"] and not result["regressions"]
+    assert [i["change"] for i in result["inconclusive"]] == [pytest.approx(1.3)]
+    assert result["inconclusive"][0]["threshold"] > 1.3
+    assert not regress.compare(noisy_base, noisy_cur, tolerance=0.25, strict=True)["passed"]
+    # z = 0: the tolerance alone decides, as a noise-free gate would
+    assert not regress.compare(noisy_base, noisy_cur, tolerance=0.25, z=0.0)["passed"]
+    # The same +30% measured with 2% IQRs over 15 reps is a regression.
+    tight_base = [_row("literal", 100.0, iqr=0.02, reps=15), _row("torch", 10.0, iqr=0.02, reps=15)]
+    tight_cur = [_row("literal", 100.0, iqr=0.02, reps=15), _row("torch", 13.0, iqr=0.02, reps=15)]
+    result = regress.compare(tight_base, tight_cur, tolerance=0.25)
+    assert not result["passed"] and len(result["regressions"]) == 1
+    # A slow-down far past the noise band fails even a noisy run.
+    very_slow = [_row("literal", 100.0, iqr=0.6), _row("torch", 40.0, iqr=0.6)]
+    assert regress.compare(noisy_base, very_slow)["regressions"]
+
+
+def test_gate_noise_uses_the_literal_rows_of_both_runs():
+    # Only the current run's literal is noisy: it alone widens the band of the comparison.
+    base = [_row("literal", 100.0), _row("torch", 10.0)]
+    cur = [_row("literal", 100.0, iqr=1.0), _row("torch", 13.0)]
+    item = regress.compare(base, cur)["checked"][0]
+    expected = math.sqrt(sum(regress.median_noise(r) ** 2 for r in base + cur))
+    assert item["noise"] == pytest.approx(expected)
+    assert item["threshold"] == pytest.approx(1.25 * math.exp(2.0 * expected))
+
+
+def test_gate_reports_its_resolution(tmp_path, capsys):
+    base = _write(tmp_path / "base.json", [_row("literal", 100.0, iqr=0.3), _row("torch", 10.0, iqr=0.3)])
+    cur = _write(tmp_path / "cur.json", [_row("literal", 100.0, iqr=0.3), _row("torch", 10.0, iqr=0.3)])
+    assert regress.main(["--baseline", base, "--current", cur]) == 0
+    out = capsys.readouterr().out
+    assert "resolution: half of the comparisons would flag a slow-down of" in out
+    result = regress.compare(*(run_all.load_rows(f)[0] for f in (base, cur)))
+    assert result["resolution"] == pytest.approx(result["checked"][0]["threshold"])
+    assert regress.compare([], [])["resolution"] is None
+
+
+def test_merge_runs_takes_medians_and_pools_repetitions():
+    runs = [[_row("literal", lit), _row("torch", t, lit)] for lit, t in ((100.0, 10.0), (120.0, 30.0), (90.0, 9.0))]
+    merged = {r["provider"]: r for r in regress.merge_runs(runs)}
+    assert merged["literal"]["median_ms"] == 100.0 and merged["literal"]["reps"] == 15
+    assert merged["torch"]["median_ms"] == 10.0 and merged["torch"]["runs"] == 3
+    # the median of the runs' own ratios (0.1, 0.25, 0.1), not the ratio of the merged medians
+    assert merged["torch"]["ratio_vs_literal"] == pytest.approx(0.1)
+    # an error in any run stays an error; a row missing from a run is not compared
+    runs[1][1] = _row("torch", 0, status="error")
+    runs[2].append(_row("fbgemm-tbe", 5.0))
+    merged = {r["provider"]: r for r in regress.merge_runs(runs)}
+    assert merged["torch"]["status"] == "error"
+    assert merged["fbgemm-tbe"]["status"] == "skipped" and "1 of 3" in merged["fbgemm-tbe"]["reason"]
+    assert regress.merge_runs([]) == []
+
+
+def test_regress_cli_rejects_bad_noise_options(tmp_path):
+    base = _write(tmp_path / "base.json", [_row("literal", 100.0), _row("torch", 10.0)])
+    for bad in (["--z", "-1"], ["--repeat", "0"], ["--current", base, "--repeat", "2"]):
+        with pytest.raises(SystemExit) as exc:
+            regress.main(["--baseline", base] + bad)
+        assert exc.value.code == 2
+
+
+def test_fresh_run_uses_the_baselines_mode_and_repetitions(monkeypatch):
+    seen = {}
+
+    def fake_collect(args):
+        seen.update(vars(args))
+        return [], {}, []
+    monkeypatch.setattr(run_all, "collect", fake_collect)
+    baseline = [_row("literal", 100.0), _row("torch", 10.0)]
+    regress.fresh_run({"device": "cpu", "mode": "quick", "reps": 15, "threads": 2}, baseline, None)
+    assert seen["reps"] == 15 and seen["quick"] and seen["only"] == "decode" and seen["no_write"]
 
 
 def test_regress_cli_exit_codes(tmp_path, capsys):
