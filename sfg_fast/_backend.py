@@ -122,6 +122,23 @@ def resolve(backend: str, op: str, device: torch.device) -> str:
     return backend
 
 
+def module_backend(backend: str, op: str) -> str:
+    """The backend a layer or model built with ``backend`` runs ``op`` on.
+
+    The functional ops are strict: an explicit backend without a kernel for the op raises. A layer
+    (``sfg_fast.nn``) or model built with ``backend="cpu"`` or ``"cuda"`` instead runs the compiled
+    kernels for the ops the extension has and the ``"torch"`` backend for the rest (the same math on
+    the same device), so every model trains on it. When the extension itself is missing the backend
+    stays as asked, so the op raises and says why.
+    """
+    if backend in ("cpu", "cuda") and _extension_status() is None:
+        from .ops import load_backends
+        load_backends()
+        if op not in _IMPLEMENTED[backend]:
+            return "torch"
+    return backend
+
+
 def status() -> Dict[str, Optional[str]]:
     """Availability of every concrete backend: None = available, else the reason."""
     out = {}

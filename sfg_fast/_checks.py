@@ -64,6 +64,9 @@ def _check_device(name: str, t: torch.Tensor, name_ref: str, ref: torch.Tensor) 
 
 
 def check_gamma(gamma) -> float:
+    if isinstance(gamma, torch.Tensor) and gamma.requires_grad:
+        raise TypeError("gamma must be a number: it is a fixed hyper-parameter, and a tensor that requires grad "
+                        "would silently get no gradient")
     try:
         value = float(gamma)
     except (TypeError, ValueError):
@@ -198,6 +201,12 @@ def check_encode(V, weight, bias, activation, gamma, residual, prefix: str = "",
     _check_device(w_name, weight, source, V)
     if bias is not None:
         _check_device(b_name, bias, source, V)
+    return check_encoder_options(activation, gamma, residual)
+
+
+def check_encoder_options(activation, gamma, residual) -> float:
+    """The encoder's non-tensor options (also checked when there is no encoder, so every backend
+    rejects the same calls). Returns gamma as a float."""
     check_choice("activation", activation, tuple(ACTIVATIONS))
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {residual!r}")
@@ -282,7 +291,7 @@ def check_sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind
     elif enc_bias is not None:
         raise ValueError("enc_bias must be None when enc_weight is None (no encoder: the base model)")
     else:
-        gamma = check_gamma(gamma)
+        gamma = check_encoder_options(activation, gamma, residual)
     check_decode(probe, probe, dec_weight, kind, pairs, generated_side, symmetric, weight_name="dec_weight")
     return gamma
 
@@ -296,6 +305,6 @@ def check_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gam
         check_embeddings("V", V)
         if enc_bias is not None:
             raise ValueError("enc_bias must be None when enc_weight is None (no encoder: the base model)")
-        gamma = check_gamma(gamma)
+        gamma = check_encoder_options(activation, gamma, residual)
     check_decode(V, V, dec_weight, kind, pairs, generated_side, symmetric, weight_name="dec_weight")
     return gamma

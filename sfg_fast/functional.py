@@ -10,6 +10,12 @@ Shape letters used throughout sfg_fast:
 Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch" | "reference"``; see
 ``sfg_fast._backend`` for how "auto" resolves and ``python -m sfg_fast.info`` for what is available.
 Inputs are validated here, once, with errors that name the offending argument.
+
+Floating operands of different dtypes (a bf16 V meeting fp32 weights, an fp64 bias) are cast here
+to their promoted dtype (``torch.promote_types``), so every backend computes the same thing and
+returns that dtype (the contract of ``sfg_fast.library``); the casts are differentiable, so each
+gradient comes back in its own operand's dtype. An encoder's bias follows the promoted dtype of V
+and the weight. ``sfg_logits`` never casts the table: it gathers first and casts the rows.
 """
 from __future__ import annotations
 
@@ -25,6 +31,23 @@ __all__ = ["embedding_lookup", "sfg_encode", "pairwise_decode", "pairwise_produc
            "generative_cross", "bce_with_logits", "sfg_logits", "sfg_interaction"]
 
 _OPTIONAL_IMPLS = {}  # (backend, op) -> callable, registered by the compiled/Triton backends
+
+
+def _promoted(*tensors):
+    """``tensors`` (None allowed) cast to their promoted dtype; returned as they are when they agree."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) <= 1:
+        return tensors
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def _with_bias(bias, like):
+    """An encoder bias in the dtype its encoder computes in."""
+    return bias if bias is None or bias.dtype == like.dtype else bias.to(like.dtype)
 
 
 def register_impl(backend: str, op: str, fn) -> None:
@@ -88,6 +111,8 @@ def sfg_encode(V: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         ``Z [B, N, D]``, the generated embeddings.
     """
     gamma = C.check_encode(V, weight, bias, activation, gamma, residual)
+    V, weight = _promoted(V, weight)
+    bias = _with_bias(bias, V)
     impl = _impl(backend, "sfg_encode", V.device)
     if impl is None:
         return reference.sfg_encode(V, weight, bias, activation, gamma, residual)
@@ -115,6 +140,7 @@ def pairwise_decode(Z: torch.Tensor, V: torch.Tensor, weight: Optional[torch.Ten
         ``[B]`` pairwise logit contribution.
     """
     C.check_decode(Z, V, weight, kind, pairs, generated_side, symmetric)
+    Z, V, weight = _promoted(Z, V, weight)
     impl = _impl(backend, "pairwise_decode", Z.device)
     if impl is None:
         return reference.pairwise_decode(Z, V, weight, kind, pairs, generated_side, symmetric)
@@ -130,6 +156,7 @@ def pairwise_products(Z: torch.Tensor, V: torch.Tensor, pairs: str = "upper",
     Returns ``[B, P]``.
     """
     C.check_products(Z, V, pairs, generated_side, symmetric)
+    Z, V = _promoted(Z, V)
     impl = _impl(backend, "pairwise_products", Z.device)
     if impl is None:
         return reference.pairwise_products(Z, V, pairs, generated_side, symmetric)
@@ -145,6 +172,7 @@ def generative_cross(x: torch.Tensor, x_gen: torch.Tensor, weight: torch.Tensor,
         x: ``[B, K]`` (K = N*D), x_gen: ``[B, K]``, weight: ``[K, K]``, bias: optional ``[K]``.
     """
     C.check_cross(x, x_gen, weight, bias)
+    x, x_gen, weight, bias = _promoted(x, x_gen, weight, bias)
     impl = _impl(backend, "generative_cross", x.device)
     if impl is None:
         return reference.generative_cross(x, x_gen, weight, bias)
@@ -184,6 +212,14 @@ def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
     """
     gamma = C.check_sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
                                gamma, residual, pairs, generated_side, symmetric, bounds_check)
+    if len({t.dtype for t in (table, enc_weight, dec_weight) if t is not None}) > 1:
+        # mixed dtypes: gather in the table's dtype, then the interaction on promoted operands (the same
+        # math; the table itself is never cast)
+        from ._backend import module_backend
+        V = embedding_lookup(ids, table, offsets, bounds_check, backend=module_backend(backend, "embedding_lookup"))
+        return sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
+                               generated_side, symmetric, backend=module_backend(backend, "sfg_interaction"))
+    enc_bias = _with_bias(enc_bias, table)
     impl = _impl(backend, "sfg_logits", table.device)
     if impl is None:
         return reference.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
@@ -210,6 +246,8 @@ def sfg_interaction(V: torch.Tensor, enc_weight: Optional[torch.Tensor], enc_bia
     """
     gamma = C.check_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
                                 generated_side, symmetric)
+    V, enc_weight, dec_weight = _promoted(V, enc_weight, dec_weight)
+    enc_bias = _with_bias(enc_bias, V)
     impl = _impl(backend, "sfg_interaction", V.device)
     if impl is None:
         return reference.sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,

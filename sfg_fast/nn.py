@@ -4,6 +4,8 @@ Shape letters (B, N, D, V, P) are defined in ``sfg_fast.functional``.
 """
 from __future__ import annotations
 
+import math
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -11,6 +13,43 @@ from torch import nn
 
 from . import _checks as C
 from . import functional as SF
+from ._backend import BACKENDS, module_backend
+
+
+def _count(name: str, value) -> int:
+    """A positive integer hyper-parameter (ints, numpy ints, 0-d int tensors; never a truncated float)."""
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or count < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return count
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _dropout(p) -> Optional[nn.Dropout]:
+    """nn.Dropout(p) for 0 < p < 1, None for p == 0; anything else (negative, NaN, >= 1) is an error."""
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        raise TypeError(f"dropout must be a probability, got {p!r}") from None
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise ValueError(f"dropout must lie in [0, 1), got {p!r}")
+    return nn.Dropout(value) if value > 0 else None
+
+
+def check_embeddings_shape(name: str, t, num_fields: int, embedding_dim: int) -> None:
+    """``t`` must be ``[B, num_fields, embedding_dim]`` (a layer built for that shape)."""
+    C.check_embeddings(name, t)
+    if t.shape[1] != num_fields or t.shape[2] != embedding_dim:
+        raise ValueError(f"{name} must have shape [B, N, D]=[B, {num_fields}, {embedding_dim}] (the layer's "
+                         f"num_fields and embedding_dim), got {list(t.shape)}")
 
 
 def _as_field_dims(field_dims) -> list:
@@ -28,11 +67,9 @@ def init_table_fields(module: nn.Module, field_dims, embedding_dim, bounds_check
     embedding_dim, bounds_check). Returns the field sizes as ints."""
     dims = _as_field_dims(field_dims)
     C.check_choice("bounds_check", bounds_check, C.BOUNDS_CHECKS)
-    if int(embedding_dim) < 1:
-        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
     module.field_dims = dims
     module.num_fields = len(dims)
-    module.embedding_dim = int(embedding_dim)
+    module.embedding_dim = _count("embedding_dim", embedding_dim)
     module.bounds_check = bounds_check
     starts = [0]
     for x in dims[:-1]:
@@ -78,8 +115,10 @@ class FieldEmbedding(nn.Module):
             self.clamped_count += bad.sum()
             oov = (sizes - 1).clamp(0, torch.iinfo(ids.dtype).max).to(ids.dtype)
             ids = torch.where(bad, oov.expand_as(ids), ids)
-            return SF.embedding_lookup(ids, self.weight, self.offsets, "off", backend=self.backend)
-        return SF.embedding_lookup(ids, self.weight, self.offsets, self.bounds_check, backend=self.backend)
+            return SF.embedding_lookup(ids, self.weight, self.offsets, "off",
+                                       backend=module_backend(self.backend, "embedding_lookup"))
+        return SF.embedding_lookup(ids, self.weight, self.offsets, self.bounds_check,
+                                   backend=module_backend(self.backend, "embedding_lookup"))
 
     @property
     def num_clamped(self) -> int:
@@ -101,17 +140,18 @@ class SFGEncoder(nn.Module):
                  bias: bool = False, residual: bool = False, dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
         C.check_choice("activation", activation, tuple(C.ACTIVATIONS))
-        self.num_fields = int(num_fields)
-        self.embedding_dim = int(embedding_dim)
+        C.check_choice("backend", backend, BACKENDS)
+        self.num_fields = _count("num_fields", num_fields)
+        self.embedding_dim = _count("embedding_dim", embedding_dim)
         self.activation = activation
         self.gamma = C.check_gamma(gamma)
-        self.residual = bool(residual)
+        self.residual = _flag("residual", residual)
         self.backend = backend
         width = self.num_fields * self.embedding_dim
-        linear = nn.Linear(width, width, bias=bias)   # nn.Linear's default init
+        linear = nn.Linear(width, width, bias=_flag("bias", bias))   # nn.Linear's default init
         self.weight = linear.weight
         self.bias = linear.bias
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.dropout = _dropout(dropout)
 
     @torch.no_grad()
     def reset_to_identity(self) -> None:
@@ -120,8 +160,9 @@ class SFGEncoder(nn.Module):
             self.bias.zero_()
 
     def forward(self, V: torch.Tensor) -> torch.Tensor:
+        check_embeddings_shape("V", V, self.num_fields, self.embedding_dim)
         z = SF.sfg_encode(V, self.weight, self.bias, self.activation, self.gamma, self.residual,
-                          backend=self.backend)
+                          backend=module_backend(self.backend, "sfg_encode"))
         return self.dropout(z) if self.dropout is not None else z
 
     def extra_repr(self) -> str:
@@ -143,9 +184,11 @@ class PairwiseDecoder(nn.Module):
         C.check_choice("kind", kind, C.KINDS)
         C.check_choice("pairs", pairs, C.PAIRS)
         C.check_choice("generated_side", generated_side, C.SIDES)
-        n, d = int(num_fields), int(embedding_dim)
+        C.check_choice("backend", backend, BACKENDS)
+        n, d = _count("num_fields", num_fields), _count("embedding_dim", embedding_dim)
         self.num_fields, self.embedding_dim = n, d
-        self.kind, self.pairs, self.generated_side, self.symmetric = kind, pairs, generated_side, bool(symmetric)
+        self.kind, self.pairs, self.generated_side = kind, pairs, generated_side
+        self.symmetric = _flag("symmetric", symmetric)
         self.backend = backend
         if kind == "identity":
             self.register_parameter("weight", None)
@@ -157,8 +200,10 @@ class PairwiseDecoder(nn.Module):
             self.weight = nn.Parameter(torch.eye(d).expand(n, n, d, d).clone())
 
     def forward(self, Z: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        check_embeddings_shape("Z", Z, self.num_fields, self.embedding_dim)
+        check_embeddings_shape("V", V, self.num_fields, self.embedding_dim)
         return SF.pairwise_decode(Z, V, self.weight, self.kind, self.pairs, self.generated_side,
-                                  self.symmetric, backend=self.backend)
+                                  self.symmetric, backend=module_backend(self.backend, "pairwise_decode"))
 
     def extra_repr(self) -> str:
         return (f"num_fields={self.num_fields}, embedding_dim={self.embedding_dim}, kind={self.kind!r}, "
@@ -170,8 +215,10 @@ def score_pairs(encoder: Optional[SFGEncoder], decoder: PairwiseDecoder, V: torc
     """``decoder(encoder(V), V)`` (``decoder(V, V)`` without an encoder) as ONE ``sfg_interaction`` call,
     so fused backends run encoder and decoder as one pipeline; with the encoder's dropout active
     (training) Z must exist between them, and the two ops run instead. ``-> [B]``."""
+    check_embeddings_shape("V", V, decoder.num_fields, decoder.embedding_dim)
     if encoder is not None and encoder.dropout is not None and encoder.training:
         return decoder(encoder(V), V)
+    backend = module_backend(backend, "sfg_interaction")
     if encoder is None:
         return SF.sfg_interaction(V, None, None, decoder.weight, decoder.kind, "identity", 1.0, False, decoder.pairs,
                                   decoder.generated_side, decoder.symmetric, backend=backend)
@@ -198,7 +245,7 @@ class SFGInteraction(nn.Module):
         super().__init__()
         self.backend = backend
         self.encoder = (SFGEncoder(num_fields, embedding_dim, activation, gamma, bias, residual, dropout, backend)
-                        if generative else None)
+                        if _flag("generative", generative) else None)
         self.decoder = PairwiseDecoder(num_fields, embedding_dim, kind, pairs, generated_side, symmetric, backend)
 
     def forward(self, V: torch.Tensor) -> torch.Tensor:
@@ -255,7 +302,7 @@ class GenerativeCrossNet(nn.Module):
         C.check_choice("regenerate_from", regenerate_from, ("x_l", "x_0"))
         self.num_fields, self.embedding_dim = int(num_fields), int(embedding_dim)
         self.num_layers = int(num_layers)
-        self.generative = bool(generative)
+        self.generative = _flag("generative", generative)
         self.regenerate_from = regenerate_from
         self.backend = backend
         width = self.num_fields * self.embedding_dim
@@ -279,7 +326,8 @@ class GenerativeCrossNet(nn.Module):
         C.check_tensor("x0", x0, ndim=2)
         x = x0
         for layer, linear in enumerate(self.cross):
-            x = SF.generative_cross(x, self.gate(layer, x0, x), linear.weight, linear.bias, backend=self.backend)
+            x = SF.generative_cross(x, self.gate(layer, x0, x), linear.weight, linear.bias,
+                                    backend=module_backend(self.backend, "generative_cross"))
         return x
 
 
@@ -299,7 +347,7 @@ class CIN(nn.Module):
         super().__init__()
         self.num_fields, self.embedding_dim = int(num_fields), int(embedding_dim)
         self.layer_sizes = [int(h) for h in layer_sizes]
-        self.generative = bool(generative)
+        self.generative = _flag("generative", generative)
         convs = []
         prev = self.num_fields
         for h in self.layer_sizes:

@@ -564,7 +564,7 @@ def test_inference_saves_nothing_and_double_backward_is_refused(monkeypatch):
     out = SF.sfg_logits(*args, backend="triton")
     stored = [k.get("store", False) for k in calls]
     assert stored[-1] is True
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
         grads = torch.autograd.grad(out.sum(), [leaves["enc_weight"]], create_graph=True)
         grads[0].sum().backward()
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import functional as SF
-from ..nn import FieldEmbedding, SFGEncoder
+from ..nn import FieldEmbedding, SFGEncoder, _flag
 
 
 class FirstOrder(nn.Module):
@@ -41,7 +41,7 @@ class CTRModel(nn.Module):
         self.field_dims = [int(x) for x in field_dims]
         self.num_fields = len(self.field_dims)
         self.embedding_dim = int(embedding_dim)
-        self.generative = bool(generative)
+        self.generative = _flag("generative", generative)
         self.backend = backend
         self.encoder_kwargs = dict(activation=activation, gamma=gamma, bias=encoder_bias,
                                    residual=residual, dropout=encoder_dropout, backend=backend)

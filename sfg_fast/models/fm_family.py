@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 
 from .. import functional as SF
+from .._backend import module_backend
 from ..nn import MLP, PairwiseDecoder, score_pairs
 from .base import CTRModel, FirstOrder
 
@@ -92,5 +93,6 @@ class IPNN(CTRModel):
 
     def score(self, ids, V):
         batch = V.shape[0]
-        products = SF.pairwise_products(self.generate(V), V, "upper", backend=self.backend)
+        products = SF.pairwise_products(self.generate(V), V, "upper",
+                                        backend=module_backend(self.backend, "pairwise_products"))
         return self.dnn(torch.cat([V.reshape(batch, -1), products], dim=1)).squeeze(1)

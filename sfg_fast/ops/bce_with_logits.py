@@ -11,6 +11,9 @@ from typing import Optional
 
 import torch
 
+from .. import reference
+from ._higher_order import create_graph_requested, recompute_grads
+
 try:  # the package works without Triton; this backend then simply does not register
     import triton
     import triton.language as tl
@@ -91,6 +94,10 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logits, labels = ctx.saved_tensors
+        if create_graph_requested():   # higher-order gradients: the reference twin's graph
+            twin = lambda x, y: reference.bce_with_logits(x, y, ctx.reduction)  # noqa: E731
+            needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] and labels.is_floating_point())
+            return (*recompute_grads(twin, (logits, labels), needs, grad), None)
         need_labels = ctx.needs_input_grad[1] and labels.is_floating_point()
         dx, dy = bce_with_logits_bwd(grad, logits, labels, ctx.reduction, ctx.needs_input_grad[0], need_labels)
         return dx, dy, None

@@ -17,11 +17,11 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import factored
 from .._backend import BackendUnavailableError, _extension_status
 from ..library import _promote as _out_dtype
+from ._higher_order import create_graph_requested, recompute_grads
 
 try:
     from .. import _C
@@ -111,10 +111,14 @@ class SfgInteractionFunction(torch.autograd.Function):
         return logit.to(_out_dtype(V, enc_weight, dec_weight))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         V, H, T, enc_weight, enc_bias, dec_weight = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
+        if create_graph_requested():
+            # higher-order gradients: the factored twin's graph (the kernels' gradients carry none)
+            grads = recompute_grads(lambda v, w, b, d: factored.sfg_interaction(v, w, b, d, *ctx.config),
+                                    (V, enc_weight, enc_bias, dec_weight), needs, grad)
+            return (*grads, None, None, None)
         with torch.autocast("cpu", enabled=False):
             grads = _C.sfg_interaction_bwd(grad.float(), V, H, T, enc_weight, enc_bias, dec_weight, *ctx.config,
                                            tile=ctx.tile, bf16_gemm=ctx.bf16, need_v=needs[0],

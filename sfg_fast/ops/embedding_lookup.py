@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._higher_order import create_graph_requested
+
 try:  # the package works without Triton; this backend then simply does not register
     import triton
     import triton.language as tl
@@ -187,6 +189,13 @@ class EmbeddingLookupFunction(torch.autograd.Function):
     def backward(ctx, grad):
         ids, offsets = ctx.saved_tensors
         num_rows, dtype = ctx.table
+        if create_graph_requested():
+            # higher-order gradients: the table gradient is a scatter-add of grad, kept differentiable in grad
+            rows = (ids.to(torch.int64) + offsets).reshape(-1)
+            dim = grad.shape[-1]
+            table_grad = grad.new_zeros(num_rows, dim, dtype=torch.float32).index_add(
+                0, rows, grad.reshape(-1, dim).to(torch.float32))
+            return None, table_grad.to(dtype), None
         return None, embedding_lookup_bwd(grad, ids, offsets, num_rows, dtype), None
 
 

@@ -10,6 +10,9 @@ from typing import Optional
 
 import torch
 
+from .. import reference
+from ._higher_order import create_graph_requested, recompute_grads
+
 try:  # the package works without Triton; this backend then simply does not register
     import triton
 
@@ -109,14 +112,18 @@ class GenerativeCrossFunction(torch.autograd.Function):
         needs = any(ctx.needs_input_grad[:4])
         out, h = generative_cross_fwd(x, x_gen, weight, bias, store_h=needs, allow_tf32=allow_tf32)
         if needs:
-            ctx.save_for_backward(x, x_gen, weight, h)
+            ctx.save_for_backward(x, x_gen, weight, h, bias)
         ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
         ctx.dtypes = (x.dtype, x_gen.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, x_gen, weight, h = ctx.saved_tensors
+        x, x_gen, weight, h, bias = ctx.saved_tensors
+        if create_graph_requested():   # higher-order gradients: the reference twin's graph
+            grads = recompute_grads(reference.generative_cross, (x, x_gen, weight, bias), ctx.needs_input_grad[:4],
+                                    grad_out)
+            return (*grads, None)
         grads = generative_cross_bwd(grad_out, x, x_gen, weight, h, ctx.has_bias, ctx.allow_tf32)
         out = [g.to(dt) if (g is not None and need) else None
                for g, dt, need in zip(grads, ctx.dtypes, ctx.needs_input_grad[:4])]

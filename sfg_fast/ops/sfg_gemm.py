@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
+from ._higher_order import create_graph_requested, refuse
 
 try:
     import triton
@@ -273,8 +273,9 @@ class SfgGemmFunction(torch.autograd.Function):
         return (logit if wd is not None else z).to(out_dtype)
 
     @staticmethod
-    @once_differentiable   # the backward is kernels, not differentiable ops: create_graph must not pretend
     def backward(ctx, grad):
+        if create_graph_requested():   # the backward is kernels: create_graph must not pretend
+            refuse("the GEMM-shaped interaction", "triton")
         x, ids, offsets, y, enc_w, wd, xs, hs, ts = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad = grad.contiguous().to(torch.float32)

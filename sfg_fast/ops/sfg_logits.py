@@ -34,6 +34,7 @@ import torch
 
 from .. import factored
 from .. import functional as _functional
+from ._higher_order import create_graph_requested, refuse
 
 try:
     import triton
@@ -275,6 +276,8 @@ class SfgInteractionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if create_graph_requested():   # the backward is kernels: create_graph must not pretend
+            refuse("the fused SFG interaction", "triton")
         plan = ctx.plan
         x, ids, offsets, y, enc_w, enc_b, dec = ctx.saved_tensors
         batch, n, d = ctx.dims
