@@ -99,6 +99,7 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
                    sfg::msg("table must be float32 or bfloat16 for the cpu backend, got ", table.scalar_type()));
   check_ids_offsets(ids, offsets, table.size(0));
   const int64_t n = ids.size(1), dim = table.size(1), width = n * dim;
+  tile = std::min(tile, std::max<int64_t>(ids.size(0), 1));  // the per-thread buffers hold tile rows
   ids = ids.contiguous();
   offsets = offsets.contiguous();
   table = table.contiguous();

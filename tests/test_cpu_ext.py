@@ -309,6 +309,18 @@ def test_sfg_logits_tile_boundaries(tile):
                       "fatal", tile)
 
 
+def test_sfg_logits_tile_far_beyond_the_batch_is_clamped():
+    """A tile larger than the batch (the per-thread buffers hold tile rows: 2^62 rows once overflowed
+    the buffer size and crashed) gives the values of tile 1."""
+    from sfg_fast import _C
+    field_dims, dim = [3, 3, 3], 4
+    table, offsets = _table(field_dims, dim), offsets_of(field_dims)
+    enc, dec = torch.randn(12, 12) / 4, torch.randn(3, 3)
+    ids = zipf_ids(5, field_dims)
+    args = (ids, table, offsets, enc, None, dec, "scalar", "relu", 1.0, False, "upper", "left", False, "fatal")
+    torch.testing.assert_close(_C.sfg_logits(*args, 2 ** 62), _C.sfg_logits(*args, 1), rtol=1e-6, atol=1e-6)
+
+
 def test_sfg_logits_bf16_table_accumulates_in_fp32():
     field_dims, dim = [8, 20, 5, 9], 16
     n, offsets = 4, offsets_of(field_dims)
