@@ -61,6 +61,7 @@ torch::Tensor embedding_lookup_int8_cpu(torch::Tensor ids, torch::Tensor qweight
                    sfg::msg("scale_bias must be float32, got ", scale_bias.scalar_type()));
   TORCH_CHECK_VALUE(scale_bias.dim() == 2 && scale_bias.size(0) == qweight.size(0) && scale_bias.size(1) == 2,
                     sfg::msg("scale_bias must have shape [V, 2]=[", qweight.size(0), ", 2], got ", scale_bias.sizes()));
+  check_cpu("scale_bias", scale_bias);
   check_ids_offsets(ids, offsets, qweight.size(0));
   ids = ids.contiguous();
   offsets = offsets.contiguous();
@@ -138,6 +139,7 @@ void sparse_row_update_cpu(const std::string& kind, torch::Tensor weight, c10::o
                              grad_V.sizes()));
   TORCH_CHECK_TYPE(grad_V.scalar_type() == torch::kFloat || grad_V.scalar_type() == torch::kBFloat16,
                    sfg::msg("grad_V must be float32 or bfloat16, got ", grad_V.scalar_type()));
+  check_cpu("grad_V", grad_V);
   float* s1 = nullptr;
   float* s2 = nullptr;
   auto check_state = [&](const c10::optional<torch::Tensor>& st, const char* name, bool per_row) -> float* {

@@ -34,27 +34,43 @@ inline void check_ids_offsets(const torch::Tensor& ids, const torch::Tensor& off
   (void)num_rows;
 }
 
-// Field sizes from offsets (validated: non-decreasing, start >= 0, below the table's row count).
+// A tensor argument that the CPU kernels read or write through raw pointers: it must live on the CPU
+// (a meta or CUDA tensor has no host data; a meta data_ptr is null).
+inline void check_cpu(const char* name, const torch::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), sfg::msg(name, " must be a CPU tensor, got device ", t.device()));
+}
+
+inline void check_cpu(const char* name, const c10::optional<torch::Tensor>& t) {
+  if (t.has_value()) check_cpu(name, *t);
+}
+
+// Field sizes from offsets, validated without arithmetic that could wrap: every offset lies in
+// [0, num_rows] and they never decrease, so each size (next offset - offset) is exact and >= 0, and
+// every row a valid id addresses is inside the table.
 inline std::vector<int64_t> field_sizes(const torch::Tensor& offsets_contig, int64_t num_rows) {
   const int64_t n = offsets_contig.size(0);
   const int64_t* off = offsets_contig.data_ptr<int64_t>();
   std::vector<int64_t> sizes(n);
-  bool ok = n == 0 || off[0] >= 0;
+  bool ok = true;
+  int64_t prev = 0;
   for (int64_t f = 0; f < n; ++f) {
-    const int64_t end = f + 1 < n ? off[f + 1] : num_rows;
-    sizes[f] = end - off[f];
-    ok = ok && sizes[f] >= 0;
+    ok = ok && off[f] >= prev && off[f] <= num_rows;
+    prev = off[f];
   }
   if (!ok) {
     TORCH_CHECK_VALUE(false, sfg::msg("offsets must be non-decreasing, start >= 0 and stay below weight rows (",
                                       num_rows, "), got ", c10::IntArrayRef(off, n)));
   }
+  for (int64_t f = 0; f < n; ++f) sizes[f] = (f + 1 < n ? off[f + 1] : num_rows) - off[f];
   return sizes;
 }
 
 // Applies the bounds mode before any kernel runs: "fatal" raises IndexError naming the first bad
 // field (lowest index) and its first bad id, like the Python check; "clamp_to_oov" needs a
-// non-empty field to clamp into. The scan itself is parallel; the error path is serial.
+// non-empty field to clamp into. "off" gets the same scan as "fatal": the C++ kernels address memory
+// with the ids, so an id outside its field must never reach them (the scan reads B*N ids once, a few
+// percent of a lookup; on this backend "off" only means no separate check before the call). The
+// scan itself is parallel; the error path is serial.
 template <typename Id>
 void check_bounds_typed(const torch::Tensor& ids, const std::vector<int64_t>& sizes, int mode) {
   const int64_t batch = ids.size(0), n = ids.size(1);
@@ -66,7 +82,6 @@ void check_bounds_typed(const torch::Tensor& ids, const std::vector<int64_t>& si
                                  " has an empty vocabulary"));
     return;
   }
-  if (mode != cpu::kFatal) return;
   std::atomic<bool> bad{false};
   at::parallel_for(0, batch, 2048, [&](int64_t b0, int64_t b1) {
     if (cpu::any_bad_id(p, b0, b1, n, sizes.data())) bad = true;

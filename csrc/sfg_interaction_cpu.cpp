@@ -399,6 +399,9 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
   tile = check_inputs(V, tile);
   detach_all(V, enc_weight, enc_bias, dec_weight);
   grad = grad.detach();
+  check_cpu("grad", grad);
+  check_cpu("H", H);
+  check_cpu("T", T);
   V = V.contiguous();
   const int64_t batch = V.size(0), n = V.size(1), dim = V.size(2), width = n * dim;
   // the backward needs no encoder GEMM operands (H is saved): the shapes are checked, nothing converted

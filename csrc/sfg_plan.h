@@ -142,6 +142,8 @@ inline Plan make_plan(const std::string& kind, const std::string& activation, do
     TORCH_CHECK_VALUE(!dec_weight.has_value(), "dec_weight must be None for kind='identity'");
   } else {
     TORCH_CHECK_VALUE(dec_weight.has_value(), sfg::msg("dec_weight is required for kind='", kind, "'"));
+    TORCH_CHECK_VALUE(dec_weight->device().is_cpu(),
+                      sfg::msg("dec_weight must be a CPU tensor, got device ", dec_weight->device()));
   }
   if (p.kind == kMatrix) {
     const auto dw = dec_weight->to(torch::kFloat).contiguous();
@@ -230,6 +232,13 @@ inline void check_encoder(const c10::optional<torch::Tensor>& enc_weight, const 
   if (!enc_weight.has_value()) {
     TORCH_CHECK_VALUE(!enc_bias.has_value(), "enc_bias must be None when enc_weight is None");
     return;
+  }
+  // the tile loops read the weights through raw pointers: host memory only (a meta tensor has none)
+  TORCH_CHECK_VALUE(enc_weight->device().is_cpu(),
+                    sfg::msg("enc_weight must be a CPU tensor, got device ", enc_weight->device()));
+  if (enc_bias.has_value()) {
+    TORCH_CHECK_VALUE(enc_bias->device().is_cpu(),
+                      sfg::msg("enc_bias must be a CPU tensor, got device ", enc_bias->device()));
   }
   TORCH_CHECK_VALUE(enc_weight->dim() == 2 && enc_weight->size(0) == width && enc_weight->size(1) == width,
                     sfg::msg("enc_weight must have shape [N*D, N*D]=[", width, ", ", width, "], got ",

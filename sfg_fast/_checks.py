@@ -114,7 +114,7 @@ def check_offsets_and_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: in
     flag runs the checks that find and name the culprit. Returns the field sizes."""
     sizes = field_sizes(offsets, num_rows)
     if offsets.numel():
-        problem = ((ids < 0) | (ids >= sizes)).any() | (offsets[0] < 0) | (sizes < 0).any()
+        problem = ((ids < 0) | (ids >= sizes)).any() | _bad_offsets(offsets, num_rows)
         if bool(problem):
             check_offsets(offsets, num_rows)    # bad offsets: ValueError (sizes are meaningless then)
             check_ids_in_range(ids, sizes)      # else a bad id: IndexError naming field and id
@@ -154,10 +154,16 @@ def field_sizes(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
     return ends - offsets
 
 
+def _bad_offsets(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """0-d bool: some offset lies outside [0, num_rows] or they decrease. Compared, never subtracted:
+    offsets near 2^63 would wrap the sizes (next - this) into plausible non-negative values."""
+    return (offsets < 0).any() | (offsets > num_rows).any() | (offsets[1:] < offsets[:-1]).any()
+
+
 def check_offsets(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Validate offsets (reads them) and return the field sizes."""
     sizes = field_sizes(offsets, num_rows)
-    if offsets.numel() and (int(offsets[0]) < 0 or bool((sizes < 0).any())):
+    if offsets.numel() and bool(_bad_offsets(offsets, num_rows)):
         raise ValueError(f"offsets must be non-decreasing, start >= 0 and stay below weight rows "
                          f"({num_rows}), got {offsets.tolist()}")
     return sizes

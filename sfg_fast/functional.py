@@ -81,7 +81,9 @@ def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
         weight: floating ``[V, D]`` concatenated table (fields stacked in order).
         offsets: int64 ``[N]`` first row of each field in ``weight`` (exclusive cumsum of field_dims).
         bounds_check: ``"fatal"`` raises IndexError naming the field and id; ``"clamp_to_oov"``
-            remaps bad ids to the field's last id (the OOV row); ``"off"`` trusts the ids.
+            remaps bad ids to the field's last id (the OOV row); ``"off"`` skips the separate check
+            (no host sync on a GPU) and trusts the ids, except on the ``cpu`` backend, whose C++
+            kernels still scan the ids they address memory with and raise the fatal mode's error.
     Returns:
         ``[B, N, D]`` embeddings, differentiable with respect to ``weight``.
     """

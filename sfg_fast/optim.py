@@ -60,22 +60,27 @@ class SparseRowOptimizer:
     def __init__(self, kind: str = "adagrad", lr: float = 0.01, eps: float = 1e-8,
                  betas: Tuple[float, float] = (0.9, 0.999), initial_accumulator_value: float = 0.0):
         C.check_choice("kind", kind, KINDS)
+        self.kind = kind
+        self._set_hyper_parameters(lr, eps, betas, initial_accumulator_value)
+        self.step_count = 0
+        self.state = {}
+
+    def _set_hyper_parameters(self, lr, eps, betas, initial_accumulator_value) -> None:
+        """Validate and set the hyper-parameters (the constructor and load_state_dict alike)."""
         lr, eps = float(lr), float(eps)
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {lr}")
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+        betas = tuple(betas)
         if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not (initial_accumulator_value >= 0):
-            raise ValueError(f"initial_accumulator_value must be >= 0, got {initial_accumulator_value}")
-        self.kind = kind
-        self.lr = lr
-        self.eps = eps
+        initial_accumulator_value = float(initial_accumulator_value)
+        if not (initial_accumulator_value >= 0 and math.isfinite(initial_accumulator_value)):
+            raise ValueError(f"initial_accumulator_value must be a finite number >= 0, got {initial_accumulator_value}")
+        self.lr, self.eps = lr, eps
         self.betas = (float(betas[0]), float(betas[1]))
-        self.initial_accumulator_value = float(initial_accumulator_value)
-        self.step_count = 0
-        self.state = {}
+        self.initial_accumulator_value = initial_accumulator_value
 
     def _ensure_state(self, weight: torch.Tensor) -> None:
         num_rows, dim = weight.shape
@@ -171,11 +176,14 @@ class SparseRowOptimizer:
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("kind") != self.kind:
             raise ValueError(f"state_dict is for kind {state_dict.get('kind')!r}, this optimizer is {self.kind!r}")
-        self.lr = float(state_dict["lr"])
-        self.eps = float(state_dict["eps"])
-        self.betas = tuple(float(b) for b in state_dict["betas"])
-        self.initial_accumulator_value = float(state_dict.get("initial_accumulator_value", 0.0))
-        self.step_count = int(state_dict["step"])
+        # validated like the constructor's (and before anything changes): a corrupt or hand-edited state
+        # must not turn rows into NaN later
+        step = int(state_dict["step"])
+        if step < 0:
+            raise ValueError(f"state_dict['step'] must be >= 0, got {step}")
+        self._set_hyper_parameters(state_dict["lr"], state_dict["eps"], state_dict["betas"],
+                                   state_dict.get("initial_accumulator_value", 0.0))
+        self.step_count = step
         self.state = {k: v.detach().clone() for k, v in state_dict["state"].items()}
 
     def __repr__(self) -> str:
@@ -244,6 +252,7 @@ class _FusedLookupFunction(torch.autograd.Function):
     def forward(ctx, ids, weight, offsets, optimizer, backend):
         ctx.save_for_backward(ids, offsets)
         ctx.weight = weight      # updated in place in backward, so not saved (no version check)
+        ctx.shape = tuple(weight.shape)
         ctx.optimizer, ctx.backend = optimizer, backend
         if backend == "triton":
             from .ops.embedding_lookup import embedding_lookup_fwd
@@ -259,6 +268,11 @@ class _FusedLookupFunction(torch.autograd.Function):
     def backward(ctx, grad_V):
         ids, offsets = ctx.saved_tensors
         weight = ctx.weight
+        if tuple(weight.shape) != ctx.shape:
+            # the update addresses rows with the ids the forward validated against the old shape
+            raise RuntimeError(f"fused_embedding_lookup: weight changed shape from {list(ctx.shape)} to "
+                               f"{list(weight.shape)} between forward and backward; its sparse update would "
+                               "address rows that no longer exist")
         if ctx.backend == "triton":
             ctx.optimizer.step_lookup_triton(weight, grad_V, ids, offsets)
         elif ctx.backend == "cpu":

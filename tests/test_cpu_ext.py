@@ -848,3 +848,104 @@ def test_inference_under_no_grad_with_trainable_parameters_on_all_threads():
                                    "left", False)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out2, want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- memory safety of the C++ entry points
+
+def test_offsets_that_would_wrap_int64_are_rejected_everywhere():
+    """Offsets near 2^63 make the field sizes (next - this) wrap into plausible values; validated by
+    comparison instead, every path rejects them before a kernel addresses memory with them."""
+    from sfg_fast import _C, optim
+    weight = torch.arange(40.0).view(10, 4)
+    ids = torch.zeros(1, 3, dtype=torch.int64)
+    for offsets in (torch.tensor([0, 2 ** 63 - 1, -2]), torch.tensor([0, 2 ** 62 + 1, -2 ** 62])):
+        for mode in ("fatal", "clamp_to_oov", "off"):
+            with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+                _C.embedding_lookup(ids, weight, offsets, mode)
+            with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+                _C.sparse_row_update("sgd", weight.clone(), None, None, ids, offsets, torch.ones(1, 3, 4), 1.0,
+                                     0.0, 0.9, 0.999, 1, mode)
+        with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+            functional.embedding_lookup(ids, weight, offsets, backend="cpu")
+        with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+            functional.embedding_lookup(ids, weight, offsets, "clamp_to_oov", backend="torch")
+        table = weight.clone().requires_grad_()
+        with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+            optim.fused_embedding_lookup(ids, table, offsets, optim.SparseRowOptimizer("sgd", lr=1.0), backend="cpu")
+
+
+def test_bounds_off_never_lets_a_bad_id_address_memory():
+    """"off" skips the separate check, but the C++ kernels still scan the ids they address memory with:
+    an id outside its field raises the fatal mode's IndexError instead of reading or writing past it."""
+    from sfg_fast import _C
+    weight, offsets = torch.zeros(10, 4), torch.tensor([0])
+    for bad in (10 ** 7, -3):
+        ids = torch.tensor([[bad]])
+        with pytest.raises(IndexError, match=r"field 0\) holds id"):
+            functional.embedding_lookup(ids, weight, offsets, "off", backend="cpu")
+        with pytest.raises(IndexError, match=r"field 0\) holds id"):
+            cpu_ext.sfg_logits(ids.expand(1, 2).contiguous(), weight, torch.tensor([0, 5]), None, None, None,
+                               "identity", "relu", 1.0, False, "upper", "left", False)
+        with pytest.raises(IndexError, match=r"field 0\) holds id"):
+            _C.sparse_row_update("sgd", weight, None, None, ids, offsets, torch.ones(1, 1, 4), 1.0, 0.0, 0.9,
+                                 0.999, 1, "off")
+    assert torch.equal(weight, torch.zeros(10, 4))
+
+
+def test_table_resized_between_forward_and_backward_is_refused():
+    from sfg_fast import optim
+    big = torch.zeros(40)
+    weight = torch.zeros(10, 4, requires_grad=True)
+    for backend in ("cpu", "torch"):
+        V = optim.fused_embedding_lookup(torch.tensor([[9]]), weight, torch.tensor([0]),
+                                         optim.SparseRowOptimizer("sgd", lr=1.0), backend=backend)
+        old = weight.data
+        weight.data = big[:8].view(2, 4)
+        with pytest.raises(RuntimeError, match=r"weight changed shape from \[10, 4\] to \[2, 4\]"):
+            V.sum().backward()
+        weight.data = old
+    assert torch.equal(big, torch.zeros(40))
+
+
+@pytest.mark.parametrize("name", ["grad_V", "weight"])
+def test_tensors_without_host_memory_are_rejected_by_name(name):
+    """Meta tensors (no host data; a null data_ptr) must never reach the raw-pointer loops."""
+    from sfg_fast import _C
+    args = dict(weight=torch.zeros(10, 4), grad_V=torch.ones(2, 2, 4))
+    args[name] = torch.empty(args[name].shape, device="meta")
+    with pytest.raises(ValueError, match=rf"{name} must be a CPU"):
+        _C.sparse_row_update("sgd", args["weight"], None, None, torch.tensor([[1, 2], [3, 1]]), torch.tensor([0, 5]),
+                             args["grad_V"], 0.1, 0.0, 0.9, 0.999, 1, "fatal")
+
+
+@pytest.mark.parametrize("name", ["enc_weight", "enc_bias", "dec_weight"])
+def test_interaction_parameters_without_host_memory_are_rejected_by_name(name):
+    """The kernels' parameters are checked for host memory too; sfg_logits used to hang (a meta kernel
+    needing the GIL in a worker thread) and the interaction to return garbage."""
+    from sfg_fast import _C
+    params = dict(enc_weight=torch.randn(12, 12), enc_bias=torch.randn(12), dec_weight=torch.randn(3, 3))
+    params[name] = torch.empty(params[name].shape, device="meta")
+    opts = ("scalar", "relu", 1.0, False, "upper", "left", False)
+    ids, table, offsets = torch.zeros(70, 3, dtype=torch.int64), torch.randn(10, 4), torch.tensor([0, 3, 6])
+    with pytest.raises(ValueError, match=rf"{name} must be a CPU tensor"):
+        _C.sfg_logits(ids, table, offsets, params["enc_weight"], params["enc_bias"], params["dec_weight"], *opts,
+                      "fatal", 1)
+    V = torch.randn(70, 3, 4)
+    with pytest.raises(ValueError, match=rf"{name} must be a CPU tensor"):
+        _C.sfg_interaction_fwd(V, params["enc_weight"], params["enc_bias"], params["dec_weight"], *opts, tile=8)
+    good = [torch.randn(12, 12), torch.randn(12), torch.randn(3, 3)]
+    logit, H, T = _C.sfg_interaction_fwd(V, *good, *opts, tile=8)
+    bad = [params[k] for k in ("enc_weight", "enc_bias", "dec_weight")]
+    with pytest.raises(ValueError, match=rf"{name} must be a CPU tensor"):
+        _C.sfg_interaction_bwd(torch.ones(70), V, H, T, *bad, *opts, tile=8)
+    with pytest.raises(ValueError, match="T must be a CPU tensor"):
+        _C.sfg_interaction_bwd(torch.ones(70), V, H, torch.empty(T.shape, device="meta"), *good, *opts, tile=8)
+
+
+def test_quantiser_rejects_rows_wider_than_float32_range():
+    """max - min beyond float32 would make the scale inf and the whole dequantised row NaN."""
+    weight = torch.tensor([[0.5, -0.25, 1.0, 0.0], [-3e38, 3e38, 1.0, 0.0]])
+    with pytest.raises(ValueError, match=r"weight row 1 spans .* wider than float32's range"):
+        cpu_ext.quantize_rowwise_int8(weight)
+    q, scale_bias = cpu_ext.quantize_rowwise_int8(weight * 1e-30)   # the same shape of row, in range
+    assert torch.isfinite(cpu_ext.dequantize_rowwise_int8(q, scale_bias)).all()

@@ -236,3 +236,17 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="exp_avg"):
         fused_embedding_lookup(ids, other, torch.tensor(OFFSETS), opt, backend="torch").sum().backward()
     assert math.isclose(SparseRowOptimizer("adagrad").eps, 1e-8)
+
+
+@pytest.mark.parametrize("field,value,match", [("lr", float("nan"), "lr must be"), ("betas", (1.0, 1.0), "betas must"),
+                                               ("eps", -1.0, "eps must"), ("step", -2, "step"),
+                                               ("initial_accumulator_value", float("inf"), "initial_accumulator")])
+def test_load_state_dict_validates_hyper_parameters_like_the_constructor(field, value, match):
+    from sfg_fast.optim import SparseRowOptimizer
+    good = SparseRowOptimizer("adam", lr=0.1)
+    state = good.state_dict()
+    state[field] = value
+    target = SparseRowOptimizer("adam", lr=0.2)
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(state)
+    assert target.lr == 0.2 and target.step_count == 0   # nothing changed on failure

@@ -232,6 +232,11 @@ def quantize_rowwise_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     if not bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
         raise ValueError("weight must be finite to be quantised")
     scale = (high - low) / 255.0
+    if not bool(torch.isfinite(scale).all()):
+        # max - min overflows float32: neither the scale nor the dequantised row would be representable
+        row = int((~torch.isfinite(scale)).nonzero()[0, 0])
+        raise ValueError(f"weight row {row} spans [{float(low[row])}, {float(high[row])}], wider than float32's "
+                         "range: it cannot be quantised (scale = (max - min) / 255 overflows)")
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))   # constant rows: q = 0, value = bias
     q = torch.round((w - low[:, None]) / safe[:, None]).clamp_(0, 255).to(torch.uint8)
     return q.contiguous(), torch.stack([scale, low], dim=1).contiguous()
