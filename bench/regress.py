@@ -122,6 +122,25 @@ def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAUL
     return out
 
 
+CONDITIONS_FACTOR = 2.0
+
+
+def conditions_warning(base_env: Dict, cur_env: Dict, factor: float = CONDITIONS_FACTOR) -> Optional[str]:
+    """A sentence when the two runs were measured under visibly different machine conditions: their
+    measured copy bandwidths differ by more than ``factor``. Load on a shared host does not slow every
+    provider alike (the long, memory-bound literal paths suffer most), so ratios to literal from such
+    a pair shift by more than any noise band; the baseline should be re-taken. None when comparable
+    or unknown."""
+    a, b = base_env.get("copy_gbps"), cur_env.get("copy_gbps")
+    if not a or not b or a <= 0 or b <= 0:
+        return None
+    if max(a, b) / min(a, b) <= factor:
+        return None
+    return (f"the baseline was measured at {a:.1f} GB/s copy bandwidth and this run at {b:.1f} GB/s: the machine "
+            f"was in a different state (load), which shifts ratios to literal beyond their noise; re-take the "
+            f"baseline on a quiet machine before trusting this verdict")
+
+
 def merge_runs(runs: List[List[Dict]]) -> List[Dict]:
     """One row list from several runs of the same suite: per measurement the median of the runs'
     medians, the median IQR, the summed repetitions (so the noise model sees the larger sample) and
@@ -215,19 +234,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.current:
         try:
-            current, _ = load_rows(args.current)
+            current, cur_env = load_rows(args.current)
         except (OSError, ValueError) as exc:
             print(f"cannot read --current: {exc}", file=sys.stderr)
             return 2
     else:
-        current = merge_runs([fresh_run(base_env, baseline, args.threads) for _ in range(args.repeat)])
+        cur_env: Dict = {}
+        current = merge_runs([fresh_run(base_env, baseline, args.threads, env_out=cur_env)
+                              for _ in range(args.repeat)])
     result = compare(baseline, current, args.tolerance, args.strict, args.z)
+    warning = conditions_warning(base_env, cur_env)
+    if warning:
+        print(f"WARNING {warning}" + (" (fails under --strict)" if not args.strict else ""))
+        if args.strict:
+            result["passed"] = False
     print(report(result, args.tolerance, args.z))
     return 0 if result["passed"] else 1
 
 
-def fresh_run(base_env: Dict, baseline: List[Dict], threads: Optional[int]) -> List[Dict]:
-    """Run the suite in the baseline's mode, device and scripts, writing nothing."""
+def fresh_run(base_env: Dict, baseline: List[Dict], threads: Optional[int],
+              env_out: Optional[Dict] = None) -> List[Dict]:
+    """Run the suite in the baseline's mode, device and scripts, writing nothing (the run's env goes
+    into ``env_out`` when given)."""
     from . import common, run_all
     mode = base_env.get("mode", "quick")
     scripts = sorted({r["benchmark"][len("bench_"):] for r in baseline
@@ -245,7 +273,9 @@ def fresh_run(base_env: Dict, baseline: List[Dict], threads: Optional[int]) -> L
     if not any(r.get("provider", "").endswith("+compile") and r.get("status") == "ok" for r in baseline):
         argv.append("--no-compile")
     args = common.parse_args("fresh run for bench.regress", argv, run_all._extra)
-    rows, _, _ = run_all.collect(args)
+    rows, env, _ = run_all.collect(args)
+    if env_out is not None:
+        env_out.update(env)
     return rows
 
 

@@ -347,3 +347,17 @@ def test_smoke_every_provider_runs_or_says_why(script, smoke_env):
         # Compile providers are left out by --no-compile; every other provider appears in every case.
         names = set().union(*by_case.values())
         assert {"triton", "ext-cpu"} <= names
+
+
+def test_gate_warns_when_the_runs_were_measured_under_different_machine_conditions(tmp_path, capsys):
+    rows = [_row("literal", 100.0), _row("torch", 10.0)]
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"env": {"device": "cpu", "copy_gbps": 8.0}, "rows": rows}))
+    for gbps, warned in ((25.0, True), (12.0, False)):
+        cur = tmp_path / "cur.json"
+        cur.write_text(json.dumps({"env": {"device": "cpu", "copy_gbps": gbps}, "rows": rows}))
+        assert regress.main(["--baseline", str(base), "--current", str(cur)]) == 0
+        assert ("WARNING the baseline was measured at 8.0 GB/s" in capsys.readouterr().out) == warned
+    cur.write_text(json.dumps({"env": {"device": "cpu", "copy_gbps": 25.0}, "rows": rows}))
+    assert regress.main(["--baseline", str(base), "--current", str(cur), "--strict"]) == 1
+    assert regress.conditions_warning({}, {"copy_gbps": 3.0}) is None
