@@ -2,6 +2,9 @@
 // torch (SFG_FAST_WITH_CUDA); WITH_CUDA tells Python which build it got.
 #include <torch/extension.h>
 
+#include <vector>
+
+#include "buffer_pool.h"
 #include "embedding_cpu_api.h"
 #include "sfg_plan.h"
 #ifdef SFG_FAST_WITH_CUDA
@@ -18,6 +21,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hot_loop_isa", &sfg::hot_loop_isa,
         "Instruction set of the CPU kernels' hot loops on this machine: x86-64-v4 (AVX-512), x86-64-v3 (AVX2) "
         "or baseline");
+#if defined(__SANITIZE_ADDRESS__)
+  // Sanitizer builds only (tests/test_asan.py): a deliberate one-past-the-end heap read, the positive
+  // control that proves AddressSanitizer watches this extension's code. Absent from normal builds.
+  m.def("_sanitizer_canary", [] {
+    std::vector<float> v(16, 1.f);
+    volatile float* p = v.data();
+    return static_cast<double>(p[16]);
+  });
+#endif
+  m.def("buffer_pool_release", [] { return sfg::detail::BufferPool::get().release(); },
+        "Free the idle buffers the CPU training op keeps for its next step; returns the bytes freed");
+  m.def("buffer_pool_idle_bytes", [] { return sfg::detail::BufferPool::get().idle_bytes(); },
+        "Bytes the CPU training op's buffer pool holds idle");
   m.def("embedding_lookup", &sfg::embedding_lookup_cpu, "V[b, f] = weight[offsets[f] + ids[b, f]] (CPU)",
         py::arg("ids"), py::arg("weight"), py::arg("offsets"), py::arg("bounds_check") = "fatal");
   m.def("embedding_lookup_int8", &sfg::embedding_lookup_int8_cpu,

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "buffer_pool.h"
 #include "embedding_cpu.h"
 #include "embedding_cpu_api.h"
 #include "glue_common.h"
@@ -333,8 +334,9 @@ std::vector<torch::Tensor> sfg_interaction_fwd_cpu(torch::Tensor V, c10::optiona
   const Plan p = make_plan(kind, activation, gamma, residual, pairs, generated_side, symmetric, n, dim,
                            enc_weight.has_value(), dec_weight, bf16_gemm);
   auto logit = torch::empty({batch}, kF32);
-  auto H = save && p.encode ? torch::empty({batch, width}, kF32) : torch::Tensor();
-  auto T = save ? torch::empty({batch, width}, kF32) : torch::Tensor();
+  // H and T live until the backward, then return to the pool (buffer_pool.h: no page faults next step)
+  auto H = save && p.encode ? pooled_empty({batch, width}) : torch::Tensor();
+  auto T = save ? pooled_empty({batch, width}) : torch::Tensor();
   const auto flat = V.view({batch, width});
   const bool v_f32 = V.scalar_type() == torch::kFloat;
   const int64_t num_tiles = (batch + tile - 1) / tile;
@@ -429,7 +431,7 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
   // W_enc as the dV GEMM reads it: dH [m, out] @ W_enc [out, in]
   const torch::Tensor enc_w = dv_gemm ? enc_weight->to(gemm_dtype).contiguous() : torch::Tensor();
 
-  auto dV = need_v ? torch::empty({batch, n, dim}, kF32) : torch::Tensor();
+  auto dV = need_v ? pooled_empty({batch, n, dim}) : torch::Tensor();
   // Operands of the batch GEMMs, in the GEMM dtype. V is used in place when its dtype already fits.
   auto dHg = need_enc_weight ? workspace(0, batch, width, gemm_dtype) : torch::Tensor();
   const bool v_fits = V.scalar_type() == gemm_dtype;

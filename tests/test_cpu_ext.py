@@ -949,3 +949,27 @@ def test_quantiser_rejects_rows_wider_than_float32_range():
         cpu_ext.quantize_rowwise_int8(weight)
     q, scale_bias = cpu_ext.quantize_rowwise_int8(weight * 1e-30)   # the same shape of row, in range
     assert torch.isfinite(cpu_ext.dequantize_rowwise_int8(q, scale_bias)).all()
+
+
+def test_training_buffers_are_recycled_and_results_do_not_depend_on_the_pool(monkeypatch):
+    """H, T and dV come from a pool of recycled buffers (no page faults next step): the values and
+    gradients are bitwise those of freshly allocated tensors, the pool holds the buffers between
+    steps, and empty_buffer_pool() frees them."""
+    from sfg_fast import _C
+    case = ("matrix", "relu", 0.5, False, "upper", "left", False, True, True)
+    tensors, opts = _interaction_inputs(case, 70, 3, 4, torch.float32, seed=9)
+    upstream = torch.randn(70)
+    fn = lambda *a: functional.sfg_interaction(*a, backend="cpu")  # noqa: E731
+    cpu_ext.empty_buffer_pool()
+    pooled = [_value_and_grads(fn, tensors, opts, upstream) for _ in range(2)]   # the second reuses buffers
+    size = 70 * 12 * 4
+    assert _C.buffer_pool_idle_bytes() == 2 * size   # H and T are back; the dV handed out is still alive
+    monkeypatch.setenv("SFG_FAST_NO_BUFFER_POOL", "1")
+    fresh = _value_and_grads(fn, tensors, opts, upstream)
+    for got in pooled:
+        assert torch.equal(got[0], fresh[0])
+        for g, w in zip(got[1], fresh[1]):
+            assert torch.equal(g, w)
+    del pooled, got, g   # the last references to the pooled dV buffers
+    assert _C.buffer_pool_idle_bytes() == 4 * size
+    assert cpu_ext.empty_buffer_pool() == 4 * size and _C.buffer_pool_idle_bytes() == 0

@@ -29,7 +29,8 @@ except Exception:  # no compiler at install time, or a stale build: the package 
     _C = None
 
 __all__ = ["available", "sparse_row_update", "quantize_rowwise_int8", "dequantize_rowwise_int8",
-           "embedding_lookup_int8", "embedding_lookup", "sfg_logits", "sfg_interaction", "SfgInteractionFunction"]
+           "embedding_lookup_int8", "embedding_lookup", "sfg_logits", "sfg_interaction", "SfgInteractionFunction",
+           "empty_buffer_pool"]
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 _TILE = 64  # samples per tile: 3 fp32 tile buffers of 64 x N*D stay in a core's L2 at N*D = 624
@@ -127,6 +128,14 @@ class SfgInteractionFunction(torch.autograd.Function):
         out = [g.to(t.dtype).view(t.shape) if need and t is not None and g is not None else None
                for g, t, need in zip(grads, inputs, needs)]
         return (*out, None, None, None)
+
+
+def empty_buffer_pool() -> int:
+    """Free the idle [B, N*D] buffers (H, T, dV) the fused CPU training op keeps to reuse in its next
+    step (csrc/buffer_pool.h: at most 256 MB idle); returns the bytes freed. Like
+    ``torch.cuda.empty_cache()``: only needed to hand memory back between phases of a program."""
+    _require()
+    return int(_C.buffer_pool_release())
 
 
 def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs, generated_side,
