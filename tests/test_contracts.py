@@ -14,18 +14,25 @@ from sfg_fast._backend import module_backend
 from sfg_fast.ops import cpu_ext
 
 needs_ext = pytest.mark.skipif(not cpu_ext.available(), reason="sfg_fast._C is not built")
+# Triton runs compiled on a GPU machine (bench/gpu_check.sh runs the "interpreter" tests there), else
+# through the interpreter on CPU tensors
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device(backend):
+    return DEVICE if backend == "triton" else "cpu"
 INTERACTION_BACKENDS = ["reference", "torch", pytest.param("cpu", marks=needs_ext),
                         pytest.param("triton", marks=pytest.mark.interpreter)]
 
 
-def _interaction_params(kind, n=3, d=2, seed=0, bias=True, dtype=torch.float64):
+def _interaction_params(kind, n=3, d=2, seed=0, bias=True, dtype=torch.float64, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     dec = {"identity": None, "scalar": (n, n), "vector": (n, n, d), "matrix": (n, n, d, d)}[kind]
     leaves = dict(V=torch.randn(5, n, d, generator=gen, dtype=dtype),
                   enc_weight=torch.randn(n * d, n * d, generator=gen, dtype=dtype) / n,
                   enc_bias=torch.randn(n * d, generator=gen, dtype=dtype) if bias else None,
                   dec_weight=None if dec is None else torch.randn(*dec, generator=gen, dtype=dtype))
-    return {k: (None if v is None else v.requires_grad_()) for k, v in leaves.items()}
+    return {k: (None if v is None else v.to(device).requires_grad_()) for k, v in leaves.items()}
 
 
 def _penalised_grads(backend, kind, dtype, seed):
@@ -55,7 +62,7 @@ def test_cpu_interaction_second_order_gradients_match_the_reference(kind):
 
 @pytest.mark.interpreter
 def test_triton_interaction_refuses_higher_order_gradients_by_name():
-    p = _interaction_params("scalar", dtype=torch.float32)
+    p = _interaction_params("scalar", dtype=torch.float32, device=DEVICE)
     logit = SF.sfg_interaction(p["V"], p["enc_weight"], None, p["dec_weight"], "scalar", "tanh", 1.0, False,
                                "upper", "left", False, backend="triton")
     with pytest.raises(RuntimeError, match=r"backend 'triton'.*create_graph=True.*backend='torch'"):
@@ -71,7 +78,8 @@ def test_triton_interaction_refuses_higher_order_gradients_by_name():
 def test_triton_cross_loss_and_lookup_second_order_gradients_match_the_reference():
     def cross(backend):
         gen = torch.Generator().manual_seed(5)
-        x, g, w, b = (torch.randn(*s, generator=gen).requires_grad_() for s in ((4, 6), (4, 6), (6, 6), (6,)))
+        x, g, w, b = (torch.randn(*s, generator=gen).to(DEVICE).requires_grad_()
+                      for s in ((4, 6), (4, 6), (6, 6), (6,)))
         out = SF.generative_cross(x, g, w, b, backend=backend)
         gx, = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
         gx.pow(2).sum().backward()
@@ -79,15 +87,16 @@ def test_triton_cross_loss_and_lookup_second_order_gradients_match_the_reference
 
     def loss(backend):
         gen = torch.Generator().manual_seed(6)
-        logits, labels = torch.randn(7, generator=gen).requires_grad_(), torch.rand(7, generator=gen)
+        logits = torch.randn(7, generator=gen).to(DEVICE).requires_grad_()
+        labels = torch.rand(7, generator=gen).to(DEVICE)
         gl, = torch.autograd.grad(SF.bce_with_logits(logits, labels, backend=backend), logits, create_graph=True)
         gl.pow(2).sum().backward()
         return [logits.grad]
 
     def lookup(backend):
         gen = torch.Generator().manual_seed(7)
-        table = torch.randn(9, 3, generator=gen).requires_grad_()
-        ids, offsets = torch.tensor([[0, 1], [3, 3], [0, 2]]), torch.tensor([0, 5])
+        table = torch.randn(9, 3, generator=gen).to(DEVICE).requires_grad_()
+        ids, offsets = torch.tensor([[0, 1], [3, 3], [0, 2]], device=DEVICE), torch.tensor([0, 5], device=DEVICE)
         V = SF.embedding_lookup(ids, table, offsets, backend=backend)
         gt, = torch.autograd.grad(V.pow(3).sum(), table, create_graph=True)
         gt.pow(2).sum().backward()
@@ -100,7 +109,8 @@ def test_triton_cross_loss_and_lookup_second_order_gradients_match_the_reference
 
 @pytest.mark.parametrize("backend", INTERACTION_BACKENDS)
 def test_mixed_operand_dtypes_promote_on_every_backend(backend):
-    p = _interaction_params("vector", dtype=torch.float32)
+    device = _device(backend)
+    p = _interaction_params("vector", dtype=torch.float32, device=device)
     V16 = p["V"].detach().to(torch.bfloat16).requires_grad_()
     bias64 = p["enc_bias"].detach().double().requires_grad_()
     out = SF.sfg_interaction(V16, p["enc_weight"], bias64, p["dec_weight"], "vector", "relu", 1.0, False, "upper",
@@ -113,8 +123,8 @@ def test_mixed_operand_dtypes_promote_on_every_backend(backend):
     out.sum().backward()
     assert V16.grad.dtype == torch.bfloat16 and bias64.grad.dtype == torch.float64
     # sfg_logits gathers in the table's dtype and never casts the table
-    table = torch.randn(7, 2, dtype=torch.bfloat16)
-    ids, offsets = torch.tensor([[0, 1, 0], [1, 2, 1]]), torch.tensor([0, 2, 5])
+    table = torch.randn(7, 2, dtype=torch.bfloat16, device=device)
+    ids, offsets = torch.tensor([[0, 1, 0], [1, 2, 1]], device=device), torch.tensor([0, 2, 5], device=device)
     logits = SF.sfg_logits(ids, table, offsets, p["enc_weight"].detach(), None, p["dec_weight"].detach(), "vector",
                            backend=backend)
     assert logits.dtype == torch.float32 and table.dtype == torch.bfloat16
@@ -122,7 +132,7 @@ def test_mixed_operand_dtypes_promote_on_every_backend(backend):
 
 @pytest.mark.parametrize("backend", INTERACTION_BACKENDS)
 def test_encoder_options_are_checked_without_an_encoder_too(backend):
-    V = torch.randn(2, 3, 2)
+    V = torch.randn(2, 3, 2, device=_device(backend))
     for kwargs, err, match in ((dict(activation="bogus"), ValueError, "activation must be one of"),
                                (dict(residual="False"), TypeError, "residual must be a bool"),
                                (dict(gamma=torch.tensor(2.0, requires_grad=True)), TypeError,
