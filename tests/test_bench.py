@@ -361,3 +361,15 @@ def test_gate_warns_when_the_runs_were_measured_under_different_machine_conditio
     cur.write_text(json.dumps({"env": {"device": "cpu", "copy_gbps": 25.0}, "rows": rows}))
     assert regress.main(["--baseline", str(base), "--current", str(cur), "--strict"]) == 1
     assert regress.conditions_warning({}, {"copy_gbps": 3.0}) is None
+
+
+def test_buffer_pool_bench_runs_both_variants_in_separate_processes(capsys):
+    from sfg_fast.ops import cpu_ext
+    if not cpu_ext.available():
+        pytest.skip("sfg_fast._C is not built")
+    from bench import bench_buffer_pool
+    assert bench_buffer_pool.main(["--runs", "1", "--steps", "6", "--kinds", "scalar", "--precisions", "fp32",
+                                   "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| train_step[scalar, adagrad, fp32] | pool |" in out
+    assert "| train_step[scalar, adagrad, fp32] | no pool |" in out
