@@ -6,8 +6,9 @@
 // was measured at 15-25% of a bf16 matrix-decoder step. The pool keeps freed buffers by exact byte
 // size and hands them out again; a tensor made here returns its buffer when its storage dies.
 //
-// Bounded (kMaxPooledBytes = 256 MB idle in all; release() frees the idle buffers), thread-safe, and never destroyed (a tensor may outlive static
-// destruction at exit). SFG_FAST_NO_BUFFER_POOL=1 turns it off (plain torch::empty), read per call.
+// Bounded (kMaxPooledBytes = 256 MB idle in all; release() frees the idle buffers), thread-safe, and
+// never destroyed (a tensor may outlive static destruction at exit). SFG_FAST_NO_BUFFER_POOL=1 turns it
+// off (plain torch::empty), read per call.
 #pragma once
 
 #include <torch/extension.h>

@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "glue_common.h"
 #include "message.h"
 
 // Hot tile loops are compiled for AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) and the baseline, and
@@ -142,8 +143,7 @@ inline Plan make_plan(const std::string& kind, const std::string& activation, do
     TORCH_CHECK_VALUE(!dec_weight.has_value(), "dec_weight must be None for kind='identity'");
   } else {
     TORCH_CHECK_VALUE(dec_weight.has_value(), sfg::msg("dec_weight is required for kind='", kind, "'"));
-    TORCH_CHECK_VALUE(dec_weight->device().is_cpu(),
-                      sfg::msg("dec_weight must be a CPU tensor, got device ", dec_weight->device()));
+    check_cpu("dec_weight", dec_weight);
   }
   if (p.kind == kMatrix) {
     const auto dw = dec_weight->to(torch::kFloat).contiguous();
@@ -234,12 +234,8 @@ inline void check_encoder(const c10::optional<torch::Tensor>& enc_weight, const 
     return;
   }
   // the tile loops read the weights through raw pointers: host memory only (a meta tensor has none)
-  TORCH_CHECK_VALUE(enc_weight->device().is_cpu(),
-                    sfg::msg("enc_weight must be a CPU tensor, got device ", enc_weight->device()));
-  if (enc_bias.has_value()) {
-    TORCH_CHECK_VALUE(enc_bias->device().is_cpu(),
-                      sfg::msg("enc_bias must be a CPU tensor, got device ", enc_bias->device()));
-  }
+  check_cpu("enc_weight", enc_weight);
+  check_cpu("enc_bias", enc_bias);
   TORCH_CHECK_VALUE(enc_weight->dim() == 2 && enc_weight->size(0) == width && enc_weight->size(1) == width,
                     sfg::msg("enc_weight must have shape [N*D, N*D]=[", width, ", ", width, "], got ",
                              enc_weight->sizes()));

@@ -25,7 +25,7 @@ import torch
 
 from . import _checks as C
 from . import factored, reference
-from ._backend import resolve
+from ._backend import module_backend, resolve
 
 __all__ = ["embedding_lookup", "sfg_encode", "pairwise_decode", "pairwise_products",
            "generative_cross", "bce_with_logits", "sfg_logits", "sfg_interaction"]
@@ -35,13 +35,9 @@ _OPTIONAL_IMPLS = {}  # (backend, op) -> callable, registered by the compiled/Tr
 
 def _promoted(*tensors):
     """``tensors`` (None allowed) cast to their promoted dtype; returned as they are when they agree."""
-    dtypes = {t.dtype for t in tensors if t is not None}
-    if len(dtypes) <= 1:
+    if len({t.dtype for t in tensors if t is not None}) <= 1:
         return tensors
-    dtype = None
-    for t in tensors:
-        if t is not None:
-            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    dtype = _library._promote(*tensors)   # the custom ops' output-dtype rule
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
@@ -217,7 +213,6 @@ def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
     if len({t.dtype for t in (table, enc_weight, dec_weight) if t is not None}) > 1:
         # mixed dtypes: gather in the table's dtype, then the interaction on promoted operands (the same
         # math; the table itself is never cast)
-        from ._backend import module_backend
         V = embedding_lookup(ids, table, offsets, bounds_check, backend=module_backend(backend, "embedding_lookup"))
         return sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
                                generated_side, symmetric, backend=module_backend(backend, "sfg_interaction"))

@@ -4,7 +4,6 @@ Shape letters (B, N, D, V, P) are defined in ``sfg_fast.functional``.
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional, Sequence
 
@@ -39,7 +38,7 @@ def _dropout(p) -> Optional[nn.Dropout]:
         value = float(p)
     except (TypeError, ValueError):
         raise TypeError(f"dropout must be a probability, got {p!r}") from None
-    if not (0.0 <= value < 1.0) or math.isnan(value):
+    if not (0.0 <= value < 1.0):   # NaN fails the comparison too
         raise ValueError(f"dropout must lie in [0, 1), got {p!r}")
     return nn.Dropout(value) if value > 0 else None
 
