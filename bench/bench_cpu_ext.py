@@ -2,7 +2,8 @@
 
 Workloads at the Criteo shape (B=4096, N=39, D=16, Zipf ids), providers timed interleaved in one
 run so the ratios survive a noisy shared machine:
-  sfg_logits (inference, no grad): cpu fused tile pipeline | torch factored | literal reference,
+  sfg_logits (inference, no grad): cpu fused tile pipeline | the same on the int8 row-wise quantised
+                                   table (serving.sfg_logits_int8) | torch factored | literal reference,
                                    in fp32 and with every provider under torch.autocast("cpu", bfloat16)
   embedding_lookup (inference):   cpu gather | torch F.embedding
   sparse update from grad_V:      cpu fused sort+update | sfg_fast.optim torch path |
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (environment, field_dims_for, make_ids, markdown_table, set_threads,  # noqa: E402
                           time_interleaved, write_results)
-from sfg_fast import factored, reference  # noqa: E402
+from sfg_fast import factored, reference, serving  # noqa: E402
 from sfg_fast.ops import cpu_ext  # noqa: E402
 from sfg_fast.optim import SparseRowOptimizer, fused_embedding_lookup, unique_row_grads  # noqa: E402
 
@@ -61,6 +62,7 @@ def bench_logits(args, table, offsets, ids_list, rows):
     enc = torch.randn(width, width) / width ** 0.5
     decoders = {"identity": None, "scalar": torch.randn(n, n), "vector": torch.randn(n, n, d),
                 "matrix": torch.randn(n, n, d, d) / d}
+    qweight, scale_bias = serving.quantize_rowwise_int8(table)
     for kind in args.kinds:
         dec = decoders[kind]
         state = {"i": 0}
@@ -78,14 +80,20 @@ def bench_logits(args, table, offsets, ids_list, rows):
             fns = {
                 "cpu" + suffix: lambda: cpu_ext.sfg_logits(next_ids(), table, offsets, enc, None, dec, *common),
                 "torch" + suffix: lambda: factored.sfg_logits(next_ids(), table, offsets, enc, None, dec, *common),
+                # bounds "off": like the cpu row's direct call, the kernel's own id scan is the only check
+                "cpu int8 table" + suffix: lambda: serving.sfg_logits_int8(
+                    next_ids(), qweight, scale_bias, offsets, enc, None, dec, *common, bounds_check="off",
+                    backend="cpu"),
             }
+            with_reference = False
             if not args.quick and kind in ("scalar", "matrix"):
+                with_reference = True
                 fns["reference" + suffix] = lambda: reference.sfg_logits(next_ids(), table, offsets, enc, None, dec,
                                                                          *common)
             fns = {name: _at_precision(fn, precision) for name, fn in fns.items()}
             with torch.no_grad():
                 times = time_interleaved(fns, warmup=1,
-                                         reps=args.reps if len(fns) == 2 else max(3, args.reps // 3))
+                                         reps=max(3, args.reps // 3) if with_reference else args.reps)
             for name, t in times.items():
                 rows.append({"workload": f"sfg_logits[{kind}]", "provider": name,
                              "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),

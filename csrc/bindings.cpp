@@ -48,7 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ids"), py::arg("table"), py::arg("offsets"), py::arg("enc_weight"), py::arg("enc_bias"),
         py::arg("dec_weight"), py::arg("kind"), py::arg("activation"), py::arg("gamma"), py::arg("residual"),
         py::arg("pairs"), py::arg("generated_side"), py::arg("symmetric"), py::arg("bounds_check") = "fatal",
-        py::arg("tile") = 64, py::arg("bf16_gemm") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("tile") = 64, py::arg("bf16_gemm") = false, py::arg("scale_bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("sfg_interaction_fwd", &sfg::sfg_interaction_fwd_cpu,
         "Fused SFG interaction on V, forward: {logit [B], H [B, N*D] (saved), T [B, N*D] (saved)} (CPU)",
         py::arg("V"), py::arg("enc_weight"), py::arg("enc_bias"), py::arg("dec_weight"), py::arg("kind"),

@@ -57,11 +57,7 @@ torch::Tensor embedding_lookup_int8_cpu(torch::Tensor ids, torch::Tensor qweight
                    sfg::msg("qweight must be uint8, got ", qweight.scalar_type()));
   TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.device().is_cpu(),
                     sfg::msg("qweight must be a CPU [V, D] tensor, got ", qweight.sizes()));
-  TORCH_CHECK_TYPE(scale_bias.scalar_type() == torch::kFloat,
-                   sfg::msg("scale_bias must be float32, got ", scale_bias.scalar_type()));
-  TORCH_CHECK_VALUE(scale_bias.dim() == 2 && scale_bias.size(0) == qweight.size(0) && scale_bias.size(1) == 2,
-                    sfg::msg("scale_bias must have shape [V, 2]=[", qweight.size(0), ", 2], got ", scale_bias.sizes()));
-  check_cpu("scale_bias", scale_bias);
+  check_scale_bias(scale_bias, qweight.size(0));
   check_ids_offsets(ids, offsets, qweight.size(0));
   ids = ids.contiguous();
   offsets = offsets.contiguous();
@@ -76,10 +72,11 @@ torch::Tensor embedding_lookup_int8_cpu(torch::Tensor ids, torch::Tensor qweight
   const float* sb = scale_bias.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, ids.size(0), 256, [&](int64_t b0, int64_t b1) {
+    float* dst = o + b0 * n * dim;
     if (ids.scalar_type() == torch::kInt64)
-      cpu::gather_rows_int8(ids.data_ptr<int64_t>(), b0, b1, n, off, sizes.data(), mode, q, sb, dim, o);
+      cpu::gather_rows_int8(ids.data_ptr<int64_t>(), b0, b1, n, off, sizes.data(), mode, q, sb, dim, dst);
     else
-      cpu::gather_rows_int8(ids.data_ptr<int32_t>(), b0, b1, n, off, sizes.data(), mode, q, sb, dim, o);
+      cpu::gather_rows_int8(ids.data_ptr<int32_t>(), b0, b1, n, off, sizes.data(), mode, q, sb, dim, dst);
   });
   return out;
 }

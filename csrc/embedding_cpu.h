@@ -92,13 +92,14 @@ void gather_rows_f32(const Id* ids, int64_t b0, int64_t b1, int64_t num_fields, 
   }
 }
 
-// int8 row-wise quantised rows: w[r, d] ~= q[r, d] * scale_bias[r, 0] + scale_bias[r, 1].
+// int8 row-wise quantised rows: w[r, d] ~= q[r, d] * scale_bias[r, 0] + scale_bias[r, 1], widened to
+// fp32 for samples [b0, b1) into out (which holds (b1 - b0) samples: the caller offsets it).
 template <typename Id>
 void gather_rows_int8(const Id* ids, int64_t b0, int64_t b1, int64_t num_fields, const int64_t* offsets,
                       const int64_t* sizes, int mode, const uint8_t* q, const float* scale_bias, int64_t dim,
                       float* out) {
   for (int64_t b = b0; b < b1; ++b) {
-    float* dst = out + b * num_fields * dim;
+    float* dst = out + (b - b0) * num_fields * dim;
     for (int64_t f = 0; f < num_fields; ++f) {
       const int64_t row = table_row(ids, b, f, num_fields, offsets, sizes, mode);
       const uint8_t* src = q + row * dim;

@@ -24,7 +24,7 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
                              c10::optional<torch::Tensor> dec_weight, const std::string& kind,
                              const std::string& activation, double gamma, bool residual, const std::string& pairs,
                              const std::string& generated_side, bool symmetric, const std::string& bounds_check,
-                             int64_t tile, bool bf16_gemm);
+                             int64_t tile, bool bf16_gemm, c10::optional<torch::Tensor> scale_bias);
 
 // Fused SFG interaction on V for training (sfg_interaction_cpu.cpp): {logit, H, T} and {dV, dW_enc, dbias, ddec}.
 std::vector<torch::Tensor> sfg_interaction_fwd_cpu(torch::Tensor V, c10::optional<torch::Tensor> enc_weight,

@@ -47,6 +47,15 @@ inline void check_cpu(const char* name, const c10::optional<torch::Tensor>& t) {
 // Field sizes from offsets, validated without arithmetic that could wrap: every offset lies in
 // [0, num_rows] and they never decrease, so each size (next offset - offset) is exact and >= 0, and
 // every row a valid id addresses is inside the table.
+// The (scale, bias) rows of an int8 row-wise quantised table of `rows` rows: float32 [rows, 2] on the CPU.
+inline void check_scale_bias(const torch::Tensor& scale_bias, int64_t rows) {
+  TORCH_CHECK_TYPE(scale_bias.scalar_type() == torch::kFloat,
+                   sfg::msg("scale_bias must be float32, got ", scale_bias.scalar_type()));
+  TORCH_CHECK_VALUE(scale_bias.dim() == 2 && scale_bias.size(0) == rows && scale_bias.size(1) == 2,
+                    sfg::msg("scale_bias must have shape [V, 2]=[", rows, ", 2], got ", scale_bias.sizes()));
+  check_cpu("scale_bias", scale_bias);
+}
+
 inline std::vector<int64_t> field_sizes(const torch::Tensor& offsets_contig, int64_t num_rows) {
   const int64_t n = offsets_contig.size(0);
   const int64_t* off = offsets_contig.data_ptr<int64_t>();

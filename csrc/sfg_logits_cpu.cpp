@@ -1,11 +1,13 @@
 // Fused SFG inference on CPU, one tile of samples at a time:
 //   gather V (fp32) -> Z = gamma * act(V @ W_enc^T + b) (+ V) -> logit[b] = sum_{(i,j) in P} (a_i W_ij) . b_j
 // Every intermediate lives in a per-thread buffer of tile x (N*D) floats (160 KB at tile 64, N*D 624),
-// so it stays in L2 between the GEMM and its epilogue. bf16_gemm runs the GEMMs on bf16 operands
+// so it stays in L2 between the GEMM and its epilogue. Tables are fp32, bf16, or int8 row-wise quantised
+// (uint8 rows + a float32 (scale, bias) per row, dequantised in the gather: the serving format). bf16_gemm runs the GEMMs on bf16 operands
 // (fp32 accumulation, bf16-rounded products, as torch's bf16 matmul) and keeps the rest in fp32. The GEMMs
 // call torch's BLAS on the tile (single-threaded inside the parallel region); the decoders are the
 // plan's (sfg_plan.h).
 #include <cmath>
+#include <type_traits>
 
 #include "embedding_cpu_api.h"
 #include "glue_common.h"
@@ -25,7 +27,7 @@ SFG_HOT void decode_tile(const Plan& p, const float* left, const float* right, i
 
 template <typename Id, typename T>
 void run_tiles(const Plan& p, const torch::Tensor& ids, const torch::Tensor& table, const torch::Tensor& offsets,
-               const std::vector<int64_t>& sizes, int mode, const torch::Tensor& enc_t,
+               const std::vector<int64_t>& sizes, int mode, const float* scale_bias, const torch::Tensor& enc_t,
                const c10::optional<torch::Tensor>& bias, int64_t tile, float* out) {
   const int64_t batch = ids.size(0), n = p.n, dim = p.dim, width = n * dim;
   const int64_t num_tiles = (batch + tile - 1) / tile;
@@ -43,7 +45,10 @@ void run_tiles(const Plan& p, const torch::Tensor& ids, const torch::Tensor& tab
     auto o16 = torch::empty({bf16 ? tile : 0, bf16 ? std::max(width, chunk_cols) : 0}, b16);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * tile, b1 = std::min(batch, b0 + tile), m = b1 - b0;
-      cpu::gather_rows_f32(id_ptr, b0, b1, n, off, sizes.data(), mode, w, dim, vbuf.data());
+      if constexpr (std::is_same_v<T, uint8_t>)
+        cpu::gather_rows_int8(id_ptr, b0, b1, n, off, sizes.data(), mode, w, scale_bias, dim, vbuf.data());
+      else
+        cpu::gather_rows_f32(id_ptr, b0, b1, n, off, sizes.data(), mode, w, dim, vbuf.data());
       const float* v = vbuf.data();
       const float* z = v;  // no encoder: Z = V (the base model)
       if (p.encode) {
@@ -85,7 +90,7 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
                              c10::optional<torch::Tensor> dec_weight, const std::string& kind,
                              const std::string& activation, double gamma, bool residual, const std::string& pairs,
                              const std::string& generated_side, bool symmetric, const std::string& bounds_check,
-                             int64_t tile, bool bf16_gemm) {
+                             int64_t tile, bool bf16_gemm, c10::optional<torch::Tensor> scale_bias) {
   const int mode = parse_bounds_mode(bounds_check);
   TORCH_CHECK_VALUE(tile >= 1, sfg::msg("tile must be >= 1, got ", tile));
   // Plain tensors: the tile GEMMs write out= buffers from worker threads, which do not inherit the
@@ -95,8 +100,18 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
     if (t->has_value()) *t = (*t)->detach();
   TORCH_CHECK_VALUE(table.dim() == 2 && table.device().is_cpu(),
                     sfg::msg("table must be a CPU [V, D] tensor, got ", table.sizes()));
-  TORCH_CHECK_TYPE(table.scalar_type() == torch::kFloat || table.scalar_type() == torch::kBFloat16,
-                   sfg::msg("table must be float32 or bfloat16 for the cpu backend, got ", table.scalar_type()));
+  const bool int8 = table.scalar_type() == torch::kUInt8;
+  TORCH_CHECK_TYPE(table.scalar_type() == torch::kFloat || table.scalar_type() == torch::kBFloat16 || int8,
+                   sfg::msg("table must be float32, bfloat16 or uint8 (int8 row-wise quantised) for the cpu "
+                            "backend, got ", table.scalar_type()));
+  TORCH_CHECK_VALUE(int8 == scale_bias.has_value(),
+                    int8 ? "a uint8 (int8 row-wise quantised) table needs its scale_bias [V, 2]"
+                         : "scale_bias is only for a uint8 (int8 row-wise quantised) table");
+  if (int8) {
+    check_scale_bias(*scale_bias, table.size(0));
+    scale_bias = scale_bias->detach().contiguous();
+  }
+  const float* sb = int8 ? scale_bias->data_ptr<float>() : nullptr;
   check_ids_offsets(ids, offsets, table.size(0));
   const int64_t n = ids.size(1), dim = table.size(1), width = n * dim;
   tile = std::min(tile, std::max<int64_t>(ids.size(0), 1));  // the per-thread buffers hold tile rows
@@ -112,12 +127,17 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
   auto out = torch::empty({ids.size(0)}, torch::kFloat);
   const bool i64 = ids.scalar_type() == torch::kInt64;
   float* o = out.data_ptr<float>();
+  const auto& wt = enc.weight_t;
+  const auto& eb = enc.bias;
   if (table.scalar_type() == torch::kFloat) {
-    if (i64) run_tiles<int64_t, float>(p, ids, table, offsets, sizes, mode, enc.weight_t, enc.bias, tile, o);
-    else run_tiles<int32_t, float>(p, ids, table, offsets, sizes, mode, enc.weight_t, enc.bias, tile, o);
+    if (i64) run_tiles<int64_t, float>(p, ids, table, offsets, sizes, mode, sb, wt, eb, tile, o);
+    else run_tiles<int32_t, float>(p, ids, table, offsets, sizes, mode, sb, wt, eb, tile, o);
+  } else if (int8) {
+    if (i64) run_tiles<int64_t, uint8_t>(p, ids, table, offsets, sizes, mode, sb, wt, eb, tile, o);
+    else run_tiles<int32_t, uint8_t>(p, ids, table, offsets, sizes, mode, sb, wt, eb, tile, o);
   } else {
-    if (i64) run_tiles<int64_t, uint16_t>(p, ids, table, offsets, sizes, mode, enc.weight_t, enc.bias, tile, o);
-    else run_tiles<int32_t, uint16_t>(p, ids, table, offsets, sizes, mode, enc.weight_t, enc.bias, tile, o);
+    if (i64) run_tiles<int64_t, uint16_t>(p, ids, table, offsets, sizes, mode, sb, wt, eb, tile, o);
+    else run_tiles<int32_t, uint16_t>(p, ids, table, offsets, sizes, mode, sb, wt, eb, tile, o);
   }
   return out;
 }

@@ -4,17 +4,18 @@ The test builds csrc/ with -fsanitize=address,undefined into build/sfg_fast_asan
 objects, so a rerun after no source change only links) through torch.utils.cpp_extension.load,
 then, in a subprocess where the sanitized build stands in for sfg_fast._C, calls every entry
 point of the extension (lookup in every bounds mode, int8 lookup, the sparse update of every kind
-with duplicate ids, sfg_logits of every decoder kind, activation, pair set and tile size, and the
-error paths) and runs the CPU tests (tests/test_cpu_ext.py, tests/test_sparse_optim.py), and
-requires zero sanitizer reports.
+with duplicate ids, sfg_logits on fp32, bf16 and int8 tables for every decoder kind, activation,
+pair set and tile size, and the error paths) and runs the CPU tests (tests/test_cpu_ext.py,
+tests/test_sparse_optim.py, tests/test_serving.py), and requires zero sanitizer reports.
 
 Python is not instrumented, so the subprocess runs with LD_PRELOAD of gcc's libasan (ASan must be
 the first library loaded) followed by libstdc++ (ASan resolves its C++ exception interceptor at
 start-up; without libstdc++ loaded by then, the first C++ throw aborts with a CHECK failure).
 Leak detection is off (ASAN_OPTIONS=detect_leaks=0): torch, pybind11 and the interpreter keep
 global allocations alive until exit, which LeakSanitizer would report without any fault in this
-package. A second run reads one row past a table with bounds_check="off" and must be reported,
-so a build in which the sanitizer is not live fails the test.
+package. A second run calls a deliberate one-past-the-end read compiled into sanitizer builds only
+(`_sanitizer_canary`), which must be reported, so a build in which the sanitizer is not live fails
+the test.
 
 The sanitized build alone takes minutes on a 2-core machine, so the test runs only when
 SFG_FAST_ASAN=1. The same check from a shell:
@@ -106,7 +107,7 @@ def _build():
 def _run_cpu_tests():
     import pytest
     code = pytest.main(["-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_cpu_ext.py"),
-                        os.path.join(ROOT, "tests", "test_sparse_optim.py")])
+                        os.path.join(ROOT, "tests", "test_sparse_optim.py"), os.path.join(ROOT, "tests", "test_serving.py")])
     if code != 0:
         raise SystemExit(f"CPU tests failed under the sanitizers (pytest exit code {code})")
     print("CPU tests passed under the sanitizers")
@@ -205,12 +206,31 @@ def _exercise(ext):
                                  "left", False, "clamp_to_oov", 64)
             assert bool(torch.isfinite(out).all())
             calls += 1
+            # int8 row-wise quantised table: the dequantising gather as the pipeline's prologue
+            q, scale_bias = quantize_rowwise_int8(table)
+            expect = factored.sfg_logits(ids, dequantize_rowwise_int8(q, scale_bias), offsets, enc, None, dec, kind,
+                                         "relu", 1.0, False, "upper", "left", False)
+            for tile in (1, 64):
+                for mode in ("fatal", "clamp_to_oov", "off"):
+                    out = ext.sfg_logits(ids, q, offsets, enc, None, dec, kind, "relu", 1.0, False, "upper", "left",
+                                         False, mode, tile, scale_bias=scale_bias)
+                    torch.testing.assert_close(out, expect, rtol=1e-3, atol=1e-3)
+                    calls += 1
         bad = ids.clone()
         bad[batch - 1, n - 1] = field_dims[-1]
         raises(IndexError, ext.sfg_logits, bad, table, offsets, enc, None, None, "identity", "relu", 1.0, False,
                "upper", "left", False, "fatal", 64)
         ext.sfg_logits(bad, table, offsets, enc, None, None, "identity", "relu", 1.0, False, "upper", "left", False,
                        "clamp_to_oov", 64)
+        q, scale_bias = quantize_rowwise_int8(table)
+        for mode in ("fatal", "off"):
+            try:
+                ext.sfg_logits(bad, q, offsets, enc, None, None, "identity", "relu", 1.0, False, "upper", "left",
+                               False, mode, 64, scale_bias=scale_bias)
+            except IndexError:
+                calls += 1
+            else:
+                raise AssertionError(f"int8 sfg_logits did not raise IndexError on a bad id ({mode})")
         raises(ValueError, ext.sfg_logits, ids, table, offsets, enc, None, decoders["scalar"], "scalar", "swish",
                1.0, False, "upper", "left", False, "fatal", 64)
     print(f"exercised {calls} calls")

@@ -1,0 +1,242 @@
+"""Serving with int8 row-wise quantised tables (sfg_fast.serving): the fused CPU pipeline and the torch
+twin against the fp64 reference on the dequantised table (STYLE.md 2x rule), bounds modes, bad input
+naming the argument, and whole quantised models against the float model on the dequantised table."""
+import pytest
+import torch
+
+from helpers import assert_close_2x, offsets_of, zipf_ids
+from sfg_fast import factored, models, reference, serving
+from sfg_fast._backend import BackendUnavailableError
+from sfg_fast.ops import cpu_ext
+
+needs_ext = pytest.mark.skipif(not cpu_ext.available(), reason="sfg_fast._C is not built (no compiler at install)")
+BACKENDS = ["torch", pytest.param("cpu", marks=needs_ext)]
+
+
+def _quantised(field_dims, dim, spread=True):
+    table = torch.randn(sum(field_dims), dim, dtype=torch.float64)
+    if spread:
+        table *= torch.rand(sum(field_dims), 1, dtype=torch.float64) * 4    # rows of different ranges
+    q, scale_bias = serving.quantize_rowwise_int8(table)
+    return q, scale_bias, serving.dequantize_rowwise_int8(q, scale_bias)
+
+
+def _decoder(kind, n, dim):
+    shape = {"identity": None, "scalar": (n, n), "vector": (n, n, dim), "matrix": (n, n, dim, dim)}[kind]
+    return None if shape is None else torch.randn(*shape, dtype=torch.float64) / dim ** 0.5
+
+
+CASES = [
+    # kind, activation, gamma, residual, pairs, side, symmetric, bias, encode
+    ("identity", "relu", 0.5, False, "upper", "left", False, False, True),
+    ("scalar", "gelu", 0.7, True, "offdiag", "right", False, True, True),
+    ("vector", "silu", 1.3, False, "all", "left", True, True, True),
+    ("matrix", "relu", 0.9, True, "upper", "right", False, True, True),
+    ("matrix", "tanh", 1.0, False, "all", "left", True, False, True),
+    ("scalar", "relu", 1.0, False, "upper", "left", False, False, False),   # base model: no encoder
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c))
+@pytest.mark.parametrize("batch,field_dims,dim,id_dtype",
+                         [(1, [3, 4], 1, torch.int64), (70, [5, 9, 2, 30, 6], 3, torch.int32),
+                          (130, [11] * 7, 16, torch.int64)])
+def test_sfg_logits_int8_vs_reference_on_the_dequantised_table(backend, case, batch, field_dims, dim, id_dtype):
+    kind, act, gamma, residual, pairs, side, symmetric, use_bias, encode = case
+    n, offsets = len(field_dims), offsets_of(field_dims)
+    q, scale_bias, deq = _quantised(field_dims, dim)
+    enc = torch.randn(n * dim, n * dim, dtype=torch.float64) / (n * dim) ** 0.5 if encode else None
+    bias = torch.randn(n * dim, dtype=torch.float64) if use_bias else None
+    dec = _decoder(kind, n, dim)
+    ids = zipf_ids(batch, field_dims, dtype=id_dtype)
+    args = (kind, act, gamma, residual, pairs, side, symmetric)
+    f32 = [None if t is None else t.float() for t in (deq, enc, bias, dec)]
+    ref64 = reference.sfg_logits(ids, deq.double(), offsets, enc, bias, dec, *args)
+    torch32 = factored.sfg_logits(ids, f32[0], offsets, f32[1], f32[2], f32[3], *args)
+    out = serving.sfg_logits_int8(ids, q, scale_bias, offsets, f32[1], f32[2], f32[3], *args, backend=backend)
+    assert out.shape == (batch,) and out.dtype == torch.float32
+    assert_close_2x(out, ref64, torch32, f"sfg_logits_int8 {backend} {case}", floor=1e-5)
+
+
+@needs_ext
+def test_cpu_pipeline_equals_lookup_then_interaction_and_bf16_autocast():
+    """The fused int8 pipeline is the dequantising lookup followed by the fused interaction; under bf16
+    autocast its GEMMs run on bf16 operands like the float tables' path (2x rule vs torch's autocast)."""
+    field_dims, dim = [40, 7, 300, 12, 9, 25], 16
+    n, offsets = len(field_dims), offsets_of(field_dims)
+    q, scale_bias, deq = _quantised(field_dims, dim)
+    enc = torch.randn(n * dim, n * dim) / (n * dim) ** 0.5
+    dec = torch.randn(n, n)
+    ids = zipf_ids(300, field_dims)
+    fused = serving.sfg_logits_int8(ids, q, scale_bias, offsets, enc, None, dec, "scalar", backend="cpu")
+    V = serving.embedding_lookup_int8(ids, q, scale_bias, offsets, backend="cpu")
+    with torch.no_grad():
+        two_step = cpu_ext.sfg_interaction(V, enc, None, dec, "scalar", "relu", 1.0, False, "upper", "left", False)
+    torch.testing.assert_close(fused, two_step, rtol=1e-5, atol=1e-5)
+    ref64 = reference.sfg_logits(ids, deq.double(), offsets, enc.double(), None, dec.double(), "scalar")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = serving.sfg_logits_int8(ids, q, scale_bias, offsets, enc, None, dec, "scalar", backend="cpu")
+        torch_bf16 = serving.sfg_logits_int8(ids, q, scale_bias, offsets, enc, None, dec, "scalar", backend="torch")
+    assert out.dtype == torch.float32
+    assert_close_2x(out, ref64, torch_bf16, "bf16 autocast", floor=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_lookup_int8_backends_agree_and_match_the_dequantised_table(backend, id_dtype):
+    field_dims, dim = [13, 1, 40, 6], 5
+    q, scale_bias, deq = _quantised(field_dims, dim)
+    offsets = offsets_of(field_dims)
+    ids = zipf_ids(90, field_dims, dtype=id_dtype)
+    out = serving.embedding_lookup_int8(ids, q, scale_bias, offsets, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == (90, 4, dim)
+    torch.testing.assert_close(out, reference.embedding_lookup(ids, deq.float(), offsets), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bounds_modes(backend):
+    field_dims, dim = [6, 4, 9], 4
+    n, offsets = 3, offsets_of(field_dims)
+    q, scale_bias, deq = _quantised(field_dims, dim)
+    enc, dec = torch.randn(n * dim, n * dim) / 4, torch.randn(n, n)
+    ids = zipf_ids(20, field_dims)
+    bad = ids.clone()
+    bad[7, 2], bad[3, 0] = 9, -1
+    for fn in (lambda i, m: serving.embedding_lookup_int8(i, q, scale_bias, offsets, m, backend=backend),
+               lambda i, m: serving.sfg_logits_int8(i, q, scale_bias, offsets, enc, None, dec, "scalar",
+                                                    bounds_check=m, backend=backend)):
+        with pytest.raises(IndexError, match="field 0|field 2"):
+            fn(bad, "fatal")
+        clamped = bad.clone()
+        clamped[7, 2], clamped[3, 0] = 8, 5            # each field's last id: its OOV row
+        torch.testing.assert_close(fn(bad, "clamp_to_oov"), fn(clamped, "fatal"), rtol=0, atol=0)
+        torch.testing.assert_close(fn(ids, "off"), fn(ids, "fatal"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_names_the_argument(backend):
+    field_dims, dim = [5, 3], 4
+    q, scale_bias, _ = _quantised(field_dims, dim)
+    offsets = offsets_of(field_dims)
+    ids = zipf_ids(6, field_dims)
+    enc, dec = torch.randn(8, 8), torch.randn(2, 2)
+
+    def logits(**kw):
+        a = dict(ids=ids, qweight=q, scale_bias=scale_bias, offsets=offsets, enc_weight=enc, enc_bias=None,
+                 dec_weight=dec, kind="scalar", backend=backend)
+        a.update(kw)
+        return serving.sfg_logits_int8(**a)
+
+    with pytest.raises(TypeError, match="qweight"):
+        logits(qweight=q.float())
+    with pytest.raises(TypeError, match="scale_bias"):
+        logits(scale_bias=scale_bias.double())
+    with pytest.raises(ValueError, match="scale_bias"):
+        logits(scale_bias=scale_bias[:-1])
+    with pytest.raises(TypeError, match="ids"):
+        logits(ids=ids.float())
+    with pytest.raises(TypeError, match="offsets"):
+        logits(offsets=offsets.int())
+    with pytest.raises(ValueError, match="enc_weight"):
+        logits(enc_weight=torch.randn(8, 7))
+    with pytest.raises(ValueError, match="dec_weight"):
+        logits(dec_weight=torch.randn(3, 3))
+    with pytest.raises(ValueError, match="backend"):
+        logits(backend="triton")
+    with pytest.raises(ValueError, match="bounds_check"):
+        serving.embedding_lookup_int8(ids, q, scale_bias, offsets, "wrap", backend=backend)
+
+
+@needs_ext
+def test_extension_refuses_a_uint8_table_without_scale_bias_and_the_converse():
+    from sfg_fast import _C
+    field_dims, dim = [5, 3], 4
+    q, scale_bias, deq = _quantised(field_dims, dim)
+    offsets, ids = offsets_of(field_dims), zipf_ids(6, field_dims)
+    common = (None, None, None, "identity", "relu", 1.0, False, "upper", "left", False, "fatal", 4)
+    with pytest.raises(ValueError, match="scale_bias"):
+        _C.sfg_logits(ids, q, offsets, *common)
+    with pytest.raises(ValueError, match="scale_bias"):
+        _C.sfg_logits(ids, deq.float(), offsets, *common, scale_bias=scale_bias)
+    with pytest.raises(ValueError, match="scale_bias"):
+        _C.sfg_logits(ids, q, offsets, *common, scale_bias=scale_bias[:-1])
+    with pytest.raises(TypeError, match="scale_bias"):
+        _C.sfg_logits(ids, q, offsets, *common, scale_bias=scale_bias.double())
+
+
+def test_cpu_backend_unavailable_says_why(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_C", None)
+    field_dims = [5, 3]
+    q, scale_bias, _ = _quantised(field_dims, 4)
+    ids, offsets = zipf_ids(4, field_dims), offsets_of(field_dims)
+    with pytest.raises(BackendUnavailableError, match="cpu"):
+        serving.embedding_lookup_int8(ids, q, scale_bias, offsets, backend="cpu")
+    # auto falls back to the torch twin
+    out = serving.embedding_lookup_int8(ids, q, scale_bias, offsets)
+    assert out.shape == (4, 2, 4)
+
+
+MODEL_NAMES = ["fm", "fwfm", "fmfm", "deepfm", "ipnn", "xdeepfm", "dcnv2", "crossnet"]
+
+
+@pytest.mark.parametrize("generative", [True, False])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_quantised_model_equals_the_float_model_on_the_dequantised_table(name, generative):
+    torch.manual_seed(0)
+    field_dims = [20, 7, 33, 4]
+    model = models.build(name, field_dims, embedding_dim=8, generative=generative, init_std=0.1).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    served = serving.quantize_model(model)
+    assert isinstance(served.embedding, serving.QuantizedFieldEmbedding)
+    assert not served.training and not any(p.requires_grad for p in served.parameters())
+    # the source model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    # first-order tables (D = 1) stay float
+    assert not any(isinstance(m, serving.QuantizedFieldEmbedding) and m.embedding_dim == 1 for m in served.modules())
+    ids = zipf_ids(64, field_dims)
+    with torch.no_grad():
+        model.embedding.weight.copy_(serving.dequantize_rowwise_int8(served.embedding.qweight,
+                                                                     served.embedding.scale_bias))
+        expected = model(ids)
+        got = served(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_quantised_model_state_dict_round_trip_and_memory():
+    field_dims = [50, 9, 120]
+    model = models.build("fwfm", field_dims, embedding_dim=16, init_std=0.1)
+    served = serving.quantize_model(model)
+    state = served.state_dict()
+    assert state["embedding.qweight"].dtype == torch.uint8
+    fresh = serving.quantize_model(models.build("fwfm", field_dims, embedding_dim=16, init_std=0.1))
+    fresh.load_state_dict(state)
+    ids = zipf_ids(32, field_dims)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), served(ids), rtol=0, atol=0)
+    emb = served.embedding
+    float_bytes = model.embedding.weight.numel() * 4
+    int8_bytes = emb.qweight.numel() + emb.scale_bias.numel() * 4
+    assert int8_bytes * 2.5 < float_bytes                 # 24 bytes a row instead of 64 at D = 16
+
+
+def test_quantised_embedding_clamp_to_oov_counts_and_remaps():
+    field_dims = [5, 3]
+    model = models.build("fm", field_dims, embedding_dim=4, bounds_check="clamp_to_oov", init_std=0.1)
+    served = serving.quantize_model(model)
+    ids = torch.tensor([[1, 2], [7, 1], [0, -3]])
+    fixed = torch.tensor([[1, 2], [4, 1], [0, 2]])
+    with torch.no_grad():
+        out = served(ids)
+        assert served.embedding.num_clamped == 2
+        torch.testing.assert_close(out, served(fixed), rtol=0, atol=0)
+
+
+def test_quantize_model_errors():
+    with pytest.raises(TypeError, match="model"):
+        serving.quantize_model("fm")
+    with pytest.raises(ValueError, match="FieldEmbedding"):
+        serving.quantize_model(torch.nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="backend"):
+        serving.quantize_model(models.build("fm", [3, 4], embedding_dim=4), backend="gpu")
