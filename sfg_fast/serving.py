@@ -79,6 +79,58 @@ def _gather_dequantised(ids, qweight, scale_bias, offsets) -> torch.Tensor:
     return qweight[rows].to(torch.float32) * sb[..., :1] + sb[..., 1:]
 
 
+def _autocast_dtype(device: torch.device) -> str:
+    """The autocast dtype active for ``device`` as a string ("" when off). Read outside the custom ops:
+    inside a compiled graph an op's body no longer sees the caller's autocast state."""
+    if not torch.is_autocast_enabled(device.type):
+        return ""
+    return str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
+
+
+# The data-reading work (bounds checks, kernels) runs inside custom ops with fake implementations, so a
+# quantised model traces under torch.compile(fullgraph=True) and torch.export; eager calls go through
+# the same ops (their dispatch costs microseconds against milliseconds of inference).
+
+@torch.library.custom_op("sfg_fast::serving_lookup_int8", mutates_args=())
+def _lookup_op(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.Tensor, offsets: torch.Tensor,
+               bounds_check: str, backend: str) -> torch.Tensor:
+    ids = C.apply_bounds_check(ids, offsets, qweight.shape[0], bounds_check)
+    if backend == "cpu":
+        # ids already checked / remapped; the kernel still scans the ids it addresses memory with
+        return cpu_ext.embedding_lookup_int8(ids, qweight, scale_bias, offsets, "off")
+    return _gather_dequantised(ids, qweight, scale_bias, offsets)
+
+
+@_lookup_op.register_fake
+def _lookup_fake(ids, qweight, scale_bias, offsets, bounds_check, backend):
+    return qweight.new_empty((ids.shape[0], ids.shape[1], qweight.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("sfg_fast::serving_sfg_logits_int8", mutates_args=())
+def _logits_op(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.Tensor, offsets: torch.Tensor,
+               enc_weight: Optional[torch.Tensor], enc_bias: Optional[torch.Tensor], dec_weight: Optional[torch.Tensor],
+               kind: str, activation: str, gamma: float, residual: bool, pairs: str, generated_side: str,
+               symmetric: bool, bounds_check: str, backend: str, amp: str) -> torch.Tensor:
+    ids = C.apply_bounds_check(ids, offsets, qweight.shape[0], bounds_check)
+    if backend == "torch":
+        with torch.no_grad(), torch.autocast(qweight.device.type, dtype=getattr(torch, amp or "float32"),
+                                             enabled=bool(amp)):
+            V = _gather_dequantised(ids, qweight, scale_bias, offsets)
+            out = SF.sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
+                                     generated_side, symmetric, backend="torch")
+        return out.to(torch.float32)
+    bf16 = amp == "bfloat16"
+    detach = (lambda t: None if t is None else t.detach())
+    return cpu_ext._C.sfg_logits(ids, qweight, offsets, detach(enc_weight), detach(enc_bias), detach(dec_weight),
+                                 kind, activation, gamma, residual, pairs, generated_side, symmetric, "off",
+                                 cpu_ext._tile(ids.shape[0], bf16), bf16_gemm=bf16, scale_bias=scale_bias)
+
+
+@_logits_op.register_fake
+def _logits_fake(ids, qweight, scale_bias, offsets, *args):
+    return qweight.new_empty((ids.shape[0],), dtype=torch.float32)
+
+
 def embedding_lookup_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.Tensor,
                           offsets: torch.Tensor, bounds_check: str = "fatal", backend: str = "auto") -> torch.Tensor:
     """``V[b, f] = dequant(qweight, scale_bias)[offsets[f] + ids[b, f]]`` as float32 ``[B, N, D]``.
@@ -88,12 +140,7 @@ def embedding_lookup_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: 
     backend "auto" | "cpu" | "torch". Inference only (the int8 table has no gradient).
     """
     _check_quantised(ids, qweight, scale_bias, offsets, bounds_check)
-    backend = _backend(backend, qweight.device)
-    ids = C.apply_bounds_check(ids, offsets, qweight.shape[0], bounds_check)
-    if backend == "cpu":
-        # ids already checked / remapped here; the kernel still scans the ids it addresses memory with
-        return cpu_ext.embedding_lookup_int8(ids, qweight, scale_bias, offsets, "off")
-    return _gather_dequantised(ids, qweight, scale_bias, offsets)
+    return _lookup_op(ids, qweight, scale_bias, offsets, bounds_check, _backend(backend, qweight.device))
 
 
 def sfg_logits_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.Tensor, offsets: torch.Tensor,
@@ -101,14 +148,13 @@ def sfg_logits_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.
                     dec_weight: Optional[torch.Tensor], kind: str, activation: str = "relu", gamma: float = 1.0,
                     residual: bool = False, pairs: str = "upper", generated_side: str = "left",
                     symmetric: bool = False, bounds_check: str = "fatal", backend: str = "auto") -> torch.Tensor:
-    """``sfg_logits`` on an int8 row-wise quantised table: the SFG interaction logits ``[B]`` (float32, or
-    the parameters' promoted float dtype on the torch backend).
+    """``sfg_logits`` on an int8 row-wise quantised table: the SFG interaction logits, float32 ``[B]``.
 
     Equals ``functional.sfg_interaction(embedding_lookup_int8(ids, qweight, scale_bias, offsets), enc_weight,
     enc_bias, dec_weight, kind, ...)``; on the cpu backend it runs as one fused tile pipeline. Arguments
     as :func:`sfg_fast.functional.sfg_logits`, with ``(qweight, scale_bias)`` in place of the table.
-    Under ``torch.autocast("cpu", torch.bfloat16)`` the cpu backend runs its GEMMs on bf16 operands, like
-    the float tables' path. Inference only: parameters are read, never differentiated.
+    Under ``torch.autocast("cpu", torch.bfloat16)`` the GEMMs run on bf16 operands (fp32 accumulation),
+    like the float tables' path. Inference only: parameters are read, never differentiated.
     """
     stand_in = _check_quantised(ids, qweight, scale_bias, offsets, bounds_check)
     gamma = C.check_sfg_logits(ids, stand_in, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
@@ -116,18 +162,9 @@ def sfg_logits_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.
     for name, t in (("enc_weight", enc_weight), ("enc_bias", enc_bias), ("dec_weight", dec_weight)):
         if t is not None and t.device != qweight.device:
             raise ValueError(f"{name} ({t.device}) must be on qweight's device ({qweight.device})")
-    backend = _backend(backend, qweight.device)
-    ids = C.apply_bounds_check(ids, offsets, qweight.shape[0], bounds_check)
-    if backend == "torch":
-        with torch.no_grad():
-            V = _gather_dequantised(ids, qweight, scale_bias, offsets)
-            return SF.sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
-                                      generated_side, symmetric, backend="torch")
-    detach = (lambda t: None if t is None else t.detach())
-    return cpu_ext._C.sfg_logits(ids, qweight, offsets, detach(enc_weight), detach(enc_bias), detach(dec_weight),
-                                 kind, activation, float(gamma), bool(residual), pairs, generated_side,
-                                 bool(symmetric), "off", cpu_ext._tile(ids.shape[0], cpu_ext.bf16_gemms(torch.float32)),
-                                 bf16_gemm=cpu_ext.bf16_gemms(torch.float32), scale_bias=scale_bias)
+    return _logits_op(ids, qweight, scale_bias, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
+                      float(gamma), bool(residual), pairs, generated_side, bool(symmetric), bounds_check,
+                      _backend(backend, qweight.device), _autocast_dtype(qweight.device))
 
 
 class QuantizedFieldEmbedding(nn.Module):

@@ -240,3 +240,34 @@ def test_quantize_model_errors():
         serving.quantize_model(torch.nn.Linear(3, 1))
     with pytest.raises(ValueError, match="backend"):
         serving.quantize_model(models.build("fm", [3, 4], embedding_dim=4), backend="gpu")
+
+
+@pytest.mark.parametrize("name", ["fwfm", "deepfm"])
+def test_quantised_model_compiles_fullgraph_and_exports(name):
+    """The int8 ops are torch.library custom ops with fake implementations: a served model traces with
+    no graph break, and the compiled model still raises on a bad id (the check runs inside the op)."""
+    torch._dynamo.reset()
+    field_dims = [20, 7, 33, 4]
+    served = serving.quantize_model(models.build(name, field_dims, embedding_dim=8, init_std=0.1))
+    ids = zipf_ids(16, field_dims)
+    with torch.no_grad():
+        eager = served(ids)
+        compiled = torch.compile(served, fullgraph=True)
+        torch.testing.assert_close(compiled(ids), eager, rtol=1e-5, atol=1e-6)
+        bad = ids.clone()
+        bad[3, 1] = 7
+        with pytest.raises(IndexError, match="field 1"):
+            compiled(bad)
+        exported = torch.export.export(served, (ids,))
+        torch.testing.assert_close(exported.module()(ids), eager, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_ops_are_inference_only():
+    """Backward through the int8 ops is refused by name (they have no gradient formula)."""
+    field_dims = [5, 3]
+    q, scale_bias, _ = _quantised(field_dims, 4)
+    enc = torch.randn(8, 8, requires_grad=True)
+    out = serving.sfg_logits_int8(zipf_ids(4, field_dims), q, scale_bias, offsets_of(field_dims), enc, None,
+                                  torch.randn(2, 2), "scalar")
+    with pytest.raises(RuntimeError, match="sfg_logits_int8"):
+        out.sum().backward()
