@@ -102,7 +102,7 @@ def _add_common(p: argparse.ArgumentParser, compare: bool = False) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfg-fast", description="Train, compare and analyse CTR models with Supervised Feature Generation.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,compare,analyze}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,compare,analyze,quantize}")
     sub.required = True
 
     p = sub.add_parser("train", help="train one model (base or SFG)",
@@ -139,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=_positive_int, default=8192)
     a.add_argument("--device", default="cpu")
     a.add_argument("--threads", type=_positive_int)
+
+    q = sub.add_parser("quantize", help="int8 serving copy of a trained model and its test AUC cost",
+                       description="Quantise a checkpoint's embedding tables row-wise to int8, evaluate float vs "
+                                   "int8 on the test split, write model-int8.pt, model-int8.pt2 (torch.export) "
+                                   "and quantize.json.")
+    q.add_argument("checkpoint", help="checkpoint file or run directory (its best.pt)")
+    q.add_argument("--out", help="output directory (default <run dir>/serving)")
+    q.add_argument("--batch-size", type=_positive_int, default=16384)
+    q.add_argument("--threads", type=_positive_int)
+    q.add_argument("--no-export", action="store_true", help="skip the torch.export program (model-int8.pt2)")
     return parser
 
 
@@ -250,6 +260,26 @@ def _run_analyze(args) -> int:
     return 0
 
 
+def _run_quantize(args) -> int:
+    import torch
+
+    from .train import quantize_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = quantize_checkpoint(args.checkpoint, out=args.out, batch_size=args.batch_size, export=not args.no_export)
+    mb = {k: v / 2 ** 20 for k, v in r["table_bytes"].items()}
+    print(f"{r['model']} ({'SFG' if r['generative'] else 'base'}) on {r['dataset']}, {r['test_rows']} test rows")
+    print("| model | test AUC | test logloss | table MB | samples/s |")
+    print("|---|---|---|---|---|")
+    for name in ("float", "int8"):
+        m = r[name]
+        print(f"| {name} | {m['AUC']:.5f} | {m['logloss']:.5f} | {mb[name]:.2f} | {m['samples_per_second']:.0f} |")
+    print(f"dAUC {r['dAUC']:+.2e}, dlogloss {r['dlogloss']:+.2e}; wrote {', '.join(r['files'])} and quantize.json "
+          f"to {r['out']}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``sfg-fast`` console script; returns the exit status."""
     from .train import TrainingDiverged
@@ -262,6 +292,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_train(args)
         if args.command == "compare":
             return _run_compare(args, argv)
+        if args.command == "quantize":
+            return _run_quantize(args)
         return _run_analyze(args)
     except TrainingDiverged as exc:
         print(f"sfg-fast {args.command}: {exc}", file=sys.stderr)

@@ -49,7 +49,16 @@ def collect() -> dict:
         "op_backends": table,
         "auto": auto,
         "backend_module_errors": dict(LOAD_ERRORS),
+        # sfg_fast.serving's int8-table ops (sfg_logits_int8, embedding_lookup_int8) on CPU tensors
+        "serving_int8_auto": _serving_backend(),
     }
+
+
+def _serving_backend() -> str:
+    import torch
+
+    from sfg_fast import serving
+    return serving._backend("auto", torch.device("cpu"))
 
 
 def main() -> None:
@@ -71,6 +80,8 @@ def main() -> None:
         for op, per_backend in ops.items():
             have = [b for b, s in per_backend.items() if s == "available"]
             print(f"  {op:18s} auto -> {info['auto'][device][op]:9s} available: {', '.join(have)}")
+    print(f"\nserving with int8 tables (sfg_fast.serving) on cpu: auto -> {info['serving_int8_auto']} "
+          f"({'the fused C++ pipeline' if info['serving_int8_auto'] == 'cpu' else 'dequantise + factored torch'})")
     if info["backend_module_errors"]:
         print("\nbackend modules that failed to load:")
         for name, err in info["backend_module_errors"].items():

@@ -11,6 +11,7 @@ weights (encoder, decoder, MLPs) stay as they are.
                                                                         -> logits float32 [B]
     QuantizedFieldEmbedding.from_embedding(field_embedding)            (an inference-only FieldEmbedding)
     serving_model = quantize_model(model)                              (a quantised copy of a CTR model)
+    save_quantized(serving_model, path);  load_quantized(path)         (no float table on the way back)
 
 ``sfg_logits_int8`` is the fused CPU inference pipeline (csrc/sfg_logits_cpu.cpp) with the
 dequantisation in its gather: ids -> int8 rows -> fp32 tile -> encoder GEMM -> act/gamma -> decoder
@@ -22,7 +23,7 @@ are not on the CPU.
 from __future__ import annotations
 
 import copy
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ from .ops import cpu_ext
 from .ops.cpu_ext import dequantize_rowwise_int8, quantize_rowwise_int8
 
 __all__ = ["quantize_rowwise_int8", "dequantize_rowwise_int8", "embedding_lookup_int8", "sfg_logits_int8",
-           "QuantizedFieldEmbedding", "quantize_model"]
+           "QuantizedFieldEmbedding", "quantize_model", "save_quantized", "load_quantized", "table_bytes",
+           "SERVING_FORMAT"]
 
 _BACKENDS = ("auto", "cpu", "torch")
 
@@ -220,6 +222,17 @@ class QuantizedFieldEmbedding(nn.Module):
                 f"bounds_check={self.bounds_check!r}, int8 row-wise")
 
 
+def _swap_tables(model: nn.Module, make) -> int:
+    """Replace every FieldEmbedding of embedding_dim >= 2 in ``model`` by ``make(field_embedding)``."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FieldEmbedding) and child.embedding_dim >= 2:
+                setattr(parent, name, make(child))
+                replaced += 1
+    return replaced
+
+
 def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     """A copy of ``model`` for serving, in eval mode, with every :class:`~sfg_fast.nn.FieldEmbedding` of
     embedding_dim >= 2 replaced by its int8 :class:`QuantizedFieldEmbedding` (``model`` is untouched).
@@ -234,14 +247,63 @@ def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     C.check_choice("backend", backend, _BACKENDS)
     served = copy.deepcopy(model).eval()
-    replaced = 0
-    for parent in list(served.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, FieldEmbedding) and child.embedding_dim >= 2:
-                setattr(parent, name, QuantizedFieldEmbedding.from_embedding(child, backend=backend))
-                replaced += 1
-    if replaced == 0:
+    if _swap_tables(served, lambda t: QuantizedFieldEmbedding.from_embedding(t, backend=backend)) == 0:
         raise ValueError("model has no sfg_fast.nn.FieldEmbedding with embedding_dim >= 2 to quantise")
     for p in served.parameters():
         p.requires_grad_(False)
     return served
+
+
+SERVING_FORMAT = "sfg_fast.serving-int8/1"
+
+
+def save_quantized(served: nn.Module, path: str) -> None:
+    """Write a :func:`quantize_model` copy of an ``sfg_fast.models`` model to ``path`` (atomically): its
+    name, field_dims, config and state (int8 tables included). :func:`load_quantized` rebuilds it."""
+    from .train import atomic_save
+
+    if not all(hasattr(served, a) for a in ("name", "field_dims", "config")):
+        raise TypeError("served must be a quantize_model copy of an sfg_fast.models model (name, field_dims, config)")
+    if not any(isinstance(m, QuantizedFieldEmbedding) for m in served.modules()):
+        raise ValueError("served holds no QuantizedFieldEmbedding: quantise it with quantize_model first")
+    atomic_save({"format": SERVING_FORMAT, "model_name": served.name, "field_dims": list(served.field_dims),
+                 "model_config": dict(served.config), "state": served.state_dict()}, path)
+
+
+def load_quantized(path: str, backend: str = "auto") -> nn.Module:
+    """Rebuild a model written by :func:`save_quantized` (eval mode, no grad), without a float table."""
+    from . import models
+
+    C.check_choice("backend", backend, _BACKENDS)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path!r} could not be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(blob, dict) or blob.get("format") != SERVING_FORMAT:
+        raise ValueError(f"{path!r} is not an sfg_fast int8 serving file (expected format {SERVING_FORMAT!r})")
+    config = dict(blob["model_config"])
+    if config.get("embedding", "native") == "native" and int(config.get("embedding_dim", 16)) >= 2:
+        # the main table is built int8 from the start: no float table of the vocabulary's size on the way
+        config["embedding"] = QuantizedFieldEmbedding(blob["field_dims"], config.get("embedding_dim", 16),
+                                                      config.get("bounds_check", "fatal"), backend)
+    served = models.build(blob["model_name"], blob["field_dims"], **config)
+    _swap_tables(served, lambda t: QuantizedFieldEmbedding(t.field_dims, t.embedding_dim, t.bounds_check, backend))
+    served.load_state_dict(blob["state"])
+    served.eval()
+    for p in served.parameters():
+        p.requires_grad_(False)
+    return served
+
+
+def table_bytes(model: nn.Module) -> Dict[str, int]:
+    """Bytes of the id-indexed tables of ``model``: ``{"float": ..., "int8": ...}`` (FieldEmbedding weights,
+    QuantizedFieldEmbedding codes + scale/bias)."""
+    out = {"float": 0, "int8": 0}
+    for m in model.modules():
+        if isinstance(m, FieldEmbedding):
+            out["float"] += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, QuantizedFieldEmbedding):
+            out["int8"] += m.qweight.numel() + m.scale_bias.numel() * m.scale_bias.element_size()
+    return out

@@ -166,3 +166,40 @@ def test_train_on_real_format_files_end_to_end(tmp_path, dataset):
     assert len(results["schema"]["field_dims"]) == num_fields
     # the preprocessed arrays are cached beside the raw file for the next run
     assert any(name.startswith(".sfg_cache") or name == ".sfg_cache" for name in os.listdir(data_dir))
+
+
+def test_quantize_via_main(tmp_path, capsys):
+    """sfg-fast quantize: float vs int8 test metrics from a real run, a saved int8 model that reloads to the
+    same logits, and a torch.export program with a dynamic batch that agrees with it."""
+    import torch
+
+    from sfg_fast import serving
+
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--model", "deepfm", "--epochs", "1", "--out", out] + TINY) == 0
+    capsys.readouterr()
+    assert cli.main(["quantize", out, "--out", str(tmp_path / "srv"), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "| int8 |" in printed and "dAUC" in printed
+    report = json.loads((tmp_path / "srv" / "quantize.json").read_text())
+    results = json.loads(open(os.path.join(out, "results.json")).read())
+    # the float row re-evaluates the best checkpoint on the test split: the training run's own test metrics
+    assert abs(report["float"]["AUC"] - results["test_auc"]) < 1e-9
+    assert abs(report["int8"]["AUC"] - report["float"]["AUC"]) < 5e-3
+    assert report["dAUC"] == report["int8"]["AUC"] - report["float"]["AUC"]
+    model, _ = T.model_from_checkpoint(out)
+    rows, dim = sum(model.field_dims), model.embedding_dim
+    first_order = rows * 4                                         # one float32 weight per id, in both models
+    # the main table: D float32 a row, or D uint8 codes + a float32 (scale, bias)
+    assert report["table_bytes"] == {"float": rows * dim * 4 + first_order, "int8": rows * (dim + 8) + first_order}
+
+    served = serving.load_quantized(str(tmp_path / "srv" / "model-int8.pt"))
+    again = serving.quantize_model(model)
+    ids = torch.stack([torch.randint(0, n, (23,)) for n in model.field_dims], dim=1)
+    program = torch.export.load(str(tmp_path / "srv" / "model-int8.pt2"))
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids), again(ids), rtol=0, atol=0)
+        torch.testing.assert_close(program.module()(ids), served(ids), rtol=1e-5, atol=1e-6)
+    assert cli.main(["quantize", str(tmp_path / "nothing-here")]) == 2
+    with pytest.raises(ValueError, match="serving"):
+        serving.load_quantized(os.path.join(out, "best.pt"))

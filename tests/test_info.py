@@ -16,6 +16,7 @@ def test_collect_names_every_backend_and_reason():
     if data["extension"]["built"]:
         # which clone of the ISA-dispatched CPU loops runs here (baseline in sanitizer builds)
         assert data["extension"]["cpu_isa"] in ("x86-64-v4", "x86-64-v3", "baseline")
+    assert data["serving_int8_auto"] == ("cpu" if data["extension"]["built"] else "torch")
     for device, ops in data["auto"].items():
         assert set(ops) >= {"embedding_lookup", "sfg_encode", "pairwise_decode", "bce_with_logits",
                             "sfg_interaction"}

@@ -271,3 +271,24 @@ def test_int8_ops_are_inference_only():
                                   torch.randn(2, 2), "scalar")
     with pytest.raises(RuntimeError, match="sfg_logits_int8"):
         out.sum().backward()
+
+
+def test_save_and_load_quantized(tmp_path):
+    field_dims = [30, 4, 11]
+    model = models.build("fmfm", field_dims, embedding_dim=6, init_std=0.1)
+    with pytest.raises(ValueError, match="quantize_model"):
+        serving.save_quantized(model, str(tmp_path / "float.pt"))
+    served = serving.quantize_model(model)
+    path = str(tmp_path / "m.pt")
+    serving.save_quantized(served, path)
+    back = serving.load_quantized(path, backend="torch")
+    assert isinstance(back.embedding, serving.QuantizedFieldEmbedding) and back.embedding.backend == "torch"
+    assert not back.training and not any(p.requires_grad for p in back.parameters())
+    ids = zipf_ids(40, field_dims)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), served(ids), rtol=1e-6, atol=1e-6)
+    torch.save({"format": "something else"}, str(tmp_path / "other.pt"))
+    with pytest.raises(ValueError, match="serving"):
+        serving.load_quantized(str(tmp_path / "other.pt"))
+    with pytest.raises(FileNotFoundError):
+        serving.load_quantized(str(tmp_path / "missing.pt"))
