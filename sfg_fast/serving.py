@@ -246,9 +246,13 @@ def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     C.check_choice("backend", backend, _BACKENDS)
-    served = copy.deepcopy(model).eval()
-    if _swap_tables(served, lambda t: QuantizedFieldEmbedding.from_embedding(t, backend=backend)) == 0:
+    tables = [m for m in model.modules() if isinstance(m, FieldEmbedding) and m.embedding_dim >= 2]
+    if not tables:
         raise ValueError("model has no sfg_fast.nn.FieldEmbedding with embedding_dim >= 2 to quantise")
+    # deepcopy's memo maps each float table straight to its int8 replacement: the copy never holds a
+    # second float table (gigabytes at production vocabularies)
+    memo = {id(t): QuantizedFieldEmbedding.from_embedding(t, backend=backend) for t in tables}
+    served = copy.deepcopy(model, memo).eval()
     for p in served.parameters():
         p.requires_grad_(False)
     return served

@@ -292,3 +292,29 @@ def test_save_and_load_quantized(tmp_path):
         serving.load_quantized(str(tmp_path / "other.pt"))
     with pytest.raises(FileNotFoundError):
         serving.load_quantized(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fwfm", "dcnv2"])
+def test_quantised_model_on_a_gpu_runs_the_torch_twin(name):
+    """On CUDA tensors the int8 ops run the torch twin (auto), and agree with the CPU extension's result."""
+    field_dims = [200, 7, 33, 4]
+    model = models.build(name, field_dims, embedding_dim=16, init_std=0.1)
+    served_cpu = serving.quantize_model(model)
+    served_gpu = serving.quantize_model(model.cuda())
+    assert served_gpu.embedding.qweight.is_cuda
+    with pytest.raises(BackendUnavailableError, match="CPU"):
+        serving.QuantizedFieldEmbedding.from_embedding(model.embedding, backend="cpu")(
+            zipf_ids(4, field_dims).cuda())
+    ids = zipf_ids(512, field_dims)
+    with torch.no_grad():
+        torch.testing.assert_close(served_gpu(ids.cuda()).cpu(), served_cpu(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_quantiser_row_blocks_give_the_one_block_result(monkeypatch):
+    """The quantiser works in row blocks (bounded temporaries); block edges change nothing."""
+    table = torch.randn(1000, 7) * torch.rand(1000, 1) * 3
+    q_one, sb_one = serving.quantize_rowwise_int8(table)
+    monkeypatch.setattr(cpu_ext, "_QUANTISE_BLOCK_ELEMENTS", 7 * 33)      # 33-row blocks, a ragged last one
+    q, sb = serving.quantize_rowwise_int8(table)
+    assert torch.equal(q, q_one) and torch.equal(sb, sb_one)

@@ -38,6 +38,7 @@ _TILE = 64  # samples per tile: 3 fp32 tile buffers of 64 x N*D stay in a core's
 # shape (2-core EPYC, interleaved runs), 4096 (one tile) slower again
 _TILE_BF16 = 256
 _UPDATE_KINDS = ("sgd", "adagrad", "adam")
+_QUANTISE_BLOCK_ELEMENTS = 1 << 22   # float temporaries of quantize_rowwise_int8: 16 MB a block
 
 
 def available() -> bool:
@@ -247,8 +248,14 @@ def quantize_rowwise_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
         raise ValueError(f"weight row {row} spans [{float(low[row])}, {float(high[row])}], wider than float32's "
                          "range: it cannot be quantised (scale = (max - min) / 255 overflows)")
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))   # constant rows: q = 0, value = bias
-    q = torch.round((w - low[:, None]) / safe[:, None]).clamp_(0, 255).to(torch.uint8)
-    return q.contiguous(), torch.stack([scale, low], dim=1).contiguous()
+    q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    # row blocks bound the float temporaries (a production table is gigabytes)
+    step = max(1, _QUANTISE_BLOCK_ELEMENTS // max(w.shape[1], 1))
+    for r0 in range(0, w.shape[0], step):
+        r1 = min(w.shape[0], r0 + step)
+        block = (w[r0:r1] - low[r0:r1, None]).div_(safe[r0:r1, None]).round_().clamp_(0, 255)
+        q[r0:r1] = block.to(torch.uint8)
+    return q, torch.stack([scale, low], dim=1).contiguous()
 
 
 def dequantize_rowwise_int8(qweight: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
