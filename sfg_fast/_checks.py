@@ -108,7 +108,8 @@ def check_ids(ids) -> None:
         raise ValueError(f"ids must have shape [B, N], got {_shape(ids)}")
 
 
-def check_offsets_and_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+def check_offsets_and_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: int,
+                          table: str = "weight") -> torch.Tensor:
     """``check_offsets`` then ``check_ids_in_range`` (same errors) with ONE host sync on the good path:
     the offsets test and the id test are reduced on the device into one flag, and only a failing
     flag runs the checks that find and name the culprit. Returns the field sizes."""
@@ -116,35 +117,37 @@ def check_offsets_and_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: in
     if offsets.numel():
         problem = ((ids < 0) | (ids >= sizes)).any() | _bad_offsets(offsets, num_rows)
         if bool(problem):
-            check_offsets(offsets, num_rows)    # bad offsets: ValueError (sizes are meaningless then)
+            check_offsets(offsets, num_rows, table)   # bad offsets: ValueError (sizes are meaningless then)
             check_ids_in_range(ids, sizes)      # else a bad id: IndexError naming field and id
     return sizes
 
 
-def apply_bounds_check(ids, offsets, num_rows: int, bounds_check: str):
+def apply_bounds_check(ids, offsets, num_rows: int, bounds_check: str, table: str = "weight"):
     """Eager bounds handling shared by the fused ops: validate offsets, then raise ("fatal"),
-    remap to the field's OOV id ("clamp_to_oov"), or pass through ("off"). Reads ids and offsets."""
+    remap to the field's OOV id ("clamp_to_oov"), or pass through ("off"). Reads ids and offsets.
+    ``table`` names the table argument in error messages."""
     if bounds_check == "off":
         return ids
     if bounds_check == "fatal":
-        check_offsets_and_ids(ids, offsets, num_rows)
+        check_offsets_and_ids(ids, offsets, num_rows, table)
         return ids
-    sizes = check_offsets(offsets, num_rows)
+    sizes = check_offsets(offsets, num_rows, table)
     return clamp_to_oov(ids, sizes)[0]
 
 
-def check_lookup(ids, weight, offsets, bounds_check: str) -> None:
+def check_lookup(ids, weight, offsets, bounds_check: str, table: str = "weight") -> None:
+    """Shape/dtype/device checks of a lookup; ``table`` names the table argument in messages."""
     check_choice("bounds_check", bounds_check, BOUNDS_CHECKS)
     check_ids(ids)
-    check_tensor("weight", weight, ndim=2)
+    check_tensor(table, weight, ndim=2)
     if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64:
         got = offsets.dtype if isinstance(offsets, torch.Tensor) else type(offsets).__name__
-        raise TypeError(f"offsets must be an int64 tensor (row offsets into weight), got {got}")
+        raise TypeError(f"offsets must be an int64 tensor (row offsets into {table}), got {got}")
     if offsets.dim() != 1 or offsets.numel() != ids.shape[1]:
         raise ValueError(f"offsets must have shape [N]=[{ids.shape[1]}] (one per field of ids), "
                          f"got {_shape(offsets)}")
     if ids.device != weight.device or offsets.device != weight.device:
-        raise ValueError(f"ids ({ids.device}), weight ({weight.device}) and offsets ({offsets.device}) "
+        raise ValueError(f"ids ({ids.device}), {table} ({weight.device}) and offsets ({offsets.device}) "
                          "must be on one device")
 
 
@@ -160,11 +163,11 @@ def _bad_offsets(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
     return (offsets < 0).any() | (offsets > num_rows).any() | (offsets[1:] < offsets[:-1]).any()
 
 
-def check_offsets(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+def check_offsets(offsets: torch.Tensor, num_rows: int, table: str = "weight") -> torch.Tensor:
     """Validate offsets (reads them) and return the field sizes."""
     sizes = field_sizes(offsets, num_rows)
     if offsets.numel() and bool(_bad_offsets(offsets, num_rows)):
-        raise ValueError(f"offsets must be non-decreasing, start >= 0 and stay below weight rows "
+        raise ValueError(f"offsets must be non-decreasing, start >= 0 and stay below {table} rows "
                          f"({num_rows}), got {offsets.tolist()}")
     return sizes
 

@@ -58,7 +58,7 @@ def _check_quantised(ids, qweight, scale_bias, offsets, bounds_check: str) -> to
     if scale_bias.device != qweight.device:
         raise ValueError(f"qweight ({qweight.device}) and scale_bias ({scale_bias.device}) must be on one device")
     stand_in = torch.empty_strided(tuple(qweight.shape), (0, 0), dtype=torch.float32, device=qweight.device)
-    C.check_lookup(ids, stand_in, offsets, bounds_check)
+    C.check_lookup(ids, stand_in, offsets, bounds_check, table="qweight")
     return stand_in
 
 
@@ -76,15 +76,20 @@ def _backend(backend: str, device: torch.device) -> str:
 
 def _gather_dequantised(ids, qweight, scale_bias, offsets) -> torch.Tensor:
     """The torch twin of the C++ int8 gather: dequantise only the addressed rows -> float32 [B, N, D]."""
-    rows = ids.to(torch.int64) + offsets
-    sb = scale_bias[rows]
-    return qweight[rows].to(torch.float32) * sb[..., :1] + sb[..., 1:]
+    rows = (ids.to(torch.int64) + offsets).reshape(-1)
+    # index_select raises on an out-of-range row, like F.embedding; plain indexing would wrap negatives
+    sb = scale_bias.index_select(0, rows)
+    v = qweight.index_select(0, rows).to(torch.float32) * sb[:, :1] + sb[:, 1:]
+    return v.reshape(ids.shape[0], ids.shape[1], qweight.shape[1])
 
 
 def _autocast_dtype(device: torch.device) -> str:
     """The autocast dtype active for ``device`` as a string ("" when off). Read outside the custom ops:
     inside a compiled graph an op's body no longer sees the caller's autocast state."""
-    if not torch.is_autocast_enabled(device.type):
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return ""
+    except RuntimeError:   # a device type autocast does not know (meta): no autocast
         return ""
     return str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
 
@@ -96,7 +101,7 @@ def _autocast_dtype(device: torch.device) -> str:
 @torch.library.custom_op("sfg_fast::serving_lookup_int8", mutates_args=())
 def _lookup_op(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.Tensor, offsets: torch.Tensor,
                bounds_check: str, backend: str) -> torch.Tensor:
-    ids = C.apply_bounds_check(ids, offsets, qweight.shape[0], bounds_check)
+    ids = C.apply_bounds_check(ids, offsets, qweight.shape[0], bounds_check, table="qweight")
     if backend == "cpu":
         # ids already checked / remapped; the kernel still scans the ids it addresses memory with
         return cpu_ext.embedding_lookup_int8(ids, qweight, scale_bias, offsets, "off")
@@ -113,7 +118,7 @@ def _logits_op(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.Tenso
                enc_weight: Optional[torch.Tensor], enc_bias: Optional[torch.Tensor], dec_weight: Optional[torch.Tensor],
                kind: str, activation: str, gamma: float, residual: bool, pairs: str, generated_side: str,
                symmetric: bool, bounds_check: str, backend: str, amp: str) -> torch.Tensor:
-    ids = C.apply_bounds_check(ids, offsets, qweight.shape[0], bounds_check)
+    ids = C.apply_bounds_check(ids, offsets, qweight.shape[0], bounds_check, table="qweight")
     if backend == "torch":
         with torch.no_grad(), torch.autocast(qweight.device.type, dtype=getattr(torch, amp or "float32"),
                                              enabled=bool(amp)):
@@ -172,26 +177,47 @@ def sfg_logits_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.
 class QuantizedFieldEmbedding(nn.Module):
     """An inference-only :class:`~sfg_fast.nn.FieldEmbedding` whose table is int8 row-wise quantised.
 
-    ``forward(ids [B, N]) -> V`` float32 ``[B, N, D]`` (dequantised rows). Buffers: ``qweight`` uint8
+    ``forward(ids [B, N]) -> V [B, N, D]`` (dequantised rows) in ``dtype``: the dtype of the float table
+    it replaces, so a bf16 or fp64 model computes on the dequantised table exactly as before (a module
+    ``.to(dtype)`` moves it along; ``scale_bias`` always stays float32). Buffers: ``qweight`` uint8
     ``[sum(field_dims), D]``, ``scale_bias`` float32 ``[sum(field_dims), 2]``; bounds modes as FieldEmbedding.
     Build it with :meth:`from_embedding` (or :func:`quantize_model` for a whole model).
     """
 
-    def __init__(self, field_dims, embedding_dim: int, bounds_check: str = "fatal", backend: str = "auto"):
+    def __init__(self, field_dims, embedding_dim: int, bounds_check: str = "fatal", backend: str = "auto",
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         dims = init_table_fields(self, field_dims, embedding_dim, bounds_check)
         C.check_choice("backend", backend, _BACKENDS)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.backend = backend
         self.register_buffer("qweight", torch.zeros(sum(dims), self.embedding_dim, dtype=torch.uint8))
         self.register_buffer("scale_bias", torch.zeros(sum(dims), 2, dtype=torch.float32))
         self.register_buffer("clamped_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        # empty floating buffer: the output dtype, converted by module.to(dtype) / .half() / .double()
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dtype_probe.dtype
+
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype) casts every floating buffer: the scales would lose their float32 precision (a
+        # bf16 scale is off by up to 0.4%); only the device move applies to them
+        scale_bias = self.scale_bias
+        super()._apply(fn, recurse)
+        if self.scale_bias.dtype != torch.float32:
+            self._buffers["scale_bias"] = scale_bias.to(self.scale_bias.device)
+        return self
 
     @classmethod
     def from_embedding(cls, embedding: FieldEmbedding, backend: str = "auto") -> "QuantizedFieldEmbedding":
         """Quantise a trained FieldEmbedding's table (its field_dims and bounds mode carry over)."""
         if not isinstance(embedding, FieldEmbedding):
             raise TypeError(f"embedding must be a sfg_fast.nn.FieldEmbedding, got {type(embedding).__name__}")
-        out = cls(embedding.field_dims, embedding.embedding_dim, embedding.bounds_check, backend)
+        out = cls(embedding.field_dims, embedding.embedding_dim, embedding.bounds_check, backend,
+                  dtype=embedding.weight.dtype)
         qweight, scale_bias = quantize_rowwise_int8(embedding.weight)
         out.qweight = qweight.to(embedding.weight.device)
         out.scale_bias = scale_bias.to(embedding.weight.device)
@@ -211,7 +237,8 @@ class QuantizedFieldEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, mode = self._ids(ids)
-        return embedding_lookup_int8(ids, self.qweight, self.scale_bias, self.offsets, mode, backend=self.backend)
+        V = embedding_lookup_int8(ids, self.qweight, self.scale_bias, self.offsets, mode, backend=self.backend)
+        return V if self.dtype == torch.float32 else V.to(self.dtype)
 
     @property
     def num_clamped(self) -> int:
@@ -219,7 +246,7 @@ class QuantizedFieldEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"field_dims={self.field_dims}, embedding_dim={self.embedding_dim}, "
-                f"bounds_check={self.bounds_check!r}, int8 row-wise")
+                f"bounds_check={self.bounds_check!r}, int8 row-wise -> {self.dtype}")
 
 
 def _swap_tables(model: nn.Module, make) -> int:
@@ -261,9 +288,17 @@ def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:
 SERVING_FORMAT = "sfg_fast.serving-int8/1"
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of a model's parameters and output (float32 when it has none)."""
+    for m in model.modules():
+        if isinstance(m, QuantizedFieldEmbedding):
+            return m.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def save_quantized(served: nn.Module, path: str) -> None:
     """Write a :func:`quantize_model` copy of an ``sfg_fast.models`` model to ``path`` (atomically): its
-    name, field_dims, config and state (int8 tables included). :func:`load_quantized` rebuilds it."""
+    name, field_dims, config, dtype and state (int8 tables included). :func:`load_quantized` rebuilds it."""
     from .train import atomic_save
 
     if not all(hasattr(served, a) for a in ("name", "field_dims", "config")):
@@ -271,11 +306,17 @@ def save_quantized(served: nn.Module, path: str) -> None:
     if not any(isinstance(m, QuantizedFieldEmbedding) for m in served.modules()):
         raise ValueError("served holds no QuantizedFieldEmbedding: quantise it with quantize_model first")
     atomic_save({"format": SERVING_FORMAT, "model_name": served.name, "field_dims": list(served.field_dims),
-                 "model_config": dict(served.config), "state": served.state_dict()}, path)
+                 "model_config": dict(served.config), "dtype": str(_model_dtype(served)).replace("torch.", ""),
+                 "state": served.state_dict()}, path)
 
 
 def load_quantized(path: str, backend: str = "auto") -> nn.Module:
-    """Rebuild a model written by :func:`save_quantized` (eval mode, no grad), without a float table."""
+    """Rebuild a model written by :func:`save_quantized` (eval mode, no grad), without a float table.
+
+    Raises FileNotFoundError for a missing file and ValueError naming the file for anything else that is
+    not a complete, consistent serving file (every state tensor must have the rebuilt model's shape and
+    dtype: a float ``qweight`` would otherwise be cast into the uint8 codes without a word).
+    """
     from . import models
 
     C.check_choice("backend", backend, _BACKENDS)
@@ -287,14 +328,34 @@ def load_quantized(path: str, backend: str = "auto") -> nn.Module:
         raise ValueError(f"{path!r} could not be read ({type(exc).__name__}: {exc})") from exc
     if not isinstance(blob, dict) or blob.get("format") != SERVING_FORMAT:
         raise ValueError(f"{path!r} is not an sfg_fast int8 serving file (expected format {SERVING_FORMAT!r})")
-    config = dict(blob["model_config"])
-    if config.get("embedding", "native") == "native" and int(config.get("embedding_dim", 16)) >= 2:
-        # the main table is built int8 from the start: no float table of the vocabulary's size on the way
-        config["embedding"] = QuantizedFieldEmbedding(blob["field_dims"], config.get("embedding_dim", 16),
-                                                      config.get("bounds_check", "fatal"), backend)
-    served = models.build(blob["model_name"], blob["field_dims"], **config)
-    _swap_tables(served, lambda t: QuantizedFieldEmbedding(t.field_dims, t.embedding_dim, t.bounds_check, backend))
-    served.load_state_dict(blob["state"])
+    name, field_dims, config, state = (blob.get(k) for k in ("model_name", "field_dims", "model_config", "state"))
+    dtype = getattr(torch, str(blob.get("dtype", "float32")), None)
+    if not (isinstance(name, str) and isinstance(field_dims, list) and isinstance(config, dict)
+            and isinstance(state, dict) and isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{path!r} is not a complete serving file (model_name, field_dims, model_config, dtype "
+                         "and state are required)")
+    config = dict(config)
+    try:
+        if config.get("embedding", "native") == "native" and int(config.get("embedding_dim", 16)) >= 2:
+            # the main table is built int8 from the start: no float table of the vocabulary's size on the way
+            config["embedding"] = QuantizedFieldEmbedding(field_dims, config.get("embedding_dim", 16),
+                                                          config.get("bounds_check", "fatal"), backend, dtype)
+        served = models.build(name, field_dims, **config)
+        _swap_tables(served, lambda t: QuantizedFieldEmbedding(t.field_dims, t.embedding_dim, t.bounds_check,
+                                                               backend, dtype))
+        served.to(dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path!r} describes a model that cannot be rebuilt: {exc}") from exc
+    expected = served.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{path!r}: the state does not fit the model (missing {missing}, unexpected {unexpected})")
+    for key, want in expected.items():
+        got = state[key]
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            got_desc = f"{got.dtype} {list(got.shape)}" if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ValueError(f"{path!r}: state[{key!r}] is {got_desc}, the model needs {want.dtype} {list(want.shape)}")
+    served.load_state_dict(state)
     served.eval()
     for p in served.parameters():
         p.requires_grad_(False)

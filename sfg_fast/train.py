@@ -869,6 +869,13 @@ def quantize_checkpoint(checkpoint: str, out: Optional[str] = None, batch_size: 
         raise ValueError(f"the dataset's field_dims {list(data.schema.field_dims)} differ from the checkpoint's "
                          f"{ckpt['schema']['field_dims']}; was the data or its preprocessing changed?")
     ids, labels = _split_tensors(data.test, "test")
+    out = out or os.path.join(os.path.dirname(os.path.abspath(file)), "serving")
+    os.makedirs(out, exist_ok=True)      # fails here (not after the evaluation) when out is not a directory
+    # files of an earlier run go first: the directory never mixes this model's files with another's
+    # (quantize.json, written last, lists what this run wrote)
+    for stale in ("quantize.json", "model-int8.pt", "model-int8.pt2"):
+        if os.path.exists(os.path.join(out, stale)):
+            os.unlink(os.path.join(out, stale))
     served = serving.quantize_model(model)
     cpu = torch.device("cpu")
     results: Dict[str, Any] = {"checkpoint": os.path.abspath(file), "model": ckpt["model_name"],
@@ -892,8 +899,6 @@ def quantize_checkpoint(checkpoint: str, out: Optional[str] = None, batch_size: 
     # every id-indexed table of each model (the int8 model keeps its first-order tables in float32)
     results["table_bytes"] = {"float": sum(serving.table_bytes(model).values()),
                               "int8": sum(serving.table_bytes(served).values())}
-    out = out or os.path.join(os.path.dirname(os.path.abspath(file)), "serving")
-    os.makedirs(out, exist_ok=True)
     serving.save_quantized(served, os.path.join(out, "model-int8.pt"))
     results["files"] = ["model-int8.pt"]
     if export:

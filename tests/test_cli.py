@@ -201,5 +201,11 @@ def test_quantize_via_main(tmp_path, capsys):
         torch.testing.assert_close(served(ids), again(ids), rtol=0, atol=0)
         torch.testing.assert_close(program.module()(ids), served(ids), rtol=1e-5, atol=1e-6)
     assert cli.main(["quantize", str(tmp_path / "nothing-here")]) == 2
+    # --out naming a file: a clear error (exit 2), not a traceback
+    assert cli.main(["quantize", out, "--out", str(tmp_path / "srv" / "quantize.json")]) == 2
+    assert "error" in capsys.readouterr().err
+    # a rerun without the export leaves no program of the earlier run behind
+    assert cli.main(["quantize", out, "--out", str(tmp_path / "srv"), "--no-export"]) == 0
+    assert sorted(os.listdir(tmp_path / "srv")) == ["model-int8.pt", "quantize.json"]
     with pytest.raises(ValueError, match="serving"):
         serving.load_quantized(os.path.join(out, "best.pt"))

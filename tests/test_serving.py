@@ -318,3 +318,94 @@ def test_quantiser_row_blocks_give_the_one_block_result(monkeypatch):
     monkeypatch.setattr(cpu_ext, "_QUANTISE_BLOCK_ELEMENTS", 7 * 33)      # 33-row blocks, a ragged last one
     q, sb = serving.quantize_rowwise_int8(table)
     assert torch.equal(q, q_one) and torch.equal(sb, sb_one)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_quantised_bf16_and_fp64_models_keep_their_dtype(name, dtype, backend):
+    """A bf16 / fp64 model's serving copy looks up V in the model's dtype: it equals the float model on
+    the dequantised table (cast to that dtype), and save/load keeps the dtype."""
+    torch.manual_seed(0)
+    field_dims = [20, 7, 33, 4]
+    model = models.build(name, field_dims, embedding_dim=8, init_std=0.1).to(dtype).eval()
+    served = serving.quantize_model(model, backend=backend)
+    assert served.embedding.dtype == dtype and served.embedding.scale_bias.dtype == torch.float32
+    ids = zipf_ids(32, field_dims)
+    with torch.no_grad():
+        deq = serving.dequantize_rowwise_int8(served.embedding.qweight, served.embedding.scale_bias)
+        model.embedding.weight.copy_(deq.to(dtype))
+        expected = model(ids)
+        got = served(ids)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_module_dtype_casts_keep_the_scales_float32(tmp_path):
+    model = models.build("fwfm", [20, 7, 33], embedding_dim=8, init_std=0.1)
+    served = serving.quantize_model(model)
+    scales = served.embedding.scale_bias.clone()
+    served.double()
+    assert served.embedding.dtype == torch.float64 and torch.equal(served.embedding.scale_bias, scales)
+    ids = zipf_ids(16, [20, 7, 33])
+    with torch.no_grad():
+        assert served(ids).dtype == torch.float64
+    path = str(tmp_path / "m.pt")
+    serving.save_quantized(served, path)
+    back = serving.load_quantized(path)
+    assert back.embedding.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), served(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_off_mode_never_wraps_a_negative_id(backend):
+    """bounds_check="off" trusts ids, but a negative id must still fail, never read another field's row."""
+    q, scale_bias, _ = _quantised([5, 6], 4)
+    with pytest.raises(IndexError):
+        serving.embedding_lookup_int8(torch.tensor([[-1, 0]]), q, scale_bias, offsets_of([5, 6]), "off",
+                                      backend=backend)
+
+
+def test_messages_name_qweight_and_meta_tensors_trace():
+    field_dims = [5, 6]
+    q, scale_bias, _ = _quantised(field_dims, 4)
+    ids, offsets = zipf_ids(3, field_dims), offsets_of(field_dims)
+    with pytest.raises(ValueError, match="qweight"):
+        serving.embedding_lookup_int8(ids.to("meta"), q, scale_bias, offsets)
+    with pytest.raises(ValueError, match="qweight rows"):
+        serving.embedding_lookup_int8(ids, q, scale_bias, torch.tensor([0, 50]))
+    meta = [t.to("meta") for t in (ids, q, scale_bias, offsets)]
+    out = serving.sfg_logits_int8(*meta, torch.randn(8, 8, device="meta"), None, None, "identity", backend="torch")
+    assert out.device.type == "meta" and out.shape == (3,)
+
+
+def test_load_quantized_refuses_malformed_files(tmp_path):
+    field_dims = [30, 4, 11]
+    served = serving.quantize_model(models.build("fwfm", field_dims, embedding_dim=6, init_std=0.1))
+    good = str(tmp_path / "good.pt")
+    serving.save_quantized(served, good)
+    blob = torch.load(good, weights_only=True)
+
+    def write(name, **change):
+        b = dict(blob)
+        b.update(change)
+        for k in [k for k, v in change.items() if v is None]:
+            del b[k]
+        path = str(tmp_path / name)
+        torch.save(b, path)
+        return path
+
+    float_codes = dict(blob["state"])
+    float_codes["embedding.qweight"] = float_codes["embedding.qweight"].float() * 1.5
+    cases = {
+        "no-state.pt": dict(state=None),
+        "config-list.pt": dict(model_config=[1, 2]),
+        "unknown-hparam.pt": dict(model_config=dict(blob["model_config"], not_a_param=3)),
+        "other-dims.pt": dict(field_dims=[30, 4, 12]),
+        "float-codes.pt": dict(state=float_codes),
+        "extra-key.pt": dict(state=dict(blob["state"], extra=torch.zeros(1))),
+    }
+    for name, change in cases.items():
+        with pytest.raises(ValueError, match=name):
+            serving.load_quantized(write(name, **change))
