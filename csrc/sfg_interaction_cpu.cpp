@@ -39,26 +39,6 @@ SFG_HOT void narrow_bf16(const float* src, uint16_t* dst, int64_t count) {
   for (int64_t k = 0; k < count; ++k) dst[k] = cpu::float_to_bf16(src[k]);
 }
 
-// out[b, :] += widened rows of a bf16 [m, width] view (row stride from the view).
-SFG_HOT void add_widened_rows(float* out, const uint16_t* x, int64_t ldx, int64_t m, int64_t width) {
-  for (int64_t b = 0; b < m; ++b)
-    for (int64_t k = 0; k < width; ++k) out[b * width + k] += cpu::bf16_to_float(x[b * ldx + k]);
-}
-
-void add_widened(float* out, const torch::Tensor& x16, int64_t m, int64_t width) {
-  add_widened_rows(out, reinterpret_cast<const uint16_t*>(x16.data_ptr()), x16.stride(0), m, width);
-}
-
-// out (fp32, row-strided view) = or += a16 @ w16: the bf16 product (fp32 accumulation, bf16 result,
-// as torch's bf16 matmul) through the staging tile o16, widened on the way out.
-void mm_widened(torch::Tensor& out, const torch::Tensor& a16, const torch::Tensor& w16, torch::Tensor& o16,
-                bool accumulate) {
-  auto o = o16.narrow(0, 0, out.size(0)).narrow(1, 0, out.size(1));
-  at::mm_out(o, a16, w16);
-  if (accumulate) out.add_(o);
-  else out.copy_(o);
-}
-
 // Rows [b0, b0 + m) of a [B, width] fp32 or bf16 tensor as fp32: a pointer into it, or widened into buf.
 const float* rows_f32(const torch::Tensor& x, int64_t b0, int64_t m, int64_t width, float* buf) {
   if (x.scalar_type() == torch::kFloat) return x.data_ptr<float>() + b0 * width;
@@ -374,7 +354,7 @@ std::vector<torch::Tensor> sfg_interaction_fwd_cpu(torch::Tensor V, c10::optiona
         torch::Tensor r16;
         if (p.bf16_gemm) {
           r16 = st.a16.narrow(0, 0, m).narrow(1, 0, width);
-          if (p.right_is_z() || !p.encode) r16.copy_(r_tile);
+          if (p.right_is_z() || !p.encode) r16 = stage_bf16(r_tile, st.a16);
         }
         for (const auto& c : p.chunks) {
           auto t_cols = torch::from_blob(tp + c.col0, {m, c.cols}, {width, 1}, kF32);
@@ -488,8 +468,7 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
             store_rows(GAg, b0, m, width, ga);
             ga16 = GAg.narrow(0, b0, m);
           } else {
-            ga16 = st.a16.narrow(0, 0, m).narrow(1, 0, width);
-            ga16.copy_(ga_tile);
+            ga16 = stage_bf16(ga_tile, st.a16);
           }
         }
         for (const auto& c : p.chunks) {
@@ -517,11 +496,9 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
             } else {
               dh16 = st.a16.narrow(0, 0, m).narrow(1, 0, width);
               auto* dst = reinterpret_cast<uint16_t*>(dh16.data_ptr());
-              for (int64_t b = 0; b < m; ++b) narrow_bf16(dz + b * width, dst + b * dh16.stride(0), width);
+              narrow_rows_bf16(dz, width, dst, dh16.stride(0), m, width);
             }
-            auto o16 = st.o16.narrow(0, 0, m).narrow(1, 0, width);
-            at::mm_out(o16, dh16, enc_w);
-            add_widened(dv, o16, m, width);
+            mm_widened(dv_tile, dh16, enc_w, st.o16, true);
           } else {
             dv_tile.addmm_(torch::from_blob(dz, {m, width}, kF32), enc_w);
           }

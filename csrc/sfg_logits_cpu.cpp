@@ -69,11 +69,16 @@ void run_tiles(const Plan& p, const torch::Tensor& ids, const torch::Tensor& tab
       const float* right = p.symmetric ? z : (p.left_generated ? v : z);
       if (p.kind == kMatrix) {
         auto r_tile = torch::from_blob(const_cast<float*>(right), {m, width}, f32);
+        // bf16: the right tile rounded once for all chunks (the encoder GEMM already left V's rounding
+        // in a16 when V is the right operand)
+        torch::Tensor r16;
+        if (bf16) r16 = (p.encode && right == v) ? a16.narrow(0, 0, m).narrow(1, 0, width) : stage_bf16(r_tile, a16);
         std::fill(out + b0, out + b1, 0.f);
         for (const auto& c : p.chunks) {
           auto t_tile = torch::from_blob(tbuf.data(), {m, c.cols}, f32);
           // strided A: the BLAS takes lda
-          tile_mm(t_tile, r_tile.narrow(1, c.k0, c.ks), c.weight, a16, o16);
+          if (bf16) mm_widened(t_tile, r16.narrow(1, c.k0, c.ks), c.weight, o16, false);
+          else at::mm_out(t_tile, r_tile.narrow(1, c.k0, c.ks), c.weight);
           rowdot_rows(left + c.col0, width, tbuf.data(), c.cols, c.cols, m, out + b0, true);
         }
       } else {
@@ -104,9 +109,9 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
   TORCH_CHECK_TYPE(table.scalar_type() == torch::kFloat || table.scalar_type() == torch::kBFloat16 || int8,
                    sfg::msg("table must be float32, bfloat16 or uint8 (int8 row-wise quantised) for the cpu "
                             "backend, got ", table.scalar_type()));
-  TORCH_CHECK_VALUE(int8 == scale_bias.has_value(),
-                    int8 ? "a uint8 (int8 row-wise quantised) table needs its scale_bias [V, 2]"
-                         : "scale_bias is only for a uint8 (int8 row-wise quantised) table");
+  TORCH_CHECK_VALUE(!int8 || scale_bias.has_value(),
+                    "a uint8 (int8 row-wise quantised) table needs its scale_bias [V, 2]");
+  TORCH_CHECK_VALUE(int8 || !scale_bias.has_value(), "scale_bias is only for a uint8 (int8 row-wise quantised) table");
   if (int8) {
     check_scale_bias(*scale_bias, table.size(0));
     scale_bias = scale_bias->detach().contiguous();

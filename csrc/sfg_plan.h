@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "embedding_cpu.h"
 #include "glue_common.h"
 #include "message.h"
 
@@ -435,6 +436,59 @@ inline void encoder_epilogue(const Plan& p, torch::Tensor& z_tile, const float* 
   scale_residual(z_tile.data_ptr<float>(), p.gamma, p.residual ? v : nullptr, m * width);
 }
 
+// bf16 staging of the tile GEMMs. The conversions are the plan's own loops (compiled per ISA) on row-
+// strided views, not at::Tensor::copy_: torch's CPU build converts through an AVX2 TensorIterator
+// kernel, which profiled at 5-7% of a bf16 inference.
+
+// m rows of n fp32 values (row stride lds) -> bf16 (round to nearest even, as torch), row stride ldd.
+[[maybe_unused]] static SFG_HOT void narrow_rows_bf16(const float* src, int64_t lds, uint16_t* dst, int64_t ldd,
+                                                      int64_t m, int64_t n) {
+  for (int64_t b = 0; b < m; ++b) {
+    const float* s = src + b * lds;
+    uint16_t* d = dst + b * ldd;
+    for (int64_t k = 0; k < n; ++k) d[k] = cpu::float_to_bf16(s[k]);
+  }
+}
+
+// m rows of n bf16 values (row stride lds) widened into fp32 rows (row stride ldd): stored, or added.
+[[maybe_unused]] static SFG_HOT void widen_rows_bf16(const uint16_t* src, int64_t lds, float* dst, int64_t ldd,
+                                                     int64_t m, int64_t n, bool accumulate) {
+  for (int64_t b = 0; b < m; ++b) {
+    const uint16_t* s = src + b * lds;
+    float* d = dst + b * ldd;
+    if (accumulate) {
+      for (int64_t k = 0; k < n; ++k) d[k] += cpu::bf16_to_float(s[k]);
+    } else {
+      for (int64_t k = 0; k < n; ++k) d[k] = cpu::bf16_to_float(s[k]);
+    }
+  }
+}
+
+inline void check_unit_columns(const torch::Tensor& t, torch::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == dtype && (t.size(1) <= 1 || t.stride(1) == 1),
+              "internal: bf16 staging needs a row-strided 2-D view with unit column stride");
+}
+
+// The fp32 tile `a` (a row-strided view) rounded to bf16 into the top-left corner of `a16`; returns that view.
+inline torch::Tensor stage_bf16(const torch::Tensor& a, torch::Tensor& a16) {
+  check_unit_columns(a, torch::kFloat);
+  auto view = a16.narrow(0, 0, a.size(0)).narrow(1, 0, a.size(1));
+  narrow_rows_bf16(a.data_ptr<float>(), a.stride(0), reinterpret_cast<uint16_t*>(view.data_ptr()), view.stride(0),
+                   a.size(0), a.size(1));
+  return view;
+}
+
+// out (fp32, a row-strided view) = or += a16 @ w16: the bf16 product (fp32 accumulation, bf16 result, as
+// torch's bf16 matmul) formed in the staging tile o16, widened on the way out.
+inline void mm_widened(torch::Tensor& out, const torch::Tensor& a16, const torch::Tensor& w16, torch::Tensor& o16,
+                       bool accumulate) {
+  check_unit_columns(out, torch::kFloat);
+  auto o = o16.narrow(0, 0, out.size(0)).narrow(1, 0, out.size(1));
+  at::mm_out(o, a16, w16);
+  widen_rows_bf16(reinterpret_cast<const uint16_t*>(o.data_ptr()), o.stride(0), out.data_ptr<float>(), out.stride(0),
+                  out.size(0), out.size(1), accumulate);
+}
+
 // A GEMM of the tile: out (fp32) = a (fp32 tile) @ w, where w is fp32, or bf16 for the bf16 mode.
 // In bf16 mode the tile is rounded to bf16 into `a16`, the product is formed by the BLAS's bf16
 // path (fp32 accumulation, bf16 result, as torch's own bf16 matmul) into `out16`, then widened.
@@ -445,11 +499,7 @@ inline void tile_mm(torch::Tensor& out, const torch::Tensor& a, const torch::Ten
     at::mm_out(out, a, w);
     return;
   }
-  auto a_half = a16.narrow(0, 0, a.size(0)).narrow(1, 0, a.size(1));
-  auto o_half = out16.narrow(0, 0, out.size(0)).narrow(1, 0, out.size(1));
-  a_half.copy_(a);
-  at::mm_out(o_half, a_half, w);
-  out.copy_(o_half);
+  mm_widened(out, stage_bf16(a, a16), w, out16, false);
 }
 
 }  // namespace detail
