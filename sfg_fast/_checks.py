@@ -71,6 +71,10 @@ def check_gamma(gamma) -> float:
         value = float(gamma)
     except (TypeError, ValueError):
         raise TypeError(f"gamma must be a real number, got {gamma!r}") from None
+    if torch.compiler.is_compiling():
+        # torch.compile(dynamic=True) traces a module's float attribute as a symbol whose value cannot
+        # be tested here; the layers check gamma when they are built (SFGEncoder, SFGInteraction)
+        return value
     if not math.isfinite(value):
         raise ValueError(f"gamma must be finite, got {gamma!r}")
     return value
