@@ -74,6 +74,14 @@ def _backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _check_backend(backend: str, device: torch.device) -> str:
+    """Validate the requested backend now (an unavailable explicit one fails before any work) and return
+    it unresolved: the ops resolve "auto" when they run, so a torch.export program made where the
+    extension exists still runs (on the torch twin) where it does not."""
+    _backend(backend, device)
+    return backend
+
+
 def _gather_dequantised(ids, qweight, scale_bias, offsets) -> torch.Tensor:
     """The torch twin of the C++ int8 gather: dequantise only the addressed rows -> float32 [B, N, D]."""
     rows = (ids.to(torch.int64) + offsets).reshape(-1)
@@ -102,6 +110,7 @@ def _autocast_dtype(device: torch.device) -> str:
 def _lookup_op(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.Tensor, offsets: torch.Tensor,
                bounds_check: str, backend: str) -> torch.Tensor:
     ids = C.apply_bounds_check(ids, offsets, qweight.shape[0], bounds_check, table="qweight")
+    backend = _backend(backend, qweight.device)
     if backend == "cpu":
         # ids already checked / remapped; the kernel still scans the ids it addresses memory with
         return cpu_ext.embedding_lookup_int8(ids, qweight, scale_bias, offsets, "off")
@@ -119,6 +128,7 @@ def _logits_op(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.Tenso
                kind: str, activation: str, gamma: float, residual: bool, pairs: str, generated_side: str,
                symmetric: bool, bounds_check: str, backend: str, amp: str) -> torch.Tensor:
     ids = C.apply_bounds_check(ids, offsets, qweight.shape[0], bounds_check, table="qweight")
+    backend = _backend(backend, qweight.device)
     if backend == "torch":
         with torch.no_grad(), torch.autocast(qweight.device.type, dtype=getattr(torch, amp or "float32"),
                                              enabled=bool(amp)):
@@ -147,7 +157,7 @@ def embedding_lookup_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: 
     backend "auto" | "cpu" | "torch". Inference only (the int8 table has no gradient).
     """
     _check_quantised(ids, qweight, scale_bias, offsets, bounds_check)
-    return _lookup_op(ids, qweight, scale_bias, offsets, bounds_check, _backend(backend, qweight.device))
+    return _lookup_op(ids, qweight, scale_bias, offsets, bounds_check, _check_backend(backend, qweight.device))
 
 
 def sfg_logits_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.Tensor, offsets: torch.Tensor,
@@ -161,7 +171,10 @@ def sfg_logits_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.
     enc_bias, dec_weight, kind, ...)``; on the cpu backend it runs as one fused tile pipeline. Arguments
     as :func:`sfg_fast.functional.sfg_logits`, with ``(qweight, scale_bias)`` in place of the table.
     Under ``torch.autocast("cpu", torch.bfloat16)`` the GEMMs run on bf16 operands (fp32 accumulation),
-    like the float tables' path. Inference only: parameters are read, never differentiated.
+    like the float tables' path; other autocast dtypes (fp16) leave the cpu backend in fp32, while the torch
+    backend follows autocast. Inference only: parameters are read, never differentiated. Backend "auto" is
+    resolved when the op runs, so an exported program falls back to the torch twin where the extension
+    is missing.
     """
     stand_in = _check_quantised(ids, qweight, scale_bias, offsets, bounds_check)
     gamma = C.check_sfg_logits(ids, stand_in, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
@@ -171,7 +184,7 @@ def sfg_logits_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.
             raise ValueError(f"{name} ({t.device}) must be on qweight's device ({qweight.device})")
     return _logits_op(ids, qweight, scale_bias, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
                       float(gamma), bool(residual), pairs, generated_side, bool(symmetric), bounds_check,
-                      _backend(backend, qweight.device), _autocast_dtype(qweight.device))
+                      _check_backend(backend, qweight.device), _autocast_dtype(qweight.device))
 
 
 class QuantizedFieldEmbedding(nn.Module):

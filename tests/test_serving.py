@@ -409,3 +409,38 @@ def test_load_quantized_refuses_malformed_files(tmp_path):
     for name, change in cases.items():
         with pytest.raises(ValueError, match=name):
             serving.load_quantized(write(name, **change))
+
+
+def test_exported_program_runs_where_the_extension_is_missing(monkeypatch):
+    """The ops resolve backend "auto" when they run: a program exported where the extension exists runs
+    on the torch twin where it does not (the same numbers)."""
+    field_dims = [20, 7, 33, 4]
+    served = serving.quantize_model(models.build("fwfm", field_dims, embedding_dim=8, init_std=0.1))
+    ids = zipf_ids(16, field_dims)
+    program = torch.export.export(served, (ids,))
+    with torch.no_grad():
+        expected = served(ids)
+        calls = []
+        real = serving._gather_dequantised
+        monkeypatch.setattr(serving, "_gather_dequantised", lambda *a: calls.append(1) or real(*a))
+        torch.testing.assert_close(program.module()(ids), expected, rtol=1e-5, atol=1e-6)
+        assert calls == [] or not cpu_ext.available()            # with the extension: its kernel ran
+        monkeypatch.setattr(cpu_ext, "available", lambda: False)  # the serving ops now see no extension
+        torch.testing.assert_close(program.module()(ids), expected, rtol=1e-5, atol=1e-6)
+        assert calls                                             # ... and ran the torch twin
+        with pytest.raises(BackendUnavailableError, match="cpu"):
+            serving.quantize_model(models.build("fm", [3, 4], embedding_dim=4), backend="cpu")(zipf_ids(2, [3, 4]))
+
+
+def test_quantiser_input_errors():
+    with pytest.raises(ValueError, match="column"):
+        serving.quantize_rowwise_int8(torch.zeros(4, 0))
+    with pytest.raises(ValueError, match="meta"):
+        serving.quantize_rowwise_int8(torch.zeros(4, 3, device="meta"))
+    with pytest.raises(ValueError, match="weight"):
+        serving.quantize_rowwise_int8(torch.zeros(4, 3, dtype=torch.int32))
+    q, sb = serving.quantize_rowwise_int8(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="qweight"):
+        serving.dequantize_rowwise_int8(q.float(), sb)
+    with pytest.raises(TypeError, match="scale_bias"):
+        serving.dequantize_rowwise_int8(q, sb[:3])

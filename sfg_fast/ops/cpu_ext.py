@@ -236,6 +236,10 @@ def quantize_rowwise_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     """
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
         raise ValueError("weight must be a floating [V, D] tensor")
+    if weight.shape[1] == 0:
+        raise ValueError(f"weight must have at least one column to be quantised, got shape {list(weight.shape)}")
+    if weight.device.type == "meta":
+        raise ValueError("weight must hold data to be quantised, got a meta tensor")
     w = weight.detach().to(torch.float32)
     low = w.amin(dim=1)
     high = w.amax(dim=1)
@@ -260,6 +264,12 @@ def quantize_rowwise_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
 
 def dequantize_rowwise_int8(qweight: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
     """``qweight * scale + bias`` row-wise, as float32 ``[V, D]`` (the inverse of the quantiser)."""
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise TypeError("qweight must be a uint8 [V, D] tensor (from quantize_rowwise_int8)")
+    if (not isinstance(scale_bias, torch.Tensor) or scale_bias.dtype != torch.float32
+            or tuple(scale_bias.shape) != (qweight.shape[0], 2)):
+        raise TypeError(f"scale_bias must be a float32 [V, 2]=[{qweight.shape[0]}, 2] tensor (from "
+                        "quantize_rowwise_int8)")
     return qweight.to(torch.float32) * scale_bias[:, :1] + scale_bias[:, 1:]
 
 
