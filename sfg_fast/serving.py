@@ -33,6 +33,7 @@ from . import functional as SF
 from ._backend import BackendUnavailableError, _extension_status
 from .nn import FieldEmbedding, check_ids_width, init_table_fields
 from .ops import cpu_ext
+from .optim import FusedFieldEmbedding
 from .ops.cpu_ext import dequantize_rowwise_int8, quantize_rowwise_int8
 
 __all__ = ["quantize_rowwise_int8", "dequantize_rowwise_int8", "embedding_lookup_int8", "sfg_logits_int8",
@@ -40,6 +41,7 @@ __all__ = ["quantize_rowwise_int8", "dequantize_rowwise_int8", "embedding_lookup
            "SERVING_FORMAT"]
 
 _BACKENDS = ("auto", "cpu", "torch")
+_FLOAT_TABLES = (FieldEmbedding, FusedFieldEmbedding)   # id-indexed float tables quantize_model replaces
 
 
 def _check_quantised(ids, qweight, scale_bias, offsets, bounds_check: str) -> torch.Tensor:
@@ -225,10 +227,12 @@ class QuantizedFieldEmbedding(nn.Module):
         return self
 
     @classmethod
-    def from_embedding(cls, embedding: FieldEmbedding, backend: str = "auto") -> "QuantizedFieldEmbedding":
-        """Quantise a trained FieldEmbedding's table (its field_dims and bounds mode carry over)."""
-        if not isinstance(embedding, FieldEmbedding):
-            raise TypeError(f"embedding must be a sfg_fast.nn.FieldEmbedding, got {type(embedding).__name__}")
+    def from_embedding(cls, embedding: nn.Module, backend: str = "auto") -> "QuantizedFieldEmbedding":
+        """Quantise a trained table's rows: a :class:`~sfg_fast.nn.FieldEmbedding` or an
+        :class:`~sfg_fast.optim.FusedFieldEmbedding` (its field_dims and bounds mode carry over)."""
+        if not isinstance(embedding, _FLOAT_TABLES):
+            raise TypeError("embedding must be a sfg_fast.nn.FieldEmbedding or sfg_fast.optim.FusedFieldEmbedding, "
+                            f"got {type(embedding).__name__}")
         out = cls(embedding.field_dims, embedding.embedding_dim, embedding.bounds_check, backend,
                   dtype=embedding.weight.dtype)
         qweight, scale_bias = quantize_rowwise_int8(embedding.weight)
@@ -267,14 +271,15 @@ def _swap_tables(model: nn.Module, make) -> int:
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, FieldEmbedding) and child.embedding_dim >= 2:
+            if isinstance(child, _FLOAT_TABLES) and child.embedding_dim >= 2:
                 setattr(parent, name, make(child))
                 replaced += 1
     return replaced
 
 
 def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """A copy of ``model`` for serving, in eval mode, with every :class:`~sfg_fast.nn.FieldEmbedding` of
+    """A copy of ``model`` for serving, in eval mode, with every :class:`~sfg_fast.nn.FieldEmbedding` (and
+    :class:`~sfg_fast.optim.FusedFieldEmbedding`, the table that trains itself in backward) of
     embedding_dim >= 2 replaced by its int8 :class:`QuantizedFieldEmbedding` (``model`` is untouched).
 
     The first-order tables (one weight per id, D = 1) stay float32: a row's int8 code plus its float32
@@ -286,9 +291,10 @@ def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     C.check_choice("backend", backend, _BACKENDS)
-    tables = [m for m in model.modules() if isinstance(m, FieldEmbedding) and m.embedding_dim >= 2]
+    tables = [m for m in model.modules() if isinstance(m, _FLOAT_TABLES) and m.embedding_dim >= 2]
     if not tables:
-        raise ValueError("model has no sfg_fast.nn.FieldEmbedding with embedding_dim >= 2 to quantise")
+        raise ValueError("model has no sfg_fast.nn.FieldEmbedding (or optim.FusedFieldEmbedding) with "
+                         "embedding_dim >= 2 to quantise")
     # deepcopy's memo maps each float table straight to its int8 replacement: the copy never holds a
     # second float table (gigabytes at production vocabularies)
     memo = {id(t): QuantizedFieldEmbedding.from_embedding(t, backend=backend) for t in tables}
@@ -380,7 +386,7 @@ def table_bytes(model: nn.Module) -> Dict[str, int]:
     QuantizedFieldEmbedding codes + scale/bias)."""
     out = {"float": 0, "int8": 0}
     for m in model.modules():
-        if isinstance(m, FieldEmbedding):
+        if isinstance(m, _FLOAT_TABLES):
             out["float"] += m.weight.numel() * m.weight.element_size()
         elif isinstance(m, QuantizedFieldEmbedding):
             out["int8"] += m.qweight.numel() + m.scale_bias.numel() * m.scale_bias.element_size()

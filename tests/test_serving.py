@@ -444,3 +444,26 @@ def test_quantiser_input_errors():
         serving.dequantize_rowwise_int8(q.float(), sb)
     with pytest.raises(TypeError, match="scale_bias"):
         serving.dequantize_rowwise_int8(q, sb[:3])
+
+
+def test_model_trained_with_the_fused_sparse_table_quantises(tmp_path):
+    """A model whose table is an optim.FusedFieldEmbedding (the fused CPU training path) quantises like
+    a FieldEmbedding one, after a training step, and round-trips through save/load."""
+    from sfg_fast import functional as SF
+    from sfg_fast.optim import FusedFieldEmbedding
+
+    field_dims = [30, 4, 11]
+    table = FusedFieldEmbedding(field_dims, 8, optimizer="adagrad", lr=0.1, init_std=0.1)
+    model = models.build("fwfm", field_dims, embedding_dim=8, embedding=table)
+    ids = zipf_ids(64, field_dims)
+    SF.bce_with_logits(model(ids), torch.rand(64)).backward()      # the table updates itself in backward
+    served = serving.quantize_model(model)
+    assert isinstance(served.embedding, serving.QuantizedFieldEmbedding)
+    assert serving.table_bytes(model)["float"] == (sum(field_dims) * 8 + sum(field_dims)) * 4
+    with torch.no_grad():
+        model.embedding.weight.copy_(serving.dequantize_rowwise_int8(served.embedding.qweight,
+                                                                     served.embedding.scale_bias))
+        torch.testing.assert_close(served(ids), model(ids), rtol=0, atol=0)
+        path = str(tmp_path / "m.pt")
+        serving.save_quantized(served, path)
+        torch.testing.assert_close(serving.load_quantized(path)(ids), served(ids), rtol=0, atol=0)
