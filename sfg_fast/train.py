@@ -433,6 +433,9 @@ def load_data(config: Dict[str, Any]):
     from .data import load_dataset
 
     options = dict(config.get("data_options") or {})
+    skip = config.get("skip_bad_lines", False)
+    if not isinstance(skip, (bool, np.bool_)):
+        raise ValueError(f"skip_bad_lines must be true or false, got {skip!r}")
     return load_dataset(name=config["dataset"], data_dir=config.get("data_dir"),
                         cache_dir=config.get("cache_dir"), seed=config.get("data_seed", 2018),
                         max_rows=config.get("max_rows"), min_count=config.get("min_count"),
@@ -512,6 +515,11 @@ class Trainer:
             log.info("model %s ignores config keys %s", config["model"], self.ignored_keys)
 
         self.data = data if data is not None else load_data(config)
+        check = getattr(self.data, "check", None)
+        if callable(check):
+            # ids inside field_dims and 0/1 labels in every split, with the split named, before any work
+            # (one pass over the ids: about a second for all of Criteo)
+            check()
         self.schema = self.data.schema
         if checkpoint is not None and list(checkpoint["schema"]["field_dims"]) != list(self.schema.field_dims):
             raise ValueError(f"the checkpoint's schema (field_dims {checkpoint['schema']['field_dims']}) does not "
@@ -705,6 +713,26 @@ class Trainer:
             log.info("early stop after epoch %d: no validation AUC gain for %d epochs", self.epoch, self.bad_epochs)
         return self.finish()
 
+    def _best_checkpoint(self, path: str) -> Dict[str, Any]:
+        """This run's best checkpoint, checked to be it: the best epoch and its validation AUC, and the
+        experiment (every config key a resume may not change). A best.pt of another run (a reused output
+        directory, a resume whose source folder lacked one) would otherwise be tested as this model."""
+        if not os.path.exists(path):
+            raise ValueError(f"{path} is missing: the best model of this run (epoch {self.best_epoch}) predates "
+                             f"its last epoch ({self.epoch}) and cannot be reloaded; resume from the run directory "
+                             "that holds its best.pt (or pass --out that directory)")
+        best = load_checkpoint(path, map_location=self.device)
+        stop = best.get("early_stopping", {})
+        theirs = {k: v for k, v in best.get("config", {}).items() if k not in RESUME_OVERRIDABLE}
+        ours = {k: v for k, v in _jsonable(self.config).items() if k not in RESUME_OVERRIDABLE}
+        if best.get("epoch") != self.best_epoch or stop.get("best_auc") != self.best_auc or theirs != ours:
+            differs = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise ValueError(f"{path} is not this run's best checkpoint (it holds epoch {best.get('epoch')} with "
+                             f"valid AUC {stop.get('best_auc')}; this run's best is epoch {self.best_epoch} with "
+                             f"{self.best_auc}" + (f"; its config differs in {differs}" if differs else "") +
+                             "): the output directory holds another run's files")
+        return best
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -713,9 +741,9 @@ class Trainer:
         """Reload best.pt, evaluate valid and test, and write ``results.json``."""
         cfg = self.config
         best_path = os.path.join(self.out, "best.pt")
-        if os.path.exists(best_path):
-            best = load_checkpoint(best_path, map_location=self.device)
-            self.model.load_state_dict(best["model_state"])
+        if self.best_epoch != self.epoch:
+            # the best model predates the last epoch: it must come from this run's best.pt
+            self.model.load_state_dict(self._best_checkpoint(best_path)["model_state"])
         self.model.eval()
         batch = int(cfg["eval_batch_size"])
         valid = evaluate_model(self.model, self.valid_ids, self.valid_labels, self.device, batch, "valid")
@@ -748,7 +776,7 @@ class Trainer:
             "schema": self.schema_dict,
             "data_info": getattr(self.data, "info", None),
             "versions": versions(),
-            "best_checkpoint": best_path if os.path.exists(best_path) else None,
+            "best_checkpoint": best_path if os.path.exists(best_path) and self.best_epoch else None,
         }
         results = _jsonable(results)
         atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", os.path.join(self.out, "results.json"))
@@ -786,9 +814,23 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
     if "out" not in overrides:
         config["out"] = source_dir
     best = os.path.join(source_dir, "best.pt")
-    if os.path.abspath(config["out"]) != source_dir and os.path.exists(best):
+    out_dir = os.path.abspath(config["out"])
+    stop = ckpt.get("early_stopping", {})
+    best_is_this = stop.get("best_epoch") == ckpt.get("epoch")     # the checkpoint is the best model so far
+    if out_dir != source_dir:
+        for name in ("last.pt", "best.pt"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                raise ValueError(f"--out {out_dir} already holds a {name} (another run's files); resume into an "
+                                 f"empty directory or into the checkpoint's own ({source_dir})")
         # The final reload needs the best model so far, which may predate the resumed epochs.
-        _atomic_write(os.path.join(config["out"], "best.pt"), lambda fh: _copy_into(best, fh))
+        if os.path.exists(best) or best_is_this:
+            _atomic_write(os.path.join(out_dir, "best.pt"), lambda fh: _copy_into(best if os.path.exists(best)
+                                                                                  else file, fh))
+    elif not os.path.exists(best) and best_is_this and stop.get("best_epoch"):
+        _atomic_write(best, lambda fh: _copy_into(file, fh))
+    if not os.path.exists(os.path.join(out_dir, "best.pt")) and stop.get("best_epoch") and not best_is_this:
+        raise ValueError(f"cannot resume {file}: the run's best model (epoch {stop.get('best_epoch')}) was in a "
+                         f"best.pt that is not beside it in {source_dir}; results would test the wrong model")
     return Trainer(config, data=data, checkpoint=ckpt).fit()
 
 

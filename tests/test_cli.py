@@ -209,3 +209,36 @@ def test_quantize_via_main(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "srv")) == ["model-int8.pt", "quantize.json"]
     with pytest.raises(ValueError, match="serving"):
         serving.load_quantized(os.path.join(out, "best.pt"))
+
+
+def test_resume_never_tests_another_runs_best_model(tmp_path, capsys):
+    """A resume into a fresh directory seeds best.pt from the checkpoint when that is the best model so
+    far, so it ends exactly like a straight run; one into a directory holding another run's checkpoints
+    is refused; and the final reload refuses a best.pt that is not this run's."""
+    import shutil
+
+    straight = str(tmp_path / "straight")
+    assert cli.main(["train", "--model", "fwfm", "--epochs", "2", "--out", straight] + TINY) == 0
+    reference = json.loads(open(os.path.join(straight, "results.json")).read())
+    assert reference["best_epoch"] == 1, "the tiny run must peak before its last epoch to test the reload"
+
+    first = str(tmp_path / "first")
+    assert cli.main(["train", "--model", "fwfm", "--epochs", "1", "--out", first] + TINY) == 0
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    shutil.copy(os.path.join(first, "last.pt"), backup / "last.pt")           # no best.pt beside it
+    fresh = str(tmp_path / "fresh")
+    assert cli.main(["train", "--resume", str(backup / "last.pt"), "--out", fresh, "--epochs", "2", "--quiet"]) == 0
+    resumed = json.loads(open(os.path.join(fresh, "results.json")).read())
+    assert (resumed["test_auc"], resumed["best_epoch"]) == (reference["test_auc"], 1)
+
+    other = str(tmp_path / "other")
+    assert cli.main(["train", "--model", "fwfm", "--epochs", "2", "--seed", "7", "--out", other] + TINY) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(backup / "last.pt"), "--out", other, "--epochs", "2", "--quiet"]) == 2
+    assert "already holds" in capsys.readouterr().err
+
+    # a foreign best.pt in the run's own directory: the final reload names it instead of testing it
+    shutil.copy(os.path.join(other, "best.pt"), os.path.join(first, "best.pt"))
+    assert cli.main(["train", "--resume", first, "--epochs", "2", "--quiet"]) == 2
+    assert "not this run's best checkpoint" in capsys.readouterr().err

@@ -294,3 +294,20 @@ def test_resume_into_new_directory_keeps_best(tmp_path, tiny, monkeypatch):
     assert again["epochs_run"] == 2 and again["best_epoch"] == 1
     assert T.load_checkpoint(str(tmp_path / "b" / "best.pt"))["epoch"] == 1
     assert again["test_auc"] == first["test_auc"] and again["test_logloss"] == first["test_logloss"]
+
+
+def test_bad_data_is_refused_before_training(tmp_path, tiny):
+    """NaN or non-0/1 labels and ids outside field_dims, in any split, fail when the Trainer is built (the
+    message names the split), not after epochs of training; a string skip_bad_lines is refused."""
+    import copy as _copy
+    for split, mutate, match in (("valid", lambda s: s.labels.__setitem__(3, np.nan), "valid.labels"),
+                                 ("test", lambda s: s.labels.__setitem__(0, 0.5), "test.labels"),
+                                 ("test", lambda s: s.ids.__setitem__((2, 1), 10 ** 6), "test.ids"),
+                                 ("train", lambda s: s.labels.__setitem__(5, 2.0), "train.labels")):
+        data = _copy.deepcopy(tiny)
+        mutate(getattr(data, split))
+        with pytest.raises(ValueError, match=match):
+            T.Trainer(_config(tmp_path, name=f"bad-{split}"), data=data)
+        assert not os.path.exists(tmp_path / f"bad-{split}")
+    with pytest.raises(ValueError, match="skip_bad_lines must be true or false"):
+        T.load_data(dict(dataset="synthetic-criteo", num_rows=100, skip_bad_lines="false"))
