@@ -576,3 +576,50 @@ def test_min_count_counts_train_rows_only(tmp_path):
     assert data.schema.field_dims[c1] == 2  # 'common' and the OOV id, nothing for 'hot'
     assert (data.valid.ids[:, c1] == oov).all()
     assert (data.train.ids[:, c1] == oov).sum() == 1 and (data.train.ids[:, c1] == 0).sum() == len(data.train) - 1
+
+
+def test_criteo_stray_carriage_returns_never_drop_rows(tmp_path):
+    """Lines end at LF only, where the row count is taken: a line ending CR CR LF (a file converted to
+    CRLF twice) keeps every row; a bare CR inside a field stays in that field's token; a file with
+    CR-only line endings is a clear error, not one silently read row."""
+    rows = write_criteo(tmp_path / "train.txt", num_rows=50)
+    reference = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, split=(1, 0, 0), min_count=1)
+    lines = ["\t".join(r) for r in rows]
+    for name, text in (("double-cr", "\r\n".join(lines[:20]) + "\r\r\n" + "\r\n".join(lines[20:]) + "\r\n"),
+                       ("cr-in-field", "\n".join(lines[:9]) + "\n" + lines[9][:-2] + "\r" + lines[9][-2:] + "\n"
+                        + "\n".join(lines[10:]) + "\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.txt").write_bytes(text.encode())
+        for chunk_rows in (7, 1000):
+            data = load_dataset("criteo", data_dir=tmp_path / name, cache_dir=False, split=(1, 0, 0), min_count=1,
+                                chunk_rows=chunk_rows)
+            assert len(data.train) == 50 and data.info["skipped_lines"] == 0, (name, chunk_rows)
+            np.testing.assert_array_equal(data.train.labels, reference.train.labels)
+            if name == "double-cr":
+                assert_same_data(reference, data)
+    (tmp_path / "cr-only").mkdir()
+    (tmp_path / "cr-only" / "train.txt").write_bytes("\r".join(lines).encode())
+    with pytest.raises(ValueError, match="bare CR"):
+        load_dataset("criteo", data_dir=tmp_path / "cr-only", cache_dir=False)
+
+
+def test_cache_sees_a_rewrite_that_restores_the_mtime_and_survives_corruption(tmp_path):
+    rows = write_criteo(tmp_path / "train.txt", num_rows=200)
+    path = tmp_path / "train.txt"
+    first = load_dataset("criteo", data_dir=tmp_path, min_count=1)
+    stat = os.stat(path)
+    flipped = ["\t".join(["1" if r[0] == "0" else "0"] + r[1:]) for r in rows]      # same size, new labels
+    path.write_bytes(("\n".join(flipped) + "\n").encode())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))                          # as cp -p / rsync -t do
+    assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    second = load_dataset("criteo", data_dir=tmp_path, min_count=1)
+    assert second.info["from_cache"] is False
+    np.testing.assert_array_equal(second.train.labels, 1 - first.train.labels)
+    # a truncated cache entry is a miss: read again and re-cached, never a traceback
+    for entry in (tmp_path / ".sfg_cache").iterdir():
+        if entry.suffix == ".npz":
+            entry.write_bytes(entry.read_bytes()[:100])
+    third = load_dataset("criteo", data_dir=tmp_path, min_count=1)
+    assert third.info["from_cache"] is False
+    assert_same_data(second, third)
+    assert load_dataset("criteo", data_dir=tmp_path, min_count=1).info["from_cache"] is True

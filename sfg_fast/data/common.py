@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import logging
 import os
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -193,10 +194,14 @@ def finalize(name: str, field_names: Sequence[str], field_sources: Sequence[Tupl
 # ----------------------------------------------------------------------------------------------
 
 def open_text(path: str):
-    """Open a text file, gzip-aware; latin-1 maps every byte to one character, so decoding never fails."""
+    """Open a text file, gzip-aware; latin-1 maps every byte to one character, so decoding never fails.
+
+    Lines end at "\n" only, exactly where :func:`count_lines` counts them (a stray "\r" must not start
+    a line: the reader sizes its split from that count, so an extra line would push a real row off the
+    end); a "\r" before the "\n" (CRLF) is stripped by the readers."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="latin-1", newline="")
-    return open(path, "r", encoding="latin-1", newline="")
+        return gzip.open(path, "rt", encoding="latin-1", newline="\n")
+    return open(path, "r", encoding="latin-1", newline="\n")
 
 
 def count_lines(path: str, limit: Optional[int] = None) -> int:
@@ -239,10 +244,25 @@ def resolve_file(name: str, data_dir, candidates: Sequence[str]) -> str:
 # Cache: <cache_dir>/<name>-<key>.npz (ids, labels, info) + <name>-<key>.schema.json
 # ----------------------------------------------------------------------------------------------
 
+def _edge_digest(path: str, size: int, span: int = 1 << 16) -> str:
+    """sha256 of the first and last ``span`` bytes: a content check that costs two small reads."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        if size > span:
+            f.seek(max(span, size - span))
+            h.update(f.read(span))
+    return h.hexdigest()
+
+
 def cache_key(path: str, options: Dict) -> str:
+    """Key of a file's cache entry: its absolute path, size, mtime and ctime (a rewrite that restores the
+    mtime, as ``cp -p`` / ``rsync -t`` / ``tar x`` do, still moves the ctime), the digest of its first and
+    last 64 KB, and every option."""
     st = os.stat(path)
-    payload = {"format": CACHE_FORMAT, "file": os.path.basename(path), "size": st.st_size,
-               "mtime_ns": st.st_mtime_ns, "options": options}
+    payload = {"format": CACHE_FORMAT, "file": os.path.realpath(path), "size": st.st_size,
+               "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "edges": _edge_digest(path, st.st_size),
+               "options": options}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -255,11 +275,16 @@ def load_cache(cache_dir: str, name: str, key: str) -> Optional[CTRData]:
     npz_path, schema_path = cache_paths(cache_dir, name, key)
     if not (os.path.isfile(npz_path) and os.path.isfile(schema_path)):
         return None
-    schema = Schema.load_json(schema_path)
-    with np.load(npz_path, allow_pickle=False) as z:
-        splits = [Split(ids=z[f"{s}_ids"].astype(np.int64), labels=z[f"{s}_labels"])
-                  for s in ("train", "valid", "test")]
-        info = json.loads(str(z["info"]))
+    try:
+        schema = Schema.load_json(schema_path)
+        with np.load(npz_path, allow_pickle=False) as z:
+            splits = [Split(ids=z[f"{s}_ids"].astype(np.int64), labels=z[f"{s}_labels"])
+                      for s in ("train", "valid", "test")]
+            info = json.loads(str(z["info"]))
+    except Exception as exc:   # a truncated or corrupt entry is a miss: the data are read again and re-cached
+        logging.getLogger("sfg_fast.data").warning("ignoring the unreadable cache entry %s (%s: %s); reading the "
+                                                   "raw data again", npz_path, type(exc).__name__, exc)
+        return None
     info.update(from_cache=True, cache_path=npz_path)
     return CTRData(schema, *splits, info=info)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -19,6 +20,8 @@ import numpy as np
 from .common import (ColumnEncoder, SkipLog, cache_key, count_lines, finalize, load_cache, open_text,
                      save_cache, split_assignment)
 from .schema import CTRData
+
+_CR_BEFORE_NEWLINE = re.compile("\r+\n")  # CRLF (or a doubled CR) ending a line
 
 DEFAULT_CHUNK_ROWS = 100_000
 
@@ -166,10 +169,10 @@ def _split_lines(lines: List[str], sep: str, num_columns: int):
         # every line has the right width: split the whole chunk at once and slice out the columns,
         # several times faster than splitting line by line and transposing
         text = "".join(lines)
-        if "\r" in text:
-            text = text.replace("\r\n", "\n")
         if not text.endswith("\n"):
             text += "\n"
+        if "\r" in text:
+            text = _CR_BEFORE_NEWLINE.sub("\n", text)   # as the per-line path's rstrip("\r\n")
         flat = text.replace("\n", sep).split(sep)
         flat.pop()  # the empty string after the last newline
         return [flat[c::num_columns] for c in range(num_columns)], None, {}, set()
@@ -182,7 +185,8 @@ def _split_lines(lines: List[str], sep: str, num_columns: int):
         if len(r) == 1 and not r[0].strip():
             drop.add(i)  # a blank line holds no row; nothing is misread by passing it
         else:
-            bad[i] = f"expected {num_columns} columns separated by {sep!r}, found {len(r)}"
+            hint = " (the file may end its lines with a bare CR: convert it to LF or CRLF)" if "\r" in lines[i] else ""
+            bad[i] = f"expected {num_columns} columns separated by {sep!r}, found {len(r)}{hint}"
     good = [i for i in range(len(rows)) if i not in bad and i not in drop]
     return [list(c) for c in zip(*[rows[i] for i in good])], good, bad, drop
 
