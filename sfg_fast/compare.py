@@ -158,6 +158,29 @@ def plot(summary: Dict[str, Any], path: str) -> None:
     os.replace(tmp, path)
 
 
+def _preflight(names, variants, config_path, overrides, seed) -> None:
+    """Check every run's config before the first one trains: its trainer keys, and its model's
+    hyper-parameters by building the model on the meta device (no memory, no data needed), so a bad value
+    for the last model does not abort the comparison after the others have trained."""
+    from . import models as model_zoo
+    from .train import TRAIN_DEFAULTS, _check_train_config, split_config
+
+    for model in names:
+        for variant in variants:
+            config = dict(TRAIN_DEFAULTS, **resolve_config(config_path, None, dict(
+                overrides, model=model, generative=(variant == "sfg"), seed=seed)))
+            try:
+                train_cfg, hparams, _ = split_config(config)
+                _check_train_config(train_cfg)
+                if hparams.get("embedding", "native") == "native":
+                    with torch.device("meta"):
+                        model_zoo.build(model, [2, 2, 2], **hparams)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{model} ({variant}): {exc}") from None
+            except Exception as exc:  # a model the meta device cannot build: its own run checks it
+                log.debug("preflight of %s (%s) skipped: %s", model, variant, exc)
+
+
 def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int, str, Sequence[int]] = 3,
             out: str = os.path.join("runs", "compare"), config_path: Optional[str] = None,
             overrides: Optional[Dict[str, Any]] = None, variants: Sequence[str] = ("base", "sfg"),
@@ -183,6 +206,7 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
         raise ValueError(f"variants must be a subset of ('base', 'sfg'), got {list(variants)}")
     first_seed = resolve_config(config_path, None, dict(overrides, model=names[0]))["seed"]
     seed_list = parse_seeds(seeds, first_seed)
+    _preflight(names, variants, config_path, overrides, seed_list[0])
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     datasets: Dict[str, Any] = {}

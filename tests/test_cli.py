@@ -242,3 +242,13 @@ def test_resume_never_tests_another_runs_best_model(tmp_path, capsys):
     shutil.copy(os.path.join(other, "best.pt"), os.path.join(first, "best.pt"))
     assert cli.main(["train", "--resume", first, "--epochs", "2", "--quiet"]) == 2
     assert "not this run's best checkpoint" in capsys.readouterr().err
+
+
+def test_compare_checks_every_config_before_training(tmp_path, capsys):
+    """A value only the last model rejects fails the comparison before the first run trains."""
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--models", "fm,deepfm", "--seeds", "1", "--out", str(out), "--set", "dropout=1.5"]
+                    + TINY) == 2
+    err = capsys.readouterr().err
+    assert "deepfm" in err and "dropout" in err
+    assert not out.exists() or not any(out.iterdir())
