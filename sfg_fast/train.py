@@ -545,6 +545,8 @@ class Trainer:
         self.step_seconds = 0.0   # time inside training steps only (samples/s is measured on it)
         self.fit_seconds = 0.0    # wall time of fit(), validation included, summed over resumes
         self.samples_seen = 0
+        self._wrote_checkpoint = False
+        self._resumed = checkpoint is not None
         if checkpoint is not None:
             self._load_state(checkpoint)
 
@@ -647,8 +649,10 @@ class Trainer:
 
     def _diverged_message(self, what: str, where: str) -> str:
         last = os.path.join(self.out, "last.pt")
+        # only a last.pt this run wrote or resumed from: a reused directory may hold another run's
+        ours = self.epoch > 0 and os.path.exists(last) and (self._wrote_checkpoint or self._resumed)
         kept = (f"the last good checkpoint {last} (end of epoch {self.epoch}) is intact"
-                if os.path.exists(last) else "no checkpoint had been written yet")
+                if ours else "no checkpoint of this run had been written yet")
         return (f"training diverged: {what} at {where}; stopping. {kept}. "
                 f"Try a lower lr (now {self._lr():g}) or a smaller gamma.")
 
@@ -690,6 +694,7 @@ class Trainer:
         if improved:
             self.save("best.pt", state)
         self.save("last.pt", state)
+        self._wrote_checkpoint = True
 
     def fit(self) -> Dict[str, Any]:
         """Train until ``epochs`` or early stopping, reload the best checkpoint, test, write results."""

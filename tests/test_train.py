@@ -311,3 +311,11 @@ def test_bad_data_is_refused_before_training(tmp_path, tiny):
         assert not os.path.exists(tmp_path / f"bad-{split}")
     with pytest.raises(ValueError, match="skip_bad_lines must be true or false"):
         T.load_data(dict(dataset="synthetic-criteo", num_rows=100, skip_bad_lines="false"))
+
+
+def test_divergence_in_a_reused_directory_does_not_vouch_for_another_runs_checkpoint(tmp_path, tiny):
+    T.train(_config(tmp_path, name="reused", epochs=1), data=tiny)
+    with pytest.raises(T.TrainingDiverged) as info:
+        T.train(_config(tmp_path, name="reused", model="fwfm", lr=1e30, seed=3), data=tiny)
+    message = str(info.value)
+    assert "no checkpoint of this run had been written yet" in message and "is intact" not in message
