@@ -264,6 +264,9 @@ class MLP(nn.Module):
                  output_dim: Optional[int] = None):
         super().__init__()
         C.check_choice("activation", activation, tuple(_MLP_ACTIVATIONS))
+        if isinstance(hidden_units, (str, bytes)) or not hasattr(hidden_units, "__iter__"):
+            raise TypeError(f"hidden_units must be a list of positive layer widths, got {hidden_units!r}")
+        hidden_units = [_count("hidden_units", u) for u in hidden_units]
         layers = []
         width = int(input_dim)
         for units in hidden_units:

@@ -216,7 +216,16 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
 
     for key in ("epochs", "batch_size", "eval_batch_size"):
         positive_int(key)
-    if cfg["patience"] is not None and (not isinstance(cfg["patience"], (int, np.integer)) or cfg["patience"] < 1):
+    seed = cfg["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    wd = cfg["weight_decay"]
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+    if not isinstance(cfg["reduce_lr_on_plateau"], (bool, np.bool_)):
+        raise ValueError(f"reduce_lr_on_plateau must be true or false, got {cfg['reduce_lr_on_plateau']!r}")
+    if cfg["patience"] is not None and (isinstance(cfg["patience"], bool)
+                                        or not isinstance(cfg["patience"], (int, np.integer)) or cfg["patience"] < 1):
         raise ValueError(f"patience must be a positive integer or None, got {cfg['patience']!r}")
     for key in ("lr", "min_lr"):
         value = cfg[key]

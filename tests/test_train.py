@@ -210,6 +210,14 @@ def test_config_errors_name_the_key(tmp_path, tiny):
         T.Trainer(_config(tmp_path, clip_grad_norm="ten"), data=tiny)
     with pytest.raises(ValueError, match="lr_decay_factor must be a number"):
         T.Trainer(_config(tmp_path, lr_decay_factor="0.5"), data=tiny)
+    for key, value in (("seed", 1.5), ("seed", "abc"), ("weight_decay", "abc"), ("weight_decay", -1.0),
+                       ("patience", True), ("reduce_lr_on_plateau", "no")):
+        with pytest.raises(ValueError, match=key):
+            T.Trainer(_config(tmp_path, **{key: value}), data=tiny)
+    with pytest.raises(TypeError, match="hidden_units"):
+        T.Trainer(_config(tmp_path, model="deepfm", hidden_units=64), data=tiny)
+    with pytest.raises(ValueError, match="hidden_units"):
+        T.Trainer(_config(tmp_path, model="deepfm", hidden_units=[8, 0]), data=tiny)
     # A key another model accepts is reported as ignored, not silently used.
     trainer = T.Trainer(_config(tmp_path, hidden_units=[8]), data=tiny)
     assert trainer.ignored_keys == ["hidden_units"]
