@@ -237,7 +237,10 @@ def _run_compare(args, argv: Sequence[str]) -> int:
     print(summary["table"])
     print(f"\ntotal wall time {summary['wall_seconds']:.1f} s; reports in {args.out or 'runs/compare'}/compare.md, "
           f"compare.json, compare.png")
-    return 0
+    for failure in summary.get("failures", []):
+        print(f"sfg-fast compare: {failure['model']} {failure['variant']} seed {failure['seed']} diverged and is "
+              f"left out of the means: {failure['error']}", file=sys.stderr)
+    return 3 if summary.get("failures") else 0
 
 
 def _run_analyze(args) -> int:

@@ -3,7 +3,9 @@
 Every (model, variant, seed) run is a full :class:`sfg_fast.train.Trainer` run with its own run
 directory (checkpoints and results.json) under ``out``. The data are loaded once and shared. Seeds
 vary the model initialisation and the shuffling; the train/valid/test split stays fixed
-(``data_seed``), as is usual when reporting mean +- std in CTR papers.
+(``data_seed``), as is usual when reporting mean +- std in CTR papers. Every run's config is checked
+before the first one trains; a run that diverges is recorded (``failures`` in compare.json, a list in
+compare.md), left out of its variant's means, and the comparison goes on (``sfg-fast compare`` then exits 3).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .train import Trainer, _jsonable, atomic_write_text, load_data, resolve_config, versions
+from .train import Trainer, TrainingDiverged, _jsonable, atomic_write_text, load_data, resolve_config, versions
 
 __all__ = ["DEFAULT_MODELS", "compare", "parse_models", "parse_seeds", "format_table", "plot"]
 
@@ -211,6 +213,7 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
     started = time.perf_counter()
     datasets: Dict[str, Any] = {}
     runs: List[Dict[str, Any]] = []
+    failures: List[Dict[str, Any]] = []   # runs that diverged: recorded, and the comparison goes on
     results: Dict[str, Dict[str, Any]] = {}
     total = len(names) * len(variants) * len(seed_list)
     count = 0
@@ -229,7 +232,14 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
                     datasets[data_key] = load_data(config)
                 dataset_name = config["dataset"]
                 tick = time.perf_counter()
-                result = Trainer(config, data=datasets[data_key]).fit()
+                try:
+                    result = Trainer(config, data=datasets[data_key]).fit()
+                except TrainingDiverged as exc:
+                    log.warning("[%d/%d] %s %s seed %d diverged; it is left out of the means: %s", count, total,
+                                model, variant, seed, exc)
+                    failures.append({"model": model, "variant": variant, "seed": seed, "out": config["out"],
+                                     "error": str(exc)})
+                    continue
                 log.info("[%d/%d] %s %s seed %d: test AUC %.5f logloss %.5f, best epoch %d, %.1f s", count, total,
                          model, variant, seed, result["test_auc"], result["test_logloss"], result["best_epoch"],
                          time.perf_counter() - tick)
@@ -239,7 +249,10 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
                                                    "train_seconds", "samples_per_second", "num_parameters",
                                                    "device")}
                             | {"out": config["out"], "config": result["config"]})
-            results[model][variant] = _aggregate(variant_runs)
+            if variant_runs:
+                results[model][variant] = _aggregate(variant_runs)
+    if not runs:
+        raise TrainingDiverged(f"every run diverged; the first: {failures[0]['error']}")
     wall = time.perf_counter() - started
     first = runs[0]["config"]
     summary = _jsonable({
@@ -256,6 +269,7 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
         "command": command,
         "results": results,
         "runs": runs,
+        "failures": failures,
         "versions": versions(),
     })
     table = format_table(summary, markdown=True)
@@ -265,8 +279,13 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
           f"{summary['threads']} CPU thread(s); total wall time {wall:.1f} s.", ""]
     if command:
         md += ["```", command, "```", ""]
-    md += [table, "",
-           f"Versions: {', '.join(f'{k} {v}' for k, v in summary['versions'].items() if v)}.", "",
+    md += [table, ""]
+    if failures:
+        md += [f"Diverged runs, left out of the means ({len(failures)} of {total}):", ""]
+        md += [f"- {f['model']} {'SFG' if f['variant'] == 'sfg' else 'base'} seed {f['seed']}: {f['error']}"
+               for f in failures]
+        md += [""]
+    md += [f"Versions: {', '.join(f'{k} {v}' for k, v in summary['versions'].items() if v)}.", "",
            "Per-run results are in each run directory's results.json; the plot is compare.png.", ""]
     atomic_write_text("\n".join(md), os.path.join(out, "compare.md"))
     atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(out, "compare.json"))

@@ -327,3 +327,29 @@ def test_divergence_in_a_reused_directory_does_not_vouch_for_another_runs_checkp
         T.train(_config(tmp_path, name="reused", model="fwfm", lr=1e30, seed=3), data=tiny)
     message = str(info.value)
     assert "no checkpoint of this run had been written yet" in message and "is intact" not in message
+
+
+def test_compare_records_a_diverged_run_and_goes_on(tmp_path, tiny, monkeypatch):
+    """One run diverging is recorded (compare.json "failures", compare.md) and left out of its variant's
+    means; the other runs still train and are reported; every run diverging is an error."""
+    from sfg_fast.compare import compare
+
+    real_fit = T.Trainer.fit
+
+    def fit(self):
+        if self.config["generative"] and self.config["seed"] == 2019:
+            raise T.TrainingDiverged("training diverged: simulated for the test")
+        return real_fit(self)
+
+    monkeypatch.setattr(T.Trainer, "fit", fit)
+    overrides = dict(dataset="synthetic-criteo", num_rows=3000, data_seed=7, epochs=1, batch_size=512,
+                     embedding_dim=4, verbose=0, threads=1)
+    summary = compare(["fm"], seeds=2, out=str(tmp_path / "cmp"), overrides=overrides)
+    assert [(f["variant"], f["seed"]) for f in summary["failures"]] == [("sfg", 2019)]
+    assert summary["results"]["fm"]["sfg"]["n"] == 1 and summary["results"]["fm"]["base"]["n"] == 2
+    assert len(summary["runs"]) == 3
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "Diverged runs" in md and "simulated for the test" in md
+    monkeypatch.setattr(T.Trainer, "fit", lambda self: (_ for _ in ()).throw(T.TrainingDiverged("always")))
+    with pytest.raises(T.TrainingDiverged, match="every run diverged"):
+        compare(["fm"], seeds=1, out=str(tmp_path / "cmp2"), overrides=overrides)
