@@ -623,3 +623,17 @@ def test_cache_sees_a_rewrite_that_restores_the_mtime_and_survives_corruption(tm
     assert third.info["from_cache"] is False
     assert_same_data(second, third)
     assert load_dataset("criteo", data_dir=tmp_path, min_count=1).info["from_cache"] is True
+
+
+def test_avazu_header_with_a_byte_order_mark_or_trailing_blanks(tmp_path):
+    write_avazu(tmp_path / "train.csv", num_rows=60)
+    reference = load_dataset("avazu", data_dir=tmp_path, cache_dir=False, split=(1, 0, 0))
+    text = (tmp_path / "train.csv").read_bytes()
+    for name, data in (("bom", b"\xef\xbb\xbf" + text), ("blank", text.replace(b"\n", b" \t\n", 1))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.csv").write_bytes(data)
+        assert_same_data(reference, load_dataset("avazu", data_dir=tmp_path / name, cache_dir=False, split=(1, 0, 0)))
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "train.csv").write_bytes(text.replace(b"click", b"clicks", 1))
+    with pytest.raises(ValueError, match="header"):
+        load_dataset("avazu", data_dir=tmp_path / "wrong", cache_dir=False)

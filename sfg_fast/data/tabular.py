@@ -82,7 +82,8 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
 
     with open_text(path) as f:
         if fmt.has_header:
-            header = f.readline().rstrip("\r\n")
+            # a UTF-8 byte-order mark (read as latin-1: "\xef\xbb\xbf") and trailing blanks are not part of it
+            header = f.readline().rstrip("\r\n").removeprefix("\xef\xbb\xbf").rstrip(" \t")
             expected = fmt.sep.join(fmt.column_names)
             if header != expected:
                 # the header fixes the column meaning: a mismatch is never skippable
