@@ -15,6 +15,7 @@ the shuffling generator), the early-stopping state, the history, the config and 
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import logging
@@ -452,6 +453,21 @@ def load_data(config: Dict[str, Any]):
                         num_rows=config.get("num_rows"), **options)
 
 
+def data_fingerprint(data) -> str:
+    """A digest of a dataset as training sees it: every split's shape and labels, a strided sample of its
+    ids (at most about 64k rows a split) and the field_dims. Checkpoints keep it, so that a resume on
+    other data (same field_dims, other rows) is refused. Independent of the ids' integer width (a cached
+    load and a fresh read agree)."""
+    h = hashlib.sha256(json.dumps([int(d) for d in data.schema.field_dims]).encode())
+    for name, split in data.splits().items():
+        ids, labels = np.asarray(split.ids), np.asarray(split.labels, dtype=np.float32)
+        h.update(f"{name}:{list(ids.shape)}:{list(labels.shape)}".encode())
+        h.update(np.ascontiguousarray(labels).tobytes())
+        step = max(1, ids.shape[0] // 65536)
+        h.update(np.ascontiguousarray(ids[::step], dtype=np.int64).tobytes())
+    return h.hexdigest()[:24]
+
+
 def _split_tensors(split, name: str):
     ids = torch.as_tensor(np.ascontiguousarray(split.ids), dtype=torch.int64)
     labels = torch.as_tensor(np.ascontiguousarray(split.labels), dtype=torch.float32)
@@ -533,6 +549,12 @@ class Trainer:
         if checkpoint is not None and list(checkpoint["schema"]["field_dims"]) != list(self.schema.field_dims):
             raise ValueError(f"the checkpoint's schema (field_dims {checkpoint['schema']['field_dims']}) does not "
                              f"match the dataset's ({list(self.schema.field_dims)}); is it the same data?")
+        self.data_fingerprint = data_fingerprint(self.data)
+        saved = (checkpoint or {}).get("data_fingerprint")
+        if saved is not None and saved != self.data_fingerprint:
+            raise ValueError("the dataset differs from the one the checkpoint was trained on (same field_dims, other "
+                             "rows or labels): a resume on it would not continue the same run; use the same data "
+                             "(raw file and data options)")
         self.train_ids, self.train_labels = _split_tensors(self.data.train, "train")
         self.valid_ids, self.valid_labels = _split_tensors(self.data.valid, "valid")
         self.test_ids, self.test_labels = _split_tensors(self.data.test, "test")
@@ -581,6 +603,7 @@ class Trainer:
                        "samples_seen": self.samples_seen},
             "config": _jsonable(self.config),
             "schema": self.schema_dict,
+            "data_fingerprint": self.data_fingerprint,
             "versions": versions(),
         }
 

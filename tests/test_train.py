@@ -353,3 +353,20 @@ def test_compare_records_a_diverged_run_and_goes_on(tmp_path, tiny, monkeypatch)
     monkeypatch.setattr(T.Trainer, "fit", lambda self: (_ for _ in ()).throw(T.TrainingDiverged("always")))
     with pytest.raises(T.TrainingDiverged, match="every run diverged"):
         compare(["fm"], seeds=1, out=str(tmp_path / "cmp2"), overrides=overrides)
+
+
+def test_resume_on_other_data_with_the_same_field_dims_is_refused(tmp_path, tiny):
+    import copy as _copy
+    T.train(_config(tmp_path, name="fp", epochs=1), data=tiny)
+    other = _copy.deepcopy(tiny)
+    other.train.labels[:] = 1 - other.train.labels                 # same shapes and field_dims, other data
+    with pytest.raises(ValueError, match="dataset differs"):
+        T.resume(str(tmp_path / "fp"), data=other, epochs=2)
+    assert T.resume(str(tmp_path / "fp"), data=_copy.deepcopy(tiny), epochs=2)["epochs_run"] == 2
+    # a fresh read and a cached load of the same file agree (the cache stores ids as int32)
+    from test_data import write_criteo
+    write_criteo(tmp_path / "train.txt", num_rows=300)
+    fresh = load_dataset("criteo", data_dir=tmp_path, cache_dir=tmp_path / "cache", min_count=1)
+    cached = load_dataset("criteo", data_dir=tmp_path, cache_dir=tmp_path / "cache", min_count=1)
+    assert not fresh.info["from_cache"] and cached.info["from_cache"]
+    assert T.data_fingerprint(fresh) == T.data_fingerprint(cached)
