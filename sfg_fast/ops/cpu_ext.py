@@ -14,7 +14,7 @@ error) and the entry points above raise BackendUnavailableError quoting it.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
