@@ -85,6 +85,18 @@ def check_ids_width(module: nn.Module, ids) -> None:
                          f"{module.num_fields} fields, got {list(ids.shape)}")
 
 
+def clamp_ids_to_oov(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``bounds_check="clamp_to_oov"`` for a table module (``field_sizes`` buffer, ``clamped_count``
+    counter): out-of-range ids become their field's last (OOV) id and are counted. Ids already checked
+    for dtype and shape."""
+    sizes = module.field_sizes                      # int64: compared without narrowing to ids' dtype
+    bad = (ids < 0) | (ids >= sizes)
+    # counted in a tensor buffer: no host sync, and torch.compile traces it without a graph break
+    module.clamped_count += bad.sum()
+    oov = (sizes - 1).clamp(0, torch.iinfo(ids.dtype).max).to(ids.dtype)
+    return torch.where(bad, oov.expand_as(ids), ids)
+
+
 class FieldEmbedding(nn.Module):
     """N per-field tables stored as one concatenated ``[sum(field_dims), D]`` table.
 
@@ -108,12 +120,7 @@ class FieldEmbedding(nn.Module):
         check_ids_width(self, ids)
         if self.bounds_check == "clamp_to_oov":
             C.check_lookup(ids, self.weight, self.offsets, "clamp_to_oov")
-            sizes = self.field_sizes                      # int64: compared without narrowing to ids' dtype
-            bad = (ids < 0) | (ids >= sizes)
-            # counted in a tensor buffer: no host sync, and torch.compile traces it without a graph break
-            self.clamped_count += bad.sum()
-            oov = (sizes - 1).clamp(0, torch.iinfo(ids.dtype).max).to(ids.dtype)
-            ids = torch.where(bad, oov.expand_as(ids), ids)
+            ids = clamp_ids_to_oov(self, ids)
             return SF.embedding_lookup(ids, self.weight, self.offsets, "off",
                                        backend=module_backend(self.backend, "embedding_lookup"))
         return SF.embedding_lookup(ids, self.weight, self.offsets, self.bounds_check,

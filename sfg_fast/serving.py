@@ -31,7 +31,7 @@ from torch import nn
 from . import _checks as C
 from . import functional as SF
 from ._backend import BackendUnavailableError, _extension_status
-from .nn import FieldEmbedding, check_ids_width, init_table_fields
+from .nn import FieldEmbedding, check_ids_width, clamp_ids_to_oov, init_table_fields
 from .ops import cpu_ext
 from .optim import FusedFieldEmbedding
 from .ops.cpu_ext import dequantize_rowwise_int8, quantize_rowwise_int8
@@ -247,10 +247,7 @@ class QuantizedFieldEmbedding(nn.Module):
         if self.bounds_check != "clamp_to_oov":
             return ids, self.bounds_check
         _check_quantised(ids, self.qweight, self.scale_bias, self.offsets, "clamp_to_oov")
-        bad = (ids < 0) | (ids >= self.field_sizes)
-        self.clamped_count += bad.sum()
-        oov = (self.field_sizes - 1).clamp(0, torch.iinfo(ids.dtype).max).to(ids.dtype)
-        return torch.where(bad, oov.expand_as(ids), ids), "off"
+        return clamp_ids_to_oov(self, ids), "off"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, mode = self._ids(ids)
@@ -266,15 +263,12 @@ class QuantizedFieldEmbedding(nn.Module):
                 f"bounds_check={self.bounds_check!r}, int8 row-wise -> {self.dtype}")
 
 
-def _swap_tables(model: nn.Module, make) -> int:
-    """Replace every FieldEmbedding of embedding_dim >= 2 in ``model`` by ``make(field_embedding)``."""
-    replaced = 0
+def _swap_tables(model: nn.Module, make) -> None:
+    """Replace every float table of embedding_dim >= 2 in ``model`` by ``make(table)``."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _FLOAT_TABLES) and child.embedding_dim >= 2:
                 setattr(parent, name, make(child))
-                replaced += 1
-    return replaced
 
 
 def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:

@@ -881,6 +881,16 @@ def iter_batches(ids: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
         yield ids[start:start + batch_size]
 
 
+def _checkpoint_data(ckpt: Dict[str, Any], data=None):
+    """The dataset of a checkpoint's run (loaded from its config unless given), checked by field_dims."""
+    if data is None:
+        data = load_data(dict(ckpt["config"]))
+    if list(data.schema.field_dims) != list(ckpt["schema"]["field_dims"]):
+        raise ValueError(f"the dataset's field_dims {list(data.schema.field_dims)} differ from the checkpoint's "
+                         f"{ckpt['schema']['field_dims']}; was the data or its preprocessing changed?")
+    return data
+
+
 def analyze_checkpoint(checkpoint: str, out: Optional[str] = None, max_samples: int = 50000,
                        batch_size: int = 8192, data=None, device: str = "cpu") -> Dict[str, Any]:
     """Embedding diagnostics (spectrum, information abundance, redundancy) of a trained model.
@@ -901,11 +911,7 @@ def analyze_checkpoint(checkpoint: str, out: Optional[str] = None, max_samples: 
     model, ckpt = model_from_checkpoint(file, map_location=dev)
     model.to(dev)
     config = dict(ckpt["config"])
-    if data is None:
-        data = load_data(config)
-    if list(data.schema.field_dims) != list(ckpt["schema"]["field_dims"]):
-        raise ValueError(f"the dataset's field_dims {list(data.schema.field_dims)} differ from the checkpoint's "
-                         f"{ckpt['schema']['field_dims']}; was the data or its preprocessing changed?")
+    data = _checkpoint_data(ckpt, data)
     ids, _ = _split_tensors(data.valid, "valid")
     ids = ids[:int(max_samples)]
     raws, generated = [], []
@@ -942,11 +948,7 @@ def quantize_checkpoint(checkpoint: str, out: Optional[str] = None, batch_size: 
     file = resolve_checkpoint(checkpoint, "best.pt")
     model, ckpt = model_from_checkpoint(file, map_location="cpu")
     config = dict(ckpt["config"])
-    if data is None:
-        data = load_data(config)
-    if list(data.schema.field_dims) != list(ckpt["schema"]["field_dims"]):
-        raise ValueError(f"the dataset's field_dims {list(data.schema.field_dims)} differ from the checkpoint's "
-                         f"{ckpt['schema']['field_dims']}; was the data or its preprocessing changed?")
+    data = _checkpoint_data(ckpt, data)
     ids, labels = _split_tensors(data.test, "test")
     out = out or os.path.join(os.path.dirname(os.path.abspath(file)), "serving")
     os.makedirs(out, exist_ok=True)      # fails here (not after the evaluation) when out is not a directory

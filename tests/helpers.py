@@ -23,6 +23,12 @@ def zipf_ids(batch, field_dims, a=1.2, generator=None, dtype=torch.int64):
     return torch.stack(cols, dim=1).to(dtype)
 
 
+def decoder_weight(kind, n, dim, dtype=torch.float64):
+    """A random decoder weight of ``kind`` for N=n fields of dim D (None for identity), scaled by 1/sqrt(D)."""
+    shape = {"identity": None, "scalar": (n, n), "vector": (n, n, dim), "matrix": (n, n, dim, dim)}[kind]
+    return None if shape is None else torch.randn(*shape, dtype=dtype) / dim ** 0.5
+
+
 def offsets_of(field_dims):
     out = [0]
     for size in field_dims[:-1]:

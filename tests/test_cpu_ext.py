@@ -8,7 +8,7 @@ thread counts.
 import pytest
 import torch
 
-from helpers import assert_close_2x, offsets_of, zipf_ids
+from helpers import assert_close_2x, decoder_weight, offsets_of, zipf_ids
 from sfg_fast import factored, functional, reference
 from sfg_fast.ops import cpu_ext
 
@@ -247,11 +247,6 @@ def test_sparse_update_rejects_bad_arguments():
 
 # ------------------------------------------------------------------------------------ fused sfg_logits
 
-def _decoder_weight(kind, n, dim, dtype=torch.float64):
-    shape = {"identity": None, "scalar": (n, n), "vector": (n, n, dim), "matrix": (n, n, dim, dim)}[kind]
-    return None if shape is None else torch.randn(*shape, dtype=dtype) / dim ** 0.5
-
-
 CASES = [
     # kind, activation, gamma, residual, pairs, side, symmetric, bias, encode
     ("identity", "relu", 0.5, False, "upper", "left", False, False, True),
@@ -277,7 +272,7 @@ def test_sfg_logits_cpu_vs_reference(case, batch, field_dims, dim):
     table = _table(field_dims, dim, torch.float64)
     enc = torch.randn(n * dim, n * dim, dtype=torch.float64) / (n * dim) ** 0.5 if encode else None
     bias = torch.randn(n * dim, dtype=torch.float64) if use_bias else None
-    dec = _decoder_weight(kind, n, dim)
+    dec = decoder_weight(kind, n, dim)
     ids = zipf_ids(batch, field_dims)
     args = (kind, act, gamma, residual, pairs, side, symmetric)
     f32 = [None if t is None else t.float() for t in (table, enc, bias, dec)]
@@ -523,7 +518,7 @@ def test_sfg_logits_matrix_decoder_column_chunks(num_fields, pairs, side, symmet
     n, offsets = num_fields, offsets_of(field_dims)
     table = _table(field_dims, dim, torch.float64)
     enc = torch.randn(n * dim, n * dim, dtype=torch.float64) / (n * dim) ** 0.5
-    dec = _decoder_weight("matrix", n, dim)
+    dec = decoder_weight("matrix", n, dim)
     ids = zipf_ids(67, field_dims)
     args = ("matrix", "relu", 0.8, False, pairs, side, symmetric)
     ref64 = reference.sfg_logits(ids, table, offsets, enc, None, dec, *args)

@@ -4,7 +4,7 @@ naming the argument, and whole quantised models against the float model on the d
 import pytest
 import torch
 
-from helpers import assert_close_2x, offsets_of, zipf_ids
+from helpers import assert_close_2x, decoder_weight, offsets_of, zipf_ids
 from sfg_fast import factored, models, reference, serving
 from sfg_fast._backend import BackendUnavailableError
 from sfg_fast.ops import cpu_ext
@@ -19,11 +19,6 @@ def _quantised(field_dims, dim, spread=True):
         table *= torch.rand(sum(field_dims), 1, dtype=torch.float64) * 4    # rows of different ranges
     q, scale_bias = serving.quantize_rowwise_int8(table)
     return q, scale_bias, serving.dequantize_rowwise_int8(q, scale_bias)
-
-
-def _decoder(kind, n, dim):
-    shape = {"identity": None, "scalar": (n, n), "vector": (n, n, dim), "matrix": (n, n, dim, dim)}[kind]
-    return None if shape is None else torch.randn(*shape, dtype=torch.float64) / dim ** 0.5
 
 
 CASES = [
@@ -48,7 +43,7 @@ def test_sfg_logits_int8_vs_reference_on_the_dequantised_table(backend, case, ba
     q, scale_bias, deq = _quantised(field_dims, dim)
     enc = torch.randn(n * dim, n * dim, dtype=torch.float64) / (n * dim) ** 0.5 if encode else None
     bias = torch.randn(n * dim, dtype=torch.float64) if use_bias else None
-    dec = _decoder(kind, n, dim)
+    dec = decoder_weight(kind, n, dim)
     ids = zipf_ids(batch, field_dims, dtype=id_dtype)
     args = (kind, act, gamma, residual, pairs, side, symmetric)
     f32 = [None if t is None else t.float() for t in (deq, enc, bias, dec)]
