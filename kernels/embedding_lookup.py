@@ -67,52 +67,58 @@ def _embedding_lookup_bwd_kernel(ids_ptr, offsets_ptr, grad_ptr, grad_weight_ptr
 
 
 @triton.jit
-def segment_sum(grad_ptr, num_fields, stride_g_b, stride_g_f, stride_g_d,
-                perm_ptr, seg_start_ptr, offs_u, mask_u, offs_d, mask_d,
+def segment_sum(grad_ptr, num_fields, stride_g_b, stride_g_f, stride_g_d, perm_ptr, sorted_rows_ptr, seg_end_ptr,
+                total, offs_p, mask_p, offs_d, mask_d,
                 ACC_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Sum of the gradient rows of each segment ``offs_u`` of a row-sorted permutation.
+    """Sums of the gradient rows of the segments that start at positions ``offs_p`` of a row-sorted list.
 
-    Segment u covers ``perm[seg_start[u]:seg_start[u+1]]`` (flattened b * N + f indices, sorted
-    stably by table row). Each step loads CHUNK members of every segment as a [U, CHUNK, D] tile and
-    reduces it over CHUNK, so a hot row (Zipf ids) costs len / CHUNK steps, not len. The chunking and
-    the reduction tree are fixed by the shapes, so the result is bitwise repeatable (no atomics).
-    Returns ``[BLOCK_U, BLOCK_D]`` in ACC_DTYPE.
+    ``sorted_rows`` [total] holds the table rows of the flattened (b * N + f) positions sorted stably by
+    row, ``perm`` their positions, ``seg_end[p]`` the end of the run of equal rows that holds p. A
+    position heads a segment when its row differs from the one before it; every other position owns
+    nothing, so the grid is sized by B * N and needs no count of unique rows (no host sync). Each step
+    loads CHUNK members of every segment as a [P, CHUNK, D] tile and reduces it over CHUNK, so a hot
+    row (Zipf ids) costs len / CHUNK steps, not len, and programs inside a hot row's run exit at once.
+    The chunking and the reduction tree are fixed by the shapes, so the result is bitwise repeatable
+    (no atomics). Returns ``(acc [BLOCK_P, BLOCK_D] in ACC_DTYPE, rows [BLOCK_P] int64, head [BLOCK_P])``.
     """
-    start = tl.load(seg_start_ptr + offs_u, mask=mask_u, other=0)
-    end = tl.load(seg_start_ptr + (offs_u + 1), mask=mask_u, other=0)
-    length = end - start
+    rows = tl.load(sorted_rows_ptr + offs_p, mask=mask_p, other=0).to(tl.int64)
+    prev = tl.load(sorted_rows_ptr + (offs_p - 1), mask=mask_p & (offs_p > 0), other=-1).to(tl.int64)
+    head = mask_p & (rows != prev)
+    end = tl.load(seg_end_ptr + offs_p, mask=head, other=0).to(tl.int64)
+    length = tl.where(head, end - offs_p, 0)
     longest = tl.max(length, axis=0)
     offs_c = tl.arange(0, CHUNK).to(tl.int64)
-    acc = tl.zeros([offs_u.shape[0], BLOCK_D], dtype=ACC_DTYPE)
+    acc = tl.zeros([offs_p.shape[0], BLOCK_D], dtype=ACC_DTYPE)
     for k in range(0, longest, CHUNK):
-        live = mask_u[:, None] & ((k + offs_c)[None, :] < length[:, None])            # [U, CHUNK]
-        j = tl.load(perm_ptr + (start[:, None] + (k + offs_c)[None, :]), mask=live, other=0).to(tl.int64)
+        live = head[:, None] & ((k + offs_c)[None, :] < length[:, None])              # [P, CHUNK]
+        j = tl.load(perm_ptr + (offs_p[:, None] + (k + offs_c)[None, :]), mask=live, other=0).to(tl.int64)
         b = j // num_fields
         f = j - b * num_fields
         row_base = b * stride_g_b + f * stride_g_f
         g = tl.load(grad_ptr + row_base[:, :, None] + offs_d[None, None, :] * stride_g_d,
                     mask=live[:, :, None] & mask_d[None, None, :], other=0.0)
         acc += tl.sum(g.to(ACC_DTYPE), axis=1)
-    return acc
+    return acc, rows, head
 
 
 @triton.jit
-def _embedding_lookup_bwd_sorted_kernel(grad_ptr, grad_weight_ptr, perm_ptr, seg_start_ptr, rows_ptr,
-                                        num_segments, num_fields, dim,
+def _embedding_lookup_bwd_sorted_kernel(grad_ptr, grad_weight_ptr, perm_ptr, sorted_rows_ptr, seg_end_ptr,
+                                        total, num_fields, dim,
                                         stride_g_b, stride_g_f, stride_g_d,
-                                        ACC_DTYPE: tl.constexpr, BLOCK_U: tl.constexpr,
+                                        ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
                                         CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Deterministic weight gradient: grad_weight[rows[u]] = sum of the segment u of sorted ids.
+    """Deterministic weight gradient: grad_weight[row] = the fixed-order sum of the row's segment.
 
-    Each program owns BLOCK_U unique rows; each row is written by exactly one program.
+    Each program owns BLOCK_P positions of the sorted list; a row is written only by the program
+    holding its segment's first position, so each row is written exactly once.
     """
     pid = tl.program_id(0)
-    offs_u = (pid * BLOCK_U + tl.arange(0, BLOCK_U)).to(tl.int64)
-    mask_u = offs_u < num_segments
+    offs_p = (pid * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    mask_p = offs_p < total
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask_d = offs_d < dim
-    acc = segment_sum(grad_ptr, num_fields, stride_g_b, stride_g_f, stride_g_d, perm_ptr, seg_start_ptr,
-                      offs_u, mask_u, offs_d, mask_d, ACC_DTYPE, CHUNK, BLOCK_D)
-    rows = tl.load(rows_ptr + offs_u, mask=mask_u, other=0).to(tl.int64)
+    acc, rows, head = segment_sum(grad_ptr, num_fields, stride_g_b, stride_g_f, stride_g_d, perm_ptr,
+                                  sorted_rows_ptr, seg_end_ptr, total, offs_p, mask_p, offs_d, mask_d,
+                                  ACC_DTYPE, CHUNK, BLOCK_D)
     tl.store(grad_weight_ptr + rows[:, None] * dim + offs_d[None, :],
-             acc.to(grad_weight_ptr.dtype.element_ty), mask=mask_u[:, None] & mask_d[None, :])
+             acc.to(grad_weight_ptr.dtype.element_ty), mask=head[:, None] & mask_d[None, :])

@@ -19,26 +19,28 @@ KIND_ADAM = 2
 
 @triton.jit
 def _sparse_update_kernel(weight_ptr, stride_w, grad_ptr, stride_g_b, stride_g_f, stride_g_d,
-                          perm_ptr, seg_start_ptr, rows_ptr, state1_ptr, state2_ptr,
-                          num_segments, num_fields, dim,
+                          perm_ptr, sorted_rows_ptr, seg_end_ptr, state1_ptr, state2_ptr,
+                          total, num_fields, dim,
                           lr, eps, beta1, beta2, bias1, bias2,
-                          KIND: tl.constexpr, BLOCK_U: tl.constexpr, CHUNK: tl.constexpr,
+                          KIND: tl.constexpr, BLOCK_P: tl.constexpr, CHUNK: tl.constexpr,
                           BLOCK_D: tl.constexpr):
-    """One program owns BLOCK_U unique rows x the whole row (BLOCK_D >= D).
+    """One program owns BLOCK_P positions of the row-sorted (b, f) list x the whole row (BLOCK_D >= D).
 
-    The gradient of each row is the fixed-order (chunked) sum of its segment of the stably sorted
-    (b, f) list, so the update is bitwise repeatable and each row is read and written by exactly one program.
+    A touched row is updated by the program holding the first position of its segment, with the
+    fixed-order (chunked) sum of the segment, so the update is bitwise repeatable and each row is read
+    and written by exactly one program. The grid is sized by B * N: no count of unique rows, no host sync.
     state1: Adagrad's fp32 [V] accumulator or Adam's fp32 [V, D] first moment; state2: Adam's second.
     """
     pid = tl.program_id(0)
-    offs_u = (pid * BLOCK_U + tl.arange(0, BLOCK_U)).to(tl.int64)
-    mask_u = offs_u < num_segments
+    offs_p = (pid * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    mask_p = offs_p < total
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask_d = offs_d < dim
+    g, rows, head = segment_sum(grad_ptr, num_fields, stride_g_b, stride_g_f, stride_g_d, perm_ptr,
+                                sorted_rows_ptr, seg_end_ptr, total, offs_p, mask_p, offs_d, mask_d,
+                                tl.float32, CHUNK, BLOCK_D)
+    mask_u = head
     mask = mask_u[:, None] & mask_d[None, :]
-    g = segment_sum(grad_ptr, num_fields, stride_g_b, stride_g_f, stride_g_d, perm_ptr, seg_start_ptr,
-                    offs_u, mask_u, offs_d, mask_d, tl.float32, CHUNK, BLOCK_D)
-    rows = tl.load(rows_ptr + offs_u, mask=mask_u, other=0).to(tl.int64)
     w_ptrs = weight_ptr + rows[:, None] * stride_w + offs_d[None, :]
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     if KIND == 0:

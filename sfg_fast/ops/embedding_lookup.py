@@ -76,24 +76,24 @@ def embedding_lookup_fwd(ids: torch.Tensor, weight: torch.Tensor, offsets: torch
 
 
 def sorted_segments(ids: torch.Tensor, offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group the B*N looked-up rows by table row, deterministically.
+    """Group the B*N looked-up rows by table row, deterministically and without a host sync.
 
-    Returns ``(rows [U] int64 ascending, perm [B*N] int64, seg_start [U+1] int64)``: the flattened
-    (b * N + f) positions that read row ``rows[u]`` are ``perm[seg_start[u]:seg_start[u+1]]``, in
-    ascending position order (stable sort), which fixes the order of every later summation.
+    Returns ``(sorted_rows [B*N] int64 ascending, perm [B*N] int64, seg_end [B*N] int64)``: the flattened
+    (b * N + f) positions are sorted stably by row, so the positions that read row ``sorted_rows[p]`` are
+    ``perm[s:seg_end[p]]`` (in ascending position order, which fixes the order of every later
+    summation), where s is the first p' with ``sorted_rows[p'] == sorted_rows[p]``. Every size is B*N:
+    counting the unique rows would make the host wait for the device (and break CUDA graph capture).
     """
     flat = (ids.to(torch.int64) + offsets).reshape(-1)
     sorted_rows, perm = torch.sort(flat, stable=True)
-    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    seg_start = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=ids.device)
-    torch.cumsum(counts, 0, out=seg_start[1:])
-    return rows, perm, seg_start
+    seg_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)
+    return sorted_rows, perm, seg_end
 
 
-def _segment_blocks(num_segments: int, block_d: int):
-    """(BLOCK_U, CHUNK) of the segment reduction: [BLOCK_U, CHUNK, BLOCK_D] elements per step."""
+def _segment_blocks(total: int, block_d: int):
+    """(BLOCK_P, CHUNK) of the segment reduction: [BLOCK_P, CHUNK, BLOCK_D] elements per step."""
     if _interpreting():
-        return min(triton.next_power_of_2(num_segments), 1024), 16
+        return min(triton.next_power_of_2(total), 1024), 16
     return max(1, min(64, 2048 // (16 * block_d))), 16
 
 
@@ -118,13 +118,13 @@ def embedding_lookup_bwd(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.T
         grad_weight = torch.zeros(num_rows, dim, dtype=out_dtype, device=grad.device)
         if grad.numel() == 0:
             return grad_weight
-        rows, perm, seg_start = sorted_segments(ids, offsets)
-        block_u, chunk = _segment_blocks(rows.numel(), block_d)
-        grid = (triton.cdiv(rows.numel(), block_u),)
+        sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
+        block_p, chunk = _segment_blocks(perm.numel(), block_d)
+        grid = (triton.cdiv(perm.numel(), block_p),)
         _embedding_lookup_bwd_sorted_kernel[grid](
-            grad, grad_weight, perm, seg_start, rows, rows.numel(), num_fields, dim, *_grad_strides(grad),
+            grad, grad_weight, perm, sorted_rows, seg_end, perm.numel(), num_fields, dim, *_grad_strides(grad),
             ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-            BLOCK_U=block_u, CHUNK=chunk, BLOCK_D=block_d)
+            BLOCK_P=block_p, CHUNK=chunk, BLOCK_D=block_d)
         return grad_weight
     grad_weight = torch.zeros(num_rows, dim, dtype=acc_dtype, device=grad.device)
     if grad.numel():
@@ -140,12 +140,12 @@ def embedding_lookup_bwd(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.T
 def sparse_update(weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
                   kind: str, lr: float, eps: float = 0.0, beta1: float = 0.0, beta2: float = 0.0,
                   bias1: float = 1.0, bias2: float = 1.0, state1: Optional[torch.Tensor] = None,
-                  state2: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  state2: Optional[torch.Tensor] = None) -> None:
     """Apply one row-sparse optimizer step to ``weight`` in place from the lookup's output gradient.
 
     See ``sfg_fast.kernels.sparse_update`` for the formulas. ``state1``/``state2``: fp32 optimizer
     state (Adagrad ``[V]``; Adam ``[V, D]`` each), updated in place on touched rows only.
-    Returns the unique touched rows (int64, ascending).
+    No host sync: the kernel's grid is sized by B * N, not by the number of touched rows.
     """
     _check_table(weight)
     if kind not in _KINDS:
@@ -161,19 +161,18 @@ def sparse_update(weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, o
         for name, s in (("state1", state1), ("state2", state2)):
             if s is None or s.shape != (num_rows, dim) or s.dtype != torch.float32 or not s.is_contiguous():
                 raise ValueError(f"adam needs a contiguous fp32 {name} of shape [V, D]=[{num_rows}, {dim}]")
-    rows, perm, seg_start = sorted_segments(ids, offsets)
-    if rows.numel() == 0:
-        return rows
+    if ids.numel() == 0:
+        return
+    sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
     dummy = weight.new_empty(0, dtype=torch.float32)
     block_d = triton.next_power_of_2(dim)
-    block_u, chunk = _segment_blocks(rows.numel(), block_d)
-    grid = (triton.cdiv(rows.numel(), block_u),)
+    block_p, chunk = _segment_blocks(perm.numel(), block_d)
+    grid = (triton.cdiv(perm.numel(), block_p),)
     _sparse_update_kernel[grid](
-        weight, weight.stride(0), grad, *_grad_strides(grad), perm, seg_start, rows,
+        weight, weight.stride(0), grad, *_grad_strides(grad), perm, sorted_rows, seg_end,
         state1 if state1 is not None else dummy, state2 if state2 is not None else dummy,
-        rows.numel(), ids.shape[1], dim, float(lr), float(eps), float(beta1), float(beta2),
-        float(bias1), float(bias2), KIND=_KINDS[kind], BLOCK_U=block_u, CHUNK=chunk, BLOCK_D=block_d)
-    return rows
+        perm.numel(), ids.shape[1], dim, float(lr), float(eps), float(beta1), float(beta2),
+        float(bias1), float(bias2), KIND=_KINDS[kind], BLOCK_P=block_p, CHUNK=chunk, BLOCK_D=block_d)
 
 
 class EmbeddingLookupFunction(torch.autograd.Function):
