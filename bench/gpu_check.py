@@ -159,12 +159,53 @@ def _attempt(rows: List[Dict], budget: Budget, base: Dict, body: Callable[[], Di
             row.update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             traceback.print_exc(limit=3)
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception as exc:   # a sticky CUDA error from the provider: keep the row, say so
+            row["note"] = f"{row.get('note', '')} (then empty_cache: {type(exc).__name__})".strip()
     rows.append(row)
     _print_row(row)
     if _SAVE_HOOK is not None:
         _SAVE_HOOK()
     return row
+
+
+_SHARED: Dict = {}
+
+
+def _shared_table(dims, d: int, device: str):
+    """The concatenated table (33.8M rows at the Criteo shape: seconds to build on the host), built
+    once per run and shared by the sections; its gradient is dropped on every fetch."""
+    from bench.providers import concatenated_table
+    key = ("table", tuple(dims), d, device)
+    if key not in _SHARED:
+        _SHARED[key] = concatenated_table(dims, d, device)
+    table, offsets = _SHARED[key]
+    table.grad = None
+    return table, offsets
+
+
+def _shared_ids(batch: int, dims, device: str, seeds: int) -> List[torch.Tensor]:
+    """Zipf id batches (seed 0..seeds-1), built once per run."""
+    key = ("ids", batch, tuple(dims), device, seeds)
+    if key not in _SHARED:
+        _SHARED[key] = [common.make_ids(batch, dims, "zipf", device=device, seed=s) for s in range(seeds)]
+    return _SHARED[key]
+
+
+def _atomic_write(path: str, text: str) -> None:
+    """Write through a temporary file and a rename: a run killed by its time limit mid-write leaves
+    the previous complete file, never a truncated one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _print_row(row: Dict) -> None:
@@ -196,14 +237,13 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
     """Eager providers for every kind first; the torch.compile baselines last, most important first,
     because their compile time is what the budget runs out on."""
     import sfg_fast.functional as SF
-    from bench.providers import concatenated_table
     batch, d, n = args.batch, args.dim, len(dims)
     timer = _timer(device, args.reps)
-    table, offsets = concatenated_table(dims, d, device)
+    table, offsets = _shared_table(dims, d, device)
     gen = torch.Generator().manual_seed(1)
     enc = (torch.randn(n * d, n * d, generator=gen) / math.sqrt(n * d)).to(device).requires_grad_()
     decs = {kind: _decoder_weight(kind, n, d, device) for kind in KINDS}
-    ids_list = [common.make_ids(batch, dims, "zipf", device=device, seed=s) for s in range(args.rotations)]
+    ids_list = _shared_ids(batch, dims, device, args.rotations)
     labels_list = [(torch.rand(batch, generator=gen) < 0.25).float().to(device) for _ in ids_list]
     counter = [0]
 
@@ -243,13 +283,23 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
                 raise common.Skip("the Triton interpreter at this shape would take minutes (use --smoke on CPU)")
             fn = logits_fn(kind, backend)
             if compiled:
+                # Every row shares logits_fn's code object: without a reset, Dynamo's recompile limit (8)
+                # would silently run the later rows eagerly. The graph count proves each row compiled.
+                torch._dynamo.reset()
                 fn = torch.compile(fn)
             call = forward_call(fn) if mode == "fwd" else train_call(fn, kind)
+            graphs_before = _compiled_graphs()
+            t0 = time.perf_counter()
             call()   # compile / JIT-compile outside the timing
+            compile_s = time.perf_counter() - t0
+            if compiled and _compiled_graphs() == graphs_before:
+                raise RuntimeError("torch.compile produced no graph: the call ran eagerly")
             t = timer(call)
             work = interaction_flops(batch, n, d, kind) * (1 if mode == "fwd" else 3)
             out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
                    "tflops": work / (t["median_ms"] * 1e-3) / 1e12}
+            if compiled:
+                out["note"] = f"first call (compile) {compile_s:.1f} s"
             peak = _peak_mb(call, device)
             if peak is not None:
                 out["peak_mb"] = peak
@@ -329,16 +379,18 @@ def bench_sweep(rows, args, device, budget, dims) -> None:
     """Block sizes of the GEMM-shaped kernels (SFG_FAST_GEMM_BLOCKS=BM,BN,BK,warps,stages):
     fused fwd+bwd of the scalar decoder per precision."""
     import sfg_fast.functional as SF
-    from bench.providers import concatenated_table
     if device != "cuda":
         rows.append(_row("sweep", "-", "-", "-", status="skipped", note="block sizes only matter on a GPU"))
         return
+    if budget.left() < 15:
+        rows.append(_row("sweep", "-", "-", "-", status="skipped", note="time budget spent"))
+        return
     timer = _timer(device, args.reps)
     batch, d, n = args.batch, args.dim, len(dims)
-    table, offsets = concatenated_table(dims, d, device)
+    table, offsets = _shared_table(dims, d, device)
     gen = torch.Generator().manual_seed(1)
     enc = (torch.randn(n * d, n * d, generator=gen) / math.sqrt(n * d)).to(device).requires_grad_()
-    ids_list = [common.make_ids(batch, dims, "zipf", device=device, seed=s) for s in range(args.rotations)]
+    ids_list = _shared_ids(batch, dims, device, args.rotations)
     counter = [0]
     from sfg_fast.ops import sfg_gemm
 
@@ -375,16 +427,18 @@ def bench_profile(rows, args, device, budget, dims, out_dir) -> None:
     """Per-kernel GPU time of the fused forward+backward (torch.profiler), per decoder kind and
     precision: shows which pass dominates. Written to profile.txt; one row per kernel."""
     import sfg_fast.functional as SF
-    from bench.providers import concatenated_table
     if device != "cuda":
         rows.append(_row("profile", "-", "-", "-", status="skipped", note="needs CUDA"))
         return
+    if budget.left() < 15:
+        rows.append(_row("profile", "-", "-", "-", status="skipped", note="time budget spent"))
+        return
     from torch.profiler import ProfilerActivity, profile
     batch, d, n = args.batch, args.dim, len(dims)
-    table, offsets = concatenated_table(dims, d, device)
+    table, offsets = _shared_table(dims, d, device)
     gen = torch.Generator().manual_seed(1)
     enc = (torch.randn(n * d, n * d, generator=gen) / math.sqrt(n * d)).to(device).requires_grad_()
-    ids = common.make_ids(batch, dims, "zipf", device=device, seed=0)
+    ids = _shared_ids(batch, dims, device, 1)[0]
     labels = (torch.rand(batch, generator=gen) < 0.25).float().to(device)
     lines = []
     for kind in ("scalar", "matrix"):
@@ -392,21 +446,28 @@ def bench_profile(rows, args, device, budget, dims, out_dir) -> None:
         for tf32 in (False, True):
             if budget.left() < 10:
                 break
-            with _tf32(tf32):
-                def step():
-                    for p in (table, enc, dec):
-                        p.grad = None
-                    logit = SF.sfg_logits(ids, table, offsets, enc, None, dec, kind, "relu", 1.0, False,
-                                          "upper", "left", False, bounds_check="off", backend="triton")
-                    SF.bce_with_logits(logit, labels, backend="torch").backward()
-                for _ in range(3):
-                    step()
-                torch.cuda.synchronize()
-                reps = 10
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(reps):
+            try:   # one pass failing (e.g. a compile error in TF32) keeps the passes before and after it
+                with _tf32(tf32):
+                    def step():
+                        for p in (table, enc, dec):
+                            p.grad = None
+                        logit = SF.sfg_logits(ids, table, offsets, enc, None, dec, kind, "relu", 1.0, False,
+                                              "upper", "left", False, bounds_check="off", backend="triton")
+                        SF.bce_with_logits(logit, labels, backend="torch").backward()
+                    for _ in range(3):
                         step()
                     torch.cuda.synchronize()
+                    reps = 10
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(reps):
+                            step()
+                        torch.cuda.synchronize()
+            except Exception as exc:
+                traceback.print_exc(limit=3)
+                note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                lines.append(f"## {kind} tf32={tf32}: failed: {note}")
+                rows.append(_row("profile", kind, "-", "tf32" if tf32 else "ieee", status="error", note=note))
+                continue
             events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
             events.sort(key=lambda e: -e.device_time_total)
             total = sum(e.device_time_total for e in events) / reps
@@ -416,15 +477,13 @@ def bench_profile(rows, args, device, budget, dims, out_dir) -> None:
                 lines.append(f"  {us:9.1f} us  {100 * us / max(total, 1e-9):5.1f}%  x{e.count // reps:<3} {e.key[:90]}")
                 rows.append(_row("profile", kind, e.key[:40], "tf32" if tf32 else "ieee",
                                  median_ms=us / 1e3, note=f"{e.count // reps} launches per step"))
-    text = "\n".join(lines)
-    print(text, flush=True)
-    with open(os.path.join(out_dir, "profile.txt"), "w") as fh:
-        fh.write(text + "\n")
+            _atomic_write(os.path.join(out_dir, "profile.txt"), "\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    _atomic_write(os.path.join(out_dir, "profile.txt"), "\n".join(lines) + "\n")
 
 
 def bench_lookup(rows, args, device, budget, dims) -> Dict:
     import sfg_fast.functional as SF
-    from bench.providers import concatenated_table
     timer = _timer(device, args.reps)
     facts = {}
 
@@ -435,15 +494,24 @@ def bench_lookup(rows, args, device, budget, dims) -> Dict:
         return {"gbps": gbps, "note": f"torch copy_ of a {megabytes} MB buffer (read + write bytes)"}
     _attempt(rows, budget, _row("lookup", "-", "copy", "fwd"), copy_body)
 
-    table, offsets = concatenated_table(dims, args.dim, device)
+    table, offsets = _shared_table(dims, args.dim, device)
     table = table.detach()
-    ids_list = [common.make_ids(args.batch, dims, "zipf", device=device, seed=s) for s in range(args.rotations)]
+    ids_list = _shared_ids(args.batch, dims, device, args.rotations)
     counter = [0]
-    moved = args.batch * len(dims) * (2 * args.dim * table.element_size() + ids_list[0].element_size())
+    # minimum bytes: every distinct row is read once (duplicate ids hit in cache), the [B, N, D] output
+    # written, the ids read. Counting B*N row reads would inflate GB/s ~2x on Zipf ids.
+    entries = args.batch * len(dims)
+    unique_rows = sum(int(torch.unique(ids + offsets).numel()) for ids in ids_list) / len(ids_list)
+    row_bytes = args.dim * table.element_size()
+    moved = unique_rows * row_bytes + entries * (row_bytes + ids_list[0].element_size())
+    facts["lookup_unique_rows_fraction"] = unique_rows / entries
 
-    for name, backend in (("fused", "triton"), ("ext-cuda", "cuda"), ("factored", "torch")):
+    # the extension last: a crash in-process (a segfault) would end the run
+    for name, backend in (("fused", "triton"), ("factored", "torch"), ("ext-cuda", "cuda")):
         def body(backend=backend):
             from sfg_fast._backend import unavailable_reason
+            if backend == "cuda" and args.skip_ext_cuda:
+                raise common.Skip("--skip-ext-cuda (its tests failed before this run)")
             # (triton registers its kernels on first use, so only the extension is asked up front)
             reason = unavailable_reason(backend, "embedding_lookup", table.device) if backend == "cuda" else None
             if reason:
@@ -466,8 +534,8 @@ def bench_lookup(rows, args, device, budget, dims) -> Dict:
     # sorted segment reduction (no atomics), and torch (unique rows + index_add + the update)
     from sfg_fast.optim import SparseRowOptimizer, unique_row_grads
     grads = [torch.randn(args.batch, len(dims), args.dim, device=device) for _ in ids_list]
-    # bytes: read grad_V and ids, read+write each touched row and its accumulator (lower bound)
-    update_bytes = args.batch * len(dims) * (args.dim * 4 + ids_list[0].element_size())
+    # minimum bytes: read grad_V and ids, read + write each distinct touched row and its accumulator
+    update_bytes = entries * (args.dim * 4 + ids_list[0].element_size()) + unique_rows * 2 * (row_bytes + 4)
 
     def update_body(provider):
         def body():
@@ -476,6 +544,8 @@ def bench_lookup(rows, args, device, budget, dims) -> Dict:
             momentum = torch.zeros(weight.shape[0], device=device)
             if provider == "ext-cuda":
                 from sfg_fast.ops import cpu_ext
+                if args.skip_ext_cuda:
+                    raise common.Skip("--skip-ext-cuda (its tests failed before this run)")
                 if device != "cuda" or not getattr(cpu_ext._C, "WITH_CUDA", False):
                     raise common.Skip("sfg_fast._C was not built with CUDA")
 
@@ -494,9 +564,10 @@ def bench_lookup(rows, args, device, budget, dims) -> Dict:
             t = timer(call)
             return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
                     "gbps": update_bytes / (t["median_ms"] * 1e-3) / 1e9,
-                    "note": "rowwise Adagrad from grad_V; gbps counts grad_V + ids only"}
+                    "note": "rowwise Adagrad from grad_V; gbps: grad_V + ids + each distinct row and "
+                            "accumulator read and written"}
         return body
-    for provider in ("fused", "ext-cuda", "factored"):
+    for provider in ("fused", "factored", "ext-cuda"):
         _attempt(rows, budget, _row("lookup", "-", provider, "bwd+adagrad"), update_body(provider))
     return facts
 
@@ -509,7 +580,7 @@ def bench_step(rows, args, device, budget, dims) -> None:
     from sfg_fast.optim import FusedFieldEmbedding
     timer = _timer(device, args.reps)
     batch, d, n = args.batch, args.dim, len(dims)
-    ids_list = [common.make_ids(batch, dims, "zipf", device=device, seed=s) for s in range(args.rotations)]
+    ids_list = _shared_ids(batch, dims, device, args.rotations)
     gen = torch.Generator().manual_seed(2)
     labels_list = [(torch.rand(batch, generator=gen) < 0.25).float().to(device) for _ in ids_list]
     counter = [0]
@@ -543,6 +614,46 @@ def bench_step(rows, args, device, budget, dims) -> None:
             opt.step()
         return _time_step(step)
 
+    def graph_body():
+        """The one-op fused step captured whole in a CUDA graph (tests/test_cuda_graphs.py checks it
+        trains like eager steps): replay cost is GPU time only, no Python or launch overhead."""
+        if device != "cuda":
+            raise common.Skip("CUDA graphs need a GPU")
+        backend = "triton"
+        embedding = FusedFieldEmbedding(dims, d, optimizer="adagrad", lr=0.01, bounds_check="off",
+                                        backend=backend).to(device)
+        encoder = SFGEncoder(n, d, backend=backend).to(device)
+        decoder = PairwiseDecoder(n, d, "scalar", backend=backend).to(device)
+        opt = torch.optim.Adagrad(list(encoder.parameters()) + list(decoder.parameters()), lr=0.01)
+        static_ids, static_labels = (t.clone() for t in next_batch())
+
+        def captured():
+            V = embedding(static_ids)
+            logit = SF.sfg_interaction(V, encoder.weight, encoder.bias, decoder.weight, "scalar",
+                                       encoder.activation, encoder.gamma, encoder.residual, backend=backend)
+            loss = SF.bce_with_logits(logit, static_labels, backend=backend)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                captured()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured()
+
+        def step():
+            ids, labels = next_batch()
+            static_ids.copy_(ids)
+            static_labels.copy_(labels)
+            graph.replay()
+        out = _time_step(step)
+        out["note"] = "fused sfg_interaction step captured in a CUDA graph; ids/labels copied in per step"
+        return out
+
     def literal_body():
         model = models.build("fwfm", dims, embedding_dim=d, generative=True, backend="reference",
                              bounds_check="off").to(device)
@@ -568,6 +679,8 @@ def bench_step(rows, args, device, budget, dims) -> None:
     _attempt(rows, budget, _row("step", "scalar", "fused", "train"), fused_body)
     _attempt(rows, budget, _row("step", "scalar", "fused sfg_interaction", "train"), lambda: fused_body(one_op=True))
     _attempt(rows, budget, _row("step", "scalar", "reference", "train"), literal_body)
+    # last: a failed capture is the least likely to disturb the rows before it
+    _attempt(rows, budget, _row("step", "scalar", "fused cuda graph", "train"), graph_body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,6 +757,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rotations", type=int, default=None, help="id batches cycled so caches don't flatter")
     p.add_argument("--out", default=None, help="output folder (default $OUT, else bench/results/<device>/)")
     p.add_argument("--skip-tests", action="store_true", help="do not run the GPU test suite first")
+    p.add_argument("--pre", action="append", default=[], metavar="NAME=NOTE",
+                   help="a fact from the caller recorded with the results, e.g. gpu_tests='rc=0 in 80 s' "
+                        "(gpu_check.sh passes its test and build results); repeatable")
+    p.add_argument("--skip-ext-cuda", action="store_true",
+                   help="leave out the CUDA extension's rows (gpu_check.sh sets it when its tests failed: a "
+                        "crash in-process would end every later section)")
     p.add_argument("--tests-timeout", type=int, default=120, help="seconds for the GPU tests (default 120)")
     p.add_argument("--build-ext", action="store_true", help="build sfg_fast._C first (optional)")
     p.add_argument("--build-timeout", type=int, default=120, help="seconds for the extension build")
@@ -675,8 +794,11 @@ def main(argv=None) -> int:
     if args.build_ext:
         pre["build_ext"] = build_extension(args.build_timeout)
         print(f"build_ext: {pre['build_ext']['status']}", flush=True)
+    for item in args.pre:
+        name, _, note = item.partition("=")
+        pre[name.strip()] = {"status": "reported", "note": note.strip()}
     if args.skip_tests:
-        pre["gpu_tests"] = {"status": "skipped", "note": "--skip-tests"}
+        pre.setdefault("gpu_tests", {"status": "skipped", "note": "--skip-tests"})
     else:
         pre["gpu_tests"] = run_gpu_tests(device, args.tests_timeout)
     print(f"gpu tests: {pre['gpu_tests']['status']} {pre['gpu_tests'].get('note', '')}", flush=True)
@@ -700,11 +822,10 @@ def main(argv=None) -> int:
         add_speedups(rows)
         targets = evaluate_targets(rows, facts, device)
         markdown = summary_markdown(env, shape, pre, rows, targets)
-        with open(path, "w") as fh:
-            json.dump({"benchmark": "gpu_check", "env": env, "shape": shape, "pre": pre, "rows": rows,
-                       "targets": targets, "smoke": args.smoke, "complete": complete}, fh, indent=2, default=str)
-        with open(path[:-5] + ".md", "w") as fh:
-            fh.write(markdown)
+        _atomic_write(path, json.dumps({"benchmark": "gpu_check", "env": env, "shape": shape, "pre": pre,
+                                        "rows": rows, "targets": targets, "smoke": args.smoke,
+                                        "complete": complete}, indent=2, default=str))
+        _atomic_write(path[:-5] + ".md", markdown)
         return markdown
 
     global _SAVE_HOOK
@@ -732,7 +853,10 @@ def main(argv=None) -> int:
     print()
     print(markdown)
     print(f"wrote {path}")
-    return 0
+    errors = [r for r in rows if r["status"] == "error"]
+    if errors:
+        print(f"{len(errors)} rows failed (status error); see their notes above", flush=True)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -112,6 +112,13 @@ def check_ids(ids) -> None:
         raise ValueError(f"ids must have shape [B, N], got {_shape(ids)}")
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on the current stream. No host sync is allowed then,
+    so the data checks become device-side asserts (``torch._assert_async``): a bad value fails the
+    graph's replay with CUDA's device-side assert error instead of a Python exception naming it."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_offsets_and_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: int,
                           table: str = "weight") -> torch.Tensor:
     """``check_offsets`` then ``check_ids_in_range`` (same errors) with ONE host sync on the good path:
@@ -120,6 +127,10 @@ def check_offsets_and_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: in
     sizes = field_sizes(offsets, num_rows)
     if offsets.numel():
         problem = ((ids < 0) | (ids >= sizes)).any() | _bad_offsets(offsets, num_rows)
+        if capturing(ids):
+            torch._assert_async(~problem, f"ids outside their field's [0, size) or bad offsets into {table} "
+                                          "(bounds_check='fatal' inside a CUDA graph)")
+            return sizes
         if bool(problem):
             check_offsets(offsets, num_rows, table)   # bad offsets: ValueError (sizes are meaningless then)
             check_ids_in_range(ids, sizes)      # else a bad id: IndexError naming field and id
@@ -287,7 +298,11 @@ def check_bce(logits, labels, reduction) -> None:
     if labels.numel():
         lab = labels if labels.is_floating_point() else labels.to(torch.float32)
         # one host sync per call: NaN fails both comparisons, so one test catches NaN, inf and range
-        if not bool(((lab >= 0) & (lab <= 1)).all()):
+        valid = ((lab >= 0) & (lab <= 1)).all()
+        if capturing(lab):
+            torch._assert_async(valid, "labels must be finite and lie in [0, 1] (checked inside a CUDA graph)")
+            return
+        if not bool(valid):
             if not bool(torch.isfinite(lab).all()):
                 raise ValueError(f"labels contain {int((~torch.isfinite(lab)).sum())} NaN/inf values")
             raise ValueError(f"labels must lie in [0, 1], got min {float(lab.min())} max {float(lab.max())}")

@@ -17,11 +17,13 @@ def smoke(tmp_path_factory):
     env = dict(os.environ, OUT=str(out))
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--skip-tests"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--skip-tests", "--skip-ext-cuda",
+                           "--pre", "gpu_tests=rc=0 in 80 s"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(os.listdir(out))
     assert len([f for f in files if f.endswith(".json")]) == 1, files
+    assert not [f for f in files if f.endswith(".tmp")], files      # written through a rename
     path = os.path.join(out, next(f for f in files if f.endswith(".json")))
     with open(path) as fh:
         data = json.load(fh)
@@ -38,6 +40,8 @@ def test_json_carries_environment(smoke):
     assert env["torch"] == torch.__version__
     assert data["smoke"] is True and data["complete"] is True
     assert data["shape"]["N"] == 5 and data["shape"]["B"] == 16
+    # what gpu_check.sh ran before (the tests) is recorded as reported, not as "skipped"
+    assert data["pre"]["gpu_tests"] == {"status": "reported", "note": "rc=0 in 80 s"}
 
 
 def test_every_section_kind_and_provider_has_a_row(smoke):
@@ -52,6 +56,9 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
             assert ("interaction", kind, provider, "fwd+bwd") in seen, (kind, provider)
     assert ("lookup", "-", "copy", "fwd") in seen and ("step", "scalar", "fused", "train") in seen
     assert ("step", "scalar", "fused sfg_interaction", "train") in seen
+    assert ("step", "scalar", "fused cuda graph", "train") in seen
+    ext = [r for r in rows if r["provider"] == "ext-cuda"]
+    assert ext and all(r["status"] == "skipped" and "--skip-ext-cuda" in r["note"] for r in ext)
     for provider in ("fused", "ext-cuda", "factored"):
         assert ("lookup", "-", provider, "bwd+adagrad") in seen, provider
     for r in rows:
@@ -106,3 +113,14 @@ def test_parse_args_defaults_are_the_criteo_shape():
     # matrix decoder: two (ND x ND) GEMMs; scalar: one GEMM plus the N x N mix
     assert interaction_flops(2, 3, 4, "matrix") == 2 * 2 * 144 * 2 + 2 * 2 * 12
     assert interaction_flops(2, 3, 4, "scalar") == 2 * 2 * 144 + 2 * 2 * 9 * 4 + 2 * 2 * 12
+
+
+def test_failed_rows_make_the_exit_code_nonzero(tmp_path):
+    """A run whose providers failed must not look green to the script that called it."""
+    env = dict(os.environ, OUT=str(tmp_path))
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--skip-tests", "--sections", "lookup,nonsense"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "unknown section 'nonsense'" in proc.stdout + proc.stderr

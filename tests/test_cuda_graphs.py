@@ -1,0 +1,112 @@
+"""The fused training step without host syncs: what a CUDA graph capture of a whole step needs.
+
+On CPU the capture branch of the data checks is exercised by pretending a capture is under way
+(the checks then assert on the device, as they must inside a graph, instead of reading values on the
+host); on a GPU the whole step (fused lookup with its sparse update, interaction, loss, backward, dense
+optimizer) is captured and replayed, and must train exactly as the same steps run eagerly.
+"""
+import copy
+
+import pytest
+import torch
+
+import sfg_fast.functional as SF
+from sfg_fast import _checks
+from sfg_fast.nn import PairwiseDecoder, SFGEncoder
+from sfg_fast.optim import FusedFieldEmbedding
+from test_sparse_optim import _HostReads
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def pretend_capture(monkeypatch):
+    monkeypatch.setattr(_checks, "capturing", lambda t: True)
+
+
+def test_label_check_inside_a_capture_asserts_on_the_device(pretend_capture):
+    logits = torch.randn(6)
+    good = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.5, 1.0])
+    with _HostReads() as mode:
+        SF.bce_with_logits(logits, good, backend="torch")
+    assert mode.seen == []
+    for bad in (float("nan"), 1.5, -0.1):
+        labels = good.clone()
+        labels[3] = bad
+        with pytest.raises(RuntimeError, match="labels must be finite and lie in"):
+            SF.bce_with_logits(logits, labels, backend="torch")
+
+
+def test_fatal_bounds_check_inside_a_capture_asserts_on_the_device(pretend_capture):
+    weight = torch.randn(7, 3)
+    offsets = torch.tensor([0, 4], dtype=torch.int64)
+    with _HostReads() as mode:
+        SF.embedding_lookup(torch.tensor([[3, 2], [0, 0]]), weight, offsets, "fatal", backend="torch")
+    assert mode.seen == []
+    with pytest.raises(RuntimeError, match="ids outside their field"):
+        SF.embedding_lookup(torch.tensor([[3, 3]]), weight, offsets, "fatal", backend="torch")
+
+
+def test_outside_a_capture_the_checks_still_name_the_culprit():
+    with pytest.raises(ValueError, match="labels must lie in"):
+        SF.bce_with_logits(torch.randn(2), torch.tensor([0.0, 2.0]), backend="torch")
+    with pytest.raises(IndexError, match=r"field 1\).*id 3"):
+        SF.embedding_lookup(torch.tensor([[3, 3]]), torch.randn(7, 3), torch.tensor([0, 4]), "fatal",
+                            backend="torch")
+
+
+def _fwfm_step_parts(dims, dim, backend):
+    torch.manual_seed(0)
+    n = len(dims)
+    embedding = FusedFieldEmbedding(dims, dim, optimizer="adagrad", lr=0.05, bounds_check="off",
+                                    backend=backend).to(DEVICE)
+    encoder = SFGEncoder(n, dim, backend=backend).to(DEVICE)
+    decoder = PairwiseDecoder(n, dim, "scalar", backend=backend).to(DEVICE)
+    return embedding, encoder, decoder
+
+
+def _make_step(embedding, encoder, decoder, backend):
+    opt = torch.optim.Adagrad(list(encoder.parameters()) + list(decoder.parameters()), lr=0.05)
+
+    def step(ids, labels):
+        V = embedding(ids)
+        logit = SF.sfg_interaction(V, encoder.weight, encoder.bias, decoder.weight, "scalar", encoder.activation,
+                                   encoder.gamma, encoder.residual, backend=backend)
+        loss = SF.bce_with_logits(logit, labels, backend=backend)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+@pytest.mark.gpu
+def test_whole_fused_step_captured_in_a_cuda_graph_trains_like_eager_steps():
+    dims, dim, batch = [300, 7, 50, 1000], 16, 512
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.stack([torch.randint(0, k, (batch,), generator=gen) for k in dims], 1).to(DEVICE),
+                (torch.rand(batch, generator=gen) < 0.3).float().to(DEVICE)) for _ in range(4)]
+    eager_parts = _fwfm_step_parts(dims, dim, "triton")
+    graph_parts = copy.deepcopy(eager_parts)
+    eager = _make_step(*eager_parts, "triton")
+    for ids, labels in batches:
+        eager(ids, labels)
+
+    graphed = _make_step(*graph_parts, "triton")
+    static_ids, static_labels = batches[0][0].clone(), batches[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):          # the first step, eagerly: compiles the kernels, builds the state
+        graphed(static_ids, static_labels)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):           # records the step; nothing runs until replay
+        graphed(static_ids, static_labels)
+    for ids, labels in batches[1:]:
+        static_ids.copy_(ids)
+        static_labels.copy_(labels)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager_parts, graph_parts):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
