@@ -19,7 +19,7 @@ run so the ratios survive a noisy shared machine:
 Results go to bench/results/ (JSON + markdown) with versions, threads and git SHA.
 
     python bench/bench_cpu_ext.py --threads 2            # full run
-    python bench/bench_cpu_ext.py --threads 2 --quick    # fewer reps, no literal reference
+    python bench/bench_cpu_ext.py --threads 2 --quick    # no literal reference (same reps)
     python bench/bench_cpu_ext.py --only train fbgemm    # a subset of the workloads
 """
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Weak scaling of TorchRec-sharded SFG training: 1 vs K ranks, a fixed batch per rank.
 
-Each configuration spawns K real processes (gloo on CPU, NCCL with --device cuda and K GPUs),
+Each configuration spawns K real processes (gloo on CPU; NCCL, one GPU per rank, when CUDA is available),
 shards a Criteo-shaped model (N fields, dim D, vocabularies scaled from Criteo's) with
 DistributedModelParallel and times full training steps (forward, backward with the fused table
 optimizer, dense Adam step) on rank 0 after warm-up. Ideal weak scaling keeps the step time flat,
 so global samples/s grows K-fold; ``efficiency`` = (samples/s at K) / (K x samples/s at 1).
-An unsharded single-process step of the native model (same per-rank batch) is the baseline of
-DMP's own overhead.
+An unsharded single-process step of the native model (same per-rank batch) is shown beside them; it
+updates its table with dense Adam (torch's default route), not the fused row-wise Adagrad the sharded
+runs use, so it bounds DMP's overhead only roughly.
 
     python bench/bench_distributed.py --worlds 1,2 --batch 1024 --steps 20
 
@@ -140,7 +141,7 @@ def main(argv=None):
     for r in rows:
         r["efficiency"] = r["samples_per_s"] / (r["ranks"] * one["samples_per_s"]) if one and \
             r["config"].startswith("DMP") else None
-    env = environment("cpu")
+    env = environment("cuda" if torch.cuda.is_available() else "cpu")
     import importlib.metadata as md
     env.update(torchrec=md.version("torchrec"), threads_per_rank=args.threads_per_rank, cpus=os.cpu_count())
     title = (f"Weak scaling, {args.model} SFG, N={args.fields}, D={args.dim}, vocab scale {args.scale}, "

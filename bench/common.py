@@ -88,10 +88,13 @@ def time_cpu(fn: Callable[[], object], warmup: int = 2, reps: int = 7, min_secon
 
 
 def time_gpu(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> Dict:
-    """Median and quartiles (ms) from triton.testing.do_bench (flushes L2 between calls)."""
+    """Median and IQR (ms) from triton.testing.do_bench (flushes L2 between calls). ``warmup`` and
+    ``rep`` are do_bench's milliseconds of warm-up and of measurement; ``reps`` in the result is the
+    number of timed calls that fitted in them (what the regression gate's noise estimate needs)."""
     from triton.testing import do_bench
-    q1, med, q3 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.25, 0.5, 0.75])
-    return {"median_ms": med, "iqr_ms": q3 - q1, "reps": rep}
+    samples = sorted(float(t) for t in do_bench(fn, warmup=warmup, rep=rep, return_mode="all"))
+    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    return {"median_ms": statistics.median(samples), "iqr_ms": q[2] - q[0], "reps": len(samples)}
 
 
 def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:
@@ -483,10 +486,12 @@ def _add_rates(row: Dict, case: Case, args: argparse.Namespace, env: Dict) -> No
     sec = row["median_ms"] * 1e-3
     if case.bytes:
         row["gbps"] = case.bytes / sec / 1e9
-        if args.device == "cuda":
-            row["pct_copy_bw"] = 100 * row["gbps"] / GPU_ROOFLINE["hbm_gbps"]
-        elif copy_bw:
+        # against the copy bandwidth measured on this device in this run (PERF.md); the H100's nominal
+        # HBM figure only when none was measured
+        if copy_bw:
             row["pct_copy_bw"] = 100 * row["gbps"] / copy_bw
+        elif args.device == "cuda":
+            row["pct_copy_bw"] = 100 * row["gbps"] / GPU_ROOFLINE["hbm_gbps"]
     if case.flops:
         row["gflops"] = case.flops / sec / 1e9
         if args.device == "cuda":

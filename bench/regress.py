@@ -115,7 +115,8 @@ def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAUL
             out["inconclusive"].append(item)
         elif change * threshold < 1.0:
             out["improved"].append(item)
-    out["nothing_compared"] = gated > 0 and not out["checked"]
+    # a baseline with no gated rows (another kind of result file) or a run sharing none of them checked nothing
+    out["nothing_compared"] = not out["checked"]
     out["resolution"] = (statistics.median(i["threshold"] for i in out["checked"]) if out["checked"] else None)
     out["passed"] = (not out["regressions"] and not out["errors"] and not out["nothing_compared"]
                      and not (strict and (out["missing"] or out["inconclusive"])))
@@ -123,6 +124,17 @@ def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAUL
 
 
 CONDITIONS_FACTOR = 2.0
+# what must match between the baseline and the current run for their ratios to be comparable
+ENV_FIELDS = ("device", "device_name", "mode", "vocab_scale", "threads")
+
+
+def environment_mismatch(base_env: Dict, cur_env: Dict) -> Optional[str]:
+    """A sentence naming the environment fields (device, mode, shape scale, threads) in which the two
+    runs differ, or None. Ratios to literal shift with the device and the mode, so rows that share a
+    shape key across them would compare different machines, not two versions of the code."""
+    diffs = [f"{k} {base_env.get(k)!r} vs {cur_env.get(k)!r}" for k in ENV_FIELDS
+             if k in base_env and k in cur_env and base_env.get(k) != cur_env.get(k)]
+    return "; ".join(diffs) if diffs else None
 
 
 def conditions_warning(base_env: Dict, cur_env: Dict, factor: float = CONDITIONS_FACTOR) -> Optional[str]:
@@ -232,11 +244,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"cannot read --baseline: {exc}", file=sys.stderr)
         return 2
+    if not any(r.get("status") == "ok" and r.get("provider") != "literal" and r.get("ratio_vs_literal") is not None
+               for r in baseline):
+        print(f"--baseline {args.baseline} has no rows measured against a literal provider (is it a suite "
+              "result, from bench.run_all?): nothing could be gated", file=sys.stderr)
+        return 2
     if args.current:
         try:
             current, cur_env = load_rows(args.current)
         except (OSError, ValueError) as exc:
             print(f"cannot read --current: {exc}", file=sys.stderr)
+            return 2
+        mismatch = environment_mismatch(base_env, cur_env)
+        if mismatch:
+            print(f"the runs are not comparable: {mismatch}", file=sys.stderr)
             return 2
     else:
         cur_env: Dict = {}

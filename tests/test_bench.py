@@ -87,8 +87,25 @@ def test_gate_fails_when_the_current_run_shares_no_measurement_with_the_baseline
     other_file = _write(tmp_path / "other.json", other)
     assert regress.main(["--baseline", base_file, "--current", other_file]) == 1
     assert "nothing was checked" in capsys.readouterr().out
-    # A baseline without any gated row has nothing to compare, which is not a failure.
-    assert regress.compare([_row("literal", 100.0)], other)["passed"]
+    # A baseline without any gated row (another kind of result file) checks nothing either: refused.
+    assert not regress.compare([_row("literal", 100.0)], other)["passed"]
+    lone = _write(tmp_path / "lone.json", [_row("literal", 100.0)])
+    assert regress.main(["--baseline", lone, "--current", other_file]) == 2
+    assert "nothing could be gated" in capsys.readouterr().err
+
+
+def test_gate_refuses_runs_from_another_device_or_mode(tmp_path, capsys):
+    """Rows of a CPU and a GPU run share shape keys, but their ratios compare machines, not code."""
+    rows = [_row("literal", 100.0), _row("torch", 10.0)]
+    base_file = _write(tmp_path / "base.json", rows)
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"benchmark": "suite", "env": {"device": "cuda", "mode": "quick", "threads": 2},
+                               "rows": rows}))
+    assert regress.main(["--baseline", base_file, "--current", str(gpu)]) == 2
+    assert "device 'cpu' vs 'cuda'" in capsys.readouterr().err
+    full = _write(tmp_path / "full.json", rows, mode="full")
+    assert regress.main(["--baseline", base_file, "--current", full]) == 2
+    assert regress.main(["--baseline", base_file, "--current", base_file]) == 0
 
 
 def test_gate_matches_rows_by_shape_not_by_order():
