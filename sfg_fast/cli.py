@@ -167,10 +167,23 @@ def config_overrides(args: argparse.Namespace, skip: Sequence[str] = ()) -> Dict
 
 
 def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """The merged config of ``sfg-fast train`` (see the module docstring for the precedence)."""
+    """The merged config of ``sfg-fast train`` (see the module docstring for the precedence).
+
+    With ``--distributed`` the distributed keys (``embedding_lr``, ``embedding_optimizer``,
+    ``max_steps`` ... of ``sfg_fast.distributed.DIST_DEFAULTS``) given by ``--set`` are held apart
+    while the trainer/model keys are resolved and checked, then added back.
+    """
     from .train import resolve_config
 
-    return resolve_config(args.config, args.expid, config_overrides(args))
+    overrides = config_overrides(args)
+    dist_overrides: Dict[str, Any] = {}
+    if getattr(args, "distributed", False):
+        from .distributed import DIST_DEFAULTS
+
+        dist_overrides = {k: overrides.pop(k) for k in list(overrides) if k in DIST_DEFAULTS}
+    config = resolve_config(args.config, args.expid, overrides)
+    config.update({k: v for k, v in dist_overrides.items() if v is not None})
+    return config
 
 
 def _setup_logging(verbose: Optional[int]) -> None:

@@ -14,7 +14,9 @@ Semantics of one step (what an unsharded reference must do to match it exactly):
   parameter therefore steps on the gradient of the mean loss over the global batch, as an
   unsharded model trained on that batch would (tests/test_distributed.py checks it to fp32
   tolerance for table-wise, column-wise and data-parallel plans);
-- the fused table optimizer (FBGEMM) runs inside backward; the dense optimizer (Adam) after it.
+- the fused table optimizer (FBGEMM) runs inside backward for sharded tables; data-parallel tables
+  (dense kernel) get the same algorithm as a torch optimizer after backward; the dense
+  optimizer (Adam, clipped dense gradients) after it.
 
 Checkpoints are directories holding ``manifest.json`` (counters, config, plan) and the
 torch.distributed.checkpoint folder it names (each rank writes its own shards, a ``.metadata`` file
@@ -178,14 +180,22 @@ class ShardedModel:
     and, with ``destroy=True``, the process group (in that order: gloo aborts at exit otherwise).
     """
 
-    def __init__(self, dmp, optimizer, plan, sharding: str, clip_grad_norm: Optional[float] = None):
+    def __init__(self, dmp, optimizer, plan, sharding: str, clip_grad_norm: Optional[float] = None,
+                 dense_params=None, table_layout: Optional[Dict[str, Dict[str, Any]]] = None):
         self.dmp = dmp
         self.optimizer = optimizer
         self.plan = plan
         self.sharding = sharding
         self.clip_grad_norm = clip_grad_norm
+        # the DDP-replicated parameters (not the tables): what clip_grad_norm clips
+        self.dense_params = list(dense_params) if dense_params is not None else []
+        # per table: how its optimizer state is laid out (see _check_table_layout)
+        self.table_layout = dict(table_layout or {})
         self.device = dmp.device
         self.step = 0
+        # the global (all ranks) loss sum and row count of the last train_step
+        self.last_loss_sum = 0.0
+        self.last_rows = 0
 
     @property
     def module(self) -> nn.Module:
@@ -195,15 +205,43 @@ class ShardedModel:
         return get_unwrapped_module(self.dmp)
 
     def train_step(self, ids: torch.Tensor, labels: torch.Tensor) -> float:
-        """One optimizer step on this rank's rows; returns the rank's mean loss."""
+        """One optimizer step on this rank's rows; returns the rank's mean loss (collective).
+
+        The ranks' losses are all-reduced before backward: ``last_loss_sum / last_rows`` is the mean
+        loss over the global batch, and a non-finite loss on ANY rank raises FloatingPointError on
+        every rank before any parameter moves (a rank-local raise would leave the others waiting in a
+        collective). A non-finite dense gradient norm (``clip_grad_norm``; identical on every rank
+        after DDP's all-reduce) raises FloatingPointError too.
+        """
         self.dmp.train()
         logits = self.dmp(ids.to(self.device, non_blocking=True))
         loss = SF.bce_with_logits(logits, labels.to(self.device, dtype=logits.dtype), reduction="mean")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local = float(loss.detach())
+        rows = int(labels.shape[0])
+        stats = torch.zeros(2 + world, dtype=torch.float64, device=self.device)
+        finite = math.isfinite(local)
+        stats[0] = local * rows if finite else 0.0
+        stats[1] = rows
+        stats[2 + rank] = 0.0 if finite else 1.0
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+        bad = [r for r in range(world) if stats[2 + r] > 0]
+        if bad:
+            raise FloatingPointError(f"training loss became non-finite at step {self.step + 1} on rank(s) {bad} "
+                                     f"(this rank's loss: {local}); stopping every rank. The last checkpoint "
+                                     f"is intact; try a lower lr")
+        self.last_loss_sum, self.last_rows = float(stats[0]), int(stats[1])
         self.optimizer.zero_grad()
         loss.backward()  # the fused embedding optimizer steps inside backward
+        if self.clip_grad_norm is not None and self.dense_params:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.dense_params, float(self.clip_grad_norm)))
+            if not math.isfinite(norm):  # the same on every rank: DDP averaged the gradients
+                raise FloatingPointError(f"dense gradient norm became {norm} at step {self.step + 1}; stopping "
+                                         f"every rank. The last checkpoint is intact; try a lower lr")
         self.optimizer.step()
         self.step += 1
-        return float(loss.detach())
+        return local
 
     @torch.no_grad()
     def predict(self, ids: torch.Tensor) -> torch.Tensor:
@@ -257,7 +295,8 @@ class ShardedModel:
         dcp.save(self._state(), checkpoint_id=os.path.join(path, shards))
         dist.barrier()  # every rank's shards are on disk before the manifest points at them
         info = {"format": "sfg_fast.distributed/1", "step": self.step, "world_size": dist.get_world_size(),
-                "sharding": self.sharding, "plan": str(self.plan), "shards": shards}
+                "sharding": self.sharding, "plan": str(self.plan), "shards": shards,
+                "table_layout": self.table_layout}
         info.update(manifest or {})
         _commit_checkpoint(path, info)
         dist.barrier()
@@ -271,6 +310,7 @@ class ShardedModel:
             raise FileNotFoundError(f"{path!r} is not a distributed sfg_fast checkpoint (no manifest.json)")
         with open(manifest_path) as fh:
             manifest = json.load(fh)
+        _check_table_layout(manifest.get("table_layout"), self.table_layout, path)
         # Checkpoints from before the shards sub-folder keep their shards beside the manifest.
         shards = os.path.join(path, manifest["shards"]) if manifest.get("shards") else path
         # DCP loads in place, so the optimizer state must exist (same structure) before loading.
@@ -282,13 +322,20 @@ class ShardedModel:
         self.step = int(manifest["step"])
         return manifest
 
-    def close(self, destroy: bool = False) -> None:
-        """Drop the DMP module and optimizers and collect them, then (optionally) destroy the group."""
+    def close(self, destroy: bool = False, barrier: bool = True) -> None:
+        """Drop the DMP module and optimizers and collect them, then (optionally) destroy the group.
+
+        ``barrier=False`` destroys the group without first waiting for the other ranks: the path to
+        take when leaving by an exception, since another rank may be stuck in a collective this rank
+        will never join (a barrier would then hang both for good).
+        """
         self.dmp = None
         self.optimizer = None
+        self.dense_params = []
         gc.collect()
         if destroy and dist.is_initialized():
-            dist.barrier()
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -307,16 +354,69 @@ def _commit_checkpoint(path: str, info: Dict[str, Any]) -> None:
             shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
+def _table_layout(plan, embedding_optimizer: str) -> Dict[str, Dict[str, Any]]:
+    """Per table, what decides the layout of its optimizer state in a checkpoint.
+
+    ``kind``: "fused" (FBGEMM's optimizer inside backward, state keyed ``<table>.momentum1`` ...) or
+    "data_parallel" (a replicated table stepped by a torch optimizer after backward, state
+    ``sum``/``step`` ...): the two cannot be loaded into each other. ``row_state_shards``: how
+    many column shards keep their own row-wise Adagrad accumulator (1 unless a column-wise plan
+    really splits a rowwise_adagrad table: then each shard holds its own per-row sum).
+    """
+    layout: Dict[str, Dict[str, Any]] = {}
+    for module_plan in plan.plan.values():
+        for table, ps in module_plan.items():
+            kind = "data_parallel" if ps.sharding_type == "data_parallel" else "fused"
+            shards = 1
+            if embedding_optimizer == "rowwise_adagrad" and ps.sharding_type in ("column_wise", "table_column_wise") \
+                    and ps.sharding_spec is not None:
+                shards = len({tuple(m.shard_offsets[1:]) for m in ps.sharding_spec.shards})
+            layout[table] = {"kind": kind, "optimizer": embedding_optimizer, "row_state_shards": shards}
+    return layout
+
+
+def _check_table_layout(saved: Optional[Dict[str, Dict[str, Any]]], current: Dict[str, Dict[str, Any]],
+                        path: str = "the checkpoint") -> None:
+    """Refuse a checkpoint whose tables' optimizer state cannot be loaded into the current plan."""
+    if not saved:
+        return  # written before the layout was recorded
+    problems = []
+    for table in sorted(set(saved) | set(current)):
+        a, b = saved.get(table), current.get(table)
+        if a is None or b is None:
+            problems.append(f"table {table!r} is {'missing from the checkpoint' if a is None else 'not in this model'}")
+            continue
+        if a.get("optimizer") != b.get("optimizer"):
+            problems.append(f"table {table!r}: embedding_optimizer {a.get('optimizer')!r} saved, "
+                            f"{b.get('optimizer')!r} now")
+        elif a.get("kind") != b.get("kind"):
+            problems.append(f"table {table!r}: saved as a {a.get('kind')} table, now {b.get('kind')} "
+                            f"(a fused table's optimizer state and a data-parallel table's differ in layout)")
+        elif int(a.get("row_state_shards", 1)) != int(b.get("row_state_shards", 1)):
+            problems.append(f"table {table!r}: row-wise Adagrad state kept per {a.get('row_state_shards')} column "
+                            f"shard(s) when saved, {b.get('row_state_shards')} now")
+    if problems:
+        raise ValueError(f"cannot load {path} under this plan: its optimizer state does not fit: "
+                         + "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "")
+                         + ". Load it with the sharding it was saved with (see docs/distributed.md, "
+                           "'Evaluation and checkpoints').")
+
+
 def shard_model(model: nn.Module, device: Optional[torch.device] = None, sharding: str = "auto",
                 embedding_optimizer: str = "rowwise_adagrad", embedding_lr: float = 0.01,
                 embedding_eps: float = 1e-8, dense_optimizer=None, dense_lr: float = 1e-3,
-                batch_size: int = 512) -> ShardedModel:
+                batch_size: int = 512, weight_decay: float = 0.0,
+                clip_grad_norm: Optional[float] = None) -> ShardedModel:
     """Shard ``model`` (built with ``embedding="torchrec"``) over the default process group.
 
-    The tables get a fused ``embedding_optimizer`` applied in backward; every other parameter gets
-    ``dense_optimizer(params)`` (default ``torch.optim.Adam(lr=dense_lr)``). The shards start from
-    ``model``'s own weights, so a model built identically on every rank (same seed) shards to the
-    same function whatever the plan.
+    The tables get ``embedding_optimizer`` at ``embedding_lr``: FBGEMM's fused one, applied in
+    backward, for sharded tables; the same algorithm as a torch optimizer stepping after backward
+    for data-parallel tables (TorchRec gives those a dense kernel, outside the fused optimizer).
+    Every other parameter gets ``dense_optimizer(params)`` (default
+    ``torch.optim.Adam(lr=dense_lr, weight_decay=weight_decay)``); ``clip_grad_norm`` clips the
+    gradient norm of those dense parameters before their step. The shards start from ``model``'s
+    own weights, so a model built identically on every rank (same seed) shards to the same function
+    whatever the plan.
     """
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -331,25 +431,50 @@ def shard_model(model: nn.Module, device: Optional[torch.device] = None, shardin
         raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {embedding_optimizer!r}")
     if not float(embedding_lr) > 0:
         raise ValueError(f"embedding_lr must be positive, got {embedding_lr!r}")
+    if not (math.isfinite(float(weight_decay)) and float(weight_decay) >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if clip_grad_norm is not None and not (math.isfinite(float(clip_grad_norm)) and float(clip_grad_norm) > 0):
+        raise ValueError(f"clip_grad_norm must be a positive finite number or None, got {clip_grad_norm!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if embedding_optimizer == "adam" and device.type == "cpu":
+        raise ValueError("embedding_optimizer='adam' is not available on device cpu: FBGEMM's fused Adam has no "
+                         "CPU kernel (TorchRec fails inside DistributedModelParallel); use 'rowwise_adagrad', "
+                         "'adagrad' or 'sgd' on CPU, or train on CUDA devices")
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise ValueError(f"batch_norm is not supported in distributed training (modules {norms[:3]}): each rank "
+                         f"would normalise with the statistics of its own rows only, not the global batch's; "
+                         f"build the model with batch_norm=False")
     tables = torchrec_embeddings(model)
     if not tables:
         raise ValueError("model has no TorchRec tables to shard: build it with embedding='torchrec'")
-    device = torch.device("cpu") if device is None else torch.device(device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     kwargs: Dict[str, Any] = {"lr": float(embedding_lr)}
     if embedding_optimizer in ("rowwise_adagrad", "adagrad", "adam"):
         kwargs["eps"] = float(embedding_eps)
-    for module in tables.values():
-        apply_optimizer_in_backward(_optimizer_class(embedding_optimizer), module.ebc.parameters(), kwargs)
+    table_class = _optimizer_class(embedding_optimizer)
+    for module in tables.values():  # (TorchRec adds its own keys to the dict it is given: pass copies)
+        apply_optimizer_in_backward(table_class, module.ebc.parameters(), dict(kwargs))
     plan = make_sharding_plan(model, dist.get_world_size(), sharding, device, batch_size)
     dmp = DistributedModelParallel(module=model, device=device, plan=plan)
     _copy_into_sharded(dmp.state_dict(), initial)
     if dense_optimizer is None:
         def dense_optimizer(params):
-            return torch.optim.Adam(params, lr=float(dense_lr))
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), dense_optimizer)
-    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
-    return ShardedModel(dmp, optimizer, plan, sharding)
+            return torch.optim.Adam(params, lr=float(dense_lr), weight_decay=float(weight_decay))
+    # Data-parallel tables get TorchRec's dense kernel: their (replicated, DDP-averaged) weights are
+    # plain parameters outside dmp.fused_optimizer, and apply_optimizer_in_backward does not reach
+    # them. They get the requested table optimizer here, stepping after backward.
+    table_prefixes = tuple(f"{name}.ebc." for name in tables)
+    remaining = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dp_tables = {k: v for k, v in remaining.items() if k.startswith(table_prefixes)}
+    dense_params = {k: v for k, v in remaining.items() if k not in dp_tables}
+    optimizers = [dmp.fused_optimizer]
+    if dp_tables:
+        optimizers.append(KeyedOptimizerWrapper(dp_tables, lambda params: table_class(params, **kwargs)))
+    optimizers.append(KeyedOptimizerWrapper(dense_params, dense_optimizer))
+    optimizer = CombinedOptimizer(optimizers)
+    return ShardedModel(dmp, optimizer, plan, sharding, clip_grad_norm=clip_grad_norm,
+                        dense_params=dense_params.values(), table_layout=_table_layout(plan, embedding_optimizer))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,8 +549,68 @@ def _split_dist_config(config: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str
         raise ValueError(f"max_steps must be a positive integer or None, got {dist_cfg['max_steps']!r}")
     if config.get("embedding", "torchrec") != "torchrec":
         raise ValueError(f"a distributed run needs embedding='torchrec', got {config['embedding']!r}")
+    if config.get("batch_norm"):
+        raise ValueError("batch_norm=True is not supported in distributed training: each rank would normalise with "
+                         "its own rows' statistics, not the global batch's (set batch_norm: false)")
     config["embedding"] = "torchrec"
     return config, dist_cfg
+
+
+# Keys a distributed resume may change on top of sfg_fast.train.RESUME_OVERRIDABLE: where to stop
+# (max_steps), where from (resume) and the plan (sharding; load() refuses plans whose optimizer
+# state does not fit). Everything else (seed, lr, batch_size, model, data, world size ...) must match.
+DIST_RESUME_OVERRIDABLE = ("max_steps", "resume", "sharding")
+
+
+def _check_resume(manifest: Dict[str, Any], config: Dict[str, Any], world: int, fingerprint: str,
+                  path: str) -> None:
+    """Refuse resuming ``manifest`` with another experiment (config, world size or data)."""
+    from .train import RESUME_OVERRIDABLE, _jsonable
+
+    skip = set(RESUME_OVERRIDABLE) | set(DIST_RESUME_OVERRIDABLE)
+    saved = {k: v for k, v in (manifest.get("config") or {}).items() if k not in skip}
+    ours = {k: v for k, v in _jsonable(config).items() if k not in skip}
+    differs = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+    if differs:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in differs[:6])
+        raise ValueError(f"cannot resume {path} with a different config ({detail}); only "
+                         f"{sorted(skip)} may change")
+    if manifest.get("world_size") is not None and int(manifest["world_size"]) != world:
+        raise ValueError(f"cannot resume {path} on {world} ranks: it was trained on {manifest['world_size']} "
+                         f"(the global batch is batch_size x world size, so the run would not continue the same "
+                         f"experiment)")
+    saved_fp = manifest.get("data_fingerprint")
+    if saved_fp is not None and saved_fp != fingerprint:
+        raise ValueError(f"cannot resume {path}: the dataset differs from the one it was trained on (same "
+                         f"field_dims, other rows or labels); use the same data")
+
+
+def _read_manifest(path: str) -> Dict[str, Any]:
+    manifest_path = os.path.join(path, "manifest.json")
+    if not os.path.exists(manifest_path):
+        raise FileNotFoundError(f"{path!r} is not a distributed sfg_fast checkpoint (no manifest.json)")
+    with open(manifest_path) as fh:
+        return json.load(fh)
+
+
+def _seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed the global RNGs (dropout) from (seed, rank, step): each rank draws its own masks, and a
+    resumed run draws exactly the masks the uninterrupted one would have."""
+    value = int(np.random.SeedSequence([int(seed) % (2 ** 32), int(rank), int(step)]).generate_state(1)[0])
+    torch.manual_seed(value)
+
+
+def _check_trainer_keys(cfg: Dict[str, Any], device: torch.device) -> None:
+    requested = cfg.get("device", "auto")
+    if requested not in (None, "auto"):
+        try:
+            wanted = torch.device(requested)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be 'auto' or a torch device, got {requested!r}") from exc
+        if wanted.type != device.type:
+            raise ValueError(f"device={requested!r} cannot be honoured by a distributed run: its device follows "
+                             f"the backend (this run: {device.type}, one GPU per rank under NCCL); use "
+                             f"device=auto")
 
 
 def run_distributed_training(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -433,13 +618,16 @@ def run_distributed_training(config: Dict[str, Any]) -> Dict[str, Any]:
 
     ``config``: a flat sfg_fast training config (see :func:`sfg_fast.train.resolve_config`) plus
     :data:`DIST_DEFAULTS`. ``batch_size`` is per rank (the global batch is ``batch_size *
-    world_size``); ``lr`` is the dense Adam rate, ``embedding_lr`` the fused table optimizer's.
-    Every rank loads the dataset (rank 0 first, filling the cache). A checkpoint directory
-    ``<out>/checkpoint`` is written after every epoch; ``resume=<dir>`` continues from one.
-    Validation AUC is computed over the whole split after every epoch, test AUC at the end.
+    world_size``); ``lr`` is the dense Adam rate (with ``weight_decay``; ``clip_grad_norm`` clips
+    the dense gradients), ``embedding_lr`` the table optimizer's. Every rank loads the dataset (rank
+    0 first, filling the cache). A checkpoint directory ``<out>/checkpoint`` is written after every
+    epoch and when ``max_steps`` stops inside one; ``resume=<dir>`` continues from one exactly (the
+    same batches, and the position inside the epoch). Validation AUC is computed over the whole
+    split after every epoch (``reduce_lr_on_plateau`` / ``patience`` act on it as in the
+    single-process trainer), test AUC at the end, on the final model.
     """
     from . import models as model_zoo
-    from .train import (TRAIN_DEFAULTS, _check_train_config, _seed_everything, _split_tensors,
+    from .train import (TRAIN_DEFAULTS, _check_train_config, _seed_everything, _split_tensors, data_fingerprint,
                         default_out_dir, load_data, split_config, versions, atomic_write_text, _jsonable)
 
     config, dist_cfg = _split_dist_config(config)
@@ -451,7 +639,9 @@ def run_distributed_training(config: Dict[str, Any]) -> Dict[str, Any]:
         torch.set_num_threads(int(cfg["threads"]))
     rank, world, device = init_distributed()
     session = None
+    failed = True
     try:
+        _check_trainer_keys(cfg, device)
         if cfg["out"] is None:
             cfg["out"] = default_out_dir(cfg) + "-distributed"
         out = cfg["out"]
@@ -461,6 +651,10 @@ def run_distributed_training(config: Dict[str, Any]) -> Dict[str, Any]:
         else:
             dist.barrier()
             data = load_data(cfg)
+        fingerprint = data_fingerprint(data)
+        full_config = dict(cfg, **dist_cfg)
+        if dist_cfg["resume"]:  # before any model is built: every rank reads the same manifest
+            _check_resume(_read_manifest(dist_cfg["resume"]), full_config, world, fingerprint, dist_cfg["resume"])
         train_ids, train_labels = _split_tensors(data.train, "train")
         valid_ids, valid_labels = _split_tensors(data.valid, "valid")
         test_ids, test_labels = _split_tensors(data.test, "test")
@@ -471,52 +665,99 @@ def run_distributed_training(config: Dict[str, Any]) -> Dict[str, Any]:
         batch = int(cfg["batch_size"])
         session = shard_model(model, device, dist_cfg["sharding"], dist_cfg["embedding_optimizer"],
                               dist_cfg["embedding_lr"], dist_cfg["embedding_eps"], dense_lr=float(cfg["lr"]),
-                              batch_size=batch)
+                              batch_size=batch, weight_decay=float(cfg["weight_decay"]),
+                              clip_grad_norm=cfg["clip_grad_norm"])
         del model
-        epoch, history = 0, []
+        # counters: completed epochs, steps done inside the epoch in progress and its partial loss sums,
+        # early stopping / plateau state
+        epoch, epoch_step, history = 0, 0, []
+        partial = [0.0, 0]
+        best_auc, bad_epochs, stopped_early = -math.inf, 0, False
         if dist_cfg["resume"]:
             manifest = session.load(dist_cfg["resume"])
             epoch, history = int(manifest.get("epoch", 0)), list(manifest.get("history", []))
+            epoch_step = int(manifest.get("epoch_step", 0))
+            partial = list(manifest.get("partial_loss", [0.0, 0]))
+            stop = manifest.get("early_stopping") or {}
+            best_auc = float(stop.get("best_auc", -math.inf))
+            bad_epochs = int(stop.get("bad_epochs", 0))
+            stopped_early = bool(stop.get("stopped_early", False))
+            lrs = manifest.get("lrs")
+            if lrs is not None and len(lrs) == len(session.optimizer.param_groups):
+                for group, lr in zip(session.optimizer.param_groups, lrs):
+                    group["lr"] = float(lr)
         global_batch = batch * world
         steps_per_epoch = train_ids.shape[0] // global_batch
         if steps_per_epoch == 0:
             raise ValueError(f"the train split ({train_ids.shape[0]} rows) is smaller than one global batch "
                              f"({batch} x {world} ranks)")
+        checkpoint_dir = os.path.join(out, "checkpoint")
+
+        def save() -> None:
+            session.save(checkpoint_dir, {
+                "epoch": epoch, "epoch_step": epoch_step, "partial_loss": partial, "history": history,
+                "early_stopping": {"best_auc": best_auc, "bad_epochs": bad_epochs, "stopped_early": stopped_early},
+                "lrs": [float(g["lr"]) for g in session.optimizer.param_groups],
+                "config": full_config, "data_fingerprint": fingerprint})
+
         max_steps = dist_cfg["max_steps"]
         step_seconds, samples = 0.0, 0
-        while epoch < int(cfg["epochs"]) and (max_steps is None or session.step < int(max_steps)):
+        while epoch < int(cfg["epochs"]) and not stopped_early \
+                and (max_steps is None or session.step < int(max_steps)):
             # one permutation per epoch, the same on every rank; each rank takes its block of each global batch
             order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
-            losses = []
-            for step in range(steps_per_epoch):
+            while epoch_step < steps_per_epoch:
                 if max_steps is not None and session.step >= int(max_steps):
                     break
-                rows = order[step * global_batch + rank * batch: step * global_batch + (rank + 1) * batch]
+                start = epoch_step * global_batch + rank * batch
+                rows = order[start:start + batch]
+                _seed_step(seed, rank, session.step)  # dropout: per rank, resumable
                 started = time.perf_counter()
-                losses.append(session.train_step(train_ids[rows], train_labels[rows]))
+                session.train_step(train_ids[rows], train_labels[rows])  # raises on every rank together
                 step_seconds += time.perf_counter() - started
                 samples += global_batch
-                if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"loss became {losses[-1]} at step {session.step} on rank {rank}")
+                partial = [partial[0] + session.last_loss_sum, partial[1] + session.last_rows]
+                epoch_step += 1
+            if epoch_step < steps_per_epoch:  # max_steps stopped inside the epoch: remember where
+                save()
+                break
             epoch += 1
             metrics = distributed_auc(session, valid_ids, valid_labels, int(cfg["eval_batch_size"]))
-            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-                            "valid_AUC": metrics["AUC"], "valid_logloss": metrics["logloss"]})
+            lrs = [float(g["lr"]) for g in session.optimizer.param_groups]
+            improved = metrics["AUC"] > best_auc
+            if improved:
+                best_auc, bad_epochs = metrics["AUC"], 0
+            else:
+                bad_epochs += 1
+                if cfg["reduce_lr_on_plateau"]:  # every optimizer: fused tables, data-parallel tables, dense
+                    for group in session.optimizer.param_groups:
+                        group["lr"] = max(group["lr"] * float(cfg["lr_decay_factor"]),
+                                          min(float(cfg["min_lr"]), group["lr"]))
+                if cfg["patience"] is not None and bad_epochs >= int(cfg["patience"]):
+                    stopped_early = True
+            # train_loss: the mean over every rank's rows of the epoch
+            history.append({"epoch": epoch, "train_loss": partial[0] / partial[1] if partial[1] else None,
+                            "valid_AUC": metrics["AUC"], "valid_logloss": metrics["logloss"],
+                            "lr": lrs[-1], "embedding_lr": lrs[0], "improved": improved})
+            epoch_step, partial = 0, [0.0, 0]
             if rank == 0:
                 log.info("epoch %d: %s", epoch, history[-1])
-            session.save(os.path.join(out, "checkpoint"), {"epoch": epoch, "history": history,
-                                                           "config": dict(cfg, **dist_cfg)})
+            save()
         test = distributed_auc(session, test_ids, test_labels, int(cfg["eval_batch_size"]), name="test")
         results = {"model": cfg["model"], "generative": cfg.get("generative", True), "rank": rank, "world_size": world,
                    "sharding": dist_cfg["sharding"], "backend": dist.get_backend(), "steps": session.step,
-                   "epochs_run": epoch, "history": history, "test_auc": test["AUC"], "test_logloss": test["logloss"],
+                   "epochs_run": epoch, "epoch_step": epoch_step, "stopped_early": stopped_early,
+                   "history": history, "test_auc": test["AUC"], "test_logloss": test["logloss"],
                    "samples_per_second": samples / step_seconds if step_seconds else None,
-                   "config": dict(cfg, **dist_cfg), "versions": versions()}
+                   "config": full_config, "data_fingerprint": fingerprint, "versions": versions()}
         if rank == 0:
             atomic_write_text(json.dumps(_jsonable(results), indent=2), os.path.join(out, "results.json"))
+        failed = False
         return results
     finally:
+        # Leaving by an exception: no barrier (another rank may sit in a collective this one never joins);
+        # the group is destroyed so that the peers' collectives fail instead of waiting.
         if session is not None:
-            session.close(destroy=True)
+            session.close(destroy=True, barrier=not failed)
         elif dist.is_initialized():
             dist.destroy_process_group()

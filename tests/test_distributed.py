@@ -74,8 +74,73 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         eval_ids, _ = _global_batch(200, WORLD * LOCAL_BATCH)
         preds = D.gather_to_all(session.predict(eval_ids[lo:hi]))
         state = session.full_state_dict(dst=0)
-        report[sharding] = {"preds": preds, "state": state, "plan": str(session.plan)}
+        report[sharding] = {"preds": preds, "state": state, "plan": str(session.plan),
+                            "global_loss": session.last_loss_sum / session.last_rows}
         session.close()
+
+    # data-parallel tables must be stepped by the requested table optimizer (here row-wise Adagrad),
+    # exactly like the fused one of a table-wise plan, not by the dense optimizer
+    for sharding in ("table_wise", "data_parallel"):
+        session = D.shard_model(_build("torchrec"), sharding=sharding, embedding_optimizer="rowwise_adagrad",
+                                embedding_lr=LR, dense_optimizer=lambda params: torch.optim.SGD(params, lr=LR))
+        for step in range(2):
+            ids, labels = _global_batch(100 + step, WORLD * LOCAL_BATCH)
+            session.train_step(ids[lo:hi], labels[lo:hi])
+        dense_keys = list(session.optimizer.optimizers[-1][1].params)
+        report["rowwise_" + sharding] = {"state": session.full_state_dict(dst=0), "dense_keys": dense_keys}
+        session.close()
+
+    # clip_grad_norm clips the dense (DDP) gradients
+    session = D.shard_model(_build("torchrec"), sharding="table_wise", embedding_optimizer="sgd", embedding_lr=LR,
+                            dense_optimizer=lambda params: torch.optim.SGD(params, lr=LR), clip_grad_norm=1e-3)
+    ids, labels = _global_batch(100, WORLD * LOCAL_BATCH)
+    session.train_step(ids[lo:hi], labels[lo:hi])
+    report["clipped"] = session.full_state_dict(dst=0)
+    # a non-finite loss on ONE rank raises on every rank, before any parameter moves
+    before = session.full_state_dict(dst=None)
+    real_bce = D.SF.bce_with_logits
+    if rank == 1:  # rank 1's loss (only) becomes NaN
+        D.SF.bce_with_logits = lambda *args, **kwargs: real_bce(*args, **kwargs) * float("nan")
+    try:
+        session.train_step(ids[lo:hi], labels[lo:hi])
+        report["nan"] = "no error"
+    except FloatingPointError as exc:
+        report["nan"] = str(exc)
+    finally:
+        D.SF.bce_with_logits = real_bce
+    after = session.full_state_dict(dst=None)
+    report["nan_unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+    session.close()
+
+    # dropout: every rank draws its own masks, reproducibly from (seed, rank, step)
+    from sfg_fast import models
+
+    torch.manual_seed(5)
+    dropped = D.shard_model(models.build("deepfm", FIELD_DIMS, DIM, hidden_units=(8,), dropout=0.5,
+                                         embedding="torchrec"), sharding="table_wise", embedding_optimizer="sgd",
+                            embedding_lr=LR)
+    ids, _ = _global_batch(100, LOCAL_BATCH)  # the same rows on both ranks
+    dropped.dmp.train()
+    outs = []
+    for _ in range(2):
+        D._seed_step(3, rank, 7)
+        with torch.no_grad():
+            outs.append(D.gather_to_all(dropped.dmp(ids)))
+    report["dropout"] = outs
+    dropped.close()
+
+    # refused up front, naming the argument: adam on CPU, batch norm
+    refusals = {}
+    try:
+        D.shard_model(_build("torchrec"), embedding_optimizer="adam")
+    except ValueError as exc:
+        refusals["adam"] = str(exc)
+    try:
+        D.shard_model(models.build("deepfm", FIELD_DIMS, DIM, hidden_units=(8,), batch_norm=True,
+                                   embedding="torchrec"))
+    except ValueError as exc:
+        refusals["batch_norm"] = str(exc)
+    report["refusals"] = refusals
 
     # resume: run 1 step, checkpoint, run a second step; a fresh (differently initialised) model loads
     # the checkpoint and runs the same second step: the states must agree, optimizer moments included.
@@ -109,6 +174,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     before = second.full_state_dict(dst=0)
     manifest = second.load(ckpt)
     second.train_step(batches[1][0][lo:hi], batches[1][1][lo:hi])
+    # a table-wise checkpoint cannot be loaded into data-parallel tables (other optimizer state layout)
+    dp = D.shard_model(_build("torchrec"), sharding="data_parallel", embedding_optimizer="rowwise_adagrad",
+                       embedding_lr=LR, dense_lr=0.01)
+    try:
+        dp.load(ckpt)
+        report["dp_load"] = "loaded"
+    except ValueError as exc:
+        report["dp_load"] = str(exc)
+    dp.close()
     report["resume"] = {"uninterrupted": uninterrupted, "resumed": second.full_state_dict(dst=0),
                         "fresh": before, "manifest": manifest, "step": second.step,
                         "committed_files": committed, "torn_files": torn}
@@ -240,3 +314,65 @@ def test_cli_distributed_trains_checkpoints_and_resumes(tmp_path):
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["epochs_run"] == 2 and resumed["steps"] == 2 * results["steps"]
     assert resumed["history"][0] == results["history"][0]  # the first epoch came from the checkpoint
+
+
+@pytest.mark.slow
+def test_data_parallel_tables_use_the_table_optimizer(report):
+    """Data-parallel tables are stepped by embedding_optimizer at embedding_lr (not the dense optimizer):
+    row-wise Adagrad on replicated tables gives what the fused row-wise Adagrad of a table-wise plan gives."""
+    tw, dp = report["rowwise_table_wise"], report["rowwise_data_parallel"]
+    assert not any("embedding_bags" in k for k in dp["dense_keys"]), dp["dense_keys"]
+    for key, value in tw["state"].items():
+        torch.testing.assert_close(dp["state"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.slow
+def test_table_wise_checkpoint_is_refused_under_data_parallel(report):
+    assert "data_parallel" in report["dp_load"] and "cannot load" in report["dp_load"], report["dp_load"]
+
+
+@pytest.mark.slow
+def test_train_step_reports_the_global_mean_loss(report):
+    from sfg_fast import functional as SF
+
+    model = _build("native")
+    ids, labels = _global_batch(101, WORLD * LOCAL_BATCH)
+    # the second step's loss (the reference's state before its second step)
+    model.zero_grad()
+    first_ids, first_labels = _global_batch(100, WORLD * LOCAL_BATCH)
+    SF.bce_with_logits(model(first_ids), first_labels).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= LR * p.grad
+        expected = float(SF.bce_with_logits(model(ids), labels))
+    assert report["table_wise"]["global_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_clip_grad_norm_clips_the_dense_gradients(report):
+    from sfg_fast.integrations.torchrec import convert_native_state_dict
+
+    start = convert_native_state_dict(_build("native").state_dict(), _build("torchrec"))
+    dense = [k for k in start if "embedding_bags" not in k and start[k].is_floating_point()]
+    assert dense
+    squared = sum(float(((report["clipped"][k] - start[k]) ** 2).sum()) for k in dense)
+    assert 0 < squared ** 0.5 <= LR * 1e-3 * 1.001  # the step of SGD(lr) on a gradient of norm <= 1e-3
+
+
+@pytest.mark.slow
+def test_non_finite_loss_on_one_rank_raises_on_every_rank(report):
+    assert "rank(s) [1]" in report["nan"], report["nan"]  # seen by rank 0, whose own loss was finite
+    assert report["nan_unchanged"]
+
+
+@pytest.mark.slow
+def test_dropout_masks_differ_per_rank_and_are_reproducible(report):
+    first, second = report["dropout"]
+    assert torch.equal(first, second)
+    assert not torch.equal(first[:LOCAL_BATCH], first[LOCAL_BATCH:])
+
+
+@pytest.mark.slow
+def test_unsupported_options_are_refused_up_front(report):
+    assert "embedding_optimizer='adam'" in report["refusals"]["adam"] and "cpu" in report["refusals"]["adam"]
+    assert "batch_norm" in report["refusals"]["batch_norm"]
