@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model (base or SFG)",
                        description="Train one model; writes last.pt, best.pt and results.json under --out.")
     p.add_argument("--expid", help="experiment block of the config to use")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run files another run left in --out (refused without it)")
     p.add_argument("--model", help="fm, fwfm, fmfm, deepfm, ipnn, xdeepfm, dcnv2, crossnet")
     variant = p.add_mutually_exclusive_group()
     variant.add_argument("--generative", dest="generative", action="store_const", const=True,
@@ -230,7 +232,7 @@ def _run_train(args) -> int:
     else:
         config = config_from_args(args)
         _setup_logging(config.get("verbose"))
-        results = Trainer(config).fit()
+        results = Trainer(config, overwrite=args.overwrite).fit()
     print(_summary_line(results))
     return 0
 

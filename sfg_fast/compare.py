@@ -233,7 +233,7 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
                 dataset_name = config["dataset"]
                 tick = time.perf_counter()
                 try:
-                    result = Trainer(config, data=datasets[data_key]).fit()
+                    result = Trainer(config, data=datasets[data_key], overwrite=True).fit()   # a rerun replaces its runs
                 except TrainingDiverged as exc:
                     log.warning("[%d/%d] %s %s seed %d diverged; it is left out of the means: %s", count, total,
                                 model, variant, seed, exc)

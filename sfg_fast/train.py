@@ -399,6 +399,10 @@ def _seed_everything(seed: int) -> None:
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
+# what a run writes into its output directory (a fresh run refuses a directory holding any of them)
+RUN_FILES = ("last.pt", "best.pt", "results.json")
+
+
 def resolve_checkpoint(path: str, name: str = "last.pt") -> str:
     """A checkpoint file, or a run directory (then ``<dir>/<name>``)."""
     if path is None:
@@ -523,7 +527,11 @@ class Trainer:
         checkpoint: a loaded checkpoint to resume from (see :func:`resume`).
     """
 
-    def __init__(self, config: Dict[str, Any], data=None, checkpoint: Optional[Dict[str, Any]] = None):
+    def __init__(self, config: Dict[str, Any], data=None, checkpoint: Optional[Dict[str, Any]] = None,
+                 overwrite: bool = False):
+        """``overwrite``: a fresh run may replace the run files (checkpoints, results) another run left in
+        its output directory; without it such a directory is refused, so a finished run is never lost to
+        a command repeated by mistake."""
         config = dict(TRAIN_DEFAULTS, **config)
         config["model"] = str(config["model"]).lower()
         self.train_cfg, self.hparams, self.ignored_keys = split_config(config)
@@ -532,6 +540,11 @@ class Trainer:
         if config["out"] is None:
             config["out"] = default_out_dir(config)
         self.out = config["out"]
+        if checkpoint is None and not overwrite:
+            held = [name for name in RUN_FILES if os.path.exists(os.path.join(self.out, name))]
+            if held:
+                raise FileExistsError(f"--out {self.out} already holds a run ({', '.join(held)}); continue it with "
+                                      f"--resume {self.out}, replace it with --overwrite, or choose another --out")
         self.verbose = int(config["verbose"] or 0)
         if config["threads"] is not None:
             torch.set_num_threads(int(config["threads"]))
@@ -823,13 +836,15 @@ class Trainer:
         return results
 
 
-def train(config: Optional[Dict[str, Any]] = None, data=None, **overrides) -> Dict[str, Any]:
-    """Train with ``config`` (default: the packaged default.yaml for ``overrides['model']``) + overrides."""
+def train(config: Optional[Dict[str, Any]] = None, data=None, overwrite: bool = False,
+          **overrides) -> Dict[str, Any]:
+    """Train with ``config`` (default: the packaged default.yaml for ``overrides['model']``) + overrides.
+    ``overwrite`` as in :class:`Trainer`."""
     if config is None:
         config = resolve_config(None, overrides.pop("expid", None), overrides)
     else:
         config = dict(config, **{k: v for k, v in overrides.items() if v is not None})
-    return Trainer(config, data=data).fit()
+    return Trainer(config, data=data, overwrite=overwrite).fit()
 
 
 def resume(path: str, data=None, **overrides) -> Dict[str, Any]:

@@ -324,9 +324,23 @@ def test_bad_data_is_refused_before_training(tmp_path, tiny):
 def test_divergence_in_a_reused_directory_does_not_vouch_for_another_runs_checkpoint(tmp_path, tiny):
     T.train(_config(tmp_path, name="reused", epochs=1), data=tiny)
     with pytest.raises(T.TrainingDiverged) as info:
-        T.train(_config(tmp_path, name="reused", model="fwfm", lr=1e30, seed=3), data=tiny)
+        T.train(_config(tmp_path, name="reused", model="fwfm", lr=1e30, seed=3), data=tiny, overwrite=True)
     message = str(info.value)
     assert "no checkpoint of this run had been written yet" in message and "is intact" not in message
+
+
+def test_a_fresh_run_refuses_a_directory_holding_another_run(tmp_path, tiny):
+    """A command repeated by mistake must not replace a finished run: the directory is refused (before
+    any work) unless overwrite is asked for; a resume into it still works."""
+    first = T.train(_config(tmp_path, name="kept", epochs=1), data=tiny)
+    before = {name: (tmp_path / "kept" / name).read_bytes() for name in T.RUN_FILES}
+    with pytest.raises(FileExistsError, match=r"already holds a run \(last.pt, best.pt, results.json\).*--overwrite"):
+        T.train(_config(tmp_path, name="kept", epochs=1, seed=5), data=tiny)
+    assert {name: (tmp_path / "kept" / name).read_bytes() for name in T.RUN_FILES} == before
+    resumed = T.resume(str(tmp_path / "kept"), data=tiny, epochs=2)
+    assert resumed["epochs_run"] == 2 and first["epochs_run"] == 1
+    replaced = T.train(_config(tmp_path, name="kept", epochs=1, seed=5), data=tiny, overwrite=True)
+    assert replaced["config"]["seed"] == 5
 
 
 def test_compare_records_a_diverged_run_and_goes_on(tmp_path, tiny, monkeypatch):
