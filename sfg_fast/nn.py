@@ -300,7 +300,9 @@ class GenerativeCrossNet(nn.Module):
     Base (``generative=False``): ``x_{l+1} = x_l + x_0 * (W_l x_l (+ b_l))``.
     SFG: ``x_{l+1} = x_l + G_l(src) * (W_l x_l (+ b_l))`` with ``src = x_l`` (``regenerate_from="x_l"``,
     the authors' form) or ``x_0``; ``G_l`` is an :class:`SFGEncoder` (optional residual, dropout).
-    ``forward(x0 [B, N*D]) -> x_L [B, N*D]``.
+    ``forward(x0 [B, N*D]) -> x_L [B, N*D]``. An identity encoder (activation identity, gamma 1, W = I)
+    gives the base cross network exactly only with ``regenerate_from="x_0"``: fed x_l, it returns x_l,
+    not the x_0 the base layer multiplies by (the first layer agrees either way).
     """
 
     def __init__(self, num_fields: int, embedding_dim: int, num_layers: int = 3, generative: bool = True,
