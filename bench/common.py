@@ -170,6 +170,15 @@ from typing import Any, Optional, Sequence
 ROW_FIELDS = ["provider", "status", "median_ms", "iqr_ms", "reps", "ratio_vs_literal", "saved_mb",
               "peak_mb", "gbps", "gflops", "pct_copy_bw", "pct_peak_flops", "compile_s", "reason"]
 
+# Block configs (SFG_FAST_GEMM_BLOCKS = BM,BN,BK,warps,stages) of the GEMM-shaped Triton kernels that
+# bench/gpu_check.py times and bench/triton_aot.py --sweep compiles. Kept here so that neither has to
+# import the other (gpu_check turns the Triton interpreter on when it finds no GPU).
+# 64,64,32,8,3: the default tiles on 8 warps, the one fp32 (ieee) config of these whose encoder+decoder
+# forward kernel compiles without register spills for sm_90 (bench/triton_aot.py --sweep; the 4-warp
+# default uses 255 registers and spills 52 bytes)
+GEMM_SWEEP = ["64,64,32,4,3", "64,64,32,8,3", "128,64,32,4,3", "64,128,32,4,3", "128,128,32,8,3", "64,64,64,4,3",
+              "128,64,64,8,3", "32,64,32,4,3", "64,64,16,4,4"]
+
 # Rooflines of shared/docs/PERF.md (H100 SXM). CPU rows are set against the measured copy bandwidth.
 GPU_ROOFLINE = {"hbm_gbps": 3350.0, "fp32_gflops": 67000.0, "tf32_gflops": 495000.0}
 LITERAL = "literal"

@@ -371,11 +371,7 @@ def _tf32(on: bool):
     return _patched((torch.backends.cuda.matmul, "allow_tf32", bool(on)), (ops_logits, "DEFAULT_ALLOW_TF32", bool(on)))
 
 
-# 64,64,32,8,3: the default tiles on 8 warps, the one fp32 (ieee) config of these whose encoder+decoder
-# forward kernel compiles without register spills for sm_90 (bench/triton_aot.py --sweep; the 4-warp
-# default uses 255 registers and spills 52 bytes)
-SWEEP = ["64,64,32,4,3", "64,64,32,8,3", "128,64,32,4,3", "64,128,32,4,3", "128,128,32,8,3", "64,64,64,4,3",
-         "128,64,64,8,3", "32,64,32,4,3", "64,64,16,4,4"]
+SWEEP = common.GEMM_SWEEP
 
 
 def bench_sweep(rows, args, device, budget, dims) -> None:

@@ -239,8 +239,8 @@ def workloads(sweep: bool = False) -> List[Tuple[str, Callable[[], None]]]:
         out.append((f"bce_with_logits {reduction}", lambda reduction=reduction: backward(SF.bce_with_logits(
             torch.randn(batch, generator=gen, requires_grad=True), labels, reduction=reduction, backend="triton"))))
     if sweep:
-        from bench.gpu_check import SWEEP
-        for blocks in SWEEP:
+        from bench.common import GEMM_SWEEP
+        for blocks in GEMM_SWEEP:
             for tf32 in (False, True):
                 def swept(blocks=blocks, tf32=tf32):
                     with _env("SFG_FAST_GEMM_BLOCKS", blocks):
@@ -291,6 +291,8 @@ def run(sweep: bool = False) -> Tuple[List[dict], List[dict]]:
                 fn()
             except Exception as exc:   # a compile error: record it and go on with the others
                 failures.append({"workload": name, "error": f"{type(exc).__name__}: {str(exc)[:1500]}"})
+    if os.environ.get("TRITON_INTERPRET") == "1":   # something imported mid-run switched the interpreter on
+        raise RuntimeError("TRITON_INTERPRET was set during the run: the launchers picked interpreter block sizes")
     rows = []
     for entry in recorder.kernels.values():
         compiled = entry["compiled"]

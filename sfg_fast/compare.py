@@ -80,7 +80,10 @@ def _mean_std(values: Sequence[float]):
 
 def _aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     out = {"n": len(runs), "seeds": [r["seed"] for r in runs]}
-    for key in ("test_auc", "test_logloss", "valid_auc", "train_seconds", "samples_per_second", "best_epoch"):
+    keys = ["test_auc", "test_logloss", "valid_auc", "train_seconds", "samples_per_second", "best_epoch"]
+    if all(r.get("test_gauc") is not None for r in runs):   # group_field set (and every run had a group to score)
+        keys.append("test_gauc")
+    for key in keys:
         mean, std = _mean_std([float(r[key]) for r in runs])
         out[key] = {"mean": mean, "std": std, "values": [r[key] for r in runs]}
     out["num_parameters"] = runs[0]["num_parameters"]
@@ -91,6 +94,9 @@ def format_table(summary: Dict[str, Any], markdown: bool = True) -> str:
     """The results table: one row per (model, variant) plus SFG's AUC gain over base."""
     header = ["model", "variant", "test AUC", "test logloss", "dAUC vs base", "best epoch",
               "train s", "samples/s", "params"]
+    with_gauc = any("test_gauc" in agg for variants in summary["results"].values() for agg in variants.values())
+    if with_gauc:
+        header.insert(4, "test gAUC")
     rows = []
     for model, variants in summary["results"].items():
         base_auc = variants.get("base", {}).get("test_auc", {}).get("mean")
@@ -104,6 +110,9 @@ def format_table(summary: Dict[str, Any], markdown: bool = True) -> str:
                          f"{auc['mean']:.5f} ± {auc['std']:.5f}", f"{loss['mean']:.5f} ± {loss['std']:.5f}",
                          gain, f"{agg['best_epoch']['mean']:.1f}", f"{agg['train_seconds']['mean']:.1f}",
                          f"{agg['samples_per_second']['mean']:,.0f}", f"{agg['num_parameters']:,}"])
+            if with_gauc:
+                g = agg.get("test_gauc")
+                rows[-1].insert(4, f"{g['mean']:.5f} ± {g['std']:.5f}" if g else "")
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -248,6 +257,7 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
                                                    "valid_auc", "valid_logloss", "best_epoch", "epochs_run",
                                                    "train_seconds", "samples_per_second", "num_parameters",
                                                    "device")}
+                            | {k: result[k] for k in ("test_gauc", "valid_gauc") if k in result}
                             | {"out": config["out"], "config": result["config"]})
             if variant_runs:
                 results[model][variant] = _aggregate(variant_runs)

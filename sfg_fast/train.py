@@ -58,6 +58,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "min_count": None,
     "skip_bad_lines": False,
     "data_options": {},         # extra keyword arguments of sfg_fast.data.load_dataset
+    "group_field": None,        # a field name (e.g. user_id): also report gAUC grouped by its ids
     # optimisation
     "seed": 2018,
     "epochs": 10,
@@ -78,7 +79,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
 }
 
 # Keys a resumed run may change; anything else would make it a different experiment.
-RESUME_OVERRIDABLE = ("epochs", "verbose", "threads", "device", "out", "eval_batch_size")
+RESUME_OVERRIDABLE = ("epochs", "verbose", "threads", "device", "out", "eval_batch_size", "group_field")
 
 
 class TrainingDiverged(RuntimeError):
@@ -246,6 +247,8 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"threads must be a positive integer or None, got {cfg['threads']!r}")
     if not isinstance(cfg["data_options"] or {}, dict):
         raise ValueError(f"data_options must be a mapping, got {cfg['data_options']!r}")
+    if cfg["group_field"] is not None and not isinstance(cfg["group_field"], str):
+        raise ValueError(f"group_field must be a field name (a string) or None, got {cfg['group_field']!r}")
 
 
 def _resolve_device(device) -> torch.device:
@@ -482,8 +485,10 @@ def _split_tensors(split, name: str):
 
 
 def evaluate_model(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                   batch_size: int = 16384, name: str = "valid") -> Dict[str, float]:
+                   batch_size: int = 16384, name: str = "valid", group_column: Optional[int] = None) -> Dict[str, float]:
     """AUC and logloss of ``model`` on ``(ids, labels)``; logloss is mean BCE on the logits in fp64.
+    With ``group_column`` also gAUC (:func:`sfg_fast.metrics.group_auc`) grouped by ``ids[:, group_column]``
+    and the number of groups it averaged (``gAUC_groups``).
 
     Raises TrainingDiverged when a logit is NaN/inf, ValueError when the split is empty or one-class.
     """
@@ -510,7 +515,11 @@ def evaluate_model(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tens
     # AUC is rank-based: score the logits themselves, which fp64 sigmoid would saturate into ties.
     auc = float(roc_auc_score(y.numpy(), logits.numpy()))
     logloss = float(SF.bce_with_logits(logits, y, reduction="mean", backend="torch"))
-    return {"AUC": auc, "logloss": logloss}
+    out = {"AUC": auc, "logloss": logloss}
+    if group_column is not None:
+        from .metrics import group_auc
+        out["gAUC"], out["gAUC_groups"] = group_auc(y.numpy(), logits.numpy(), ids[:, group_column].numpy())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,6 +568,15 @@ class Trainer:
             # (one pass over the ids: about a second for all of Criteo)
             check()
         self.schema = self.data.schema
+        self.group_column = None
+        if config["group_field"] is not None:
+            names = list(self.schema.field_names)
+            if config["group_field"] not in names:
+                raise ValueError(f"group_field {config['group_field']!r} is not a field of {self.schema.name}; "
+                                 f"its fields are {names}")
+            self.group_column = names.index(config["group_field"])
+        # passed only when set: evaluate_model's 6-argument form is the one a caller may replace
+        self._group_kw = {} if self.group_column is None else {"group_column": self.group_column}
         if checkpoint is not None and list(checkpoint["schema"]["field_dims"]) != list(self.schema.field_dims):
             raise ValueError(f"the checkpoint's schema (field_dims {checkpoint['schema']['field_dims']}) does not "
                              f"match the dataset's ({list(self.schema.field_dims)}); is it the same data?")
@@ -705,7 +723,7 @@ class Trainer:
         cfg = self.config
         try:
             metrics = evaluate_model(self.model, self.valid_ids, self.valid_labels, self.device,
-                                     int(cfg["eval_batch_size"]), "valid")
+                                     int(cfg["eval_batch_size"]), "valid", **self._group_kw)
         except TrainingDiverged as exc:
             raise TrainingDiverged(self._diverged_message(str(exc), f"the validation after epoch {self.epoch + 1}")) \
                 from None
@@ -724,6 +742,7 @@ class Trainer:
         self.samples_seen += stats["samples"]
         record = {"epoch": self.epoch, "train_loss": stats["train_loss"], "valid_auc": metrics["AUC"],
                   "valid_logloss": metrics["logloss"], "lr": lr, "improved": improved,
+                  **({"valid_gauc": metrics["gAUC"]} if "gAUC" in metrics else {}),
                   "seconds": None,
                   "samples_per_second": stats["samples"] / max(stats["step_seconds"], 1e-12)}
         self.history.append(record)
@@ -796,8 +815,10 @@ class Trainer:
             self.model.load_state_dict(self._best_checkpoint(best_path)["model_state"])
         self.model.eval()
         batch = int(cfg["eval_batch_size"])
-        valid = evaluate_model(self.model, self.valid_ids, self.valid_labels, self.device, batch, "valid")
-        test = evaluate_model(self.model, self.test_ids, self.test_labels, self.device, batch, "test")
+        valid = evaluate_model(self.model, self.valid_ids, self.valid_labels, self.device, batch, "valid",
+                               **self._group_kw)
+        test = evaluate_model(self.model, self.test_ids, self.test_labels, self.device, batch, "test",
+                              **self._group_kw)
         results = {
             "model": cfg["model"],
             "generative": bool(self.model.generative),
@@ -807,6 +828,8 @@ class Trainer:
             "test_logloss": test["logloss"],
             "valid_auc": valid["AUC"],
             "valid_logloss": valid["logloss"],
+            **({"test_gauc": test["gAUC"], "valid_gauc": valid["gAUC"], "test_gauc_groups": test["gAUC_groups"],
+                "group_field": cfg["group_field"]} if self.group_column is not None else {}),
             "best_epoch": self.best_epoch,
             "epochs_run": self.epoch,
             "steps": self.step,

@@ -66,8 +66,8 @@ def test_early_stopping_and_lr_decay(tmp_path, tiny, monkeypatch):
     scores = iter([0.70, 0.72, 0.71, 0.705, 0.9, 0.9])
     real = T.evaluate_model
 
-    def fake(model, ids, labels, device, batch_size=16384, name="valid"):
-        metrics = real(model, ids, labels, device, batch_size, name)
+    def fake(model, ids, labels, device, batch_size=16384, name="valid", group_column=None):
+        metrics = real(model, ids, labels, device, batch_size, name, group_column)
         if name == "valid" and fake.in_fit:
             metrics["AUC"] = next(scores)
         return metrics
