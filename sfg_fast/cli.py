@@ -194,9 +194,9 @@ def _setup_logging(verbose: Optional[int]) -> None:
 
 
 def _summary_line(results: Dict[str, Any]) -> str:
-    keys = ("model", "generative", "test_auc", "test_logloss", "best_epoch", "epochs_run", "samples_per_second",
-            "train_seconds")
-    return json.dumps({k: results[k] for k in keys} | {"out": results["config"]["out"]})
+    keys = ("model", "generative", "test_auc", "test_logloss", "test_gauc", "best_epoch", "epochs_run",
+            "samples_per_second", "train_seconds")
+    return json.dumps({k: results[k] for k in keys if k in results} | {"out": results["config"]["out"]})
 
 
 def _run_distributed(args) -> int:

@@ -58,7 +58,8 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "min_count": None,
     "skip_bad_lines": False,
     "data_options": {},         # extra keyword arguments of sfg_fast.data.load_dataset
-    "group_field": None,        # a field name (e.g. user_id): also report gAUC grouped by its ids
+    "group_field": None,        # a field name: also report gAUC grouped by its ids (None: the dataset's
+                                # own group field, if it has one, see GROUP_FIELDS; "": no gAUC)
     # optimisation
     "seed": 2018,
     "epochs": 10,
@@ -77,6 +78,9 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "verbose": 1,
     "out": None,
 }
+
+# The field whose ids group samples for gAUC when the config names none (FuxiCTR's dataset "group_id").
+GROUP_FIELDS = {"movielens100k": "user_id"}
 
 # Keys a resumed run may change; anything else would make it a different experiment.
 RESUME_OVERRIDABLE = ("epochs", "verbose", "threads", "device", "out", "eval_batch_size", "group_field")
@@ -569,12 +573,16 @@ class Trainer:
             check()
         self.schema = self.data.schema
         self.group_column = None
-        if config["group_field"] is not None:
+        group_field = config["group_field"]
+        if group_field is None:
+            group_field = GROUP_FIELDS.get(self.schema.name)
+        self.group_field = group_field or None
+        if self.group_field is not None:
             names = list(self.schema.field_names)
-            if config["group_field"] not in names:
-                raise ValueError(f"group_field {config['group_field']!r} is not a field of {self.schema.name}; "
+            if self.group_field not in names:
+                raise ValueError(f"group_field {self.group_field!r} is not a field of {self.schema.name}; "
                                  f"its fields are {names}")
-            self.group_column = names.index(config["group_field"])
+            self.group_column = names.index(self.group_field)
         # passed only when set: evaluate_model's 6-argument form is the one a caller may replace
         self._group_kw = {} if self.group_column is None else {"group_column": self.group_column}
         if checkpoint is not None and list(checkpoint["schema"]["field_dims"]) != list(self.schema.field_dims):
@@ -829,7 +837,7 @@ class Trainer:
             "valid_auc": valid["AUC"],
             "valid_logloss": valid["logloss"],
             **({"test_gauc": test["gAUC"], "valid_gauc": valid["gAUC"], "test_gauc_groups": test["gAUC_groups"],
-                "group_field": cfg["group_field"]} if self.group_column is not None else {}),
+                "group_field": self.group_field} if self.group_column is not None else {}),
             "best_epoch": self.best_epoch,
             "epochs_run": self.epoch,
             "steps": self.step,

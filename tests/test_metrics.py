@@ -74,3 +74,16 @@ def test_training_reports_gauc_for_a_group_field(tmp_path):
                                           "samples_per_second": {"mean": 10.0}, "num_parameters": 5}}}}
     table = format_table(summary)
     assert "test gAUC" in table and "0.61000 ± 0.01000" in table
+
+
+def test_movielens_reports_per_user_gauc_by_default_and_an_empty_group_field_turns_it_off(tmp_path):
+    from sfg_fast import train as T
+    from sfg_fast.data import load_dataset
+    data = load_dataset("movielens100k")
+    config = dict(model="fm", dataset="movielens100k", embedding_dim=4, epochs=1, batch_size=4096, verbose=0,
+                  threads=1, out=str(tmp_path / "ml"))
+    result = T.train(config, data=data)
+    assert result["group_field"] == "user_id" and 0.5 < result["test_gauc"] < 1
+    assert result["test_gauc_groups"] > 100                   # users with both a click and a non-click in test
+    off = T.train(dict(config, group_field="", out=str(tmp_path / "off")), data=data)
+    assert "test_gauc" not in off and "group_field" not in off
