@@ -59,7 +59,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "skip_bad_lines": False,
     "data_options": {},         # extra keyword arguments of sfg_fast.data.load_dataset
     "group_field": None,        # a field name: also report gAUC grouped by its ids (None: the dataset's
-                                # own group field, if it has one, see GROUP_FIELDS; "": no gAUC)
+                                # own group field, if it has one, see GROUP_FIELDS; false: no gAUC)
     # optimisation
     "seed": 2018,
     "epochs": 10,
@@ -251,8 +251,9 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"threads must be a positive integer or None, got {cfg['threads']!r}")
     if not isinstance(cfg["data_options"] or {}, dict):
         raise ValueError(f"data_options must be a mapping, got {cfg['data_options']!r}")
-    if cfg["group_field"] is not None and not isinstance(cfg["group_field"], str):
-        raise ValueError(f"group_field must be a field name (a string) or None, got {cfg['group_field']!r}")
+    if cfg["group_field"] not in (None, False) and not isinstance(cfg["group_field"], str):
+        raise ValueError(f"group_field must be a field name, false (no gAUC) or None (the dataset's default), "
+                         f"got {cfg['group_field']!r}")
 
 
 def _resolve_device(device) -> torch.device:
@@ -576,7 +577,7 @@ class Trainer:
         group_field = config["group_field"]
         if group_field is None:
             group_field = GROUP_FIELDS.get(self.schema.name)
-        self.group_field = group_field or None
+        self.group_field = None if group_field in (False, "", "none") else group_field
         if self.group_field is not None:
             names = list(self.schema.field_names)
             if self.group_field not in names:

@@ -76,7 +76,7 @@ def test_training_reports_gauc_for_a_group_field(tmp_path):
     assert "test gAUC" in table and "0.61000 ± 0.01000" in table
 
 
-def test_movielens_reports_per_user_gauc_by_default_and_an_empty_group_field_turns_it_off(tmp_path):
+def test_movielens_reports_per_user_gauc_by_default_and_group_field_false_turns_it_off(tmp_path):
     from sfg_fast import train as T
     from sfg_fast.data import load_dataset
     data = load_dataset("movielens100k")
@@ -85,5 +85,7 @@ def test_movielens_reports_per_user_gauc_by_default_and_an_empty_group_field_tur
     result = T.train(config, data=data)
     assert result["group_field"] == "user_id" and 0.5 < result["test_gauc"] < 1
     assert result["test_gauc_groups"] > 100                   # users with both a click and a non-click in test
-    off = T.train(dict(config, group_field="", out=str(tmp_path / "off")), data=data)
+    off = T.train(dict(config, group_field=False, out=str(tmp_path / "off")), data=data)
     assert "test_gauc" not in off and "group_field" not in off
+    with pytest.raises(ValueError, match="group_field must be a field name"):
+        T.train(dict(config, group_field=3, out=str(tmp_path / "bad")), data=data)
