@@ -34,14 +34,14 @@ if ! "$PYTHON" -c "import sfg_fast.kernels" >/dev/null 2>&1; then
 fi
 BUILD_PID=
 if [ "${SFG_FAST_GPU_BUILD_EXT:-1}" = 1 ]; then
-  ( SFG_FAST_BUILD_EXT=1 MAX_JOBS=6 TORCH_CUDA_ARCH_LIST="9.0" timeout "$(within 300 200)" "$PYTHON" setup.py build_ext --inplace \
+  ( SFG_FAST_BUILD_EXT=1 MAX_JOBS=6 TORCH_CUDA_ARCH_LIST="9.0" timeout -k 10 "$(within 300 200)" "$PYTHON" setup.py build_ext --inplace \
       >"$LOGS/build.log" 2>&1; echo "build rc=$?" >>"$LOGS/build.log" ) &
   BUILD_PID=$!
 fi
 XDIST=()
 if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${GPU_TEST_WORKERS:-8}"); fi
 start=$(date +%s)
-timeout "$(within "${GPU_TESTS_TIMEOUT:-150}" 200)" "$PYTHON" -m pytest -m "gpu or interpreter" -q -p no:cacheprovider \
+timeout -k 10 "$(within "${GPU_TESTS_TIMEOUT:-150}" 200)" "$PYTHON" -m pytest -m "gpu or interpreter" -q -p no:cacheprovider \
   "${XDIST[@]}" >"$LOGS/tests.log" 2>&1
 tests_rc=$?
 tests_note="rc=$tests_rc in $(( $(date +%s) - start )) s (124 = timed out); $(tail -1 "$LOGS/tests.log")"
@@ -53,7 +53,7 @@ if [ -n "$BUILD_PID" ]; then
   grep -iE "error|warning: could not" "$LOGS/build.log" | head -5
   tail -1 "$LOGS/build.log"
   "$PYTHON" -c "from sfg_fast import _C; print('sfg_fast._C WITH_CUDA =', _C.WITH_CUDA)" 2>&1 | tail -1
-  timeout "$(within 60 150)" "$PYTHON" -m pytest tests/test_cuda_ext.py -v -p no:cacheprovider -rs \
+  timeout -k 10 "$(within 60 150)" "$PYTHON" -m pytest tests/test_cuda_ext.py -v -p no:cacheprovider -rs \
     >"$LOGS/ext_tests.log" 2>&1
   rc=$?
   ext_rc=$rc
@@ -62,12 +62,12 @@ if [ -n "$BUILD_PID" ]; then
   tail -2 "$LOGS/ext_tests.log"
   if [ "$rc" = 139 ] && command -v cuda-gdb >/dev/null; then   # a crash: where, natively
     last=$(grep -oE "test_cuda_ext.py::[a-z_0-9]+" "$LOGS/ext_tests.log" | tail -1)
-    timeout "$(within 60 150)" cuda-gdb -batch -ex run -ex bt --args "$PYTHON" -m pytest -q -p no:cacheprovider "tests/$last" \
+    timeout -k 10 "$(within 60 150)" cuda-gdb -batch -ex run -ex bt --args "$PYTHON" -m pytest -q -p no:cacheprovider "tests/$last" \
       >"$LOGS/ext_gdb.log" 2>&1
     grep -E "^#[0-9]+" "$LOGS/ext_gdb.log" | head -25
   fi
   # the CPU kernels of the same build, argument checks included
-  timeout "$(within 60 150)" "$PYTHON" -m pytest tests/test_cpu_ext.py -q -p no:cacheprovider -k "rejects or bounds" \
+  timeout -k 10 "$(within 60 150)" "$PYTHON" -m pytest tests/test_cpu_ext.py -q -p no:cacheprovider -k "rejects or bounds" \
     2>&1 | tail -2
 fi
 EXTRA=(--pre "gpu_tests=$tests_note")
@@ -77,7 +77,7 @@ if [ -n "${ext_rc:-}" ]; then
 fi
 check_s=$(within "${GPU_CHECK_TIMEOUT:-300}" 10)
 # the benchmarks' own budget ends early enough for the last provider and the summary to finish
-timeout "$check_s" "$PYTHON" bench/gpu_check.py --skip-tests --out "$LOGS" --budget $(( check_s > 90 ? check_s - 60 : check_s / 2 )) \
+timeout -k 10 "$check_s" "$PYTHON" bench/gpu_check.py --skip-tests --out "$LOGS" --budget $(( check_s > 90 ? check_s - 60 : check_s / 2 )) \
   "${EXTRA[@]}" "$@"
 rc=$?
 echo "gpu_check.py: rc=$rc (1 = some rows failed, 124 = timed out) after $(( $(date +%s) - T0 )) s in all"

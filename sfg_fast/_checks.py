@@ -92,14 +92,20 @@ def pair_mask(num_fields: int, pairs: str, device=None) -> torch.Tensor:
 
 
 def pair_index(num_fields: int, pairs: str, device=None):
-    """(rows, cols) int64 of the pairs of P in row-major order, built from Python ints: no
-    data-dependent ``nonzero``, so torch.compile traces it."""
+    """(rows, cols) int64 of the pairs of P in row-major order, built on the device from shapes alone:
+    no data-dependent ``nonzero`` (torch.compile traces it) and no copy from host memory (a blocking
+    copy, which a CUDA graph capture refuses)."""
     check_choice("pairs", pairs, PAIRS)
-    keep = {"upper": lambda i, j: i < j, "all": lambda i, j: True, "offdiag": lambda i, j: i != j}[pairs]
-    index = [(i, j) for i in range(num_fields) for j in range(num_fields) if keep(i, j)]
-    rows = torch.tensor([i for i, _ in index], dtype=torch.int64, device=device)
-    cols = torch.tensor([j for _, j in index], dtype=torch.int64, device=device)
-    return rows, cols
+    n = int(num_fields)
+    if pairs == "upper":
+        rows, cols = torch.triu_indices(n, n, offset=1, device=device)
+        return rows, cols
+    rows = torch.arange(n, dtype=torch.int64, device=device).repeat_interleave(n if pairs == "all" else max(n - 1, 0))
+    if pairs == "all":
+        return rows, torch.arange(n, dtype=torch.int64, device=device).repeat(n)
+    # offdiag: row i pairs with 0..n-2, each shifted past the diagonal
+    cols = torch.arange(max(n - 1, 0), dtype=torch.int64, device=device).repeat(n)
+    return rows, cols + (cols >= rows).to(torch.int64)
 
 
 def check_ids(ids) -> None:
@@ -168,7 +174,9 @@ def check_lookup(ids, weight, offsets, bounds_check: str, table: str = "weight")
 
 def field_sizes(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Vocabulary size of each field from its row offset and the table's row count (int64 [N])."""
-    ends = torch.cat([offsets[1:], offsets.new_tensor([num_rows])])
+    # new_full fills on the device; new_tensor([...]) would copy from host memory (a sync on GPUs, which a
+    # CUDA graph capture refuses)
+    ends = torch.cat([offsets[1:], offsets.new_full((1,), num_rows)])
     return ends - offsets
 
 

@@ -110,3 +110,38 @@ def test_whole_fused_step_captured_in_a_cuda_graph_trains_like_eager_steps():
     for a, b in zip(eager_parts, graph_parts):
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_capture_branches_build_no_tensor_from_host_data(pretend_capture, monkeypatch):
+    """A tensor made from Python data on a GPU is a blocking host-to-device copy, which a capture refuses:
+    the checks and the pair indices must build theirs on the device."""
+    made = []
+    real_tensor, real_new_tensor = torch.tensor, torch.Tensor.new_tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append("torch.tensor") or real_tensor(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "new_tensor",
+                        lambda self, *a, **k: made.append("Tensor.new_tensor") or real_new_tensor(self, *a, **k))
+    weight, offsets = torch.randn(7, 3), torch.arange(2, dtype=torch.int64) * 4
+    ids = real_tensor([[3, 2], [0, 0]])
+    SF.embedding_lookup(ids, weight, offsets, "fatal", backend="torch")
+    labels = real_tensor([0.0, 1.0, 1.0, 0.0])
+    SF.bce_with_logits(torch.randn(4), labels, backend="torch")
+    assert made == []
+    for pairs in ("upper", "all", "offdiag"):
+        _checks.pair_index(5, pairs)
+    SF.pairwise_products(torch.randn(2, 4, 3), torch.randn(2, 4, 3), backend="torch")
+    assert made == []
+
+
+@pytest.mark.gpu
+def test_fatal_bounds_check_can_be_captured():
+    weight = torch.randn(7, 3, device=DEVICE)
+    offsets = torch.tensor([0, 4], dtype=torch.int64, device=DEVICE)
+    ids = torch.tensor([[3, 2], [0, 0]], device=DEVICE)
+    SF.embedding_lookup(ids, weight, offsets, "fatal", backend="triton")   # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = SF.embedding_lookup(ids, weight, offsets, "fatal", backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, weight[ids + offsets])

@@ -352,3 +352,13 @@ def test_sfg_interaction_layer_equals_encoder_then_decoder(backend, generative):
     assert (layer.encoder is None) == (not generative)
     for g, r in zip(got, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("pairs", ["upper", "all", "offdiag"])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 39])
+def test_pair_index_lists_the_mask_in_row_major_order(pairs, n):
+    from sfg_fast import _checks
+    rows, cols = _checks.pair_index(n, pairs)
+    want = _checks.pair_mask(n, pairs).nonzero()
+    assert rows.dtype == cols.dtype == torch.int64
+    assert torch.equal(torch.stack([rows, cols], 1), want)
