@@ -1,0 +1,315 @@
+"""Property-based tests (hypothesis): shapes and options drawn at random, every backend that runs here
+against the fp64 reference.
+
+The parametrised tests of each op pin the shapes STYLE.md asks for; these draw the combinations
+nobody listed (odd B, N, D together with every decoder kind, pair set, side, activation, bias,
+residual, id dtype, bounds mode and optimizer), as FBGEMM's and TorchRec's hypothesis tests do.
+Draws are derandomised (the same examples every run, so CI is repeatable) and kept small: the Triton
+backend runs under the interpreter on CPU machines. On a GPU the same tests run the CUDA backends.
+A deeper local search: ``SFG_FAST_HYPOTHESIS_EXAMPLES=500 SFG_FAST_HYPOTHESIS_SEARCH=1 pytest
+tests/test_properties.py`` (fresh random draws each run; a failure prints the example to replay).
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from sfg_fast import _checks, factored, functional as SF, reference  # noqa: E402
+from sfg_fast._backend import unavailable_reason  # noqa: E402
+from sfg_fast.metrics import group_auc  # noqa: E402
+from sfg_fast.ops import load_backends  # noqa: E402
+from sfg_fast.optim import SparseRowOptimizer, fused_embedding_lookup  # noqa: E402
+
+from helpers import assert_close_2x, offsets_of  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+EXAMPLES = int(os.environ.get("SFG_FAST_HYPOTHESIS_EXAMPLES", "40"))
+SEARCH = os.environ.get("SFG_FAST_HYPOTHESIS_SEARCH") == "1"
+PROPERTY = settings(max_examples=EXAMPLES, deadline=None, derandomize=not SEARCH, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _backends(op):
+    """The fast backends that can run ``op`` here (torch always; triton / cpu / cuda when available)."""
+    load_backends()
+    return [b for b in ("torch", "triton", "cpu", "cuda") if unavailable_reason(b, op, DEVICE) is None]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ the SFG interaction, every option
+
+@st.composite
+def interaction_cases(draw):
+    n = draw(st.integers(1, 7))
+    return dict(
+        batch=draw(st.integers(1, 40)), n=n, dim=draw(st.integers(1, 20)),
+        kind=draw(st.sampled_from(["identity", "scalar", "vector", "matrix"])),
+        activation=draw(st.sampled_from(sorted(_checks.ACTIVATIONS))),
+        gamma=draw(st.sampled_from([1.0, 0.37, 4.0])),
+        residual=draw(st.booleans()), pairs=draw(st.sampled_from(["upper", "all", "offdiag"])),
+        side=draw(st.sampled_from(["left", "right"])), symmetric=draw(st.booleans()),
+        encode=draw(st.booleans()), bias=draw(st.booleans()), strided=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)))
+
+
+def _interaction_tensors(case):
+    gen, n, dim = _gen(case["seed"]), case["n"], case["dim"]
+    width = n * dim
+    V = torch.randn(case["batch"], n, dim, generator=gen, dtype=torch.float64)
+    enc = torch.randn(width, width, generator=gen, dtype=torch.float64) / width ** 0.5 if case["encode"] else None
+    bias = torch.randn(width, generator=gen, dtype=torch.float64) if case["encode"] and case["bias"] else None
+    shape = {"identity": None, "scalar": (n, n), "vector": (n, n, dim), "matrix": (n, n, dim, dim)}[case["kind"]]
+    dec = None if shape is None else torch.randn(*shape, generator=gen, dtype=torch.float64) / dim ** 0.5
+    return [V, enc, bias, dec]
+
+
+def _value_and_grads(fn, tensors, upstream, dtype, device, strided=False):
+    """fn's output and the gradients of sum(upstream * out) for every tensor given (cast to dtype);
+    ``strided``: the first tensor is passed as a non-contiguous view of the same values."""
+    leaves = [None if t is None else t.detach().to(device, dtype).requires_grad_() for t in tensors]
+    args = list(leaves)
+    if strided:
+        args[0] = leaves[0].transpose(0, -1).contiguous().transpose(0, -1)
+    out = fn(*args)
+    grads = torch.autograd.grad((out * upstream.to(device, out.dtype)).sum(), [t for t in leaves if t is not None],
+                                allow_unused=True)
+    return out, [torch.zeros_like(t) if g is None else g for t, g in zip([t for t in leaves if t is not None], grads)]
+
+
+@PROPERTY
+@given(case=interaction_cases())
+def test_interaction_every_backend_equals_the_reference(case):
+    """sfg_interaction forward and every gradient (dV, dW_enc, d bias, d decoder) on every backend, by the
+    2x rule against the fp64 reference (torch's own fp32 error of the same computation sets the bar)."""
+    tensors = _interaction_tensors(case)
+    options = (case["kind"], case["activation"], case["gamma"], case["residual"], case["pairs"], case["side"],
+               case["symmetric"])
+    upstream = torch.randn(case["batch"], generator=_gen(case["seed"] + 1), dtype=torch.float64)
+
+    def run(backend):
+        return lambda *t: SF.sfg_interaction(*t, *options, backend=backend)
+    ref64, grads64 = _value_and_grads(run("reference"), tensors, upstream, torch.float64, "cpu")
+    ref32, grads32 = _value_and_grads(run("reference"), tensors, upstream, torch.float32, "cpu")
+    names = [name for name, t in zip(("dV", "d_enc_weight", "d_enc_bias", "d_dec_weight"), tensors) if t is not None]
+    for backend in _backends("sfg_interaction"):
+        out, grads = _value_and_grads(run(backend), tensors, upstream, torch.float32, DEVICE, case["strided"])
+        assert out.shape == (case["batch"],) and out.dtype == torch.float32, backend
+        assert_close_2x(out.cpu(), ref64, ref32, f"{backend} logit {case}", floor=1e-5)
+        for name, g, g64, g32 in zip(names, grads, grads64, grads32):
+            assert g.shape == g64.shape, (backend, name)
+            assert_close_2x(g.cpu(), g64, g32, f"{backend} {name} {case}", floor=1e-5)
+
+
+# ------------------------------------------------------------- the lookup, ids in and out of range
+
+@st.composite
+def lookup_cases(draw):
+    field_dims = draw(st.lists(st.integers(1, 40), min_size=1, max_size=6))
+    return dict(field_dims=field_dims, batch=draw(st.integers(1, 12)), dim=draw(st.integers(1, 9)),
+                id_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
+                bad=draw(st.sampled_from(["none", "negative", "too_large"])),
+                mode=draw(st.sampled_from(["fatal", "clamp_to_oov"])),
+                transpose=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@PROPERTY
+@given(case=lookup_cases())
+def test_lookup_every_backend_gathers_exactly_and_checks_bounds(case):
+    """Every backend returns exactly the reference's rows; a bad id raises IndexError naming its field in
+    "fatal" and reads the field's OOV (last) row in "clamp_to_oov", never row 0 of the table."""
+    gen, field_dims = _gen(case["seed"]), case["field_dims"]
+    num_fields, batch = len(field_dims), case["batch"]
+    sizes = torch.tensor(field_dims)
+    ids = (torch.rand(batch, num_fields, generator=gen) * sizes).long()
+    if case["bad"] != "none":
+        b, f = (int(torch.randint(high, (1,), generator=gen)) for high in (batch, num_fields))
+        ids[b, f] = -1 - b if case["bad"] == "negative" else field_dims[f] + b
+    if case["transpose"]:                                   # a non-contiguous view of the same ids
+        ids = ids.t().contiguous().t()
+    ids = ids.to(case["id_dtype"])
+    weight = torch.randn(sum(field_dims), case["dim"], generator=gen)
+    offsets = offsets_of(field_dims)
+    oov = ids.long().clamp(min=0)
+    bad_mask = (ids.long() < 0) | (ids.long() >= sizes)
+    want = weight[torch.where(bad_mask, sizes - 1, oov) + offsets]
+    for backend in _backends("embedding_lookup"):
+        args = (ids.to(DEVICE), weight.to(DEVICE), offsets.to(DEVICE), case["mode"])
+        if case["bad"] != "none" and case["mode"] == "fatal":
+            with pytest.raises(IndexError, match="field"):
+                SF.embedding_lookup(*args, backend=backend)
+            continue
+        out = SF.embedding_lookup(*args, backend=backend)
+        assert torch.equal(out.cpu(), want), backend
+
+
+# ------------------------------------------------- the fused sparse update, against the reference optimizer
+
+@st.composite
+def update_cases(draw):
+    return dict(field_dims=draw(st.lists(st.integers(1, 30), min_size=1, max_size=5)),
+                batch=draw(st.integers(1, 24)), dim=draw(st.integers(1, 9)),
+                kind=draw(st.sampled_from(["sgd", "adagrad", "adam"])), steps=draw(st.integers(1, 3)),
+                hot=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+def _fused_backends():
+    backends = ["torch"]
+    if unavailable_reason("triton", "embedding_lookup", DEVICE) is None:
+        backends.append("triton")
+    if DEVICE.type == "cpu" and unavailable_reason("cpu", "", DEVICE) is None:
+        backends.append("cpu")
+    return backends
+
+
+@PROPERTY
+@given(case=update_cases())
+def test_fused_sparse_update_equals_the_reference_optimizer(case):
+    """The update fused into the lookup's backward, after several steps (state carries over, duplicate and
+    hot ids), equals the fp64 reference optimizer applied to the reference lookup's gradient rows."""
+    gen, field_dims, dim = _gen(case["seed"]), case["field_dims"], case["dim"]
+    offsets, sizes = offsets_of(field_dims), torch.tensor(field_dims)
+    hyper = dict(lr=0.05, eps=1e-8, betas=(0.8, 0.9))
+    start = torch.randn(sum(field_dims), dim, generator=gen, dtype=torch.float64)
+    steps = []
+    for _ in range(case["steps"]):
+        ids = (torch.rand(case["batch"], len(field_dims), generator=gen) * sizes).long()
+        if case["hot"]:
+            ids[: (case["batch"] + 1) // 2] = 0             # half the batch on one row per field
+        steps.append((ids, torch.randn(case["batch"], len(field_dims), dim, generator=gen, dtype=torch.float64)))
+
+    weight64, opt64 = start.clone(), SparseRowOptimizer(case["kind"], **hyper)
+    for ids, upstream in steps:
+        leaf = weight64.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(reference.embedding_lookup(ids, leaf, offsets), leaf, upstream)
+        rows = torch.unique((ids + offsets).reshape(-1))
+        opt64.step_rows(weight64, rows, grad[rows])
+
+    results = {}
+    for backend in _fused_backends():
+        weight = start.float().to(DEVICE).requires_grad_()
+        opt = SparseRowOptimizer(case["kind"], **hyper)
+        for ids, upstream in steps:
+            out = fused_embedding_lookup(ids.to(DEVICE), weight, offsets.to(DEVICE), opt, backend=backend)
+            out.backward(upstream.float().to(DEVICE))
+        assert weight.grad is None, backend
+        results[backend] = (weight.detach().cpu(), {k: v.cpu() for k, v in opt.state.items()})
+    torch_weight, torch_state = results["torch"]
+    for backend, (weight, state) in results.items():
+        assert_close_2x(weight, weight64, torch_weight, f"{backend} {case['kind']} weight", floor=1e-6)
+        for name, value in opt64.state.items():
+            assert_close_2x(state[name], value, torch_state[name], f"{backend} {case['kind']} {name}", floor=1e-6)
+
+
+# ------------------------------------------------------------------------- loss and the cross layer
+
+@PROPERTY
+@given(batch=st.integers(1, 40), scale=st.sampled_from([1.0, 30.0, 200.0]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), seed=st.integers(0, 2**16))
+def test_bce_every_backend_equals_the_reference(batch, scale, reduction, seed):
+    """Loss and dlogit on every backend by the 2x rule, logits up to +-200 (where a sigmoid-then-log
+    form would give inf)."""
+    gen = _gen(seed)
+    logits = torch.randn(batch, generator=gen, dtype=torch.float64) * scale
+    labels = (torch.rand(batch, generator=gen) < 0.5).double()
+
+    def run(backend, dtype, device):
+        x = logits.to(device, dtype).requires_grad_()
+        loss = SF.bce_with_logits(x, labels.to(device, dtype), reduction, backend=backend)
+        (dx,) = torch.autograd.grad(loss.sum(), x)
+        return loss.detach().cpu(), dx.cpu()
+    loss64, grad64 = run("reference", torch.float64, "cpu")
+    loss32, grad32 = run("reference", torch.float32, "cpu")
+    for backend in _backends("bce_with_logits"):
+        loss, grad = run(backend, torch.float32, DEVICE)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), backend
+        assert_close_2x(loss, loss64, loss32, f"{backend} loss", floor=1e-6)
+        assert_close_2x(grad, grad64, grad32, f"{backend} dlogit", floor=1e-6)
+
+
+@PROPERTY
+@given(batch=st.integers(1, 9), width=st.integers(1, 40), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_generative_cross_every_backend_equals_the_reference(batch, width, bias, seed):
+    gen = _gen(seed)
+    tensors = [torch.randn(batch, width, generator=gen, dtype=torch.float64),
+               torch.randn(batch, width, generator=gen, dtype=torch.float64),
+               torch.randn(width, width, generator=gen, dtype=torch.float64) / width ** 0.5,
+               torch.randn(width, generator=gen, dtype=torch.float64) if bias else None]
+    upstream = torch.randn(batch, width, generator=_gen(seed + 1), dtype=torch.float64)
+
+    def run(backend, dtype, device):
+        leaves = [None if t is None else t.to(device, dtype).requires_grad_() for t in tensors]
+        out = SF.generative_cross(*leaves, backend=backend)
+        grads = torch.autograd.grad((out * upstream.to(device, dtype)).sum(), [t for t in leaves if t is not None])
+        return out.detach().cpu(), [g.cpu() for g in grads]
+    out64, grads64 = run("reference", torch.float64, "cpu")
+    out32, grads32 = run("reference", torch.float32, "cpu")
+    for backend in _backends("generative_cross"):
+        out, grads = run(backend, torch.float32, DEVICE)
+        assert_close_2x(out, out64, out32, f"{backend} cross", floor=1e-5)
+        for name, g, g64, g32 in zip(("dx", "dx_gen", "dW", "db"), grads, grads64, grads32):
+            assert_close_2x(g, g64, g32, f"{backend} cross {name}", floor=1e-5)
+
+
+# ----------------------------------------------------------------------------------- gAUC
+
+@settings(max_examples=max(60, EXAMPLES), deadline=None, derandomize=not SEARCH, database=None)
+@given(n=st.integers(0, 80), num_groups=st.integers(1, 6), levels=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_group_auc_equals_impression_weighted_sklearn_auc(n, num_groups, levels, seed):
+    """gAUC = sum over groups holding both classes of (group size x sklearn AUC) / their total size,
+    with heavy score ties (few score levels)."""
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    scores = rng.integers(0, levels, n).astype(np.float64)
+    groups = rng.integers(0, num_groups, n) * 7 - 3           # arbitrary (negative, sparse) keys
+    got, counted = group_auc(labels, scores, groups)
+    total, weighted, kept = 0, 0.0, 0
+    for key in np.unique(groups):
+        member = groups == key
+        if labels[member].min() != labels[member].max():
+            weighted += member.sum() * roc_auc_score(labels[member], scores[member])
+            total += member.sum()
+            kept += 1
+    assert counted == kept
+    if kept == 0:
+        assert got is None
+    else:
+        assert got == pytest.approx(weighted / total, abs=1e-12)
+
+
+# ------------------------------------------------------- the whole pipeline from ids (sfg_logits)
+
+@PROPERTY
+@given(case=interaction_cases(), vocab=st.lists(st.integers(1, 25), min_size=7, max_size=7),
+       mode=st.sampled_from(["fatal", "clamp_to_oov", "off"]), id_dtype=st.sampled_from([torch.int32, torch.int64]))
+def test_sfg_logits_every_backend_equals_the_reference(case, vocab, mode, id_dtype):
+    """ids -> lookup -> encoder -> decoder on every backend, forward and the gradients of the table (duplicate
+    rows summed), the encoder and the decoder, against the fp64 reference by the 2x rule."""
+    field_dims = vocab[: case["n"]]
+    gen = _gen(case["seed"] + 2)
+    ids = (torch.rand(case["batch"], case["n"], generator=gen) * torch.tensor(field_dims)).long().to(id_dtype)
+    offsets = offsets_of(field_dims)
+    _, enc, bias, dec = _interaction_tensors(case)
+    table = torch.randn(sum(field_dims), case["dim"], generator=gen, dtype=torch.float64)
+    tensors = [table, enc, bias, dec]
+    options = (case["kind"], case["activation"], case["gamma"], case["residual"], case["pairs"], case["side"],
+               case["symmetric"], mode)
+    upstream = torch.randn(case["batch"], generator=_gen(case["seed"] + 3), dtype=torch.float64)
+
+    def run(backend, device):
+        return lambda *t: SF.sfg_logits(ids.to(device), t[0], offsets.to(device), *t[1:], *options, backend=backend)
+    ref64, grads64 = _value_and_grads(run("reference", "cpu"), tensors, upstream, torch.float64, "cpu")
+    ref32, grads32 = _value_and_grads(run("reference", "cpu"), tensors, upstream, torch.float32, "cpu")
+    names = [name for name, t in zip(("d_table", "d_enc_weight", "d_enc_bias", "d_dec_weight"), tensors) if t is not None]
+    for backend in _backends("sfg_logits"):
+        out, grads = _value_and_grads(run(backend, DEVICE), tensors, upstream, torch.float32, DEVICE)
+        assert_close_2x(out.cpu(), ref64, ref32, f"{backend} sfg_logits {case}", floor=1e-5)
+        for name, g, g64, g32 in zip(names, grads, grads64, grads32):
+            assert_close_2x(g.cpu(), g64, g32, f"{backend} {name} {case}", floor=1e-5)
