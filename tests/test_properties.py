@@ -397,3 +397,60 @@ def test_criteo_reader_equals_the_preprocessing_by_hand(tmp_path, case):
     for (ids, labels), got in zip(splits, (data.train, data.valid, data.test)):
         np.testing.assert_array_equal(got.ids, ids)
         np.testing.assert_array_equal(got.labels, labels)
+
+
+# ---------------------------------------------------------------- int8 serving tables
+
+@PROPERTY
+@given(rows=st.integers(1, 12), dim=st.integers(1, 20), log_scale=st.integers(-30, 30), seed=st.integers(0, 2**16),
+       shape=st.sampled_from(["normal", "constant", "outlier", "offset"]))
+def test_int8_quantiser_error_is_at_most_half_a_step(rows, dim, log_scale, seed, shape):
+    """Every element dequantises within half its row's step (plus the fp32 rounding of the affine map)
+    at any magnitude, for constant rows, one outlier per row, and rows far from zero."""
+    from sfg_fast.serving import dequantize_rowwise_int8, quantize_rowwise_int8
+    w = torch.randn(rows, dim, generator=_gen(seed), dtype=torch.float64)
+    if shape == "constant":
+        w = w[:, :1].expand(rows, dim).clone()
+    elif shape == "outlier":
+        w[:, 0] *= 1e3
+    elif shape == "offset":
+        w += 1e4
+    w = (w * 10.0 ** log_scale).float()
+    q, scale_bias = quantize_rowwise_int8(w)
+    assert q.dtype == torch.uint8 and scale_bias.dtype == torch.float32
+    back = dequantize_rowwise_int8(q, scale_bias).double()
+    scale, low = scale_bias[:, 0].double(), scale_bias[:, 1].double()
+    high = w.double().amax(1)
+    eps = torch.finfo(torch.float32).eps
+    bound = scale / 2 + 2 * eps * (low.abs() + high.abs() + (high - low))
+    err = (back - w.double()).abs().amax(1)
+    assert bool((err <= bound).all()), f"max error {err.max():.3e} over bound {bound[err.argmax()]:.3e}"
+
+
+@PROPERTY
+@given(case=interaction_cases(), vocab=st.lists(st.integers(1, 25), min_size=7, max_size=7),
+       mode=st.sampled_from(["fatal", "clamp_to_oov", "off"]))
+def test_int8_serving_backends_equal_the_reference_on_the_dequantised_table(case, vocab, mode):
+    """sfg_logits_int8 on the cpu backend (the fused pipeline) and on its torch twin equal the fp64 reference
+    of the same interaction on the dequantised table, by the 2x rule."""
+    from sfg_fast import serving
+    field_dims = vocab[: case["n"]]
+    gen = _gen(case["seed"] + 4)
+    ids = (torch.rand(case["batch"], case["n"], generator=gen) * torch.tensor(field_dims)).long()
+    offsets = offsets_of(field_dims)
+    _, enc, bias, dec = _interaction_tensors(case)
+    qweight, scale_bias = serving.quantize_rowwise_int8(torch.randn(sum(field_dims), case["dim"], generator=gen))
+    table = serving.dequantize_rowwise_int8(qweight, scale_bias)
+    options = (case["kind"], case["activation"], case["gamma"], case["residual"], case["pairs"], case["side"],
+               case["symmetric"])
+
+    def ref(dtype):
+        cast = [None if t is None else t.to(dtype) for t in (enc, bias, dec)]
+        return reference.sfg_logits(ids, table.to(dtype), offsets, *cast, *options, mode)
+    ref64, ref32 = ref(torch.float64), ref(torch.float32)
+    backends = ["torch"] + (["cpu"] if DEVICE.type == "cpu" and unavailable_reason("cpu", "", DEVICE) is None else [])
+    for backend in backends:
+        cast = [None if t is None else t.float() for t in (enc, bias, dec)]
+        out = serving.sfg_logits_int8(ids, qweight, scale_bias, offsets, *cast, *options, mode, backend=backend)
+        assert out.dtype == torch.float32 and out.shape == (case["batch"],)
+        assert_close_2x(out, ref64, ref32, f"int8 {backend} {case}", floor=1e-5)
