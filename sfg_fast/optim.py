@@ -47,7 +47,12 @@ class SparseRowOptimizer:
     Formulas in the module docstring. State is fp32 (fp64 for fp64 tables, torch path only) and
     created on the first step for the table it sees (Adagrad ``sum [V]``; Adam ``exp_avg [V, D]``
     and ``exp_avg_sq [V, D]``); later steps must use a table of the same shape (the state follows
-    the table to a new device).
+    the table to a new device or dtype).
+
+    One optimizer serves ONE table, and every backward through a fused lookup is one optimizer step:
+    a table looked up twice in an iteration (or a backward run twice with ``retain_graph``) is stepped
+    twice (Adam's step count advances by 2, Adagrad accumulates twice), unlike a dense optimizer
+    stepping once on the summed gradient. Look each table up once per step.
 
     Args:
         kind: "sgd" | "adagrad" | "adam".
@@ -70,8 +75,9 @@ class SparseRowOptimizer:
         lr, eps = float(lr), float(eps)
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {lr}")
-        if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+        if not (math.isfinite(eps) and eps > 0):
+            # eps = 0 turns a touched row whose gradient is zero into 0/0 = NaN
+            raise ValueError(f"eps must be a positive finite number, got {eps}")
         betas = tuple(betas)
         if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -88,26 +94,33 @@ class SparseRowOptimizer:
                   "adam": {"exp_avg": (num_rows, dim), "exp_avg_sq": (num_rows, dim)}}.get(self.kind, {})
         for name, shape in shapes.items():
             have = self.state.get(name)
+            want = self._compute_dtype(weight)
             if have is None:
                 fill = self.initial_accumulator_value if name == "sum" else 0.0
-                self.state[name] = torch.full(shape, fill, dtype=self._compute_dtype(weight), device=weight.device)
-            elif have.device != weight.device and tuple(have.shape) == shape:
-                self.state[name] = have.to(weight.device)     # the table moved (module.to(device))
+                self.state[name] = torch.full(shape, fill, dtype=want, device=weight.device)
             elif tuple(have.shape) != shape:
                 raise ValueError(f"optimizer state {name!r} has shape {list(have.shape)} on {have.device}, "
                                  f"but weight {list(weight.shape)} on {weight.device} needs {list(shape)}")
+            elif have.device != weight.device or have.dtype != want or not have.is_contiguous():
+                # the table moved or changed dtype (module.to(...), a checkpoint of another dtype)
+                self.state[name] = have.to(device=weight.device, dtype=want).contiguous()
 
     @staticmethod
     def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
         return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
     def _begin_step(self, weight: torch.Tensor) -> dict:
-        """Create state, advance the step count, and return the scalars of this step."""
+        """Create state and return the scalars of the next step (its number ``t``, bias corrections). The
+        step count advances only when the update has been applied (:meth:`_end_step`): a step that
+        fails leaves Adam's bias correction where it was."""
         self._ensure_state(weight)
-        self.step_count += 1
+        t = self.step_count + 1
         b1, b2 = self.betas
         return {"lr": self.lr, "eps": self.eps, "beta1": b1, "beta2": b2,
-                "bias1": 1.0 - b1 ** self.step_count, "bias2": 1.0 - b2 ** self.step_count}
+                "bias1": 1.0 - b1 ** t, "bias2": 1.0 - b2 ** t, "t": t}
+
+    def _end_step(self, s: dict) -> None:
+        self.step_count = s["t"]
 
     @torch.no_grad()
     def step_rows(self, weight: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor) -> None:
@@ -122,6 +135,7 @@ class SparseRowOptimizer:
                              f"got {list(grads.shape)}")
         s = self._begin_step(weight)
         if rows.numel() == 0:
+            self._end_step(s)
             return
         g = grads.to(self._compute_dtype(weight))
         w = weight.index_select(0, rows).to(g.dtype)
@@ -138,6 +152,7 @@ class SparseRowOptimizer:
             self.state["exp_avg_sq"].index_copy_(0, rows, v)
             w -= s["lr"] * (m / s["bias1"]) / ((v / s["bias2"]).sqrt() + s["eps"])
         weight.index_copy_(0, rows, w.to(weight.dtype))
+        self._end_step(s)
 
     @torch.no_grad()
     def step_lookup_triton(self, weight: torch.Tensor, grad_V: torch.Tensor, ids: torch.Tensor,
@@ -149,7 +164,8 @@ class SparseRowOptimizer:
         s = self._begin_step(weight)
         state1 = self.state.get("sum", self.state.get("exp_avg"))
         sparse_update(weight, grad_V, ids, offsets, self.kind, state1=state1, state2=self.state.get("exp_avg_sq"),
-                      **s)
+                      **{k: v for k, v in s.items() if k != "t"})
+        self._end_step(s)
 
     @torch.no_grad()
     def step_lookup_cpu(self, weight: torch.Tensor, grad_V: torch.Tensor, ids: torch.Tensor,
@@ -166,7 +182,8 @@ class SparseRowOptimizer:
                             "use backend='torch'")
         s = self._begin_step(weight)
         cpu_ext.sparse_row_update(self.kind, weight, self.state, ids, offsets, grad_V, s["lr"], s["eps"],
-                                  (s["beta1"], s["beta2"]), self.step_count, "off")
+                                  (s["beta1"], s["beta2"]), s["t"], "off")
+        self._end_step(s)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "lr": self.lr, "eps": self.eps, "betas": self.betas,
@@ -174,20 +191,60 @@ class SparseRowOptimizer:
                 "state": {k: v.clone() for k, v in self.state.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict`. Everything is validated before anything changes (a corrupt or
+        hand-edited state must not turn rows into NaN later, nor leave this optimizer half-loaded)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict from SparseRowOptimizer.state_dict(), got "
+                            f"{type(state_dict).__name__}")
         if state_dict.get("kind") != self.kind:
             raise ValueError(f"state_dict is for kind {state_dict.get('kind')!r}, this optimizer is {self.kind!r}")
-        # validated like the constructor's (and before anything changes): a corrupt or hand-edited state
-        # must not turn rows into NaN later
+        missing = [k for k in ("lr", "eps", "betas", "step", "state") if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks {missing}")
         step = int(state_dict["step"])
         if step < 0:
             raise ValueError(f"state_dict['step'] must be >= 0, got {step}")
-        self._set_hyper_parameters(state_dict["lr"], state_dict["eps"], state_dict["betas"],
-                                   state_dict.get("initial_accumulator_value", 0.0))
+        state = _checked_state(self.kind, state_dict["state"], step)
+        probe = SparseRowOptimizer(self.kind)
+        probe._set_hyper_parameters(state_dict["lr"], state_dict["eps"], state_dict["betas"],
+                                    state_dict.get("initial_accumulator_value", 0.0))
+        self.lr, self.eps, self.betas = probe.lr, probe.eps, probe.betas
+        self.initial_accumulator_value = probe.initial_accumulator_value
         self.step_count = step
-        self.state = {k: v.detach().clone() for k, v in state_dict["state"].items()}
+        self.state = state
 
     def __repr__(self) -> str:
         return f"SparseRowOptimizer(kind={self.kind!r}, lr={self.lr}, eps={self.eps}, betas={self.betas})"
+
+
+_STATE_NAMES = {"sgd": (), "adagrad": ("sum",), "adam": ("exp_avg", "exp_avg_sq")}
+
+
+def _checked_state(kind: str, state, step: int) -> dict:
+    """A copy of a loaded optimizer state after checking its names, dtypes, shapes and values."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state_dict['state'] must be a dict of tensors, got {type(state).__name__}")
+    names = _STATE_NAMES[kind]
+    if state and set(state) != set(names) or not state and step > 0 and names:
+        raise ValueError(f"state_dict['state'] of a {kind} optimizer after {step} steps must hold exactly "
+                         f"{list(names)}, got {sorted(state)}")
+    out = {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise TypeError(f"state_dict['state'][{name!r}] must be a floating tensor, got "
+                            f"{getattr(value, 'dtype', type(value).__name__)}")
+        value = value.detach()
+        if value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"state_dict['state'][{name!r}] holds NaN or infinite values")
+        if name in ("sum", "exp_avg_sq") and value.device.type != "meta" and bool((value < 0).any()):
+            raise ValueError(f"state_dict['state'][{name!r}] holds negative values (a sum of squares)")
+        out[name] = value.clone()
+    if kind == "adagrad" and out and out["sum"].dim() != 1:
+        raise ValueError(f"state_dict['state']['sum'] must be [V], got {list(out['sum'].shape)}")
+    if kind == "adam" and out and (out["exp_avg"].dim() != 2 or out["exp_avg"].shape != out["exp_avg_sq"].shape):
+        raise ValueError(f"state_dict['state'] exp_avg {list(out['exp_avg'].shape)} and exp_avg_sq "
+                         f"{list(out['exp_avg_sq'].shape)} must both be [V, D]")
+    return out
 
 
 def unique_row_grads(ids: torch.Tensor, offsets: torch.Tensor, grad_V: torch.Tensor):
@@ -220,12 +277,17 @@ def _cpu_fused_reason(device: torch.device, dtype) -> "str | None":
     return why
 
 
-def _resolve_fused_backend(backend: str, device: torch.device, dtype=None) -> str:
+def _resolve_fused_backend(backend: str, device: torch.device, dtype=None, contiguous: bool = True) -> str:
+    """The backend of a fused lookup on a table of this device, dtype and layout. The fused kernels update
+    the table in place through its raw memory, so they take contiguous tables only: "auto" then falls
+    back to torch, and an explicit "cpu" / "triton" is refused here, in forward, not in backward."""
     C.check_choice("backend", backend, FUSED_BACKENDS)
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env in ("torch", "triton", "cpu"):
             backend = env
+        elif not contiguous:
+            return "torch"
         elif device.type == "cuda" and unavailable_reason("triton", "embedding_lookup", device) is None:
             return "triton"
         elif device.type == "cpu" and _cpu_fused_reason(device, dtype) is None:
@@ -242,6 +304,9 @@ def _resolve_fused_backend(backend: str, device: torch.device, dtype=None) -> st
         why = unavailable_reason("triton", "embedding_lookup", device)
         if why is not None:
             raise BackendUnavailableError(f"backend 'triton' is unavailable for fused_embedding_lookup: {why}")
+    if backend in ("cpu", "triton") and not contiguous:
+        raise ValueError(f"weight must be contiguous for backend {backend!r} (its fused update writes the table "
+                         "in place); pass weight.contiguous() as the parameter, or backend='torch'")
     return backend
 
 
@@ -277,6 +342,10 @@ class _FusedLookupFunction(torch.autograd.Function):
             ctx.optimizer.step_lookup_triton(weight, grad_V, ids, offsets)
         elif ctx.backend == "cpu":
             ctx.optimizer.step_lookup_cpu(weight, grad_V, ids, offsets)
+        if ctx.backend in ("triton", "cpu"):
+            # the kernels write through raw pointers: tell autograd the table changed, so a graph that saved
+            # it for another use (a regulariser on W) raises, as the torch path's index_copy_ makes it
+            torch.autograd.graph.increment_version(weight)
         else:
             rows, grads = unique_row_grads(ids, offsets, grad_V)
             ctx.optimizer.step_rows(weight, rows, grads)
@@ -314,7 +383,7 @@ def fused_embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: tor
     if not isinstance(optimizer, SparseRowOptimizer):
         raise TypeError(f"optimizer must be a SparseRowOptimizer, got {type(optimizer).__name__}")
     ids, _ = _validated_ids(ids, weight, offsets, bounds_check)
-    chosen = _resolve_fused_backend(backend, weight.device, weight.dtype)
+    chosen = _resolve_fused_backend(backend, weight.device, weight.dtype, weight.is_contiguous())
     return _FusedLookupFunction.apply(ids, weight, offsets, optimizer, chosen)
 
 
@@ -346,7 +415,8 @@ class FusedFieldEmbedding(nn.Module):
         check_ids_width(self, ids)
         ids, count = _validated_ids(ids, self.weight, self.offsets, self.bounds_check)
         self.num_clamped += count
-        chosen = _resolve_fused_backend(self.backend, self.weight.device, self.weight.dtype)
+        chosen = _resolve_fused_backend(self.backend, self.weight.device, self.weight.dtype,
+                                        self.weight.is_contiguous())
         return _FusedLookupFunction.apply(ids, self.weight, self.offsets, self.optimizer, chosen)
 
     def get_extra_state(self) -> dict:

@@ -308,3 +308,115 @@ def test_triton_fused_update_does_not_sync_with_the_host():
                 torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert syncs == []
+
+
+# ------------------------------------------------------- state that follows the table; autograd; failed steps
+
+def _fused_backends():
+    from sfg_fast._backend import unavailable_reason
+    out = ["torch"]
+    if unavailable_reason("triton", "embedding_lookup", torch.device(DEVICE)) is None:
+        out.append("triton")
+    if DEVICE == "cpu" and unavailable_reason("cpu", "", torch.device("cpu")) is None:
+        out.append("cpu")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+def test_state_follows_the_table_to_another_dtype(kind):
+    """Steps on an fp32 table, then the module in fp64 (torch path), then back in fp32 on every fused backend:
+    the state is converted with the table, and the fp64 steps equal the fp64 reference."""
+    ids, upstream = _zipf_ids(20), torch.randn(20, len(FIELD_DIMS), 5, device=DEVICE)
+    for backend in _fused_backends():
+        module = FusedFieldEmbedding(FIELD_DIMS, 5, optimizer=kind, lr=0.1, backend="auto").to(DEVICE)
+        module(ids).backward(upstream)
+        module.double()
+        module.backend = "torch"
+        module(ids).backward(upstream.double())
+        assert {v.dtype for v in module.optimizer.state.values()} == {torch.float64}
+        module.float()
+        module.backend = backend
+        module(ids).backward(upstream)
+        assert {v.dtype for v in module.optimizer.state.values()} == {torch.float32}, backend
+        assert module.optimizer.step_count == 3 and torch.isfinite(module.weight).all()
+        # a checkpoint of the fp64 module loads into an fp32 one and trains on
+        fp64 = FusedFieldEmbedding(FIELD_DIMS, 5, optimizer=kind, lr=0.1, backend="torch", dtype=torch.float64).to(DEVICE)
+        fp64(ids).backward(upstream.double())
+        fp32 = FusedFieldEmbedding(FIELD_DIMS, 5, optimizer=kind, lr=0.1, backend=backend).to(DEVICE)
+        fp32.load_state_dict(fp64.state_dict())
+        fp32(ids).backward(upstream)
+        assert fp32.optimizer.step_count == 2 and torch.isfinite(fp32.weight).all(), backend
+
+
+def test_every_backend_tells_autograd_the_table_changed():
+    """The fused update writes the table in place; a graph that also saved the table (an L2 term on it) must
+    raise autograd's in-place error on every backend, as the torch path's index_copy_ makes it, instead of
+    differentiating the regulariser at the updated table."""
+    ids = _zipf_ids(8)
+    for backend in _fused_backends():
+        weight = torch.randn(60, 4, device=DEVICE, requires_grad=True)
+        penalty = (weight * weight).sum()       # recorded first, so its backward runs after the update
+        V = fused_embedding_lookup(ids, weight, _offsets(), SparseRowOptimizer("sgd", lr=1.0), backend=backend)
+        loss = V.sum() + penalty
+        with pytest.raises(RuntimeError, match="inplace"):
+            loss.backward()
+
+
+def test_a_failed_step_does_not_count(monkeypatch):
+    """Adam's bias correction uses the step count: a backward that fails must not advance it."""
+    ids, upstream = _zipf_ids(10), torch.randn(10, len(FIELD_DIMS), 4, device=DEVICE)
+    weight = torch.randn(60, 4, device=DEVICE, requires_grad=True)
+    opt = SparseRowOptimizer("adam", lr=0.1)
+    fused_embedding_lookup(ids, weight, _offsets(), opt, backend="torch").backward(upstream)
+    assert opt.step_count == 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+    monkeypatch.setattr(torch.Tensor, "index_copy_", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fused_embedding_lookup(ids, weight, _offsets(), opt, backend="torch").backward(upstream)
+    monkeypatch.undo()
+    assert opt.step_count == 1
+
+
+def test_non_contiguous_table_falls_back_to_torch_or_is_refused_in_forward():
+    ids, upstream = _zipf_ids(6), torch.randn(6, len(FIELD_DIMS), 4, device=DEVICE)
+    weight = torch.randn(4, 60, device=DEVICE).t().requires_grad_()
+    assert not weight.is_contiguous()
+    opt = SparseRowOptimizer("adam", lr=0.1)
+    before = weight.detach().clone()
+    fused_embedding_lookup(ids, weight, _offsets(), opt, backend="auto").backward(upstream)
+    assert opt.step_count == 1 and not torch.equal(weight.detach(), before)
+    for backend in [b for b in _fused_backends() if b != "torch"]:
+        with pytest.raises(ValueError, match="weight must be contiguous"):
+            fused_embedding_lookup(ids, weight, _offsets(), opt, backend=backend)
+    assert opt.step_count == 1
+
+
+@pytest.mark.parametrize("kind,edit,match", [
+    ("adagrad", lambda s: s["state"]["sum"].fill_(-1.0), "negative"),
+    ("adam", lambda s: s["state"]["exp_avg"].fill_(float("nan")), "NaN"),
+    ("adam", lambda s: s["state"]["exp_avg_sq"].fill_(-0.5), "negative"),
+    ("adam", lambda s: s["state"].pop("exp_avg_sq"), "exactly"),
+    ("adagrad", lambda s: s["state"].update(extra=torch.zeros(3)), "exactly"),
+    ("adam", lambda s: s["state"].update(exp_avg=torch.zeros(3, 3)), "must both be"),
+    ("adagrad", lambda s: s["state"].update(sum=torch.zeros(60, dtype=torch.int64)), "floating"),
+    ("adagrad", lambda s: s.update(eps=0.0), "eps"),
+])
+def test_load_state_dict_checks_the_state_and_changes_nothing_on_failure(kind, edit, match):
+    ids, upstream = _zipf_ids(10), torch.randn(10, len(FIELD_DIMS), 3, device=DEVICE)
+    weight = torch.randn(60, 3, device=DEVICE, requires_grad=True)
+    source = SparseRowOptimizer(kind, lr=0.3)
+    for _ in range(2):
+        fused_embedding_lookup(ids, weight, _offsets(), source, backend="torch").backward(upstream)
+    state = source.state_dict()
+    edit(state)
+    target = SparseRowOptimizer(kind, lr=0.7)
+    with pytest.raises((ValueError, TypeError), match=match):
+        target.load_state_dict(state)
+    assert target.lr == 0.7 and target.step_count == 0 and target.state == {}
+
+
+def test_eps_must_be_positive():
+    with pytest.raises(ValueError, match="eps"):
+        SparseRowOptimizer("adagrad", eps=0.0)
