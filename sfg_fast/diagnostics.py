@@ -17,9 +17,11 @@ Math is done in float64 with torch on the input's device; plots use matplotlib's
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import textwrap
 from typing import Dict, Optional
 
 import numpy as np
@@ -104,7 +106,12 @@ def _covariance(R: torch.Tensor) -> torch.Tensor:
 
 
 def _spectrum_of(cov: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.eigvalsh(cov).flip(0).clamp_min(0.0)
+    s = torch.linalg.eigvalsh(cov).flip(0).clamp_min(0.0)
+    # Eigenvalues below the decomposition's rounding (about K * eps * max) are zero: a rank-deficient
+    # covariance (fewer samples than coordinates, low-cardinality fields) otherwise reports them as
+    # directions with log(s / max s) near -35..-80, squashing the real spectrum in the plot.
+    floor = float(s[0]) * s.numel() * torch.finfo(torch.float64).eps if s.numel() else 0.0
+    return torch.where(s > floor, s, torch.zeros_like(s))
 
 
 def _constant_columns(x: torch.Tensor) -> torch.Tensor:
@@ -188,16 +195,25 @@ def correlation_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (unit_columns(a).T @ unit_columns(b)).clamp_(-1.0, 1.0)
 
 
-def redundancy(corr) -> float:
-    """Mean absolute off-diagonal correlation: ``mean_{i != j} |corr[i, j]|``.
+def redundancy(corr, defined=None) -> float:
+    """Mean absolute off-diagonal correlation: ``mean_{i != j} |corr[i, j]|`` over the defined pairs.
 
     The diagonal is excluded: ``corr[i, i]`` pairs a coordinate of the raw operand with the same
     coordinate of the generated one (identically 1 when both operands are the raw ``e``, as in a
     base model), so it measures alignment rather than redundancy between different coordinates
     and would swamp the off-diagonal signal.
 
+    A coordinate that is constant over the samples (a dead ReLU unit of the encoder) has no
+    correlation with anything: ``correlation_matrix`` shows 0 there, and those pairs must be left out
+    of the mean (counting them as 0 would bias redundancy low, in favour of the model with more dead
+    units). ``defined`` says which pairs count; ``None`` counts every pair.
+
     Args:
         corr: square ``[K, K]`` correlation matrix with ``K >= 2``, e.g. from ``correlation_matrix``.
+        defined: optional boolean ``[K, K]``: True where ``corr[i, j]`` is defined (both columns vary),
+            e.g. ``~(constant_a[:, None] | constant_b[None, :])``.
+    Returns:
+        The mean, or NaN when no off-diagonal pair is defined.
     """
     corr = _as_tensor("corr", corr)
     if corr.dim() != 2 or corr.shape[0] != corr.shape[1] or corr.shape[0] < 2:
@@ -207,6 +223,14 @@ def redundancy(corr) -> float:
     _check_finite("corr", corr)
     k = corr.shape[0]
     off = ~torch.eye(k, dtype=torch.bool, device=corr.device)
+    if defined is not None:
+        defined = torch.as_tensor(defined).to(device=corr.device)
+        if defined.shape != corr.shape or defined.dtype != torch.bool:
+            raise ValueError(f"defined must be a boolean mask of corr's shape {list(corr.shape)}, got "
+                             f"{defined.dtype} {list(defined.shape)}")
+        off = off & defined
+    if not bool(off.any()):
+        return float("nan")
     return float(corr.abs()[off].mean())
 
 
@@ -262,9 +286,9 @@ def plot_spectrum(spectra: Dict[str, torch.Tensor], path, title: str = "") -> st
     ax.grid(True, alpha=0.3)
     ax.legend()
     if title:
-        ax.set_title(title)
+        ax.set_title(textwrap.fill(title, 70), fontsize=9)   # long run names would be clipped
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    _save_figure(fig, path)
     return path
 
 
@@ -295,9 +319,9 @@ def plot_correlation(corr, path, title: str = "", *, xlabel: str = "generated Z 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title)
+        ax.set_title(textwrap.fill(title, 70), fontsize=9)   # long run names would be clipped
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    _save_figure(fig, path)
     return path
 
 
@@ -319,9 +343,16 @@ def _operand_summary(R: torch.Tensor) -> dict:
         constant = _constant_columns(R)
         std = torch.where(constant, torch.ones_like(cov.diagonal()), cov.diagonal().sqrt())
         corr = cov / (std[:, None] * std[None, :])
-        corr = corr.masked_fill(constant[:, None] | constant[None, :], 0.0).clamp_(-1.0, 1.0)
-        summary["self_redundancy"] = redundancy(corr)
+        undefined = constant[:, None] | constant[None, :]
+        corr = corr.masked_fill(undefined, 0.0).clamp_(-1.0, 1.0)
+        summary["self_redundancy"] = _json_number(redundancy(corr, ~undefined))
+    summary["constant_columns"] = int(_constant_columns(R).sum())
     return summary
+
+
+def _json_number(value: float):
+    """A float for the JSON, or None where it is undefined (NaN)."""
+    return None if value != value else value
 
 
 def analyze_embeddings(raw: torch.Tensor, generated: Optional[torch.Tensor], out_dir: str,
@@ -378,11 +409,19 @@ def analyze_embeddings(raw: torch.Tensor, generated: Optional[torch.Tensor], out
         spectra["generated Z"] = torch.tensor(result["generated"]["singular_values"], dtype=torch.float64)
         if raw.shape[1] >= 2:
             corr = correlation_matrix(raw, generated)
-            result["redundancy"] = redundancy(corr)
-            result["correlation"] = "correlation.png: Pearson corr(raw e [rows], generated Z [columns])"
-            files["correlation"] = plot_correlation(
-                corr, os.path.join(out_dir, "correlation.png"),
-                title=f"{prefix}corr(raw e, generated Z), redundancy {result['redundancy']:.3f}")
+            defined = ~(_constant_columns(raw)[:, None] | _constant_columns(generated)[None, :])
+            result["redundancy"] = _json_number(redundancy(corr, defined))
+            result["redundancy_pairs_left_out"] = int((~defined).sum())
+            if result["redundancy"] is None:
+                result["correlation"] = ("not computed: every coordinate of raw e or of generated Z is constant "
+                                         "over the samples (dead units), so no correlation is defined")
+            else:
+                result["correlation"] = ("correlation.png: Pearson corr(raw e [rows], generated Z [columns]); "
+                                         "pairs with a constant coordinate are shown as 0 and left out of "
+                                         "redundancy")
+                files["correlation"] = plot_correlation(
+                    corr, os.path.join(out_dir, "correlation.png"),
+                    title=f"{prefix}corr(raw e, generated Z), redundancy {result['redundancy']:.3f}")
         else:
             result["redundancy"] = None
             result["correlation"] = "not computed: dim 1 has no off-diagonal entries"
@@ -395,7 +434,23 @@ def analyze_embeddings(raw: torch.Tensor, generated: Optional[torch.Tensor], out
         result["spectrum"] = "not plotted: every embedding is constant (all-zero spectrum)"
     files["diagnostics"] = os.path.join(out_dir, "diagnostics.json")
     result["files"] = {k: os.path.basename(v) for k, v in files.items()}
-
-    with open(files["diagnostics"], "w") as handle:
-        json.dump(result, handle, indent=2, allow_nan=False)
+    for name in ("spectrum.png", "correlation.png"):
+        # an earlier analysis's plot that this one does not produce must not sit beside it looking current
+        stale = os.path.join(out_dir, name)
+        if name not in result["files"].values() and os.path.exists(stale):
+            os.remove(stale)
+    _write_atomically(files["diagnostics"], json.dumps(result, indent=2, allow_nan=False).encode())
     return result
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (the training job's writer): a
+    reader, or an interrupted run, sees the old file or the new one, never a truncated one."""
+    from .train import _atomic_write
+    _atomic_write(path, lambda handle: handle.write(data))
+
+
+def _save_figure(fig, path: str) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _write_atomically(path, buffer.getvalue())

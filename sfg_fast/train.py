@@ -291,6 +291,12 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write) -> None:
     """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename over it.
 
@@ -305,6 +311,8 @@ def _atomic_write(path: str, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+            # mkstemp creates 0600; the file gets the mode a plain open() would give it (umask applies)
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -204,13 +204,54 @@ def test_analyze_embeddings_collapsed_generated(tmp_path):
     raw[:, 1] += raw[:, 0]
     raw[:, 2] = 0.1  # a constant coordinate must not turn into NaN or +-1 correlations
     dead = torch.zeros(64, 5)  # e.g. every ReLU unit dead
+    (tmp_path / "correlation.png").write_bytes(b"an earlier analysis's plot")
     result = dg.analyze_embeddings(raw, dead, tmp_path)
-    assert result["raw"]["self_redundancy"] == pytest.approx(dg.redundancy(dg.correlation_matrix(raw, raw)))
-    assert result["raw"]["self_redundancy"] > 0.05
-    assert result["generated"]["self_redundancy"] == 0.0
+    live = np.corrcoef(raw[:, [0, 1, 3, 4]].double().numpy(), rowvar=False)   # the constant column has none
+    want = np.abs(live[~np.eye(4, dtype=bool)]).mean()
+    assert result["raw"]["self_redundancy"] == pytest.approx(want, rel=1e-9)
+    assert result["raw"]["constant_columns"] == 1 and result["generated"]["constant_columns"] == 5
+    # every generated unit dead: no correlation is defined, so there is no redundancy to report (not 0)
+    assert result["generated"]["self_redundancy"] is None and result["redundancy"] is None
+    assert result["redundancy_pairs_left_out"] == 25
     assert result["generated"]["information_abundance"] == 0.0 and result["generated"]["rankme"] == 0.0
-    assert result["redundancy"] == 0.0
     _read_png(tmp_path / "spectrum.png")
+    assert not (tmp_path / "correlation.png").exists()       # the stale plot is gone
+
+
+def test_redundancy_leaves_dead_units_out_instead_of_counting_them_as_zero(tmp_path):
+    """Dead ReLU units (constant columns of Z) have no correlation; counting them as 0 biased redundancy low,
+    in favour of the model with more dead units."""
+    base = torch.randn(200, 1, dtype=torch.float64)
+    raw = base.repeat(1, 8) + 1e-3 * torch.randn(200, 8, dtype=torch.float64)
+    generated = raw.clone()
+    values = []
+    for dead in (0, 2, 4, 6):
+        generated[:, :dead] = 0.0
+        result = dg.analyze_embeddings(raw, generated, tmp_path / str(dead))
+        values.append(result["redundancy"])
+        assert result["redundancy_pairs_left_out"] == dead * 8
+    assert min(values) > 0.99 and max(values) - min(values) < 1e-3
+
+
+def test_spectrum_of_a_rank_deficient_covariance_has_exact_zeros():
+    """Fewer samples than coordinates: at most n - 1 directions carry variance; the rest are exactly 0,
+    not rounding noise at log(s / max s) ~ -40 that would squash the plotted spectrum."""
+    R = torch.randn(10, 3, dtype=torch.float64) @ torch.randn(3, 40, dtype=torch.float64)
+    s = dg.singular_spectrum(R)
+    assert int((s > 0).sum()) == 3
+    R = torch.randn(12, 50, dtype=torch.float64)
+    assert int((dg.singular_spectrum(R) > 0).sum()) == 11
+
+
+def test_analysis_files_are_written_whole_with_the_usual_mode(tmp_path):
+    import os
+    import stat
+    dg.analyze_embeddings(torch.randn(30, 4), torch.randn(30, 4), tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("diagnostics.json", "spectrum.png", "correlation.png"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~mask, name
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_input_validation_names_the_argument(tmp_path):

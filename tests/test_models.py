@@ -212,3 +212,11 @@ def test_xdeepfm_honours_encoder_dropout():
     m.eval()
     assert torch.equal(m(ids), m(ids))
 
+
+
+@pytest.mark.parametrize("name", ["crossnet", "dcnv2"])
+def test_sfg_cross_network_without_cross_layers_has_nothing_to_analyse(name):
+    from sfg_fast import models as zoo
+    model = zoo.build(name, [3, 4, 5], embedding_dim=4, num_cross_layers=0)
+    out = model.analysis_embeddings(torch.zeros(2, 3, dtype=torch.long))
+    assert out["generated"] is None and out["raw"].shape == (2, 12)

@@ -85,7 +85,8 @@ class CTRModel(nn.Module):
         V = self.embedding(ids)
         batch = V.shape[0]
         raw = V.reshape(batch, -1)
-        if not self.generative:
+        if not self.generative or not self.encoders():
+            # no generator at all (e.g. an SFG cross network with 0 cross layers): nothing is generated
             return {"raw": raw, "generated": None}
         return {"raw": raw, "generated": self.generate(V).reshape(batch, -1)}
 
