@@ -65,17 +65,39 @@ def parse_seeds(seeds: Union[int, str, Sequence[int]], first_seed: int = 2018) -
             raise ValueError(f"seeds must be >= 1, got {seeds}")
         return [int(first_seed) + k for k in range(seeds)]
     values = [int(s) for s in seeds]
-    if not values or len(set(values)) != len(values):
-        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {list(seeds)}")
+    if not values or len(set(values)) != len(values) or min(values) < 0:
+        raise ValueError(f"seeds must be a non-empty list of distinct non-negative integers, got {list(seeds)}")
     return values
 
 
 def _mean_std(values: Sequence[float]):
     n = len(values)
     mean = sum(values) / n
-    # Sample standard deviation (ddof=1), the usual "mean +- std over seeds"; 0 for a single seed.
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    # Sample standard deviation (ddof=1), the usual "mean +- std over seeds"; undefined (None) for one seed.
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
     return mean, std
+
+
+def _pm(stat: Dict[str, Any]) -> str:
+    """``mean ± std``, or the mean alone where one seed leaves the spread undefined."""
+    if stat["std"] is None:
+        return f"{stat['mean']:.5f} (1 seed)"
+    return f"{stat['mean']:.5f} ± {stat['std']:.5f}"
+
+
+def _paired_gain(base: Dict[str, Any], sfg: Dict[str, Any]) -> str:
+    """SFG's mean AUC gain over base on the seeds both completed (a seed that diverged in one variant would
+    otherwise compare different seed sets); says how many seeds it pairs when that is fewer than ran."""
+    b = dict(zip(base["seeds"], base["test_auc"]["values"]))
+    g = dict(zip(sfg["seeds"], sfg["test_auc"]["values"]))
+    common = [seed for seed in g if seed in b]
+    if not common:
+        return "n/a (no common seed)"
+    gain = sum(g[seed] - b[seed] for seed in common) / len(common)
+    text = f"{gain:+.5f}"
+    if len(common) < max(len(b), len(g)):
+        text += f" ({len(common)} paired)"
+    return text
 
 
 def _aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -92,27 +114,27 @@ def _aggregate(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def format_table(summary: Dict[str, Any], markdown: bool = True) -> str:
     """The results table: one row per (model, variant) plus SFG's AUC gain over base."""
-    header = ["model", "variant", "test AUC", "test logloss", "dAUC vs base", "best epoch",
+    header = ["model", "variant", "seeds", "test AUC", "test logloss", "dAUC vs base", "best epoch",
               "train s", "samples/s", "params"]
     with_gauc = any("test_gauc" in agg for variants in summary["results"].values() for agg in variants.values())
     if with_gauc:
-        header.insert(4, "test gAUC")
+        header.insert(5, "test gAUC")
     rows = []
     for model, variants in summary["results"].items():
-        base_auc = variants.get("base", {}).get("test_auc", {}).get("mean")
+        ran = len(summary.get("seeds", [])) or None
         for variant in ("base", "sfg"):
             if variant not in variants:
                 continue
             agg = variants[variant]
-            auc, loss = agg["test_auc"], agg["test_logloss"]
-            gain = "" if variant == "base" or base_auc is None else f"{auc['mean'] - base_auc:+.5f}"
-            rows.append([model, "SFG" if variant == "sfg" else "base",
-                         f"{auc['mean']:.5f} ± {auc['std']:.5f}", f"{loss['mean']:.5f} ± {loss['std']:.5f}",
+            gain = "" if variant == "base" or "base" not in variants else _paired_gain(variants["base"], agg)
+            seeds = str(agg["n"]) if ran is None or agg["n"] == ran else f"{agg['n']}/{ran}"
+            rows.append([model, "SFG" if variant == "sfg" else "base", seeds,
+                         _pm(agg["test_auc"]), _pm(agg["test_logloss"]),
                          gain, f"{agg['best_epoch']['mean']:.1f}", f"{agg['train_seconds']['mean']:.1f}",
                          f"{agg['samples_per_second']['mean']:,.0f}", f"{agg['num_parameters']:,}"])
             if with_gauc:
                 g = agg.get("test_gauc")
-                rows[-1].insert(4, f"{g['mean']:.5f} ± {g['std']:.5f}" if g else "")
+                rows[-1].insert(5, _pm(g) if g else "")
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -145,7 +167,7 @@ def plot(summary: Dict[str, Any], path: str) -> None:
                     continue
                 xs.append(i + offset)
                 means.append(agg[key]["mean"])
-                stds.append(agg[key]["std"])
+                stds.append(agg[key]["std"] or 0.0)   # one seed: no error bar
             ax.bar(xs, means, width, yerr=stds, capsize=3, color=colors[variant],
                    label="SFG" if variant == "sfg" else "base")
             lows += [m - s for m, s in zip(means, stds)]
@@ -217,7 +239,8 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
         raise ValueError(f"variants must be a subset of ('base', 'sfg'), got {list(variants)}")
     first_seed = resolve_config(config_path, None, dict(overrides, model=names[0]))["seed"]
     seed_list = parse_seeds(seeds, first_seed)
-    _preflight(names, variants, config_path, overrides, seed_list[0])
+    for seed in seed_list:
+        _preflight(names, variants, config_path, overrides, seed)
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     datasets: Dict[str, Any] = {}
@@ -243,11 +266,13 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
                 tick = time.perf_counter()
                 try:
                     result = Trainer(config, data=datasets[data_key], overwrite=True).fit()   # a rerun replaces its runs
-                except TrainingDiverged as exc:
-                    log.warning("[%d/%d] %s %s seed %d diverged; it is left out of the means: %s", count, total,
-                                model, variant, seed, exc)
+                except Exception as exc:   # diverged, out of memory, a bad file: recorded, the comparison goes on
+                    what = "diverged" if isinstance(exc, TrainingDiverged) else f"failed ({type(exc).__name__})"
+                    log.warning("[%d/%d] %s %s seed %d %s; it is left out of the means: %s", count, total,
+                                model, variant, seed, what, exc)
                     failures.append({"model": model, "variant": variant, "seed": seed, "out": config["out"],
-                                     "error": str(exc)})
+                                     "error": str(exc) if isinstance(exc, TrainingDiverged)
+                                     else f"{type(exc).__name__}: {exc}"})
                     continue
                 log.info("[%d/%d] %s %s seed %d: test AUC %.5f logloss %.5f, best epoch %d, %.1f s", count, total,
                          model, variant, seed, result["test_auc"], result["test_logloss"], result["best_epoch"],
@@ -262,7 +287,7 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
             if variant_runs:
                 results[model][variant] = _aggregate(variant_runs)
     if not runs:
-        raise TrainingDiverged(f"every run diverged; the first: {failures[0]['error']}")
+        raise TrainingDiverged(f"every run failed or diverged; the first: {failures[0]['error']}")
     wall = time.perf_counter() - started
     first = runs[0]["config"]
     summary = _jsonable({
@@ -291,7 +316,8 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
         md += ["```", command, "```", ""]
     md += [table, ""]
     if failures:
-        md += [f"Diverged runs, left out of the means ({len(failures)} of {total}):", ""]
+        md += [f"Runs that diverged or failed, left out of the means ({len(failures)} of {total}; dAUC pairs the "
+               "seeds both variants completed):", ""]
         md += [f"- {f['model']} {'SFG' if f['variant'] == 'sfg' else 'base'} seed {f['seed']}: {f['error']}"
                for f in failures]
         md += [""]

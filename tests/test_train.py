@@ -363,10 +363,39 @@ def test_compare_records_a_diverged_run_and_goes_on(tmp_path, tiny, monkeypatch)
     assert summary["results"]["fm"]["sfg"]["n"] == 1 and summary["results"]["fm"]["base"]["n"] == 2
     assert len(summary["runs"]) == 3
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "Diverged runs" in md and "simulated for the test" in md
+    assert "diverged or failed" in md and "simulated for the test" in md
+    # the SFG row holds one seed: no spread is claimed, the seed count shows, and dAUC pairs seed 2018 only
+    base, sfg = summary["results"]["fm"]["base"], summary["results"]["fm"]["sfg"]
+    assert sfg["test_auc"]["std"] is None and base["test_auc"]["std"] is not None
+    row = next(line for line in md.splitlines() if line.startswith("| fm | SFG"))
+    paired = sfg["test_auc"]["values"][0] - base["test_auc"]["values"][base["seeds"].index(2018)]
+    assert "| 1/2 |" in row and "(1 seed)" in row and f"{paired:+.5f} (1 paired)" in row
     monkeypatch.setattr(T.Trainer, "fit", lambda self: (_ for _ in ()).throw(T.TrainingDiverged("always")))
-    with pytest.raises(T.TrainingDiverged, match="every run diverged"):
+    with pytest.raises(T.TrainingDiverged, match="every run failed or diverged"):
         compare(["fm"], seeds=1, out=str(tmp_path / "cmp2"), overrides=overrides)
+
+
+def test_compare_records_any_failed_run_and_still_writes_its_report(tmp_path, tiny, monkeypatch):
+    """A run failing for another reason than divergence (out of memory, a broken file) is recorded like a
+    divergence: the earlier runs are not thrown away and compare.md / compare.json are written."""
+    from sfg_fast.compare import compare
+
+    real_fit = T.Trainer.fit
+
+    def fit(self):
+        if not self.config["generative"]:
+            raise RuntimeError("simulated out of memory")
+        return real_fit(self)
+
+    monkeypatch.setattr(T.Trainer, "fit", fit)
+    overrides = dict(dataset="synthetic-criteo", num_rows=3000, data_seed=7, epochs=1, batch_size=512,
+                     embedding_dim=4, verbose=0, threads=1)
+    summary = compare(["fm"], seeds=1, out=str(tmp_path / "cmp"), overrides=overrides)
+    assert [f["error"] for f in summary["failures"]] == ["RuntimeError: simulated out of memory"]
+    assert list(summary["results"]["fm"]) == ["sfg"]
+    assert "simulated out of memory" in (tmp_path / "cmp" / "compare.md").read_text()
+    with pytest.raises(ValueError, match="non-negative"):
+        compare(["fm"], seeds="5,-1", out=str(tmp_path / "cmp3"), overrides=overrides)
 
 
 def test_resume_on_other_data_with_the_same_field_dims_is_refused(tmp_path, tiny):
