@@ -320,7 +320,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sfg-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sfg-fast {args.command}: interrupted; resume with --resume <out dir>", file=sys.stderr)
+        hint = {"train": "; resume with --resume <out dir>",
+                "compare": "; finished runs keep their results.json, and rerunning the command trains every run again"
+                }.get(args.command, "")
+        print(f"sfg-fast {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -160,7 +160,10 @@ def load_yaml_config(path: str) -> Dict[str, Dict[str, Any]]:
     blocks: Dict[str, Dict[str, Any]] = {}
     for file in paths:
         with open(file) as fh:
-            content = yaml.safe_load(fh) or {}
+            try:
+                content = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:   # not a ValueError: say which file, where, without a traceback
+                raise ValueError(f"config file {file!r} is not valid YAML: {exc}") from None
         if not isinstance(content, dict):
             raise ValueError(f"config file {file!r} must hold a mapping of blocks, got {type(content).__name__}")
         for block, values in content.items():

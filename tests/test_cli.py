@@ -73,6 +73,11 @@ def test_config_errors(tmp_path, capsys):
         cli.config_from_args(_parse(["train", "--config", str(tmp_path / "missing.yaml")]))
     assert cli.main(["train", "--config", path, "--expid", "exp"]) == 2
     assert "unknown config key 'gama'" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("Base:\n  model: fm\n   epochs: [1\n")
+    assert cli.main(["train", "--config", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "is not valid YAML" in err and "broken.yaml" in err and "Traceback" not in err
     for bad in (["train", "--epochs", "0"], ["train", "--lr", "-1"], ["train", "--base", "--generative"],
                 ["train", "--set", "novalue"], ["compare", "--seeds"], ["frobnicate"]):
         with pytest.raises(SystemExit) as info:
@@ -252,3 +257,15 @@ def test_compare_checks_every_config_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "deepfm" in err and "dropout" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("command,hint", [("train", "--resume"), ("compare", "rerunning"), ("analyze", None)])
+def test_an_interrupt_says_what_can_be_resumed(monkeypatch, capsys, command, hint):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    for name in ("_run_train", "_run_compare", "_run_analyze"):
+        monkeypatch.setattr(cli, name, interrupted)
+    argv = {"train": ["train"], "compare": ["compare"], "analyze": ["analyze", "somewhere"]}[command]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and (hint in err if hint else "--resume" not in err)
