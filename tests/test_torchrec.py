@@ -182,3 +182,13 @@ def test_build_embedding_choices():
     assert model.embedding is custom
     with pytest.raises(ValueError, match="embedding must be one of"):
         models.build("fm", [4, 4], 4, embedding="fbgemm")
+
+
+def test_empty_batch_and_converting_the_embedding_module_itself():
+    native = FieldEmbedding([5, 3], 4)
+    trec = TorchRecFieldEmbedding([5, 3], 4, feature_names=["a", "b"])
+    empty = torch.zeros(0, 2, dtype=torch.int64)
+    assert native(empty).shape == trec(empty).shape == (0, 2, 4)
+    # the module as the whole model: its state keys have no "<name>." prefix
+    trec.load_state_dict(convert_native_state_dict(native.state_dict(), trec))
+    assert torch.equal(trec.concatenated(), native.weight.detach())

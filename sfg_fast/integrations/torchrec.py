@@ -187,6 +187,10 @@ class TorchRecFieldEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = self._checked_ids(ids)
+        if ids.shape[0] == 0:
+            # torchrec's KeyedJaggedTensor cannot describe an empty batch; the native module returns [0, N, D]
+            weight = self.tables()[0]
+            return weight.new_zeros(0, len(self.field_dims), self.embedding_dim)
         pooled = self.ebc(ids_to_kjt(ids, self.feature_names))
         V = keyed_tensor_to_fields(pooled, self.feature_names)
         return V if self.storage_dim == self.embedding_dim else V[..., :self.embedding_dim].contiguous()
@@ -228,7 +232,8 @@ def convert_native_state_dict(native_state: Dict[str, torch.Tensor], model: nn.M
     """
     out = dict(native_state)
     for name, module in torchrec_embeddings(model).items():
-        key = f"{name}.weight"
+        prefix = f"{name}." if name else ""      # name "" when model is the embedding module itself
+        key = f"{prefix}weight"
         if key not in out:
             raise KeyError(f"native state dict lacks {key!r} (the table of TorchRec module {name!r})")
         weight = out.pop(key)
@@ -238,5 +243,5 @@ def convert_native_state_dict(native_state: Dict[str, torch.Tensor], model: nn.M
         for table, part in zip(module.table_names, torch.split(weight, module.field_dims, dim=0)):
             padded = part.new_zeros(part.shape[0], module.storage_dim)
             padded[:, :module.embedding_dim] = part
-            out[f"{name}.ebc.embedding_bags.{table}.weight"] = padded
+            out[f"{prefix}ebc.embedding_bags.{table}.weight"] = padded
     return out
