@@ -52,12 +52,19 @@ def check_embeddings_shape(name: str, t, num_fields: int, embedding_dim: int) ->
 
 
 def _as_field_dims(field_dims) -> list:
-    dims = [int(x) for x in field_dims]
+    if isinstance(field_dims, (str, bytes)) or not hasattr(field_dims, "__iter__"):
+        raise TypeError(f"field_dims must be a sequence of vocabulary sizes, got {field_dims!r}")
+    dims = []
+    for f, x in enumerate(field_dims):
+        try:
+            size = operator.index(x)      # a float size (2.7) is an error, not a truncation
+        except TypeError:
+            raise TypeError(f"field_dims must be integer vocabulary sizes; field {f} has {x!r}") from None
+        if isinstance(x, bool) or size < 1:
+            raise ValueError(f"field_dims must be positive vocabulary sizes; field {f} has {x!r}")
+        dims.append(size)
     if not dims:
         raise ValueError("field_dims must name at least one field")
-    bad = [(f, x) for f, x in enumerate(dims) if x < 1]
-    if bad:
-        raise ValueError(f"field_dims must be positive vocabulary sizes; field {bad[0][0]} has {bad[0][1]}")
     return dims
 
 

@@ -206,3 +206,11 @@ def test_int32_ids_against_a_field_past_int32_range():
     remapped, count = C.clamp_to_oov(bad, sizes)
     assert count == 2 and remapped.dtype == torch.int32
     assert torch.equal(remapped, torch.tensor([[0, 3], [2**31 - 1, 3]], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("field_dims,error", [([2.7, 3], TypeError), ("12", TypeError), ([0, 3], ValueError),
+                                              ([True, 3], ValueError), ([], ValueError)])
+def test_field_dims_are_never_truncated_or_split(field_dims, error):
+    from sfg_fast.nn import FieldEmbedding
+    with pytest.raises(error, match="field_dims"):
+        FieldEmbedding(field_dims, 4)
