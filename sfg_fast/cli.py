@@ -184,7 +184,7 @@ def config_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
         dist_overrides = {k: overrides.pop(k) for k in list(overrides) if k in DIST_DEFAULTS}
     config = resolve_config(args.config, args.expid, overrides)
-    config.update({k: v for k, v in dist_overrides.items() if v is not None})
+    config.update(dist_overrides)
     return config
 
 

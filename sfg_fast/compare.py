@@ -230,7 +230,7 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
         The summary written to compare.json.
     """
     names = parse_models(models)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides = dict(overrides or {})
     for key in ("model", "generative", "out", "seed", "expid"):
         if key in overrides:
             raise ValueError(f"overrides may not set {key!r}: compare chooses it per run")

@@ -85,6 +85,30 @@ def init_table_fields(module: nn.Module, field_dims, embedding_dim, bounds_check
     return dims
 
 
+class FieldDimsState:
+    """Mixin for per-field table modules: ``state_dict()`` records ``field_dims`` in the state dict's
+    metadata (``state_dict._metadata[prefix]``; no new key, so older files and every key-based
+    conversion stay valid), and ``load_state_dict`` refuses a file saved with other field sizes. The
+    concatenated table alone cannot tell ``[3, 5]`` from ``[5, 3]``: same shape, rows of other fields."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]]["field_dims"] = list(self.field_dims)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = local_metadata.get("field_dims") if isinstance(local_metadata, dict) else None
+        if saved is not None and list(saved) != list(self.field_dims):
+            error_msgs.append(f"{prefix or type(self).__name__ + '.'}field_dims: the state dict was saved with "
+                              f"field_dims={list(saved)}, this module has field_dims={list(self.field_dims)} "
+                              f"(same rows would read other fields' embeddings)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
 def check_ids_width(module: nn.Module, ids) -> None:
     """A [B, N] ids tensor must have one column per field of ``module`` (other checks come later)."""
     if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] != module.num_fields:
@@ -104,7 +128,7 @@ def clamp_ids_to_oov(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, oov.expand_as(ids), ids)
 
 
-class FieldEmbedding(nn.Module):
+class FieldEmbedding(FieldDimsState, nn.Module):
     """N per-field tables stored as one concatenated ``[sum(field_dims), D]`` table.
 
     ``forward(ids [B, N]) -> V [B, N, D]``. ``offsets`` (int64 [N]) is the first row of each field.

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import _checks as C
 from ._backend import ENV_VAR, BackendUnavailableError, unavailable_reason
-from .nn import check_ids_width, init_table_fields
+from .nn import FieldDimsState, check_ids_width, init_table_fields
 
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]
 
@@ -387,7 +387,7 @@ def fused_embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: tor
     return _FusedLookupFunction.apply(ids, weight, offsets, optimizer, chosen)
 
 
-class FusedFieldEmbedding(nn.Module):
+class FusedFieldEmbedding(FieldDimsState, nn.Module):
     """:class:`sfg_fast.nn.FieldEmbedding` whose table trains itself: the row-sparse optimizer runs
     inside backward (see :func:`fused_embedding_lookup`), so leave ``weight`` out of the dense optimizer
     (it never gets a ``.grad``, so including it is harmless).

@@ -31,7 +31,7 @@ from torch import nn
 from . import _checks as C
 from . import functional as SF
 from ._backend import BackendUnavailableError, _extension_status
-from .nn import FieldEmbedding, check_ids_width, clamp_ids_to_oov, init_table_fields
+from .nn import FieldDimsState, FieldEmbedding, check_ids_width, clamp_ids_to_oov, init_table_fields
 from .ops import cpu_ext
 from .optim import FusedFieldEmbedding
 from .ops.cpu_ext import dequantize_rowwise_int8, quantize_rowwise_int8
@@ -189,7 +189,7 @@ def sfg_logits_int8(ids: torch.Tensor, qweight: torch.Tensor, scale_bias: torch.
                       _check_backend(backend, qweight.device), _autocast_dtype(qweight.device))
 
 
-class QuantizedFieldEmbedding(nn.Module):
+class QuantizedFieldEmbedding(FieldDimsState, nn.Module):
     """An inference-only :class:`~sfg_fast.nn.FieldEmbedding` whose table is int8 row-wise quantised.
 
     ``forward(ids [B, N]) -> V [B, N, D]`` (dequantised rows) in ``dtype``: the dtype of the float table

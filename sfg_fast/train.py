@@ -191,10 +191,11 @@ def resolve_config(config_path: Optional[str] = None, expid: Optional[str] = Non
 
     The experiment block is ``expid`` (an error if the file lacks it) or, without ``expid``, the block
     named after the model (``overrides["model"]``, else Base's model, matched case-insensitively) if
-    the file has one. ``config_path=None`` reads the packaged ``configs/default.yaml``. Overrides
-    whose value is None are ignored (a flag the user did not give).
+    the file has one. ``config_path=None`` reads the packaged ``configs/default.yaml``. Every override
+    is applied, None included (``patience: null`` turns early stopping off); the CLI leaves out the
+    flags a user did not give before it calls this.
     """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides = dict(overrides or {})
     blocks = load_yaml_config(config_path or DEFAULT_CONFIG_PATH)
     config: Dict[str, Any] = dict(TRAIN_DEFAULTS)
     config.update(blocks.get("Base", {}))
@@ -886,20 +887,22 @@ def train(config: Optional[Dict[str, Any]] = None, data=None, overwrite: bool = 
     if config is None:
         config = resolve_config(None, overrides.pop("expid", None), overrides)
     else:
-        config = dict(config, **{k: v for k, v in overrides.items() if v is not None})
+        config = dict(config, **overrides)
     return Trainer(config, data=data, overwrite=overwrite).fit()
 
 
 def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
     """Continue the run whose checkpoint (or run directory, then its ``last.pt``) is ``path``.
 
-    Only ``RESUME_OVERRIDABLE`` keys may be changed (e.g. ``epochs`` to train longer); the output
-    directory defaults to the checkpoint's directory. Final metrics equal an uninterrupted run's.
+    Only ``RESUME_OVERRIDABLE`` keys may be changed (e.g. ``epochs`` to train longer); an override of
+    None is a value like any other (``group_field=None``: the dataset's default). The output directory
+    (``out`` not given, or None) is the checkpoint's directory. Final metrics equal an uninterrupted run's.
     """
     file = resolve_checkpoint(path)
     ckpt = load_checkpoint(file)
     config = dict(ckpt["config"])
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("out", "") is None:
+        del overrides["out"]                      # out=None: the checkpoint's directory, as when not given
     for key, value in overrides.items():
         if key not in RESUME_OVERRIDABLE and config.get(key) != value:
             raise ValueError(f"cannot change {key!r} when resuming ({config.get(key)!r} -> {value!r}); "

@@ -52,6 +52,21 @@ def test_set_reads_exponent_notation_as_a_number():
     assert config["min_lr"] == 5e-7 and config["activation"] == "relu"
 
 
+def test_set_null_clears_a_key(tmp_path):
+    # --set KEY=null is the user's explicit "none" (no early stopping, no clipping), not a flag left out
+    path = _write_config(tmp_path, {"Base": {"model": "fm", "patience": 3, "clip_grad_norm": 5.0}})
+    config = cli.config_from_args(_parse(["train", "--config", path, "--set", "patience=null",
+                                          "--set", "clip_grad_norm=~"]))
+    assert config["patience"] is None and config["clip_grad_norm"] is None
+    config = cli.config_from_args(_parse(["train", "--config", path]))   # flags not given change nothing
+    assert config["patience"] == 3 and config["clip_grad_norm"] == 5.0
+    from sfg_fast.distributed import DIST_DEFAULTS
+    key = next(k for k, v in DIST_DEFAULTS.items() if v is not None and k not in T.TRAIN_DEFAULTS)
+    config = cli.config_from_args(_parse(["train", "--config", path, "--distributed", "--set", f"{key}=null"]))
+    assert key in config and config[key] is None
+    assert T.resolve_config(path, None, {"patience": None})["patience"] is None
+
+
 def test_model_flag_selects_its_block(tmp_path):
     path = _write_config(tmp_path, {"Base": {"epochs": 4}, "DCNv2": {"model": "dcnv2", "num_cross_layers": 1},
                                     "fm": {"model": "fm", "epochs": 6}})

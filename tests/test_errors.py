@@ -214,3 +214,32 @@ def test_field_dims_are_never_truncated_or_split(field_dims, error):
     from sfg_fast.nn import FieldEmbedding
     with pytest.raises(error, match="field_dims"):
         FieldEmbedding(field_dims, 4)
+
+
+def test_state_dict_saved_with_other_field_dims_is_refused(tmp_path):
+    # [3, 5] and [5, 3] give the same [8, D] table: only the recorded field_dims tell them apart
+    from sfg_fast.nn import FieldEmbedding
+    from sfg_fast.optim import FusedFieldEmbedding
+    from sfg_fast.serving import quantize_model
+
+    for make in (lambda dims: FieldEmbedding(dims, 4), lambda dims: FusedFieldEmbedding(dims, 4)):
+        saved = make([3, 5])
+        target = make([5, 3])
+        before = target.weight.detach().clone()
+        path = tmp_path / "table.pt"
+        torch.save(saved.state_dict(), path)
+        with pytest.raises(RuntimeError, match=r"field_dims=\[3, 5\].*field_dims=\[5, 3\]"):
+            target.load_state_dict(torch.load(path, weights_only=True))
+        assert torch.equal(target.weight, before)
+        same = make([3, 5])
+        same.load_state_dict(torch.load(path, weights_only=True))
+        assert torch.equal(same.weight, saved.weight)
+        # a state dict without the metadata (older files, or rebuilt by hand) still loads by shape
+        target.load_state_dict(dict(saved.state_dict()))
+        assert torch.equal(target.weight, saved.weight)
+    model = models.build("fm", [3, 5, 2], embedding_dim=4)
+    with pytest.raises(RuntimeError, match="embedding.field_dims"):
+        models.build("fm", [5, 3, 2], embedding_dim=4).load_state_dict(model.state_dict())
+    served = quantize_model(model)
+    with pytest.raises(RuntimeError, match="embedding.field_dims"):
+        quantize_model(models.build("fm", [5, 3, 2], embedding_dim=4)).load_state_dict(served.state_dict())
