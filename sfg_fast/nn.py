@@ -170,7 +170,8 @@ class SFGEncoder(nn.Module):
     """The SFG generator: ``Z = gamma * act(e @ W.T (+ b)).reshape(B, N, D) (+ V)``, W ``[N*D, N*D]``.
 
     Every generated field embedding sees all fields. ``reset_to_identity()`` sets W = I (with
-    activation="identity", gamma=1 the encoder then returns V exactly: the base model).
+    activation="identity", gamma=1 the encoder then returns V exactly: the base model, except in
+    a cross network fed x_l, see :class:`GenerativeCrossNet`).
     """
 
     def __init__(self, num_fields: int, embedding_dim: int, activation: str = "relu", gamma: float = 1.0,

@@ -41,6 +41,33 @@ def test_identity_encoder_reduces_to_base_model_exactly(name):
         assert torch.equal(gen(ids), base(ids))
 
 
+@pytest.mark.parametrize("name", ["dcnv2", "crossnet"])
+def test_identity_generator_fed_x_l_gives_the_self_gated_cross_network(name):
+    # regenerate_from="x_l" (the default): an identity G_l returns x_l, so layer l is x + x * (W_l x);
+    # the first layer (x_l = x_0) is the base layer, the later ones are not
+    torch.manual_seed(2)
+    extra = dict(HPARAMS.get(name, {}))
+    gen = models.build(name, FIELD_DIMS, 4, generative=True, init_std=0.3, activation="identity", gamma=1.0,
+                       num_cross_layers=3, **extra).double().eval()
+    assert gen.crossnet.regenerate_from == "x_l"
+    for enc in gen.encoders():
+        enc.reset_to_identity()
+    ids = zipf_ids(9, FIELD_DIMS)
+    with torch.no_grad():
+        x0 = gen.embedding(ids).reshape(9, -1)
+        x, base = x0, x0
+        for linear in gen.crossnet.cross:
+            x = x + x * (x @ linear.weight.T)
+            base = base + x0 * (base @ linear.weight.T)
+        torch.testing.assert_close(gen.crossnet(x0), x, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(gen.crossnet(x0), base)
+        one = models.build(name, FIELD_DIMS, 4, generative=False, num_cross_layers=1, **extra).double().eval()
+        first = gen.crossnet.cross[0]
+        torch.testing.assert_close(x0 + x0 * (x0 @ first.weight.T), x0 + gen.crossnet.gate(0, x0, x0)
+                                   * (x0 @ first.weight.T), rtol=0, atol=0)
+        assert one.crossnet.gate(0, x0, x0) is x0
+
+
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_generative_model_differs_from_base_with_a_real_encoder(name):
     base, gen = _identity_pair(name)
