@@ -399,6 +399,103 @@ def test_criteo_reader_equals_the_preprocessing_by_hand(tmp_path, case):
         np.testing.assert_array_equal(got.labels, labels)
 
 
+# -------------------------------------------- the Avazu reader against a line-by-line re-derivation
+
+_AVAZU_HOURS = {"14102100": ("00", 1, 0), "14102523": ("23", 5, 1), "14102616": ("16", 6, 1),
+                "15030207": ("07", 0, 0)}               # YYMMDDHH -> (hour, weekday, weekend) by the calendar
+_AVAZU_BAD_HOURS = ["14023012", "1410210", "14102124", "1410x100", ""]
+_AVAZU_LABELS = {"0": 0.0, "1": 1.0, "1.0": 1.0, " 0": 0.0}     # lenient: any spelling of 0 or 1
+_AVAZU_BAD_LABELS = ["2", "x", "", "0.5"]
+_AVAZU_POOL = ["", "a", "b", "1005", "c", "zz"]
+
+
+@st.composite
+def avazu_files(draw):
+    n = draw(st.integers(0, 40))
+    hours = sorted(_AVAZU_HOURS)[: draw(st.integers(1, 4))]
+    rows = [[str(draw(st.integers(0, 10**6))), draw(st.sampled_from(sorted(_AVAZU_LABELS))), draw(st.sampled_from(hours))]
+            + [draw(st.sampled_from(_AVAZU_POOL[: draw(st.integers(1, 6))])) for _ in range(21)]
+            for _ in range(n)]
+    lines = [",".join(r) for r in rows]
+    for _ in range(draw(st.integers(0, 3))):          # blank and malformed lines at random places
+        bad = draw(st.sampled_from(["", "  ", "1,2,3", "bad-hour", "bad-label"]))
+        if bad == "bad-hour":
+            bad = ",".join(["7", "0", draw(st.sampled_from(_AVAZU_BAD_HOURS))] + ["a"] * 21)
+        elif bad == "bad-label":
+            bad = ",".join(["7", draw(st.sampled_from(_AVAZU_BAD_LABELS)), hours[0]] + ["a"] * 21)
+        lines.insert(draw(st.integers(0, len(lines))), bad)
+    return dict(lines=lines, eol=draw(st.sampled_from(["\n", "\r\n"])), final_eol=draw(st.booleans()),
+                gz=draw(st.booleans()), chunk_rows=draw(st.integers(1, 50)), min_count=draw(st.integers(1, 3)),
+                split=draw(st.sampled_from([(8, 1, 1), (1, 1, 1), (1, 0, 0)])), seed=draw(st.integers(0, 99)),
+                max_rows=draw(st.one_of(st.none(), st.integers(0, 45))))
+
+
+def _avazu_by_hand(text, split, seed, min_count, max_rows):
+    """The Avazu preprocessing written out line by line: the header line, then data lines ending at LF
+    (a CR before it dropped); ``id`` dropped; ``hour`` -> hour of day, weekday, is_weekend; blank and
+    malformed lines skipped (each still takes its split slot); train-only vocabularies, most frequent
+    first (ties by token), everything else OOV."""
+    from sfg_fast.data import common
+    from sfg_fast.data.avazu import COLUMNS
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    lines = [line.rstrip("\r") for line in lines]
+    assert lines and lines[0] == ",".join(COLUMNS)
+    lines = lines[1:][:max_rows]
+    where = common.split_assignment(len(lines), split, seed)
+    rows = {0: [], 1: [], 2: []}
+    for slot, line in enumerate(lines):
+        values = line.split(",")
+        if len(values) != 24 or values[1] not in _AVAZU_LABELS or values[2] not in _AVAZU_HOURS:
+            continue
+        hour, weekday, weekend = _AVAZU_HOURS[values[2]]
+        tokens = [hour, str(weekday), str(weekend)] + values[3:]
+        rows[int(where[slot])].append((_AVAZU_LABELS[values[1]], tokens))
+    num_fields = 3 + 21
+    vocabs, dims = [], []
+    for f in range(num_fields):
+        counts = {}
+        for _, tokens in rows[0]:
+            counts[tokens[f]] = counts.get(tokens[f], 0) + 1
+        kept = sorted((token for token, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
+        vocabs.append({token: i for i, token in enumerate(kept)})
+        dims.append(len(kept) + 1)
+    out = []
+    for s in range(3):
+        ids = np.array([[vocabs[f].get(t[f], dims[f] - 1) for f in range(num_fields)] for _, t in rows[s]],
+                       dtype=np.int64).reshape(-1, num_fields)
+        out.append((ids, np.array([label for label, _ in rows[s]], dtype=np.float32)))
+    return dims, out
+
+
+@settings(max_examples=max(30, EXAMPLES), deadline=None, derandomize=not SEARCH, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(case=avazu_files())
+def test_avazu_reader_equals_the_preprocessing_by_hand(tmp_path, case):
+    """As the Criteo property, for Avazu's csv: a header, the hour split into three fields by the
+    calendar, lenient labels, bad dates, wrong widths and blank lines skipped."""
+    import gzip
+    import uuid
+    from sfg_fast.data import load_dataset
+    from sfg_fast.data.avazu import COLUMNS
+    folder = tmp_path / uuid.uuid4().hex
+    folder.mkdir()
+    lines = [",".join(COLUMNS)] + case["lines"]
+    text = case["eol"].join(lines) + (case["eol"] if case["final_eol"] else "")
+    path = folder / ("train.csv.gz" if case["gz"] else "train.csv")
+    with (gzip.open if case["gz"] else open)(path, "wb") as f:
+        f.write(text.encode())
+    dims, splits = _avazu_by_hand(text, case["split"], case["seed"], case["min_count"], case["max_rows"])
+    data = load_dataset("avazu", data_dir=path, cache_dir=False, seed=case["seed"], split=case["split"],
+                        min_count=case["min_count"], max_rows=case["max_rows"], skip_bad_lines=True,
+                        chunk_rows=case["chunk_rows"])
+    assert data.schema.field_dims == dims
+    for (ids, labels), got in zip(splits, (data.train, data.valid, data.test)):
+        np.testing.assert_array_equal(got.ids, ids)
+        np.testing.assert_array_equal(got.labels, labels)
+
+
 # ---------------------------------------------------------------- int8 serving tables
 
 @PROPERTY
