@@ -230,7 +230,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(TypeError, match="optimizer"):
         fused_embedding_lookup(ids, weight, torch.tensor(OFFSETS), torch.optim.SGD([weight], lr=1.0))
     with pytest.raises(ValueError, match="backend"):
-        fused_embedding_lookup(ids, weight, torch.tensor(OFFSETS), SparseRowOptimizer("sgd"), backend="cuda")
+        fused_embedding_lookup(ids, weight, torch.tensor(OFFSETS), SparseRowOptimizer("sgd"), backend="reference")
     opt = SparseRowOptimizer("adam")
     fused_embedding_lookup(ids, weight, torch.tensor(OFFSETS), opt, backend="torch").sum().backward()
     other = torch.randn(61, 3, requires_grad=True)
@@ -420,3 +420,64 @@ def test_load_state_dict_checks_the_state_and_changes_nothing_on_failure(kind, e
 def test_eps_must_be_positive():
     with pytest.raises(ValueError, match="eps"):
         SparseRowOptimizer("adagrad", eps=0.0)
+
+
+def test_fused_cuda_backend_glue_with_a_stand_in_extension(monkeypatch):
+    """backend="cuda" of the fused lookup: the dispatch, the optimizer state it hands the kernel, the step
+    count and the autograd version bump, with the two CUDA entry points replaced by torch stand-ins
+    (the kernels themselves are tested on a GPU in tests/test_cuda_ext.py)."""
+    import types
+    from helpers import offsets_of, zipf_ids
+    from sfg_fast import optim
+    from sfg_fast._backend import BackendUnavailableError
+    from sfg_fast.ops import cpu_ext
+
+    field_dims, dim = [7, 3, 11], 4
+    offsets = offsets_of(field_dims)
+    # without a CUDA build or device the backend is refused in forward, quoting why
+    weight = torch.randn(sum(field_dims), dim).requires_grad_()
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable"):
+        optim.fused_embedding_lookup(zipf_ids(5, field_dims), weight, offsets, optim.SparseRowOptimizer("adagrad"),
+                                     backend="cuda")
+    calls = []
+
+    def lookup(ids, w, offs):
+        calls.append("lookup")
+        return w.detach()[ids.long() + offs].clone()
+
+    def update(w, momentum, ids, offs, grad_V, lr, eps):
+        calls.append("update")
+        assert w.dtype == momentum.dtype == grad_V.dtype == torch.float32 and momentum.shape == (w.shape[0],)
+        rows, grads = optim.unique_row_grads(ids, offs, grad_V)
+        acc = momentum[rows] + (grads * grads).mean(1)
+        momentum[rows] = acc
+        # through .data: like the kernel's raw pointer, a write autograd's version counter does not see
+        w.data[rows] -= (lr / (acc.sqrt() + eps))[:, None] * grads
+
+    monkeypatch.setattr(cpu_ext, "_C", types.SimpleNamespace(embedding_lookup_cuda=lookup,
+                                                             rowwise_adagrad_update_cuda=update))
+    real_reason = optim.unavailable_reason
+    monkeypatch.setattr(optim, "unavailable_reason",
+                        lambda backend, op="", device=None: None if backend == "cuda" else real_reason(backend, op, device))
+    for kind, dtype, width, match in (("sgd", torch.float32, dim, "Adagrad only"),
+                                      ("adagrad", torch.bfloat16, dim, "float32"),
+                                      ("adagrad", torch.float32, 257, "D <= 256")):
+        table = torch.randn(sum(field_dims), width, dtype=dtype).requires_grad_()
+        with pytest.raises(BackendUnavailableError, match=match):
+            optim.fused_embedding_lookup(zipf_ids(5, field_dims), table, offsets, optim.SparseRowOptimizer(kind),
+                                         backend="cuda")
+    module = optim.FusedFieldEmbedding(field_dims, dim, optimizer="adagrad", lr=0.05, backend="cuda")
+    twin = optim.FusedFieldEmbedding(field_dims, dim, optimizer="adagrad", lr=0.05, backend="torch")
+    twin.load_state_dict(module.state_dict())
+    for step in range(3):
+        ids = zipf_ids(40, field_dims, generator=torch.Generator().manual_seed(step))
+        up = torch.randn(40, len(field_dims), dim)
+        V = module(ids)
+        saved = module.weight.pow(2)          # a graph that saved the table before the update
+        V.backward(up)
+        twin(ids).backward(up)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.sum().backward()
+    assert calls == ["lookup", "update"] * 3 and module.optimizer.step_count == 3
+    torch.testing.assert_close(module.weight, twin.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(module.optimizer.state["sum"], twin.optimizer.state["sum"], rtol=1e-6, atol=1e-9)
