@@ -1,6 +1,6 @@
 """The full SFG interaction step per FM-family model: lookup + encode + decode + BCE, forward + backward.
 
-Models (SFG.md section 4): FM (identity decoder), FwFM (scalar), FvFM (vector), FmFM (matrix,
+Models (the SFG paper's forms, as in sfg_fast.models): FM (identity decoder), FwFM (scalar), FvFM (vector), FmFM (matrix,
 generated operand on the right as the authors do). Providers: literal (one nn.Embedding per field +
 ``sfg_fast.reference`` ops), torch (``functional.sfg_logits`` on the factored backend), their
 torch.compile versions, triton (GPU) and the compiled extension when they implement ``sfg_logits``.

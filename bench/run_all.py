@@ -64,7 +64,7 @@ def suite_markdown(parts, env, command: str) -> str:
           "Times are medians (IQR) of forward + backward unless the table says otherwise; "
           "ratio_vs_literal = provider time / literal time in the same run (below 1 is faster). "
           "gbps / gflops use each workload's minimum-work model; pct_copy_bw is against the measured copy "
-          "bandwidth (CPU) or the H100 HBM roofline of shared/docs/PERF.md (GPU).", "",
+          "bandwidth (CPU) or the nominal H100 HBM roofline of bench/common.py (GPU).", "",
           f"command: `{command}`", ""]
     for name, rows in parts:
         if rows:

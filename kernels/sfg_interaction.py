@@ -1,6 +1,6 @@
 """Fused SFG interaction: gather -> encoder GEMM -> decoder -> row-wise dot (-> BCE), and its backward.
 
-Notation (shared/docs/SFG.md section 5). A sample's fields are cut into N blocks of D columns.
+Notation: a sample's fields are cut into N blocks of D columns.
 X is the operand the decoder mixes (the raw V, gathered from the table, or a dense [B, N, D] tensor)
 and Y the operand it is scored against:
 

@@ -1,4 +1,4 @@
-"""Command line: ``sfg-fast train | compare | analyze`` (also ``python -m sfg_fast``).
+"""Command line: ``sfg-fast train | compare | analyze | quantize`` (also ``python -m sfg_fast``).
 
 Config precedence, lowest to highest: trainer defaults < YAML ``Base:`` < experiment block
 (``--expid``, else the block named after ``--model``) < ``--set KEY=VALUE`` < explicit flags.
@@ -83,8 +83,8 @@ def _add_common(p: argparse.ArgumentParser, compare: bool = False) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int)
-    t.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
-    t.add_argument("--patience", type=_positive_int, help="early-stopping patience in epochs (default 2)")
+    t.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: the config's lr)")
+    t.add_argument("--patience", type=_positive_int, help="early-stopping patience in epochs (default: the config's patience; --set patience=null turns it off)")
     t.add_argument("--embedding-dim", type=_positive_int)
     t.add_argument("--gamma", type=float, help="SFG encoder output scale")
     t.add_argument("--activation", help="SFG encoder activation (relu, identity, tanh, sigmoid, silu, gelu)")

@@ -2,7 +2,7 @@
 
 All of them look at a matrix ``R: [n, K]`` of embeddings, one row per sample (e.g. 50k validation
 samples): the raw concatenation ``e = V.reshape(n, N*D)`` for a base model, the generated
-``Z.reshape(n, N*D)`` for SFG (see SFG.md section 6).
+``Z.reshape(n, N*D)`` for SFG (the diagnostics the SFG paper tunes it with).
 
 - Singular spectrum ``s``: singular values of the covariance of the centred ``R``, descending.
   The covariance is symmetric positive semi-definite, so these are its eigenvalues (the variance
@@ -140,8 +140,8 @@ def rankme(s, eps: float = 1e-12) -> float:
     """RankMe effective rank ``exp(-sum_k p_k log p_k)`` with ``p_k = s_k / sum(s) + eps``.
 
     ``eps`` follows the RankMe definition (Garrido et al., ICML 2023) and keeps ``log`` finite for
-    zero singular values; its effect is of order ``len(s) * eps * log(1 / eps)``. Note that SFG.md
-    applies RankMe to the covariance spectrum (variances), not to the singular values of ``R``
+    zero singular values; its effect is of order ``len(s) * eps * log(1 / eps)``. Here, as in the SFG
+    paper's diagnostics, RankMe is applied to the covariance spectrum (variances), not to the singular values of ``R``
     itself as in the RankMe paper. An all-zero spectrum (constant embeddings) is defined as 0.
 
     Args:

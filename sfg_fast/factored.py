@@ -1,6 +1,6 @@
 """The ``"torch"`` backend: SFG in plain PyTorch, factored so no pair tensor ever exists.
 
-Algebra (shared/docs/SFG.md section 5). With the bilinear score (a_i @ W_ij) . b_j summed over P:
+Algebra of the factored forms. With the bilinear score (a_i @ W_ij) . b_j summed over P:
   identity / scalar: T = R @ b per sample (R = w * mask, [N, N]); logit = sum(a * T)
   vector:            T[b, i, d] = sum_j U[i, j, d] b[b, j, d];      logit = sum(a * T)
   matrix:            T = b.flat @ Wbig^T (one [B, ND] x [ND, ND] GEMM); logit = rowdot(a.flat, T)

@@ -1,9 +1,9 @@
-"""Shared test helpers: the STYLE.md error rule and random inputs."""
+"""Shared test helpers: the 2x error rule and random inputs."""
 import torch
 
 
 def assert_close_2x(out, ref64, ref_same_dtype, name="", floor=1e-6):
-    """STYLE.md rule: |out - ref64| may be at most 2x |torch same-dtype - ref64| plus a small floor."""
+    """The 2x rule (flash-attention's): |out - ref64| may be at most 2x |torch same-dtype - ref64| plus a small floor."""
     out = out.detach().double()
     ref64 = ref64.detach().double()
     base = (ref_same_dtype.detach().double() - ref64).abs().max().item()

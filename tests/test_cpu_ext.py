@@ -1,6 +1,6 @@
 """The compiled CPU backend (sfg_fast._C via sfg_fast.ops.cpu_ext) against the fp64 reference.
 
-Gathers compare exactly; reductions follow the STYLE.md 2x rule (error vs fp64 at most twice the
+Gathers compare exactly; reductions follow the 2x rule of tests/helpers.py (error vs fp64 at most twice the
 error of torch's own fp32 computation, plus a small floor). The sparse optimizer update is
 checked against a small torch reference written here, and for bitwise determinism across
 thread counts.

@@ -2,7 +2,7 @@
 
 Skipped (by conftest's cuda_ext rule) unless the extension was built against a CUDA torch and a
 CUDA device is present. Gathers compare exactly; the fused rowwise Adagrad is compared with an
-fp64 update written out here (STYLE.md 2x rule against the same update in fp32 torch), checked for
+fp64 update written out here (the 2x rule of tests/helpers.py against the same update in fp32 torch), checked for
 untouched rows and for bitwise repeatability (it uses no atomics).
 """
 import pytest

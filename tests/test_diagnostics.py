@@ -1,4 +1,4 @@
-"""Diagnostics (SFG.md section 6): spectrum, information abundance, RankMe, correlation, plots, report."""
+"""Diagnostics: spectrum, information abundance, RankMe, correlation, plots, report."""
 import json
 import math
 import os

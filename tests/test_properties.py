@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis): shapes and options drawn at random, every backend that runs here
 against the fp64 reference.
 
-The parametrised tests of each op pin the shapes STYLE.md asks for; these draw the combinations
+The parametrised tests of each op pin the shapes the suite requires (B=1, N=2, odd D, Zipf ids); these draw the combinations
 nobody listed (odd B, N, D together with every decoder kind, pair set, side, activation, bias,
 residual, id dtype, bounds mode and optimizer), as FBGEMM's and TorchRec's hypothesis tests do.
 Draws are derandomised (the same examples every run, so CI is repeatable) and kept small: the Triton

@@ -1,5 +1,5 @@
 """Serving with int8 row-wise quantised tables (sfg_fast.serving): the fused CPU pipeline and the torch
-twin against the fp64 reference on the dequantised table (STYLE.md 2x rule), bounds modes, bad input
+twin against the fp64 reference on the dequantised table (the 2x rule of tests/helpers.py), bounds modes, bad input
 naming the argument, and whole quantised models against the float model on the dequantised table."""
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """Triton backend of the SFG interaction (sfg_logits, sfg_encode, pairwise_decode) vs the fp64 reference.
 
 Runs on CPU under the Triton interpreter (conftest sets TRITON_INTERPRET=1) and unchanged on a GPU.
-Error rule (STYLE.md): the kernel's max error against the fp64 reference is at most 2x the error of
+Error rule (the 2x rule of tests/helpers.py): the kernel's max error against the fp64 reference is at most 2x the error of
 the same reference run in the kernel's dtype, plus a small floor. The cross product of options is
 sampled so that every kind, pair set, side, symmetric flag and activation appears at least once.
 """

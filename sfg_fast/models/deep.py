@@ -1,4 +1,4 @@
-"""xDeepFM, DCNv2 and CrossNet, each as its base model or its SFG form (shared/docs/SFG.md s.4)."""
+"""xDeepFM, DCNv2 and CrossNet, each as its base model or its SFG form (the forms of the SFG paper, Yin et al., ICML 2025)."""
 from __future__ import annotations
 
 from typing import Sequence
