@@ -9,6 +9,7 @@ backend runs under the interpreter on CPU machines. On a GPU the same tests run 
 A deeper local search: ``SFG_FAST_HYPOTHESIS_EXAMPLES=500 SFG_FAST_HYPOTHESIS_SEARCH=1 pytest
 tests/test_properties.py`` (fresh random draws each run; a failure prints the example to replay).
 """
+import math
 import os
 
 import numpy as np
@@ -490,6 +491,125 @@ def test_avazu_reader_equals_the_preprocessing_by_hand(tmp_path, case):
     data = load_dataset("avazu", data_dir=path, cache_dir=False, seed=case["seed"], split=case["split"],
                         min_count=case["min_count"], max_rows=case["max_rows"], skip_bad_lines=True,
                         chunk_rows=case["chunk_rows"])
+    assert data.schema.field_dims == dims
+    for (ids, labels), got in zip(splits, (data.train, data.valid, data.test)):
+        np.testing.assert_array_equal(got.ids, ids)
+        np.testing.assert_array_equal(got.labels, labels)
+
+
+# ---------------------------------------- the MovieLens-100K reader against a line-by-line re-derivation
+
+_ML_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+              "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+              "War", "Western"]                         # GroupLens' flag order, which also orders the tokens
+_ML_AGES = ["7", "18", "24", "25", "34", "35", "49", "50", "56", "73", "x", ""]
+_ML_RATINGS = ["1", "2", "3", "3.5", "4", "4.0", "5", "nan", "inf", "x"]
+
+
+@st.composite
+def movielens_files(draw):
+    users = [[str(u), draw(st.sampled_from(_ML_AGES)), draw(st.sampled_from(["M", "F"])),
+              draw(st.sampled_from(["writer", "other", "none"])), draw(st.sampled_from(["55105", "5510", "9", ""]))]
+             for u in range(1, draw(st.integers(1, 10)) + 1)]
+    if draw(st.booleans()):
+        users.insert(draw(st.integers(0, len(users))), ["1", "30", "F", "other", "00000"])   # a duplicate id
+    items = []
+    for i in range(1, draw(st.integers(1, 6)) + 1):
+        flags = [draw(st.sampled_from(["0", "0", "1"])) for _ in _ML_GENRES]
+        if draw(st.integers(0, 9)) == 0:
+            flags[draw(st.integers(0, 18))] = "2"           # a malformed flag
+        items.append([str(i), f"Movie {i}", draw(st.sampled_from(["01-Jan-1995", "1996", "", "12-Mar-19x7"])),
+                      flags])
+    inters = [[str(draw(st.integers(1, 12))), str(draw(st.integers(1, 8))), draw(st.sampled_from(_ML_RATINGS)),
+               str(draw(st.integers(874724710, 893286638)))] for _ in range(draw(st.integers(0, 40)))]
+    return dict(users=users, items=items, inters=inters, layout=draw(st.sampled_from(["grouplens", "recbole"])),
+                blank=draw(st.booleans()), eol=draw(st.sampled_from(["\n", "\r\n"])),
+                genre=draw(st.sampled_from(["first", "combination"])), min_count=draw(st.integers(1, 3)),
+                split=draw(st.sampled_from([(8, 1, 1), (1, 1, 1), (1, 0, 0)])), seed=draw(st.integers(0, 99)),
+                threshold=draw(st.sampled_from([4.0, 3.5])), max_rows=draw(st.one_of(st.none(), st.integers(0, 45))))
+
+
+def _write_movielens(folder, case):
+    eol = case["eol"]
+
+    def write(name, header, rows):
+        lines = ([header] if header else []) + rows
+        if case["blank"] and lines:
+            lines.insert(len(lines) // 2 + (1 if header else 0), "")    # a blank line holds no row
+        (folder / name).write_bytes((eol.join(lines) + eol).encode("latin-1"))
+    if case["layout"] == "grouplens":
+        write("u.user", None, ["|".join(u) for u in case["users"]])
+        write("u.item", None, ["|".join([i, title, date, "", "http://x"] + flags)
+                               for i, title, date, flags in case["items"]])
+        write("u.data", None, ["\t".join(r) for r in case["inters"]])
+    else:
+        write("ml-100k.user", "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token",
+              ["\t".join(u) for u in case["users"]])
+        write("ml-100k.item", "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq",
+              ["\t".join([i, title, date[-4:], " ".join(g for g, f in zip(_ML_GENRES, flags) if f == "1")])
+               for i, title, date, flags in case["items"]])
+        write("ml-100k.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float",
+              ["\t".join(r) for r in case["inters"]])
+
+
+def _movielens_by_hand(case):
+    """MovieLens-100K as CTR written out: rating >= threshold is a click; users and items joined by id
+    (a repeated id keeps its first line; bad ages, bad genre flags, non-finite ratings and unknown ids
+    drop their line); age in the 1/18/25/35/45/50/56 buckets, zip3, release year (else ''), genre token;
+    a random split of the surviving rows; train-only vocabularies, most frequent first, ties by token."""
+    from sfg_fast.data import common
+    users = {}
+    for uid, age, gender, occupation, zip_code in case["users"]:
+        if uid in users or not age.strip().lstrip("-").isdigit():
+            continue
+        bucket = next((str(b) for b in (56, 50, 45, 35, 25, 18) if int(age) >= b), "1")
+        users[uid] = [bucket, gender, occupation, zip_code[:3]]
+    items = {}
+    for iid, _, date, flags in case["items"]:
+        if iid in items or (case["layout"] == "grouplens" and any(f not in ("0", "1") for f in flags)):
+            continue
+        year = date[-4:] if len(date) >= 4 and date[-4:].isdigit() else ""
+        genres = [g for g, f in zip(_ML_GENRES, flags) if f == "1"]
+        items[iid] = [year, (genres[:1] if case["genre"] == "first" else ["|".join(genres)])[0] if genres else ""]
+    rows = []
+    for uid, iid, rating, _ in case["inters"][:case["max_rows"]]:
+        value = float(rating) if rating not in ("x",) else math.nan
+        if not math.isfinite(value) or uid not in users or iid not in items:
+            continue
+        rows.append((1.0 if value >= case["threshold"] else 0.0, [uid, iid] + users[uid] + items[iid]))
+    where = common.split_assignment(len(rows), case["split"], case["seed"])
+    parts = {s: [r for r, w in zip(rows, where) if w == s] for s in range(3)}
+    vocabs, dims = [], []
+    for f in range(8):
+        counts = {}
+        for _, tokens in parts[0]:
+            counts[tokens[f]] = counts.get(tokens[f], 0) + 1
+        kept = sorted((t for t, c in counts.items() if c >= case["min_count"]), key=lambda t: (-counts[t], t))
+        vocabs.append({t: i for i, t in enumerate(kept)})
+        dims.append(len(kept) + 1)
+    out = []
+    for s in range(3):
+        ids = np.array([[vocabs[f].get(t[f], dims[f] - 1) for f in range(8)] for _, t in parts[s]],
+                       dtype=np.int64).reshape(-1, 8)
+        out.append((ids, np.array([label for label, _ in parts[s]], dtype=np.float32)))
+    return dims, out
+
+
+@settings(max_examples=max(30, EXAMPLES), deadline=None, derandomize=not SEARCH, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(case=movielens_files())
+def test_movielens_reader_equals_the_preprocessing_by_hand(tmp_path, case):
+    """Both layouts (GroupLens u.* and RecBole atomic files), LF or CRLF, blank lines, duplicate ids,
+    bad ages, flags and ratings, unknown users and items, either genre mode and max_rows."""
+    import uuid
+    from sfg_fast.data import load_dataset
+    folder = tmp_path / uuid.uuid4().hex
+    folder.mkdir()
+    _write_movielens(folder, case)
+    dims, splits = _movielens_by_hand(case)
+    data = load_dataset("movielens100k", data_dir=folder, seed=case["seed"], split=case["split"],
+                        min_count=case["min_count"], max_rows=case["max_rows"], skip_bad_lines=True,
+                        genre=case["genre"], threshold=case["threshold"])
     assert data.schema.field_dims == dims
     for (ids, labels), got in zip(splits, (data.train, data.valid, data.test)):
         np.testing.assert_array_equal(got.ids, ids)
