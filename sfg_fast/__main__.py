@@ -1,4 +1,4 @@
-"""``python -m sfg_fast train | compare | analyze | quantize``: the same command line as ``sfg-fast``."""
+"""``python -m sfg_fast train | compare | analyze | quantize | predict``: the same command line as ``sfg-fast``."""
 import sys
 
 from .cli import main

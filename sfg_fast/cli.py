@@ -1,4 +1,4 @@
-"""Command line: ``sfg-fast train | compare | analyze | quantize`` (also ``python -m sfg_fast``).
+"""Command line: ``sfg-fast train | compare | analyze | quantize | predict`` (also ``python -m sfg_fast``).
 
 Config precedence, lowest to highest: trainer defaults < YAML ``Base:`` < experiment block
 (``--expid``, else the block named after ``--model``) < ``--set KEY=VALUE`` < explicit flags.
@@ -151,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=_positive_int, default=16384)
     q.add_argument("--threads", type=_positive_int)
     q.add_argument("--no-export", action="store_true", help="skip the torch.export program (model-int8.pt2)")
+
+    r = sub.add_parser("predict", help="click probabilities of a trained model on a raw data file",
+                       description="Encode the dataset's file in --data-dir with the run's own vocabularies "
+                                   "(feature_map.json.gz; values it did not keep map to OOV), score every line, "
+                                   "write predictions.csv and predict.json (metrics when labelled, OOV share "
+                                   "per field).")
+    r.add_argument("checkpoint", help="checkpoint file or run directory (its best.pt)")
+    r.add_argument("--data-dir", help="folder or file of the dataset's raw data (default: the run's)")
+    r.add_argument("--out", help="output directory (default <run dir>/predictions)")
+    r.add_argument("--max-rows", type=_positive_int, help="read at most this many lines")
+    r.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of stopping")
+    r.add_argument("--batch-size", type=_positive_int, default=16384)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--threads", type=_positive_int)
     return parser
 
 
@@ -298,6 +312,26 @@ def _run_quantize(args) -> int:
     return 0
 
 
+def _run_predict(args) -> int:
+    import torch
+
+    from .train import predict_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = predict_checkpoint(args.checkpoint, data_dir=args.data_dir, out=args.out, batch_size=args.batch_size,
+                           max_rows=args.max_rows, skip_bad_lines=args.skip_bad_lines, device=args.device)
+    worst = max(r["oov_rate"].items(), key=lambda kv: kv[1])
+    metrics = r["metrics"]
+    scores = (f"AUC {metrics['AUC']:.5f}, logloss {metrics['logloss']:.5f}" if metrics
+              else "no metrics (the labels hold one class)")
+    print(f"{r['model']} ({'SFG' if r['generative'] else 'base'}) on {r['rows']} rows of {r['source']}: {scores}; "
+          f"mean probability {r['mean_probability']:.4f} (click rate {r['positive_rate']:.4f}); "
+          f"highest OOV share {worst[1]:.3f} ({worst[0]}); skipped lines {r['skipped_lines']}; "
+          f"wrote {r['files']['predictions']} and predict.json")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``sfg-fast`` console script; returns the exit status."""
     from .train import TrainingDiverged
@@ -312,6 +346,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run_compare(args, argv)
         if args.command == "quantize":
             return _run_quantize(args)
+        if args.command == "predict":
+            return _run_predict(args)
         return _run_analyze(args)
     except TrainingDiverged as exc:
         print(f"sfg-fast {args.command}: {exc}", file=sys.stderr)

@@ -446,8 +446,8 @@ def analyze_embeddings(raw: torch.Tensor, generated: Optional[torch.Tensor], out
 def _write_atomically(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (the training job's writer): a
     reader, or an interrupted run, sees the old file or the new one, never a truncated one."""
-    from .train import _atomic_write
-    _atomic_write(path, lambda handle: handle.write(data))
+    from ._io import atomic_write_bytes
+    atomic_write_bytes(data, path)
 
 
 def _save_figure(fig, path: str) -> None:

@@ -25,7 +25,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -33,11 +32,13 @@ import numpy as np
 import torch
 
 from . import functional as SF
+from ._io import atomic_write as _atomic_write
 from . import models as model_zoo
 
 __all__ = ["TRAIN_DEFAULTS", "DEFAULT_CONFIG_PATH", "TrainingDiverged", "Trainer", "train", "resume",
            "resolve_config", "load_yaml_config", "split_config", "load_checkpoint", "resolve_checkpoint",
-           "model_from_checkpoint", "atomic_save", "atomic_write_text", "versions", "evaluate_model"]
+           "model_from_checkpoint", "atomic_save", "atomic_write_text", "versions", "evaluate_model",
+           "analyze_checkpoint", "quantize_checkpoint", "predict_checkpoint"]
 
 log = logging.getLogger("sfg_fast.train")
 
@@ -281,51 +282,6 @@ def default_out_dir(config: Dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Atomic files, versions
 # ----------------------------------------------------------------------------------------------
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str, write) -> None:
-    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename over it.
-
-    A crash at any point leaves either the old file or the new one, never a torn file; the temp
-    file is removed on failure.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-            # mkstemp creates 0600; the file gets the mode a plain open() would give it (umask applies)
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-
 
 def atomic_save(obj, path: str) -> None:
     """``torch.save(obj, path)``, atomically (temp file in the same directory, fsync, os.replace)."""
@@ -785,6 +741,7 @@ class Trainer:
         """Train until ``epochs`` or early stopping, reload the best checkpoint, test, write results."""
         cfg = self.config
         os.makedirs(self.out, exist_ok=True)
+        self._write_feature_map()
         if self.verbose:
             log.info("training %s (%s) on %s: %d train / %d valid / %d test rows, %d fields, %d parameters, "
                      "device %s, out %s", cfg["model"], "SFG" if self.model.generative else "base", cfg["dataset"],
@@ -802,6 +759,17 @@ class Trainer:
         if self.stopped_early and self.verbose:
             log.info("early stop after epoch %d: no validation AUC gain for %d epochs", self.epoch, self.bad_epochs)
         return self.finish()
+
+    def _write_feature_map(self) -> None:
+        """``feature_map.json.gz``: the vocabularies of the data (files only), so ``predict`` encodes new
+        raw data exactly as this run's. A stale one (an overwritten run on other data) is removed."""
+        from .data import FEATURE_MAP_FILE, save_feature_map
+
+        path = os.path.join(self.out, FEATURE_MAP_FILE)
+        if getattr(self.data, "vocabularies", None) is not None:
+            save_feature_map(self.data, path)
+        elif os.path.exists(path):
+            os.unlink(path)
 
     def _best_checkpoint(self, path: str) -> Dict[str, Any]:
         """This run's best checkpoint, checked to be it: the best epoch and its validation AUC, and the
@@ -988,6 +956,83 @@ def analyze_checkpoint(checkpoint: str, out: Optional[str] = None, max_samples: 
     title = f"{ckpt['model_name']} ({variant}) on {config.get('dataset')}, epoch {ckpt['epoch']}, n={raw.shape[0]}"
     result = analyze_embeddings(raw, gen, out, title=title)
     return result
+
+
+def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] = None,
+                       batch_size: int = 16384, max_rows: Optional[int] = None, skip_bad_lines: bool = False,
+                       device: str = "cpu") -> Dict[str, Any]:
+    """Click probabilities of a trained model on a raw data file, encoded with the run's own vocabularies.
+
+    Rebuilds the model of ``checkpoint`` (file or run directory, then its ``best.pt``), reads the run's
+    ``feature_map.json.gz`` and encodes every line of the dataset's file in ``data_dir`` (default: the
+    run's) with it: values the run did not keep (unseen, rare, new) map to their field's OOV id, as in
+    serving. Lines keep their file order. Writes into ``out`` (default ``<run dir>/predictions``):
+    ``predictions.csv`` (``row,label,probability``; row = the line's position among the rows read) and
+    ``predict.json`` (rows, skipped lines, AUC / logloss / gAUC when the labels hold both classes, and
+    the share of OOV ids per field: a drift check against the training data).
+    """
+    import io
+
+    from .data import FEATURE_MAP_FILE, load_dataset, load_feature_map
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    file = resolve_checkpoint(checkpoint, "best.pt")
+    run_dir = os.path.dirname(os.path.abspath(file))
+    model, ckpt = model_from_checkpoint(file, map_location=device)
+    config = dict(ckpt["config"])
+    fm_path = os.path.join(run_dir, FEATURE_MAP_FILE)
+    try:
+        fm = load_feature_map(fm_path, dataset=config["dataset"])
+    except FileNotFoundError:
+        raise ValueError(f"{run_dir} has no {FEATURE_MAP_FILE}: predict needs the vocabularies of a run on data "
+                         "read from files (generated datasets have none; runs before feature maps were saved "
+                         "need retraining)") from None
+    if fm["field_dims"] != list(ckpt["schema"]["field_dims"]):
+        raise ValueError(f"{fm_path} has field_dims {fm['field_dims']}, the checkpoint {ckpt['schema']['field_dims']}: "
+                         "they come from different runs")
+    options = {k: v for k, v in (config.get("data_options") or {}).items() if k != "split"}
+    data = load_dataset(name=config["dataset"], data_dir=data_dir if data_dir is not None else config.get("data_dir"),
+                        cache_dir=False, seed=0, max_rows=max_rows, skip_bad_lines=bool(skip_bad_lines),
+                        split=(1, 0, 0), vocabularies=fm["vocabularies"], **options)
+    ids, labels = _split_tensors(data.train, "input")
+    if ids.shape[0] == 0:
+        raise ValueError(f"no rows were read from the {config['dataset']} data in {data_dir or config.get('data_dir')}")
+    chunks = []
+    with torch.no_grad():
+        for batch in iter_batches(ids, int(batch_size)):
+            chunks.append(model(batch.to(device)).float().cpu())
+    logits = torch.cat(chunks).double()
+    if not torch.isfinite(logits).all():
+        raise TrainingDiverged(f"{int((~torch.isfinite(logits)).sum())} of {logits.numel()} logits are NaN/inf")
+    probabilities = torch.sigmoid(logits).numpy()
+    out = out or os.path.join(run_dir, "predictions")
+    os.makedirs(out, exist_ok=True)
+    buffer = io.StringIO()
+    buffer.write("row,label,probability\n")
+    np.savetxt(buffer, np.column_stack([np.arange(ids.shape[0]), labels.numpy(), probabilities]),
+               fmt=["%d", "%d", "%.9g"], delimiter=",")
+    csv_path = os.path.join(out, "predictions.csv")
+    _atomic_write(csv_path, lambda fh: fh.write(buffer.getvalue().encode()))
+    oov = (ids == torch.as_tensor(fm["field_dims"]) - 1).double().mean(0).tolist()
+    summary: Dict[str, Any] = {
+        "checkpoint": os.path.abspath(file), "model": ckpt["model_name"], "generative": bool(model.generative),
+        "dataset": config["dataset"], "source": data.info.get("source"), "rows": int(ids.shape[0]),
+        "skipped_lines": data.info.get("skipped_lines", 0), "mean_probability": float(probabilities.mean()),
+        "positive_rate": float(labels.double().mean()),
+        "oov_rate": {name: round(rate, 6) for name, rate in zip(fm["field_names"], oov)},
+        "metrics": None, "files": {"predictions": csv_path}}
+    if 0 < int(labels.sum()) < labels.numel():
+        group_field = config.get("group_field")
+        if group_field is None:
+            group_field = GROUP_FIELDS.get(fm["dataset"])
+        group = {} if group_field in (None, False, "", "none") or group_field not in fm["field_names"] \
+            else {"group_column": fm["field_names"].index(group_field)}
+        summary["metrics"] = evaluate_model(model, ids, labels, torch.device(device), int(batch_size), "input",
+                                            **group)
+    summary = _jsonable(summary)
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(out, "predict.json"))
+    return summary
 
 
 def quantize_checkpoint(checkpoint: str, out: Optional[str] = None, batch_size: int = 16384, data=None,

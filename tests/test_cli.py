@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -186,6 +187,41 @@ def test_train_on_real_format_files_end_to_end(tmp_path, dataset):
     assert len(results["schema"]["field_dims"]) == num_fields
     # the preprocessed arrays are cached beside the raw file for the next run
     assert any(name.startswith(".sfg_cache") or name == ".sfg_cache" for name in os.listdir(data_dir))
+
+
+def test_predict_via_main(tmp_path, capsys):
+    """sfg-fast predict: the run's feature map encodes raw files as training did. On the training file the
+    test split's rows score the run's own test AUC; on a new file the unseen values go to OOV."""
+    from sklearn.metrics import roc_auc_score
+
+    from sfg_fast.data.common import split_assignment
+    from test_data import write_avazu
+
+    write_avazu(tmp_path / "train.csv", num_rows=600, seed=1)
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--model", "fwfm", "--epochs", "1", "--out", out, "--dataset", "avazu",
+                     "--data-dir", str(tmp_path / "train.csv"), "--embedding-dim", "4", "--batch-size", "128",
+                     "--threads", "1", "--quiet"]) == 0
+    assert os.path.exists(os.path.join(out, "feature_map.json.gz"))
+    capsys.readouterr()
+    assert cli.main(["predict", out, "--threads", "1"]) == 0
+    assert "AUC" in capsys.readouterr().out
+    report = json.loads(open(os.path.join(out, "predictions", "predict.json")).read())
+    rows = np.loadtxt(os.path.join(out, "predictions", "predictions.csv"), delimiter=",", skiprows=1)
+    assert report["rows"] == len(rows) == 600 and np.array_equal(rows[:, 0], np.arange(600))
+    results = json.loads(open(os.path.join(out, "results.json")).read())
+    test_rows = split_assignment(600, (8, 1, 1), 2018) == 2
+    logit = np.log(rows[test_rows, 2]) - np.log1p(-rows[test_rows, 2])
+    assert abs(roc_auc_score(rows[test_rows, 1], logit) - results["test_auc"]) < 1e-6
+    assert report["oov_rate"]["device_ip"] == 1.0               # unique per row: never kept at min_count 2
+    write_avazu(tmp_path / "new.csv", num_rows=50, seed=7)
+    assert cli.main(["predict", out, "--data-dir", str(tmp_path / "new.csv"), "--out", str(tmp_path / "p2")]) == 0
+    assert json.loads((tmp_path / "p2" / "predict.json").read_text())["rows"] == 50
+    synthetic = str(tmp_path / "synthetic")
+    assert cli.main(["train", "--model", "fm", "--epochs", "1", "--out", synthetic] + TINY) == 0
+    capsys.readouterr()
+    assert cli.main(["predict", synthetic]) == 2
+    assert "feature_map.json.gz" in capsys.readouterr().err
 
 
 def test_quantize_via_main(tmp_path, capsys):

@@ -637,3 +637,90 @@ def test_avazu_header_with_a_byte_order_mark_or_trailing_blanks(tmp_path):
     (tmp_path / "wrong" / "train.csv").write_bytes(text.replace(b"click", b"clicks", 1))
     with pytest.raises(ValueError, match="header"):
         load_dataset("avazu", data_dir=tmp_path / "wrong", cache_dir=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# feature maps: encoding new data with a run's vocabularies
+# ----------------------------------------------------------------------------------------------
+
+def _file_order_ids(data: CTRData, seed: int, split=(7, 2, 1)):
+    """The rows of all three splits back in file order (splits keep file order within themselves)."""
+    from sfg_fast.data.common import split_assignment
+    n = sum(len(s) for s in data.splits().values())
+    where = split_assignment(n, split, seed)
+    ids = np.empty((n, data.schema.num_fields), np.int64)
+    labels = np.empty(n, np.float32)
+    for s, part in enumerate(data.splits().values()):
+        ids[where == s], labels[where == s] = part.ids, part.labels
+    return ids, labels
+
+
+@pytest.mark.parametrize("name", ["criteo", "avazu", "movielens100k"])
+def test_vocabularies_reencode_the_training_file_exactly(tmp_path, name):
+    """Encoding the training file again with the saved feature map gives every row the id it trained with;
+    a token the run did not keep (rare, or new) gets the field's OOV id."""
+    from sfg_fast.data import load_feature_map, save_feature_map
+    if name == "criteo":
+        write_criteo(tmp_path / "train.txt", num_rows=300)
+        kw, split = dict(data_dir=tmp_path, min_count=3), (7, 2, 1)
+    elif name == "avazu":
+        write_avazu(tmp_path / "train.csv", num_rows=300)
+        kw, split = dict(data_dir=tmp_path / "train.csv"), (8, 1, 1)
+    else:
+        write_tiny_movielens(tmp_path, "grouplens")
+        kw, split = dict(data_dir=tmp_path, min_count=2), (8, 1, 1)
+    data = load_dataset(name, seed=5, **kw)
+    assert data.vocabularies is not None and [len(v) + 1 for v in data.vocabularies] == data.schema.field_dims
+    # cached and re-read data carry the same vocabularies
+    if name != "movielens100k":
+        assert load_dataset(name, seed=5, **kw).vocabularies == data.vocabularies
+    fm = save_feature_map(data, str(tmp_path / "fm.json.gz"))
+    assert load_feature_map(str(tmp_path / "fm.json.gz"), dataset=name) == fm
+    again = load_dataset(name, seed=0, split=(1, 0, 0), vocabularies=fm["vocabularies"],
+                         **{k: v for k, v in kw.items() if k != "min_count"})
+    assert again.schema.field_dims == data.schema.field_dims and again.info["from_cache"] is False
+    ids, labels = _file_order_ids(data, 5, split)
+    np.testing.assert_array_equal(again.train.ids, ids)
+    np.testing.assert_array_equal(again.train.labels, labels)
+    assert len(again.valid) == len(again.test) == 0
+    # every token -> its position in the vocabulary, anything else -> OOV: a vocabulary with one token
+    # dropped sends exactly that token's rows to OOV and moves nothing else
+    f = next(f for f, v in enumerate(fm["vocabularies"]) if len(v) >= 2)
+    vocabs = [list(v) for v in fm["vocabularies"]]
+    dropped = vocabs[f].pop(0)
+    narrowed = load_dataset(name, seed=0, split=(1, 0, 0), vocabularies=vocabs,
+                            **{k: v for k, v in kw.items() if k != "min_count"})
+    oov = len(vocabs[f])
+    want = np.where(ids[:, f] == 0, oov, ids[:, f] - 1)
+    np.testing.assert_array_equal(narrowed.train.ids[:, f], want)
+    assert dropped not in vocabs[f]
+
+
+def test_feature_map_errors(tmp_path):
+    import json
+    from sfg_fast.data import load_feature_map, save_feature_map
+    write_criteo(tmp_path / "train.txt", num_rows=100)
+    data = load_dataset("criteo", data_dir=tmp_path, cache_dir=False)
+    path = str(tmp_path / "fm.json.gz")
+    fm = save_feature_map(data, path)
+    with pytest.raises(ValueError, match="not 'avazu'"):
+        load_feature_map(path, dataset="avazu")
+    with pytest.raises(FileNotFoundError):
+        load_feature_map(str(tmp_path / "missing.json.gz"))
+    (tmp_path / "torn.json.gz").write_bytes(open(path, "rb").read()[:50])
+    with pytest.raises(ValueError, match="could not be read"):
+        load_feature_map(str(tmp_path / "torn.json.gz"))
+    for corrupt, match in ((dict(fm, field_dims=[d + 1 for d in fm["field_dims"]]), "OOV id"),
+                           (dict(fm, vocabularies=[v + v[:1] if v else ["x", "x"] for v in fm["vocabularies"]]),
+                            "field_dims|repeats"),
+                           (dict(fm, format="other"), "not an sfg_fast feature map")):
+        bad = tmp_path / "bad.json.gz"
+        bad.write_bytes(gzip.compress(json.dumps(corrupt).encode()))
+        with pytest.raises(ValueError, match=match):
+            load_feature_map(str(bad))
+    with pytest.raises(ValueError, match="vocabularies holds"):
+        load_dataset("criteo", data_dir=tmp_path, vocabularies=fm["vocabularies"][:-1])
+    with pytest.raises(ValueError, match="generated"):
+        load_dataset("synthetic-criteo", num_rows=100, vocabularies=fm["vocabularies"])
+    with pytest.raises(ValueError, match="no vocabularies"):
+        save_feature_map(load_dataset("synthetic-criteo", num_rows=100), path)

@@ -7,6 +7,7 @@ values unseen there (or rarer than ``min_count``) map to the field's OOV id, its
 """
 from . import synthetic  # noqa: F401
 from .common import BadLineError  # noqa: F401
+from .feature_map import FEATURE_MAP_FILE, load_feature_map, save_feature_map  # noqa: F401
 from .load import DATASETS, load_dataset  # noqa: F401
 from .schema import CTRData, Schema, Split  # noqa: F401
 

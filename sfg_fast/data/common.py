@@ -20,7 +20,7 @@ import numpy as np
 
 from .schema import CTRData, Schema, Split
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2   # 2: the vocabularies (kept tokens per field) are cached too
 
 
 class BadLineError(ValueError):
@@ -148,8 +148,9 @@ def tokens_of(values: Sequence, transform: Optional[Callable]) -> Tuple[np.ndarr
 
 def finalize(name: str, field_names: Sequence[str], field_sources: Sequence[Tuple[int, Optional[Callable]]],
              column_values: Sequence[Sequence], split_chunks: Sequence[List[Tuple[np.ndarray, np.ndarray]]],
-             min_count: int) -> Tuple[Schema, List[Split]]:
-    """Turn provisional ids into final ids with train-only vocabularies.
+             min_count: int, vocabularies: Optional[Sequence[Sequence[str]]] = None
+             ) -> Tuple[Schema, List[Split], List[List[str]]]:
+    """Turn provisional ids into final ids with train-only vocabularies (or given ones).
 
     Args:
         field_sources: per output field ``(source column, transform)``: the field's token is
@@ -157,19 +158,38 @@ def finalize(name: str, field_names: Sequence[str], field_sources: Sequence[Tupl
         column_values: per source column, its raw values in provisional id order.
         split_chunks: for train, valid, test: a list of ``(provisional ids [k, C], labels [k])``;
             the lists are emptied as the chunks are copied out.
+        vocabularies: per field, the tokens of ids ``0 .. k-1`` of an earlier run (a feature map):
+            used as they are (``min_count`` and the counts play no part), every other token -> ``k``.
+    Returns:
+        ``(schema, [train, valid, test], vocabularies)``, the last the tokens of each field's ids
+        ``0 .. k-1`` as strings.
     """
+    if vocabularies is not None and len(vocabularies) != len(field_sources):
+        raise ValueError(f"vocabularies holds {len(vocabularies)} fields, the dataset has {len(field_sources)}")
     # train counts per provisional value, chunk by chunk: never a second copy of the train split
     value_counts = {c: np.zeros(len(column_values[c]), dtype=np.int64) for c in {src for src, _ in field_sources}}
     for chunk_ids, _ in split_chunks[0]:
         for c, counts in value_counts.items():
             counts += np.bincount(chunk_ids[:, c], minlength=counts.size)
-    tables, dims = [], []
-    for src, transform in field_sources:
+    tables, dims, vocabs = [], [], []
+    for f, (src, transform) in enumerate(field_sources):
         value_to_token, token_names = tokens_of(column_values[src], transform)
-        counts = np.bincount(value_to_token, weights=value_counts[src], minlength=len(token_names))
-        table, dim = build_vocab(np.rint(counts).astype(np.int64), min_count, token_names)
+        if vocabularies is None:
+            counts = np.bincount(value_to_token, weights=value_counts[src], minlength=len(token_names))
+            table, dim = build_vocab(np.rint(counts).astype(np.int64), min_count, token_names)
+            kept = [None] * (dim - 1)
+            for token, i in zip(token_names, table.tolist()):
+                if i < dim - 1:
+                    kept[i] = str(token)
+        else:
+            kept = [str(t) for t in vocabularies[f]]
+            index = {t: i for i, t in enumerate(kept)}
+            table = np.fromiter((index.get(str(t), len(kept)) for t in token_names), dtype=np.int64,
+                                count=len(token_names))
+            dim = len(kept) + 1
         tables.append(table[value_to_token])
         dims.append(dim)
+        vocabs.append(kept)
     schema = Schema(name=name, field_names=list(field_names), field_dims=dims)
     splits = []
     for chunks in split_chunks:
@@ -186,7 +206,7 @@ def finalize(name: str, field_names: Sequence[str], field_sources: Sequence[Tupl
             labels[row:row + k] = chunk_labels
             row += k
         splits.append(Split(ids=ids, labels=labels))
-    return schema, splits
+    return schema, splits, vocabs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,12 +301,13 @@ def load_cache(cache_dir: str, name: str, key: str) -> Optional[CTRData]:
             splits = [Split(ids=z[f"{s}_ids"].astype(np.int64), labels=z[f"{s}_labels"])
                       for s in ("train", "valid", "test")]
             info = json.loads(str(z["info"]))
+            vocabularies = json.loads(str(z["vocabularies"])) if "vocabularies" in z.files else None
     except Exception as exc:   # a truncated or corrupt entry is a miss: the data are read again and re-cached
         logging.getLogger("sfg_fast.data").warning("ignoring the unreadable cache entry %s (%s: %s); reading the "
                                                    "raw data again", npz_path, type(exc).__name__, exc)
         return None
     info.update(from_cache=True, cache_path=npz_path)
-    return CTRData(schema, *splits, info=info)
+    return CTRData(schema, *splits, info=info, vocabularies=vocabularies)
 
 
 def save_cache(cache_dir: str, name: str, key: str, data: CTRData) -> Optional[str]:
@@ -300,6 +321,9 @@ def save_cache(cache_dir: str, name: str, key: str, data: CTRData) -> Optional[s
         for s, split in data.splits().items():
             arrays[f"{s}_ids"] = split.ids.astype(id_dtype)
             arrays[f"{s}_labels"] = split.labels
+        if data.vocabularies is not None:
+            # JSON, not a numpy string array: those drop a token's trailing NUL characters
+            arrays["vocabularies"] = np.array(json.dumps(data.vocabularies))
         data.schema.save_json(schema_path)
         tmp = f"{npz_path}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:  # a file object stops numpy from appending another .npz

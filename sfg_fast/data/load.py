@@ -29,7 +29,7 @@ def _count(name: str, value, minimum: int) -> Optional[int]:
 
 def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, seed: int = 2018,
                  max_rows: Optional[int] = None, min_count: Optional[int] = None, skip_bad_lines: bool = False,
-                 num_rows: Optional[int] = None, **options) -> CTRData:
+                 num_rows: Optional[int] = None, vocabularies=None, **options) -> CTRData:
     """Load a CTR dataset as train/valid/test splits of field-local int64 ids and 0/1 labels.
 
     Args:
@@ -46,6 +46,10 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
         skip_bad_lines: skip malformed lines, counting them in ``info["skipped_lines"]``, instead of
             raising ValueError with the file name and line number.
         num_rows: rows the synthetic datasets generate (default 100000).
+        vocabularies: encode with these per-field token lists (a trained run's feature map, see
+            :func:`sfg_fast.data.load_feature_map`) instead of building vocabularies from the train
+            split: tokens outside them map to the OOV id, and ``field_dims`` are the run's. Never cached.
+            Files only (not the synthetic datasets).
         **options: per dataset: ``split`` (three ratios; defaults movielens100k/avazu/synthetic 8:1:1,
             criteo 7:2:1); movielens100k ``genre`` ('first' | 'combination'), ``threshold`` (4.0);
             criteo/avazu ``chunk_rows``; synthetic ``vocab_scale``, ``zipf_a``, ``embed_dim``,
@@ -73,12 +77,19 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
     if num_rows is not None and not synthetic_name:
         raise ValueError(f"num_rows sets the size of the synthetic datasets; dataset {name!r} is read from files: "
                          f"use max_rows to cap the rows read")
+    if vocabularies is not None:
+        if synthetic_name:
+            raise ValueError(f"vocabularies apply to datasets read from files; {name!r} is generated")
+        if not isinstance(vocabularies, (list, tuple)) or not all(
+                isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v) for v in vocabularies):
+            raise ValueError("vocabularies must be a list (one per field) of lists of token strings")
     module = {"movielens100k": movielens, "criteo": criteo, "avazu": avazu}.get(name, synthetic)
     ratios = check_ratios(options.pop("split", module.DEFAULT_SPLIT))
 
     if name == "movielens100k":
         return movielens.load_movielens(data_dir, seed=seed, max_rows=max_rows, min_count=min_count or 1,
-                                        skip_bad_lines=skip_bad_lines, split=ratios, **options)
+                                        skip_bad_lines=skip_bad_lines, split=ratios, vocabularies=vocabularies,
+                                        **options)
     if synthetic_name:
         return synthetic.load_synthetic(name, num_rows, seed=seed, max_rows=max_rows, min_count=min_count or 1,
                                         split=ratios, **options)
@@ -88,4 +99,5 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
             and not hasattr(cache_dir, "__fspath__"):
         raise ValueError(f"cache_dir must be a path, None (default location) or False (no cache), got {cache_dir!r}")
     return load_table(module.FORMAT, path, cache_dir, seed, ratios, max_rows,
-                      module.DEFAULT_MIN_COUNT if min_count is None else min_count, skip_bad_lines, chunk_rows)
+                      module.DEFAULT_MIN_COUNT if min_count is None else min_count, skip_bad_lines, chunk_rows,
+                      vocabularies)

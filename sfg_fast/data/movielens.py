@@ -171,7 +171,7 @@ def _items(path: str, layout: str, log: SkipLog) -> Dict[str, Tuple[str, List[st
 
 def load_movielens(data_dir=None, seed: int = 2018, max_rows: Optional[int] = None, min_count: int = 1,
                    skip_bad_lines: bool = False, split=DEFAULT_SPLIT, genre: str = "first",
-                   threshold: float = 4.0) -> CTRData:
+                   threshold: float = 4.0, vocabularies=None) -> CTRData:
     if genre not in GENRE_MODES:
         raise ValueError(f"genre must be one of {GENRE_MODES}, got {genre!r}")
     start = time.perf_counter()
@@ -215,11 +215,11 @@ def load_movielens(data_dir=None, seed: int = 2018, max_rows: Optional[int] = No
     label_array = np.asarray(labels, dtype=np.float32)
     where = split_assignment(len(label_array), split, seed)
     chunks = [[(ids[where == s], label_array[where == s])] for s in range(3)]
-    schema, splits = finalize("movielens100k", FIELDS, [(f, None) for f in range(len(FIELDS))],
-                              [e.values() for e in encoders], chunks, min_count)
+    schema, splits, vocabs = finalize("movielens100k", FIELDS, [(f, None) for f in range(len(FIELDS))],
+                                      [e.values() for e in encoders], chunks, min_count, vocabularies)
     info = {"dataset": "movielens100k", "source": folder, "layout": layout, "rows": int(label_array.size),
             "seed": seed, "split": list(split), "min_count": min_count, "max_rows": max_rows, "genre": genre,
             "threshold": threshold, "skipped_lines": sum(log.count for log in logs),
             "skipped_examples": [e for log in logs for e in log.examples], "from_cache": False,
             "build_seconds": round(time.perf_counter() - start, 3)}
-    return CTRData(schema, *splits, info=info)
+    return CTRData(schema, *splits, info=info, vocabularies=vocabs)

@@ -117,13 +117,18 @@ class Split:
 
 @dataclass
 class CTRData:
-    """A dataset ready for training: schema, train/valid/test splits and provenance ``info``."""
+    """A dataset ready for training: schema, train/valid/test splits and provenance ``info``.
+
+    ``vocabularies`` (datasets read from raw files): per field, the raw tokens of ids ``0 .. k-1``
+    (the OOV id ``k`` has none); :func:`sfg_fast.data.save_feature_map` writes them next to a run, and
+    ``load_dataset(..., vocabularies=...)`` encodes new files with them. None for synthetic data."""
 
     schema: Schema
     train: Split
     valid: Split
     test: Split
     info: Dict[str, Any] = field(default_factory=dict)
+    vocabularies: Optional[List[List[str]]] = None
 
     def splits(self) -> Dict[str, Split]:
         return {"train": self.train, "valid": self.valid, "test": self.test}

@@ -169,7 +169,7 @@ def load_synthetic(name: str, num_rows: Optional[int], seed: int, max_rows: Opti
     where = split_assignment(rows, split, seed)
     chunks = [[(ids[where == s], labels[where == s])] for s in range(3)]
     del ids
-    schema, splits = finalize(name, names, [(f, None) for f in range(len(names))],
+    schema, splits, _ = finalize(name, names, [(f, None) for f in range(len(names))],
                               [range(v) for v in dims], chunks, min_count)
     info = {"dataset": name, "source": "synthetic", "rows": rows, "seed": seed, "split": list(split),
             "min_count": min_count, "max_rows": max_rows, "skipped_lines": 0, "from_cache": False,

@@ -64,8 +64,10 @@ def _label_value(raw: str) -> float:
 
 
 def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], max_rows: Optional[int],
-               min_count: int, skip_bad_lines: bool, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> CTRData:
-    """Read ``path`` in ``fmt`` into a CTRData (no cache; see :func:`load_table`)."""
+               min_count: int, skip_bad_lines: bool, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+               vocabularies=None) -> CTRData:
+    """Read ``path`` in ``fmt`` into a CTRData (no cache; see :func:`load_table`); ``vocabularies`` as in
+    :func:`sfg_fast.data.common.finalize`."""
     start = time.perf_counter()
     header_lines = 1 if fmt.has_header else 0
     limit = None if max_rows is None else max_rows + header_lines
@@ -149,14 +151,14 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
         elif token is not None:
             transform = token
         field_sources.append((source_of[raw], transform))
-    schema, splits = finalize(fmt.name, [name for name, _, _ in fmt.fields], field_sources,
-                              [e.values() for e in encoders], chunks, min_count)
+    schema, splits, vocabs = finalize(fmt.name, [name for name, _, _ in fmt.fields], field_sources,
+                                      [e.values() for e in encoders], chunks, min_count, vocabularies)
     rows = sum(len(s) for s in splits)
     info = {"dataset": fmt.name, "source": os.path.abspath(path), "rows": rows, "seed": seed,
             "split": list(ratios), "min_count": min_count, "max_rows": max_rows, "lines_read": num_slots,
             "skipped_lines": log.count, "skipped_examples": log.examples, "blank_lines": blank_lines,
             "from_cache": False, "build_seconds": round(time.perf_counter() - start, 3)}
-    return CTRData(schema, *splits, info=info)
+    return CTRData(schema, *splits, info=info, vocabularies=vocabs)
 
 
 def _split_lines(lines: List[str], sep: str, num_columns: int):
@@ -201,15 +203,16 @@ def _labels(column: Sequence[str], values: Dict[str, float]) -> np.ndarray:
 
 
 def load_table(fmt: TableFormat, path: str, cache_dir, seed: int, ratios, max_rows, min_count: int,
-               skip_bad_lines: bool, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> CTRData:
+               skip_bad_lines: bool, chunk_rows: int = DEFAULT_CHUNK_ROWS, vocabularies=None) -> CTRData:
     """:func:`read_table` behind a cache keyed by the file's size and mtime and every option.
 
     ``cache_dir=None`` means ``<folder of the file>/.sfg_cache``; ``cache_dir=False`` disables caching.
+    A read with given ``vocabularies`` (encoding new data for a trained model) is never cached.
     """
     options = {"seed": int(seed), "split": [float(r) for r in ratios], "max_rows": max_rows,
                "min_count": int(min_count), "skip_bad_lines": bool(skip_bad_lines)}
-    if cache_dir is False:
-        return read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows)
+    if cache_dir is False or vocabularies is not None:
+        return read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows, vocabularies)
     if cache_dir is None:
         cache_dir = os.path.join(os.path.dirname(os.path.abspath(path)), ".sfg_cache")
     cache_dir = os.path.expanduser(os.fspath(cache_dir))

@@ -1,0 +1,57 @@
+"""Atomic file writes, shared by the training job (checkpoints, results), the data package (feature
+maps) and the diagnostics: no torch import, so the data package stays light."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+__all__ = ["atomic_write", "atomic_write_bytes"]
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, write) -> None:
+    """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename over it.
+
+    A crash at any point leaves either the old file or the new one, never a torn file; the temp
+    file is removed on failure.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+            # mkstemp creates 0600; the file gets the mode a plain open() would give it (umask applies)
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    atomic_write(path, lambda fh: fh.write(data))
