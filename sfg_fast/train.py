@@ -585,6 +585,7 @@ class Trainer:
         self.fit_seconds = 0.0    # wall time of fit(), validation included, summed over resumes
         self.samples_seen = 0
         self._wrote_checkpoint = False
+        self._fit_failed: Optional[str] = None
         self._resumed = checkpoint is not None
         if checkpoint is not None:
             self._load_state(checkpoint)
@@ -730,17 +731,33 @@ class Trainer:
 
     def _checkpoint(self, improved: bool) -> None:
         state = self.state_dict()
-        # best.pt first: if we die between the two writes, last.pt is one epoch behind and a resume
-        # redoes that epoch identically, rewriting best.pt with the same content.
+        # last.pt first: if we die between the two writes, last.pt (epoch e, best epoch e) is itself the best
+        # model, and a resume rewrites best.pt from it. The other order would leave a best.pt one epoch
+        # ahead of last.pt, which only an identical redo of that epoch (same epochs, device, kernels)
+        # could reconcile: the best model so far would be in no file.
+        self.save("last.pt", state)
         if improved:
             self.save("best.pt", state)
-        self.save("last.pt", state)
         self._wrote_checkpoint = True
 
     def fit(self) -> Dict[str, Any]:
-        """Train until ``epochs`` or early stopping, reload the best checkpoint, test, write results."""
+        """Train until ``epochs`` or early stopping, reload the best checkpoint, test, write results.
+
+        A fit that was interrupted (Ctrl-C, an error) leaves this Trainer part-way through an epoch; calling
+        fit again is refused: continue with :func:`resume` on the output directory, which is exact."""
+        if self._fit_failed:
+            raise RuntimeError(f"this Trainer's fit() stopped part-way ({self._fit_failed}); its state is in the "
+                               f"middle of an epoch. Continue exactly with sfg_fast.train.resume({self.out!r})")
+        try:
+            return self._fit()
+        except BaseException as exc:
+            self._fit_failed = type(exc).__name__
+            raise
+
+    def _fit(self) -> Dict[str, Any]:
         cfg = self.config
         os.makedirs(self.out, exist_ok=True)
+        self._remove_stale_temp_files()
         self._write_feature_map()
         if self.verbose:
             log.info("training %s (%s) on %s: %d train / %d valid / %d test rows, %d fields, %d parameters, "
@@ -759,6 +776,18 @@ class Trainer:
         if self.stopped_early and self.verbose:
             log.info("early stop after epoch %d: no validation AUC gain for %d epochs", self.epoch, self.bad_epochs)
         return self.finish()
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of an atomic write that a killed process never renamed (each up to a checkpoint's size)."""
+        from .data import FEATURE_MAP_FILE
+
+        prefixes = tuple(f".{name}." for name in RUN_FILES + (FEATURE_MAP_FILE,))
+        for name in os.listdir(self.out):
+            if name.startswith(prefixes) and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(self.out, name))
+                except OSError:
+                    pass
 
     def _write_feature_map(self) -> None:
         """``feature_map.json.gz``: the vocabularies of the data (files only), so ``predict`` encodes new
@@ -884,15 +913,16 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
     stop = ckpt.get("early_stopping", {})
     best_is_this = stop.get("best_epoch") == ckpt.get("epoch")     # the checkpoint is the best model so far
     if out_dir != source_dir:
-        for name in ("last.pt", "best.pt"):
+        for name in RUN_FILES:
             if os.path.exists(os.path.join(out_dir, name)):
                 raise ValueError(f"--out {out_dir} already holds a {name} (another run's files); resume into an "
                                  f"empty directory or into the checkpoint's own ({source_dir})")
         # The final reload needs the best model so far, which may predate the resumed epochs.
-        if os.path.exists(best) or best_is_this:
-            _atomic_write(os.path.join(out_dir, "best.pt"), lambda fh: _copy_into(best if os.path.exists(best)
-                                                                                  else file, fh))
-    elif not os.path.exists(best) and best_is_this and stop.get("best_epoch"):
+        if best_is_this or os.path.exists(best):
+            _atomic_write(os.path.join(out_dir, "best.pt"), lambda fh: _copy_into(file if best_is_this else best, fh))
+    elif best_is_this and stop.get("best_epoch") and os.path.abspath(file) != os.path.abspath(best):
+        # the checkpoint is the best model: best.pt may be missing or older (a run stopped between
+        # writing last.pt and best.pt)
         _atomic_write(best, lambda fh: _copy_into(file, fh))
     if not os.path.exists(os.path.join(out_dir, "best.pt")) and stop.get("best_epoch") and not best_is_this:
         raise ValueError(f"cannot resume {file}: the run's best model (epoch {stop.get('best_epoch')}) was in a "

@@ -413,3 +413,58 @@ def test_resume_on_other_data_with_the_same_field_dims_is_refused(tmp_path, tiny
     cached = load_dataset("criteo", data_dir=tmp_path, cache_dir=tmp_path / "cache", min_count=1)
     assert not fresh.info["from_cache"] and cached.info["from_cache"]
     assert T.data_fingerprint(fresh) == T.data_fingerprint(cached)
+
+
+def test_a_stop_between_last_and_best_loses_no_best_model(tmp_path, tiny, monkeypatch):
+    """last.pt is written before best.pt: a run killed between the two at an improving epoch resumes with
+    best.pt rewritten from last.pt (that epoch's model), even when the resume trains no further."""
+    config = _config(tmp_path, "run", epochs=2, patience=5)
+    full = T.Trainer(_config(tmp_path, "full", epochs=2, patience=5), data=tiny).fit()
+    assert full["best_epoch"] == 2          # the second epoch improves: the stop below hits an improving epoch
+    real_save = T.Trainer.save
+
+    def dies_at_second_best(self, name, state=None):
+        if name == "best.pt" and self.epoch == 2:
+            raise KeyboardInterrupt          # killed after last.pt, before best.pt
+        return real_save(self, name, state)
+
+    monkeypatch.setattr(T.Trainer, "save", dies_at_second_best)
+    with pytest.raises(KeyboardInterrupt):
+        T.Trainer(config, data=tiny).fit()
+    monkeypatch.setattr(T.Trainer, "save", real_save)
+    out = tmp_path / "run"
+    assert T.load_checkpoint(str(out / "last.pt"))["epoch"] == 2
+    assert T.load_checkpoint(str(out / "best.pt"))["epoch"] == 1
+    resumed = T.resume(str(out), data=tiny)              # nothing left to train: straight to the final test
+    assert resumed["test_auc"] == full["test_auc"] and resumed["best_epoch"] == 2
+    assert T.load_checkpoint(str(out / "best.pt"))["epoch"] == 2
+
+
+def test_fit_after_an_interrupt_is_refused_and_stale_temp_files_go(tmp_path, tiny, monkeypatch):
+    trainer = T.Trainer(_config(tmp_path, epochs=2), data=tiny)
+    real = trainer._train_epoch
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    trainer._train_epoch = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    trainer._train_epoch = real
+    with pytest.raises(RuntimeError, match="resume"):
+        trainer.fit()
+    out = tmp_path / "run"
+    (out / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")    # what a kill mid-save leaves
+    (out / ".unrelated.tmp").write_bytes(b"not ours")
+    T.Trainer(_config(tmp_path, epochs=1), data=tiny, overwrite=True).fit()
+    assert _leftover_temp_files(out) == [".unrelated.tmp"]
+
+
+def test_resume_refuses_an_out_holding_another_runs_results(tmp_path, tiny):
+    T.Trainer(_config(tmp_path, "part", epochs=1), data=tiny).fit()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="results.json"):
+        T.resume(str(tmp_path / "part"), data=tiny, epochs=2, out=str(other))
+    assert (other / "results.json").read_text() == "{}"
