@@ -264,11 +264,22 @@ class QuantizedFieldEmbedding(FieldDimsState, nn.Module):
 
 
 def _swap_tables(model: nn.Module, make) -> None:
-    """Replace every float table of embedding_dim >= 2 in ``model`` by ``make(table)``."""
+    """Replace every float table of embedding_dim >= 2 in ``model`` by ``make(table)``, and every
+    :class:`FusedFieldEmbedding` left (the first-order weights) by a plain FieldEmbedding."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _FLOAT_TABLES) and child.embedding_dim >= 2:
                 setattr(parent, name, make(child))
+            elif isinstance(child, FusedFieldEmbedding):
+                setattr(parent, name, _plain_table(child))
+
+
+def _plain_table(table: FusedFieldEmbedding) -> FieldEmbedding:
+    """The weights of a table that trains itself, as a plain :class:`FieldEmbedding`: serving has no backward
+    and no optimizer (whose data-dependent id checks would also keep ``torch.export`` from tracing it)."""
+    plain = FieldEmbedding(table.field_dims, table.embedding_dim, table.bounds_check, table.init_std)
+    plain.weight = nn.Parameter(table.weight.detach().clone(), requires_grad=False)
+    return plain
 
 
 def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:
@@ -277,7 +288,8 @@ def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     embedding_dim >= 2 replaced by its int8 :class:`QuantizedFieldEmbedding` (``model`` is untouched).
 
     The first-order tables (one weight per id, D = 1) stay float32: a row's int8 code plus its float32
-    (scale, bias) would take more memory than the float. The model then computes exactly what the float
+    (scale, bias) would take more memory than the float (a FusedFieldEmbedding one becomes a plain
+    FieldEmbedding: serving needs no optimizer). The model then computes exactly what the float
     model computes on the dequantised table (the interaction runs on the rows the lookup dequantises).
     Tables that are not FieldEmbeddings (TorchRec) are left as they are. Parameters of the copy do not
     require grad. Raises ValueError when nothing was quantised.
@@ -292,6 +304,8 @@ def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     # deepcopy's memo maps each float table straight to its int8 replacement: the copy never holds a
     # second float table (gigabytes at production vocabularies)
     memo = {id(t): QuantizedFieldEmbedding.from_embedding(t, backend=backend) for t in tables}
+    memo.update({id(t): _plain_table(t) for t in model.modules()
+                 if isinstance(t, FusedFieldEmbedding) and id(t) not in memo})
     served = copy.deepcopy(model, memo).eval()
     for p in served.parameters():
         p.requires_grad_(False)
@@ -349,8 +363,11 @@ def load_quantized(path: str, backend: str = "auto") -> nn.Module:
                          "and state are required)")
     config = dict(config)
     try:
-        if config.get("embedding", "native") == "native" and int(config.get("embedding_dim", 16)) >= 2:
+        if config.get("embedding", "native") in ("native", "fused") and int(config.get("embedding_dim", 16)) >= 2:
             # the main table is built int8 from the start: no float table of the vocabulary's size on the way
+            # (a "fused" run's tables serve as plain ones: no optimizer, so its settings go too)
+            for key in ("embedding_optimizer", "embedding_lr", "embedding_eps"):
+                config.pop(key, None)
             config["embedding"] = QuantizedFieldEmbedding(field_dims, config.get("embedding_dim", 16),
                                                           config.get("bounds_check", "fatal"), backend, dtype)
         served = models.build(name, field_dims, **config)

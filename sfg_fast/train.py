@@ -219,6 +219,27 @@ def resolve_config(config_path: Optional[str] = None, expid: Optional[str] = Non
     return config
 
 
+def _check_plain_config(config: Dict[str, Any]) -> None:
+    """Every value must be plain data (None, bool, numbers, strings, lists, dicts of them): checkpoints
+    store the config and are read back with ``weights_only=True``, which refuses anything else, so a
+    module or tensor passed in here would make every checkpoint of the run unreadable."""
+    def bad(value) -> bool:
+        if value is None or isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+            return False
+        if isinstance(value, (list, tuple)):
+            return any(bad(v) for v in value)
+        if isinstance(value, dict):
+            return any(not isinstance(k, str) or bad(v) for k, v in value.items())
+        return True
+
+    for key, value in config.items():
+        if bad(value):
+            hint = (" (a ready embedding module: use embedding='native', 'fused' or 'torchrec' in the config, "
+                    "or build and train the model yourself)" if key == "embedding" else "")
+            raise ValueError(f"config key {key!r} is a {type(value).__name__}: a training config holds plain data "
+                             f"only, since checkpoints store it{hint}")
+
+
 def _check_train_config(cfg: Dict[str, Any]) -> None:
     def positive_int(key):
         value = cfg[key]
@@ -518,6 +539,7 @@ class Trainer:
         config["model"] = str(config["model"]).lower()
         self.train_cfg, self.hparams, self.ignored_keys = split_config(config)
         _check_train_config(self.train_cfg)
+        _check_plain_config(config)
         self.config = config
         if config["out"] is None:
             config["out"] = default_out_dir(config)

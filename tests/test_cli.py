@@ -294,9 +294,16 @@ def test_resume_never_tests_another_runs_best_model(tmp_path, capsys):
     assert cli.main(["train", "--resume", str(backup / "last.pt"), "--out", other, "--epochs", "2", "--quiet"]) == 2
     assert "already holds" in capsys.readouterr().err
 
-    # a foreign best.pt in the run's own directory: the final reload names it instead of testing it
+    # a foreign best.pt beside a checkpoint that is itself the best model: replaced by that checkpoint
     shutil.copy(os.path.join(other, "best.pt"), os.path.join(first, "best.pt"))
-    assert cli.main(["train", "--resume", first, "--epochs", "2", "--quiet"]) == 2
+    assert cli.main(["train", "--resume", first, "--epochs", "2", "--quiet"]) == 0
+    healed = json.loads(open(os.path.join(first, "results.json")).read())
+    assert (healed["test_auc"], healed["best_epoch"]) == (reference["test_auc"], 1)
+    # beside a checkpoint whose best model is older (epoch 2 of 2, best epoch 1), the final reload names
+    # the foreign file instead of testing it
+    shutil.copy(os.path.join(other, "best.pt"), os.path.join(straight, "best.pt"))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", straight, "--epochs", "2", "--quiet"]) == 2
     assert "not this run's best checkpoint" in capsys.readouterr().err
 
 

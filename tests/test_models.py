@@ -247,3 +247,38 @@ def test_sfg_cross_network_without_cross_layers_has_nothing_to_analyse(name):
     model = zoo.build(name, [3, 4, 5], embedding_dim=4, num_cross_layers=0)
     out = model.analysis_embeddings(torch.zeros(2, 3, dtype=torch.long))
     assert out["generated"] is None and out["raw"].shape == (2, 12)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_fused_tables_score_like_native_ones_and_step_their_own_optimizer(name):
+    """embedding="fused": the same model on tables that train themselves in backward. Forward equals the
+    native model with the same weights; one backward updates both tables (main and first-order) exactly as
+    the row-wise Adagrad of sfg_fast.optim applied to the native model's gradients."""
+    from sfg_fast.optim import SparseRowOptimizer
+    torch.manual_seed(3)
+    extra = dict(HPARAMS.get(name, {}))
+    native = models.build(name, FIELD_DIMS, 4, init_std=0.3, **extra).double()
+    fused = models.build(name, FIELD_DIMS, 4, init_std=0.3, embedding="fused", embedding_lr=0.05, **extra).double()
+    missing, unexpected = fused.load_state_dict(native.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+    assert fused.config["embedding"] == "fused" and fused.config["embedding_optimizer"] == "rowwise_adagrad"
+    ids = zipf_ids(9, FIELD_DIMS)
+    native.eval(), fused.eval()
+    torch.testing.assert_close(fused(ids), native(ids), rtol=0, atol=0)
+    fused(ids).sum().backward()
+    native(ids).sum().backward()
+    tables = [(n, m) for n, m in native.named_modules() if type(m).__name__ == "FieldEmbedding"]
+    assert tables
+    for path, table in tables:
+        want = table.weight.detach().clone()
+        SparseRowOptimizer("adagrad", lr=0.05).step_rows(want, *_touched(table.weight.grad))
+        got = fused.get_submodule(path)
+        assert type(got).__name__ == "FusedFieldEmbedding" and got.weight.grad is None
+        torch.testing.assert_close(got.weight.detach(), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="embedding='fused'"):
+        models.build(name, FIELD_DIMS, 4, embedding_lr=0.1, **extra)
+
+
+def _touched(grad):
+    rows = torch.nonzero(grad.abs().sum(1)).flatten()
+    return rows, grad[rows]

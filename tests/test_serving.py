@@ -462,3 +462,28 @@ def test_model_trained_with_the_fused_sparse_table_quantises(tmp_path):
         path = str(tmp_path / "m.pt")
         serving.save_quantized(served, path)
         torch.testing.assert_close(serving.load_quantized(path)(ids), served(ids), rtol=0, atol=0)
+
+
+def test_embedding_fused_model_serves_on_plain_tables_and_exports(tmp_path):
+    """embedding="fused" makes the first-order table fused too: the int8 copy serves it as a plain float
+    FieldEmbedding (no optimizer, no data-dependent checks), so it saves, reloads and exports."""
+    from sfg_fast import functional as SF
+    from sfg_fast.optim import FusedFieldEmbedding
+
+    field_dims = [30, 4, 11]
+    model = models.build("fwfm", field_dims, embedding_dim=8, embedding="fused", embedding_lr=0.1, init_std=0.1)
+    assert isinstance(model.linear.table, FusedFieldEmbedding)
+    ids = zipf_ids(64, field_dims)
+    SF.bce_with_logits(model(ids), torch.rand(64)).backward()
+    served = serving.quantize_model(model)
+    assert not any(isinstance(m, FusedFieldEmbedding) for m in served.modules())
+    assert isinstance(model.linear.table, FusedFieldEmbedding)              # the trained model is untouched
+    assert torch.equal(served.linear.table.weight, model.linear.table.weight)
+    path = str(tmp_path / "m.pt")
+    serving.save_quantized(served, path)
+    loaded = serving.load_quantized(path)
+    assert not any(isinstance(m, FusedFieldEmbedding) for m in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), served(ids), rtol=0, atol=0)
+        program = torch.export.export(loaded, (ids,))
+        torch.testing.assert_close(program.module()(ids), served(ids), rtol=0, atol=0)

@@ -36,8 +36,17 @@ class CTRModel(nn.Module):
     def __init__(self, field_dims: Sequence[int], embedding_dim: int = 16, generative: bool = True,
                  gamma: float = 1.0, activation: str = "relu", encoder_bias: bool = False,
                  residual: bool = False, encoder_dropout: float = 0.0, init_std: float = 1e-4,
-                 bounds_check: str = "fatal", backend: str = "auto", embedding="native"):
+                 bounds_check: str = "fatal", backend: str = "auto", embedding="native",
+                 embedding_optimizer: Optional[str] = None, embedding_lr: Optional[float] = None,
+                 embedding_eps: Optional[float] = None):
         super().__init__()
+        sparse = {k: v for k, v in (("embedding_optimizer", embedding_optimizer), ("embedding_lr", embedding_lr),
+                                    ("embedding_eps", embedding_eps)) if v is not None}
+        if sparse and embedding != "fused":
+            raise ValueError(f"{sorted(sparse)} configure the table that trains itself in backward: they need "
+                             f"embedding='fused' (or a distributed run), got embedding={embedding!r}")
+        if embedding == "fused":
+            sparse = dict(dict(FUSED_DEFAULTS), **sparse)
         self.field_dims = [int(x) for x in field_dims]
         self.num_fields = len(self.field_dims)
         self.embedding_dim = int(embedding_dim)
@@ -46,7 +55,8 @@ class CTRModel(nn.Module):
         self.encoder_kwargs = dict(activation=activation, gamma=gamma, bias=encoder_bias,
                                    residual=residual, dropout=encoder_dropout, backend=backend)
         self.embedding = make_field_embedding(embedding, self.field_dims, self.embedding_dim,
-                                              bounds_check=bounds_check, init_std=init_std, backend=backend)
+                                              bounds_check=bounds_check, init_std=init_std, backend=backend,
+                                              **{k.replace("embedding_", ""): v for k, v in sparse.items()})
         self.config: Dict = dict(embedding_dim=self.embedding_dim, generative=self.generative, gamma=gamma,
                                  activation=activation, encoder_bias=encoder_bias, residual=residual,
                                  encoder_dropout=encoder_dropout, init_std=init_std,
@@ -54,6 +64,7 @@ class CTRModel(nn.Module):
         if isinstance(embedding, str) and embedding != "native":
             # Recorded only when not the default, so native configs and checkpoints stay as they were.
             self.config["embedding"] = embedding
+            self.config.update(sparse)
 
     def _record(self, **hparams) -> None:
         self.config.update(hparams)
@@ -94,13 +105,19 @@ class CTRModel(nn.Module):
         return f"generative={self.generative}"
 
 
-EMBEDDINGS = ("native", "torchrec")
+EMBEDDINGS = ("native", "fused", "torchrec")
+# the table's own optimizer with embedding="fused" (the names and defaults of a distributed run's tables)
+FUSED_DEFAULTS = (("embedding_optimizer", "rowwise_adagrad"), ("embedding_lr", 0.01), ("embedding_eps", 1e-8))
+_FUSED_KINDS = {"rowwise_adagrad": "adagrad", "sgd": "sgd", "adam": "adam"}
 
 
 def make_field_embedding(embedding, field_dims: Sequence[int], embedding_dim: int, **kwargs) -> nn.Module:
     """The ids -> V ``[B, N, D]`` module a model uses.
 
-    ``embedding``: "native" (:class:`sfg_fast.nn.FieldEmbedding`), "torchrec"
+    ``embedding``: "native" (:class:`sfg_fast.nn.FieldEmbedding`, trained by the model's optimizer),
+    "fused" (:class:`sfg_fast.optim.FusedFieldEmbedding`: the table updates its looked-up rows inside
+    backward with its own row-sparse optimizer, never building a dense gradient; kwargs ``optimizer``
+    "rowwise_adagrad" | "sgd" | "adam" (lazy), ``lr``, ``eps``), "torchrec"
     (:class:`sfg_fast.integrations.torchrec.TorchRecFieldEmbedding`, shardable by TorchRec's
     DistributedModelParallel) or a ready module with the same forward contract. ``kwargs``:
     bounds_check, init_std, backend.
@@ -109,6 +126,17 @@ def make_field_embedding(embedding, field_dims: Sequence[int], embedding_dim: in
         return embedding
     if embedding == "native":
         return FieldEmbedding(field_dims, embedding_dim, **kwargs)
+    if embedding == "fused":
+        from ..optim import FUSED_BACKENDS, FusedFieldEmbedding
+
+        kind = kwargs.pop("optimizer")
+        if kind not in _FUSED_KINDS:
+            raise ValueError(f"embedding_optimizer must be one of {sorted(_FUSED_KINDS)} with embedding='fused' "
+                             f"(element-wise 'adagrad' is a distributed table's option only), got {kind!r}")
+        backend = kwargs.pop("backend", "auto")
+        # "reference": the reference lookup has no fused update; its plain-torch twin is the "torch" path
+        return FusedFieldEmbedding(field_dims, embedding_dim, optimizer=_FUSED_KINDS[kind],
+                                   backend=backend if backend in FUSED_BACKENDS else "torch", **kwargs)
     if embedding == "torchrec":
         from ..integrations.torchrec import TorchRecFieldEmbedding
 
@@ -118,10 +146,11 @@ def make_field_embedding(embedding, field_dims: Sequence[int], embedding_dim: in
 
 
 def use_embedding_for_first_order(model: nn.Module, embedding) -> None:
-    """Rebuild every :class:`FirstOrder` table of ``model`` with ``embedding`` ("native"/"torchrec").
+    """Rebuild every :class:`FirstOrder` table of ``model`` with ``embedding`` ("native"/"fused"/"torchrec").
 
-    The first-order weights are one more id-indexed table (D = 1); with TorchRec they must be
-    sharded like the main table, so they become a second EmbeddingBagCollection.
+    The first-order weights are one more id-indexed table (D = 1), as large as the vocabulary: with
+    TorchRec they must be sharded like the main table, so they become a second EmbeddingBagCollection;
+    with "fused" they train in backward with the main table's optimizer settings.
     """
     if not isinstance(embedding, str) or embedding == "native":
         return
@@ -135,4 +164,6 @@ def use_embedding_for_first_order(model: nn.Module, embedding) -> None:
                 # own table names: sharding constraints are keyed by table name
                 module.table = TorchRecFieldEmbedding(old.field_dims, 1, table_prefix="first_order_", **options)
             else:
+                if embedding == "fused":
+                    options.update({k.replace("embedding_", ""): model.config[k] for k, _ in FUSED_DEFAULTS})
                 module.table = make_field_embedding(embedding, old.field_dims, 1, **options)
