@@ -76,6 +76,9 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     # runtime
     "device": "auto",
     "threads": None,
+    "deterministic": True,      # fit under torch.use_deterministic_algorithms(True, warn_only=True): the
+                                # GPU backward passes reduce without atomics, so a run (and a resume) repeats
+                                # bit for bit; false trades that for speed
     "verbose": 1,
     "out": None,
 }
@@ -84,7 +87,8 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
 GROUP_FIELDS = {"movielens100k": "user_id"}
 
 # Keys a resumed run may change; anything else would make it a different experiment.
-RESUME_OVERRIDABLE = ("epochs", "verbose", "threads", "device", "out", "eval_batch_size", "group_field")
+RESUME_OVERRIDABLE = ("epochs", "verbose", "threads", "device", "out", "eval_batch_size", "group_field",
+                      "deterministic")
 
 
 class TrainingDiverged(RuntimeError):
@@ -254,6 +258,8 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
     wd = cfg["weight_decay"]
     if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+    if not isinstance(cfg["deterministic"], (bool, np.bool_)):
+        raise ValueError(f"deterministic must be true or false, got {cfg['deterministic']!r}")
     if not isinstance(cfg["reduce_lr_on_plateau"], (bool, np.bool_)):
         raise ValueError(f"reduce_lr_on_plateau must be true or false, got {cfg['reduce_lr_on_plateau']!r}")
     if cfg["patience"] is not None and (isinstance(cfg["patience"], bool)
@@ -553,6 +559,9 @@ class Trainer:
         if config["threads"] is not None:
             torch.set_num_threads(int(config["threads"]))
         self.device = _resolve_device(config["device"])
+        if self.device.type == "cuda" and config["deterministic"]:
+            # cuBLAS repeats its GEMMs bit for bit only with a fixed workspace (read when cuBLAS starts)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         if self.ignored_keys:
             log.info("model %s ignores config keys %s", config["model"], self.ignored_keys)
 
@@ -770,11 +779,18 @@ class Trainer:
         if self._fit_failed:
             raise RuntimeError(f"this Trainer's fit() stopped part-way ({self._fit_failed}); its state is in the "
                                f"middle of an epoch. Continue exactly with sfg_fast.train.resume({self.out!r})")
+        before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        if self.config["deterministic"]:
+            # our kernels and torch's read this flag: sorted, atomic-free reductions on the GPU. warn_only:
+            # an op without a deterministic kernel warns instead of stopping the run
+            torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             return self._fit()
         except BaseException as exc:
             self._fit_failed = type(exc).__name__
             raise
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
     def _fit(self) -> Dict[str, Any]:
         cfg = self.config

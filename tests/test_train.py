@@ -487,3 +487,22 @@ def test_a_config_with_a_module_or_tensor_is_refused_before_training(tmp_path, t
     with pytest.raises(ValueError, match="'hidden_units' is a Tensor"):
         T.Trainer(_config(tmp_path, model="deepfm", hidden_units=torch.tensor([4])), data=tiny)
     assert not (tmp_path / "run").exists()
+
+
+def test_fit_runs_under_deterministic_algorithms_and_restores_the_flag(tmp_path, tiny, monkeypatch):
+    seen = []
+    real = T.Trainer._train_epoch
+
+    def spy(self):
+        seen.append((torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled()))
+        return real(self)
+
+    monkeypatch.setattr(T.Trainer, "_train_epoch", spy)
+    assert not torch.are_deterministic_algorithms_enabled()
+    T.Trainer(_config(tmp_path, "a", epochs=1), data=tiny).fit()
+    T.Trainer(_config(tmp_path, "b", epochs=1, deterministic=False), data=tiny).fit()
+    assert seen == [(True, True), (False, False)]
+    assert not torch.are_deterministic_algorithms_enabled()       # the caller's setting comes back
+    with pytest.raises(ValueError, match="deterministic"):
+        T.Trainer(_config(tmp_path, "c", deterministic="yes"), data=tiny)
