@@ -222,7 +222,7 @@ def _run_distributed(args) -> int:
         config["sharding"] = args.sharding
     if args.resume:
         config["resume"] = args.resume
-    results = run_distributed_training(config)
+    results = run_distributed_training(config, overwrite=args.overwrite)
     if results["rank"] == 0:
         keys = ("model", "generative", "world_size", "sharding", "test_auc", "test_logloss", "steps",
                 "samples_per_second")

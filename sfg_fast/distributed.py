@@ -616,7 +616,21 @@ def _check_trainer_keys(cfg: Dict[str, Any], device: torch.device) -> None:
                              f"device=auto")
 
 
-def run_distributed_training(config: Dict[str, Any]) -> Dict[str, Any]:
+def _check_out_is_free(out: str, resume: Optional[str], overwrite: bool) -> None:
+    """Every rank checks the same (shared) directory, so all of them refuse together."""
+    if overwrite:
+        return
+    own = os.path.abspath(os.path.join(out, "checkpoint"))
+    if resume and os.path.abspath(resume) in (own, os.path.abspath(out)):
+        return                                  # continuing this directory's own run
+    held = [name for name in ("results.json", os.path.join("checkpoint", "manifest.json"))
+            if os.path.exists(os.path.join(out, name))]
+    if held:
+        raise FileExistsError(f"--out {out} already holds a run ({', '.join(held)}); continue it with --resume "
+                              f"{own}, replace it with --overwrite, or choose another --out")
+
+
+def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) -> Dict[str, Any]:
     """Train one model over the torchrun process group; returns the results (same on every rank).
 
     ``config``: a flat sfg_fast training config (see :func:`sfg_fast.train.resolve_config`) plus
@@ -627,7 +641,9 @@ def run_distributed_training(config: Dict[str, Any]) -> Dict[str, Any]:
     epoch and when ``max_steps`` stops inside one; ``resume=<dir>`` continues from one exactly (the
     same batches, and the position inside the epoch). Validation AUC is computed over the whole
     split after every epoch (``reduce_lr_on_plateau`` / ``patience`` act on it as in the
-    single-process trainer), test AUC at the end, on the final model.
+    single-process trainer), test AUC at the end, on the final model. A fresh run (or a resume from
+    another directory's checkpoint) refuses an ``out`` that holds another run's results.json or
+    checkpoint unless ``overwrite``: committing its first checkpoint would delete that run's shards.
     """
     from . import models as model_zoo
     from .train import (TRAIN_DEFAULTS, _check_train_config, _seed_everything, _split_tensors, data_fingerprint,
@@ -648,6 +664,7 @@ def run_distributed_training(config: Dict[str, Any]) -> Dict[str, Any]:
         if cfg["out"] is None:
             cfg["out"] = default_out_dir(cfg) + "-distributed"
         out = cfg["out"]
+        _check_out_is_free(out, dist_cfg["resume"], overwrite)
         if rank == 0:
             data = load_data(cfg)
             dist.barrier()

@@ -117,7 +117,7 @@ def _runs_worker(rank, ports, out_dir):
         os.environ["MASTER_PORT"] = str(port)
         try:
             report[name] = D.run_distributed_training(dict(BASE, cache_dir=cache, **cfg))
-        except ValueError as exc:
+        except (ValueError, FileExistsError) as exc:
             report[name] = {"error": str(exc)}
 
     run("full", ports[0], out=os.path.join(out_dir, "full"))
@@ -127,6 +127,7 @@ def _runs_worker(rank, ports, out_dir):
         report["part_manifest"] = json.load(fh)
     run("other_lr", ports[2], out=part, lr=0.05, resume=os.path.join(part, "checkpoint"))
     run("resumed", ports[3], out=part, resume=os.path.join(part, "checkpoint"))
+    run("again", ports[4], out=os.path.join(out_dir, "full"))      # a second fresh run into a finished one
     if rank == 0:
         import torch
 
@@ -141,7 +142,7 @@ def test_max_steps_stop_and_resume_equals_uninterrupted(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    mp.spawn(_runs_worker, args=([_free_port() for _ in range(4)], str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_runs_worker, args=([_free_port() for _ in range(5)], str(tmp_path)), nprocs=2, join=True)
     report = torch.load(tmp_path / "report.pt", weights_only=False)
     full, part, resumed = report["full"], report["part"], report["resumed"]
     steps = full["steps"]
@@ -153,6 +154,8 @@ def test_max_steps_stop_and_resume_equals_uninterrupted(tmp_path):
     assert resumed["history"] == full["history"]
     assert resumed["test_auc"] == full["test_auc"] and resumed["test_logloss"] == full["test_logloss"]
     assert math.isfinite(full["history"][0]["train_loss"])
+    assert "already holds a run" in report["again"]["error"]
+    assert json.loads((tmp_path / "full" / "results.json").read_text())["test_auc"] == full["test_auc"]
 
 
 def _raising_worker(rank, port, out_dir, queue):
