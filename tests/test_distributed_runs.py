@@ -36,10 +36,12 @@ def test_cli_accepts_distributed_keys_in_set():
                                       "--set", "embedding_optimizer=sgd", "--set", "max_steps=3"])
     config = config_from_args(args)
     assert config["embedding_lr"] == 0.05 and config["embedding_optimizer"] == "sgd" and config["max_steps"] == 3
-    # without --distributed they stay unknown keys
-    plain = build_parser().parse_args(["train", "--model", "fm", "--set", "embedding_lr=0.05"])
-    with pytest.raises(ValueError, match="embedding_lr"):
-        config_from_args(plain)
+    # without --distributed they configure embedding="fused" tables, and need them
+    from sfg_fast import models
+    from sfg_fast.train import split_config
+    plain = config_from_args(build_parser().parse_args(["train", "--model", "fm", "--set", "embedding_lr=0.05"]))
+    with pytest.raises(ValueError, match="embedding_lr.*embedding='fused'"):
+        models.build("fm", [3, 4], **split_config(plain)[1])
 
 
 def test_batch_norm_is_refused_in_distributed_config():
