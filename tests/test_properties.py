@@ -316,6 +316,26 @@ def test_sfg_logits_every_backend_equals_the_reference(case, vocab, mode, id_dty
             assert_close_2x(g.cpu(), g64, g32, f"{backend} {name} {case}", floor=1e-5)
 
 
+def _encode_by_hand(rows, num_fields, min_count):
+    """Train-only vocabularies from ``rows`` ({split: [(label, tokens)]}): tokens seen at least
+    ``min_count`` times in train, most frequent first (ties by token), everything else OOV (the last id).
+    Returns ``(field_dims, [(ids, labels)] for train, valid, test)``."""
+    vocabs, dims = [], []
+    for f in range(num_fields):
+        counts = {}
+        for _, tokens in rows[0]:
+            counts[tokens[f]] = counts.get(tokens[f], 0) + 1
+        kept = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
+        vocabs.append({t: i for i, t in enumerate(kept)})
+        dims.append(len(kept) + 1)
+    out = []
+    for s in range(3):
+        ids = np.array([[vocabs[f].get(t[f], dims[f] - 1) for f in range(num_fields)] for _, t in rows[s]],
+                       dtype=np.int64).reshape(-1, num_fields)
+        out.append((ids, np.array([label for label, _ in rows[s]], dtype=np.float32)))
+    return dims, out
+
+
 # ------------------------------------------- the Criteo reader against a line-by-line re-derivation
 
 _NUMERIC_POOL = ["", "0", "1", "2", "3", "7", "54", "55", "1000", "-1", "2.5"]
@@ -359,20 +379,7 @@ def _criteo_by_hand(text, split, seed, min_count, max_rows):
         except ValueError:
             continue
         rows[int(where[slot])].append((float(values[0]), tokens))
-    vocabs, dims = [], []
-    for f in range(39):
-        counts = {}
-        for _, tokens in rows[0]:
-            counts[tokens[f]] = counts.get(tokens[f], 0) + 1
-        kept = sorted((token for token, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
-        vocabs.append({token: i for i, token in enumerate(kept)})
-        dims.append(len(kept) + 1)
-    out = []
-    for s in range(3):
-        ids = np.array([[vocabs[f].get(t[f], dims[f] - 1) for f in range(39)] for _, t in rows[s]],
-                       dtype=np.int64).reshape(-1, 39)
-        out.append((ids, np.array([label for label, _ in rows[s]], dtype=np.float32)))
-    return dims, out
+    return _encode_by_hand(rows, 39, min_count)
 
 
 @settings(max_examples=max(30, EXAMPLES), deadline=None, derandomize=not SEARCH, database=None,
@@ -381,19 +388,28 @@ def _criteo_by_hand(text, split, seed, min_count, max_rows):
 def test_criteo_reader_equals_the_preprocessing_by_hand(tmp_path, case):
     """Any chunk size, LF or CRLF, a final newline or none, gzip or plain text, blank and malformed lines,
     max_rows: the streaming reader's splits, ids, labels and field_dims equal a line-by-line derivation."""
-    import gzip
     import uuid
-    from sfg_fast.data import load_dataset
     folder = tmp_path / uuid.uuid4().hex
     folder.mkdir()
     text = case["eol"].join(case["lines"]) + (case["eol"] if case["final_eol"] and case["lines"] else "")
-    path = folder / ("train.txt.gz" if case["gz"] else "train.txt")
+    _read_and_compare("criteo", folder / ("train.txt.gz" if case["gz"] else "train.txt"), text, case,
+                      _criteo_by_hand(text, case["split"], case["seed"], case["min_count"], case["max_rows"]))
+
+
+def _read_and_compare(name, path, text, case, by_hand):
+    """Write ``text`` (gzipped when the case says so), read it with the streaming reader and compare its
+    field_dims, ids and labels with ``by_hand`` (as :func:`_encode_by_hand` returns them)."""
+    import gzip
+    from sfg_fast.data import load_dataset
     with (gzip.open if case["gz"] else open)(path, "wb") as f:
         f.write(text.encode())
-    dims, splits = _criteo_by_hand(text, case["split"], case["seed"], case["min_count"], case["max_rows"])
-    data = load_dataset("criteo", data_dir=path, cache_dir=False, seed=case["seed"], split=case["split"],
+    data = load_dataset(name, data_dir=path, cache_dir=False, seed=case["seed"], split=case["split"],
                         min_count=case["min_count"], max_rows=case["max_rows"], skip_bad_lines=True,
                         chunk_rows=case["chunk_rows"])
+    _assert_splits_equal(data, *by_hand)
+
+
+def _assert_splits_equal(data, dims, splits):
     assert data.schema.field_dims == dims
     for (ids, labels), got in zip(splits, (data.train, data.valid, data.test)):
         np.testing.assert_array_equal(got.ids, ids)
@@ -453,21 +469,7 @@ def _avazu_by_hand(text, split, seed, min_count, max_rows):
         hour, weekday, weekend = _AVAZU_HOURS[values[2]]
         tokens = [hour, str(weekday), str(weekend)] + values[3:]
         rows[int(where[slot])].append((_AVAZU_LABELS[values[1]], tokens))
-    num_fields = 3 + 21
-    vocabs, dims = [], []
-    for f in range(num_fields):
-        counts = {}
-        for _, tokens in rows[0]:
-            counts[tokens[f]] = counts.get(tokens[f], 0) + 1
-        kept = sorted((token for token, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
-        vocabs.append({token: i for i, token in enumerate(kept)})
-        dims.append(len(kept) + 1)
-    out = []
-    for s in range(3):
-        ids = np.array([[vocabs[f].get(t[f], dims[f] - 1) for f in range(num_fields)] for _, t in rows[s]],
-                       dtype=np.int64).reshape(-1, num_fields)
-        out.append((ids, np.array([label for label, _ in rows[s]], dtype=np.float32)))
-    return dims, out
+    return _encode_by_hand(rows, 3 + 21, min_count)
 
 
 @settings(max_examples=max(30, EXAMPLES), deadline=None, derandomize=not SEARCH, database=None,
@@ -476,25 +478,14 @@ def _avazu_by_hand(text, split, seed, min_count, max_rows):
 def test_avazu_reader_equals_the_preprocessing_by_hand(tmp_path, case):
     """As the Criteo property, for Avazu's csv: a header, the hour split into three fields by the
     calendar, lenient labels, bad dates, wrong widths and blank lines skipped."""
-    import gzip
     import uuid
-    from sfg_fast.data import load_dataset
     from sfg_fast.data.avazu import COLUMNS
     folder = tmp_path / uuid.uuid4().hex
     folder.mkdir()
     lines = [",".join(COLUMNS)] + case["lines"]
     text = case["eol"].join(lines) + (case["eol"] if case["final_eol"] else "")
-    path = folder / ("train.csv.gz" if case["gz"] else "train.csv")
-    with (gzip.open if case["gz"] else open)(path, "wb") as f:
-        f.write(text.encode())
-    dims, splits = _avazu_by_hand(text, case["split"], case["seed"], case["min_count"], case["max_rows"])
-    data = load_dataset("avazu", data_dir=path, cache_dir=False, seed=case["seed"], split=case["split"],
-                        min_count=case["min_count"], max_rows=case["max_rows"], skip_bad_lines=True,
-                        chunk_rows=case["chunk_rows"])
-    assert data.schema.field_dims == dims
-    for (ids, labels), got in zip(splits, (data.train, data.valid, data.test)):
-        np.testing.assert_array_equal(got.ids, ids)
-        np.testing.assert_array_equal(got.labels, labels)
+    _read_and_compare("avazu", folder / ("train.csv.gz" if case["gz"] else "train.csv"), text, case,
+                      _avazu_by_hand(text, case["split"], case["seed"], case["min_count"], case["max_rows"]))
 
 
 # ---------------------------------------- the MovieLens-100K reader against a line-by-line re-derivation
@@ -579,20 +570,7 @@ def _movielens_by_hand(case):
         rows.append((1.0 if value >= case["threshold"] else 0.0, [uid, iid] + users[uid] + items[iid]))
     where = common.split_assignment(len(rows), case["split"], case["seed"])
     parts = {s: [r for r, w in zip(rows, where) if w == s] for s in range(3)}
-    vocabs, dims = [], []
-    for f in range(8):
-        counts = {}
-        for _, tokens in parts[0]:
-            counts[tokens[f]] = counts.get(tokens[f], 0) + 1
-        kept = sorted((t for t, c in counts.items() if c >= case["min_count"]), key=lambda t: (-counts[t], t))
-        vocabs.append({t: i for i, t in enumerate(kept)})
-        dims.append(len(kept) + 1)
-    out = []
-    for s in range(3):
-        ids = np.array([[vocabs[f].get(t[f], dims[f] - 1) for f in range(8)] for _, t in parts[s]],
-                       dtype=np.int64).reshape(-1, 8)
-        out.append((ids, np.array([label for label, _ in parts[s]], dtype=np.float32)))
-    return dims, out
+    return _encode_by_hand(parts, 8, case["min_count"])
 
 
 @settings(max_examples=max(30, EXAMPLES), deadline=None, derandomize=not SEARCH, database=None,
@@ -610,10 +588,7 @@ def test_movielens_reader_equals_the_preprocessing_by_hand(tmp_path, case):
     data = load_dataset("movielens100k", data_dir=folder, seed=case["seed"], split=case["split"],
                         min_count=case["min_count"], max_rows=case["max_rows"], skip_bad_lines=True,
                         genre=case["genre"], threshold=case["threshold"])
-    assert data.schema.field_dims == dims
-    for (ids, labels), got in zip(splits, (data.train, data.valid, data.test)):
-        np.testing.assert_array_equal(got.ids, ids)
-        np.testing.assert_array_equal(got.labels, labels)
+    _assert_splits_equal(data, dims, splits)
 
 
 # ---------------------------------------------------------------- int8 serving tables
