@@ -3,7 +3,10 @@
 One step = ``model(ids)`` -> BCE -> backward -> ``torch.optim.Adam`` over all parameters (dense,
 as the authors train). Providers: literal (the models on the reference backend), torch (the
 factored backend), their torch.compile versions, triton (GPU) and the compiled extension (when they
-implement every op the model calls).
+implement every op the model calls). ``+fused-tables``: the same model with ``embedding="fused"``,
+whose field and first-order tables update their looked-up rows in backward with row-wise Adagrad
+(the training job's ``embedding: fused``); Adam then steps the dense parameters only. The two
+differ in the tables' optimizer as well as in its cost.
 
     python -m bench.bench_train [--quick | --smoke] [--device cuda] [--models fm,dcnv2]
 """
@@ -27,12 +30,12 @@ SMALL_HPARAMS = {"deepfm": {"hidden_units": (32, 32)}, "ipnn": {"hidden_units": 
 
 
 def providers(name: str, generative: bool, dims, d: int, ids, labels, device: str, hparams):
-    def factory_for(backend: str, compiled: bool = False):
+    def factory_for(backend: str, compiled: bool = False, embedding: str = "native"):
         def factory():
             if compiled:
                 compile_available(device)
             torch.manual_seed(0)
-            model = M.build(name, dims, d, generative, backend=backend, **hparams).to(device)
+            model = M.build(name, dims, d, generative, backend=backend, embedding=embedding, **hparams).to(device)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             forward = torch.compile(model) if compiled else model
             loss_backend = "reference" if backend == "reference" else "torch"
@@ -61,6 +64,8 @@ def providers(name: str, generative: bool, dims, d: int, ids, labels, device: st
         "torch+compile": factory_for("torch", compiled=True),
         "triton": _gpu_only(factory_for("triton"), device),
         f"ext-{ext}": factory_for(ext),
+        "torch+fused-tables": factory_for("torch", embedding="fused"),
+        f"ext-{ext}+fused-tables": factory_for(ext, embedding="fused"),
     }
 
 
