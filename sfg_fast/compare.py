@@ -205,7 +205,7 @@ def _preflight(names, variants, config_path, overrides, seed) -> None:
             try:
                 train_cfg, hparams, _ = split_config(config)
                 _check_train_config(train_cfg)
-                if hparams.get("embedding", "native") == "native":
+                if hparams.get("embedding", "native") in ("native", "fused"):
                     with torch.device("meta"):
                         model_zoo.build(model, [2, 2, 2], **hparams)
             except (TypeError, ValueError) as exc:

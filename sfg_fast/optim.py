@@ -337,6 +337,8 @@ def _resolve_fused_backend(backend: str, device: torch.device, dtype=None, conti
         if why is not None:
             raise BackendUnavailableError(f"backend 'triton' is unavailable for fused_embedding_lookup: {why}")
     if backend == "cuda":
+        from .ops import load_backends
+        load_backends()          # registers the extension's kernels (nothing may have imported it yet)
         why = _cuda_fused_reason(device, dtype, kind or "adagrad", dim)
         if why is not None:
             raise BackendUnavailableError(f"backend 'cuda' is unavailable for fused_embedding_lookup: {why}")

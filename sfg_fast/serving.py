@@ -277,7 +277,11 @@ def _swap_tables(model: nn.Module, make) -> None:
 def _plain_table(table: FusedFieldEmbedding) -> FieldEmbedding:
     """The weights of a table that trains itself, as a plain :class:`FieldEmbedding`: serving has no backward
     and no optimizer (whose data-dependent id checks would also keep ``torch.export`` from tracing it)."""
-    plain = FieldEmbedding(table.field_dims, table.embedding_dim, table.bounds_check, table.init_std)
+    device = table.weight.device
+    # built where the table lives (its offsets too), without drawing from the global RNG
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        plain = FieldEmbedding(table.field_dims, table.embedding_dim, table.bounds_check, table.init_std,
+                               backend=table.backend)
     plain.weight = nn.Parameter(table.weight.detach().clone(), requires_grad=False)
     return plain
 

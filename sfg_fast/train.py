@@ -232,6 +232,8 @@ def _check_plain_config(config: Dict[str, Any]) -> None:
             return False
         if isinstance(value, (list, tuple)):
             return any(bad(v) for v in value)
+        if isinstance(value, np.ndarray):       # stored as a list
+            return value.dtype.kind not in "biuf"
         if isinstance(value, dict):
             return any(not isinstance(k, str) or bad(v) for k, v in value.items())
         return True
@@ -780,9 +782,10 @@ class Trainer:
             raise RuntimeError(f"this Trainer's fit() stopped part-way ({self._fit_failed}); its state is in the "
                                f"middle of an epoch. Continue exactly with sfg_fast.train.resume({self.out!r})")
         before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-        if self.config["deterministic"]:
+        if self.config["deterministic"] and not before[0]:
             # our kernels and torch's read this flag: sorted, atomic-free reductions on the GPU. warn_only:
-            # an op without a deterministic kernel warns instead of stopping the run
+            # an op without a deterministic kernel warns instead of stopping the run (a caller who already
+            # turned the mode on, strict or not, keeps theirs)
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             return self._fit()

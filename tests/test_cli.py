@@ -315,6 +315,11 @@ def test_compare_checks_every_config_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "deepfm" in err and "dropout" in err
     assert not out.exists() or not any(out.iterdir())
+    # fused tables are checked too (their optimizer settings included)
+    assert cli.main(["compare", "--models", "fm,deepfm", "--seeds", "1", "--out", str(out), "--set", "embedding=fused",
+                     "--set", "embedding_optimizer=adagrad"] + TINY) == 2
+    assert "embedding_optimizer" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.parametrize("command,hint", [("train", "--resume"), ("compare", "rerunning"), ("analyze", None)])

@@ -487,3 +487,16 @@ def test_embedding_fused_model_serves_on_plain_tables_and_exports(tmp_path):
         torch.testing.assert_close(loaded(ids), served(ids), rtol=0, atol=0)
         program = torch.export.export(loaded, (ids,))
         torch.testing.assert_close(program.module()(ids), served(ids), rtol=0, atol=0)
+
+
+def test_serving_copy_of_a_fused_table_stays_on_its_device_and_draws_no_random_numbers():
+    from sfg_fast.optim import FusedFieldEmbedding
+    from sfg_fast.serving import _plain_table
+
+    with torch.device("meta"):
+        table = FusedFieldEmbedding([3, 5], 1, optimizer="sgd", backend="torch")
+    state = torch.random.get_rng_state()
+    plain = _plain_table(table)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert plain.weight.device.type == plain.offsets.device.type == plain.field_sizes.device.type == "meta"
+    assert plain.backend == "torch" and not plain.weight.requires_grad

@@ -466,6 +466,10 @@ def test_fused_cuda_backend_glue_with_a_stand_in_extension(monkeypatch):
         with pytest.raises(BackendUnavailableError, match=match):
             optim.fused_embedding_lookup(zipf_ids(5, field_dims), table, offsets, optim.SparseRowOptimizer(kind),
                                          backend="cuda")
+    import sfg_fast.ops
+    loads = []
+    real_load = sfg_fast.ops.load_backends
+    monkeypatch.setattr(sfg_fast.ops, "load_backends", lambda: loads.append(1) or real_load())
     module = optim.FusedFieldEmbedding(field_dims, dim, optimizer="adagrad", lr=0.05, backend="cuda")
     twin = optim.FusedFieldEmbedding(field_dims, dim, optimizer="adagrad", lr=0.05, backend="torch")
     twin.load_state_dict(module.state_dict())
@@ -479,5 +483,6 @@ def test_fused_cuda_backend_glue_with_a_stand_in_extension(monkeypatch):
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             saved.sum().backward()
     assert calls == ["lookup", "update"] * 3 and module.optimizer.step_count == 3
+    assert loads        # the extension's kernels are registered before the check (a fresh process has none)
     torch.testing.assert_close(module.weight, twin.weight, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(module.optimizer.state["sum"], twin.optimizer.state["sum"], rtol=1e-6, atol=1e-9)

@@ -506,3 +506,23 @@ def test_fit_runs_under_deterministic_algorithms_and_restores_the_flag(tmp_path,
     assert not torch.are_deterministic_algorithms_enabled()       # the caller's setting comes back
     with pytest.raises(ValueError, match="deterministic"):
         T.Trainer(_config(tmp_path, "c", deterministic="yes"), data=tiny)
+
+
+def test_fit_keeps_a_callers_strict_deterministic_mode_and_numpy_config_values(tmp_path, tiny):
+    seen = []
+    trainer = T.Trainer(_config(tmp_path, model="deepfm", hidden_units=np.array([8]), epochs=1), data=tiny)
+    real = trainer._train_epoch
+
+    def spy():
+        seen.append(torch.is_deterministic_algorithms_warn_only_enabled())
+        return real()
+
+    trainer._train_epoch = spy
+    torch.use_deterministic_algorithms(True)
+    try:
+        trainer.fit()
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen == [False]
+    assert T.load_checkpoint(str(tmp_path / "run"))["config"]["hidden_units"] == [8]

@@ -127,16 +127,18 @@ def make_field_embedding(embedding, field_dims: Sequence[int], embedding_dim: in
     if embedding == "native":
         return FieldEmbedding(field_dims, embedding_dim, **kwargs)
     if embedding == "fused":
-        from ..optim import FUSED_BACKENDS, FusedFieldEmbedding
+        from ..optim import FusedFieldEmbedding
 
         kind = kwargs.pop("optimizer")
         if kind not in _FUSED_KINDS:
             raise ValueError(f"embedding_optimizer must be one of {sorted(_FUSED_KINDS)} with embedding='fused' "
                              f"(element-wise 'adagrad' is a distributed table's option only), got {kind!r}")
         backend = kwargs.pop("backend", "auto")
-        # "reference": the reference lookup has no fused update; its plain-torch twin is the "torch" path
+        # The model's backend names the kernels of its ops; a table that cannot run one (the extension's
+        # update takes fp32/bf16, its CUDA one row-wise Adagrad only) picks its own, as the model's other
+        # layers fall back where a kernel does not fit. "torch"/"reference" keep it on the torch path.
         return FusedFieldEmbedding(field_dims, embedding_dim, optimizer=_FUSED_KINDS[kind],
-                                   backend=backend if backend in FUSED_BACKENDS else "torch", **kwargs)
+                                   backend="torch" if backend in ("torch", "reference") else "auto", **kwargs)
     if embedding == "torchrec":
         from ..integrations.torchrec import TorchRecFieldEmbedding
 
@@ -166,4 +168,10 @@ def use_embedding_for_first_order(model: nn.Module, embedding) -> None:
             else:
                 if embedding == "fused":
                     options.update({k.replace("embedding_", ""): model.config[k] for k, _ in FUSED_DEFAULTS})
-                module.table = make_field_embedding(embedding, old.field_dims, 1, **options)
+                # the new table takes the old one's initial weights (no second draw from the RNG): a fused
+                # model starts exactly where the native model of the same seed does
+                with torch.random.fork_rng(devices=[]):
+                    table = make_field_embedding(embedding, old.field_dims, 1, **options)
+                with torch.no_grad():
+                    table.weight.copy_(old.weight)
+                module.table = table
