@@ -548,6 +548,9 @@ class Trainer:
         self.train_cfg, self.hparams, self.ignored_keys = split_config(config)
         _check_train_config(self.train_cfg)
         _check_plain_config(config)
+        if isinstance(config.get("data_dir"), str) and config["data_dir"]:
+            # stored absolute: predict, analyze and quantize read the data again from other directories
+            config["data_dir"] = os.path.abspath(os.path.expanduser(config["data_dir"]))
         self.config = config
         if config["out"] is None:
             config["out"] = default_out_dir(config)
@@ -591,6 +594,12 @@ class Trainer:
             raise ValueError(f"the checkpoint's schema (field_dims {checkpoint['schema']['field_dims']}) does not "
                              f"match the dataset's ({list(self.schema.field_dims)}); is it the same data?")
         self.data_fingerprint = data_fingerprint(self.data)
+        self.feature_map_digest = None
+        if getattr(self.data, "vocabularies", None) is not None:
+            from .data.feature_map import feature_map_digest, feature_map_of
+            self.feature_map_digest = feature_map_digest(feature_map_of(self.data))
+        elif checkpoint is not None:
+            self.feature_map_digest = checkpoint.get("feature_map_digest")
         saved = (checkpoint or {}).get("data_fingerprint")
         if saved is not None and saved != self.data_fingerprint:
             raise ValueError("the dataset differs from the one the checkpoint was trained on (same field_dims, other "
@@ -631,6 +640,7 @@ class Trainer:
     def state_dict(self) -> Dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
+            "feature_map_digest": self.feature_map_digest,
             "model_name": self.config["model"],
             "model_config": _jsonable(self.model.config),
             "model_state": self.model.state_dict(),
@@ -838,7 +848,8 @@ class Trainer:
         path = os.path.join(self.out, FEATURE_MAP_FILE)
         if getattr(self.data, "vocabularies", None) is not None:
             save_feature_map(self.data, path)
-        elif os.path.exists(path):
+        elif os.path.exists(path) and not self._resumed:
+            # a resume given the same rows without their vocabularies keeps the run's own file
             os.unlink(path)
 
     def _best_checkpoint(self, path: str) -> Dict[str, Any]:
@@ -852,6 +863,8 @@ class Trainer:
         best = load_checkpoint(path, map_location=self.device)
         stop = best.get("early_stopping", {})
         theirs = {k: v for k, v in best.get("config", {}).items() if k not in RESUME_OVERRIDABLE}
+        if isinstance(theirs.get("data_dir"), str) and theirs["data_dir"]:
+            theirs["data_dir"] = os.path.abspath(os.path.expanduser(theirs["data_dir"]))   # older runs kept it as typed
         ours = {k: v for k, v in _jsonable(self.config).items() if k not in RESUME_OVERRIDABLE}
         if best.get("epoch") != self.best_epoch or stop.get("best_auc") != self.best_auc or theirs != ours:
             differs = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -1038,19 +1051,24 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     ``feature_map.json.gz`` and encodes every line of the dataset's file in ``data_dir`` (default: the
     run's) with it: values the run did not keep (unseen, rare, new) map to their field's OOV id, as in
     serving. Lines keep their file order. Writes into ``out`` (default ``<run dir>/predictions``):
-    ``predictions.csv`` (``row,label,probability``; row = the line's position among the rows read) and
-    ``predict.json`` (rows, skipped lines, AUC / logloss / gAUC when the labels hold both classes, and
-    the share of OOV ids per field: a drift check against the training data).
+    ``predictions.csv`` (``row,line,label,probability``: the row's position among the rows read and its
+    1-based line in the file; blank and skipped lines have no row) and ``predict.json`` (rows, skipped
+    lines, AUC / logloss / gAUC when the labels hold both classes, and the share of OOV ids per field: a
+    drift check against the training data). The feature map must be the one the checkpoint trained
+    with (its digest is in the checkpoint).
     """
     import io
 
     from .data import FEATURE_MAP_FILE, load_dataset, load_feature_map
+    from .data.feature_map import feature_map_digest
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    dev = _resolve_device(device)
     file = resolve_checkpoint(checkpoint, "best.pt")
     run_dir = os.path.dirname(os.path.abspath(file))
-    model, ckpt = model_from_checkpoint(file, map_location=device)
+    model, ckpt = model_from_checkpoint(file, map_location="cpu")
+    model.to(dev)
     config = dict(ckpt["config"])
     fm_path = os.path.join(run_dir, FEATURE_MAP_FILE)
     try:
@@ -1059,20 +1077,22 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
         raise ValueError(f"{run_dir} has no {FEATURE_MAP_FILE}: predict needs the vocabularies of a run on data "
                          "read from files (generated datasets have none; runs before feature maps were saved "
                          "need retraining)") from None
-    if fm["field_dims"] != list(ckpt["schema"]["field_dims"]):
-        raise ValueError(f"{fm_path} has field_dims {fm['field_dims']}, the checkpoint {ckpt['schema']['field_dims']}: "
-                         "they come from different runs")
+    if ckpt.get("feature_map_digest") is None:
+        raise ValueError(f"{file} records no feature map (its run predates them): retrain to score raw files")
+    if feature_map_digest(fm) != ckpt["feature_map_digest"]:
+        raise ValueError(f"{fm_path} is not the feature map {file} was trained with (another run's vocabularies: "
+                         "its ids would select other rows' embeddings); use the run directory that trained it")
     options = {k: v for k, v in (config.get("data_options") or {}).items() if k != "split"}
     data = load_dataset(name=config["dataset"], data_dir=data_dir if data_dir is not None else config.get("data_dir"),
                         cache_dir=False, seed=0, max_rows=max_rows, skip_bad_lines=bool(skip_bad_lines),
-                        split=(1, 0, 0), vocabularies=fm["vocabularies"], **options)
+                        split=(1, 0, 0), vocabularies=fm, **options)
     ids, labels = _split_tensors(data.train, "input")
     if ids.shape[0] == 0:
         raise ValueError(f"no rows were read from the {config['dataset']} data in {data_dir or config.get('data_dir')}")
     chunks = []
     with torch.no_grad():
         for batch in iter_batches(ids, int(batch_size)):
-            chunks.append(model(batch.to(device)).float().cpu())
+            chunks.append(model(batch.to(dev)).float().cpu())
     logits = torch.cat(chunks).double()
     if not torch.isfinite(logits).all():
         raise TrainingDiverged(f"{int((~torch.isfinite(logits)).sum())} of {logits.numel()} logits are NaN/inf")
@@ -1080,16 +1100,17 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     out = out or os.path.join(run_dir, "predictions")
     os.makedirs(out, exist_ok=True)
     buffer = io.StringIO()
-    buffer.write("row,label,probability\n")
-    np.savetxt(buffer, np.column_stack([np.arange(ids.shape[0]), labels.numpy(), probabilities]),
-               fmt=["%d", "%d", "%.9g"], delimiter=",")
+    buffer.write("row,line,label,probability\n")
+    np.savetxt(buffer, np.column_stack([np.arange(ids.shape[0]), data.source_lines[0], labels.numpy(), probabilities]),
+               fmt=["%d", "%d", "%d", "%.9g"], delimiter=",")
     csv_path = os.path.join(out, "predictions.csv")
     _atomic_write(csv_path, lambda fh: fh.write(buffer.getvalue().encode()))
     oov = (ids == torch.as_tensor(fm["field_dims"]) - 1).double().mean(0).tolist()
     summary: Dict[str, Any] = {
         "checkpoint": os.path.abspath(file), "model": ckpt["model_name"], "generative": bool(model.generative),
         "dataset": config["dataset"], "source": data.info.get("source"), "rows": int(ids.shape[0]),
-        "skipped_lines": data.info.get("skipped_lines", 0), "mean_probability": float(probabilities.mean()),
+        "skipped_lines": data.info.get("skipped_lines", 0), "skipped_examples": data.info.get("skipped_examples", []),
+        "blank_lines": data.info.get("blank_lines", 0), "mean_probability": float(probabilities.mean()),
         "positive_rate": float(labels.double().mean()),
         "oov_rate": {name: round(rate, 6) for name, rate in zip(fm["field_names"], oov)},
         "metrics": None, "files": {"predictions": csv_path}}
@@ -1099,8 +1120,7 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
             group_field = GROUP_FIELDS.get(fm["dataset"])
         group = {} if group_field in (None, False, "", "none") or group_field not in fm["field_names"] \
             else {"group_column": fm["field_names"].index(group_field)}
-        summary["metrics"] = evaluate_model(model, ids, labels, torch.device(device), int(batch_size), "input",
-                                            **group)
+        summary["metrics"] = evaluate_model(model, ids, labels, dev, int(batch_size), "input", **group)
     summary = _jsonable(summary)
     atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(out, "predict.json"))
     return summary

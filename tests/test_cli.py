@@ -209,14 +209,37 @@ def test_predict_via_main(tmp_path, capsys):
     report = json.loads(open(os.path.join(out, "predictions", "predict.json")).read())
     rows = np.loadtxt(os.path.join(out, "predictions", "predictions.csv"), delimiter=",", skiprows=1)
     assert report["rows"] == len(rows) == 600 and np.array_equal(rows[:, 0], np.arange(600))
+    assert np.array_equal(rows[:, 1], np.arange(600) + 2)          # line 1 is the header
     results = json.loads(open(os.path.join(out, "results.json")).read())
     test_rows = split_assignment(600, (8, 1, 1), 2018) == 2
-    logit = np.log(rows[test_rows, 2]) - np.log1p(-rows[test_rows, 2])
-    assert abs(roc_auc_score(rows[test_rows, 1], logit) - results["test_auc"]) < 1e-6
+    logit = np.log(rows[test_rows, 3]) - np.log1p(-rows[test_rows, 3])
+    assert abs(roc_auc_score(rows[test_rows, 2], logit) - results["test_auc"]) < 1e-6
     assert report["oov_rate"]["device_ip"] == 1.0               # unique per row: never kept at min_count 2
     write_avazu(tmp_path / "new.csv", num_rows=50, seed=7)
-    assert cli.main(["predict", out, "--data-dir", str(tmp_path / "new.csv"), "--out", str(tmp_path / "p2")]) == 0
-    assert json.loads((tmp_path / "p2" / "predict.json").read_text())["rows"] == 50
+    lines = (tmp_path / "new.csv").read_text().splitlines(keepends=True)
+    lines[10] = "1,2,3\n"                                           # a malformed line (line 11) and a blank one
+    lines.insert(20, "\n")
+    (tmp_path / "new.csv").write_text("".join(lines))
+    assert cli.main(["predict", out, "--data-dir", str(tmp_path / "new.csv"), "--out", str(tmp_path / "p2"),
+                     "--skip-bad-lines"]) == 0
+    report = json.loads((tmp_path / "p2" / "predict.json").read_text())
+    assert report["rows"] == 49 and report["skipped_lines"] == 1 and report["blank_lines"] == 1
+    new_rows = np.loadtxt(tmp_path / "p2" / "predictions.csv", delimiter=",", skiprows=1)
+    assert 11 not in new_rows[:, 1] and 21 not in new_rows[:, 1] and new_rows[-1, 1] == 52
+    assert [int(x) for x in new_rows[:, 1]] == [n for n in range(2, 53) if n not in (11, 21)]
+    # a feature map from another run (same fields and sizes, other tokens) is refused, not used
+    write_avazu(tmp_path / "other.csv", num_rows=600, seed=1)
+    text = (tmp_path / "other.csv").read_text().replace(",a99f214a,", ",b00f214a,")
+    (tmp_path / "other.csv").write_text(text)
+    other = str(tmp_path / "other-run")
+    assert cli.main(["train", "--model", "fwfm", "--epochs", "1", "--out", other, "--dataset", "avazu",
+                     "--data-dir", str(tmp_path / "other.csv"), "--embedding-dim", "4", "--batch-size", "128",
+                     "--threads", "1", "--quiet"]) == 0
+    import shutil
+    shutil.copy(os.path.join(other, "feature_map.json.gz"), os.path.join(out, "feature_map.json.gz"))
+    capsys.readouterr()
+    assert cli.main(["predict", out]) == 2
+    assert "not the feature map" in capsys.readouterr().err
     synthetic = str(tmp_path / "synthetic")
     assert cli.main(["train", "--model", "fm", "--epochs", "1", "--out", synthetic] + TINY) == 0
     capsys.readouterr()

@@ -679,6 +679,8 @@ def test_vocabularies_reencode_the_training_file_exactly(tmp_path, name):
     again = load_dataset(name, seed=0, split=(1, 0, 0), vocabularies=fm["vocabularies"],
                          **{k: v for k, v in kw.items() if k != "min_count"})
     assert again.schema.field_dims == data.schema.field_dims and again.info["from_cache"] is False
+    assert data.source_lines is None and len(again.source_lines[0]) == len(again.train)
+    assert (np.diff(again.source_lines[0]) > 0).all() and again.source_lines[0][0] >= 1
     ids, labels = _file_order_ids(data, 5, split)
     np.testing.assert_array_equal(again.train.ids, ids)
     np.testing.assert_array_equal(again.train.labels, labels)
@@ -724,3 +726,18 @@ def test_feature_map_errors(tmp_path):
         load_dataset("synthetic-criteo", num_rows=100, vocabularies=fm["vocabularies"])
     with pytest.raises(ValueError, match="no vocabularies"):
         save_feature_map(load_dataset("synthetic-criteo", num_rows=100), path)
+
+
+def test_a_feature_map_brings_its_own_preprocessing(tmp_path):
+    from sfg_fast.data.feature_map import feature_map_of
+    write_tiny_movielens(tmp_path, "grouplens")
+    data = load_dataset("movielens100k", data_dir=tmp_path, genre="combination")
+    fm = feature_map_of(data)
+    assert fm["preprocessing"]["genre"] == "combination"
+    again = load_dataset("movielens100k", data_dir=tmp_path, split=(1, 0, 0), vocabularies=fm)   # genre from fm
+    ids, _ = _file_order_ids(data, 2018, (8, 1, 1))
+    np.testing.assert_array_equal(again.train.ids, ids)
+    with pytest.raises(ValueError, match="genre='first' conflicts"):
+        load_dataset("movielens100k", data_dir=tmp_path, split=(1, 0, 0), vocabularies=fm, genre="first")
+    with pytest.raises(ValueError, match="not 'criteo'"):
+        load_dataset("criteo", data_dir=tmp_path, vocabularies=fm)

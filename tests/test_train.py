@@ -526,3 +526,27 @@ def test_fit_keeps_a_callers_strict_deterministic_mode_and_numpy_config_values(t
         torch.use_deterministic_algorithms(False)
     assert seen == [False]
     assert T.load_checkpoint(str(tmp_path / "run"))["config"]["hidden_units"] == [8]
+
+
+def test_the_feature_map_follows_the_run(tmp_path):
+    """A run on files writes its feature map and its digest into every checkpoint; a resume given the same rows
+    without vocabularies keeps the file; a fresh run on generated data in the same directory removes it."""
+    import dataclasses
+
+    from sfg_fast.data import FEATURE_MAP_FILE, load_feature_map
+    from sfg_fast.data.feature_map import feature_map_digest
+    from test_data import write_criteo
+
+    write_criteo(tmp_path / "train.txt", num_rows=400)
+    data = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, min_count=2)
+    config = _config(tmp_path, dataset="criteo", data_dir=str(tmp_path), num_rows=None, epochs=1)
+    T.Trainer(config, data=data).fit()
+    out = tmp_path / "run"
+    fm = load_feature_map(str(out / FEATURE_MAP_FILE), dataset="criteo")
+    assert T.load_checkpoint(str(out / "last.pt"))["feature_map_digest"] == feature_map_digest(fm)
+    T.resume(str(out), data=dataclasses.replace(data, vocabularies=None), epochs=2)
+    assert (out / FEATURE_MAP_FILE).exists()
+    assert T.load_checkpoint(str(out / "last.pt"))["feature_map_digest"] == feature_map_digest(fm)
+    T.Trainer(_config(tmp_path, epochs=1), data=load_dataset("synthetic-criteo", num_rows=3000, seed=7),
+              overwrite=True).fit()
+    assert not (out / FEATURE_MAP_FILE).exists()

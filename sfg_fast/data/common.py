@@ -20,7 +20,7 @@ import numpy as np
 
 from .schema import CTRData, Schema, Split
 
-CACHE_FORMAT = 2   # 2: the vocabularies (kept tokens per field) are cached too
+CACHE_FORMAT = 3   # 3: the vocabularies (kept tokens per field) are cached too
 
 
 class BadLineError(ValueError):
@@ -301,7 +301,8 @@ def load_cache(cache_dir: str, name: str, key: str) -> Optional[CTRData]:
             splits = [Split(ids=z[f"{s}_ids"].astype(np.int64), labels=z[f"{s}_labels"])
                       for s in ("train", "valid", "test")]
             info = json.loads(str(z["info"]))
-            vocabularies = json.loads(str(z["vocabularies"])) if "vocabularies" in z.files else None
+            vocabularies = json.loads(z["vocabularies"].tobytes().decode("utf-8")) \
+                if "vocabularies" in z.files else None
     except Exception as exc:   # a truncated or corrupt entry is a miss: the data are read again and re-cached
         logging.getLogger("sfg_fast.data").warning("ignoring the unreadable cache entry %s (%s: %s); reading the "
                                                    "raw data again", npz_path, type(exc).__name__, exc)
@@ -322,8 +323,9 @@ def save_cache(cache_dir: str, name: str, key: str, data: CTRData) -> Optional[s
             arrays[f"{s}_ids"] = split.ids.astype(id_dtype)
             arrays[f"{s}_labels"] = split.labels
         if data.vocabularies is not None:
-            # JSON, not a numpy string array: those drop a token's trailing NUL characters
-            arrays["vocabularies"] = np.array(json.dumps(data.vocabularies))
+            # JSON as UTF-8 bytes: a numpy string array would drop a token's trailing NUL characters and
+            # take 4 bytes a character
+            arrays["vocabularies"] = np.frombuffer(json.dumps(data.vocabularies).encode("utf-8"), dtype=np.uint8)
         data.schema.save_json(schema_path)
         tmp = f"{npz_path}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:  # a file object stops numpy from appending another .npz

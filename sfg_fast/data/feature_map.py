@@ -16,7 +16,8 @@ from typing import Any, Dict, Optional
 from .._io import atomic_write_bytes
 from .schema import CTRData
 
-__all__ = ["FEATURE_MAP_FORMAT", "FEATURE_MAP_FILE", "feature_map_of", "save_feature_map", "load_feature_map"]
+__all__ = ["FEATURE_MAP_FORMAT", "FEATURE_MAP_FILE", "feature_map_of", "save_feature_map", "load_feature_map",
+           "feature_map_digest"]
 
 FEATURE_MAP_FORMAT = "sfg_fast-feature-map-1"
 FEATURE_MAP_FILE = "feature_map.json.gz"
@@ -38,6 +39,16 @@ def feature_map_of(data: CTRData) -> Dict[str, Any]:
           "vocabularies": [list(v) for v in data.vocabularies]}
     check_feature_map(fm, "the feature map")
     return fm
+
+
+def feature_map_digest(fm: Dict[str, Any]) -> str:
+    """sha256 of what decides a raw line's ids (dataset, fields, field_dims, preprocessing, vocabularies),
+    not of where the vocabularies came from. Checkpoints keep it: ``predict`` refuses a feature map of
+    another run (same field_dims, other tokens would score every row with the wrong embeddings)."""
+    import hashlib
+    keys = ("dataset", "field_names", "field_dims", "preprocessing", "vocabularies")
+    payload = json.dumps({k: fm.get(k) for k in keys}, sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(payload.encode("ascii")).hexdigest()
 
 
 def save_feature_map(data: CTRData, path: str) -> Dict[str, Any]:

@@ -46,10 +46,11 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
         skip_bad_lines: skip malformed lines, counting them in ``info["skipped_lines"]``, instead of
             raising ValueError with the file name and line number.
         num_rows: rows the synthetic datasets generate (default 100000).
-        vocabularies: encode with these per-field token lists (a trained run's feature map, see
-            :func:`sfg_fast.data.load_feature_map`) instead of building vocabularies from the train
-            split: tokens outside them map to the OOV id, and ``field_dims`` are the run's. Never cached.
-            Files only (not the synthetic datasets).
+        vocabularies: encode with these per-field token lists, or a whole feature map (a trained run's,
+            see :func:`sfg_fast.data.load_feature_map`; its genre/threshold then apply, and a conflicting
+            option is an error) instead of building vocabularies from the train split: tokens outside
+            them map to the OOV id, and ``field_dims`` are the run's. Never cached. Files only (not the
+            synthetic datasets). The result's ``source_lines`` give each row's line in the file.
         **options: per dataset: ``split`` (three ratios; defaults movielens100k/avazu/synthetic 8:1:1,
             criteo 7:2:1); movielens100k ``genre`` ('first' | 'combination'), ``threshold`` (4.0);
             criteo/avazu ``chunk_rows``; synthetic ``vocab_scale``, ``zipf_a``, ``embed_dim``,
@@ -77,6 +78,18 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
     if num_rows is not None and not synthetic_name:
         raise ValueError(f"num_rows sets the size of the synthetic datasets; dataset {name!r} is read from files: "
                          f"use max_rows to cap the rows read")
+    if isinstance(vocabularies, dict):
+        # a whole feature map: its own preprocessing options apply, and a conflicting one is an error
+        from .feature_map import check_feature_map
+        check_feature_map(vocabularies, "vocabularies")
+        if vocabularies["dataset"] != name:
+            raise ValueError(f"vocabularies is the feature map of dataset {vocabularies['dataset']!r}, not {name!r}")
+        for key, value in vocabularies.get("preprocessing", {}).items():
+            if key in ("genre", "threshold"):
+                if key in options and options[key] != value:
+                    raise ValueError(f"{key}={options[key]!r} conflicts with the feature map's {key}={value!r}")
+                options[key] = value
+        vocabularies = vocabularies["vocabularies"]
     if vocabularies is not None:
         if synthetic_name:
             raise ValueError(f"vocabularies apply to datasets read from files; {name!r} is generated")

@@ -185,6 +185,7 @@ def load_movielens(data_dir=None, seed: int = 2018, max_rows: Optional[int] = No
     sep, typed = "\t", layout == "recbole"
     columns: List[List[str]] = [[] for _ in FIELDS]
     labels: List[float] = []
+    numbers: List[int] = []                 # source line of each row
     genre_cache: Dict[str, str] = {}
     for number, row in _read_table(inter_path, sep, ["user_id", "item_id", "rating"], typed, logs[0], max_rows,
                                    width=None if typed else 4):
@@ -208,6 +209,7 @@ def load_movielens(data_dir=None, seed: int = 2018, max_rows: Optional[int] = No
                                            genre_cache[row["item_id"]])):
             column.append(value)
         labels.append(1.0 if rating >= threshold else 0.0)
+        numbers.append(number)
 
     encoders = [ColumnEncoder() for _ in FIELDS]
     ids = np.stack([enc.encode(col) for enc, col in zip(encoders, columns)], axis=1) if labels \
@@ -222,4 +224,8 @@ def load_movielens(data_dir=None, seed: int = 2018, max_rows: Optional[int] = No
             "threshold": threshold, "skipped_lines": sum(log.count for log in logs),
             "skipped_examples": [e for log in logs for e in log.examples], "from_cache": False,
             "build_seconds": round(time.perf_counter() - start, 3)}
-    return CTRData(schema, *splits, info=info, vocabularies=vocabs)
+    lines = None
+    if vocabularies is not None:
+        number_array = np.asarray(numbers, dtype=np.int64)
+        lines = [number_array[where == s] for s in range(3)]
+    return CTRData(schema, *splits, info=info, vocabularies=vocabs, source_lines=lines)

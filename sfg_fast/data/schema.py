@@ -121,7 +121,8 @@ class CTRData:
 
     ``vocabularies`` (datasets read from raw files): per field, the raw tokens of ids ``0 .. k-1``
     (the OOV id ``k`` has none); :func:`sfg_fast.data.save_feature_map` writes them next to a run, and
-    ``load_dataset(..., vocabularies=...)`` encodes new files with them. None for synthetic data."""
+    ``load_dataset(..., vocabularies=...)`` encodes new files with them. None for synthetic data.
+    ``source_lines``: see the field's comment."""
 
     schema: Schema
     train: Split
@@ -129,6 +130,9 @@ class CTRData:
     test: Split
     info: Dict[str, Any] = field(default_factory=dict)
     vocabularies: Optional[List[List[str]]] = None
+    # per split, the 1-based line of the raw file each row came from; kept only when a file is encoded
+    # with given vocabularies (scoring new data), where outputs must be traceable to their input lines
+    source_lines: Optional[List[np.ndarray]] = None
 
     def splits(self) -> Dict[str, Split]:
         return {"train": self.train, "valid": self.valid, "test": self.test}

@@ -80,6 +80,7 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
     parsed: Dict[int, Dict[str, object]] = {c: {} for c in fmt.parsers}
     label_values: Dict[str, float] = {"0": 0.0, "1": 1.0}
     chunks: Tuple[List, List, List] = ([], [], [])
+    line_chunks: Optional[Tuple[List, List, List]] = ([], [], []) if vocabularies is not None else None
     blank_lines = 0
 
     with open_text(path) as f:
@@ -141,6 +142,8 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
                 mask = where == s
                 if mask.any():
                     chunks[s].append((ids[mask], labels[mask]))
+                    if line_chunks is not None:
+                        line_chunks[s].append(header_lines + 1 + slots[mask])
 
     field_sources = []
     for _, raw, token in fmt.fields:
@@ -158,7 +161,8 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
             "split": list(ratios), "min_count": min_count, "max_rows": max_rows, "lines_read": num_slots,
             "skipped_lines": log.count, "skipped_examples": log.examples, "blank_lines": blank_lines,
             "from_cache": False, "build_seconds": round(time.perf_counter() - start, 3)}
-    return CTRData(schema, *splits, info=info, vocabularies=vocabs)
+    lines = None if line_chunks is None else [np.concatenate(c) if c else np.zeros(0, np.int64) for c in line_chunks]
+    return CTRData(schema, *splits, info=info, vocabularies=vocabs, source_lines=lines)
 
 
 def _split_lines(lines: List[str], sep: str, num_columns: int):
