@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output directory (default <run dir>/predictions)")
     r.add_argument("--max-rows", type=_positive_int, help="read at most this many lines")
     r.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of stopping")
+    r.add_argument("--unlabeled", action="store_true",
+                   help="the file has no label column (criteo/avazu test files, new traffic): no metrics")
     r.add_argument("--batch-size", type=_positive_int, default=16384)
     r.add_argument("--device", default="cpu")
     r.add_argument("--threads", type=_positive_int)
@@ -320,13 +322,15 @@ def _run_predict(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     r = predict_checkpoint(args.checkpoint, data_dir=args.data_dir, out=args.out, batch_size=args.batch_size,
-                           max_rows=args.max_rows, skip_bad_lines=args.skip_bad_lines, device=args.device)
+                           max_rows=args.max_rows, skip_bad_lines=args.skip_bad_lines, device=args.device,
+                           labeled=not args.unlabeled)
     worst = max(r["oov_rate"].items(), key=lambda kv: kv[1])
     metrics = r["metrics"]
     scores = (f"AUC {metrics['AUC']:.5f}, logloss {metrics['logloss']:.5f}" if metrics
-              else "no metrics (the labels hold one class)")
+              else "no metrics (unlabelled)" if args.unlabeled else "no metrics (the labels hold one class)")
     print(f"{r['model']} ({'SFG' if r['generative'] else 'base'}) on {r['rows']} rows of {r['source']}: {scores}; "
-          f"mean probability {r['mean_probability']:.4f} (click rate {r['positive_rate']:.4f}); "
+          f"mean probability {r['mean_probability']:.4f}"
+          + (f" (click rate {r['positive_rate']:.4f}); " if r["positive_rate"] is not None else "; ") +
           f"highest OOV share {worst[1]:.3f} ({worst[0]}); skipped lines {r['skipped_lines']}; "
           f"wrote {r['files']['predictions']} and predict.json")
     return 0

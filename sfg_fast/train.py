@@ -1044,7 +1044,7 @@ def analyze_checkpoint(checkpoint: str, out: Optional[str] = None, max_samples: 
 
 def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] = None,
                        batch_size: int = 16384, max_rows: Optional[int] = None, skip_bad_lines: bool = False,
-                       device: str = "cpu") -> Dict[str, Any]:
+                       device: str = "cpu", labeled: bool = True) -> Dict[str, Any]:
     """Click probabilities of a trained model on a raw data file, encoded with the run's own vocabularies.
 
     Rebuilds the model of ``checkpoint`` (file or run directory, then its ``best.pt``), reads the run's
@@ -1055,7 +1055,8 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     1-based line in the file; blank and skipped lines have no row) and ``predict.json`` (rows, skipped
     lines, AUC / logloss / gAUC when the labels hold both classes, and the share of OOV ids per field: a
     drift check against the training data). The feature map must be the one the checkpoint trained
-    with (its digest is in the checkpoint).
+    with (its digest is in the checkpoint). ``labeled=False`` scores criteo/avazu files without their
+    label column (Kaggle's test files, new traffic): no label column and no metrics then.
     """
     import io
 
@@ -1085,7 +1086,7 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     options = {k: v for k, v in (config.get("data_options") or {}).items() if k != "split"}
     data = load_dataset(name=config["dataset"], data_dir=data_dir if data_dir is not None else config.get("data_dir"),
                         cache_dir=False, seed=0, max_rows=max_rows, skip_bad_lines=bool(skip_bad_lines),
-                        split=(1, 0, 0), vocabularies=fm, **options)
+                        split=(1, 0, 0), vocabularies=fm, labeled=labeled, **options)
     ids, labels = _split_tensors(data.train, "input")
     if ids.shape[0] == 0:
         raise ValueError(f"no rows were read from the {config['dataset']} data in {data_dir or config.get('data_dir')}")
@@ -1100,9 +1101,10 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     out = out or os.path.join(run_dir, "predictions")
     os.makedirs(out, exist_ok=True)
     buffer = io.StringIO()
-    buffer.write("row,line,label,probability\n")
-    np.savetxt(buffer, np.column_stack([np.arange(ids.shape[0]), data.source_lines[0], labels.numpy(), probabilities]),
-               fmt=["%d", "%d", "%d", "%.9g"], delimiter=",")
+    columns = [np.arange(ids.shape[0]), data.source_lines[0]] + ([labels.numpy()] if labeled else []) + [probabilities]
+    buffer.write("row,line," + ("label," if labeled else "") + "probability\n")
+    np.savetxt(buffer, np.column_stack(columns), fmt=["%d", "%d"] + (["%d"] if labeled else []) + ["%.9g"],
+               delimiter=",")
     csv_path = os.path.join(out, "predictions.csv")
     _atomic_write(csv_path, lambda fh: fh.write(buffer.getvalue().encode()))
     oov = (ids == torch.as_tensor(fm["field_dims"]) - 1).double().mean(0).tolist()
@@ -1111,10 +1113,10 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
         "dataset": config["dataset"], "source": data.info.get("source"), "rows": int(ids.shape[0]),
         "skipped_lines": data.info.get("skipped_lines", 0), "skipped_examples": data.info.get("skipped_examples", []),
         "blank_lines": data.info.get("blank_lines", 0), "mean_probability": float(probabilities.mean()),
-        "positive_rate": float(labels.double().mean()),
+        "positive_rate": float(labels.double().mean()) if labeled else None,
         "oov_rate": {name: round(rate, 6) for name, rate in zip(fm["field_names"], oov)},
         "metrics": None, "files": {"predictions": csv_path}}
-    if 0 < int(labels.sum()) < labels.numel():
+    if labeled and 0 < int(labels.sum()) < labels.numel():
         group_field = config.get("group_field")
         if group_field is None:
             group_field = GROUP_FIELDS.get(fm["dataset"])

@@ -227,6 +227,21 @@ def test_predict_via_main(tmp_path, capsys):
     new_rows = np.loadtxt(tmp_path / "p2" / "predictions.csv", delimiter=",", skiprows=1)
     assert 11 not in new_rows[:, 1] and 21 not in new_rows[:, 1] and new_rows[-1, 1] == 52
     assert [int(x) for x in new_rows[:, 1]] == [n for n in range(2, 53) if n not in (11, 21)]
+    # the same file without its label column (Avazu's test format: header id,hour,...) scores the same rows
+    text = (tmp_path / "new.csv").read_text().splitlines(keepends=True)
+    unlabeled = []
+    for line in text:
+        cells = line.rstrip("\n").split(",")
+        unlabeled.append(",".join(cells[:1] + cells[2:]) + "\n" if len(cells) == 24 else line)
+    (tmp_path / "test.csv").write_text("".join(unlabeled))
+    assert cli.main(["predict", out, "--data-dir", str(tmp_path / "test.csv"), "--out", str(tmp_path / "p3"),
+                     "--skip-bad-lines", "--unlabeled"]) == 0
+    assert "no metrics (unlabelled)" in capsys.readouterr().out
+    scored = np.loadtxt(tmp_path / "p3" / "predictions.csv", delimiter=",", skiprows=1)
+    assert (tmp_path / "p3" / "predictions.csv").read_text().startswith("row,line,probability\n")
+    np.testing.assert_array_equal(scored[:, [0, 1]], new_rows[:, [0, 1]])
+    np.testing.assert_array_equal(scored[:, 2], new_rows[:, 3])
+    assert json.loads((tmp_path / "p3" / "predict.json").read_text())["metrics"] is None
     # a feature map from another run (same fields and sizes, other tokens) is refused, not used
     write_avazu(tmp_path / "other.csv", num_rows=600, seed=1)
     text = (tmp_path / "other.csv").read_text().replace(",a99f214a,", ",b00f214a,")

@@ -741,3 +741,21 @@ def test_a_feature_map_brings_its_own_preprocessing(tmp_path):
         load_dataset("movielens100k", data_dir=tmp_path, split=(1, 0, 0), vocabularies=fm, genre="first")
     with pytest.raises(ValueError, match="not 'criteo'"):
         load_dataset("criteo", data_dir=tmp_path, vocabularies=fm)
+
+
+def test_unlabelled_criteo_lines_encode_like_their_labelled_twins(tmp_path):
+    """Kaggle's Criteo test.txt has no label column: read with labeled=False and the run's vocabularies, each
+    line gets the ids its labelled twin gets, and a NaN label."""
+    from sfg_fast.data.feature_map import feature_map_of
+    rows = write_criteo(tmp_path / "train.txt", num_rows=200)
+    data = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, min_count=2)
+    fm = feature_map_of(data)
+    (tmp_path / "test.txt").write_text("".join("\t".join(r[1:]) + "\n" for r in rows))
+    scored = load_dataset("criteo", data_dir=tmp_path / "test.txt", split=(1, 0, 0), vocabularies=fm, labeled=False)
+    labelled = load_dataset("criteo", data_dir=tmp_path / "train.txt", split=(1, 0, 0), vocabularies=fm)
+    np.testing.assert_array_equal(scored.train.ids, labelled.train.ids)
+    assert np.isnan(scored.train.labels).all() and len(scored.train) == 200
+    with pytest.raises(ValueError, match="without vocabularies"):
+        load_dataset("criteo", data_dir=tmp_path / "test.txt", labeled=False)
+    with pytest.raises(ValueError, match="labeled=False"):
+        load_dataset("movielens100k", labeled=False, vocabularies=fm["vocabularies"])

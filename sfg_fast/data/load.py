@@ -6,7 +6,7 @@ from typing import Optional
 from . import avazu, criteo, movielens, synthetic
 from .common import check_ratios, resolve_file
 from .schema import CTRData
-from .tabular import DEFAULT_CHUNK_ROWS, load_table
+from .tabular import DEFAULT_CHUNK_ROWS, load_table, without_label
 
 DATASETS = ("movielens100k", "criteo", "avazu", "synthetic-criteo", "synthetic-avazu")
 
@@ -29,7 +29,7 @@ def _count(name: str, value, minimum: int) -> Optional[int]:
 
 def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, seed: int = 2018,
                  max_rows: Optional[int] = None, min_count: Optional[int] = None, skip_bad_lines: bool = False,
-                 num_rows: Optional[int] = None, vocabularies=None, **options) -> CTRData:
+                 num_rows: Optional[int] = None, vocabularies=None, labeled: bool = True, **options) -> CTRData:
     """Load a CTR dataset as train/valid/test splits of field-local int64 ids and 0/1 labels.
 
     Args:
@@ -51,6 +51,8 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
             option is an error) instead of building vocabularies from the train split: tokens outside
             them map to the OOV id, and ``field_dims`` are the run's. Never cached. Files only (not the
             synthetic datasets). The result's ``source_lines`` give each row's line in the file.
+        labeled: False reads criteo/avazu files without their label column (to be scored with
+            ``vocabularies``; the rows' labels are NaN).
         **options: per dataset: ``split`` (three ratios; defaults movielens100k/avazu/synthetic 8:1:1,
             criteo 7:2:1); movielens100k ``genre`` ('first' | 'combination'), ``threshold`` (4.0);
             criteo/avazu ``chunk_rows``; synthetic ``vocab_scale``, ``zipf_a``, ``embed_dim``,
@@ -96,6 +98,12 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
         if not isinstance(vocabularies, (list, tuple)) or not all(
                 isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v) for v in vocabularies):
             raise ValueError("vocabularies must be a list (one per field) of lists of token strings")
+    if not isinstance(labeled, bool):
+        raise ValueError(f"labeled must be True or False, got {labeled!r}")
+    if not labeled and (name not in ("criteo", "avazu") or vocabularies is None):
+        raise ValueError("labeled=False reads criteo/avazu files without labels, to be scored with a trained run's "
+                         f"vocabularies (pass vocabularies=); got dataset {name!r}"
+                         + ("" if vocabularies is not None else " without vocabularies"))
     module = {"movielens100k": movielens, "criteo": criteo, "avazu": avazu}.get(name, synthetic)
     ratios = check_ratios(options.pop("split", module.DEFAULT_SPLIT))
 
@@ -111,6 +119,6 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
     if cache_dir is not None and cache_dir is not False and not isinstance(cache_dir, (str, bytes)) \
             and not hasattr(cache_dir, "__fspath__"):
         raise ValueError(f"cache_dir must be a path, None (default location) or False (no cache), got {cache_dir!r}")
-    return load_table(module.FORMAT, path, cache_dir, seed, ratios, max_rows,
+    return load_table(module.FORMAT if labeled else without_label(module.FORMAT), path, cache_dir, seed, ratios, max_rows,
                       module.DEFAULT_MIN_COUNT if min_count is None else min_count, skip_bad_lines, chunk_rows,
                       vocabularies)

@@ -35,7 +35,7 @@ class TableFormat:
         sep: column separator.
         column_names: names of the raw columns, in file order (also the expected header, if any).
         has_header: the first line must equal ``sep.join(column_names)``.
-        label_column: raw column holding the 0/1 label.
+        label_column: raw column holding the 0/1 label (None: unlabelled logs, see :func:`without_label`).
         feature_columns: raw columns read as features (source columns, in this order).
         parsers: raw column -> ``parse(raw) -> value``, raising ValueError(reason) on a bad value;
             called once per distinct raw value.
@@ -47,10 +47,27 @@ class TableFormat:
     sep: str
     column_names: List[str]
     has_header: bool
-    label_column: int
+    label_column: Optional[int]
     feature_columns: List[int]
     parsers: Dict[int, Callable[[str], object]] = field(default_factory=dict)
     fields: List[Tuple[str, int, Optional[Callable]]] = field(default_factory=list)
+
+
+def without_label(fmt: TableFormat) -> TableFormat:
+    """``fmt`` with its label column removed: the same logs without clicks (Kaggle's Criteo ``test.txt``,
+    Avazu's ``test`` with the header ``id,hour,C1,...``, or new traffic to score). Rows get NaN labels."""
+    if fmt.label_column is None:
+        return fmt
+    label = fmt.label_column
+
+    def shift(c: int) -> int:
+        return c - 1 if c > label else c
+    return TableFormat(name=fmt.name, sep=fmt.sep,
+                       column_names=[n for c, n in enumerate(fmt.column_names) if c != label],
+                       has_header=fmt.has_header, label_column=None,
+                       feature_columns=[shift(c) for c in fmt.feature_columns],
+                       parsers={shift(c): p for c, p in fmt.parsers.items()},
+                       fields=[(name, shift(c), token) for name, c, token in fmt.fields])
 
 
 def _label_value(raw: str) -> float:
@@ -103,7 +120,7 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
 
             # typed columns and labels: each distinct value is checked once, offending rows located after
             new_bad = False
-            checks = [(fmt.label_column, label_values, _label_value)]
+            checks = [(fmt.label_column, label_values, _label_value)] if fmt.label_column is not None else []
             checks += [(c, parsed[c], p) for c, p in fmt.parsers.items()]
             for c, cache, parse in checks if columns else ():
                 column = columns[c]
@@ -132,7 +149,8 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
             slot += num_lines
             if not columns or not columns[0]:
                 continue
-            labels = _labels(columns[fmt.label_column], label_values)
+            labels = (_labels(columns[fmt.label_column], label_values) if fmt.label_column is not None
+                      else np.full(len(columns[fmt.feature_columns[0]]), np.nan, dtype=np.float32))
             ids = np.empty((labels.size, len(fmt.feature_columns)), dtype=np.int32)
             for j, c in enumerate(fmt.feature_columns):
                 ids[:, j] = encoders[j].encode(columns[c])
