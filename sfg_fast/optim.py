@@ -456,6 +456,10 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
         self.init_std = float(init_std)
         nn.init.normal_(self.weight, std=self.init_std)
 
+    # The update in backward runs a Python optimizer on the table through the kernels' raw pointers, which
+    # no graph can hold: under torch.compile this module runs eagerly (one graph break before and after it;
+    # the rest of the model compiles), and fullgraph=True refuses the model.
+    @torch.compiler.disable
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_ids_width(self, ids)
         ids, count = _validated_ids(ids, self.weight, self.offsets, self.bounds_check)

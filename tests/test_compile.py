@@ -369,3 +369,26 @@ def test_dynamic_shapes_compile(name):
         torch.testing.assert_close(logits_c, logits, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(_grads(model), eager, rtol=1e-5, atol=1e-6)
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", ["fwfm", "deepfm"])
+def test_fused_tables_run_eagerly_inside_a_compiled_model(name):
+    """embedding="fused": the tables' forward is excluded from graphs (their backward steps a Python
+    optimizer), so a compiled model trains exactly like eager, each table stepped once per backward, and
+    fullgraph=True refuses the model instead of tracing a wrong graph."""
+    from sfg_fast import models as M
+    torch.manual_seed(0)
+    extra = {"hidden_units": (8,), "dropout": 0.0} if name == "deepfm" else {}
+    eager = M.build(name, FIELD_DIMS, D, embedding="fused", embedding_lr=0.05, **extra)
+    twin = M.build(name, FIELD_DIMS, D, embedding="fused", embedding_lr=0.05, **extra)
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, backend="aot_eager")
+    for step in range(2):
+        ids, labels = _ids(), torch.rand(B)
+        SF.bce_with_logits(eager(ids), labels, backend="torch").backward()
+        SF.bce_with_logits(compiled(ids), labels, backend="torch").backward()
+    assert twin.embedding.optimizer.step_count == eager.embedding.optimizer.step_count == 2
+    torch.testing.assert_close(twin.embedding.weight, eager.embedding.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(twin.linear.table.weight, eager.linear.table.weight, rtol=1e-6, atol=1e-7)
+    with pytest.raises(Exception, match="disable"):
+        torch.compile(eager, fullgraph=True, backend="eager")(_ids())
