@@ -656,6 +656,34 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
         out["note"] = "fused sfg_interaction step captured in a CUDA graph; ids/labels copied in per step"
         return out
 
+    def deterministic(body):
+        """The same step under torch.use_deterministic_algorithms(True, warn_only=True), the training job's
+        default (sorted, atomic-free reductions): what exact repeatability costs."""
+        def run():
+            before = (torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled())
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            try:
+                return body()
+            finally:
+                torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        return run
+
+    def zoo_body():
+        """What `sfg-fast train --model fwfm --set embedding=fused` steps: the model zoo's FwFM with fused
+        field and first-order tables (row-wise Adagrad in backward), Adam on the dense parameters."""
+        model = models.build("fwfm", dims, embedding_dim=d, generative=True, bounds_check="off",
+                             embedding="fused").to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step():
+            ids, labels = next_batch()
+            loss = SF.bce_with_logits(model(ids), labels, backend="torch")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return _time_step(step)
+
     def literal_body():
         model = models.build("fwfm", dims, embedding_dim=d, generative=True, backend="reference",
                              bounds_check="off").to(device)
@@ -684,6 +712,9 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
 
     _attempt(rows, budget, _row("step", "scalar", "fused", "train"), fused_body)
     _attempt(rows, budget, _row("step", "scalar", "fused sfg_interaction", "train"), lambda: fused_body(one_op=True))
+    _attempt(rows, budget, _row("step", "scalar", "fused sfg_interaction deterministic", "train"),
+             deterministic(lambda: fused_body(one_op=True)))
+    _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused", "train"), zoo_body)
     _attempt(rows, budget, _row("step", "scalar", "reference", "train"), literal_body)
 
 
