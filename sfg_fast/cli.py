@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("checkpoint", help="checkpoint file or run directory (its best.pt)")
     r.add_argument("--data-dir", help="folder or file of the dataset's raw data (default: the run's)")
     r.add_argument("--out", help="output directory (default <run dir>/predictions)")
-    r.add_argument("--max-rows", type=_positive_int, help="read at most this many lines")
+    r.add_argument("--max-rows", type=_positive_int,
+                   help="read at most this many data lines (criteo/avazu: every line after the header, blank and "
+                        "bad ones included; movielens: non-blank lines)")
     r.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of stopping")
     r.add_argument("--unlabeled", action="store_true",
                    help="the file has no label column (criteo/avazu test files, new traffic): no metrics")

@@ -974,6 +974,11 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
         # The final reload needs the best model so far, which may predate the resumed epochs.
         if best_is_this or os.path.exists(best):
             _atomic_write(os.path.join(out_dir, "best.pt"), lambda fh: _copy_into(file if best_is_this else best, fh))
+        # and predict needs the vocabularies the checkpoints' digest names (the resumed data may lack them)
+        from .data import FEATURE_MAP_FILE
+        source_map = os.path.join(source_dir, FEATURE_MAP_FILE)
+        if os.path.exists(source_map):
+            _atomic_write(os.path.join(out_dir, FEATURE_MAP_FILE), lambda fh: _copy_into(source_map, fh))
     elif best_is_this and stop.get("best_epoch") and os.path.abspath(file) != os.path.abspath(best):
         # the checkpoint is the best model: best.pt may be missing or older (a run stopped between
         # writing last.pt and best.pt)
@@ -1079,14 +1084,24 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
                          "read from files (generated datasets have none; runs before feature maps were saved "
                          "need retraining)") from None
     if ckpt.get("feature_map_digest") is None:
-        raise ValueError(f"{file} records no feature map (its run predates them): retrain to score raw files")
+        raise ValueError(f"{file} records no feature-map digest (written before checkpoints kept one), so "
+                         f"{fm_path} cannot be verified as its vocabularies: resume the run for one more epoch "
+                         "(its new checkpoints record the digest) or retrain")
     if feature_map_digest(fm) != ckpt["feature_map_digest"]:
         raise ValueError(f"{fm_path} is not the feature map {file} was trained with (another run's vocabularies: "
                          "its ids would select other rows' embeddings); use the run directory that trained it")
     options = {k: v for k, v in (config.get("data_options") or {}).items() if k != "split"}
-    data = load_dataset(name=config["dataset"], data_dir=data_dir if data_dir is not None else config.get("data_dir"),
-                        cache_dir=False, seed=0, max_rows=max_rows, skip_bad_lines=bool(skip_bad_lines),
-                        split=(1, 0, 0), vocabularies=fm, labeled=labeled, **options)
+    try:
+        data = load_dataset(name=config["dataset"],
+                            data_dir=data_dir if data_dir is not None else config.get("data_dir"),
+                            cache_dir=False, seed=0, max_rows=max_rows, skip_bad_lines=bool(skip_bad_lines),
+                            split=(1, 0, 0), vocabularies=fm, labeled=labeled, **options)
+    except ValueError as exc:
+        if "column" in str(exc) or "header" in str(exc):
+            hint = ("a file without a label column needs --unlabeled (labeled=False)" if labeled else
+                    "--unlabeled (labeled=False) expects files without the label column")
+            raise type(exc)(f"{exc}; {hint}") from exc
+        raise
     ids, labels = _split_tensors(data.train, "input")
     if ids.shape[0] == 0:
         raise ValueError(f"no rows were read from the {config['dataset']} data in {data_dir or config.get('data_dir')}")

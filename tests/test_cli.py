@@ -242,6 +242,9 @@ def test_predict_via_main(tmp_path, capsys):
     np.testing.assert_array_equal(scored[:, [0, 1]], new_rows[:, [0, 1]])
     np.testing.assert_array_equal(scored[:, 2], new_rows[:, 3])
     assert json.loads((tmp_path / "p3" / "predict.json").read_text())["metrics"] is None
+    capsys.readouterr()
+    assert cli.main(["predict", out, "--data-dir", str(tmp_path / "test.csv")]) == 2   # unlabelled, read as labelled
+    assert "--unlabeled" in capsys.readouterr().err
     # a feature map from another run (same fields and sizes, other tokens) is refused, not used
     write_avazu(tmp_path / "other.csv", num_rows=600, seed=1)
     text = (tmp_path / "other.csv").read_text().replace(",a99f214a,", ",b00f214a,")

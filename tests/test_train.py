@@ -547,6 +547,10 @@ def test_the_feature_map_follows_the_run(tmp_path):
     T.resume(str(out), data=dataclasses.replace(data, vocabularies=None), epochs=2)
     assert (out / FEATURE_MAP_FILE).exists()
     assert T.load_checkpoint(str(out / "last.pt"))["feature_map_digest"] == feature_map_digest(fm)
+    # resumed into another directory, the run's feature map goes along with best.pt
+    moved = tmp_path / "moved"
+    T.resume(str(out), data=dataclasses.replace(data, vocabularies=None), epochs=3, out=str(moved))
+    assert load_feature_map(str(moved / FEATURE_MAP_FILE)) == fm
     T.Trainer(_config(tmp_path, epochs=1), data=load_dataset("synthetic-criteo", num_rows=3000, seed=7),
               overwrite=True).fit()
     assert not (out / FEATURE_MAP_FILE).exists()

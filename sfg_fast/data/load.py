@@ -100,10 +100,12 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
             raise ValueError("vocabularies must be a list (one per field) of lists of token strings")
     if not isinstance(labeled, bool):
         raise ValueError(f"labeled must be True or False, got {labeled!r}")
-    if not labeled and (name not in ("criteo", "avazu") or vocabularies is None):
-        raise ValueError("labeled=False reads criteo/avazu files without labels, to be scored with a trained run's "
-                         f"vocabularies (pass vocabularies=); got dataset {name!r}"
-                         + ("" if vocabularies is not None else " without vocabularies"))
+    if not labeled and name not in ("criteo", "avazu"):
+        raise ValueError(f"labeled=False applies to criteo/avazu files (their logs without the label column); "
+                         f"dataset {name!r} has no unlabelled format")
+    if not labeled and vocabularies is None:
+        raise ValueError("labeled=False reads files to be scored with a trained run's vocabularies: pass "
+                         "vocabularies= (its feature map)")
     module = {"movielens100k": movielens, "criteo": criteo, "avazu": avazu}.get(name, synthetic)
     ratios = check_ratios(options.pop("split", module.DEFAULT_SPLIT))
 

@@ -232,7 +232,8 @@ def load_table(fmt: TableFormat, path: str, cache_dir, seed: int, ratios, max_ro
     A read with given ``vocabularies`` (encoding new data for a trained model) is never cached.
     """
     options = {"seed": int(seed), "split": [float(r) for r in ratios], "max_rows": max_rows,
-               "min_count": int(min_count), "skip_bad_lines": bool(skip_bad_lines)}
+               "min_count": int(min_count), "skip_bad_lines": bool(skip_bad_lines),
+               "labeled": fmt.label_column is not None}
     if cache_dir is False or vocabularies is not None:
         return read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows, vocabularies)
     if cache_dir is None:
