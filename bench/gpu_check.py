@@ -674,21 +674,15 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
         field and first-order tables (row-wise Adagrad in backward), Adam on the dense parameters."""
         model = models.build("fwfm", dims, embedding_dim=d, generative=True, bounds_check="off",
                              embedding="fused").to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-        def step():
-            ids, labels = next_batch()
-            loss = SF.bce_with_logits(model(ids), labels, backend="torch")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return _time_step(step)
+        return model_step(model, torch.optim.Adam(model.parameters(), lr=1e-3))
 
     def literal_body():
         model = models.build("fwfm", dims, embedding_dim=d, generative=True, backend="reference",
                              bounds_check="off").to(device)
-        opt = torch.optim.Adagrad(model.parameters(), lr=0.01)   # dense: sweeps the whole table
+        # dense Adagrad: sweeps the whole table
+        return model_step(model, torch.optim.Adagrad(model.parameters(), lr=0.01))
 
+    def model_step(model, opt):
         def step():
             ids, labels = next_batch()
             loss = SF.bce_with_logits(model(ids), labels, backend="torch")
