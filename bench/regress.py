@@ -1,12 +1,18 @@
-"""Regression gate: compare a run with a stored baseline, by ratio to the literal provider.
+"""Regression gate: compare a run with a stored baseline, each time divided by the run's overall speed.
 
-Absolute times drift between machines and runs; the ratio ``provider time / literal time`` measured
-in the SAME run does much less, so that is what is compared. A provider regresses when its current
-ratio exceeds the baseline ratio by more than ``--tolerance`` (default 0.25 = 25% slower relative
-to literal) AND by more than the measurements' own noise explains: each row's median carries a
-standard error estimated from its IQR and repetition count, the four medians behind a comparison
-(provider and literal, baseline and current) add up to the noise of the change, and the slow-down
-must clear the tolerance by ``--z`` (default 2) of those standard errors. A slow-down past the
+Absolute times drift between machines and runs, so every measurement's change ``current time /
+baseline time`` is divided by a speed factor: the median of that change over the providers of the same
+shape (the same benchmark, mode and sizes; literal rows included), or over the whole run where a shape
+has fewer than 3 providers timed in both. A machine twice as slow, or a busy host slowing every
+memory-bound lookup alike, moves the factor, not the verdicts; one noisy measurement (a literal row,
+say) moves neither the factor nor the others' verdicts, which dividing by the literal time alone did. A provider regresses when its change
+exceeds ``1 + --tolerance`` (default 0.25) AND by more than the measurements' own noise explains: each
+row's median carries a standard error estimated from its IQR and repetition count, the two medians
+behind a comparison add up to the noise of the change, and the slow-down must clear the tolerance by
+``--z`` (default 2) of those standard errors. A run slower as a whole (factor past the tolerance) on a
+machine whose measured copy bandwidth matches the baseline's is a global regression and fails too.
+Literal rows inform the factor and fail when they error, but their speed is not gated (the literal
+form is written for clarity). A slow-down past the
 tolerance but inside that band is reported as ``inconclusive`` (it fails only with ``--strict``):
 on a shared, noisy CPU a single quick run cannot tell it from noise, so rerun with ``--repeat``.
 Every report states the smallest slow-down the run could have detected (its resolution).
@@ -45,20 +51,39 @@ def median_noise(row: Dict) -> float:
     return 1.2533 * (iqr / 1.349) / math.sqrt(reps) / med
 
 
-def _literal_rows(rows: List[Dict]) -> Dict[Tuple, Dict]:
-    """The literal provider's row of each measurement, keyed by the row key without the provider."""
-    out = {}
-    for r in rows:
-        if r.get("provider") == "literal":
-            out[tuple(kv for kv in row_key(r) if kv[0] != "provider")] = r
-    return out
+def change_noise(base: Dict, cur: Dict) -> float:
+    """Standard error of log(change), change = (cur / base) / factor: the two medians' relative errors
+    added in quadrature (the factor, a median over many rows, adds little)."""
+    return math.sqrt(median_noise(base) ** 2 + median_noise(cur) ** 2)
 
 
-def change_noise(base: Dict, cur: Dict, base_literal: Optional[Dict], cur_literal: Optional[Dict]) -> float:
-    """Standard error of log(change), change = (cur / cur literal) / (base / base literal): the four
-    medians' relative errors added in quadrature."""
-    parts = [median_noise(r) for r in (base, cur, base_literal, cur_literal) if r is not None]
-    return math.sqrt(sum(x * x for x in parts))
+def _timed(row: Optional[Dict]) -> bool:
+    return row is not None and row.get("status") == "ok" and (row.get("median_ms") or 0) > 0
+
+
+MIN_SHAPE_PROVIDERS = 3
+
+
+def _shape(key: Tuple) -> Tuple:
+    return tuple(kv for kv in key if kv[0] != "provider")
+
+
+def speed_factors(baseline: List[Dict], current: List[Dict]) -> Tuple[float, int, Dict[Tuple, float]]:
+    """``(run factor, rows, {shape: factor})``: medians of current/baseline time over the measurements
+    both runs timed, over the whole run (1.0 when fewer than 2 are shared) and per shape (shapes with at
+    least MIN_SHAPE_PROVIDERS such measurements)."""
+    cur = {row_key(r): r for r in current}
+    by_shape: Dict[Tuple, List[float]] = {}
+    changes = []
+    for b in baseline:
+        c = cur.get(row_key(b))
+        if _timed(b) and _timed(c):
+            change = c["median_ms"] / b["median_ms"]
+            changes.append(change)
+            by_shape.setdefault(_shape(row_key(b)), []).append(change)
+    run = statistics.median(changes) if len(changes) >= 2 else 1.0
+    shapes = {s: statistics.median(v) for s, v in by_shape.items() if len(v) >= MIN_SHAPE_PROVIDERS}
+    return run, len(changes), shapes
 
 
 def row_key(row: Dict) -> Tuple:
@@ -73,8 +98,9 @@ def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAUL
             strict: bool = False, z: float = DEFAULT_Z) -> Dict:
     """Return {"regressions", "inconclusive", "errors", "missing", "improved", "checked"} (lists of
     dicts), "passed", "nothing_compared" (the baseline had gated rows but none of them could be
-    compared) and "resolution" (the median over checked rows of the smallest slow-down each could
-    flag; None when nothing was checked). ``z = 0`` ignores the noise (the tolerance alone decides)."""
+    compared), "speed_factor" (see the module docstring) and "resolution" (the median over checked rows
+    of the smallest slow-down each could flag; None when nothing was checked). ``z = 0`` ignores the
+    noise (the tolerance alone decides)."""
     if not (tolerance >= 0):
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     if not (z >= 0):
@@ -82,32 +108,31 @@ def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAUL
     cur = {}
     for r in current:
         cur[row_key(r)] = r
-    base_lit, cur_lit = _literal_rows(baseline), _literal_rows(current)
-    out = {"regressions": [], "inconclusive": [], "errors": [], "missing": [], "improved": [], "checked": []}
-    gated = 0
+    run_factor, shared, shape_factors = speed_factors(baseline, current)
+    out = {"regressions": [], "inconclusive": [], "errors": [], "missing": [], "improved": [], "checked": [],
+           "speed_factor": run_factor, "shared": shared}
     for b in baseline:
-        if b.get("status") != "ok" or b.get("provider") == "literal" or b.get("ratio_vs_literal") is None:
+        if not _timed(b):
             continue
-        gated += 1
         key = row_key(b)
         c = cur.get(key)
+        literal = b.get("provider") == "literal"
         if c is None or c.get("status") == "skipped":
-            out["missing"].append({"key": describe(key), "reason": None if c is None else c.get("reason")})
+            if not literal:
+                out["missing"].append({"key": describe(key), "reason": None if c is None else c.get("reason")})
             continue
         if c.get("status") != "ok":
             out["errors"].append({"key": describe(key), "reason": c.get("reason")})
             continue
-        if c.get("ratio_vs_literal") is None:
-            out["errors"].append({"key": describe(key), "reason": "no literal measurement in the current run"})
+        if literal:
             continue
-        change = c["ratio_vs_literal"] / b["ratio_vs_literal"]
-        shape = tuple(kv for kv in key if kv[0] != "provider")
-        noise = change_noise(b, c, base_lit.get(shape), cur_lit.get(shape))
+        factor = shape_factors.get(_shape(key), run_factor)
+        change = c["median_ms"] / b["median_ms"] / factor
+        noise = change_noise(b, c)
         # the smallest change this comparison flags: past the tolerance by z standard errors
         threshold = (1.0 + tolerance) * math.exp(z * noise)
-        item = {"key": describe(key), "baseline_ratio": b["ratio_vs_literal"],
-                "current_ratio": c["ratio_vs_literal"], "change": change, "noise": noise,
-                "threshold": threshold}
+        item = {"key": describe(key), "baseline_ms": b["median_ms"], "current_ms": c["median_ms"],
+                "factor": factor, "change": change, "noise": noise, "threshold": threshold}
         out["checked"].append(item)
         if change > threshold:
             out["regressions"].append(item)
@@ -153,6 +178,19 @@ def conditions_warning(base_env: Dict, cur_env: Dict, factor: float = CONDITIONS
             f"baseline on a quiet machine before trusting this verdict")
 
 
+def global_slowdown(result: Dict, base_env: Dict, cur_env: Dict, tolerance: float,
+                    same_machine: float = 1.25) -> Optional[str]:
+    """A sentence when the whole run is slower than the tolerance although the machine measured the same
+    copy bandwidth as the baseline's (within ``same_machine``): every measurement slower alike is then a
+    regression of the code, not of the host. None otherwise (or when a bandwidth is unknown)."""
+    factor = result.get("speed_factor", 1.0)
+    a, b = base_env.get("copy_gbps"), cur_env.get("copy_gbps")
+    if factor <= 1.0 + tolerance or not a or not b or a <= 0 or b <= 0 or max(a, b) / min(a, b) > same_machine:
+        return None
+    return (f"the whole run is {100 * (factor - 1):.0f}% slower (speed factor {factor:.3f}) on a machine measuring "
+            f"the baseline's copy bandwidth ({a:.1f} vs {b:.1f} GB/s)")
+
+
 def merge_runs(runs: List[List[Dict]]) -> List[Dict]:
     """One row list from several runs of the same suite: per measurement the median of the runs'
     medians, the median IQR, the summed repetitions (so the noise model sees the larger sample) and
@@ -190,16 +228,22 @@ def merge_runs(runs: List[List[Dict]]) -> List[Dict]:
 
 def report(result: Dict, tolerance: float, z: float = DEFAULT_Z) -> str:
     lines = [f"checked {len(result['checked'])} provider measurements against the baseline "
-             f"(tolerance {100 * tolerance:.0f}% on time / literal time, plus {z:g} standard errors of the "
-             f"runs' own noise)"]
+             f"(tolerance {100 * tolerance:.0f}% on time / its shape's speed factor, plus {z:g} standard errors of "
+             f"the runs' own noise)",
+             f"run speed factor (median current/baseline time over {result.get('shared', 0)} shared measurements): "
+             f"{result.get('speed_factor', 1.0):.3f}; each measurement is divided by its shape's factor"]
     if result.get("resolution") is not None:
         lines.append(f"resolution: half of the comparisons would flag a slow-down of "
                      f"{100 * (result['resolution'] - 1):.0f}% or less")
     for item in result["regressions"]:
-        lines.append(f"REGRESSION {item['key']}: ratio {item['baseline_ratio']:.4g} -> {item['current_ratio']:.4g} "
-                     f"({100 * (item['change'] - 1):+.0f}%, flagged above {100 * (item['threshold'] - 1):+.0f}%)")
+        if "baseline_ms" not in item:      # the whole run (see main)
+            lines.append(f"REGRESSION {item['key']}")
+            continue
+        lines.append(f"REGRESSION {item['key']}: {item['baseline_ms']:.4g} -> {item['current_ms']:.4g} ms "
+                     f"({100 * (item['change'] - 1):+.0f}% after its shape's factor {item['factor']:.2f}, flagged above "
+                     f"{100 * (item['threshold'] - 1):+.0f}%)")
     for item in result["inconclusive"]:
-        lines.append(f"inconclusive {item['key']}: ratio {item['baseline_ratio']:.4g} -> {item['current_ratio']:.4g} "
+        lines.append(f"inconclusive {item['key']}: {item['baseline_ms']:.4g} -> {item['current_ms']:.4g} ms "
                      f"({100 * (item['change'] - 1):+.0f}%, within the noise band up to "
                      f"{100 * (item['threshold'] - 1):+.0f}%; rerun with --repeat)")
     for item in result["errors"]:
@@ -207,7 +251,7 @@ def report(result: Dict, tolerance: float, z: float = DEFAULT_Z) -> str:
     for item in result["missing"]:
         lines.append(f"missing {item['key']}" + (f": {item['reason']}" if item["reason"] else ""))
     for item in result["improved"]:
-        lines.append(f"improved {item['key']}: ratio {item['baseline_ratio']:.4g} -> {item['current_ratio']:.4g}")
+        lines.append(f"improved {item['key']}: {item['baseline_ms']:.4g} -> {item['current_ms']:.4g} ms")
     if result.get("nothing_compared"):
         lines.append("ERROR no baseline measurement has a match in the current run (different benchmark, "
                      "shape or mode?): nothing was checked")
@@ -244,10 +288,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"cannot read --baseline: {exc}", file=sys.stderr)
         return 2
-    if not any(r.get("status") == "ok" and r.get("provider") != "literal" and r.get("ratio_vs_literal") is not None
-               for r in baseline):
-        print(f"--baseline {args.baseline} has no rows measured against a literal provider (is it a suite "
-              "result, from bench.run_all?): nothing could be gated", file=sys.stderr)
+    if not any(_timed(r) and r.get("provider") != "literal" for r in baseline):
+        print(f"--baseline {args.baseline} has no timed provider rows (is it a suite result, from "
+              "bench.run_all?): nothing could be gated", file=sys.stderr)
         return 2
     if args.current:
         try:
@@ -263,7 +306,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cur_env: Dict = {}
         current = merge_runs([fresh_run(base_env, baseline, args.threads, env_out=cur_env)
                               for _ in range(args.repeat)])
+        mismatch = environment_mismatch(base_env, cur_env)   # e.g. --threads other than the baseline's
+        if mismatch:
+            print(f"the runs are not comparable: {mismatch}", file=sys.stderr)
+            return 2
     result = compare(baseline, current, args.tolerance, args.strict, args.z)
+    slow = global_slowdown(result, base_env, cur_env, args.tolerance)
+    if slow:
+        result["regressions"].append({"key": slow})
+        result["passed"] = False
     warning = conditions_warning(base_env, cur_env)
     if warning:
         print(f"WARNING {warning}" + (" (fails under --strict)" if not args.strict else ""))

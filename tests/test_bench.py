@@ -23,6 +23,12 @@ def _row(provider, ms, literal_ms=100.0, status="ok", iqr=0.01, reps=5, **extra)
     return row
 
 
+def _steady(scale=1.0, iqr=0.01, reps=5):
+    """Providers whose time only follows the machine: they pin the run's speed factor to ``scale``."""
+    return [_row(name, ms * scale, 100.0 * scale, iqr=iqr, reps=reps)
+            for name, ms in (("steady-a", 5.0), ("steady-b", 7.0), ("steady-c", 9.0))]
+
+
 def _write(path, rows, mode="quick"):
     path.write_text(json.dumps({"benchmark": "suite", "env": {"device": "cpu", "mode": mode, "threads": 2},
                                 "rows": rows}))
@@ -32,13 +38,26 @@ def _write(path, rows, mode="quick"):
 # ---------------------------------------------------------------- regression gate
 
 def test_gate_passes_within_tolerance_even_when_absolute_times_drift():
-    base = [_row("literal", 100.0), _row("torch", 10.0)]
-    # Whole machine twice as slow: the ratio to literal is unchanged, so no regression.
-    cur = [_row("literal", 200.0, 200.0), _row("torch", 22.0, 200.0)]
+    base = [_row("literal", 100.0), _row("torch", 10.0)] + _steady()
+    # Whole machine twice as slow: the speed factor takes it, so no regression.
+    cur = [_row("literal", 200.0, 200.0), _row("torch", 22.0, 200.0)] + _steady(2.0)
     result = regress.compare(base, cur, tolerance=0.25)
-    assert result["passed"]
-    assert len(result["checked"]) == 1 and not result["regressions"]
+    assert result["passed"] and result["speed_factor"] == pytest.approx(2.0)
+    assert len(result["checked"]) == 4 and not result["regressions"]
     assert result["checked"][0]["change"] == pytest.approx(1.1)
+
+
+def test_one_noisy_literal_neither_hides_nor_fakes_a_regression():
+    """Dividing by a per-shape literal time let a literal twice as slow (a busy host) hide a provider twice
+    as slow; the run-wide speed factor does not move with one row."""
+    base = [_row("literal", 100.0), _row("torch", 10.0)] + _steady()
+    cur = [_row("literal", 200.0, 200.0), _row("torch", 20.0, 200.0)] + _steady()
+    result = regress.compare(base, cur, tolerance=0.25)
+    assert result["speed_factor"] == pytest.approx(1.0)
+    assert [r["key"].split("provider=")[1] for r in result["regressions"]] == ["torch"]
+    # and a literal alone slower flags nothing
+    cur = [_row("literal", 200.0, 200.0), _row("torch", 10.0, 200.0)] + _steady()
+    assert regress.compare(base, cur)["passed"]
 
 
 def test_gate_flags_a_provider_slower_than_tolerance():
@@ -60,13 +79,13 @@ def test_gate_reports_improvements_and_ignores_literal_itself():
     assert all("provider=literal" not in c["key"] for c in result["checked"])
 
 
-def test_gate_fails_on_error_rows_and_on_missing_literal():
+def test_gate_fails_on_error_rows_literal_ones_included():
     base = [_row("literal", 100.0), _row("torch", 10.0)]
     errored = [_row("literal", 100.0), _row("torch", 0, status="error")]
     assert not regress.compare(base, errored)["passed"]
     no_literal = [_row("literal", 0, status="error"), {**_row("torch", 10.0), "ratio_vs_literal": None}]
     result = regress.compare(base, no_literal)
-    assert not result["passed"] and "literal" in result["errors"][0]["reason"]
+    assert not result["passed"] and "provider=literal" in result["errors"][0]["key"]
 
 
 def test_gate_missing_provider_fails_only_when_strict():
@@ -136,31 +155,32 @@ def test_median_noise_follows_iqr_and_repetitions():
 def test_gate_does_not_flag_a_slowdown_the_noise_explains_but_does_flag_it_when_measured_tightly():
     # +30% relative to literal, past the 25% tolerance. With IQRs of 60% over 5 reps (a quick run on a
     # busy host) that is well within noise: inconclusive, a pass unless --strict.
-    noisy_base = [_row("literal", 100.0, iqr=0.6), _row("torch", 10.0, iqr=0.6)]
-    noisy_cur = [_row("literal", 100.0, iqr=0.6), _row("torch", 13.0, iqr=0.6)]
+    noisy_base = [_row("literal", 100.0, iqr=0.6), _row("torch", 10.0, iqr=0.6)] + _steady()
+    noisy_cur = [_row("literal", 100.0, iqr=0.6), _row("torch", 13.0, iqr=0.6)] + _steady()
     result = regress.compare(noisy_base, noisy_cur, tolerance=0.25)
     assert result["passed"] and not result["regressions"]
     assert [i["change"] for i in result["inconclusive"]] == [pytest.approx(1.3)]
+    assert result["speed_factor"] == pytest.approx(1.0)
     assert result["inconclusive"][0]["threshold"] > 1.3
     assert not regress.compare(noisy_base, noisy_cur, tolerance=0.25, strict=True)["passed"]
     # z = 0: the tolerance alone decides, as a noise-free gate would
     assert not regress.compare(noisy_base, noisy_cur, tolerance=0.25, z=0.0)["passed"]
     # The same +30% measured with 2% IQRs over 15 reps is a regression.
-    tight_base = [_row("literal", 100.0, iqr=0.02, reps=15), _row("torch", 10.0, iqr=0.02, reps=15)]
-    tight_cur = [_row("literal", 100.0, iqr=0.02, reps=15), _row("torch", 13.0, iqr=0.02, reps=15)]
+    tight_base = [_row("literal", 100.0, iqr=0.02, reps=15), _row("torch", 10.0, iqr=0.02, reps=15)] + _steady()
+    tight_cur = [_row("literal", 100.0, iqr=0.02, reps=15), _row("torch", 13.0, iqr=0.02, reps=15)] + _steady()
     result = regress.compare(tight_base, tight_cur, tolerance=0.25)
     assert not result["passed"] and len(result["regressions"]) == 1
     # A slow-down far past the noise band fails even a noisy run.
-    very_slow = [_row("literal", 100.0, iqr=0.6), _row("torch", 40.0, iqr=0.6)]
+    very_slow = [_row("literal", 100.0, iqr=0.6), _row("torch", 40.0, iqr=0.6)] + _steady()
     assert regress.compare(noisy_base, very_slow)["regressions"]
 
 
-def test_gate_noise_uses_the_literal_rows_of_both_runs():
-    # Only the current run's literal is noisy: it alone widens the band of the comparison.
+def test_gate_noise_is_that_of_the_two_medians_compared():
+    # A noisy literal no longer widens the band of the other providers' comparisons.
     base = [_row("literal", 100.0), _row("torch", 10.0)]
-    cur = [_row("literal", 100.0, iqr=1.0), _row("torch", 13.0)]
+    cur = [_row("literal", 100.0, iqr=1.0), _row("torch", 13.0, iqr=0.2)]
     item = regress.compare(base, cur)["checked"][0]
-    expected = math.sqrt(sum(regress.median_noise(r) ** 2 for r in base + cur))
+    expected = math.sqrt(regress.median_noise(base[1]) ** 2 + regress.median_noise(cur[1]) ** 2)
     assert item["noise"] == pytest.approx(expected)
     assert item["threshold"] == pytest.approx(1.25 * math.exp(2.0 * expected))
 
@@ -390,3 +410,19 @@ def test_buffer_pool_bench_runs_both_variants_in_separate_processes(capsys):
     out = capsys.readouterr().out
     assert "| train_step[scalar, adagrad, fp32] | pool |" in out
     assert "| train_step[scalar, adagrad, fp32] | no pool |" in out
+
+
+def test_a_whole_run_slower_on_an_equally_fast_machine_is_a_regression(tmp_path, capsys):
+    def write(name, rows, gbps):
+        path = tmp_path / name
+        path.write_text(json.dumps({"benchmark": "suite", "env": {"device": "cpu", "mode": "quick", "threads": 2,
+                                                                  "copy_gbps": gbps}, "rows": rows}))
+        return str(path)
+    base = [_row("literal", 100.0), _row("torch", 10.0)] + _steady()
+    slower = [_row("literal", 200.0, 200.0), _row("torch", 20.0, 200.0)] + _steady(2.0)
+    # the host measured the baseline's bandwidth: everything 2x slower is the code's doing
+    assert regress.main(["--baseline", write("b.json", base, 30.0), "--current", write("c.json", slower, 31.0)]) == 1
+    assert "the whole run is 100% slower" in capsys.readouterr().out
+    # a host at half the bandwidth: the machine's doing (a warning, not a verdict)
+    assert regress.main(["--baseline", write("b.json", base, 30.0), "--current", write("c.json", slower, 12.0)]) == 0
+    assert "WARNING" in capsys.readouterr().out
