@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import environment, field_dims_for, make_ids, markdown_table, write_results_to  # noqa: E402
+from bench.common import environment, field_dims_for, make_ids, markdown_table, write_results  # noqa: E402
 
 
 def _free_port() -> int:
@@ -151,7 +151,7 @@ def main(argv=None):
     summary = f"# {title}\n\n{env['device_name']}; torch {env['torch']}, torchrec {env['torchrec']}, " \
               f"git {env['git_sha']}\n\n{table}\n"
     print(summary)
-    write_results_to("distributed", rows, env, summary, args.out)
+    write_results("distributed", rows, env, summary, args.out)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     text = "\n".join(md)
     print(text)
     if not args.no_write:
-        path = common.write_results_to("bench_foundation", rows, env, text, args.out_dir)
+        path = common.write_results("bench_foundation", rows, env, text, args.out_dir)
         print(f"results: {path}")
     return 0
 

@@ -22,15 +22,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_sha() -> str:
-    """Short SHA of HEAD (+ "-dirty"). SFG_FAST_GIT_SHA overrides it: a copy of the working tree on a
-    remote GPU machine can carry a stale .git, so the GPU check is started with the SHA spelled out."""
+    """Short SHA of HEAD, + "-dirty" when tracked files differ from it or files git does not ignore are
+    untracked (result files under bench/results aside: a run must not make the next one dirty).
+
+    SFG_FAST_GIT_SHA overrides it, marked "(given)": a copy of the working tree on a remote GPU machine
+    can carry a stale .git, so the GPU check is started with the SHA spelled out; set it only to the
+    commit of a clean tree."""
     if os.environ.get("SFG_FAST_GIT_SHA"):
-        return os.environ["SFG_FAST_GIT_SHA"]
+        return os.environ["SFG_FAST_GIT_SHA"] + " (given)"
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                                       stderr=subprocess.DEVNULL).decode().strip()
-        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD"], cwd=ROOT, stderr=subprocess.DEVNULL)
-        return sha + ("-dirty" if dirty else "")
+        status = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=normal", "--", ".",
+                                          ":(exclude)bench/results"], cwd=ROOT,
+                                         stderr=subprocess.DEVNULL).decode().strip()
+        return sha + ("-dirty" if status else "")
     except Exception:
         return "unknown"
 
@@ -83,7 +89,14 @@ def time_cpu(fn: Callable[[], object], warmup: int = 2, reps: int = 7, min_secon
         samples.append((time.perf_counter() - t0) * 1e3)
         if len(samples) >= 10 * reps:
             break
-    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    return median_iqr(samples)
+
+
+def median_iqr(samples: List[float]) -> Dict:
+    """``{"median_ms", "iqr_ms", "reps"}`` of timing samples. Quartiles by linear interpolation between
+    the samples ("inclusive", numpy's default): the "exclusive" method reaches past the sample range, so
+    one outlier among 5 reps would inflate the IQR (and the regression gate's noise) 25-fold."""
+    q = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) >= 2 else [samples[0]] * 3
     return {"median_ms": statistics.median(samples), "iqr_ms": q[2] - q[0], "reps": len(samples)}
 
 
@@ -92,9 +105,7 @@ def time_gpu(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> Dict
     ``rep`` are do_bench's milliseconds of warm-up and of measurement; ``reps`` in the result is the
     number of timed calls that fitted in them (what the regression gate's noise estimate needs)."""
     from triton.testing import do_bench
-    samples = sorted(float(t) for t in do_bench(fn, warmup=warmup, rep=rep, return_mode="all"))
-    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
-    return {"median_ms": statistics.median(samples), "iqr_ms": q[2] - q[0], "reps": len(samples)}
+    return median_iqr(sorted(float(t) for t in do_bench(fn, warmup=warmup, rep=rep, return_mode="all")))
 
 
 def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:
@@ -120,15 +131,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def write_results(name: str, rows: List[Dict], env: Dict, summary_md: str = "") -> str:
-    """Write rows + env as JSON under bench/results/<device>/ and a markdown twin. Returns the JSON path."""
-    device_dir = env["device"] if env["device"] != "cpu" else "cpu"
-    out_dir = os.path.join(ROOT, "bench", "results", device_dir)
+def write_results(name: str, rows: List[Dict], env: Dict, summary_md: str = "", out_dir: Optional[str] = None,
+                  command: Optional[str] = None) -> str:
+    """Write rows + env (+ the command line) as JSON under ``out_dir`` (default bench/results/<device>/)
+    and a markdown twin. Returns the JSON path."""
+    if out_dir is None:
+        out_dir = os.path.join(ROOT, "bench", "results", env["device"])
     os.makedirs(out_dir, exist_ok=True)
     stamp = env["date"].replace(":", "").replace("-", "")[:15]
     path = os.path.join(out_dir, f"{name}-{stamp}.json")
+    if command is None:
+        import sys
+        command = "python " + " ".join(sys.argv)
     with open(path, "w") as fh:
-        json.dump({"benchmark": name, "env": env, "rows": rows}, fh, indent=2)
+        json.dump({"benchmark": name, "command": command, "env": env, "rows": rows}, fh, indent=2)
     if summary_md:
         with open(path[:-5] + ".md", "w") as fh:
             fh.write(summary_md)
@@ -217,6 +233,7 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None,
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda requested but torch.cuda.is_available() is False")
     if args.reps is None:
@@ -445,13 +462,24 @@ def run_cases(benchmark: str, cases: Sequence[Case], args: argparse.Namespace, e
     return rows
 
 
+def _no_compile_caches():
+    import contextlib
+    try:
+        from torch._inductor import config as inductor_config
+        return inductor_config.patch(force_disable_caches=True)
+    except (ImportError, AttributeError, RuntimeError):
+        return contextlib.nullcontext()
+
+
 def _first_call(work: Workload, device: str) -> float:
     """Run a torch.compile provider once (that call compiles); a compiler failure becomes a Skip."""
     # Drop graphs cached by an earlier case so compile_s is the real compile cost, not a cache hit.
     torch._dynamo.reset()
     t0 = time.perf_counter()
     try:
-        work.step()
+        # Inductor's on-disk caches would turn a repeated run's compile into a cache hit
+        with _no_compile_caches():
+            work.step()
         sync(device)
     except Exception as exc:  # a compiler failure is a fact about the peer, not a bench error
         raise Skip(f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
@@ -572,13 +600,12 @@ def summary_markdown(title: str, rows: List[Dict], env: Dict, command: str = "")
 def finish(name: str, title: str, rows: List[Dict], env: Dict, args: argparse.Namespace,
            plots: Optional[Callable[[List[Dict], str], List[str]]] = None) -> Optional[str]:
     """Print the markdown summary; write JSON + markdown (and plots) unless --no-write."""
-    import sys
-    command = "python -m bench." + name + " " + " ".join(sys.argv[1:])
-    md = summary_markdown(title, rows, env, command.strip())
+    command = command_line(name, args)
+    md = summary_markdown(title, rows, env, command)
     print(md)
     if args.no_write:
         return None
-    path = write_results_to(name, rows, env, md, args.out_dir)
+    path = write_results(name, rows, env, md, args.out_dir, command)
     if plots is not None and not args.no_plots and not args.smoke:
         try:
             for png in plots(rows, path[:-5]):
@@ -589,19 +616,11 @@ def finish(name: str, title: str, rows: List[Dict], env: Dict, args: argparse.Na
     return path
 
 
-def write_results_to(name: str, rows: List[Dict], env: Dict, summary_md: str,
-                     out_dir: Optional[str] = None) -> str:
-    """write_results into ``out_dir`` (default bench/results/<device>/)."""
-    if out_dir is None:
-        return write_results(name, rows, env, summary_md)
-    os.makedirs(out_dir, exist_ok=True)
-    stamp = env["date"].replace(":", "").replace("-", "")[:15]
-    path = os.path.join(out_dir, f"{name}-{stamp}.json")
-    with open(path, "w") as fh:
-        json.dump({"benchmark": name, "env": env, "rows": rows}, fh, indent=2)
-    with open(path[:-5] + ".md", "w") as fh:
-        fh.write(summary_md)
-    return path
+def command_line(name: str, args: argparse.Namespace) -> str:
+    """The command that produced a run: the argv given to the script's main() (sys.argv when None)."""
+    import sys
+    argv = getattr(args, "argv", None)
+    return ("python -m bench." + name + " " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, reps: int = 15) -> Dict[str, Dict]:
@@ -619,8 +638,4 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, reps
             t0 = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for name, s in samples.items():
-        q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
-        out[name] = {"median_ms": statistics.median(s), "iqr_ms": q[2] - q[0], "reps": len(s)}
-    return out
+    return {name: median_iqr(s) for name, s in samples.items()}

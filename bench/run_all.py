@@ -75,13 +75,13 @@ def suite_markdown(parts, env, command: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = common.parse_args(__doc__.splitlines()[0], argv, _extra)
     rows, env, parts = collect(args)
-    command = "python -m bench.run_all " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = suite_markdown(parts, env, command.strip())
+    command = common.command_line("run_all", args)
+    md = suite_markdown(parts, env, command)
     print(md)
     errors = [r for r in rows if r["status"] == "error"]
     if args.no_write:
         return 1 if errors else 0
-    path = common.write_results_to("suite", rows, env, md, args.out_dir)
+    path = common.write_results("suite", rows, env, md, args.out_dir, command)
     out_dir = os.path.dirname(path)
     with open(os.path.join(out_dir, "SUMMARY.md"), "w") as fh:
         fh.write(md)

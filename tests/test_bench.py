@@ -314,10 +314,43 @@ def test_markdown_and_files(tmp_path):
     assert [cells[column] for cells in table] == ["literal", "torch"]     # skipped rows stay out of the table
     assert "Not measured" in md
     assert "synthetic reason" in md
-    path = common.write_results_to("unit", rows, env, md, str(tmp_path))
+    path = common.write_results("unit", rows, env, md, str(tmp_path), command="python -m bench.unit --quick")
     loaded, loaded_env = run_all.load_rows(path)
     assert loaded == rows and loaded_env["git_sha"] == "abc"
     assert os.path.exists(path[:-5] + ".md")
+    assert json.loads(open(path).read())["command"] == "python -m bench.unit --quick"
+
+
+def test_quartiles_stay_inside_the_samples_and_command_lines_follow_the_argv():
+    # "exclusive" quartiles of [1, 2, 3, 4, 100] give an IQR of 50.5: one outlier in five would make the
+    # regression gate blind; interpolated between the samples it is 2
+    assert common.median_iqr([1.0, 2.0, 3.0, 4.0, 100.0]) == {"median_ms": 3.0, "iqr_ms": 2.0, "reps": 5}
+    args = common.parse_args("t", ["--smoke", "--no-write"])
+    assert common.command_line("bench_x", args) == "python -m bench.bench_x --smoke --no-write"
+
+
+def test_git_sha_marks_untracked_files_and_a_given_sha(monkeypatch, tmp_path):
+    import shutil
+    import subprocess
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+    (repo / "a.py").write_text("x = 1\n")
+    subprocess.run(["git", "add", "a.py"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "one"], cwd=repo, check=True)
+    monkeypatch.setattr(common, "ROOT", str(repo))
+    monkeypatch.delenv("SFG_FAST_GIT_SHA", raising=False)
+    assert not common.git_sha().endswith("-dirty")
+    (repo / "bench" / "results").mkdir(parents=True)
+    (repo / "bench" / "results" / "run.json").write_text("{}")      # a benchmark's own output
+    assert not common.git_sha().endswith("-dirty")
+    (repo / "new_module.py").write_text("y = 2\n")                  # untracked code changes what runs
+    assert common.git_sha().endswith("-dirty")
+    monkeypatch.setenv("SFG_FAST_GIT_SHA", "abc123")
+    assert common.git_sha() == "abc123 (given)"
 
 
 def test_plots_write_png(tmp_path):
