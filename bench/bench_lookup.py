@@ -4,7 +4,10 @@ Providers: literal (one nn.Embedding per field; update = dense torch.optim.Adam 
 the authors' setup), torch (``embedding_lookup`` forward; update = ``sfg_fast.optim`` fused
 row-sparse Adam in backward), their torch.compile versions, triton (GPU), the compiled extension,
 FBGEMM TBE (fused Adam in backward) and TorchRec EBC (dense Adam), when importable.
-Criteo-like vocabularies (``--vocab-scale``, default 0.01 on CPU), uniform and Zipf ids.
+Criteo-like vocabularies (``--vocab-scale``, default 0.01 on CPU), uniform and Zipf ids. Every
+provider cycles through ROTATIONS id batches, so no call finds the previous call's rows in cache
+(a table small enough for the last-level cache, as at the CPU default, still is: pass a larger
+``--vocab-scale`` for bandwidth figures).
 
     python -m bench.bench_lookup [--quick | --smoke] [--device cuda] [--vocab-scale 1]
 """
@@ -26,27 +29,35 @@ from .providers import (FbgemmLookup, PerFieldEmbedding, TorchrecLookup, compile
 
 MODES = ("fwd", "fwd+bwd+update")
 LR = 0.01
+ROTATIONS = 4
 
 
-def _module_workload(module_fn, params, ids_inputs, mode: str, grad_out, compiled=False) -> Workload:
-    """Forward-only, or forward + backward + dense Adam step over ``params``."""
+def _cycle(items):
+    """A callable returning ``items[0], items[1], ..., items[0], ...``: each provider its own rotation."""
+    it = itertools.cycle(list(items))
+    return lambda: next(it)
+
+
+def _module_workload(module_fn, params, next_inputs, mode: str, grad_out, compiled=False) -> Workload:
+    """Forward-only, or forward + backward + dense Adam step over ``params``; ``next_inputs()`` gives
+    the argument tuple of each call (the rotation)."""
     if mode == "fwd":
         def step():
             with torch.no_grad():
-                return module_fn(*ids_inputs)
+                return module_fn(*next_inputs())
         return Workload(step=step, compiled=compiled)
     opt = torch.optim.Adam(params, lr=LR)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        module_fn(*ids_inputs).backward(grad_out)
+        module_fn(*next_inputs()).backward(grad_out)
         opt.step()
-    return Workload(step=step, forward=lambda: module_fn(*ids_inputs), compiled=compiled,
+    return Workload(step=step, forward=lambda: module_fn(*next_inputs()), compiled=compiled,
                     info={"optimizer": "adam (dense)"})
 
 
-def providers(field_dims, d: int, ids: torch.Tensor, mode: str, device: str) -> Dict:
-    batch, n = ids.shape
+def providers(field_dims, d: int, ids_list: List[torch.Tensor], mode: str, device: str) -> Dict:
+    batch, n = ids_list[0].shape
     grad_out = torch.randn(batch, n, d, generator=torch.Generator().manual_seed(1)).to(device)
 
     def literal(compiled=False):
@@ -55,7 +66,8 @@ def providers(field_dims, d: int, ids: torch.Tensor, mode: str, device: str) -> 
                 compile_available(device)
             module = PerFieldEmbedding(field_dims, d).to(device)
             fn = torch.compile(module) if compiled else module
-            return _module_workload(fn, list(module.parameters()), (ids,), mode, grad_out, compiled)
+            return _module_workload(fn, list(module.parameters()), _cycle((i,) for i in ids_list), mode, grad_out,
+                                    compiled)
         return factory
 
     def functional(backend_fn, compiled=False):
@@ -67,7 +79,7 @@ def providers(field_dims, d: int, ids: torch.Tensor, mode: str, device: str) -> 
             if mode == "fwd":
                 fn = lambda i: SF.embedding_lookup(i, weight, offsets, "off", backend=backend)  # noqa: E731
                 fn = torch.compile(fn) if compiled else fn
-                return _module_workload(fn, [weight], (ids,), mode, grad_out, compiled)
+                return _module_workload(fn, [weight], _cycle((i,) for i in ids_list), mode, grad_out, compiled)
             fused = {"torch": "torch", "triton": "triton", "cpu": "cpu"}.get(backend)
             if fused is None:
                 raise Skip(f"sfg_fast.optim has no fused sparse update for backend {backend!r}")
@@ -75,30 +87,32 @@ def providers(field_dims, d: int, ids: torch.Tensor, mode: str, device: str) -> 
             fn = lambda i: sfg_optim.fused_embedding_lookup(i, weight, offsets, optimizer, "off",  # noqa: E731
                                                             backend=fused)
             fn = torch.compile(fn) if compiled else fn
+            next_ids = _cycle(ids_list)
 
             def step():
-                fn(ids).backward(grad_out)
-            return Workload(step=step, forward=lambda: fn(ids), compiled=compiled,
+                fn(next_ids()).backward(grad_out)
+            return Workload(step=step, forward=lambda: fn(next_ids()), compiled=compiled,
                             info={"backend": backend, "optimizer": "adam (row-sparse, fused)"})
         return factory
 
     def fbgemm():
         tbe = FbgemmLookup(field_dims, d, device, optimizer="adam")
-        inputs = tbe.inputs(ids)
+        next_inputs = _cycle(tbe.inputs(i) for i in ids_list)
         if mode == "fwd":
             def step():
                 with torch.no_grad():
-                    return tbe(*inputs)
+                    return tbe(*next_inputs())
             return Workload(step=step)
 
         def step():
-            tbe(*inputs).backward(grad_out)
-        return Workload(step=step, forward=lambda: tbe(*inputs),
+            tbe(*next_inputs()).backward(grad_out)
+        return Workload(step=step, forward=lambda: tbe(*next_inputs()),
                         info={"optimizer": f"{tbe.optimizer} (fbgemm fused)"})
 
     def torchrec():
         ebc = TorchrecLookup(field_dims, d, device)
-        return _module_workload(ebc, list(ebc.module.parameters()), ebc.inputs(ids), mode, grad_out)
+        return _module_workload(ebc, list(ebc.module.parameters()), _cycle(ebc.inputs(i) for i in ids_list), mode,
+                                grad_out)
 
     ext = f"ext-{device}"
     return {
@@ -136,13 +150,15 @@ def cases(args) -> List[common.Case]:
             dims = [50, 7, 300, 3]
         else:
             dims = common.field_dims_for(n, args.vocab_scale, "avazu" if shape == "avazu" else "criteo")
-        ids = common.make_ids(b, dims, dist, device=args.device)
+        ids_list = [common.make_ids(b, dims, dist, seed=k, device=args.device) for k in range(ROTATIONS)]
         offsets = torch.tensor([0] + list(itertools.accumulate(dims))[:-1], device=args.device)
-        unique_rows = int(torch.unique(ids + offsets).numel())
+        # the mean over the rotation: each call reads its own batch's distinct rows
+        unique_rows = sum(int(torch.unique(i + offsets).numel()) for i in ids_list) / len(ids_list)
         for mode in MODES:
             out.append(common.Case({"shape": shape, "mode": mode, "dist": dist, "B": b, "N": n, "D": d,
                                     "rows": sum(dims)},
-                                   providers(dims, d, ids, mode, args.device), bytes=work_bytes(b, n, d, mode, unique_rows)))
+                                   providers(dims, d, ids_list, mode, args.device),
+                                   bytes=work_bytes(b, n, d, mode, unique_rows)))
     return out
 
 
