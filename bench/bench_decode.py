@@ -39,7 +39,8 @@ def make_factory(kind: str, batch: int, n: int, d: int, device: str):
 def work_model(kind: str, batch: int, n: int, d: int):
     """(flops, bytes) of the minimum forward + backward work (3x the forward), equal for all providers."""
     pairs = n * (n - 1) // 2
-    per_pair = 2 * d * (d + 1) if kind == "matrix" else 2 * d
+    # matrix: a @ W (2d^2) + the dot (2d); vector: a * w (d) + the dot (2d); identity/scalar: the dot
+    per_pair = {"matrix": 2 * d * (d + 1), "vector": 3 * d}.get(kind, 2 * d)
     weight = {"identity": 0, "scalar": n * n, "vector": n * n * d, "matrix": n * n * d * d}[kind] * 4
     return 3.0 * batch * pairs * per_pair, 3.0 * (2 * batch * n * d * 4 + weight) + batch * 4
 

@@ -216,7 +216,10 @@ def _print_row(row: Dict) -> None:
 
 
 def interaction_flops(batch: int, n: int, d: int, kind: str) -> float:
-    """Model FLOPs of one sfg_logits forward: encoder GEMM + decoder mix + row dot (2 per MAC)."""
+    """FLOPs of one sfg_logits forward as the GEMM-shaped kernels execute it: encoder GEMM + decoder mix +
+    row dot (2 per MAC). The decoder is counted over all N x N field blocks, as the factored and fused
+    GEMMs run it; the upper pair set uses about half of those, so TFLOP/s here are executed, not useful,
+    FLOPs."""
     width = n * d
     encoder = 2.0 * batch * width * width
     decoder = {"scalar": 2.0 * batch * n * n * d, "vector": 2.0 * batch * n * n * d,
