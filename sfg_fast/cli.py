@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shlex
 import sys
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read at most this many data lines (criteo/avazu: every line after the header, blank and "
                         "bad ones included; movielens: non-blank lines)")
     r.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of stopping")
+    r.add_argument("--int8", nargs="?", const="", metavar="FILE",
+                   help="score with the run's int8 serving model (default <run dir>/serving/model-int8.pt, "
+                        "from sfg-fast quantize) instead of the float checkpoint")
     r.add_argument("--unlabeled", action="store_true",
                    help="the file has no label column (criteo/avazu test files, new traffic): no metrics")
     r.add_argument("--batch-size", type=_positive_int, default=16384)
@@ -316,6 +320,16 @@ def _run_quantize(args) -> int:
     return 0
 
 
+def _int8_path(args) -> Optional[str]:
+    if args.int8 is None:
+        return None
+    if args.int8:
+        return args.int8
+    from .train import resolve_checkpoint
+    return os.path.join(os.path.dirname(os.path.abspath(resolve_checkpoint(args.checkpoint, "best.pt"))),
+                        "serving", "model-int8.pt")
+
+
 def _run_predict(args) -> int:
     import torch
 
@@ -325,12 +339,13 @@ def _run_predict(args) -> int:
         torch.set_num_threads(args.threads)
     r = predict_checkpoint(args.checkpoint, data_dir=args.data_dir, out=args.out, batch_size=args.batch_size,
                            max_rows=args.max_rows, skip_bad_lines=args.skip_bad_lines, device=args.device,
-                           labeled=not args.unlabeled)
+                           labeled=not args.unlabeled, int8=_int8_path(args))
     worst = max(r["oov_rate"].items(), key=lambda kv: kv[1])
     metrics = r["metrics"]
     scores = (f"AUC {metrics['AUC']:.5f}, logloss {metrics['logloss']:.5f}" if metrics
               else "no metrics (unlabelled)" if args.unlabeled else "no metrics (the labels hold one class)")
-    print(f"{r['model']} ({'SFG' if r['generative'] else 'base'}) on {r['rows']} rows of {r['source']}: {scores}; "
+    kind = "int8 " if r.get("int8_model") else ""
+    print(f"{r['model']} ({kind}{'SFG' if r['generative'] else 'base'}) on {r['rows']} rows of {r['source']}: {scores}; "
           f"mean probability {r['mean_probability']:.4f}"
           + (f" (click rate {r['positive_rate']:.4f}); " if r["positive_rate"] is not None else "; ") +
           f"highest OOV share {worst[1]:.3f} ({worst[0]}); skipped lines {r['skipped_lines']}; "

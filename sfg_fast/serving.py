@@ -327,9 +327,11 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def save_quantized(served: nn.Module, path: str) -> None:
+def save_quantized(served: nn.Module, path: str, feature_map_digest: Optional[str] = None) -> None:
     """Write a :func:`quantize_model` copy of an ``sfg_fast.models`` model to ``path`` (atomically): its
-    name, field_dims, config, dtype and state (int8 tables included). :func:`load_quantized` rebuilds it."""
+    name, field_dims, config, dtype and state (int8 tables included), and the digest of the feature map
+    its run trained with, when given (``sfg-fast predict --int8`` checks it). :func:`load_quantized`
+    rebuilds it (``feature_map_digest`` becomes an attribute of the model)."""
     from .train import atomic_save
 
     if not all(hasattr(served, a) for a in ("name", "field_dims", "config")):
@@ -338,7 +340,7 @@ def save_quantized(served: nn.Module, path: str) -> None:
         raise ValueError("served holds no QuantizedFieldEmbedding: quantise it with quantize_model first")
     atomic_save({"format": SERVING_FORMAT, "model_name": served.name, "field_dims": list(served.field_dims),
                  "model_config": dict(served.config), "dtype": str(_model_dtype(served)).replace("torch.", ""),
-                 "state": served.state_dict()}, path)
+                 "state": served.state_dict(), "feature_map_digest": feature_map_digest}, path)
 
 
 def load_quantized(path: str, backend: str = "auto") -> nn.Module:
@@ -390,6 +392,8 @@ def load_quantized(path: str, backend: str = "auto") -> nn.Module:
             got_desc = f"{got.dtype} {list(got.shape)}" if isinstance(got, torch.Tensor) else type(got).__name__
             raise ValueError(f"{path!r}: state[{key!r}] is {got_desc}, the model needs {want.dtype} {list(want.shape)}")
     served.load_state_dict(state)
+    digest = blob.get("feature_map_digest")
+    served.feature_map_digest = digest if isinstance(digest, str) else None
     served.eval()
     for p in served.parameters():
         p.requires_grad_(False)

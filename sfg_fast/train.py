@@ -1049,7 +1049,7 @@ def analyze_checkpoint(checkpoint: str, out: Optional[str] = None, max_samples: 
 
 def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] = None,
                        batch_size: int = 16384, max_rows: Optional[int] = None, skip_bad_lines: bool = False,
-                       device: str = "cpu", labeled: bool = True) -> Dict[str, Any]:
+                       device: str = "cpu", labeled: bool = True, int8: Optional[str] = None) -> Dict[str, Any]:
     """Click probabilities of a trained model on a raw data file, encoded with the run's own vocabularies.
 
     Rebuilds the model of ``checkpoint`` (file or run directory, then its ``best.pt``), reads the run's
@@ -1061,7 +1061,10 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     lines, AUC / logloss / gAUC when the labels hold both classes, and the share of OOV ids per field: a
     drift check against the training data). The feature map must be the one the checkpoint trained
     with (its digest is in the checkpoint). ``labeled=False`` scores criteo/avazu files without their
-    label column (Kaggle's test files, new traffic): no label column and no metrics then.
+    label column (Kaggle's test files, new traffic): no label column and no metrics then. ``int8``: the
+    path of the run's int8 serving model (``sfg-fast quantize`` writes ``serving/model-int8.pt``) to
+    score with instead of the float checkpoint; it must have been quantised from this run (the feature
+    map digest it carries).
     """
     import io
 
@@ -1090,6 +1093,13 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     if feature_map_digest(fm) != ckpt["feature_map_digest"]:
         raise ValueError(f"{fm_path} is not the feature map {file} was trained with (another run's vocabularies: "
                          "its ids would select other rows' embeddings); use the run directory that trained it")
+    if int8 is not None:
+        from . import serving
+        model = serving.load_quantized(int8).to(dev)
+        if model.feature_map_digest != ckpt["feature_map_digest"]:
+            raise ValueError(f"{int8} was not quantised from this run (its feature map digest "
+                             f"{model.feature_map_digest} is not {ckpt['feature_map_digest']}): quantize the run "
+                             "again (sfg-fast quantize RUN_DIR)")
     options = {k: v for k, v in (config.get("data_options") or {}).items() if k != "split"}
     try:
         data = load_dataset(name=config["dataset"],
@@ -1125,6 +1135,7 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     oov = (ids == torch.as_tensor(fm["field_dims"]) - 1).double().mean(0).tolist()
     summary: Dict[str, Any] = {
         "checkpoint": os.path.abspath(file), "model": ckpt["model_name"], "generative": bool(model.generative),
+        "int8_model": os.path.abspath(int8) if int8 is not None else None,
         "dataset": config["dataset"], "source": data.info.get("source"), "rows": int(ids.shape[0]),
         "skipped_lines": data.info.get("skipped_lines", 0), "skipped_examples": data.info.get("skipped_examples", []),
         "blank_lines": data.info.get("blank_lines", 0), "mean_probability": float(probabilities.mean()),
@@ -1194,7 +1205,7 @@ def quantize_checkpoint(checkpoint: str, out: Optional[str] = None, batch_size: 
     # every id-indexed table of each model (the int8 model keeps its first-order tables in float32)
     results["table_bytes"] = {"float": sum(serving.table_bytes(model).values()),
                               "int8": sum(serving.table_bytes(served).values())}
-    serving.save_quantized(served, os.path.join(out, "model-int8.pt"))
+    serving.save_quantized(served, os.path.join(out, "model-int8.pt"), ckpt.get("feature_map_digest"))
     results["files"] = ["model-int8.pt"]
     if export:
         example = ids[:max(2, min(int(ids.shape[0]), 64))]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 import yaml
 
@@ -227,6 +228,22 @@ def test_predict_via_main(tmp_path, capsys):
     new_rows = np.loadtxt(tmp_path / "p2" / "predictions.csv", delimiter=",", skiprows=1)
     assert 11 not in new_rows[:, 1] and 21 not in new_rows[:, 1] and new_rows[-1, 1] == 52
     assert [int(x) for x in new_rows[:, 1]] == [n for n in range(2, 53) if n not in (11, 21)]
+    # the run's int8 serving copy scores the same rows, through the same feature map
+    assert cli.main(["quantize", out, "--threads", "1", "--no-export"]) == 0
+    assert cli.main(["predict", out, "--data-dir", str(tmp_path / "new.csv"), "--out", str(tmp_path / "p4"),
+                     "--skip-bad-lines", "--int8"]) == 0
+    assert "(int8 SFG)" in capsys.readouterr().out
+    int8_rows = np.loadtxt(tmp_path / "p4" / "predictions.csv", delimiter=",", skiprows=1)
+    np.testing.assert_array_equal(int8_rows[:, :3], new_rows[:, :3])
+    assert np.abs(int8_rows[:, 3] - new_rows[:, 3]).max() < 0.02 and not np.array_equal(int8_rows[:, 3], new_rows[:, 3])
+    from sfg_fast import serving
+    from sfg_fast.data import load_dataset, load_feature_map
+    served = serving.load_quantized(os.path.join(out, "serving", "model-int8.pt"))
+    encoded = load_dataset("avazu", data_dir=tmp_path / "new.csv", split=(1, 0, 0), skip_bad_lines=True,
+                           vocabularies=load_feature_map(os.path.join(out, "feature_map.json.gz")))
+    with torch.no_grad():
+        want = torch.sigmoid(served(torch.from_numpy(encoded.train.ids)).double()).numpy()
+    np.testing.assert_allclose(int8_rows[:, 3], want, rtol=1e-8, atol=1e-9)
     # the same file without its label column (Avazu's test format: header id,hour,...) scores the same rows
     text = (tmp_path / "new.csv").read_text().splitlines(keepends=True)
     unlabeled = []
@@ -253,6 +270,11 @@ def test_predict_via_main(tmp_path, capsys):
     assert cli.main(["train", "--model", "fwfm", "--epochs", "1", "--out", other, "--dataset", "avazu",
                      "--data-dir", str(tmp_path / "other.csv"), "--embedding-dim", "4", "--batch-size", "128",
                      "--threads", "1", "--quiet"]) == 0
+    # another run's int8 model is refused
+    assert cli.main(["quantize", other, "--threads", "1", "--no-export"]) == 0
+    capsys.readouterr()
+    assert cli.main(["predict", out, "--int8", os.path.join(other, "serving", "model-int8.pt")]) == 2
+    assert "not quantised from this run" in capsys.readouterr().err
     import shutil
     shutil.copy(os.path.join(other, "feature_map.json.gz"), os.path.join(out, "feature_map.json.gz"))
     capsys.readouterr()
