@@ -1,21 +1,22 @@
-"""Regression gate: compare a run with a stored baseline, each time divided by the run's overall speed.
+"""Regression gate: compare a run with a stored baseline, each time divided by the run's speed factor.
 
 Absolute times drift between machines and runs, so every measurement's change ``current time /
-baseline time`` is divided by a speed factor: the median of that change over the providers of the same
-shape (the same benchmark, mode and sizes; literal rows included), or over the whole run where a shape
-has fewer than 3 providers timed in both. A machine twice as slow, or a busy host slowing every
-memory-bound lookup alike, moves the factor, not the verdicts; one noisy measurement (a literal row,
-say) moves neither the factor nor the others' verdicts, which dividing by the literal time alone did. A provider regresses when its change
-exceeds ``1 + --tolerance`` (default 0.25) AND by more than the measurements' own noise explains: each
-row's median carries a standard error estimated from its IQR and repetition count, the two medians
-behind a comparison add up to the noise of the change, and the slow-down must clear the tolerance by
-``--z`` (default 2) of those standard errors. A run slower as a whole (factor past the tolerance) on a
-machine whose measured copy bandwidth matches the baseline's is a global regression and fails too.
-Literal rows (and literal+compile, torch.compile of them) inform the factor and fail when they error,
-but their speed is not gated: they are the comparison's baselines, not this project's code. A slow-down past the
-tolerance but inside that band is reported as ``inconclusive`` (it fails only with ``--strict``):
-on a shared, noisy CPU a single quick run cannot tell it from noise, so rerun with ``--repeat``.
-Every report states the smallest slow-down the run could have detected (its resolution).
+baseline time`` is divided by the speed factor: the median change of the REFERENCE rows timed in both
+runs (the authors' literal form, torch.compile of it, FBGEMM's and TorchRec's lookups: implementations
+this project's code does not touch). A machine twice as slow moves the factor, not the verdicts; one
+noisy reference row does not move a median over dozens; and a regression of this project's code, even
+one that slows every provider of a shape or of the whole run, cannot move it (a median over this
+project's own rows could). With fewer than 3 reference rows the factor is the median over all rows, and
+the report says so. A provider regresses when its change exceeds ``1 + --tolerance`` (default 0.25)
+AND by more than the measurements' own noise explains: each row's median carries a standard error
+estimated from its IQR and repetition count, plus the run-to-run jitter of code that did not change (the
+spread of the reference rows' changes: on a shared host memory-bound rows move together between runs,
+which no within-run IQR shows), and the slow-down must clear the tolerance by ``--z`` (default 2) of
+those errors added in quadrature.
+A slow-down past the tolerance but inside that band is reported as ``inconclusive`` (it fails only with
+``--strict``): on a shared, noisy CPU a single quick run cannot tell it from noise, so rerun with
+``--repeat``. Every report states the smallest slow-down the run could have detected (its resolution).
+Reference rows are status-gated only (an error fails), never timed.
 
 A provider that ran in the baseline but errors now also fails the gate; one missing from the
 current run is reported (and fails with ``--strict``). A current run that shares no measurement
@@ -46,44 +47,54 @@ def median_noise(row: Dict) -> float:
     """Relative standard error of a row's median time: 1.253 * sigma / sqrt(reps) / median, with the
     spread sigma = IQR / 1.349 (both exact for normal samples). 0 when the row does not say."""
     med, iqr, reps = row.get("median_ms"), row.get("iqr_ms"), row.get("reps")
-    if not med or med <= 0 or iqr is None or not reps or reps < 1:
+    try:
+        med, iqr, reps = float(med), float(iqr), int(reps)
+    except (TypeError, ValueError):
+        return 0.0
+    if not med > 0 or not iqr >= 0 or reps < 1:
         return 0.0
     return 1.2533 * (iqr / 1.349) / math.sqrt(reps) / med
 
 
-def change_noise(base: Dict, cur: Dict) -> float:
-    """Standard error of log(change), change = (cur / base) / factor: the two medians' relative errors
-    added in quadrature (the factor, a median over many rows, adds little)."""
-    return math.sqrt(median_noise(base) ** 2 + median_noise(cur) ** 2)
+REFERENCE_PROVIDERS = ("fbgemm-tbe", "torchrec-ebc")
+MIN_REFERENCE_ROWS = 3
+
+
+def is_reference(row: Dict) -> bool:
+    """A row of an implementation this project does not own: the comparison's baselines."""
+    provider = str(row.get("provider", ""))
+    return provider.startswith("literal") or provider in REFERENCE_PROVIDERS
+
+
+def change_noise(base: Dict, cur: Dict, jitter: float = 0.0) -> float:
+    """Standard error of log(change), change = (cur / base) / factor: the two medians' relative errors and
+    the run-to-run jitter of unchanged code (see :func:`speed_factor`), added in quadrature."""
+    return math.sqrt(median_noise(base) ** 2 + median_noise(cur) ** 2 + jitter ** 2)
 
 
 def _timed(row: Optional[Dict]) -> bool:
-    return row is not None and row.get("status") == "ok" and (row.get("median_ms") or 0) > 0
+    median = None if row is None else row.get("median_ms")
+    return (row is not None and row.get("status") == "ok" and isinstance(median, (int, float))
+            and not isinstance(median, bool) and math.isfinite(median) and median > 0)
 
 
-MIN_SHAPE_PROVIDERS = 3
-
-
-def _shape(key: Tuple) -> Tuple:
-    return tuple(kv for kv in key if kv[0] != "provider")
-
-
-def speed_factors(baseline: List[Dict], current: List[Dict]) -> Tuple[float, int, Dict[Tuple, float]]:
-    """``(run factor, rows, {shape: factor})``: medians of current/baseline time over the measurements
-    both runs timed, over the whole run (1.0 when fewer than 2 are shared) and per shape (shapes with at
-    least MIN_SHAPE_PROVIDERS such measurements)."""
+def speed_factor(baseline: List[Dict], current: List[Dict]) -> Tuple[float, float, int, bool]:
+    """``(factor, jitter, rows, from_references)``: the median current/baseline time over the reference
+    rows both runs timed (over all such rows when fewer than MIN_REFERENCE_ROWS are references; 1.0 when
+    fewer than 2 are shared), and the run-to-run jitter of one measurement: the spread (1.4826 x the
+    median absolute deviation) of those rows' log changes. Code that did not change moved that much
+    between the two runs, so a change of ours must clear it too."""
     cur = {row_key(r): r for r in current}
-    by_shape: Dict[Tuple, List[float]] = {}
-    changes = []
-    for b in baseline:
-        c = cur.get(row_key(b))
-        if _timed(b) and _timed(c):
-            change = c["median_ms"] / b["median_ms"]
-            changes.append(change)
-            by_shape.setdefault(_shape(row_key(b)), []).append(change)
-    run = statistics.median(changes) if len(changes) >= 2 else 1.0
-    shapes = {s: statistics.median(v) for s, v in by_shape.items() if len(v) >= MIN_SHAPE_PROVIDERS}
-    return run, len(changes), shapes
+    pairs = [(b, cur.get(row_key(b))) for b in baseline]
+    shared = [(b, c) for b, c in pairs if _timed(b) and _timed(c)]
+    refs = [(b, c) for b, c in shared if is_reference(b)]
+    chosen, from_refs = (refs, True) if len(refs) >= MIN_REFERENCE_ROWS else (shared, False)
+    if len(chosen) < 2:
+        return 1.0, 0.0, len(chosen), from_refs
+    logs = [math.log(c["median_ms"] / b["median_ms"]) for b, c in chosen]
+    center = statistics.median(logs)
+    mad = statistics.median(abs(x - center) for x in logs)
+    return math.exp(center), 1.4826 * mad, len(chosen), from_refs
 
 
 def row_key(row: Dict) -> Tuple:
@@ -105,35 +116,39 @@ def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAUL
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     if not (z >= 0):
         raise ValueError(f"z must be >= 0, got {z}")
-    cur = {}
-    for r in current:
-        cur[row_key(r)] = r
-    run_factor, shared, shape_factors = speed_factors(baseline, current)
+    for name, rows in (("baseline", baseline), ("current", current)):
+        keys = [row_key(r) for r in rows]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(f"the {name} run holds {describe(dup)} more than once: which one counts is undefined")
+    cur = {row_key(r): r for r in current}
+    factor, factor_noise, shared, from_refs = speed_factor(baseline, current)
     out = {"regressions": [], "inconclusive": [], "errors": [], "missing": [], "improved": [], "checked": [],
-           "speed_factor": run_factor, "shared": shared}
+           "speed_factor": factor, "factor_noise": factor_noise, "shared": shared, "factor_from_references": from_refs}
     for b in baseline:
         if not _timed(b):
             continue
         key = row_key(b)
         c = cur.get(key)
-        # the authors' form and torch.compile of it: baselines of the comparison, not this project's code
-        literal = str(b.get("provider", "")).startswith("literal")
+        reference = is_reference(b)
         if c is None or c.get("status") == "skipped":
-            if not literal:
+            if not reference:
                 out["missing"].append({"key": describe(key), "reason": None if c is None else c.get("reason")})
             continue
         if c.get("status") != "ok":
             out["errors"].append({"key": describe(key), "reason": c.get("reason")})
             continue
-        if literal:
+        if not _timed(c):
+            out["errors"].append({"key": describe(key), "reason": f"status ok but no positive time ({c.get('median_ms')!r})"})
             continue
-        factor = shape_factors.get(_shape(key), run_factor)
+        if reference:
+            continue
         change = c["median_ms"] / b["median_ms"] / factor
-        noise = change_noise(b, c)
+        noise = change_noise(b, c, factor_noise)
         # the smallest change this comparison flags: past the tolerance by z standard errors
         threshold = (1.0 + tolerance) * math.exp(z * noise)
         item = {"key": describe(key), "baseline_ms": b["median_ms"], "current_ms": c["median_ms"],
-                "factor": factor, "change": change, "noise": noise, "threshold": threshold}
+                "change": change, "noise": noise, "threshold": threshold}
         out["checked"].append(item)
         if change > threshold:
             out["regressions"].append(item)
@@ -179,19 +194,6 @@ def conditions_warning(base_env: Dict, cur_env: Dict, factor: float = CONDITIONS
             f"baseline on a quiet machine before trusting this verdict")
 
 
-def global_slowdown(result: Dict, base_env: Dict, cur_env: Dict, tolerance: float,
-                    same_machine: float = 1.25) -> Optional[str]:
-    """A sentence when the whole run is slower than the tolerance although the machine measured the same
-    copy bandwidth as the baseline's (within ``same_machine``): every measurement slower alike is then a
-    regression of the code, not of the host. None otherwise (or when a bandwidth is unknown)."""
-    factor = result.get("speed_factor", 1.0)
-    a, b = base_env.get("copy_gbps"), cur_env.get("copy_gbps")
-    if factor <= 1.0 + tolerance or not a or not b or a <= 0 or b <= 0 or max(a, b) / min(a, b) > same_machine:
-        return None
-    return (f"the whole run is {100 * (factor - 1):.0f}% slower (speed factor {factor:.3f}) on a machine measuring "
-            f"the baseline's copy bandwidth ({a:.1f} vs {b:.1f} GB/s)")
-
-
 def merge_runs(runs: List[List[Dict]]) -> List[Dict]:
     """One row list from several runs of the same suite: per measurement the median of the runs'
     medians, the median IQR, the summed repetitions (so the noise model sees the larger sample) and
@@ -229,19 +231,19 @@ def merge_runs(runs: List[List[Dict]]) -> List[Dict]:
 
 def report(result: Dict, tolerance: float, z: float = DEFAULT_Z) -> str:
     lines = [f"checked {len(result['checked'])} provider measurements against the baseline "
-             f"(tolerance {100 * tolerance:.0f}% on time / its shape's speed factor, plus {z:g} standard errors of "
+             f"(tolerance {100 * tolerance:.0f}% on time / the speed factor, plus {z:g} standard errors of "
              f"the runs' own noise)",
-             f"run speed factor (median current/baseline time over {result.get('shared', 0)} shared measurements): "
-             f"{result.get('speed_factor', 1.0):.3f}; each measurement is divided by its shape's factor"]
+             f"speed factor {result.get('speed_factor', 1.0):.3f} (run-to-run jitter {100 * result.get('factor_noise', 0.0):.0f}%): the "
+             f"median current/baseline time of {result.get('shared', 0)} "
+             + ("reference rows (literal, literal+compile, FBGEMM, TorchRec)" if result.get("factor_from_references", True)
+                else "rows (too few reference rows: this project's own rows take part, so a regression common to "
+                     "most of them would be divided out)")]
     if result.get("resolution") is not None:
         lines.append(f"resolution: half of the comparisons would flag a slow-down of "
                      f"{100 * (result['resolution'] - 1):.0f}% or less")
     for item in result["regressions"]:
-        if "baseline_ms" not in item:      # the whole run (see main)
-            lines.append(f"REGRESSION {item['key']}")
-            continue
         lines.append(f"REGRESSION {item['key']}: {item['baseline_ms']:.4g} -> {item['current_ms']:.4g} ms "
-                     f"({100 * (item['change'] - 1):+.0f}% after its shape's factor {item['factor']:.2f}, flagged above "
+                     f"({100 * (item['change'] - 1):+.0f}% after the speed factor, flagged above "
                      f"{100 * (item['threshold'] - 1):+.0f}%)")
     for item in result["inconclusive"]:
         lines.append(f"inconclusive {item['key']}: {item['baseline_ms']:.4g} -> {item['current_ms']:.4g} ms "
@@ -256,6 +258,9 @@ def report(result: Dict, tolerance: float, z: float = DEFAULT_Z) -> str:
     if result.get("nothing_compared"):
         lines.append("ERROR no baseline measurement has a match in the current run (different benchmark, "
                      "shape or mode?): nothing was checked")
+    if result["regressions"]:
+        lines.append("(regressions from one run on a shared host can be load: confirm with --repeat 3 on a quiet "
+                     "machine before acting)")
     lines.append("PASS" if result["passed"] else "FAIL")
     return "\n".join(lines)
 
@@ -289,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"cannot read --baseline: {exc}", file=sys.stderr)
         return 2
-    if not any(_timed(r) and r.get("provider") != "literal" for r in baseline):
+    if not any(_timed(r) and not is_reference(r) for r in baseline):
         print(f"--baseline {args.baseline} has no timed provider rows (is it a suite result, from "
               "bench.run_all?): nothing could be gated", file=sys.stderr)
         return 2
@@ -311,11 +316,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if mismatch:
             print(f"the runs are not comparable: {mismatch}", file=sys.stderr)
             return 2
-    result = compare(baseline, current, args.tolerance, args.strict, args.z)
-    slow = global_slowdown(result, base_env, cur_env, args.tolerance)
-    if slow:
-        result["regressions"].append({"key": slow})
-        result["passed"] = False
+    try:
+        result = compare(baseline, current, args.tolerance, args.strict, args.z)
+    except ValueError as exc:
+        print(f"cannot compare: {exc}", file=sys.stderr)
+        return 2
     warning = conditions_warning(base_env, cur_env)
     if warning:
         print(f"WARNING {warning}" + (" (fails under --strict)" if not args.strict else ""))
