@@ -494,10 +494,14 @@ def evaluate_model(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tens
 
     Raises TrainingDiverged when a logit is NaN/inf, ValueError when the split is empty or one-class.
     """
-    from sklearn.metrics import roc_auc_score
-
     if ids.shape[0] == 0:
         raise ValueError(f"the {name} split is empty")
+    return logit_metrics(model_logits(model, ids, device, batch_size, name), labels, ids, name, group_column)
+
+
+def model_logits(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, batch_size: int = 16384,
+                 name: str = "valid") -> torch.Tensor:
+    """fp64 ``[n]`` logits of ``model`` (eval mode, no grad) in batches; TrainingDiverged on a NaN/inf."""
     was_training = model.training
     model.eval()
     chunks = []
@@ -506,10 +510,18 @@ def evaluate_model(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tens
             chunks.append(model(ids[start:start + batch_size].to(device, non_blocking=True)).float().cpu())
     model.train(was_training)
     logits = torch.cat(chunks).double()
-    y = labels.double()
     if not torch.isfinite(logits).all():
         bad = int((~torch.isfinite(logits)).sum())
         raise TrainingDiverged(f"{bad} of {logits.numel()} {name} logits are NaN/inf")
+    return logits
+
+
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, name: str = "valid",
+                  group_column: Optional[int] = None) -> Dict[str, float]:
+    """The metrics of :func:`evaluate_model` from logits already computed."""
+    from sklearn.metrics import roc_auc_score
+
+    y = labels.double()
     positives = int(y.sum().round())
     if positives in (0, y.numel()):
         raise ValueError(f"the {name} split holds only one class ({positives} clicks of {y.numel()}); "
@@ -1076,8 +1088,11 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     dev = _resolve_device(device)
     file = resolve_checkpoint(checkpoint, "best.pt")
     run_dir = os.path.dirname(os.path.abspath(file))
-    model, ckpt = model_from_checkpoint(file, map_location="cpu")
-    model.to(dev)
+    if int8 is None:
+        model, ckpt = model_from_checkpoint(file, map_location="cpu")
+        model.to(dev)
+    else:
+        ckpt = load_checkpoint(file)      # its config and digest; the int8 model scores
     config = dict(ckpt["config"])
     fm_path = os.path.join(run_dir, FEATURE_MAP_FILE)
     try:
@@ -1115,13 +1130,7 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     ids, labels = _split_tensors(data.train, "input")
     if ids.shape[0] == 0:
         raise ValueError(f"no rows were read from the {config['dataset']} data in {data_dir or config.get('data_dir')}")
-    chunks = []
-    with torch.no_grad():
-        for batch in iter_batches(ids, int(batch_size)):
-            chunks.append(model(batch.to(dev)).float().cpu())
-    logits = torch.cat(chunks).double()
-    if not torch.isfinite(logits).all():
-        raise TrainingDiverged(f"{int((~torch.isfinite(logits)).sum())} of {logits.numel()} logits are NaN/inf")
+    logits = model_logits(model, ids, dev, int(batch_size), "input")
     probabilities = torch.sigmoid(logits).numpy()
     out = out or os.path.join(run_dir, "predictions")
     os.makedirs(out, exist_ok=True)
@@ -1148,7 +1157,7 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
             group_field = GROUP_FIELDS.get(fm["dataset"])
         group = {} if group_field in (None, False, "", "none") or group_field not in fm["field_names"] \
             else {"group_column": fm["field_names"].index(group_field)}
-        summary["metrics"] = evaluate_model(model, ids, labels, dev, int(batch_size), "input", **group)
+        summary["metrics"] = logit_metrics(logits, labels, ids, "input", **group)
     summary = _jsonable(summary)
     atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(out, "predict.json"))
     return summary
