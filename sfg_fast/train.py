@@ -607,9 +607,11 @@ class Trainer:
                              f"match the dataset's ({list(self.schema.field_dims)}); is it the same data?")
         self.data_fingerprint = data_fingerprint(self.data)
         self.feature_map_digest = None
+        self._feature_map = None          # built once: written by fit, its digest kept in every checkpoint
         if getattr(self.data, "vocabularies", None) is not None:
             from .data.feature_map import feature_map_digest, feature_map_of
-            self.feature_map_digest = feature_map_digest(feature_map_of(self.data))
+            self._feature_map = feature_map_of(self.data)
+            self.feature_map_digest = feature_map_digest(self._feature_map)
         elif checkpoint is not None:
             self.feature_map_digest = checkpoint.get("feature_map_digest")
         saved = (checkpoint or {}).get("data_fingerprint")
@@ -855,11 +857,12 @@ class Trainer:
     def _write_feature_map(self) -> None:
         """``feature_map.json.gz``: the vocabularies of the data (files only), so ``predict`` encodes new
         raw data exactly as this run's. A stale one (an overwritten run on other data) is removed."""
-        from .data import FEATURE_MAP_FILE, save_feature_map
+        from .data import FEATURE_MAP_FILE
+        from .data.feature_map import write_feature_map
 
         path = os.path.join(self.out, FEATURE_MAP_FILE)
-        if getattr(self.data, "vocabularies", None) is not None:
-            save_feature_map(self.data, path)
+        if self._feature_map is not None:
+            write_feature_map(self._feature_map, path)
         elif os.path.exists(path) and not self._resumed:
             # a resume given the same rows without their vocabularies keeps the run's own file
             os.unlink(path)

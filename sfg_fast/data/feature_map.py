@@ -16,8 +16,8 @@ from typing import Any, Dict, Optional
 from .._io import atomic_write_bytes
 from .schema import CTRData
 
-__all__ = ["FEATURE_MAP_FORMAT", "FEATURE_MAP_FILE", "feature_map_of", "save_feature_map", "load_feature_map",
-           "feature_map_digest"]
+__all__ = ["FEATURE_MAP_FORMAT", "FEATURE_MAP_FILE", "feature_map_of", "save_feature_map", "write_feature_map",
+           "load_feature_map", "feature_map_digest"]
 
 FEATURE_MAP_FORMAT = "sfg_fast-feature-map-1"
 FEATURE_MAP_FILE = "feature_map.json.gz"
@@ -53,7 +53,11 @@ def feature_map_digest(fm: Dict[str, Any]) -> str:
 
 def save_feature_map(data: CTRData, path: str) -> Dict[str, Any]:
     """Write the feature map of ``data`` to ``path`` (gzipped JSON, atomically); returns it."""
-    fm = feature_map_of(data)
+    return write_feature_map(feature_map_of(data), path)
+
+
+def write_feature_map(fm: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """Write a feature map (from :func:`feature_map_of`) to ``path``, gzipped JSON, atomically; returns it."""
     # mtime=0: the same vocabularies give the same bytes
     atomic_write_bytes(gzip.compress(json.dumps(fm).encode("utf-8"), mtime=0), path)
     return fm
