@@ -42,6 +42,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench import common  # noqa: E402
+from bench.envvars import env_var  # noqa: E402
 
 KINDS = ("scalar", "vector", "matrix")
 COLUMNS = ["section", "kind", "provider", "mode", "median_ms", "iqr_ms", "tflops", "gbps", "pct_copy_bw",
@@ -346,23 +347,6 @@ def _patched(*settings):
             setattr(obj, name, value)
 
 
-@contextlib.contextmanager
-def _env(name: str, value: Optional[str]):
-    """Environment variable ``name`` set to ``value`` (None: unset) for the block."""
-    saved = os.environ.get(name)
-    try:
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
 def _per_field_engine(on: bool):
     """Route the Triton sfg_logits through the per-field engine instead of ops.sfg_gemm."""
     from sfg_fast.ops import sfg_logits as ops_logits
@@ -406,7 +390,7 @@ def bench_sweep(rows, args, device, budget, dims) -> None:
                           "left", False, bounds_check="off", backend="triton").sum().backward()
 
         def body():
-            with _env("SFG_FAST_GEMM_BLOCKS", blocks), _tf32(tf32), \
+            with env_var("SFG_FAST_GEMM_BLOCKS", blocks), _tf32(tf32), \
                     _patched((sfg_gemm, "GATHER_IN_GEMM", gather_in_gemm)):
                 call()
                 t = timer(call)

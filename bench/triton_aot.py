@@ -28,7 +28,9 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
+
+from bench.envvars import env_var
 
 # Shared memory one block may use on sm_90 (227 KB with the opt-in attribute).
 SM90_MAX_SHARED = 232448
@@ -126,22 +128,6 @@ def _tf32(on: bool):
         yield
     finally:
         ops_logits.DEFAULT_ALLOW_TF32 = saved
-
-
-@contextlib.contextmanager
-def _env(name: str, value: Optional[str]):
-    saved = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
 
 
 def workloads(sweep: bool = False) -> List[Tuple[str, Callable[[], None]]]:
@@ -243,7 +229,7 @@ def workloads(sweep: bool = False) -> List[Tuple[str, Callable[[], None]]]:
         for blocks in GEMM_SWEEP:
             for tf32 in (False, True):
                 def swept(blocks=blocks, tf32=tf32):
-                    with _env("SFG_FAST_GEMM_BLOCKS", blocks):
+                    with env_var("SFG_FAST_GEMM_BLOCKS", blocks):
                         w, b = enc()
                         with _tf32(tf32):
                             backward(SF.sfg_logits(ids, table(torch.float32), offsets, w, b, dec_weight("scalar"),
