@@ -177,10 +177,11 @@ def finalize(name: str, field_names: Sequence[str], field_sources: Sequence[Tupl
         if vocabularies is None:
             counts = np.bincount(value_to_token, weights=value_counts[src], minlength=len(token_names))
             table, dim = build_vocab(np.rint(counts).astype(np.int64), min_count, token_names)
-            kept = [None] * (dim - 1)
-            for token, i in zip(token_names, table.tolist()):
-                if i < dim - 1:
-                    kept[i] = str(token)
+            # the kept tokens in id order; the loop runs over kept tokens only, not every distinct value
+            order = np.empty(dim - 1, dtype=np.int64)
+            kept_at = np.flatnonzero(table < dim - 1)
+            order[table[kept_at]] = kept_at
+            kept = [str(token_names[i]) for i in order.tolist()]
         else:
             kept = [str(t) for t in vocabularies[f]]
             index = {t: i for i, t in enumerate(kept)}
