@@ -6,7 +6,8 @@ factored backend), their torch.compile versions, triton (GPU) and the compiled e
 implement every op the model calls). ``+fused-tables``: the same model with ``embedding="fused"``,
 whose field and first-order tables update their looked-up rows in backward with row-wise Adagrad
 (the training job's ``embedding: fused``); Adam then steps the dense parameters only. The two
-differ in the tables' optimizer as well as in its cost.
+differ in the tables' optimizer as well as in its cost. ``torch+compile+fused-tables`` compiles such a
+model whole (the tables' lookup and update are custom ops in the graph).
 
     python -m bench.bench_train [--quick | --smoke] [--device cuda] [--models fm,dcnv2]
 """
@@ -65,6 +66,7 @@ def providers(name: str, generative: bool, dims, d: int, ids, labels, device: st
         "triton": _gpu_only(factory_for("triton"), device),
         f"ext-{ext}": factory_for(ext),
         "torch+fused-tables": factory_for("torch", embedding="fused"),
+        "torch+compile+fused-tables": factory_for("torch", compiled=True, embedding="fused"),
         f"ext-{ext}+fused-tables": factory_for(ext, embedding="fused"),
     }
 

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import _checks as C
 from ._backend import ENV_VAR, BackendUnavailableError, unavailable_reason
-from .nn import FieldDimsState, check_ids_width, init_table_fields
+from .library import _assume_constant_result
+from .nn import FieldDimsState, check_ids_width, clamp_ids_to_oov, init_table_fields
 
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]
 
@@ -67,8 +68,26 @@ class SparseRowOptimizer:
         C.check_choice("kind", kind, KINDS)
         self.kind = kind
         self._set_hyper_parameters(lr, eps, betas, initial_accumulator_value)
-        self.step_count = 0
+        # A 0-d int64 CPU tensor, not a Python int: a compiled graph passes it to the update op, which steps
+        # it in place (a Python int would be baked into the graph, and every step would recompile it).
+        # On the CPU, reading it costs no device sync.
+        self._step = torch.zeros((), dtype=torch.int64)
         self.state = {}
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken (Adam's ``t``)."""
+        return int(self._step)
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step.fill_(int(value))
+
+    def prepare(self, weight: torch.Tensor) -> None:
+        """Create (or move to ``weight``'s device) the state this optimizer keeps for ``weight``. Steps do
+        this themselves; a compiled graph cannot (its update op mutates the state tensors it was given),
+        so :class:`FusedFieldEmbedding` calls it when built, moved or loaded."""
+        self._ensure_state(weight)
 
     def _set_hyper_parameters(self, lr, eps, betas, initial_accumulator_value) -> None:
         """Validate and set the hyper-parameters (the constructor and load_state_dict alike)."""
@@ -348,6 +367,35 @@ def _resolve_fused_backend(backend: str, device: torch.device, dtype=None, conti
     return backend
 
 
+def _fused_gather(ids, weight, offsets, backend: str) -> torch.Tensor:
+    """The forward of a fused lookup on the chosen backend (ids already validated)."""
+    if backend == "triton":
+        from .ops.embedding_lookup import embedding_lookup_fwd
+        if weight.dtype == torch.float64:
+            raise TypeError("the triton fused update computes in fp32; use backend='torch' for float64 tables")
+        return embedding_lookup_fwd(ids, weight, offsets)
+    if backend == "cpu":
+        from .ops import cpu_ext
+        return cpu_ext.embedding_lookup(ids, weight, offsets, "off")
+    if backend == "cuda":
+        from .ops import cpu_ext
+        return cpu_ext._C.embedding_lookup_cuda(ids, weight, offsets)
+    return torch.nn.functional.embedding(ids.to(torch.int64) + offsets, weight)
+
+
+def _fused_step(optimizer: SparseRowOptimizer, weight, grad_V, ids, offsets, backend: str) -> None:
+    """One optimizer step on the rows ``ids`` touched, on the chosen backend (eager and compiled alike)."""
+    if backend == "triton":
+        optimizer.step_lookup_triton(weight, grad_V, ids, offsets)
+    elif backend == "cpu":
+        optimizer.step_lookup_cpu(weight, grad_V, ids, offsets)
+    elif backend == "cuda":
+        optimizer.step_lookup_cuda(weight, grad_V, ids, offsets)
+    else:
+        rows, grads = unique_row_grads(ids, offsets, grad_V)
+        optimizer.step_rows(weight, rows, grads)
+
+
 class _FusedLookupFunction(torch.autograd.Function):
     """Forward: gather. Backward: update the table in place; no gradient is returned for it."""
 
@@ -357,18 +405,7 @@ class _FusedLookupFunction(torch.autograd.Function):
         ctx.weight = weight      # updated in place in backward, so not saved (no version check)
         ctx.shape = tuple(weight.shape)
         ctx.optimizer, ctx.backend = optimizer, backend
-        if backend == "triton":
-            from .ops.embedding_lookup import embedding_lookup_fwd
-            if weight.dtype == torch.float64:
-                raise TypeError("the triton fused update computes in fp32; use backend='torch' for float64 tables")
-            return embedding_lookup_fwd(ids, weight, offsets)
-        if backend == "cpu":
-            from .ops import cpu_ext
-            return cpu_ext.embedding_lookup(ids, weight, offsets, "off")
-        if backend == "cuda":
-            from .ops import cpu_ext
-            return cpu_ext._C.embedding_lookup_cuda(ids, weight, offsets)
-        return torch.nn.functional.embedding(ids.to(torch.int64) + offsets, weight)
+        return _fused_gather(ids, weight, offsets, backend)
 
     @staticmethod
     def backward(ctx, grad_V):
@@ -379,27 +416,123 @@ class _FusedLookupFunction(torch.autograd.Function):
             raise RuntimeError(f"fused_embedding_lookup: weight changed shape from {list(ctx.shape)} to "
                                f"{list(weight.shape)} between forward and backward; its sparse update would "
                                "address rows that no longer exist")
-        if ctx.backend == "triton":
-            ctx.optimizer.step_lookup_triton(weight, grad_V, ids, offsets)
-        elif ctx.backend == "cpu":
-            ctx.optimizer.step_lookup_cpu(weight, grad_V, ids, offsets)
-        elif ctx.backend == "cuda":
-            ctx.optimizer.step_lookup_cuda(weight, grad_V, ids, offsets)
+        _fused_step(ctx.optimizer, weight, grad_V, ids, offsets, ctx.backend)
         if ctx.backend in ("triton", "cpu", "cuda"):
             # the kernels write through raw pointers: tell autograd the table changed, so a graph that saved
             # it for another use (a regulariser on W) raises, as the torch path's index_copy_ makes it
             torch.autograd.graph.increment_version(weight)
-        else:
-            rows, grads = unique_row_grads(ids, offsets, grad_V)
-            ctx.optimizer.step_rows(weight, rows, grads)
         return None, None, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------
+# the same lookup inside torch.compile graphs
+#
+# A graph cannot hold a Python optimizer object, so while compiling the lookup is the custom op
+# ``sfg_fast::fused_embedding_lookup``, which takes the optimizer's state as tensors (its row state and its
+# step counter, a CPU tensor) and its hyper-parameters as constants. Its backward is the mutating op
+# ``sfg_fast::fused_row_update``, declared to write the table, the row state and the step counter:
+# AOTAutograd keeps that mutation of forward inputs in the backward graph, and Inductor runs the op on
+# the tensors themselves (no copy of the table). Both ops run the eager path's code (_fused_gather,
+# _fused_step), so a compiled model steps its tables exactly as an eager one.
+
+
+def _bound_optimizer(kind: str, lr: float, eps: float, beta1: float, beta2: float,
+                     state1, state2, step: torch.Tensor) -> SparseRowOptimizer:
+    """A SparseRowOptimizer working on the given state tensors (stepped in place)."""
+    opt = SparseRowOptimizer(kind, lr=lr, eps=eps, betas=(beta1, beta2))
+    opt._step = step
+    opt.state = {name: t for name, t in zip(_STATE_NAMES[kind], (state1, state2))}
+    return opt
+
+
+def _state_args(optimizer: SparseRowOptimizer):
+    names = _STATE_NAMES[optimizer.kind]
+    if any(name not in optimizer.state for name in names):
+        raise RuntimeError("fused_embedding_lookup under torch.compile needs the optimizer's state before the "
+                           "first step: call optimizer.prepare(weight) before compiling (FusedFieldEmbedding "
+                           "does this itself)")
+    state = [optimizer.state[n] for n in names] + [None] * (2 - len(names))
+    return state[0], state[1]
+
+
+@torch.library.custom_op("sfg_fast::fused_embedding_lookup", mutates_args=())
+def _fused_lookup_op(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                     state1: Optional[torch.Tensor], state2: Optional[torch.Tensor], step: torch.Tensor,
+                     kind: str, backend: str, lr: float, eps: float, beta1: float, beta2: float) -> torch.Tensor:
+    """``V = weight[offsets + ids]``; its backward steps the optimizer described by the other arguments."""
+    return _fused_gather(ids, weight, offsets, backend)
+
+
+@_fused_lookup_op.register_fake
+def _fused_lookup_fake(ids, weight, offsets, state1, state2, step, kind, backend, lr, eps, beta1, beta2):
+    return weight.new_empty((*ids.shape, weight.shape[1]))
+
+
+@torch.library.custom_op("sfg_fast::fused_row_update", mutates_args=("weight", "state1", "state2", "step"))
+def _fused_row_update_op(weight: torch.Tensor, state1: Optional[torch.Tensor], state2: Optional[torch.Tensor],
+                         step: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, grad_V: torch.Tensor,
+                         kind: str, backend: str, lr: float, eps: float, beta1: float, beta2: float) -> None:
+    """Apply one step of the row-sparse optimizer to ``weight``'s touched rows, ``state1``/``state2`` (its
+    row state: Adagrad ``sum``; Adam ``exp_avg``, ``exp_avg_sq``) and ``step`` in place."""
+    opt = _bound_optimizer(kind, lr, eps, beta1, beta2, state1, state2, step)
+    given = dict(opt.state)
+    opt.prepare(weight)
+    moved = [name for name, t in given.items() if opt.state[name] is not t]
+    if moved:
+        raise RuntimeError(f"fused_embedding_lookup: the optimizer state {moved} is not on the table's device "
+                           f"({weight.device}) in fp32; a compiled graph updates the state in place, so move the "
+                           "module with .to(...) (which moves the state too) rather than the table alone")
+    _fused_step(opt, weight, grad_V, ids, offsets, backend)
+
+
+def _fused_lookup_setup(ctx, inputs, output):
+    ids, weight, offsets, state1, state2, step, kind, backend, lr, eps, beta1, beta2 = inputs
+    ctx.save_for_backward(ids, offsets, weight, state1, state2, step)
+    ctx.options = (kind, backend, lr, eps, beta1, beta2)
+
+
+def _fused_lookup_backward(ctx, grad_V):
+    ids, offsets, weight, state1, state2, step = ctx.saved_tensors
+    _fused_row_update_op(weight, state1, state2, step, ids, offsets, grad_V, *ctx.options)
+    return (None,) * 12
+
+
+_fused_lookup_op.register_autograd(_fused_lookup_backward, setup_context=_fused_lookup_setup)
+
+
+@_assume_constant_result
+def _resolve_fused_while_tracing(backend: str, device: str, dtype: str, contiguous: bool, kind: str,
+                                 dim: int) -> str:
+    """_resolve_fused_backend run eagerly at trace time (it reads the environment and imports backends);
+    its result is baked into the graph."""
+    return _resolve_fused_backend(backend, torch.device(device), getattr(torch, dtype.split(".")[-1]),
+                                  contiguous, kind, dim)
+
+
+def _fused_lookup(ids, weight, offsets, optimizer: SparseRowOptimizer, backend: str) -> torch.Tensor:
+    """The fused lookup of validated ids: the autograd Function eagerly, the custom op while compiling."""
+    dim = weight.shape[1] if weight.dim() == 2 else None
+    if not torch.compiler.is_compiling():
+        chosen = _resolve_fused_backend(backend, weight.device, weight.dtype, weight.is_contiguous(),
+                                        optimizer.kind, dim)
+        return _FusedLookupFunction.apply(ids, weight, offsets, optimizer, chosen)
+    chosen = _resolve_fused_while_tracing(
+        backend, str(weight.device), str(weight.dtype), weight.is_contiguous(), optimizer.kind, dim)
+    state1, state2 = _state_args(optimizer)
+    return _fused_lookup_op(ids, weight, offsets, state1, state2, optimizer._step, optimizer.kind, chosen,
+                            optimizer.lr, optimizer.eps, optimizer.betas[0], optimizer.betas[1])
+
+
 def _validated_ids(ids, weight, offsets, bounds_check):
-    """Apply the bounds mode; returns (ids, number of remapped ids)."""
+    """Apply the bounds mode; returns (ids, number of remapped ids; 0 while compiling, where the modules
+    count in a buffer instead)."""
     C.check_lookup(ids, weight, offsets, bounds_check)
     if bounds_check == "off":
         return ids, 0
+    if torch.compiler.is_compiling():
+        # reading ids is a graph break: the checks run at run time inside the graph
+        from .library import checked_ids
+        return checked_ids(ids, offsets, weight.shape[0], bounds_check), 0
     if bounds_check == "fatal":
         C.check_offsets_and_ids(ids, offsets, weight.shape[0])
         return ids, 0
@@ -427,9 +560,7 @@ def fused_embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: tor
     if not isinstance(optimizer, SparseRowOptimizer):
         raise TypeError(f"optimizer must be a SparseRowOptimizer, got {type(optimizer).__name__}")
     ids, _ = _validated_ids(ids, weight, offsets, bounds_check)
-    chosen = _resolve_fused_backend(backend, weight.device, weight.dtype, weight.is_contiguous(), optimizer.kind,
-                                    weight.shape[1] if weight.dim() == 2 else None)
-    return _FusedLookupFunction.apply(ids, weight, offsets, optimizer, chosen)
+    return _fused_lookup(ids, weight, offsets, optimizer, backend)
 
 
 class FusedFieldEmbedding(FieldDimsState, nn.Module):
@@ -450,30 +581,42 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
         dims = init_table_fields(self, field_dims, embedding_dim, bounds_check)
         C.check_choice("backend", backend, FUSED_BACKENDS)
         self.backend = backend
-        self.num_clamped = 0
+        self.register_buffer("clamped_count", torch.zeros((), dtype=torch.int64), persistent=False)
         self.optimizer = SparseRowOptimizer(optimizer, lr=lr, eps=eps, betas=betas)
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim, dtype=dtype))
         self.init_std = float(init_std)
         nn.init.normal_(self.weight, std=self.init_std)
+        self.optimizer.prepare(self.weight)     # a compiled graph needs the state before the first step
 
-    # The update in backward runs a Python optimizer on the table through the kernels' raw pointers, which
-    # no graph can hold: under torch.compile this module runs eagerly (one graph break before and after it;
-    # the rest of the model compiles), and fullgraph=True refuses the model.
-    @torch.compiler.disable
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_ids_width(self, ids)
-        ids, count = _validated_ids(ids, self.weight, self.offsets, self.bounds_check)
-        self.num_clamped += count
-        chosen = _resolve_fused_backend(self.backend, self.weight.device, self.weight.dtype,
-                                        self.weight.is_contiguous(), self.optimizer.kind, self.embedding_dim)
-        return _FusedLookupFunction.apply(ids, self.weight, self.offsets, self.optimizer, chosen)
+        if self.bounds_check == "clamp_to_oov":
+            C.check_lookup(ids, self.weight, self.offsets, "clamp_to_oov")
+            ids = clamp_ids_to_oov(self, ids)      # counts in the clamped_count buffer (no host sync)
+        else:
+            ids, _ = _validated_ids(ids, self.weight, self.offsets, self.bounds_check)
+        return _fused_lookup(ids, self.weight, self.offsets, self.optimizer, self.backend)
+
+    @property
+    def num_clamped(self) -> int:
+        """How many out-of-range ids ``clamp_to_oov`` has remapped so far (reads the device counter)."""
+        return int(self.clamped_count)
+
+    def _apply(self, fn, recurse=True):
+        # the optimizer's state is no buffer: it follows the table here (to its device; it stays fp32),
+        # so that a compiled graph, which cannot move it, finds it where the table is
+        super()._apply(fn, recurse)
+        if self.weight.device.type != "meta":
+            self.optimizer.prepare(self.weight)
+        return self
 
     def get_extra_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "num_clamped": self.num_clamped}
 
     def set_extra_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.num_clamped = int(state.get("num_clamped", 0))
+        self.optimizer.prepare(self.weight)
+        self.clamped_count.fill_(int(state.get("num_clamped", 0)))
 
     def extra_repr(self) -> str:
         return (f"field_dims={self.field_dims}, embedding_dim={self.embedding_dim}, "
