@@ -93,7 +93,8 @@ def _workload(forward, leaves, compiled, backend) -> Workload:
         for t in leaves:
             t.grad = None
         forward().backward()
-    return Workload(step=step, forward=forward, compiled=compiled, info={"backend": backend})
+    return Workload(step=step, forward=forward, compiled=compiled, info={"backend": backend},
+                    persistent=lambda: leaves)
 
 
 def work_model(kind: str, batch: int, n: int, d: int):

@@ -54,6 +54,7 @@ def providers(name: str, generative: bool, dims, d: int, ids, labels, device: st
                 except BackendUnavailableError as exc:
                     raise Skip(str(exc)) from None
             return Workload(step=step, forward=loss, compiled=compiled,
+                            persistent=lambda: common.model_state_tensors(model),
                             info={"backend": backend, "params_m": sum(p.numel() for p in model.parameters()) / 1e6})
         return factory
 

@@ -14,7 +14,7 @@ import resource
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterable, List
 
 import torch
 
@@ -108,13 +108,18 @@ def time_gpu(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> Dict
     return median_iqr(sorted(float(t) for t in do_bench(fn, warmup=warmup, rep=rep, return_mode="all")))
 
 
-def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:
-    """Bytes autograd saves for backward while running ``fn`` (exact activation memory)."""
+def saved_tensor_bytes(fn: Callable[[], torch.Tensor], persistent: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes autograd saves for backward while running ``fn`` (exact activation memory). Tensors that share
+    storage with ``persistent`` (parameters, buffers, optimizer state: saved by reference, they cost no
+    memory) are not counted."""
     total = [0]
     seen = set()
+    kept = {t.untyped_storage().data_ptr() for t in persistent if t.numel()}
 
     def pack(t):
         key = (t.data_ptr(), t.numel(), t.dtype)
+        if t.numel() and t.untyped_storage().data_ptr() in kept:
+            return t
         if key not in seen:
             seen.add(key)
             total[0] += t.numel() * t.element_size()
@@ -345,6 +350,19 @@ class Workload:
     forward: Optional[Callable[[], object]] = None
     compiled: bool = False
     info: Dict[str, Any] = field(default_factory=dict)
+    persistent: Callable[[], Iterable[torch.Tensor]] = tuple   # tensors saved_mb does not count
+
+
+def model_state_tensors(model: torch.nn.Module) -> List[torch.Tensor]:
+    """A model's parameters, buffers and its fused tables' optimizer state (step counters included)."""
+    out = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        optimizer = getattr(module, "optimizer", None)
+        state = getattr(optimizer, "state", None)
+        if isinstance(state, dict):
+            out += [t for t in state.values() if isinstance(t, torch.Tensor)]
+            out += [t for t in (getattr(optimizer, "_step", None),) if isinstance(t, torch.Tensor)]
+    return out
 
 
 def compile_fn(fn: Callable, device: str) -> Callable:
@@ -387,7 +405,7 @@ def measure(work: Workload, args: argparse.Namespace, memory: bool = True) -> Di
     out.update(t)
     if memory:
         if work.forward is not None:
-            out["saved_mb"] = saved_tensor_bytes(work.forward) / 2 ** 20
+            out["saved_mb"] = saved_tensor_bytes(work.forward, work.persistent()) / 2 ** 20
         out["peak_mb"] = peak_alloc_bytes(work.step, args.device) / 2 ** 20
     return out
 
@@ -441,7 +459,7 @@ def run_cases(benchmark: str, cases: Sequence[Case], args: argparse.Namespace, e
                 if memory:
                     work = works[name]
                     if work.forward is not None:
-                        row["saved_mb"] = saved_tensor_bytes(work.forward) / 2 ** 20
+                        row["saved_mb"] = saved_tensor_bytes(work.forward, work.persistent()) / 2 ** 20
                     row["peak_mb"] = peak_alloc_bytes(work.step, args.device) / 2 ** 20
             except Exception as exc:
                 for k in ("median_ms", "iqr_ms", "reps", "saved_mb", "peak_mb"):

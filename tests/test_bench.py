@@ -470,3 +470,14 @@ def test_gate_refuses_duplicate_rows_and_reports_a_timeless_ok_row():
     result = regress.compare(base, broken)
     assert not result["passed"] and "no positive time" in result["errors"][0]["reason"]
     assert regress.median_noise({"median_ms": 10.0, "iqr_ms": 1.0, "reps": "9"}) > 0
+
+
+def test_saved_bytes_leave_out_persistent_tensors():
+    """saved_mb counts activations: a weight (or a view of it) saved by reference costs no memory."""
+    from bench.common import saved_tensor_bytes
+    w = torch.randn(8, 16, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    fn = lambda: (x @ w[:, :8]).sum()     # noqa: E731  (saves x and a view of w)
+    both = saved_tensor_bytes(fn)
+    assert both == (4 * 8 + 8 * 8) * 4
+    assert saved_tensor_bytes(fn, [w]) == 4 * 8 * 4
