@@ -656,12 +656,23 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
                 torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         return run
 
-    def zoo_body():
+    def zoo_body(compiled=False):
         """What `sfg-fast train --model fwfm --set embedding=fused` steps: the model zoo's FwFM with fused
-        field and first-order tables (row-wise Adagrad in backward), Adam on the dense parameters."""
+        field and first-order tables (row-wise Adagrad in backward), Adam on the dense parameters;
+        ``compiled``: the model under torch.compile(fullgraph=True), tables' lookup and update in the graph."""
         model = models.build("fwfm", dims, embedding_dim=d, generative=True, bounds_check="off",
                              embedding="fused").to(device)
-        return model_step(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+        forward = model
+        if compiled and device != "cuda" and not args.compile_on_cpu:
+            raise common.Skip("torch.compile (Inductor) takes ~15 s per graph on CPU; GPU-only here "
+                              "(--compile-on-cpu to force)")
+        if compiled:
+            torch._dynamo.reset()
+            forward = torch.compile(model, fullgraph=True)
+        out = model_step(model, torch.optim.Adam(model.parameters(), lr=1e-3), forward)
+        if compiled:
+            out["note"] = "torch.compile(model, fullgraph=True), Inductor"
+        return out
 
     def literal_body():
         model = models.build("fwfm", dims, embedding_dim=d, generative=True, backend="reference",
@@ -671,10 +682,12 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
                        "table, which the fused rows' sparse update does not (speedups compare the two ways)")
         return out
 
-    def model_step(model, opt):
+    def model_step(model, opt, forward=None):
+        forward = model if forward is None else forward
+
         def step():
             ids, labels = next_batch()
-            loss = SF.bce_with_logits(model(ids), labels, backend="torch")
+            loss = SF.bce_with_logits(forward(ids), labels, backend="torch")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -698,6 +711,8 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
     _attempt(rows, budget, _row("step", "scalar", "fused sfg_interaction deterministic", "train"),
              deterministic(lambda: fused_body(one_op=True)))
     _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused", "train"), zoo_body)
+    _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused compiled", "train"),
+             lambda: zoo_body(compiled=True))
     _attempt(rows, budget, _row("step", "scalar", "reference", "train"), literal_body)
 
 

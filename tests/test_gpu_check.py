@@ -58,6 +58,7 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
     assert ("step", "scalar", "fused sfg_interaction", "train") in seen
     assert ("step", "scalar", "fused sfg_interaction deterministic", "train") in seen
     assert ("step", "scalar", "zoo fwfm embedding=fused", "train") in seen
+    assert ("step", "scalar", "zoo fwfm embedding=fused compiled", "train") in seen
     assert ("step", "scalar", "fused cuda graph", "train") in seen      # the graph section, run last
     assert rows[-1]["provider"] == "fused cuda graph"
     ext = [r for r in rows if r["provider"] == "ext-cuda"]
