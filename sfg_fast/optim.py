@@ -568,7 +568,9 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
     inside backward (see :func:`fused_embedding_lookup`), so leave ``weight`` out of the dense optimizer
     (it never gets a ``.grad``, so including it is harmless).
 
-    ``forward(ids [B, N]) -> V [B, N, D]``. The optimizer state travels in ``state_dict()`` (extra state).
+    ``forward(ids [B, N]) -> V [B, N, D]``. The optimizer state travels in ``state_dict()`` (extra state)
+    and follows the module on ``.to(...)``. Under ``torch.compile(fullgraph=True)`` the lookup and its
+    update are graph ops (see the custom ops below), and compiled training equals eager training.
     Args: as FieldEmbedding, plus ``optimizer`` ("sgd" | "adagrad" | "adam"), ``lr``, ``eps``, ``betas``,
     ``dtype`` of the table.
     """

@@ -506,3 +506,24 @@ def test_functional_fused_lookup_compiles():
     assert torch.equal(weights[0], weights[1])
     for key in opts[0].state:
         assert torch.equal(opts[0].state[key], opts[1].state[key])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", ["adagrad", "adam"])
+def test_fused_table_triton_backend_compiles(kind):
+    """The Triton gather and fused update as the graph's lookup and update ops: two compiled steps leave
+    the table, its state and its step count where two eager steps do."""
+    from sfg_fast.optim import FusedFieldEmbedding
+    tables = [FusedFieldEmbedding(FIELD_DIMS, D, optimizer=kind, lr=0.1, backend="triton").to(TRITON_DEVICE)
+              for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    compiled = torch.compile(tables[1], fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        ids = _ids(device=TRITON_DEVICE)
+        upstream = torch.randn(B, len(FIELD_DIMS), D, device=TRITON_DEVICE)
+        tables[0](ids).backward(upstream)
+        compiled(ids).backward(upstream)
+    assert tables[1].optimizer.step_count == 2
+    assert torch.equal(tables[0].weight, tables[1].weight)
+    for key, value in tables[0].optimizer.state.items():
+        assert torch.equal(value, tables[1].optimizer.state[key]), key
