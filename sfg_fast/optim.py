@@ -71,7 +71,7 @@ class SparseRowOptimizer:
         # A 0-d int64 CPU tensor, not a Python int: a compiled graph passes it to the update op, which steps
         # it in place (a Python int would be baked into the graph, and every step would recompile it).
         # On the CPU, reading it costs no device sync.
-        self._step = torch.zeros((), dtype=torch.int64)
+        self._step = torch.zeros((), dtype=torch.int64, device="cpu")
         self.state = {}
 
     @property
@@ -114,7 +114,9 @@ class SparseRowOptimizer:
         for name, shape in shapes.items():
             have = self.state.get(name)
             want = self._compute_dtype(weight)
-            if have is None:
+            if have is None or have.device.type == "meta" and weight.device.type != "meta":
+                # (state built on the meta device holds no values: a module materialised with to_empty starts
+                # its optimizer afresh)
                 fill = self.initial_accumulator_value if name == "sum" else 0.0
                 self.state[name] = torch.full(shape, fill, dtype=want, device=weight.device)
             elif tuple(have.shape) != shape:

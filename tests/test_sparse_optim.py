@@ -491,3 +491,22 @@ def test_fused_cuda_backend_glue_with_a_stand_in_extension(monkeypatch):
     assert loads        # the extension's kernels are registered before the check (a fresh process has none)
     torch.testing.assert_close(module.weight, twin.weight, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(module.optimizer.state["sum"], twin.optimizer.state["sum"], rtol=1e-6, atol=1e-9)
+
+
+def test_meta_built_table_materialises_fresh_optimizer_state():
+    """Built on the meta device (no memory) then materialised with to_empty: the state becomes zeros on the
+    new device, and the step counter stays a CPU tensor (it is read on the host every step)."""
+    with torch.device("meta"):
+        table = FusedFieldEmbedding(FIELD_DIMS, 3, optimizer="adam")
+    assert table.optimizer._step.device.type == "cpu"
+    assert {v.device.type for v in table.optimizer.state.values()} == {"meta"}
+    table = table.to_empty(device="cpu")
+    with torch.no_grad():       # to_empty leaves every tensor uninitialised
+        table.offsets.copy_(_offsets())
+        table.field_sizes.copy_(torch.tensor(FIELD_DIMS))
+        table.clamped_count.zero_()
+        table.weight.normal_()
+    for value in table.optimizer.state.values():
+        assert value.device.type == "cpu" and not value.any()
+    table(torch.zeros(2, len(FIELD_DIMS), dtype=torch.int64)).sum().backward()
+    assert table.optimizer.step_count == 1
