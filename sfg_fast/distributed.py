@@ -601,6 +601,9 @@ def _seed_step(seed: int, rank: int, step: int) -> None:
 
 
 def _check_trainer_keys(cfg: Dict[str, Any], device: torch.device) -> None:
+    if cfg.get("compile") not in (False, None):
+        raise ValueError("compile is not supported by distributed runs yet (the sharded model steps through "
+                         "TorchRec's pipeline eagerly); leave it false")
     if cfg.get("group_field") is not None:
         raise ValueError("group_field (gAUC) is not computed by distributed runs yet; evaluate the saved model "
                          "with a single-process run (sfg-fast train --set group_field=...) or leave it unset")

@@ -79,6 +79,8 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "deterministic": True,      # fit under torch.use_deterministic_algorithms(True, warn_only=True): the
                                 # GPU backward passes reduce without atomics, so a run (and a resume) repeats
                                 # bit for bit; false trades that for speed
+    "compile": False,           # torch.compile the training forward and backward: true (Inductor) or a
+                                # torch.compile backend name; evaluation runs the model eagerly
     "verbose": 1,
     "out": None,
 }
@@ -281,6 +283,9 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
     decay = cfg["lr_decay_factor"]
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
         raise ValueError(f"lr_decay_factor must be a number in (0, 1], got {decay!r}")
+    compile_ = cfg["compile"]
+    if not isinstance(compile_, (bool, np.bool_)) and not (isinstance(compile_, str) and compile_.strip()):
+        raise ValueError(f"compile must be true, false or a torch.compile backend name, got {compile_!r}")
     if cfg["threads"] is not None and (not isinstance(cfg["threads"], (int, np.integer)) or cfg["threads"] < 1):
         raise ValueError(f"threads must be a positive integer or None, got {cfg['threads']!r}")
     if not isinstance(cfg["data_options"] or {}, dict):
@@ -288,6 +293,19 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
     if cfg["group_field"] not in (None, False) and not isinstance(cfg["group_field"], str):
         raise ValueError(f"group_field must be a field name, false (no gAUC) or None (the dataset's default), "
                          f"got {cfg['group_field']!r}")
+
+
+def _compiled(model: torch.nn.Module, choice):
+    """``model`` itself, or its torch.compile wrapper for config key ``compile`` (true: Inductor)."""
+    if choice is False or isinstance(choice, np.bool_) and not choice:
+        return model
+    backend = "inductor" if choice is True or isinstance(choice, np.bool_) else str(choice).strip()
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"compile: unknown torch.compile backend {backend!r}; use true (Inductor), false, or one "
+                         f"of {known}")
+    return torch.compile(model, backend=backend)
 
 
 def _resolve_device(device) -> torch.device:
@@ -628,6 +646,7 @@ class Trainer:
         self.model = model_zoo.build(config["model"], list(self.schema.field_dims), **self.hparams).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=float(config["lr"]),
                                           weight_decay=float(config["weight_decay"]))
+        self._train_forward = _compiled(self.model, config["compile"])
         self.generator = torch.Generator().manual_seed(seed)
 
         self.epoch = 0            # completed epochs
@@ -719,7 +738,7 @@ class Trainer:
                 index = order[start:start + batch_size]
                 ids = self.train_ids[index].to(self.device, non_blocking=True)
                 labels = self.train_labels[index].to(self.device, non_blocking=True)
-                logits = self.model(ids)
+                logits = self._train_forward(ids)
                 loss = SF.bce_with_logits(logits, labels, reduction="mean")
                 loss_value = float(loss.detach())
                 where = (f"epoch {self.epoch + 1}, batch {batch_index + 1} (global step {self.step + 1})")

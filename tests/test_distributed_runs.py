@@ -60,6 +60,9 @@ def test_device_key_is_not_silently_ignored():
     _check_trainer_keys({"device": "cpu"}, torch.device("cpu"))
     with pytest.raises(ValueError, match="device"):
         _check_trainer_keys({"device": "cuda"}, torch.device("cpu"))
+    _check_trainer_keys({"compile": False}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="compile is not supported by distributed runs"):
+        _check_trainer_keys({"compile": True}, torch.device("cpu"))
 
 
 def _plan(sharding_type, column_offsets):

@@ -95,12 +95,16 @@ def _params(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("model,moved", [("fm", True), ("deepfm", False), ("fwfm-fused", False)])
+@pytest.mark.parametrize("model,moved", [("fm", True), ("deepfm", False), ("fwfm-fused", False),
+                                         ("fwfm-fused-compiled", False)])
 def test_resume_is_exact(tmp_path, tiny, model, moved):
     extra = {"hidden_units": [16], "dropout": 0.2} if model == "deepfm" else {}
-    if model == "fwfm-fused":
+    if model.startswith("fwfm-fused"):
         # tables that train themselves in backward: their optimizer state travels in the model state
-        model, extra = "fwfm", {"embedding": "fused", "embedding_optimizer": "adam", "embedding_lr": 0.02}
+        extra = {"embedding": "fused", "embedding_optimizer": "adam", "embedding_lr": 0.02}
+        if model.endswith("compiled"):   # the training step as one graph, the tables' updates in it
+            extra["compile"] = "aot_eager"
+        model = "fwfm"
     # lr decay on plateau and dropout make every piece of state (optimizer lr, RNGs) matter.
     full = T.Trainer(_config(tmp_path, "full", model=model, epochs=3, patience=3, **extra), data=tiny)
     full_results = full.fit()
@@ -220,7 +224,8 @@ def test_config_errors_name_the_key(tmp_path, tiny):
     with pytest.raises(ValueError, match="lr_decay_factor must be a number"):
         T.Trainer(_config(tmp_path, lr_decay_factor="0.5"), data=tiny)
     for key, value in (("seed", 1.5), ("seed", "abc"), ("weight_decay", "abc"), ("weight_decay", -1.0),
-                       ("patience", True), ("reduce_lr_on_plateau", "no")):
+                       ("patience", True), ("reduce_lr_on_plateau", "no"), ("compile", 1), ("compile", " "),
+                       ("compile", "no-such-backend")):
         with pytest.raises(ValueError, match=key):
             T.Trainer(_config(tmp_path, **{key: value}), data=tiny)
     with pytest.raises(TypeError, match="hidden_units"):
@@ -554,3 +559,33 @@ def test_the_feature_map_follows_the_run(tmp_path):
     T.Trainer(_config(tmp_path, epochs=1), data=load_dataset("synthetic-criteo", num_rows=3000, seed=7),
               overwrite=True).fit()
     assert not (out / FEATURE_MAP_FILE).exists()
+
+
+@pytest.mark.parametrize("embedding", ["native", "fused"])
+def test_compiled_training_equals_eager_training(tmp_path, tiny, embedding):
+    """compile: a backend name compiles the training forward and backward (Dynamo + AOTAutograd with
+    "aot_eager": the eager kernels, so the numbers must agree exactly); fused tables update inside the
+    graph. Evaluation runs the model itself."""
+    extra = {"embedding": embedding} if embedding == "fused" else {}
+    eager = T.Trainer(_config(tmp_path, "eager", model="fwfm", **extra), data=tiny).fit()
+    torch._dynamo.reset()
+    compiled = T.Trainer(_config(tmp_path, "compiled", model="fwfm", compile="aot_eager", **extra), data=tiny)
+    assert compiled._train_forward is not compiled.model
+    results = compiled.fit()
+    assert results["config"]["compile"] == "aot_eager"
+    assert [h["train_loss"] for h in results["history"]] == [h["train_loss"] for h in eager["history"]]
+    assert results["test_auc"] == eager["test_auc"] and results["test_logloss"] == eager["test_logloss"]
+
+
+@pytest.mark.slow
+def test_inductor_training_resumes_exactly(tmp_path, tiny):
+    """compile: true (Inductor, C++ kernels on CPU): a resumed run repeats the uninterrupted one bit for bit,
+    and its result stays next to eager training (Inductor may reorder float sums)."""
+    extra = {"model": "fwfm", "embedding": "fused", "compile": True, "patience": 3}
+    full = T.Trainer(_config(tmp_path, "full", epochs=2, **extra), data=tiny).fit()
+    T.Trainer(_config(tmp_path, "part", epochs=1, **extra), data=tiny).fit()
+    resumed = T.resume(str(tmp_path / "part"), data=tiny, epochs=2)
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    assert resumed["test_auc"] == full["test_auc"]
+    eager = T.Trainer(_config(tmp_path, "eager", epochs=2, **dict(extra, compile=False)), data=tiny).fit()
+    assert full["test_auc"] == pytest.approx(eager["test_auc"], abs=2e-3)
