@@ -67,12 +67,66 @@ class SparseRowOptimizer:
                  betas: Tuple[float, float] = (0.9, 0.999), initial_accumulator_value: float = 0.0):
         C.check_choice("kind", kind, KINDS)
         self.kind = kind
-        self._set_hyper_parameters(lr, eps, betas, initial_accumulator_value)
-        # A 0-d int64 CPU tensor, not a Python int: a compiled graph passes it to the update op, which steps
-        # it in place (a Python int would be baked into the graph, and every step would recompile it).
-        # On the CPU, reading it costs no device sync.
+        # The step count is a 0-d int64 CPU tensor and lr, eps, beta1, beta2 are mirrored in a float64 CPU
+        # tensor (written by their setters), not only Python numbers: a compiled graph passes them to its
+        # update op, which reads them at run time and steps the count in place. Python numbers would be
+        # baked into the graph, and every step (or lr change) would compile it again. Reading a CPU tensor
+        # costs no device sync.
         self._step = torch.zeros((), dtype=torch.int64, device="cpu")
+        self._hyper = torch.zeros(4, dtype=torch.float64, device="cpu")
         self.state = {}
+        self._set_hyper_parameters(lr, eps, betas, initial_accumulator_value)
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"lr must be a positive finite number, got {value}")
+        self._lr = value
+        self._hyper[0] = value
+
+    @property
+    def eps(self) -> float:
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            # eps = 0 turns a touched row whose gradient is zero into 0/0 = NaN
+            raise ValueError(f"eps must be a positive finite number, got {value}")
+        self._eps = value
+        self._hyper[1] = value
+
+    @property
+    def betas(self) -> Tuple[float, float]:
+        return self._betas
+
+    @betas.setter
+    def betas(self, value) -> None:
+        value = tuple(value)
+        if len(value) != 2 or not all(0.0 <= float(b) < 1.0 for b in value):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
+        self._betas = (float(value[0]), float(value[1]))
+        self._hyper[2], self._hyper[3] = self._betas
+
+    @property
+    def initial_accumulator_value(self) -> float:
+        """Adagrad's starting ``acc``; set before the first step, it also refills the state already built."""
+        return self._initial_acc
+
+    @initial_accumulator_value.setter
+    def initial_accumulator_value(self, value: float) -> None:
+        value = float(value)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"initial_accumulator_value must be a finite number >= 0, got {value}")
+        self._initial_acc = value
+        if self.kind == "adagrad" and "sum" in self.state and self.step_count == 0:
+            self.state["sum"].fill_(value)
 
     @property
     def step_count(self) -> int:
@@ -91,20 +145,7 @@ class SparseRowOptimizer:
 
     def _set_hyper_parameters(self, lr, eps, betas, initial_accumulator_value) -> None:
         """Validate and set the hyper-parameters (the constructor and load_state_dict alike)."""
-        lr, eps = float(lr), float(eps)
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {lr}")
-        if not (math.isfinite(eps) and eps > 0):
-            # eps = 0 turns a touched row whose gradient is zero into 0/0 = NaN
-            raise ValueError(f"eps must be a positive finite number, got {eps}")
-        betas = tuple(betas)
-        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        initial_accumulator_value = float(initial_accumulator_value)
-        if not (initial_accumulator_value >= 0 and math.isfinite(initial_accumulator_value)):
-            raise ValueError(f"initial_accumulator_value must be a finite number >= 0, got {initial_accumulator_value}")
-        self.lr, self.eps = lr, eps
-        self.betas = (float(betas[0]), float(betas[1]))
+        self.lr, self.eps, self.betas = lr, eps, betas
         self.initial_accumulator_value = initial_accumulator_value
 
     def _ensure_state(self, weight: torch.Tensor) -> None:
@@ -429,77 +470,93 @@ class _FusedLookupFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # the same lookup inside torch.compile graphs
 #
-# A graph cannot hold a Python optimizer object, so while compiling the lookup is the custom op
-# ``sfg_fast::fused_embedding_lookup``, which takes the optimizer's state as tensors (its row state and its
-# step counter, a CPU tensor) and its hyper-parameters as constants. Its backward is the mutating op
-# ``sfg_fast::fused_row_update``, declared to write the table, the row state and the step counter:
-# AOTAutograd keeps that mutation of forward inputs in the backward graph, and Inductor runs the op on
-# the tensors themselves (no copy of the table). Both ops run the eager path's code (_fused_gather,
-# _fused_step), so a compiled model steps its tables exactly as an eager one.
+# A graph cannot hold a Python optimizer object, so while compiling the lookup is _GraphFusedLookup, an
+# autograd.Function that Dynamo traces: its forward is the custom op ``sfg_fast::fused_gather`` and its
+# backward the mutating custom op ``sfg_fast::fused_row_update``, declared to write the table, the row
+# state and the step counter; the hyper-parameters come as a CPU tensor read at run time. AOTAutograd
+# keeps that mutation of forward inputs in the backward graph, and Inductor runs the op on the tensors
+# themselves (no copy of the table). As in eager mode, the tensors the backward writes are kept on ctx,
+# not saved for backward: saved tensors are version-checked, and a second backward on the same forward
+# state (gradient accumulation, one table looked up twice, retain_graph) would then refuse the table its
+# first backward updated. Both ops run the eager path's code (_fused_gather, _fused_step), so a compiled
+# model steps its tables exactly as an eager one.
 
 
-def _bound_optimizer(kind: str, lr: float, eps: float, beta1: float, beta2: float,
-                     state1, state2, step: torch.Tensor) -> SparseRowOptimizer:
+def _bound_optimizer(kind: str, hyper: torch.Tensor, state1, state2, step: torch.Tensor) -> SparseRowOptimizer:
     """A SparseRowOptimizer working on the given state tensors (stepped in place)."""
+    lr, eps, beta1, beta2 = hyper.tolist()
     opt = SparseRowOptimizer(kind, lr=lr, eps=eps, betas=(beta1, beta2))
     opt._step = step
     opt.state = {name: t for name, t in zip(_STATE_NAMES[kind], (state1, state2))}
     return opt
 
 
-def _state_args(optimizer: SparseRowOptimizer):
+def _state_args(optimizer: SparseRowOptimizer, weight: torch.Tensor):
+    """The optimizer's row state as the update op's two optional tensors, checked against the table (a
+    graph writes the state in place and cannot create or move it)."""
     names = _STATE_NAMES[optimizer.kind]
     if any(name not in optimizer.state for name in names):
         raise RuntimeError("fused_embedding_lookup under torch.compile needs the optimizer's state before the "
                            "first step: call optimizer.prepare(weight) before compiling (FusedFieldEmbedding "
                            "does this itself)")
+    want = optimizer._compute_dtype(weight)
+    for name in names:
+        have = optimizer.state[name]
+        if have.device != weight.device or have.dtype != want or not have.is_contiguous():
+            raise RuntimeError(f"fused_embedding_lookup under torch.compile: the optimizer state {name!r} is "
+                               f"{have.dtype} on {have.device}, the table needs {want} on {weight.device}; a graph "
+                               "updates the state in place and cannot move it: call optimizer.prepare(weight) "
+                               "(a FusedFieldEmbedding does this when moved with .to(...))")
     state = [optimizer.state[n] for n in names] + [None] * (2 - len(names))
     return state[0], state[1]
 
 
-@torch.library.custom_op("sfg_fast::fused_embedding_lookup", mutates_args=())
-def _fused_lookup_op(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
-                     state1: Optional[torch.Tensor], state2: Optional[torch.Tensor], step: torch.Tensor,
-                     kind: str, backend: str, lr: float, eps: float, beta1: float, beta2: float) -> torch.Tensor:
-    """``V = weight[offsets + ids]``; its backward steps the optimizer described by the other arguments."""
+@torch.library.custom_op("sfg_fast::fused_gather", mutates_args=())
+def _fused_gather_op(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+    """``V = weight[offsets + ids]`` on the chosen backend (the forward of a fused lookup in a graph)."""
     return _fused_gather(ids, weight, offsets, backend)
 
 
-@_fused_lookup_op.register_fake
-def _fused_lookup_fake(ids, weight, offsets, state1, state2, step, kind, backend, lr, eps, beta1, beta2):
+@_fused_gather_op.register_fake
+def _fused_gather_fake(ids, weight, offsets, backend):
     return weight.new_empty((*ids.shape, weight.shape[1]))
 
 
 @torch.library.custom_op("sfg_fast::fused_row_update", mutates_args=("weight", "state1", "state2", "step"))
 def _fused_row_update_op(weight: torch.Tensor, state1: Optional[torch.Tensor], state2: Optional[torch.Tensor],
-                         step: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, grad_V: torch.Tensor,
-                         kind: str, backend: str, lr: float, eps: float, beta1: float, beta2: float) -> None:
-    """Apply one step of the row-sparse optimizer to ``weight``'s touched rows, ``state1``/``state2`` (its
-    row state: Adagrad ``sum``; Adam ``exp_avg``, ``exp_avg_sq``) and ``step`` in place."""
-    opt = _bound_optimizer(kind, lr, eps, beta1, beta2, state1, state2, step)
+                         step: torch.Tensor, hyper: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
+                         grad_V: torch.Tensor, kind: str, backend: str) -> None:
+    """Apply one step of the row-sparse optimizer ``kind`` (``hyper`` = float64 [lr, eps, beta1, beta2]) to
+    ``weight``'s touched rows, ``state1``/``state2`` (its row state: Adagrad ``sum``; Adam ``exp_avg``,
+    ``exp_avg_sq``) and ``step``, in place."""
+    opt = _bound_optimizer(kind, hyper, state1, state2, step)
     given = dict(opt.state)
     opt.prepare(weight)
     moved = [name for name, t in given.items() if opt.state[name] is not t]
     if moved:
         raise RuntimeError(f"fused_embedding_lookup: the optimizer state {moved} is not on the table's device "
-                           f"({weight.device}) in fp32; a compiled graph updates the state in place, so move the "
-                           "module with .to(...) (which moves the state too) rather than the table alone")
+                           f"({weight.device}) in its compute dtype; a compiled graph updates the state in place, "
+                           "so move the module with .to(...) (which moves the state too) rather than the table "
+                           "alone")
     _fused_step(opt, weight, grad_V, ids, offsets, backend)
 
 
-def _fused_lookup_setup(ctx, inputs, output):
-    ids, weight, offsets, state1, state2, step, kind, backend, lr, eps, beta1, beta2 = inputs
-    ctx.save_for_backward(ids, offsets, weight, state1, state2, step)
-    ctx.options = (kind, backend, lr, eps, beta1, beta2)
+class _GraphFusedLookup(torch.autograd.Function):
+    """The fused lookup as Dynamo traces it: gather op forward, update op backward (see above)."""
 
+    @staticmethod
+    def forward(ctx, ids, weight, offsets, state1, state2, step, hyper, kind, backend):
+        ctx.save_for_backward(ids, offsets)
+        ctx.weight, ctx.state1, ctx.state2, ctx.step, ctx.hyper = weight, state1, state2, step, hyper
+        ctx.kind, ctx.backend = kind, backend
+        return _fused_gather_op(ids, weight, offsets, backend)
 
-def _fused_lookup_backward(ctx, grad_V):
-    ids, offsets, weight, state1, state2, step = ctx.saved_tensors
-    _fused_row_update_op(weight, state1, state2, step, ids, offsets, grad_V, *ctx.options)
-    return (None,) * 12
-
-
-_fused_lookup_op.register_autograd(_fused_lookup_backward, setup_context=_fused_lookup_setup)
+    @staticmethod
+    def backward(ctx, grad_V):
+        ids, offsets = ctx.saved_tensors
+        _fused_row_update_op(ctx.weight, ctx.state1, ctx.state2, ctx.step, ctx.hyper, ids, offsets, grad_V,
+                             ctx.kind, ctx.backend)
+        return (None,) * 9
 
 
 @_assume_constant_result
@@ -520,9 +577,9 @@ def _fused_lookup(ids, weight, offsets, optimizer: SparseRowOptimizer, backend: 
         return _FusedLookupFunction.apply(ids, weight, offsets, optimizer, chosen)
     chosen = _resolve_fused_while_tracing(
         backend, str(weight.device), str(weight.dtype), weight.is_contiguous(), optimizer.kind, dim)
-    state1, state2 = _state_args(optimizer)
-    return _fused_lookup_op(ids, weight, offsets, state1, state2, optimizer._step, optimizer.kind, chosen,
-                            optimizer.lr, optimizer.eps, optimizer.betas[0], optimizer.betas[1])
+    state1, state2 = _state_args(optimizer, weight)
+    return _GraphFusedLookup.apply(ids, weight, offsets, state1, state2, optimizer._step, optimizer._hyper,
+                                   optimizer.kind, chosen)
 
 
 def _validated_ids(ids, weight, offsets, bounds_check):
@@ -574,23 +631,37 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
     and follows the module on ``.to(...)``. Under ``torch.compile(fullgraph=True)`` the lookup and its
     update are graph ops (see the custom ops below), and compiled training equals eager training.
     Args: as FieldEmbedding, plus ``optimizer`` ("sgd" | "adagrad" | "adam"), ``lr``, ``eps``, ``betas``,
-    ``dtype`` of the table.
+    ``initial_accumulator_value`` (Adagrad), ``dtype`` of the table. Assigning ``optimizer`` (a
+    :class:`SparseRowOptimizer`) prepares its state for this table.
     """
 
     def __init__(self, field_dims: Sequence[int], embedding_dim: int, optimizer: str = "adagrad",
                  lr: float = 0.01, eps: float = 1e-8, betas: Tuple[float, float] = (0.9, 0.999),
                  bounds_check: str = "fatal", init_std: float = 1e-4, backend: str = "auto",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, initial_accumulator_value: float = 0.0):
         super().__init__()
         dims = init_table_fields(self, field_dims, embedding_dim, bounds_check)
         C.check_choice("backend", backend, FUSED_BACKENDS)
         self.backend = backend
         self.register_buffer("clamped_count", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.optimizer = SparseRowOptimizer(optimizer, lr=lr, eps=eps, betas=betas)
+        self.optimizer = SparseRowOptimizer(optimizer, lr=lr, eps=eps, betas=betas,
+                                            initial_accumulator_value=initial_accumulator_value)
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim, dtype=dtype))
         self.init_std = float(init_std)
         nn.init.normal_(self.weight, std=self.init_std)
         self.optimizer.prepare(self.weight)     # a compiled graph needs the state before the first step
+
+    @property
+    def optimizer(self) -> SparseRowOptimizer:
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: SparseRowOptimizer) -> None:
+        if not isinstance(optimizer, SparseRowOptimizer):
+            raise TypeError(f"optimizer must be a SparseRowOptimizer, got {type(optimizer).__name__}")
+        self._optimizer = optimizer
+        if "weight" in self._parameters and self.weight.device.type != "meta":
+            optimizer.prepare(self.weight)    # a compiled graph finds the state where the table is
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_ids_width(self, ids)

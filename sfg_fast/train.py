@@ -80,7 +80,8 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
                                 # GPU backward passes reduce without atomics, so a run (and a resume) repeats
                                 # bit for bit; false trades that for speed
     "compile": False,           # torch.compile the training forward and backward: true (Inductor) or a
-                                # torch.compile backend name; evaluation runs the model eagerly
+                                # torch.compile backend name ("aot_eager" copies fused tables every step:
+                                # a debugging backend); evaluation runs the model eagerly
     "verbose": 1,
     "out": None,
 }

@@ -472,7 +472,8 @@ def test_fused_table_bounds_checks_inside_a_compiled_graph():
 
 def test_fused_table_state_follows_the_module():
     """The optimizer state moves with the module (.to / .double), where a compiled graph finds it; a table
-    moved without its module is refused by the graph's update, which cannot move state it writes in place."""
+    moved without its module is refused while tracing (a graph writes the state in place, it cannot move
+    it). fullgraph=True surfaces the error; without it Dynamo falls back to eager, which moves the state."""
     from sfg_fast.optim import FusedFieldEmbedding
     table = FusedFieldEmbedding(FIELD_DIMS, D, optimizer="adam").double()
     assert {v.dtype for v in table.optimizer.state.values()} == {torch.float64}
@@ -482,10 +483,84 @@ def test_fused_table_state_follows_the_module():
     torch._dynamo.reset()
     table.weight.data = table.weight.data.float()     # the table alone changes dtype: its state stays fp64
     compiled = torch.compile(table, fullgraph=True, backend="aot_eager")
-    out = compiled(_ids())
-    with pytest.raises(RuntimeError, match="optimizer state .* is not on the table's device"):
-        out.sum().backward()
+    with pytest.raises(Exception, match="optimizer state 'exp_avg' is torch.float64 on cpu, the table needs "
+                                        "torch.float32"):
+        compiled(_ids())
     assert table.optimizer.step_count == 1
+
+
+def _backward_patterns(fn, steps=2):
+    """What eager autograd allows around a table: gradient accumulation, one table looked up twice in one
+    loss, retain_graph, two forwards then two backwards."""
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        ids = [torch.stack([torch.randint(0, d, (B,), generator=gen) for d in FIELD_DIMS], 1) for _ in range(2)]
+        (fn(ids[0]).square().sum() + fn(ids[1]).square().sum()).backward()
+        (fn(ids[0]) * fn(ids[1])).sum().backward()
+        loss = fn(ids[0]).square().sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+        a, b = fn(ids[0]).square().sum(), fn(ids[1]).sum()
+        a.backward()
+        b.backward()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_compiled_fused_table_allows_every_backward_pattern_of_eager(kind):
+    """Several backwards on one forward's state step the table once each, as in eager mode: the tensors the
+    update writes are kept on ctx, not saved for backward (saved tensors are version-checked, and the second
+    backward would refuse the table the first one updated)."""
+    from sfg_fast.optim import FusedFieldEmbedding
+    tables = [FusedFieldEmbedding(FIELD_DIMS, D, optimizer=kind, lr=0.05) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    _backward_patterns(tables[0])
+    # retain_graph through any compiled backward needs torch's donated buffers off (torch's own rule)
+    with torch._functorch.config.patch(donated_buffer=False):
+        _backward_patterns(torch.compile(tables[1], fullgraph=True, backend="aot_eager"))
+    assert tables[0].optimizer.step_count == tables[1].optimizer.step_count == 2 * 8
+    assert torch.equal(tables[0].weight, tables[1].weight)
+    for key, value in tables[0].optimizer.state.items():
+        assert torch.equal(value, tables[1].optimizer.state[key]), key
+
+
+def test_changing_the_tables_hyper_parameters_does_not_recompile():
+    """lr, eps and betas reach the graph's update as a CPU tensor read at run time: a schedule on the
+    table's lr trains like eager with one compile (as Python floats every value was a new graph, and
+    fullgraph=True failed at the recompile limit)."""
+    from sfg_fast.optim import FusedFieldEmbedding
+    tables = [FusedFieldEmbedding(FIELD_DIMS, D, optimizer="adam", lr=0.1) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    compiled = torch.compile(tables[1], fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(10):
+            ids = _ids()
+            for table in tables:
+                table.optimizer.lr = 0.1 * 0.8 ** step
+                table.optimizer.betas = (0.9 - 0.01 * step, 0.999)
+            tables[0](ids).square().sum().backward()
+            compiled(ids).square().sum().backward()
+    assert tables[1].optimizer.step_count == 10
+    assert torch.equal(tables[0].weight, tables[1].weight)
+
+
+def test_adagrad_starting_value():
+    """initial_accumulator_value: a constructor argument of the table; set on its optimizer before the first
+    step it refills the state already built (the state exists from construction on, for compiled graphs);
+    an optimizer assigned to the table is prepared for it."""
+    from sfg_fast.optim import FusedFieldEmbedding, SparseRowOptimizer
+    table = FusedFieldEmbedding(FIELD_DIMS, D, initial_accumulator_value=0.1)
+    assert torch.equal(table.optimizer.state["sum"], torch.full((sum(FIELD_DIMS),), 0.1))
+    table.optimizer.initial_accumulator_value = 0.25
+    assert torch.equal(table.optimizer.state["sum"], torch.full((sum(FIELD_DIMS),), 0.25))
+    table.optimizer = SparseRowOptimizer("adagrad", initial_accumulator_value=0.5)
+    assert torch.equal(table.optimizer.state["sum"], torch.full((sum(FIELD_DIMS),), 0.5))
+    torch.compile(table, fullgraph=True, backend="aot_eager")(_ids()).sum().backward()
+    assert table.optimizer.step_count == 1
+    before = table.optimizer.state["sum"].clone()
+    table.optimizer.initial_accumulator_value = 0.0    # after a step: the state is the run's, left alone
+    assert torch.equal(table.optimizer.state["sum"], before)
+    with pytest.raises(TypeError, match="optimizer must be a SparseRowOptimizer"):
+        table.optimizer = torch.optim.SGD([table.weight], lr=0.1)
 
 
 def test_functional_fused_lookup_compiles():
