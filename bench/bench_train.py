@@ -9,7 +9,7 @@ whose field and first-order tables update their looked-up rows in backward with 
 differ in the tables' optimizer as well as in its cost. ``torch+compile+fused-tables`` compiles such a
 model whole (the tables' lookup and update are custom ops in the graph).
 
-    python -m bench.bench_train [--quick | --smoke] [--device cuda] [--models fm,dcnv2]
+    python -m bench.bench_train [--quick | --smoke] [--device cuda] [--models fm,dcnv2] [--shape movielens]
 """
 from __future__ import annotations
 
@@ -87,16 +87,28 @@ def cases(args) -> List[common.Case]:
     unknown = [m for m in names if m not in M.MODELS]
     if unknown:
         raise SystemExit(f"--models: unknown model(s) {unknown}; choose from {sorted(M.MODELS)}")
+    labels = None
     if args.smoke:
         b, n, d, dims = 16, 4, 4, [50, 7, 300, 3]
         shape = "smoke"
+    elif getattr(args, "shape", "criteo") == "movielens":
+        # the main job's task: the embedded MovieLens-100K, its batch size, its first training rows
+        from sfg_fast.data import load_dataset
+        data = load_dataset("movielens100k")
+        b, d = 2048, 16
+        dims = list(data.schema.field_dims)
+        n = len(dims)
+        ids = torch.from_numpy(data.train.ids[:b]).to(args.device)
+        labels = torch.from_numpy(data.train.labels[:b]).float().to(args.device)
+        shape = "movielens"
     else:
         b = 1024 if args.quick else 4096
         n, d = 39, 16
         dims = common.field_dims_for(n, args.vocab_scale, "criteo")
         shape = "criteo"
-    ids = common.make_ids(b, dims, "zipf", device=args.device)
-    labels = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(3)).float().to(args.device)
+    if labels is None:
+        ids = common.make_ids(b, dims, "zipf", device=args.device)
+        labels = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(3)).float().to(args.device)
     out = []
     for name in names:
         hparams = SMALL_HPARAMS.get(name, {}) if args.smoke else {}
@@ -124,6 +136,10 @@ def run(args, env):
 def main(argv=None) -> int:
     def extra(p):
         p.add_argument("--models", default="", help="comma-separated model names (default: all eight)")
+        p.add_argument("--shape", choices=("criteo", "movielens"), default="criteo",
+                       help="criteo: B=4096 (1024 with --quick), N=39, D=16, Criteo-like vocabularies and Zipf ids; "
+                            "movielens: the main job's task (embedded MovieLens-100K, its first 2048 training "
+                            "rows, D=16)")
     args = common.parse_args(__doc__.splitlines()[0], argv, extra)
     env = common.bench_env(args)
     rows = run(args, env)

@@ -485,8 +485,10 @@ class _FusedLookupFunction(torch.autograd.Function):
 def _bound_optimizer(kind: str, hyper: torch.Tensor, state1, state2, step: torch.Tensor) -> SparseRowOptimizer:
     """A SparseRowOptimizer working on the given state tensors (stepped in place)."""
     lr, eps, beta1, beta2 = hyper.tolist()
-    opt = SparseRowOptimizer(kind, lr=lr, eps=eps, betas=(beta1, beta2))
-    opt._step = step
+    # built without __init__ (no tensors allocated, no checks): the values come from a validated optimizer
+    opt = SparseRowOptimizer.__new__(SparseRowOptimizer)
+    opt.kind, opt._hyper, opt._step = kind, hyper, step
+    opt._lr, opt._eps, opt._betas, opt._initial_acc = lr, eps, (beta1, beta2), 0.0
     opt.state = {name: t for name, t in zip(_STATE_NAMES[kind], (state1, state2))}
     return opt
 
