@@ -66,6 +66,7 @@ def providers(name: str, generative: bool, dims, d: int, ids, labels, device: st
         "torch+compile": factory_for("torch", compiled=True),
         "triton": _gpu_only(factory_for("triton"), device),
         f"ext-{ext}": factory_for(ext),
+        f"ext-{ext}+compile": factory_for(ext, compiled=True),
         "torch+fused-tables": factory_for("torch", embedding="fused"),
         "torch+compile+fused-tables": factory_for("torch", compiled=True, embedding="fused"),
         f"ext-{ext}+fused-tables": factory_for(ext, embedding="fused"),

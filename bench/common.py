@@ -415,7 +415,7 @@ def selected(name: str, args: argparse.Namespace) -> bool:
         wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
         if name not in wanted:
             return False
-    if args.no_compile and name.endswith("+compile"):
+    if args.no_compile and "compile" in name.split("+"):    # torch+compile, torch+compile+fused-tables
         return False
     return True
 

@@ -421,6 +421,7 @@ def test_smoke_every_provider_runs_or_says_why(script, smoke_env):
         # Compile providers are left out by --no-compile; every other provider appears in every case.
         names = set().union(*by_case.values())
         assert {"triton", "ext-cpu"} <= names
+    assert not [r["provider"] for r in rows if "compile" in r["provider"].split("+")]
 
 
 def test_gate_warns_when_the_runs_were_measured_under_different_machine_conditions(tmp_path, capsys):
