@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -23,6 +24,16 @@ _IMPLEMENTED: Dict[str, set] = {"triton": set(), "cuda": set(), "cpu": set()}
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
+
+
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing Dynamo at import time (seconds).
+
+    Dynamo runs a function carrying this mark eagerly while tracing and bakes in its result."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True   # the mark that decorator sets
+    return fn
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,7 +142,16 @@ def module_backend(backend: str, op: str) -> str:
     the same device), so every model trains on it. When the extension itself is missing the backend
     stays as asked, so the op raises and says why.
     """
-    if backend in ("cpu", "cuda") and _extension_status() is None:
+    if backend in ("cpu", "cuda"):
+        return _module_backend_choice(backend, op)
+    return backend
+
+
+@_assume_constant_result
+def _module_backend_choice(backend: str, op: str) -> str:
+    """module_backend's choice for the extension's backends, run eagerly while compiling (loading the
+    backends imports modules, which Dynamo cannot trace; the choice is baked into the graph)."""
+    if _extension_status() is None:
         from .ops import load_backends
         load_backends()
         if op not in _IMPLEMENTED[backend]:

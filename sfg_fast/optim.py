@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from ._backend import ENV_VAR, BackendUnavailableError, unavailable_reason
-from .library import _assume_constant_result
+from ._backend import ENV_VAR, BackendUnavailableError, _assume_constant_result, unavailable_reason
 from .nn import FieldDimsState, check_ids_width, clamp_ids_to_oov, init_table_fields
 
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]

@@ -81,8 +81,9 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
                                 # bit for bit; false trades that for speed
     "compile": False,           # torch.compile the training forward and backward: true (Inductor) or a
                                 # torch.compile backend name ("aot_eager" copies fused tables every step:
-                                # a debugging backend); evaluation runs the model eagerly. On CPU it pays
-                                # off with backend: torch (the extension's ops stay opaque to Inductor)
+                                # a debugging backend); evaluation runs the model eagerly. On CPU, backend
+                                # auto then takes the torch ops (Inductor fuses them; the extension's would
+                                # stay opaque)
     "verbose": 1,
     "out": None,
 }

@@ -54,7 +54,8 @@ def _model(name, backend="torch", **extra):
 
 def _step(model, ids, labels, backend):
     logits = model(ids)
-    return logits, SF.bce_with_logits(logits, labels, backend=backend)
+    # the extension has no loss kernel: a model on it pairs with the factored loss, as the trainer's "auto"
+    return logits, SF.bce_with_logits(logits, labels, backend="torch" if backend == "cpu" else backend)
 
 
 def _grads(model):
@@ -205,11 +206,35 @@ def test_every_model_traces_without_graph_break(name):
 @pytest.mark.skipif(not _cpu_extension_built(), reason="sfg_fast._C is not built")
 @pytest.mark.parametrize("name", ["fwfm", "fmfm"])
 def test_compiled_matches_eager_cpu_extension(name):
-    """backend="auto" on CPU runs the C++ lookup and fused interaction (custom ops while compiling):
-    fullgraph capture, the same logits, loss and gradients as eager."""
+    """backend="cpu": the C++ lookup and fused interaction as custom ops in the graph: fullgraph capture,
+    the same logits, loss and gradients as eager."""
+    _compare_compiled(name, "cpu", "aot_eager")
+
+
+def test_auto_compiles_the_factored_ops_on_cpu(monkeypatch):
+    """While compiling on CPU, backend="auto" takes the factored torch ops, which Inductor compiles and
+    fuses (the extension's kernels would stay opaque ops whose compiled backward recomputes the forward:
+    slower, bench_train-20261128T194128). Eager "auto" keeps the extension; SFG_FAST_BACKEND still rules."""
     from sfg_fast._backend import resolve
-    assert resolve("auto", "sfg_interaction", torch.device("cpu")) == "cpu"
-    _compare_compiled(name, "auto", "aot_eager")
+
+    def ops_in_graph():
+        seen = []
+
+        def backend(gm, inputs):
+            seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm.forward
+        torch._dynamo.reset()
+        model = _model("fwfm", backend="auto")
+        torch.compile(model, fullgraph=True, backend=backend)(_ids())
+        return [t for t in seen if "sfg_fast" in t]
+
+    monkeypatch.delenv("SFG_FAST_BACKEND", raising=False)
+    found = ops_in_graph()
+    assert found and all("checked_ids" in t for t in found), found     # the id check alone
+    if _cpu_extension_built():
+        assert resolve("auto", "sfg_interaction", torch.device("cpu")) == "cpu"
+        monkeypatch.setenv("SFG_FAST_BACKEND", "cpu")
+        assert any("sfg_interaction" in t for t in ops_in_graph())
 
 
 @pytest.mark.parametrize("name", ["fm", "fmfm", "dcnv2"])
@@ -237,13 +262,14 @@ def test_inductor_triton_backend_on_gpu(name):
     _compare_compiled(name, "triton", "inductor")
 
 
+@pytest.mark.skipif(not _cpu_extension_built(), reason="sfg_fast._C is not built")
 def test_backend_choice_loads_backends_at_trace_time():
     """A first call that is already compiled must not trace module imports (load_backends)."""
     sfg_ops.load_backends()
     saved = sfg_ops._LOADED
     sfg_ops._LOADED = False
     try:
-        model = _model("fwfm", backend="auto")
+        model = _model("fwfm", backend="cpu")
         ids = _ids()
         out = torch.compile(model, fullgraph=True, backend="eager")(ids)
         assert sfg_ops._LOADED
@@ -372,9 +398,11 @@ def test_dynamic_shapes_compile(name):
 
 
 def _fused_twins(name, optimizer="rowwise_adagrad", **extra):
-    """Two identical models with fused tables (embedding="fused")."""
+    """Two identical models with fused tables (embedding="fused"), on the torch backend: compiled, "auto"
+    takes it on CPU too, so eager and compiled steps run the same kernels and must agree bit for bit."""
     from sfg_fast import models as M
     torch.manual_seed(0)
+    extra = {"backend": "torch", **extra}
     if name == "deepfm":
         extra = {"hidden_units": (8,), "dropout": 0.0, **extra}
     eager = M.build(name, FIELD_DIMS, D, embedding="fused", embedding_lr=0.05, embedding_optimizer=optimizer,

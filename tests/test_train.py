@@ -564,9 +564,9 @@ def test_the_feature_map_follows_the_run(tmp_path):
 @pytest.mark.parametrize("embedding", ["native", "fused"])
 def test_compiled_training_equals_eager_training(tmp_path, tiny, embedding):
     """compile: a backend name compiles the training forward and backward (Dynamo + AOTAutograd with
-    "aot_eager": the eager kernels, so the numbers must agree exactly); fused tables update inside the
-    graph. Evaluation runs the model itself."""
-    extra = {"embedding": embedding} if embedding == "fused" else {}
+    "aot_eager": the eager kernels, so the numbers must agree exactly; backend torch, which "auto" takes
+    on CPU while compiling); fused tables update inside the graph. Evaluation runs the model itself."""
+    extra = {"embedding": embedding, "backend": "torch"} if embedding == "fused" else {"backend": "torch"}
     eager = T.Trainer(_config(tmp_path, "eager", model="fwfm", **extra), data=tiny).fit()
     torch._dynamo.reset()
     compiled = T.Trainer(_config(tmp_path, "compiled", model="fwfm", compile="aot_eager", **extra), data=tiny)
