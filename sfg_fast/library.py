@@ -336,16 +336,17 @@ def backward_op(name: str):
 
 
 @_assume_constant_result
-def _resolve_while_tracing(backend: str, name: str, device: str) -> str:
+def _resolve_while_tracing(backend: str, name: str, device: str, exporting: bool = False) -> str:
     """Backend choice, run eagerly at trace time: loading the backends imports modules, which Dynamo
     cannot trace. The result is baked into the graph (set SFG_FAST_BACKEND before compiling)."""
     from ._backend import ENV_VAR, resolve
     from .ops import load_backends
-    if backend == "auto" and torch.device(device).type == "cpu" and os.environ.get(ENV_VAR, "").strip() in ("", "auto"):
+    if (backend == "auto" and not exporting and torch.device(device).type == "cpu"
+            and os.environ.get(ENV_VAR, "").strip() in ("", "auto")):
         # Inductor compiles the factored torch ops into C++ it can fuse; the extension's kernels stay opaque
         # ops whose compiled backward recomputes their forward. Measured (bench_train, SFG-FwFM training
         # step, compiled torch vs compiled extension): 5.0 vs 9.5 ms at MovieLens's shape, 49.9 vs 58.8 ms
-        # at the Criteo shape (quick).
+        # at the Criteo shape (quick). An exported program is not compiled further: it keeps the kernels.
         return "torch"
     if backend not in ("torch", "reference"):
         load_backends()
@@ -355,7 +356,7 @@ def _resolve_while_tracing(backend: str, name: str, device: str) -> str:
 def compiled_impl(backend: str, name: str, device: torch.device) -> Optional[Callable]:
     """What ``functional._impl`` returns while compiling: the traceable torch implementation, or a
     caller of the custom op for an opaque backend (None selects the reference)."""
-    chosen = _resolve_while_tracing(backend, name, str(device))
+    chosen = _resolve_while_tracing(backend, name, str(device), torch.compiler.is_exporting())
     if chosen == "reference":
         return None
     if chosen == "torch":

@@ -127,6 +127,14 @@ class SparseRowOptimizer:
         if self.kind == "adagrad" and "sum" in self.state and self.step_count == 0:
             self.state["sum"].fill_(value)
 
+    def __copy__(self) -> "SparseRowOptimizer":
+        # the step counter and the hyper-parameter tensor are this optimizer's own (a shared one would step
+        # or retune the original); the state dict is new, its row tensors shared, as a shallow copy's are
+        other = SparseRowOptimizer.__new__(SparseRowOptimizer)
+        other.__dict__.update(self.__dict__)
+        other._step, other._hyper, other.state = self._step.clone(), self._hyper.clone(), dict(self.state)
+        return other
+
     @property
     def step_count(self) -> int:
         """Optimizer steps taken (Adam's ``t``)."""

@@ -14,6 +14,7 @@ the shuffling generator), the early-stopping state, the history, the config and 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -93,7 +94,7 @@ GROUP_FIELDS = {"movielens100k": "user_id"}
 
 # Keys a resumed run may change; anything else would make it a different experiment.
 RESUME_OVERRIDABLE = ("epochs", "verbose", "threads", "device", "out", "eval_batch_size", "group_field",
-                      "deterministic")
+                      "deterministic", "compile")
 
 
 class TrainingDiverged(RuntimeError):
@@ -289,6 +290,8 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
     compile_ = cfg["compile"]
     if not isinstance(compile_, (bool, np.bool_)) and not (isinstance(compile_, str) and compile_.strip()):
         raise ValueError(f"compile must be true, false or a torch.compile backend name, got {compile_!r}")
+    if isinstance(compile_, str):
+        _compile_backend(compile_)      # an unknown name fails here, before the data is read
     if cfg["threads"] is not None and (not isinstance(cfg["threads"], (int, np.integer)) or cfg["threads"] < 1):
         raise ValueError(f"threads must be a positive integer or None, got {cfg['threads']!r}")
     if not isinstance(cfg["data_options"] or {}, dict):
@@ -298,17 +301,35 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
                          f"got {cfg['group_field']!r}")
 
 
+def _compile_backend(name: str) -> str:
+    """A torch.compile backend name, checked."""
+    import torch._dynamo
+    name = name.strip()
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"compile: unknown torch.compile backend {name!r}; use true (Inductor), false, or one of "
+                         f"{torch._dynamo.list_backends()}")
+    return name
+
+
 def _compiled(model: torch.nn.Module, choice):
     """``model`` itself, or its torch.compile wrapper for config key ``compile`` (true: Inductor)."""
-    if choice is False or isinstance(choice, np.bool_) and not choice:
+    if not choice:
         return model
-    backend = "inductor" if choice is True or isinstance(choice, np.bool_) else str(choice).strip()
+    return torch.compile(model, backend="inductor" if isinstance(choice, (bool, np.bool_)) else _compile_backend(choice))
+
+
+@contextlib.contextmanager
+def _compile_limits(active: bool):
+    """While a compiled run trains: every model of the zoo shares one forward (CTRModel.forward), so the
+    runs of one process (compare) share Dynamo's recompile limit of that code (8 graphs); past it Dynamo
+    silently ran later models eagerly. Raised here, and reaching it is an error, never a silent fallback."""
+    if not active:
+        yield
+        return
     import torch._dynamo
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if backend not in known:
-        raise ValueError(f"compile: unknown torch.compile backend {backend!r}; use true (Inductor), false, or one "
-                         f"of {known}")
-    return torch.compile(model, backend=backend)
+    limit = max(int(torch._dynamo.config.recompile_limit), 256)
+    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+        yield
 
 
 def _resolve_device(device) -> torch.device:
@@ -834,7 +855,8 @@ class Trainer:
             # turned the mode on, strict or not, keeps theirs)
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            return self._fit()
+            with _compile_limits(bool(self.config["compile"])):
+                return self._fit()
         except BaseException as exc:
             self._fit_failed = type(exc).__name__
             raise

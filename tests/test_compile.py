@@ -214,7 +214,8 @@ def test_compiled_matches_eager_cpu_extension(name):
 def test_auto_compiles_the_factored_ops_on_cpu(monkeypatch):
     """While compiling on CPU, backend="auto" takes the factored torch ops, which Inductor compiles and
     fuses (the extension's kernels would stay opaque ops whose compiled backward recomputes the forward:
-    slower, bench_train-20261128T194128). Eager "auto" keeps the extension; SFG_FAST_BACKEND still rules."""
+    slower, bench_train-20261128T194128). Eager "auto" and torch.export keep the extension;
+    SFG_FAST_BACKEND still rules."""
     from sfg_fast._backend import resolve
 
     def ops_in_graph():
@@ -233,6 +234,9 @@ def test_auto_compiles_the_factored_ops_on_cpu(monkeypatch):
     assert found and all("checked_ids" in t for t in found), found     # the id check alone
     if _cpu_extension_built():
         assert resolve("auto", "sfg_interaction", torch.device("cpu")) == "cpu"
+        # an exported program is not compiled further: it keeps the extension's kernels
+        program = torch.export.export(_model("fwfm", backend="auto"), (_ids(),))
+        assert any("sfg_interaction" in str(n.target) for n in program.graph.nodes)
         monkeypatch.setenv("SFG_FAST_BACKEND", "cpu")
         assert any("sfg_interaction" in t for t in ops_in_graph())
 

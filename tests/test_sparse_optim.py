@@ -510,3 +510,16 @@ def test_meta_built_table_materialises_fresh_optimizer_state():
         assert value.device.type == "cpu" and not value.any()
     table(torch.zeros(2, len(FIELD_DIMS), dtype=torch.int64)).sum().backward()
     assert table.optimizer.step_count == 1
+
+
+def test_a_shallow_copy_has_its_own_step_and_hyper_parameters():
+    """copy.copy: the step counter and the hyper-parameter tensor a compiled graph reads are the copy's own
+    (shared, the copy's lr or steps would change the original's compiled updates but not its eager ones)."""
+    import copy
+    opt = SparseRowOptimizer("adam", lr=0.1)
+    opt.prepare(torch.zeros(4, 2))
+    other = copy.copy(opt)
+    other.lr, other.step_count = 0.7, 5
+    assert opt.lr == float(opt._hyper[0]) == 0.1 and opt.step_count == 0
+    assert other.lr == float(other._hyper[0]) == 0.7 and other.step_count == 5
+    assert other.state["exp_avg"] is opt.state["exp_avg"] and other.state is not opt.state

@@ -589,3 +589,23 @@ def test_inductor_training_resumes_exactly(tmp_path, tiny):
     assert resumed["test_auc"] == full["test_auc"]
     eager = T.Trainer(_config(tmp_path, "eager", epochs=2, **dict(extra, compile=False)), data=tiny).fit()
     assert full["test_auc"] == pytest.approx(eager["test_auc"], abs=2e-3)
+
+
+def test_compiled_runs_in_one_process_all_train_compiled(tmp_path, tiny):
+    """Every model shares one forward (CTRModel.forward), so the compiled runs of one process (compare)
+    share Dynamo's recompile limit of that code (8 graphs), past which Dynamo silently ran the later models
+    eagerly. fit() raises the limit while it trains (and restores it): ten model structures, ten compiled."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    for model in ("fm", "fwfm", "fmfm", "deepfm", "ipnn"):
+        for generative in (False, True):
+            before = counters["stats"]["unique_graphs"]
+            config = _config(tmp_path, f"{model}-{generative}", model=model, generative=generative, epochs=1,
+                             compile="aot_eager", backend="torch")
+            T.Trainer(config, data=tiny).fit()
+            assert counters["stats"]["unique_graphs"] > before, (model, generative)
+    assert torch._dynamo.config.recompile_limit == limit
+    # compile is an execution setting: a compiled run may be resumed eagerly (and the other way round)
+    resumed = T.resume(str(tmp_path / "fm-False"), data=tiny, epochs=2, compile=False)
+    assert resumed["epochs_run"] == 2 and resumed["config"]["compile"] is False
