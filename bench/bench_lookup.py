@@ -84,6 +84,7 @@ def providers(field_dims, d: int, ids_list: List[torch.Tensor], mode: str, devic
             if fused is None:
                 raise Skip(f"sfg_fast.optim has no fused sparse update for backend {backend!r}")
             optimizer = sfg_optim.SparseRowOptimizer("adam", lr=LR)
+            optimizer.prepare(weight)       # compiled, the update is a graph op that needs the state to exist
             fn = lambda i: sfg_optim.fused_embedding_lookup(i, weight, offsets, optimizer, "off",  # noqa: E731
                                                             backend=fused)
             fn = torch.compile(fn) if compiled else fn
