@@ -20,6 +20,10 @@ Backends: ``"torch"`` (index ops on the unique rows), ``"triton"`` (one fused se
 update kernel, ``kernels/sparse_update.py``) and ``"cpu"`` (the C++ gather and the C++ sort + fused
 update of ``sfg_fast._C``, fp32/bf16 tables); ``"auto"`` takes triton for CUDA tensors and cpu for
 fp32/bf16 CPU tables when available, else torch.
+
+Under ``torch.compile`` (fullgraph included) the lookup and its update are the graph ops
+``sfg_fast::fused_gather`` and ``sfg_fast::fused_row_update`` (see "the same lookup inside torch.compile
+graphs" below); a compiled step updates the tables exactly as an eager one on the same backend.
 """
 from __future__ import annotations
 
