@@ -385,6 +385,31 @@ def test_criteo_cache(tmp_path):
     assert load_dataset("criteo", data_dir=tmp_path, cache_dir=False).info["from_cache"] is False
 
 
+def test_cache_entries_a_changed_file_supersedes_are_removed(tmp_path):
+    """One entry per file and option set: a rewrite of the file (or a new cache format) replaces its entry
+    instead of leaving the old one on disk for ever; entries of other options stay."""
+    cache = tmp_path / ".sfg_cache"
+    write_criteo(tmp_path / "train.txt", num_rows=120)
+    load_dataset("criteo", data_dir=tmp_path)
+    load_dataset("criteo", data_dir=tmp_path, min_count=3)
+    first = sorted(p.name for p in cache.glob("*.npz"))
+    assert len(first) == 2 and len(list(cache.glob("*.source.json"))) == 2
+    write_criteo(tmp_path / "train.txt", num_rows=121)           # the file changes
+    data = load_dataset("criteo", data_dir=tmp_path)
+    assert data.info["from_cache"] is False and data.info["rows"] == 121
+    now = sorted(p.name for p in cache.glob("*.npz"))
+    assert len(now) == 2 and len(set(now) & set(first)) == 1      # the min_count=3 entry stays
+    assert [os.path.basename(p) for p in data.info["cache_removed"]] == sorted(set(first) - set(now))
+    assert len(list(cache.glob("*.schema.json"))) == len(list(cache.glob("*.source.json"))) == 2
+    assert load_dataset("criteo", data_dir=tmp_path).info["from_cache"] is True
+    # an entry of another file in the same folder is never touched
+    other = tmp_path / "other"
+    other.mkdir()
+    write_criteo(other / "train.txt", num_rows=50)
+    load_dataset("criteo", data_dir=other, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 3
+
+
 def test_criteo_bad_lines(tmp_path):
     rows = write_criteo(tmp_path / "train.txt", num_rows=50)
     lines = ["\t".join(r) for r in rows]

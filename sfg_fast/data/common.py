@@ -312,8 +312,44 @@ def load_cache(cache_dir: str, name: str, key: str) -> Optional[CTRData]:
     return CTRData(schema, *splits, info=info, vocabularies=vocabularies)
 
 
-def save_cache(cache_dir: str, name: str, key: str, data: CTRData) -> Optional[str]:
-    """Write the cache atomically; returns the .npz path, or None (with info['cache_error']) on failure."""
+def _source_path(cache_dir: str, name: str, key: str) -> str:
+    return os.path.join(cache_dir, f"{name}-{key}.source.json")
+
+
+def _prune_superseded(cache_dir: str, name: str, key: str, source: Dict) -> List[str]:
+    """Delete the entries of ``name`` that ``source`` (the same file, read with the same options) has
+    superseded: the file changed since, or they are of an older cache format. An entry of the file read with
+    other options (another min_count, seed, ...) stays. Entries written before their source was recorded
+    are not recognised. Returns the removed .npz paths."""
+    removed = []
+    for entry in sorted(os.listdir(cache_dir)):
+        if not (entry.startswith(f"{name}-") and entry.endswith(".source.json")) \
+                or entry == os.path.basename(_source_path(cache_dir, name, key)):
+            continue
+        path = os.path.join(cache_dir, entry)
+        try:
+            with open(path, encoding="utf-8") as f:
+                other = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if other.get("file") != source["file"] or other.get("options") != source["options"]:
+            continue
+        stem = path[:-len(".source.json")]
+        for old in (stem + ".npz", stem + ".schema.json", path):   # the record last: a partial prune is redone
+            try:
+                os.remove(old)
+            except FileNotFoundError:
+                pass
+        removed.append(stem + ".npz")
+    return removed
+
+
+def save_cache(cache_dir: str, name: str, key: str, data: CTRData, source: Optional[Dict] = None) -> Optional[str]:
+    """Write the cache atomically; returns the .npz path, or None (with info['cache_error']) on failure.
+
+    ``source`` (``{"file": real path, "options": {...}}``) is recorded beside the entry, and the entries it
+    supersedes (same file and options, an older version of the file or an older cache format) are deleted:
+    one entry of a 10 GB log per option set, not one per edit of the file."""
     npz_path, schema_path = cache_paths(cache_dir, name, key)
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -332,6 +368,16 @@ def save_cache(cache_dir: str, name: str, key: str, data: CTRData) -> Optional[s
         with open(tmp, "wb") as f:  # a file object stops numpy from appending another .npz
             np.savez(f, **arrays)
         os.replace(tmp, npz_path)
+        if source is not None:
+            record = dict(source, cache_format=CACHE_FORMAT)
+            tmp = f"{_source_path(cache_dir, name, key)}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(record, f, sort_keys=True, default=str)
+            os.replace(tmp, _source_path(cache_dir, name, key))
+            removed = _prune_superseded(cache_dir, name, key, json.loads(json.dumps(record, default=str)))
+            if removed:
+                data.info["cache_removed"] = removed
+                logging.getLogger("sfg_fast.data").info("removed superseded cache entries %s", removed)
         return npz_path
     except OSError as exc:
         data.info["cache_error"] = f"could not write the cache in {cache_dir!r}: {exc}"

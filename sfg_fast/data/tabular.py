@@ -244,5 +244,7 @@ def load_table(fmt: TableFormat, path: str, cache_dir, seed: int, ratios, max_ro
     if cached is not None:
         return cached
     data = read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows)
-    data.info["cache_path"] = save_cache(cache_dir, fmt.name, key, data)
+    data.info["cache_path"] = save_cache(cache_dir, fmt.name, key, data,
+                                         source={"file": os.path.realpath(path),
+                                                 "options": {"format": fmt.name, **options}})
     return data
