@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="base vs SFG for several models over seeds",
                        description="Train each model as base and SFG over seeds; write compare.md/.json/.png.")
     c.add_argument("--models", default="fm,fwfm,deepfm,dcnv2", help="comma-separated (default fm,fwfm,deepfm,dcnv2)")
-    c.add_argument("--seeds", default="3", help="a count (default 3, from the config's seed on) or a list: 1,2,3")
+    c.add_argument("--seeds", default="3", help="a count (default 3, at most 100, from the config's seed on) or a "
+                                               "list: 1,2,3 (one seed: 2018,)")
     c.add_argument("--seed", type=int, help="first seed when --seeds is a count")
     c.add_argument("--only", choices=("base", "sfg"), help="train only one variant")
     _add_common(c, compare=True)

@@ -43,8 +43,12 @@ def parse_models(models: Union[str, Sequence[str]]) -> List[str]:
     return names
 
 
+MAX_SEED_COUNT = 100
+
+
 def parse_seeds(seeds: Union[int, str, Sequence[int]], first_seed: int = 2018) -> List[int]:
-    """``3`` -> [first, first+1, first+2]; ``"1,5,9"`` or ``[1, 5, 9]`` -> those seeds."""
+    """``3`` -> [first, first+1, first+2]; ``"1,5,9"`` or ``[1, 5, 9]`` -> those seeds; ``"2018,"`` -> [2018].
+    A count above ``MAX_SEED_COUNT`` is refused (``--seeds 2018`` meant as a seed would start 2018 runs)."""
     if isinstance(seeds, str):
         text = seeds.strip()
         if "," in text:
@@ -63,6 +67,11 @@ def parse_seeds(seeds: Union[int, str, Sequence[int]], first_seed: int = 2018) -
     if isinstance(seeds, int):
         if seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {seeds}")
+        if seeds > MAX_SEED_COUNT:
+            # a seed value given as a count (--seeds 2018) would start thousands of runs
+            raise ValueError(f"seeds={seeds} is a count: {seeds} runs per model and variant. For the single seed "
+                             f"{seeds} give a list (--seeds {seeds}, or seeds=[{seeds}]) or --seed {seeds} --seeds 1; "
+                             f"counts above {MAX_SEED_COUNT} are refused (list the seeds instead)")
         return [int(first_seed) + k for k in range(seeds)]
     values = [int(s) for s in seeds]
     if not values or len(set(values)) != len(values) or min(values) < 0:

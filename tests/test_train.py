@@ -283,6 +283,10 @@ def test_parse_seeds_and_models():
         parse_seeds(0)
     with pytest.raises(ValueError, match="seeds must be a count"):
         parse_seeds("a,b")
+    # a seed value given as a count would start thousands of runs
+    assert parse_seeds("2018,") == [2018] and parse_seeds(100, 0) == list(range(100))
+    with pytest.raises(ValueError, match=r"seeds=2018 is a count.*--seeds 2018,"):
+        parse_seeds("2018")
     assert parse_models("FM, dcnv2") == ["fm", "dcnv2"]
     with pytest.raises(ValueError, match="unknown model 'foo'"):
         parse_models("fm,foo")
