@@ -80,6 +80,9 @@ def main() -> None:
         for op, per_backend in ops.items():
             have = [b for b, s in per_backend.items() if s == "available"]
             print(f"  {op:18s} auto -> {info['auto'][device][op]:9s} available: {', '.join(have)}")
+        if device == "cpu":
+            print("  (while torch.compile traces on CPU, auto takes the torch ops, which Inductor fuses; "
+                  "torch.export keeps the table above)")
     print(f"\nserving with int8 tables (sfg_fast.serving) on cpu: auto -> {info['serving_int8_auto']} "
           f"({'the fused C++ pipeline' if info['serving_int8_auto'] == 'cpu' else 'dequantise + factored torch'})")
     if info["backend_module_errors"]:
