@@ -27,7 +27,6 @@ the eager path has no such cost).
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 

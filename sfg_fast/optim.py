@@ -45,6 +45,13 @@ FUSED_BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 _CPU_FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _positive_finite(name: str, value) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return value
+
+
 class SparseRowOptimizer:
     """A row-sparse optimizer for one ``[V, D]`` table: ``sgd`` | ``adagrad`` (rowwise) | ``adam`` (lazy).
 
@@ -86,11 +93,7 @@ class SparseRowOptimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        value = float(value)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"lr must be a positive finite number, got {value}")
-        self._lr = value
-        self._hyper[0] = value
+        self._lr = self._hyper[0] = _positive_finite("lr", value)
 
     @property
     def eps(self) -> float:
@@ -98,12 +101,8 @@ class SparseRowOptimizer:
 
     @eps.setter
     def eps(self, value: float) -> None:
-        value = float(value)
-        if not (math.isfinite(value) and value > 0):
-            # eps = 0 turns a touched row whose gradient is zero into 0/0 = NaN
-            raise ValueError(f"eps must be a positive finite number, got {value}")
-        self._eps = value
-        self._hyper[1] = value
+        # eps = 0 turns a touched row whose gradient is zero into 0/0 = NaN
+        self._eps = self._hyper[1] = _positive_finite("eps", value)
 
     @property
     def betas(self) -> Tuple[float, float]:

@@ -312,10 +312,11 @@ def _compile_backend(name: str) -> str:
 
 
 def _compiled(model: torch.nn.Module, choice):
-    """``model`` itself, or its torch.compile wrapper for config key ``compile`` (true: Inductor)."""
+    """``model`` itself, or its torch.compile wrapper for config key ``compile`` (checked by
+    _check_train_config; true: Inductor)."""
     if not choice:
         return model
-    return torch.compile(model, backend="inductor" if isinstance(choice, (bool, np.bool_)) else _compile_backend(choice))
+    return torch.compile(model, backend="inductor" if isinstance(choice, (bool, np.bool_)) else choice.strip())
 
 
 @contextlib.contextmanager

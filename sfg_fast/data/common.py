@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._io import atomic_write_bytes
 from .schema import CTRData, Schema, Split
 
 CACHE_FORMAT = 3   # 3: the vocabularies (kept tokens per field) are cached too
@@ -369,12 +370,10 @@ def save_cache(cache_dir: str, name: str, key: str, data: CTRData, source: Optio
             np.savez(f, **arrays)
         os.replace(tmp, npz_path)
         if source is not None:
-            record = dict(source, cache_format=CACHE_FORMAT)
-            tmp = f"{_source_path(cache_dir, name, key)}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(record, f, sort_keys=True, default=str)
-            os.replace(tmp, _source_path(cache_dir, name, key))
-            removed = _prune_superseded(cache_dir, name, key, json.loads(json.dumps(record, default=str)))
+            text = json.dumps(dict(source, cache_format=CACHE_FORMAT), sort_keys=True, default=str)
+            atomic_write_bytes(text.encode("utf-8"), _source_path(cache_dir, name, key))
+            # compared as read back from JSON, as the other entries' records are
+            removed = _prune_superseded(cache_dir, name, key, json.loads(text))
             if removed:
                 data.info["cache_removed"] = removed
                 logging.getLogger("sfg_fast.data").info("removed superseded cache entries %s", removed)
