@@ -40,14 +40,23 @@ if [ "${SFG_FAST_GPU_BUILD_EXT:-1}" = 1 ]; then
 fi
 XDIST=()
 if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n "${GPU_TEST_WORKERS:-8}"); fi
+# -v: each test's result is logged as it ends, so a run cut off by its timeout still names what passed
+# and failed; a per-test limit (pytest-timeout, where installed) keeps one hung test from taking the rest
+PER_TEST=()
+if "$PYTHON" -c "import pytest_timeout" >/dev/null 2>&1; then PER_TEST=(--timeout "${GPU_TEST_TIMEOUT_EACH:-90}"); fi
 start=$(date +%s)
-timeout -k 10 "$(within "${GPU_TESTS_TIMEOUT:-150}" 200)" "$PYTHON" -m pytest -m "gpu or interpreter" -q -p no:cacheprovider \
-  "${XDIST[@]}" >"$LOGS/tests.log" 2>&1
+timeout -k 10 "$(within "${GPU_TESTS_TIMEOUT:-150}" 200)" "$PYTHON" -m pytest -m "gpu or interpreter" -v -rfE \
+  --durations=8 -p no:cacheprovider "${XDIST[@]}" "${PER_TEST[@]}" >"$LOGS/tests.log" 2>&1
 tests_rc=$?
 tests_note="rc=$tests_rc in $(( $(date +%s) - start )) s (124 = timed out); $(tail -1 "$LOGS/tests.log")"
 echo "gpu tests: $tests_note"
-grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -20
-tail -3 "$LOGS/tests.log"
+if [ "$tests_rc" = 124 ]; then    # no summary: the per-test lines
+  grep -cE " PASSED " "$LOGS/tests.log" | sed 's/^/passed before the timeout: /'
+  grep -E " (FAILED|ERROR) " "$LOGS/tests.log" | head -20
+else
+  grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" | head -20
+fi
+grep -A9 -E "slowest [0-9]+ durations" "$LOGS/tests.log" | tail -8
 if [ -n "$BUILD_PID" ]; then
   wait "$BUILD_PID"
   grep -iE "error|warning: could not" "$LOGS/build.log" | head -5
