@@ -803,7 +803,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the benchmarks; later providers are skipped when spent (default 180)")
     p.add_argument("--compile-on-cpu", action="store_true", help="run the torch.compile baselines on CPU too")
-    p.add_argument("--sections", default="lookup,step,profile,interaction,sweep,graph",
+    p.add_argument("--sections", default="lookup,step,graph,profile,interaction,sweep",
                    help="comma-separated sections to run, in this order (graph: the compiled zoo step and the "
                         "step captured in a CUDA graph)")
     args = p.parse_args(argv)
