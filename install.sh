@@ -21,6 +21,12 @@ if [ "${SFG_FAST_NO_TORCHREC:-0}" != "1" ]; then
     $PIP install -q --no-deps torchrec==1.8.0
     $PIP install -q tensordict==0.15.3 torchmetrics==1.9.0 tqdm pyre-extensions==0.0.32
 fi
+# The oldest Triton a GPU machine may carry (torch 2.11 + triton 3.6): kept apart from the venv's own,
+# only for tests/test_triton_aot.py, which compiles the table kernels with it for sm_90 (no GPU needed).
+# Set SFG_FAST_NO_COMPAT_TRITON=1 to skip.
+if [ "${SFG_FAST_NO_COMPAT_TRITON:-0}" != "1" ] && [ ! -d .venv/compat/triton-3.6.0/triton ]; then
+    $PIP install -q --no-deps --target .venv/compat/triton-3.6.0 triton==3.6.0
+fi
 # --no-build-isolation: build against the torch installed above (an isolated build would fetch another).
 $PIP install -q --no-build-isolation -e .
 .venv/bin/python -m sfg_fast.info

@@ -276,9 +276,9 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
             SF.bce_with_logits(fn(ids), labels, backend="torch").backward()
         return call
 
-    def measure(kind, backend, mode, compiled=False, tf32=False, engine=False):
+    def measure(kind, backend, mode, compiled=False, tf32=False, engine=False, gemms="auto"):
         def body():
-            with _tf32(tf32), _per_field_engine(engine):
+            with _tf32(tf32), _per_field_engine(engine), _torch_gemms(gemms):
                 return inner()
 
         def inner():
@@ -315,15 +315,19 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
     # (name, backend, tf32): *_tf32 rows let the matrix units run in TF32 (ours through
     # SFG_FAST_ALLOW_TF32's switch, torch's through torch.backends.cuda.matmul.allow_tf32)
     # fused = the GEMM-shaped kernels (ops.sfg_gemm); fused_engine = the per-field engine they replace
+    # fused_triton_gemm = every GEMM in the Triton kernels (ops.sfg_gemm.TORCH_GEMMS="never"); fused lets
+    # "auto" hand the exact-fp32 GEMMs to cuBLAS on a GPU
     eager = [("fused", "triton", False), ("reference", "reference", False), ("factored", "torch", False),
-             ("fused_tf32", "triton", True), ("factored_tf32", "torch", True), ("fused_engine", "triton", False)]
+             ("fused_tf32", "triton", True), ("factored_tf32", "torch", True), ("fused_triton_gemm", "triton", False),
+             ("fused_engine", "triton", False)]
     for kind in KINDS:
         for mode in ("fwd", "fwd+bwd"):
             for name, backend, tf32 in eager:
                 if tf32 and device != "cuda":
                     continue
                 _attempt(rows, budget, _row("interaction", kind, name, mode),
-                         measure(kind, backend, mode, tf32=tf32, engine=name == "fused_engine"))
+                         measure(kind, backend, mode, tf32=tf32, engine=name == "fused_engine",
+                                 gemms="never" if name == "fused_triton_gemm" else "auto"))
     # compile_fused: the Triton kernels as sfg_fast:: custom ops inside an Inductor graph
     compiled = [("compile_factored", "torch", "fwd+bwd", False), ("compile_fused", "triton", "fwd+bwd", False),
                 ("compile_reference", "reference", "fwd+bwd", False),
@@ -352,6 +356,12 @@ def _per_field_engine(on: bool):
     """Route the Triton sfg_logits through the per-field engine instead of ops.sfg_gemm."""
     from sfg_fast.ops import sfg_logits as ops_logits
     return _patched((ops_logits, "GEMM_PATH", ops_logits.GEMM_PATH and not on))
+
+
+def _torch_gemms(mode: str):
+    """ops.sfg_gemm.TORCH_GEMMS for the block: who runs the fused path's GEMMs."""
+    from sfg_fast.ops import sfg_gemm
+    return _patched((sfg_gemm, "TORCH_GEMMS", mode))
 
 
 def _tf32(on: bool):
@@ -411,6 +421,27 @@ def bench_sweep(rows, args, device, budget, dims) -> None:
                          measure(kind, dec, tf32, gather_in_gemm=in_gemm), min_left=10.0)
 
 
+def _host_profile(step, reps: int) -> List[str]:
+    """Python functions by own time over ``reps`` calls of ``step`` (cProfile), for host overhead."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    entries = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])      # (cc, nc, tottime, cumtime, callers)
+    total = sum(v[2] for _, v in entries) / reps * 1e6
+    lines = [f"  host, Python functions by own time per step (cProfile; total {total:.1f} us):"]
+    for (filename, line, name), (cc, nc, tt, ct, _) in entries[:16]:
+        where = f"{os.path.basename(filename)}:{line}" if line else filename
+        lines.append(f"  {tt / reps * 1e6:9.1f} us  x{nc / reps:<6.1f} {name[:50]} ({where[:60]})")
+    return lines
+
+
 def bench_profile(rows, args, device, budget, dims, out_dir) -> None:
     """Per-kernel GPU time of the fused forward+backward (torch.profiler), per decoder kind and
     precision: shows which pass dominates. Written to profile.txt; one row per kernel."""
@@ -446,25 +477,42 @@ def bench_profile(rows, args, device, budget, dims, out_dir) -> None:
                         step()
                     torch.cuda.synchronize()
                     reps = 10
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        step()
+                    torch.cuda.synchronize()
+                    wall_us = (time.perf_counter() - t0) / reps * 1e6
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                         for _ in range(reps):
                             step()
                         torch.cuda.synchronize()
+                    host = _host_profile(step, reps) if kind == "scalar" else []
             except Exception as exc:
                 traceback.print_exc(limit=3)
                 note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 lines.append(f"## {kind} tf32={tf32}: failed: {note}")
                 rows.append(_row("profile", kind, "-", "tf32" if tf32 else "ieee", status="error", note=note))
                 continue
-            events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+            averages = prof.key_averages()
+            events = [e for e in averages if getattr(e, "device_time_total", 0) > 0]
             events.sort(key=lambda e: -e.device_time_total)
             total = sum(e.device_time_total for e in events) / reps
-            lines.append(f"## {kind} tf32={tf32}: {total:.1f} us of GPU time per fwd+bwd")
+            lines.append(f"## {kind} tf32={tf32}: {total:.1f} us of GPU time per fwd+bwd; {wall_us:.1f} us wall "
+                         "(host clock, 10 steps then a sync, no profiler)")
             for e in events[:10]:
                 us = e.device_time_total / reps
                 lines.append(f"  {us:9.1f} us  {100 * us / max(total, 1e-9):5.1f}%  x{e.count // reps:<3} {e.key[:90]}")
                 rows.append(_row("profile", kind, e.key[:40], "tf32" if tf32 else "ieee",
                                  median_ms=us / 1e3, note=f"{e.count // reps} launches per step"))
+            # where the host's time goes: CPU-side ops and CUDA runtime calls (a sync or an allocation
+            # inside the step shows here), then the Python functions (cProfile) for the scalar kind
+            cpu = [e for e in averages if getattr(e, "self_cpu_time_total", 0) > 0]
+            cpu.sort(key=lambda e: -e.self_cpu_time_total)
+            lines.append(f"  host, top self CPU time per step (profiler on; total "
+                         f"{sum(e.self_cpu_time_total for e in cpu) / reps:.1f} us):")
+            for e in cpu[:14]:
+                lines.append(f"  {e.self_cpu_time_total / reps:9.1f} us  x{e.count / reps:<5.1f} {e.key[:90]}")
+            lines.extend(host)
             _atomic_write(os.path.join(out_dir, "profile.txt"), "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     _atomic_write(os.path.join(out_dir, "profile.txt"), "\n".join(lines) + "\n")
@@ -667,12 +715,15 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
         if compiled and device != "cuda" and not args.compile_on_cpu:
             raise common.Skip("torch.compile (Inductor) takes ~15 s per graph on CPU; GPU-only here "
                               "(--compile-on-cpu to force)")
+        from sfg_fast.optim import GRAPH_ROW_UPDATE
         if compiled:
             torch._dynamo.reset()
-            forward = torch.compile(model, fullgraph=True)
+            # torch < 2.13 cannot hold the tables' update in a graph: their lookups run between graphs
+            forward = torch.compile(model, fullgraph=GRAPH_ROW_UPDATE)
         out = model_step(model, torch.optim.Adam(model.parameters(), lr=1e-3), forward)
         if compiled:
-            out["note"] = "torch.compile(model, fullgraph=True), Inductor"
+            out["note"] = ("torch.compile(model, fullgraph=True), Inductor" if GRAPH_ROW_UPDATE else
+                           "torch.compile(model), Inductor; torch < 2.13: the fused lookups run between graphs")
         return out
 
     def literal_body():

@@ -35,6 +35,9 @@ from bench.envvars import env_var
 # Shared memory one block may use on sm_90 (227 KB with the opt-in attribute).
 SM90_MAX_SHARED = 232448
 BATCH, FIELDS, DIM = 4096, 39, 16
+# Embedding dims at which the table kernels also compile: small tiles are where Triton versions differ
+# (triton 3.6 broke the segment reduction at BLOCK_D <= 4, which D = 1 first-order tables hit).
+TABLE_DIMS = (1, 3)
 
 
 def _fake_driver():
@@ -130,8 +133,10 @@ def _tf32(on: bool):
         ops_logits.DEFAULT_ALLOW_TF32 = saved
 
 
-def workloads(sweep: bool = False) -> List[Tuple[str, Callable[[], None]]]:
-    """(name, fn) pairs; each fn runs forward and backward of one op through backend="triton"."""
+def workloads(sweep: bool = False, table_dims: Tuple[int, ...] = TABLE_DIMS) -> List[Tuple[str, Callable[[], None]]]:
+    """(name, fn) pairs; each fn runs forward and backward of one op through backend="triton".
+    ``table_dims``: more embedding dims at which the table kernels (lookup, its backward both ways, the
+    fused sparse updates) compile; the zoo's first-order tables have D = 1."""
     import torch
 
     import sfg_fast.functional as SF
@@ -154,26 +159,29 @@ def workloads(sweep: bool = False) -> List[Tuple[str, Callable[[], None]]]:
         return (torch.randn(width, width, dtype=dtype, generator=gen).requires_grad_(),
                 torch.randn(width, dtype=dtype, generator=gen).requires_grad_())
 
-    def table(dtype):
-        return torch.randn(sum(dims), d, generator=gen).to(dtype).requires_grad_()
+    def table(dtype, dim=d):
+        return torch.randn(sum(dims), dim, generator=gen).to(dtype).requires_grad_()
 
     def backward(out):
         out.float().sum().backward()
 
     out: List[Tuple[str, Callable[[], None]]] = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        name = str(dtype).replace("torch.", "")
-        for deterministic in (False, True):
-            def lookup(dtype=dtype, deterministic=deterministic):
-                with _deterministic(deterministic):
-                    backward(SF.embedding_lookup(ids, table(dtype), offsets, bounds_check="off", backend="triton"))
-            out.append((f"embedding_lookup {name}{' deterministic' if deterministic else ''}", lookup))
-        for optimizer in ("sgd", "adagrad", "adam"):
-            def fused(dtype=dtype, optimizer=optimizer):
-                emb = FusedFieldEmbedding(dims, d, optimizer=optimizer, bounds_check="off", backend="triton")
-                emb.weight.data = emb.weight.data.to(dtype)
-                backward(emb(ids))
-            out.append((f"fused sparse {optimizer} {name}", fused))
+    for td in (d,) + tuple(x for x in table_dims if x != d):
+        tag = "" if td == d else f" D={td}"
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            name = str(dtype).replace("torch.", "") + tag
+            for deterministic in (False, True):
+                def lookup(dtype=dtype, deterministic=deterministic, td=td):
+                    with _deterministic(deterministic):
+                        backward(SF.embedding_lookup(ids, table(dtype, td), offsets, bounds_check="off",
+                                                     backend="triton"))
+                out.append((f"embedding_lookup {name}{' deterministic' if deterministic else ''}", lookup))
+            for optimizer in ("sgd", "adagrad", "adam"):
+                def fused(dtype=dtype, optimizer=optimizer, td=td):
+                    emb = FusedFieldEmbedding(dims, td, optimizer=optimizer, bounds_check="off", backend="triton")
+                    emb.weight.data = emb.weight.data.to(dtype)
+                    backward(emb(ids))
+                out.append((f"fused sparse {optimizer} {name}", fused))
     for kind in ("identity", "scalar", "vector", "matrix"):
         for tf32 in (False, True):
             for vdtype in (torch.float32, torch.bfloat16):
@@ -214,6 +222,22 @@ def workloads(sweep: bool = False) -> List[Tuple[str, Callable[[], None]]]:
         out.append((f"pairwise_decode {kind}", lambda kind=kind: backward(SF.pairwise_decode(
             torch.randn(batch, n, d, generator=gen, requires_grad=True),
             torch.randn(batch, n, d, generator=gen, requires_grad=True), dec_weight(kind), kind, backend="triton"))))
+    def torch_gemms(kind):
+        """The GPU's exact-fp32 split: torch.mm GEMMs (not compiled here), the Triton epilogue and backward."""
+        from sfg_fast.ops import sfg_gemm
+        saved = sfg_gemm.TORCH_GEMMS
+        sfg_gemm.TORCH_GEMMS = "always"
+        try:
+            t = table(torch.float32)
+            w, b = enc()
+            backward(SF.sfg_logits(ids, t, offsets, w, b, dec_weight(kind), kind, "relu", 1.0, True,
+                                   backend="triton", bounds_check="off"))
+            backward(SF.sfg_logits(ids, t, offsets, w, None, dec_weight(kind), kind, "silu", 0.5,
+                                   symmetric=True, backend="triton", bounds_check="off"))   # encoder alone, decoder alone
+        finally:
+            sfg_gemm.TORCH_GEMMS = saved
+    for kind in ("scalar", "matrix"):
+        out.append((f"sfg_logits {kind} torch.mm GEMMs", lambda kind=kind: torch_gemms(kind)))
     for act in ("identity", "relu", "tanh", "sigmoid", "silu", "gelu"):
         out.append((f"sfg_encode {act}", lambda act=act: backward(SF.sfg_encode(
             torch.randn(batch, n, d, generator=gen, requires_grad=True), *enc(), activation=act, gamma=2.0,
@@ -262,7 +286,8 @@ def resources(ptx: str) -> Dict[str, int]:
             "spill_loads": grab(r"(\d+) bytes spill loads")}
 
 
-def run(sweep: bool = False) -> Tuple[List[dict], List[dict]]:
+def run(sweep: bool = False, table_dims: Tuple[int, ...] = TABLE_DIMS,
+        only: Tuple[str, ...] = ()) -> Tuple[List[dict], List[dict]]:
     """Compile everything; returns (kernel rows, failures)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("bench.triton_aot compiles the kernels: run it with TRITON_INTERPRET unset")
@@ -271,7 +296,9 @@ def run(sweep: bool = False) -> Tuple[List[dict], List[dict]]:
     with _triton_backend_on_cpu(), Recorder() as recorder:
         from sfg_fast.ops import load_backends
         load_backends()
-        for name, fn in workloads(sweep):
+        for name, fn in workloads(sweep, table_dims):
+            if only and not name.startswith(only):
+                continue
             recorder.workload = name
             try:
                 fn()
@@ -298,7 +325,8 @@ def run(sweep: bool = False) -> Tuple[List[dict], List[dict]]:
 def markdown(rows: List[dict], failures: List[dict]) -> str:
     import triton
     lines = [f"# Triton kernels compiled for sm_90 without a GPU (triton {triton.__version__})", "",
-             f"Shape B={BATCH}, N={FIELDS}, D={DIM}; {len(rows)} distinct compiled kernels; "
+             f"Shape B={BATCH}, N={FIELDS}, D={DIM} (table kernels also at the D named in their "
+             f"workload); {len(rows)} distinct compiled kernels; "
              f"{len(failures)} failures.", "",
              "| kernel | warps | stages | shared KB | registers | spill stores B | spill loads B | first workload "
              "(of n) |", "|---|---|---|---|---|---|---|---|"]
@@ -315,8 +343,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the rows and failures to this JSON file")
     parser.add_argument("--sweep", action="store_true", help="also compile every block config of gpu_check's sweep")
+    parser.add_argument("--table-dims", default=",".join(map(str, TABLE_DIMS)),
+                        help="more embedding dims for the table kernels (comma-separated; default %(default)s; "
+                             "'' for none)")
+    parser.add_argument("--only", default="",
+                        help="compile only the workloads whose name starts with one of these comma-separated "
+                             "prefixes (e.g. 'embedding_lookup,fused sparse')")
     args = parser.parse_args(argv)
-    rows, failures = run(args.sweep)
+    try:
+        table_dims = tuple(int(x) for x in args.table_dims.split(",") if x.strip())
+    except ValueError:
+        parser.error(f"--table-dims must be comma-separated integers, got {args.table_dims!r}")
+    if any(x < 1 for x in table_dims):
+        parser.error(f"--table-dims must be positive, got {args.table_dims!r}")
+    rows, failures = run(args.sweep, table_dims, tuple(p.strip() for p in args.only.split(",") if p.strip()))
     print(markdown(rows, failures), end="")
     if args.json:
         with open(args.json, "w") as f:

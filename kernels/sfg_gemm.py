@@ -13,7 +13,9 @@ Backward (g = dlogit [B]):  dH = g * T * gamma * act'(H),  dT = g * Y,  G = [dH 
     dX = G @ [We ; Wd^T] (+ g * T when X feeds Y)         one GEMM, K = 2W
     [dWe ; dWd^T] = G^T @ X                                one GEMM, K = B
 The same kernels run the encoder alone (sfg_encode: Z out, dZ in) and the decoder alone on dense
-operands (pairwise_decode: Y given, dY out). Row offsets into the table and every row * stride
+operands (pairwise_decode: Y given, dY out). Where torch.mm runs the GEMMs (cuBLAS for the exact fp32
+path on a GPU), _sfg_epilogue_kernel is the forward's epilogue and _sfg_gemm_grad_kernel the backward's
+elementwise middle, as here. Row offsets into the table and every row * stride
 product are int64.
 """
 import triton
@@ -107,6 +109,40 @@ def _sfg_gemm_fwd_kernel(
                  mask=mask_m)
         if STORE:
             tl.store(t_ptr + offs, acc_t, mask=mask)
+
+
+@triton.jit
+def _sfg_epilogue_kernel(
+        h_ptr, t_ptr, x_ptr, part_ptr, z_ptr, B, W, gamma,
+        stride_x0, stride_x1,
+        ACT: tl.constexpr, RESIDUAL: tl.constexpr, HAS_ENC: tl.constexpr, HAS_DEC: tl.constexpr,
+        STORE_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward's epilogue when the GEMMs ran elsewhere (torch.mm: cuBLAS's fp32 GEMM outruns
+    tl.dot's exact-fp32 path several times): H = X @ We^T + b and T = X @ Wd are given as [B, W] fp32.
+
+    HAS_ENC: Y = gamma * act(H) (+ X); STORE_Z writes it (the encoder-only op). Else Y is ``x`` itself
+    (the dense Y of the decoder-only op). HAS_DEC: part[b, n] = sum over the tile's columns of Y * T,
+    the layout _sfg_gemm_fwd_kernel writes, for _sfg_logit_reduce_kernel. x: [B, W], strides (x0, x1)."""
+    pid_n = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rows < B
+    mask = mask_m[:, None] & (cols < W)[None, :]
+    offs = rows[:, None] * W + cols[None, :]
+    if HAS_ENC:
+        y = gamma * _activate(tl.load(h_ptr + offs, mask=mask, other=0.0), ACT)
+        if RESIDUAL:
+            y += tl.load(x_ptr + rows[:, None] * stride_x0 + cols[None, :] * stride_x1, mask=mask,
+                         other=0.0).to(tl.float32)
+        if STORE_Z:
+            tl.store(z_ptr + offs, y, mask=mask)
+    else:
+        y = tl.load(x_ptr + rows[:, None] * stride_x0 + cols[None, :] * stride_x1, mask=mask,
+                    other=0.0).to(tl.float32)
+    if HAS_DEC:
+        y = tl.where(mask, y, 0.0)        # act(0) need not be 0 (sigmoid): padded columns add nothing
+        t = tl.load(t_ptr + offs, mask=mask, other=0.0)
+        tl.store(part_ptr + rows * tl.num_programs(1) + pid_n.to(tl.int64), tl.sum(y * t, axis=1), mask=mask_m)
 
 
 @triton.jit

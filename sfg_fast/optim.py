@@ -23,7 +23,10 @@ fp32/bf16 CPU tables when available, else torch.
 
 Under ``torch.compile`` (fullgraph included) the lookup and its update are the graph ops
 ``sfg_fast::fused_gather`` and ``sfg_fast::fused_row_update`` (see "the same lookup inside torch.compile
-graphs" below); a compiled step updates the tables exactly as an eager one on the same backend.
+graphs" below); a compiled step updates the tables exactly as an eager one on the same backend. That
+needs torch >= 2.13: older AOTAutograd refuses a backward that writes a parameter, so there the fused
+lookup runs eagerly between graphs (a graph break; ``fullgraph=True`` raises Dynamo's error naming
+``_fused_lookup_between_graphs_before_torch_2_13``).
 """
 from __future__ import annotations
 
@@ -580,13 +583,35 @@ def _resolve_fused_while_tracing(backend: str, device: str, dtype: str, contiguo
                                   contiguous, kind, dim)
 
 
+# torch < 2.13's AOTAutograd, tracing the joint graph, replays a backward's write of a forward input with
+# grad mode on, and a parameter is a leaf that requires grad: compiling fails with "a leaf Variable that
+# requires grad is being used in an in-place operation" (seen with torch 2.11 on an H200; torch 2.13 replays
+# it under no_grad). There the fused lookup stays out of the graph.
+GRAPH_ROW_UPDATE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
+def _eager_fused_lookup(ids, weight, offsets, optimizer: SparseRowOptimizer, backend: str) -> torch.Tensor:
+    dim = weight.shape[1] if weight.dim() == 2 else None
+    chosen = _resolve_fused_backend(backend, weight.device, weight.dtype, weight.is_contiguous(), optimizer.kind,
+                                    dim)
+    return _FusedLookupFunction.apply(ids, weight, offsets, optimizer, chosen)
+
+
+@torch.compiler.disable
+def _fused_lookup_between_graphs_before_torch_2_13(ids, weight, offsets, optimizer: SparseRowOptimizer,
+                                                   backend: str) -> torch.Tensor:
+    """The eager fused lookup, called between two compiled graphs (torch < 2.13; see GRAPH_ROW_UPDATE).
+    Its name is what Dynamo's fullgraph error shows."""
+    return _eager_fused_lookup(ids, weight, offsets, optimizer, backend)
+
+
 def _fused_lookup(ids, weight, offsets, optimizer: SparseRowOptimizer, backend: str) -> torch.Tensor:
     """The fused lookup of validated ids: the autograd Function eagerly, the custom op while compiling."""
-    dim = weight.shape[1] if weight.dim() == 2 else None
     if not torch.compiler.is_compiling():
-        chosen = _resolve_fused_backend(backend, weight.device, weight.dtype, weight.is_contiguous(),
-                                        optimizer.kind, dim)
-        return _FusedLookupFunction.apply(ids, weight, offsets, optimizer, chosen)
+        return _eager_fused_lookup(ids, weight, offsets, optimizer, backend)
+    if not GRAPH_ROW_UPDATE:
+        return _fused_lookup_between_graphs_before_torch_2_13(ids, weight, offsets, optimizer, backend)
+    dim = weight.shape[1] if weight.dim() == 2 else None
     chosen = _resolve_fused_while_tracing(
         backend, str(weight.device), str(weight.dtype), weight.is_contiguous(), optimizer.kind, dim)
     state1, state2 = _state_args(optimizer, weight)
@@ -641,7 +666,7 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
 
     ``forward(ids [B, N]) -> V [B, N, D]``. The optimizer state travels in ``state_dict()`` (extra state)
     and follows the module on ``.to(...)``. Under ``torch.compile(fullgraph=True)`` the lookup and its
-    update are graph ops (see the custom ops below), and compiled training equals eager training.
+    update are graph ops (torch >= 2.13; see the module docstring), and compiled training equals eager training.
     Args: as FieldEmbedding, plus ``optimizer`` ("sgd" | "adagrad" | "adam"), ``lr``, ``eps``, ``betas``,
     ``initial_accumulator_value`` (Adagrad), ``dtype`` of the table. Assigning ``optimizer`` (a
     :class:`SparseRowOptimizer`) prepares its state for this table.

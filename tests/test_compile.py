@@ -11,6 +11,7 @@ import torch
 import sfg_fast.functional as SF
 from sfg_fast import library, models
 from sfg_fast import ops as sfg_ops
+from sfg_fast.optim import GRAPH_ROW_UPDATE
 from tests.helpers import offsets_of
 
 # Triton runs natively on a GPU and through the interpreter on CPU; the torch backend stays on CPU.
@@ -452,6 +453,31 @@ def test_fused_tables_compile_fullgraph_and_train_like_eager(name, optimizer):
     _assert_same_training(eager, twin)
 
 
+def test_fused_lookup_runs_between_graphs_where_torch_cannot_hold_the_update(monkeypatch):
+    """torch < 2.13 cannot compile a backward that writes a parameter (GRAPH_ROW_UPDATE is False there):
+    the fused lookup then runs eagerly between graphs, trains like eager, and fullgraph=True fails with an
+    error naming why."""
+    import sfg_fast.optim as O
+    monkeypatch.setattr(O, "GRAPH_ROW_UPDATE", False)
+    torch._dynamo.reset()
+    eager, twin = _fused_twins("fwfm", "adam")
+    with pytest.raises(Exception, match="_fused_lookup_between_graphs_before_torch_2_13"):
+        torch.compile(twin, fullgraph=True, backend="aot_eager")(_ids())
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="aot_eager")
+    opt_e = torch.optim.Adam([p for n, p in eager.named_parameters() if "embedding" not in n and "table" not in n])
+    opt_t = torch.optim.Adam([p for n, p in twin.named_parameters() if "embedding" not in n and "table" not in n])
+    for step in range(2):
+        ids, labels = _ids(), torch.rand(B)
+        for model, opt in ((eager, opt_e), (compiled, opt_t)):
+            opt.zero_grad()
+            SF.bce_with_logits(model(ids), labels, backend="torch").backward()
+            opt.step()
+    assert twin.embedding.optimizer.step_count == 2
+    _assert_same_training(eager, twin)
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_inductor_updates_fused_tables_in_place():
     """Under Inductor the update op runs on the module's own table and state (Inductor re-inplaces the
@@ -624,7 +650,8 @@ def test_fused_table_triton_backend_compiles(kind):
     tables = [FusedFieldEmbedding(FIELD_DIMS, D, optimizer=kind, lr=0.1, backend="triton").to(TRITON_DEVICE)
               for _ in range(2)]
     tables[1].load_state_dict(tables[0].state_dict())
-    compiled = torch.compile(tables[1], fullgraph=True, backend="aot_eager")
+    # torch < 2.13 (a GPU image's torch 2.11): the lookup runs between graphs (optim.GRAPH_ROW_UPDATE)
+    compiled = torch.compile(tables[1], fullgraph=GRAPH_ROW_UPDATE, backend="aot_eager")
     for step in range(2):
         ids = _ids(device=TRITON_DEVICE)
         upstream = torch.randn(B, len(FIELD_DIMS), D, device=TRITON_DEVICE)
@@ -651,7 +678,7 @@ def test_inductor_fused_tables_on_gpu(kind):
     def spy(optimizer, weight, *args):
         seen.append((weight.data_ptr(), tuple(t.data_ptr() for t in optimizer.state.values())))
         return real(optimizer, weight, *args)
-    compiled = torch.compile(tables[1], fullgraph=True)
+    compiled = torch.compile(tables[1], fullgraph=GRAPH_ROW_UPDATE)    # torch < 2.13: between graphs
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:

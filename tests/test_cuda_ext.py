@@ -144,7 +144,10 @@ def test_fused_lookup_cuda_backend_trains_like_the_torch_backend(id_dtype):
         ids = zipf_ids(1024, field_dims, generator=torch.Generator().manual_seed(step), dtype=id_dtype).to(DEVICE)
         up = torch.randn(1024, len(field_dims), 16, device=DEVICE)
         V = cuda(ids)
-        assert torch.equal(V, twin(ids).detach())
+        if step == 0:      # one table: the gathers agree exactly
+            assert torch.equal(V, twin(ids).detach())
+        else:              # the two updates' sums round differently (sorted segments vs index_add)
+            torch.testing.assert_close(V, twin(ids).detach(), rtol=1e-5, atol=1e-6)
         V.backward(up)
         twin(ids).backward(up)
     torch.cuda.synchronize()

@@ -38,3 +38,28 @@ def test_every_kernel_compiles_for_sm90_within_its_resources(tmp_path):
     for row in data["rows"]:
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= 232448, row
     assert "| _sparse_update_kernel |" in done.stdout
+
+
+# The oldest torch/triton pair a GPU machine may carry (BUILD.md: torch 2.11 + triton 3.6). install.sh
+# puts that triton beside the venv's own; its compiler rejected kernels that 3.7.1 compiles.
+COMPAT_TRITON = os.path.join(ROOT, ".venv", "compat", "triton-3.6.0")
+
+
+def test_every_kernel_compiles_with_the_oldest_supported_triton(tmp_path):
+    if not os.path.isdir(COMPAT_TRITON):
+        assert os.environ.get("SFG_FAST_REQUIRE_EXT") != "1", f"install.sh did not install {COMPAT_TRITON}"
+        pytest.skip(f"no {COMPAT_TRITON} (./install.sh puts triton 3.6.0 there)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = COMPAT_TRITON
+    out = tmp_path / "aot36.json"
+    done = subprocess.run([sys.executable, "-m", "bench.triton_aot", "--table-dims", "1,3", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert "(triton 3.6.0)" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["failures"] == []
+    workloads = {w for row in data["rows"] for w in row["workloads"]}
+    for name in ("fused sparse adagrad float32 D=1", "embedding_lookup float32 D=3 deterministic",
+                 "fused sparse adam bfloat16", "embedding_lookup float16"):
+        assert name in workloads, sorted(workloads)
+    assert {row["kernel"] for row in data["rows"]} == _launchable_kernels()

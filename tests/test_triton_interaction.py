@@ -471,6 +471,10 @@ def test_gemm_kernels_address_in_int64():
          {"h_ptr": f32, "t_ptr": f32, "xy_ptr": f32, "dlogit_ptr": f32, "dz_ptr": f32, "g_ptr": f32,
           "dy_ptr": f32, "gamma": "fp32"},
          {"ACT": 2, "RESIDUAL": True, "HAS_ENC": True, "HAS_DEC": True, "BLOCK_M": 16, "BLOCK_N": 16}),
+        ("sfg_fast.kernels.sfg_gemm", "_sfg_epilogue_kernel",
+         {"h_ptr": f32, "t_ptr": f32, "x_ptr": "*bf16", "part_ptr": f32, "z_ptr": f32, "gamma": "fp32"},
+         {"ACT": 1, "RESIDUAL": True, "HAS_ENC": True, "HAS_DEC": True, "STORE_Z": True, "BLOCK_M": 16,
+          "BLOCK_N": 16}),
         ("sfg_fast.kernels.sfg_gemm", "_sfg_logit_reduce_kernel",
          {"part_ptr": f32, "labels_ptr": f32, "logit_ptr": f32, "loss_ptr": f32, "dlogit_ptr": f32},
          {"HAS_LABELS": True, "BLOCK_B": 16, "BLOCK_P": 4}),
@@ -635,3 +639,98 @@ def test_sfg_interaction_on_dense_v(kind, symmetric, side, encode, act, residual
         results[name] = [out.cpu()] + [g.cpu() for g in grads]
     for k, (got, ref64, ref32) in enumerate(zip(results["triton"], results["ref64"], results["ref32"])):
         assert_2x(got, ref64, ref32, f"sfg_interaction {kind} output {k}", floor=1e-5)
+
+
+# ----------------------------------------------------------------------------- GEMMs through torch.mm
+# ops.sfg_gemm.TORCH_GEMMS: on a GPU the exact-fp32 path hands its GEMMs to torch.mm (cuBLAS) and keeps the
+# Triton epilogue and elementwise backward; "always" runs that split here (torch.mm on CPU).
+
+def _torch_gemms(monkeypatch):
+    from sfg_fast.ops import sfg_gemm
+    monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "always")
+    return _spy(monkeypatch, sfg_gemm, "_torch_gemm_forward")
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[9], CASES[11]],
+                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-sym{int(c[3])}-{c[4]}")
+def test_torch_gemms_match_reference(case, monkeypatch):
+    """Fused encoder + decoder (bias, residual, both sides), and the symmetric plans (encoder alone, then
+    the decoder alone on dense operands), against the fp64 reference by the 2x rule."""
+    calls = _torch_gemms(monkeypatch)
+    test_sfg_logits_matches_reference(case)
+    assert calls, "the torch.mm path was not taken"
+
+
+def test_torch_gemms_encode_and_decode_match_reference(monkeypatch):
+    calls = _torch_gemms(monkeypatch)
+    test_sfg_encode_matches_reference("gelu", True, True, (5, 3, 4))
+    test_pairwise_decode_matches_reference("matrix", "upper", "right", False, (10, 3, 5))
+    assert len(calls) >= 2
+
+
+def test_torch_gemms_write_every_poisoned_buffer(monkeypatch):
+    calls = _torch_gemms(monkeypatch)
+    test_poisoned_buffers_are_fully_written(monkeypatch)
+    assert calls
+
+
+def test_torch_gemms_deterministic_backward_is_bitwise_repeatable(monkeypatch):
+    calls = _torch_gemms(monkeypatch)
+    test_deterministic_backward_is_bitwise_repeatable()
+    assert calls
+
+
+def test_torch_gemms_agree_with_the_triton_gemms_on_a_bf16_table(monkeypatch):
+    """bf16 table (X cast to fp32 for torch.mm, as the kernels cast their loads); W = 85 spans two column
+    tiles. The torch.mm split and the all-Triton kernels agree to fp32 rounding."""
+    from sfg_fast.ops import sfg_gemm
+    ids, offsets, params = _problem(21, 5, 17, "vector", bias=True, seed=47)
+    options = dict(kind="vector", activation="silu", gamma=0.8, residual=True, pairs="offdiag",
+                   generated_side="right", symmetric=False)
+    params = dict(params, table=params["table"].to(torch.bfloat16))
+    fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
+    calls = _torch_gemms(monkeypatch)
+    split, g_split = _run(fn, ids, offsets, params, torch.float32, options)
+    assert calls
+    monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "never")
+    calls.clear()
+    fused, g_fused = _run(fn, ids, offsets, params, torch.float32, options)
+    assert not calls
+    _assert_same_results(split, g_split, fused, g_fused)
+
+
+def test_torch_gemms_choice(monkeypatch):
+    """"auto" takes torch.mm only for CUDA tensors on the exact fp32 path; a bad setting names the variable."""
+    from sfg_fast.ops import sfg_gemm
+    x = torch.zeros(2, 2)
+    assert sfg_gemm.TORCH_GEMMS == "auto"
+    assert not sfg_gemm.torch_gemms(x, "ieee")            # CPU tensors keep the Triton kernels
+    monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "always")
+    assert sfg_gemm.torch_gemms(x, "tf32")
+    monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "never")
+    assert not sfg_gemm.torch_gemms(x, "ieee")
+    monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "sometimes")
+    with pytest.raises(ValueError, match="SFG_FAST_TORCH_GEMMS"):
+        sfg_gemm.torch_gemms(x, "ieee")
+
+
+@pytest.mark.gpu
+def test_torch_gemms_auto_on_a_gpu(monkeypatch):
+    """On CUDA, "auto" hands the exact fp32 GEMMs to cuBLAS, but not TF32 ones (the Triton kernels are
+    faster there), not while torch's own TF32 switch would make cuBLAS inexact, and not in deterministic
+    mode unless CUBLAS_WORKSPACE_CONFIG makes cuBLAS repeatable."""
+    from sfg_fast.ops import sfg_gemm
+    x = torch.zeros(2, 2, device="cuda")
+    assert sfg_gemm.torch_gemms(x, "ieee") and not sfg_gemm.torch_gemms(x, "tf32")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert not sfg_gemm.torch_gemms(x, "ieee")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not sfg_gemm.torch_gemms(x, "ieee")
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        assert sfg_gemm.torch_gemms(x, "ieee")
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -220,7 +220,7 @@ def test_fatal_bounds_check_syncs_with_the_host_once():
     ids = _ids(64, field_dims, torch.int64)
     SF.embedding_lookup(ids, weight, offsets, bounds_check="fatal", backend="triton")   # compile first
     torch.cuda.synchronize()
-    counts = {}
+    counts, where = {}, {}
     for mode in ("fatal", "off"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -229,5 +229,7 @@ def test_fatal_bounds_check_syncs_with_the_host_once():
                 SF.embedding_lookup(ids, weight, offsets, bounds_check=mode, backend="triton")
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counts[mode] = sum("synchroniz" in str(w.message) for w in caught)
-    assert counts == {"fatal": 1, "off": 0}, counts
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        counts[mode] = len(syncs)
+        where[mode] = [f"{w.filename}:{w.lineno}: {str(w.message)[:120]}" for w in syncs]
+    assert counts == {"fatal": 1, "off": 0}, where     # the lines that synced

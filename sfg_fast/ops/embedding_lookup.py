@@ -90,6 +90,13 @@ def sorted_segments(ids: torch.Tensor, offsets: torch.Tensor) -> Tuple[torch.Ten
     return sorted_rows, perm, seg_end
 
 
+def _segment_block_d(dim: int) -> int:
+    """BLOCK_D of the segment reduction: at least 8. Triton 3.6 fails to compile it for a GPU at
+    BLOCK_D <= 4 (a layout pass, TritonGPURemoveLayoutConversions, breaks a masked load: "mask type
+    matches ptr type"), which the fused first-order tables (D = 1) hit; the extra lanes are masked off."""
+    return max(8, triton.next_power_of_2(dim))
+
+
 def _segment_blocks(total: int, block_d: int):
     """(BLOCK_P, CHUNK) of the segment reduction: [BLOCK_P, CHUNK, BLOCK_D] elements per step."""
     if _interpreting():
@@ -119,6 +126,7 @@ def embedding_lookup_bwd(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.T
         if grad.numel() == 0:
             return grad_weight
         sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
+        block_d = _segment_block_d(dim)
         block_p, chunk = _segment_blocks(perm.numel(), block_d)
         grid = (triton.cdiv(perm.numel(), block_p),)
         _embedding_lookup_bwd_sorted_kernel[grid](
@@ -165,7 +173,7 @@ def sparse_update(weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, o
         return
     sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
     dummy = weight.new_empty(0, dtype=torch.float32)
-    block_d = triton.next_power_of_2(dim)
+    block_d = _segment_block_d(dim)
     block_p, chunk = _segment_blocks(perm.numel(), block_d)
     grid = (triton.cdiv(perm.numel(), block_p),)
     _sparse_update_kernel[grid](

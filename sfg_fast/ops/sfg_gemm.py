@@ -40,6 +40,32 @@ POISON_VALUE: Optional[float] = None   # tests set NaN: an element a kernel fail
 # (bench/results/nvidia-h200/profile-20261128T052622.txt); SFG_FAST_GATHER_IN_GEMM=1 restores it.
 GATHER_IN_GEMM = os.environ.get("SFG_FAST_GATHER_IN_GEMM", "0") == "1"
 
+# Who runs the GEMMs: "auto" hands them to torch.mm (cuBLAS) on a GPU for the exact fp32 path, and keeps
+# the fused Triton kernels otherwise; "always" / "never" force one way (tests, benchmarks). On an H200
+# at the Criteo shape tl.dot's exact-fp32 path ran the forward GEMM pair at 5.5 TFLOP/s and the backward
+# pair at 9 (bench/results/nvidia-h200/profile-20261128T212156.txt), several times under cuBLAS's SGEMM;
+# in TF32 the Triton kernels ran at 90 and stay. The epilogue and the backward's elementwise middle stay
+# Triton kernels either way; the extra traffic is H and T ([B, W] fp32, saved for backward anyway).
+TORCH_GEMMS = os.environ.get("SFG_FAST_TORCH_GEMMS", "auto")
+_TORCH_GEMM_MODES = ("auto", "always", "never")
+# cuBLAS is deterministic under torch.use_deterministic_algorithms only with one of these
+_DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def torch_gemms(t: torch.Tensor, precision: str) -> bool:
+    """Whether this pass's GEMMs go to torch.mm (see TORCH_GEMMS)."""
+    mode = TORCH_GEMMS
+    if mode not in _TORCH_GEMM_MODES:
+        raise ValueError(f"SFG_FAST_TORCH_GEMMS must be one of {_TORCH_GEMM_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode == "always"
+    # only where cuBLAS computes what was asked: exact fp32 (torch's TF32 switch off), and in
+    # deterministic mode only with the workspace setting that makes cuBLAS repeatable
+    if not t.is_cuda or precision != "ieee" or torch.backends.cuda.matmul.allow_tf32:
+        return False
+    return (not torch.are_deterministic_algorithms_enabled()
+            or os.environ.get("CUBLAS_WORKSPACE_CONFIG") in _DETERMINISTIC_CUBLAS)
+
 
 def _empty(*shape, **kwargs) -> torch.Tensor:
     out = torch.empty(*shape, **kwargs)
@@ -96,6 +122,14 @@ def _matmul(a, b, c, scale=None, addend=None, ids=None, offsets=None, d=1, preci
     m, k = a.shape
     n = b.shape[1]
     if m == 0 or n == 0:
+        return c
+    if ids is None and torch_gemms(a, precision):
+        torch.mm(a.to(torch.float32), b.to(torch.float32), out=c)
+        if addend is not None:
+            if scale is not None:
+                c.addcmul_(scale.to(torch.float32)[:, None], addend)
+            else:
+                c.add_(addend)
         return c
     bm, bn, bk, warps, stages = gemm_blocks(m, n, k)
     scatter = ids is not None
@@ -165,7 +199,10 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
     if gathered is not None:
         xs = None                     # nothing for the kernel to store: X is the gathered tensor
     ys = (y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)
-    if width > 0:
+    if width > 0 and not plan.gather and torch_gemms(x, plan.precision):
+        part = _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, batch, width, f32)
+        tiles_n = part.shape[1]
+    elif width > 0:
         G._sfg_gemm_fwd_kernel[(triton.cdiv(batch, bm), tiles_n)](
             x, ids if plan.gather else dummy, offsets if plan.gather else dummy, y if y is not None else dummy,
             enc_w if has_enc else dummy, enc_b if enc_b is not None else dummy, wd if has_dec else dummy,
@@ -184,6 +221,35 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
             dlogit if dlogit is not None else dummy, batch, tiles_n,
             HAS_LABELS=labels is not None, BLOCK_B=block_b, BLOCK_P=triton.next_power_of_2(tiles_n))
     return logit, loss, dlogit, z, saved
+
+
+def _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, batch, width, f32) -> torch.Tensor:
+    """The forward with torch.mm GEMMs (see TORCH_GEMMS) on a dense X: H = X @ We^T + b and T = X @ Wd
+    (into the saved buffers when given), then the Triton epilogue. Returns the partial logits
+    [B, column tiles] for _sfg_logit_reduce_kernel (a dummy when there is no decoder)."""
+    has_enc, has_dec = enc_w is not None, wd is not None
+    x2d = x.reshape(batch, width)
+    x32 = x2d.to(torch.float32)
+    h = t = None
+    if has_enc:
+        h = hs if hs is not None else _empty(batch, width, **f32)
+        if enc_b is not None:
+            torch.addmm(enc_b.to(torch.float32), x32, enc_w.to(torch.float32).t(), out=h)
+        else:
+            torch.mm(x32, enc_w.to(torch.float32).t(), out=h)
+    if has_dec:
+        t = ts if ts is not None else _empty(batch, width, **f32)
+        torch.mm(x32, wd.to(torch.float32), out=t)
+    source = x2d if has_enc else y.reshape(batch, width)   # the residual X, or the decoder-only op's Y
+    bm, bn = (16, _pow2(width, 16, 64)) if _interpreting() else (32, 128)
+    tiles_n = triton.cdiv(width, bn)
+    part = _empty(batch, tiles_n, **f32)
+    G._sfg_epilogue_kernel[(triton.cdiv(batch, bm), tiles_n)](
+        h if h is not None else part, t if t is not None else part, source, part, z if z is not None else part,
+        batch, width, float(plan.gamma), source.stride(0), source.stride(1),
+        ACT=K.ACT_CODES[plan.activation], RESIDUAL=plan.residual, HAS_ENC=has_enc, HAS_DEC=has_dec,
+        STORE_Z=not has_dec, BLOCK_M=bm, BLOCK_N=bn)
+    return part
 
 
 def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, need_x=True, need_y=False,
@@ -226,7 +292,13 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
         extra = {}
         if plan.residual and has_enc:
             extra = dict(scale=dlogit, addend=ts) if has_dec else dict(addend=dz2d)
-        if plan.gather and not torch.are_deterministic_algorithms_enabled():
+        if plan.gather and not torch.are_deterministic_algorithms_enabled() and torch_gemms(grads, plan.precision):
+            # torch.mm's product, then the lookup's atomic scatter into the table gradient
+            from .embedding_lookup import embedding_lookup_bwd
+            dense = _matmul(grads, stacked, _empty(batch, width, **f32), precision=plan.precision, **extra)
+            dx = embedding_lookup_bwd(dense.view(batch, n, d), ids, offsets, x.shape[0], torch.float32,
+                                      deterministic=False)
+        elif plan.gather and not torch.are_deterministic_algorithms_enabled():
             dx = torch.zeros(x.shape[0], d, **f32)
             _matmul(grads, stacked, dx, ids=ids, offsets=offsets, d=d, precision=plan.precision, **extra)
         else:
