@@ -51,7 +51,25 @@ def collect() -> dict:
         "backend_module_errors": dict(LOAD_ERRORS),
         # sfg_fast.serving's int8-table ops (sfg_logits_int8, embedding_lookup_int8) on CPU tensors
         "serving_int8_auto": _serving_backend(),
+        # whether torch.compile holds a fused table's update in the graph (torch >= 2.13) or runs its
+        # lookup between graphs
+        "fused_tables_in_graph": _fused_tables_in_graph(),
+        # who runs the Triton path's GEMMs (ops.sfg_gemm.TORCH_GEMMS; "auto": cuBLAS for exact fp32 on a GPU)
+        "triton_path_gemms": _triton_path_gemms(),
     }
+
+
+def _fused_tables_in_graph() -> bool:
+    from sfg_fast.optim import GRAPH_ROW_UPDATE
+    return bool(GRAPH_ROW_UPDATE)
+
+
+def _triton_path_gemms() -> str:
+    try:
+        from sfg_fast.ops import sfg_gemm
+    except Exception as exc:    # triton missing
+        return f"n/a ({type(exc).__name__})"
+    return sfg_gemm.TORCH_GEMMS
 
 
 def _serving_backend() -> str:
@@ -83,6 +101,12 @@ def main() -> None:
         if device == "cpu":
             print("  (while torch.compile traces on CPU, auto takes the torch ops, which Inductor fuses; "
                   "torch.export keeps the table above)")
+    print("\nfused tables under torch.compile: " + (
+        "lookup and update inside the graph" if info["fused_tables_in_graph"] else
+        "the lookup runs between graphs (torch < 2.13 cannot compile a backward that writes a parameter)"))
+    gemms = info["triton_path_gemms"]
+    print(f"GEMMs of the triton path: {gemms}" + (" (cuBLAS for exact fp32 on a GPU, else Triton; "
+                                                  "SFG_FAST_TORCH_GEMMS)" if gemms == "auto" else ""))
     print(f"\nserving with int8 tables (sfg_fast.serving) on cpu: auto -> {info['serving_int8_auto']} "
           f"({'the fused C++ pipeline' if info['serving_int8_auto'] == 'cpu' else 'dequantise + factored torch'})")
     if info["backend_module_errors"]:

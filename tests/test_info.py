@@ -17,6 +17,9 @@ def test_collect_names_every_backend_and_reason():
         # which clone of the ISA-dispatched CPU loops runs here (baseline in sanitizer builds)
         assert data["extension"]["cpu_isa"] in ("x86-64-v4", "x86-64-v3", "baseline")
     assert data["serving_int8_auto"] == ("cpu" if data["extension"]["built"] else "torch")
+    import torch
+    assert data["fused_tables_in_graph"] == (tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13))
+    assert data["triton_path_gemms"] in ("auto", "always", "never")
     for device, ops in data["auto"].items():
         assert set(ops) >= {"embedding_lookup", "sfg_encode", "pairwise_decode", "bce_with_logits",
                             "sfg_interaction"}
@@ -26,3 +29,4 @@ def test_module_runs():
     out = subprocess.run([sys.executable, "-m", "sfg_fast.info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "backends:" in out.stdout and "auto ->" in out.stdout
+    assert "fused tables under torch.compile:" in out.stdout and "GEMMs of the triton path:" in out.stdout
