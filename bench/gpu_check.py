@@ -682,11 +682,19 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
             opt.step()
         return _time_step(step)
 
-    def graph_body():
+    def graph_body(tf32=False):
         """The one-op fused step captured whole in a CUDA graph (tests/test_cuda_graphs.py checks it
-        trains like eager steps): replay cost is GPU time only, no Python or launch overhead."""
+        trains like eager steps): replay cost is GPU time only, no Python or launch overhead. ``tf32``:
+        captured with TF32 allowed (the Triton GEMMs in TF32)."""
         if device != "cuda":
             raise common.Skip("CUDA graphs need a GPU")
+        with _tf32(tf32):
+            out = captured_step()
+        if tf32:
+            out["note"] += "; TF32 GEMMs"
+        return out
+
+    def captured_step():
         backend = "triton"
         embedding = FusedFieldEmbedding(dims, d, optimizer="adagrad", lr=0.01, bounds_check="off",
                                         backend=backend).to(device)
@@ -786,6 +794,8 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
 
     if graph:
         _attempt(rows, budget, _row("step", "scalar", "fused cuda graph", "train"), graph_body)
+        _attempt(rows, budget, _row("step", "scalar", "fused cuda graph tf32", "train"),
+                 lambda: graph_body(tf32=True))
         _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused compiled", "train"),
                  lambda: zoo_body(compiled=True))
         return
