@@ -80,11 +80,12 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "deterministic": True,      # fit under torch.use_deterministic_algorithms(True, warn_only=True): the
                                 # GPU backward passes reduce without atomics, so a run (and a resume) repeats
                                 # bit for bit; false trades that for speed
-    "compile": False,           # torch.compile the training forward and backward: true (Inductor) or a
-                                # torch.compile backend name ("aot_eager" copies fused tables every step:
-                                # a debugging backend); evaluation runs the model eagerly. On CPU, backend
-                                # auto then takes the torch ops (Inductor fuses them; the extension's would
-                                # stay opaque)
+    "compile": False,           # torch.compile the training forward and backward: true (Inductor), an
+                                # Inductor mode ("reduce-overhead": CUDA graphs on a GPU; "max-autotune",
+                                # ...) or a torch.compile backend name ("aot_eager" copies fused tables every
+                                # step: a debugging backend); evaluation runs the model eagerly. On CPU,
+                                # backend auto then takes the torch ops (Inductor fuses them; the
+                                # extension's would stay opaque)
     "verbose": 1,
     "out": None,
 }
@@ -289,8 +290,9 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"lr_decay_factor must be a number in (0, 1], got {decay!r}")
     compile_ = cfg["compile"]
     if not isinstance(compile_, (bool, np.bool_)) and not (isinstance(compile_, str) and compile_.strip()):
-        raise ValueError(f"compile must be true, false or a torch.compile backend name, got {compile_!r}")
-    if isinstance(compile_, str):
+        raise ValueError(f"compile must be true, false, an Inductor mode {INDUCTOR_MODES} or a torch.compile "
+                         f"backend name, got {compile_!r}")
+    if isinstance(compile_, str) and compile_.strip() not in INDUCTOR_MODES:
         _compile_backend(compile_)      # an unknown name fails here, before the data is read
     if cfg["threads"] is not None and (not isinstance(cfg["threads"], (int, np.integer)) or cfg["threads"] < 1):
         raise ValueError(f"threads must be a positive integer or None, got {cfg['threads']!r}")
@@ -311,12 +313,23 @@ def _compile_backend(name: str) -> str:
     return name
 
 
+# Values of config key ``compile`` that name an Inductor mode rather than a backend.
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The modes that run the compiled step as CUDA graphs on a GPU (their outputs live in the graphs' memory
+# until the next step: each training step is marked as a new one)
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def _compiled(model: torch.nn.Module, choice):
     """``model`` itself, or its torch.compile wrapper for config key ``compile`` (checked by
-    _check_train_config; true: Inductor)."""
+    _check_train_config; true: Inductor; an Inductor mode; else a backend name)."""
     if not choice:
         return model
-    return torch.compile(model, backend="inductor" if isinstance(choice, (bool, np.bool_)) else choice.strip())
+    if isinstance(choice, (bool, np.bool_)):
+        return torch.compile(model, backend="inductor")
+    if choice.strip() in INDUCTOR_MODES:
+        return torch.compile(model, backend="inductor", mode=choice.strip())
+    return torch.compile(model, backend=choice.strip())
 
 
 @contextlib.contextmanager
@@ -672,6 +685,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=float(config["lr"]),
                                           weight_decay=float(config["weight_decay"]))
         self._train_forward = _compiled(self.model, config["compile"])
+        self._cudagraph_steps = (isinstance(config["compile"], str)
+                                 and config["compile"].strip() in _CUDAGRAPH_MODES)
         self.generator = torch.Generator().manual_seed(seed)
 
         self.epoch = 0            # completed epochs
@@ -763,6 +778,8 @@ class Trainer:
                 index = order[start:start + batch_size]
                 ids = self.train_ids[index].to(self.device, non_blocking=True)
                 labels = self.train_labels[index].to(self.device, non_blocking=True)
+                if self._cudagraph_steps:
+                    torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs are done
                 logits = self._train_forward(ids)
                 loss = SF.bce_with_logits(logits, labels, reduction="mean")
                 loss_value = float(loss.detach())

@@ -595,6 +595,28 @@ def test_inductor_training_resumes_exactly(tmp_path, tiny):
     assert full["test_auc"] == pytest.approx(eager["test_auc"], abs=2e-3)
 
 
+def test_compile_takes_inductor_modes(tmp_path, tiny, monkeypatch):
+    """compile: an Inductor mode ("reduce-overhead": CUDA graphs on a GPU) reaches torch.compile as the mode
+    of the Inductor backend, and the CUDA-graph modes mark every training step as a new one (the step's
+    graph outputs are not read past it). torch.compile is recorded and left out here: Inductor's own
+    CUDA graphs need a GPU."""
+    calls, marks = [], []
+    monkeypatch.setattr(T.torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    monkeypatch.setattr(T.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    trainer = T.Trainer(_config(tmp_path, "ro", model="fwfm", compile="reduce-overhead", batch_size=64),
+                        data=tiny)
+    assert calls == [{"backend": "inductor", "mode": "reduce-overhead"}]
+    results = trainer.fit()
+    assert results["config"]["compile"] == "reduce-overhead"
+    steps = trainer.step
+    assert steps > 1 and len(marks) == steps
+    calls.clear()
+    T.Trainer(_config(tmp_path, "mx", model="fwfm", compile="max-autotune-no-cudagraphs"), data=tiny)
+    assert calls == [{"backend": "inductor", "mode": "max-autotune-no-cudagraphs"}]
+    with pytest.raises(ValueError, match="compile: unknown torch.compile backend 'reduce_overhead'"):
+        T.Trainer(_config(tmp_path, "bad", compile="reduce_overhead"), data=tiny)
+
+
 def test_compiled_runs_in_one_process_all_train_compiled(tmp_path, tiny):
     """Every model shares one forward (CTRModel.forward), so the compiled runs of one process (compare)
     share Dynamo's recompile limit of that code (8 graphs), past which Dynamo silently ran the later models
