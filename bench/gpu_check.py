@@ -743,10 +743,12 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
                 torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         return run
 
-    def zoo_body(compiled=False):
+    def zoo_body(compiled=False, mode=None):
         """What `sfg-fast train --model fwfm --set embedding=fused` steps: the model zoo's FwFM with fused
         field and first-order tables (row-wise Adagrad in backward), Adam on the dense parameters;
-        ``compiled``: the model under torch.compile(fullgraph=True), tables' lookup and update in the graph."""
+        ``compiled``: the model under torch.compile(fullgraph=True), tables' lookup and update in the graph;
+        ``mode``: an Inductor mode ("reduce-overhead": CUDA-graph trees, each step marked as a new one, as
+        the training job's `compile: reduce-overhead` runs it)."""
         model = models.build("fwfm", dims, embedding_dim=d, generative=True, bounds_check="off",
                              embedding="fused").to(device)
         forward = model
@@ -757,11 +759,14 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
         if compiled:
             torch._dynamo.reset()
             # torch < 2.13 cannot hold the tables' update in a graph: their lookups run between graphs
-            forward = torch.compile(model, fullgraph=GRAPH_ROW_UPDATE)
-        out = model_step(model, torch.optim.Adam(model.parameters(), lr=1e-3), forward)
+            forward = torch.compile(model, fullgraph=GRAPH_ROW_UPDATE, **({"mode": mode} if mode else {}))
+        out = model_step(model, torch.optim.Adam(model.parameters(), lr=1e-3), forward,
+                         mark_steps=mode in ("reduce-overhead", "max-autotune"))
         if compiled:
             out["note"] = ("torch.compile(model, fullgraph=True), Inductor" if GRAPH_ROW_UPDATE else
                            "torch.compile(model), Inductor; torch < 2.13: the fused lookups run between graphs")
+            if mode:
+                out["note"] += f"; mode={mode}"
         return out
 
     def literal_body():
@@ -772,10 +777,12 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
                        "table, which the fused rows' sparse update does not (speedups compare the two ways)")
         return out
 
-    def model_step(model, opt, forward=None):
+    def model_step(model, opt, forward=None, mark_steps=False):
         forward = model if forward is None else forward
 
         def step():
+            if mark_steps:
+                torch.compiler.cudagraph_mark_step_begin()
             ids, labels = next_batch()
             loss = SF.bce_with_logits(forward(ids), labels, backend="torch")
             opt.zero_grad(set_to_none=True)
@@ -798,6 +805,8 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
                  lambda: graph_body(tf32=True))
         _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused compiled", "train"),
                  lambda: zoo_body(compiled=True))
+        _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused reduce-overhead", "train"),
+                 lambda: zoo_body(compiled=True, mode="reduce-overhead"))
         return
 
     _attempt(rows, budget, _row("step", "scalar", "fused", "train"), fused_body)
