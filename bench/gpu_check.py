@@ -276,7 +276,7 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
             SF.bce_with_logits(fn(ids), labels, backend="torch").backward()
         return call
 
-    def measure(kind, backend, mode, compiled=False, tf32=False, engine=False, gemms="auto"):
+    def measure(kind, backend, mode, compiled=False, tf32=False, engine=False, gemms=None):
         def body():
             with _tf32(tf32), _per_field_engine(engine), _torch_gemms(gemms):
                 return inner()
@@ -327,7 +327,7 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
                     continue
                 _attempt(rows, budget, _row("interaction", kind, name, mode),
                          measure(kind, backend, mode, tf32=tf32, engine=name == "fused_engine",
-                                 gemms="never" if name == "fused_triton_gemm" else "auto"))
+                                 gemms="never" if name == "fused_triton_gemm" else None))
     # compile_fused: the Triton kernels as sfg_fast:: custom ops inside an Inductor graph
     compiled = [("compile_factored", "torch", "fwd+bwd", False), ("compile_fused", "triton", "fwd+bwd", False),
                 ("compile_reference", "reference", "fwd+bwd", False),
@@ -358,8 +358,10 @@ def _per_field_engine(on: bool):
     return _patched((ops_logits, "GEMM_PATH", ops_logits.GEMM_PATH and not on))
 
 
-def _torch_gemms(mode: str):
-    """ops.sfg_gemm.TORCH_GEMMS for the block: who runs the fused path's GEMMs."""
+def _torch_gemms(mode: Optional[str]):
+    """ops.sfg_gemm.TORCH_GEMMS for the block: who runs the fused path's GEMMs (None: as set)."""
+    if mode is None:
+        return contextlib.nullcontext()
     from sfg_fast.ops import sfg_gemm
     return _patched((sfg_gemm, "TORCH_GEMMS", mode))
 

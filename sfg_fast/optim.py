@@ -25,8 +25,8 @@ Under ``torch.compile`` (fullgraph included) the lookup and its update are the g
 ``sfg_fast::fused_gather`` and ``sfg_fast::fused_row_update`` (see "the same lookup inside torch.compile
 graphs" below); a compiled step updates the tables exactly as an eager one on the same backend. That
 needs torch >= 2.13: older AOTAutograd refuses a backward that writes a parameter, so there the fused
-lookup runs eagerly between graphs (a graph break; ``fullgraph=True`` raises Dynamo's error naming
-``_fused_lookup_between_graphs_before_torch_2_13``).
+lookup runs eagerly between graphs while training (a graph break; ``fullgraph=True`` raises Dynamo's error
+naming ``_fused_lookup_between_graphs_before_torch_2_13``); inference compiles whole.
 """
 from __future__ import annotations
 
@@ -609,7 +609,8 @@ def _fused_lookup(ids, weight, offsets, optimizer: SparseRowOptimizer, backend: 
     """The fused lookup of validated ids: the autograd Function eagerly, the custom op while compiling."""
     if not torch.compiler.is_compiling():
         return _eager_fused_lookup(ids, weight, offsets, optimizer, backend)
-    if not GRAPH_ROW_UPDATE:
+    if not GRAPH_ROW_UPDATE and torch.is_grad_enabled() and weight.requires_grad:
+        # (inference traces no backward, so no update: it stays in the graph on any torch)
         return _fused_lookup_between_graphs_before_torch_2_13(ids, weight, offsets, optimizer, backend)
     dim = weight.shape[1] if weight.dim() == 2 else None
     chosen = _resolve_fused_while_tracing(

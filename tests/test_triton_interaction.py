@@ -661,6 +661,17 @@ def test_torch_gemms_match_reference(case, monkeypatch):
     assert calls, "the torch.mm path was not taken"
 
 
+@pytest.mark.parametrize("case", [CASES[3], CASES[11]], ids=lambda c: f"{c[0]}-{c[1]}-sym{int(c[3])}")
+def test_triton_gemms_match_reference(case, monkeypatch):
+    """"never": every GEMM in tl.dot's exact-fp32 path, which "auto" leaves on a GPU only to TF32-switched
+    and deterministic runs (on CPU "auto" is this already)."""
+    from sfg_fast.ops import sfg_gemm
+    monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "never")
+    calls = _spy(monkeypatch, sfg_gemm, "_torch_gemm_forward")
+    test_sfg_logits_matches_reference(case)
+    assert not calls
+
+
 def test_torch_gemms_encode_and_decode_match_reference(monkeypatch):
     calls = _torch_gemms(monkeypatch)
     test_sfg_encode_matches_reference("gelu", True, True, (5, 3, 4))
@@ -714,23 +725,56 @@ def test_torch_gemms_choice(monkeypatch):
         sfg_gemm.torch_gemms(x, "ieee")
 
 
+def test_torch_gemms_see_every_way_torch_switches_cublas_to_tf32():
+    """torch's cuBLAS TF32 setting, however it was made (the legacy allow_tf32 flag, set_float32_matmul_precision,
+    the fp32_precision settings, whose "none" defers to the global one); reading it never raises (reading the
+    legacy flag does after the new API was used)."""
+    from sfg_fast.ops import sfg_gemm
+    matmul = torch.backends.cuda.matmul
+    saved = (torch.get_float32_matmul_precision(), getattr(matmul, "fp32_precision", None),
+             getattr(torch.backends, "fp32_precision", None))
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not sfg_gemm._cublas_fp32_is_tf32()
+        torch.set_float32_matmul_precision("high")
+        assert sfg_gemm._cublas_fp32_is_tf32()
+        torch.set_float32_matmul_precision("highest")
+        if saved[1] is not None:                    # torch with the fp32_precision settings
+            matmul.fp32_precision = "tf32"
+            assert sfg_gemm._cublas_fp32_is_tf32()
+            matmul.fp32_precision = "none"
+            torch.backends.fp32_precision = "tf32"
+            assert sfg_gemm._cublas_fp32_is_tf32()
+            torch.backends.fp32_precision = "ieee"
+            assert not sfg_gemm._cublas_fp32_is_tf32()
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        if saved[2] is not None:
+            torch.backends.fp32_precision = saved[2]
+        if saved[1] is not None:
+            matmul.fp32_precision = saved[1]
+    assert torch.get_float32_matmul_precision() == saved[0]
+    assert bool(matmul.allow_tf32) == (saved[0] != "highest")      # the legacy flag reads again
+
+
 @pytest.mark.gpu
-def test_torch_gemms_auto_on_a_gpu(monkeypatch):
+def test_torch_gemms_auto_on_a_gpu():
     """On CUDA, "auto" hands the exact fp32 GEMMs to cuBLAS, but not TF32 ones (the Triton kernels are
-    faster there), not while torch's own TF32 switch would make cuBLAS inexact, and not in deterministic
-    mode unless CUBLAS_WORKSPACE_CONFIG makes cuBLAS repeatable."""
+    faster there), not while torch's own TF32 setting would make cuBLAS inexact, and never in deterministic
+    mode (cuBLAS repeats only under a CUBLAS_WORKSPACE_CONFIG torch reads once per process)."""
     from sfg_fast.ops import sfg_gemm
     x = torch.zeros(2, 2, device="cuda")
     assert sfg_gemm.torch_gemms(x, "ieee") and not sfg_gemm.torch_gemms(x, "tf32")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert not sfg_gemm.torch_gemms(x, "ieee")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    before = torch.are_deterministic_algorithms_enabled()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert not sfg_gemm.torch_gemms(x, "ieee")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert sfg_gemm.torch_gemms(x, "ieee")
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         assert not sfg_gemm.torch_gemms(x, "ieee")
-        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        assert sfg_gemm.torch_gemms(x, "ieee")
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(deterministic)

@@ -46,10 +46,25 @@ GATHER_IN_GEMM = os.environ.get("SFG_FAST_GATHER_IN_GEMM", "0") == "1"
 # pair at 9 (bench/results/nvidia-h200/profile-20261128T212156.txt), several times under cuBLAS's SGEMM;
 # in TF32 the Triton kernels ran at 90 and stay. The epilogue and the backward's elementwise middle stay
 # Triton kernels either way; the extra traffic is H and T ([B, W] fp32, saved for backward anyway).
+# "auto" keeps the Triton GEMMs where cuBLAS would not compute the exact-fp32 product repeatably: under
+# torch's own TF32 setting (e.g. set_float32_matmul_precision("high")) and in deterministic mode.
 TORCH_GEMMS = os.environ.get("SFG_FAST_TORCH_GEMMS", "auto")
 _TORCH_GEMM_MODES = ("auto", "always", "never")
-# cuBLAS is deterministic under torch.use_deterministic_algorithms only with one of these
-_DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def _cublas_fp32_is_tf32() -> bool:
+    """Whether torch's cuBLAS matmuls of fp32 run in TF32 now (set_float32_matmul_precision("high"),
+    ``allow_tf32``, or the newer ``fp32_precision`` settings, whose "none" defers to the global one)."""
+    try:
+        matmul = torch.backends.cuda.matmul
+        precision = getattr(matmul, "fp32_precision", None)
+        if precision is None:                # torch before the fp32_precision settings
+            return bool(matmul.allow_tf32)
+        if precision == "none":
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "tf32"
+    except Exception:        # a setting this torch cannot report: assume TF32, keep the exact Triton GEMMs
+        return True
 
 
 def torch_gemms(t: torch.Tensor, precision: str) -> bool:
@@ -59,12 +74,11 @@ def torch_gemms(t: torch.Tensor, precision: str) -> bool:
         raise ValueError(f"SFG_FAST_TORCH_GEMMS must be one of {_TORCH_GEMM_MODES}, got {mode!r}")
     if mode != "auto":
         return mode == "always"
-    # only where cuBLAS computes what was asked: exact fp32 (torch's TF32 switch off), and in
-    # deterministic mode only with the workspace setting that makes cuBLAS repeatable
-    if not t.is_cuda or precision != "ieee" or torch.backends.cuda.matmul.allow_tf32:
-        return False
-    return (not torch.are_deterministic_algorithms_enabled()
-            or os.environ.get("CUBLAS_WORKSPACE_CONFIG") in _DETERMINISTIC_CUBLAS)
+    # only where cuBLAS computes what was asked: exact fp32 (torch's TF32 off for cuBLAS); and never in
+    # deterministic mode, where cuBLAS repeats only under a CUBLAS_WORKSPACE_CONFIG that torch reads once
+    # per process, at its first GEMM (a later setting does not count): the Triton GEMMs always repeat
+    return (t.is_cuda and precision == "ieee" and not torch.are_deterministic_algorithms_enabled()
+            and not _cublas_fp32_is_tf32())
 
 
 def _empty(*shape, **kwargs) -> torch.Tensor:
