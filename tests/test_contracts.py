@@ -222,3 +222,14 @@ def test_interaction_layer_with_encoder_dropout_trains_on_backend_cpu():
     assert V.grad is not None and math.isfinite(float(V.grad.abs().sum()))
     layer.eval()
     torch.testing.assert_close(layer(V), snn.score_pairs(layer.encoder, layer.decoder, V, "torch"))
+
+
+def test_launch_arithmetic_matches_triton():
+    """ops._launch's plain-Python next_pow2 / cdiv (the launchers' block sizes and grids) give Triton's
+    results."""
+    triton = pytest.importorskip("triton")
+    from sfg_fast.ops._launch import cdiv, next_pow2
+    for n in list(range(0, 300)) + [1023, 1024, 1025, 4095, 4096, 4097, 2 ** 31 - 1, 2 ** 31, 2 ** 40 + 3]:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for b in (1, 2, 3, 16, 64, 128, 1000):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)

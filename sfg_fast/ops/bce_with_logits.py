@@ -13,6 +13,7 @@ import torch
 
 from .. import reference
 from ._higher_order import create_graph_requested, recompute_grads
+from ._launch import cdiv, next_pow2
 
 try:  # the package works without Triton; this backend then simply does not register
     import triton
@@ -25,7 +26,7 @@ except ImportError:
 
 def _block(numel: int) -> int:
     cap = 1 << 16 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
-    return max(16, min(triton.next_power_of_2(max(numel, 1)), cap))
+    return max(16, min(next_pow2(max(numel, 1)), cap))
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -46,7 +47,7 @@ def bce_with_logits_fwd(logits: torch.Tensor, labels: torch.Tensor, reduction: s
     if reduction != "none" and numel == 0:  # match torch: mean of nothing is nan, sum is 0
         return torch.full((), float("nan") if reduction == "mean" else 0.0, dtype=compute, device=x.device)
     block = _block(numel)
-    grid = (triton.cdiv(numel, block),)
+    grid = (cdiv(numel, block),)
     if out is not None:
         if reduction != "none" or out.shape != logits.shape or out.dtype != compute or not out.is_contiguous():
             raise ValueError(f"out is only for reduction='none' and must be a contiguous {compute} tensor of "
@@ -75,7 +76,7 @@ def bce_with_logits_bwd(grad: torch.Tensor, logits: torch.Tensor, labels: torch.
     if numel and (need_logits or need_labels):
         g = grad.reshape(-1).contiguous() if reduction == "none" else grad.reshape(1)
         block = _block(numel)
-        _bce_with_logits_bwd_kernel[(triton.cdiv(numel, block),)](
+        _bce_with_logits_bwd_kernel[(cdiv(numel, block),)](
             x, y, g, dx if dx is not None else x, dy if dy is not None else x, numel,
             numel if reduction == "mean" else 1,
             SCALAR_GRAD=reduction != "none", NEED_DX=need_logits, NEED_DY=need_labels,

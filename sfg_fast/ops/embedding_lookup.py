@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._higher_order import create_graph_requested
+from ._launch import cdiv, next_pow2
 
 try:  # the package works without Triton; this backend then simply does not register
     import triton
@@ -65,10 +66,10 @@ def embedding_lookup_fwd(ids: torch.Tensor, weight: torch.Tensor, offsets: torch
                          f"{[batch, num_fields, dim]}, got {out.dtype} {list(out.shape)}")
     if out.numel() == 0:
         return out
-    block_n = triton.next_power_of_2(num_fields)
-    block_d = triton.next_power_of_2(dim)
-    block_b = min(triton.next_power_of_2(batch), max(1, _tile_rows(block_d, 4096) // block_n))
-    grid = (triton.cdiv(batch, block_b),)
+    block_n = next_pow2(num_fields)
+    block_d = next_pow2(dim)
+    block_b = min(next_pow2(batch), max(1, _tile_rows(block_d, 4096) // block_n))
+    grid = (cdiv(batch, block_b),)
     _embedding_lookup_fwd_kernel[grid](ids, offsets.contiguous(), weight, out, batch, num_fields, dim,
                                        ids.stride(0), ids.stride(1), weight.stride(0),
                                        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d)
@@ -94,13 +95,13 @@ def _segment_block_d(dim: int) -> int:
     """BLOCK_D of the segment reduction: at least 8. Triton 3.6 fails to compile it for a GPU at
     BLOCK_D <= 4 (a layout pass, TritonGPURemoveLayoutConversions, breaks a masked load: "mask type
     matches ptr type"), which the fused first-order tables (D = 1) hit; the extra lanes are masked off."""
-    return max(8, triton.next_power_of_2(dim))
+    return max(8, next_pow2(dim))
 
 
 def _segment_blocks(total: int, block_d: int):
     """(BLOCK_P, CHUNK) of the segment reduction: [BLOCK_P, CHUNK, BLOCK_D] elements per step."""
     if _interpreting():
-        return min(triton.next_power_of_2(total), 1024), 16
+        return min(next_pow2(total), 1024), 16
     return max(1, min(64, 2048 // (16 * block_d))), 16
 
 
@@ -119,7 +120,7 @@ def embedding_lookup_bwd(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.T
         deterministic = torch.are_deterministic_algorithms_enabled()
     batch, num_fields, dim = grad.shape
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_pow2(dim)
     if deterministic:
         out_dtype = dtype
         grad_weight = torch.zeros(num_rows, dim, dtype=out_dtype, device=grad.device)
@@ -128,7 +129,7 @@ def embedding_lookup_bwd(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.T
         sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
         block_d = _segment_block_d(dim)
         block_p, chunk = _segment_blocks(perm.numel(), block_d)
-        grid = (triton.cdiv(perm.numel(), block_p),)
+        grid = (cdiv(perm.numel(), block_p),)
         _embedding_lookup_bwd_sorted_kernel[grid](
             grad, grad_weight, perm, sorted_rows, seg_end, perm.numel(), num_fields, dim, *_grad_strides(grad),
             ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
@@ -136,9 +137,9 @@ def embedding_lookup_bwd(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.T
         return grad_weight
     grad_weight = torch.zeros(num_rows, dim, dtype=acc_dtype, device=grad.device)
     if grad.numel():
-        block_n = triton.next_power_of_2(num_fields)
-        block_b = min(triton.next_power_of_2(batch), max(1, _tile_rows(block_d, 4096) // block_n))
-        grid = (triton.cdiv(batch, block_b),)
+        block_n = next_pow2(num_fields)
+        block_b = min(next_pow2(batch), max(1, _tile_rows(block_d, 4096) // block_n))
+        grid = (cdiv(batch, block_b),)
         _embedding_lookup_bwd_kernel[grid](ids, offsets.contiguous(), grad, grad_weight, batch, num_fields, dim,
                                            ids.stride(0), ids.stride(1), *_grad_strides(grad),
                                            BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d)
@@ -175,7 +176,7 @@ def sparse_update(weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, o
     dummy = weight.new_empty(0, dtype=torch.float32)
     block_d = _segment_block_d(dim)
     block_p, chunk = _segment_blocks(perm.numel(), block_d)
-    grid = (triton.cdiv(perm.numel(), block_p),)
+    grid = (cdiv(perm.numel(), block_p),)
     _sparse_update_kernel[grid](
         weight, weight.stride(0), grad, *_grad_strides(grad), perm, sorted_rows, seg_end,
         state1 if state1 is not None else dummy, state2 if state2 is not None else dummy,

@@ -12,6 +12,7 @@ import torch
 
 from .. import reference
 from ._higher_order import create_graph_requested, recompute_grads
+from ._launch import cdiv, next_pow2
 
 try:  # the package works without Triton; this backend then simply does not register
     import triton
@@ -26,9 +27,9 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 def _blocks(batch: int, width: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K): tl.dot needs >= 16; the interpreter wants few, large programs."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        block_m = max(16, min(triton.next_power_of_2(batch), 256))
-        block_n = max(16, min(triton.next_power_of_2(width), 128))
-        block_k = max(16, min(triton.next_power_of_2(max(batch, width)), 256))
+        block_m = max(16, min(next_pow2(batch), 256))
+        block_n = max(16, min(next_pow2(width), 128))
+        block_k = max(16, min(next_pow2(max(batch, width)), 256))
         return block_m, block_n, block_k
     return 64, 64, 32
 
@@ -70,7 +71,7 @@ def generative_cross_fwd(x, x_gen, weight, bias=None, store_h: bool = False, all
     if x.numel() == 0:
         return out, h
     block_m, block_n, block_k = _blocks(batch, width)
-    grid = (triton.cdiv(batch, block_m), triton.cdiv(width, block_n))
+    grid = (cdiv(batch, block_m), cdiv(width, block_n))
     _generative_cross_fwd_kernel[grid](
         x, x_gen, weight, bias.contiguous() if bias is not None else x, out, h if h is not None else out,
         batch, width, x.stride(0), x_gen.stride(0), weight.stride(0), out.stride(0),
@@ -96,8 +97,8 @@ def generative_cross_bwd(grad_out, x, x_gen, weight, h, has_bias: bool, allow_tf
             db.zero_()
         return dx, dxg, dw, db
     block_m, block_n, block_k = _blocks(batch, width)
-    tiles_n = triton.cdiv(width, block_n)
-    grid = (triton.cdiv(batch, block_m) * tiles_n + tiles_n * tiles_n,)
+    tiles_n = cdiv(width, block_n)
+    grid = (cdiv(batch, block_m) * tiles_n + tiles_n * tiles_n,)
     _generative_cross_bwd_kernel[grid](
         grad_out, x, x_gen, weight, h, dx, dxg, dw, db if db is not None else dw,
         batch, width, tiles_n, grad_out.stride(0), x.stride(0), x_gen.stride(0), weight.stride(0),

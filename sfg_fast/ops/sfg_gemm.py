@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 from ._higher_order import create_graph_requested, refuse
+from ._launch import cdiv, next_pow2
 
 try:
     import triton
@@ -93,7 +94,7 @@ def _interpreting() -> bool:
 
 
 def _pow2(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
+    return max(lo, min(hi, next_pow2(max(int(x), 1))))
 
 
 def gemm_blocks(m: int, n: int, k: int) -> Tuple[int, int, int, int, int]:
@@ -149,7 +150,7 @@ def _matmul(a, b, c, scale=None, addend=None, ids=None, offsets=None, d=1, preci
     scatter = ids is not None
     add = 0 if addend is None else (1 if scale is not None else 2)
     dummy = a
-    G._matmul_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+    G._matmul_kernel[(cdiv(m, bm), cdiv(n, bn))](
         a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         scale if scale is not None else dummy, addend if addend is not None else dummy,
         addend.stride(0) if addend is not None else 0, addend.stride(1) if addend is not None else 0,
@@ -189,7 +190,7 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
         x, ids, offsets = gathered, None, None
         plan = replace(plan, gather=False)
     bm, bn, bk, warps, stages = gemm_blocks(batch, width, width)
-    tiles_n = triton.cdiv(width, bn) if width > 0 else 1
+    tiles_n = cdiv(width, bn) if width > 0 else 1
     logit = _empty(batch, **f32) if has_dec else None
     loss = _empty(batch, **f32) if labels is not None else None
     dlogit = _empty(batch, **f32) if labels is not None else None
@@ -217,7 +218,7 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
         part = _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, batch, width, f32)
         tiles_n = part.shape[1]
     elif width > 0:
-        G._sfg_gemm_fwd_kernel[(triton.cdiv(batch, bm), tiles_n)](
+        G._sfg_gemm_fwd_kernel[(cdiv(batch, bm), tiles_n)](
             x, ids if plan.gather else dummy, offsets if plan.gather else dummy, y if y is not None else dummy,
             enc_w if has_enc else dummy, enc_b if enc_b is not None else dummy, wd if has_dec else dummy,
             part, xs if xs is not None else dummy, hs if hs is not None else dummy, ts if ts is not None else dummy,
@@ -230,10 +231,10 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=plan.precision, num_warps=warps, num_stages=stages)
     if has_dec:
         block_b = 16 if _interpreting() else 128
-        G._sfg_logit_reduce_kernel[(triton.cdiv(batch, block_b),)](
+        G._sfg_logit_reduce_kernel[(cdiv(batch, block_b),)](
             part, labels if labels is not None else dummy, logit, loss if loss is not None else dummy,
             dlogit if dlogit is not None else dummy, batch, tiles_n,
-            HAS_LABELS=labels is not None, BLOCK_B=block_b, BLOCK_P=triton.next_power_of_2(tiles_n))
+            HAS_LABELS=labels is not None, BLOCK_B=block_b, BLOCK_P=next_pow2(tiles_n))
     return logit, loss, dlogit, z, saved
 
 
@@ -256,9 +257,9 @@ def _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, batch, width, f
         torch.mm(x32, wd.to(torch.float32), out=t)
     source = x2d if has_enc else y.reshape(batch, width)   # the residual X, or the decoder-only op's Y
     bm, bn = (16, _pow2(width, 16, 64)) if _interpreting() else (32, 128)
-    tiles_n = triton.cdiv(width, bn)
+    tiles_n = cdiv(width, bn)
     part = _empty(batch, tiles_n, **f32)
-    G._sfg_epilogue_kernel[(triton.cdiv(batch, bm), tiles_n)](
+    G._sfg_epilogue_kernel[(cdiv(batch, bm), tiles_n)](
         h if h is not None else part, t if t is not None else part, source, part, z if z is not None else part,
         batch, width, float(plan.gamma), source.stride(0), source.stride(1),
         ACT=K.ACT_CODES[plan.activation], RESIDUAL=plan.residual, HAS_ENC=has_enc, HAS_DEC=has_dec,
@@ -289,7 +290,7 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
         bn = _pow2(width, 16, 64) if _interpreting() else 128
         xy = x2d if has_enc else y2d
         dummy = grads
-        G._sfg_gemm_grad_kernel[(triton.cdiv(batch, bm), triton.cdiv(width, bn))](
+        G._sfg_gemm_grad_kernel[(cdiv(batch, bm), cdiv(width, bn))](
             hs if hs is not None else dummy, ts if ts is not None else dummy, xy if xy is not None else dummy,
             dlogit if dlogit is not None else dummy, dz2d if dz2d is not None else dummy, grads,
             dy if dy is not None else dummy, batch, width, float(plan.gamma),

@@ -35,6 +35,7 @@ import torch
 from .. import factored
 from .. import functional as _functional
 from ._higher_order import create_graph_requested, refuse
+from ._launch import cdiv, next_pow2
 
 try:
     import triton
@@ -98,10 +99,10 @@ def _interpreting() -> bool:
 
 def _blocks(batch: int, dim: int):
     """(BLOCK_B, BLOCK_D, BLOCK_B of the weight-gradient pass). tl.dot needs every side >= 16."""
-    block_d = max(16, triton.next_power_of_2(dim))
+    block_d = max(16, next_pow2(dim))
     if _interpreting():
         # each program instance costs ~1 ms under the interpreter: as few, large programs as possible
-        block_b = min(max(16, triton.next_power_of_2(batch)), 256)
+        block_b = min(max(16, next_pow2(batch)), 256)
         return block_b, block_d, block_b
     block_b = 16 if block_d >= 128 else 32
     return block_b, block_d, 64
@@ -142,7 +143,7 @@ def _engine_forward(plan: _Plan, x, ids, offsets, y, enc_w, enc_b, dec, batch, n
     xs = _x_args(x, ids, plan)
     ys = (y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)
     ws = (enc_w.stride(0), enc_w.stride(1)) if enc_w is not None else (0, 0)
-    grid = (triton.cdiv(batch, block_b),)
+    grid = (cdiv(batch, block_b),)
     K._sfg_interaction_fwd_kernel[grid](
         x, ids if ids is not None else dummy, offsets if offsets is not None else dummy,
         y if y is not None else dummy, enc_w if enc_w is not None else dummy,
@@ -194,7 +195,7 @@ def _engine_backward(plan: _Plan, x, ids, offsets, y, enc_w, enc_b, dec, batch, 
     meta = dict(BLOCK_B=block_b, BLOCK_D=block_d, PRECISION=plan.precision)
     ids_arg = ids if ids is not None else dummy
     off_arg = offsets if offsets is not None else dummy
-    grid = (triton.cdiv(batch, block_b),)
+    grid = (cdiv(batch, block_b),)
     if batch > 0:
         K._sfg_interaction_bwd_dy_kernel[grid](
             x, ids_arg, off_arg, y if y is not None else dummy, enc_w if enc_w is not None else dummy,

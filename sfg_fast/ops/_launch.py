@@ -1,0 +1,18 @@
+"""Host-side launch arithmetic of the Triton launchers, in plain Python.
+
+``triton.next_power_of_2`` and ``triton.cdiv`` are constexpr functions in Triton 3.6 and later: called
+from host code they cost about 2 us each through their wrapper (measured on this project's CPU machine,
+against 0.1 us for the plain arithmetic), and one fused training step computes a few dozen block sizes
+and grids. Same results as Triton's for the non-negative integers the launchers pass.
+"""
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n; 0 for n = 0 (as ``triton.next_power_of_2``)."""
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers (as ``triton.cdiv``)."""
+    return (int(a) + int(b) - 1) // int(b)
