@@ -81,8 +81,17 @@ def check_gamma(gamma) -> float:
 
 
 def pair_mask(num_fields: int, pairs: str, device=None) -> torch.Tensor:
-    """Boolean [N, N] mask of the pair set P: upper = i<j, all = every (i, j), offdiag = i != j."""
+    """Boolean [N, N] mask of the pair set P: upper = i<j, all = every (i, j), offdiag = i != j.
+    Built once per (N, P, device) and shared (``_constants``): do not write to it."""
     check_choice("pairs", pairs, PAIRS)
+    if torch.compiler.is_compiling():      # (N may be symbolic there; the graph folds the mask anyway)
+        return _pair_mask(num_fields, pairs, device)
+    from ._constants import constant, device_key
+    device = device_key(device)
+    return constant(("pair_mask", int(num_fields), pairs, device), lambda: _pair_mask(num_fields, pairs, device))
+
+
+def _pair_mask(num_fields: int, pairs: str, device) -> torch.Tensor:
     ones = torch.ones(num_fields, num_fields, dtype=torch.bool, device=device)
     if pairs == "upper":
         return torch.triu(ones, diagonal=1)

@@ -233,3 +233,27 @@ def test_launch_arithmetic_matches_triton():
         assert next_pow2(n) == triton.next_power_of_2(n), n
         for b in (1, 2, 3, 16, 64, 128, 1000):
             assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+def test_constant_tensors_are_built_once_and_safe_to_share():
+    """Pair masks and the decoder's identity blocks come from a per-(shape, device) store: the same tensor
+    on every call, built outside inference mode (so a later backward may save it), never under a fake-tensor
+    mode (export), and the masks it holds are those the definition gives."""
+    from sfg_fast import _checks as C
+    from sfg_fast import _constants, factored
+    _constants._CACHE.clear()
+    with torch.inference_mode():                      # first built here: still a normal tensor
+        first = C.pair_mask(5, "offdiag")
+    assert not first.is_inference()
+    assert C.pair_mask(5, "offdiag", torch.device("cpu")) is first
+    assert torch.equal(first, ~torch.eye(5, dtype=torch.bool))
+    assert torch.equal(C.pair_mask(4, "upper"), torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1))
+    assert C.pair_mask(4, "all").all()
+    weight = torch.randn(5, 5, requires_grad=True)
+    factored.masked_weight(weight, "scalar", "offdiag", 5, weight).sum().backward()   # saves the shared mask
+    assert torch.equal(weight.grad, first.float())
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    before = dict(_constants._CACHE)
+    with FakeTensorMode():
+        fake = C.pair_mask(6, "upper")
+    assert type(fake) is not torch.Tensor and _constants._CACHE == before

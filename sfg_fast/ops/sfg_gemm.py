@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 from ._higher_order import create_graph_requested, refuse
+from .._constants import constant, device_key
 from ._launch import cdiv, next_pow2
 
 try:
@@ -126,7 +127,9 @@ def decoder_matrix(dec: Optional[torch.Tensor], kind: str, n: int, d: int, like:
     if kind == "matrix":
         blocks = dec
     else:
-        eye = torch.eye(d, dtype=dec.dtype, device=dec.device)
+        eye = (torch.eye(d, dtype=dec.dtype, device=dec.device) if torch.compiler.is_compiling() else
+               constant(("eye", int(d), dec.dtype, device_key(dec.device)),
+                        lambda: torch.eye(d, dtype=dec.dtype, device=dec.device)))
         blocks = torch.diag_embed(dec) if kind == "vector" else dec[:, :, None, None] * eye
     return blocks.to(like.dtype).permute(0, 3, 1, 2).reshape(n * d, n * d).t()
 
