@@ -730,7 +730,34 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
             graph.replay()
         out = _time_step(step, peak=False)   # the graph's memory pool predates the peak counter's reset
         out["note"] = "fused sfg_interaction step captured in a CUDA graph; ids/labels copied in per step"
+        _graph_kernels(step, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
         return out
+
+    def _graph_kernels(step, precision, reps=10):
+        """The kernels inside the replayed step (torch.profiler sees a graph's kernel nodes), as profile
+        rows of kind step-graph: what the 20M samples/s target has to shrink. A failure here costs the
+        rows, not the measurement above."""
+        try:
+            from torch.profiler import ProfilerActivity, profile
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    step()
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.key_averages()
+                       if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+                       and getattr(e, "device_time_total", 0) > 0]
+            kernels.sort(key=lambda e: -e.device_time_total)
+            total = sum(e.device_time_total for e in kernels) / reps
+            rows.append(_row("profile", "step-graph", "all kernels", precision, median_ms=total / 1e3,
+                             note="GPU time per replayed step, summed over its kernels"))
+            for e in kernels[:12]:
+                rows.append(_row("profile", "step-graph", e.key[:40], precision,
+                                 median_ms=e.device_time_total / reps / 1e3,
+                                 note=f"{e.count / reps:g} per step; {e.key[:120]}"))
+        except Exception as exc:
+            rows.append(_row("profile", "step-graph", "-", precision, status="error",
+                             note=f"{type(exc).__name__}: {str(exc)[:200]}"))
 
     def deterministic(body):
         """The same step under torch.use_deterministic_algorithms(True, warn_only=True), the training job's
