@@ -423,6 +423,14 @@ def bench_sweep(rows, args, device, budget, dims) -> None:
                          measure(kind, dec, tf32, gather_in_gemm=in_gemm), min_left=10.0)
 
 
+def _kernel_events(averages) -> list:
+    """The kernels of a torch.profiler key_averages() (device-side events; the CPU ops that launched them
+    carry the same time), longest first."""
+    events = [e for e in averages if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+              and getattr(e, "device_time_total", 0) > 0]
+    return sorted(events, key=lambda e: -e.device_time_total)
+
+
 def _host_profile(step, reps: int) -> List[str]:
     """Python functions by own time over ``reps`` calls of ``step`` (cProfile), for host overhead."""
     import cProfile
@@ -496,10 +504,7 @@ def bench_profile(rows, args, device, budget, dims, out_dir) -> None:
                 rows.append(_row("profile", kind, "-", "tf32" if tf32 else "ieee", status="error", note=note))
                 continue
             averages = prof.key_averages()
-            # the kernels themselves (device-side events): the CPU ops that launched them carry the same time
-            events = [e for e in averages if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
-                      and getattr(e, "device_time_total", 0) > 0]
-            events.sort(key=lambda e: -e.device_time_total)
+            events = _kernel_events(averages)
             total = sum(e.device_time_total for e in events) / reps
             lines.append(f"## {kind} tf32={tf32}: {total:.1f} us of GPU time per fwd+bwd; {wall_us:.1f} us wall "
                          "(host clock, 10 steps then a sync, no profiler)")
@@ -744,10 +749,7 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
                 for _ in range(reps):
                     step()
                 torch.cuda.synchronize()
-            kernels = [e for e in prof.key_averages()
-                       if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
-                       and getattr(e, "device_time_total", 0) > 0]
-            kernels.sort(key=lambda e: -e.device_time_total)
+            kernels = _kernel_events(prof.key_averages())
             total = sum(e.device_time_total for e in kernels) / reps
             rows.append(_row("profile", "step-graph", "all kernels", precision, median_ms=total / 1e3,
                              note="GPU time per replayed step, summed over its kernels"))

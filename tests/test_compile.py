@@ -429,6 +429,19 @@ def _assert_same_training(eager, twin):
         assert torch.equal(p, q), key
 
 
+def _train_side_by_side(eager, twin, compiled, steps):
+    """``steps`` training steps of ``eager`` and of ``twin`` through its compiled wrapper ``compiled``, on
+    the same batches, each with a dense Adam on its parameters outside the fused tables."""
+    opts = [torch.optim.Adam([p for n, p in m.named_parameters() if "embedding" not in n and "table" not in n])
+            for m in (eager, twin)]
+    for step in range(steps):
+        ids, labels = _ids(), torch.rand(B)
+        for model, opt in zip((eager, compiled), opts):
+            opt.zero_grad()
+            SF.bce_with_logits(model(ids), labels, backend="torch").backward()
+            opt.step()
+
+
 @pytest.mark.parametrize("name,optimizer", [("fwfm", "rowwise_adagrad"), ("fwfm", "adam"), ("fwfm", "sgd"),
                                             ("deepfm", "rowwise_adagrad")])
 def test_fused_tables_compile_fullgraph_and_train_like_eager(name, optimizer):
@@ -439,15 +452,8 @@ def test_fused_tables_compile_fullgraph_and_train_like_eager(name, optimizer):
     training leaves them, with one compile (the step counter is a tensor, so no step recompiles)."""
     eager, twin = _fused_twins(name, optimizer)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
-    opt_e = torch.optim.Adam([p for n, p in eager.named_parameters() if "embedding" not in n and "table" not in n])
-    opt_t = torch.optim.Adam([p for n, p in twin.named_parameters() if "embedding" not in n and "table" not in n])
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for step in range(3):
-            ids, labels = _ids(), torch.rand(B)
-            for model, opt in ((eager, opt_e), (compiled, opt_t)):
-                opt.zero_grad()
-                SF.bce_with_logits(model(ids), labels, backend="torch").backward()
-                opt.step()
+        _train_side_by_side(eager, twin, compiled, steps=3)
     assert eager.embedding.optimizer.step_count == 3
     assert twin.embedding.weight.grad is None
     _assert_same_training(eager, twin)
@@ -469,15 +475,7 @@ def test_fused_lookup_runs_between_graphs_where_torch_cannot_hold_the_update(mon
         torch.testing.assert_close(torch.compile(twin, fullgraph=True, backend="aot_eager")(ids), eager(ids),
                                    rtol=0, atol=0)
     torch._dynamo.reset()
-    compiled = torch.compile(twin, backend="aot_eager")
-    opt_e = torch.optim.Adam([p for n, p in eager.named_parameters() if "embedding" not in n and "table" not in n])
-    opt_t = torch.optim.Adam([p for n, p in twin.named_parameters() if "embedding" not in n and "table" not in n])
-    for step in range(2):
-        ids, labels = _ids(), torch.rand(B)
-        for model, opt in ((eager, opt_e), (compiled, opt_t)):
-            opt.zero_grad()
-            SF.bce_with_logits(model(ids), labels, backend="torch").backward()
-            opt.step()
+    _train_side_by_side(eager, twin, torch.compile(twin, backend="aot_eager"), steps=2)
     assert twin.embedding.optimizer.step_count == 2
     _assert_same_training(eager, twin)
     torch._dynamo.reset()
