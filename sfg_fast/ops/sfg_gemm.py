@@ -218,8 +218,7 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
         xs = None                     # nothing for the kernel to store: X is the gathered tensor
     ys = (y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)
     if width > 0 and not plan.gather and torch_gemms(x, plan.precision):
-        part = _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, batch, width, f32)
-        tiles_n = part.shape[1]
+        _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, bn, f32)
     elif width > 0:
         G._sfg_gemm_fwd_kernel[(cdiv(batch, bm), tiles_n)](
             x, ids if plan.gather else dummy, offsets if plan.gather else dummy, y if y is not None else dummy,
@@ -241,11 +240,12 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
     return logit, loss, dlogit, z, saved
 
 
-def _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, batch, width, f32) -> torch.Tensor:
+def _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, block_n, f32) -> None:
     """The forward with torch.mm GEMMs (see TORCH_GEMMS) on a dense X: H = X @ We^T + b and T = X @ Wd
-    (into the saved buffers when given), then the Triton epilogue. Returns the partial logits
-    [B, column tiles] for _sfg_logit_reduce_kernel (a dummy when there is no decoder)."""
+    (into the saved buffers when given), then the Triton epilogue, which writes the partial logits
+    ``part`` [B, cdiv(W, block_n)] for _sfg_logit_reduce_kernel (the layout the fused kernel writes)."""
     has_enc, has_dec = enc_w is not None, wd is not None
+    batch, width = part.shape[0], x.shape[-2] * x.shape[-1]
     x2d = x.reshape(batch, width)
     x32 = x2d.to(torch.float32)
     h = t = None
@@ -259,15 +259,12 @@ def _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, batch, width, f
         t = ts if ts is not None else _empty(batch, width, **f32)
         torch.mm(x32, wd.to(torch.float32), out=t)
     source = x2d if has_enc else y.reshape(batch, width)   # the residual X, or the decoder-only op's Y
-    bm, bn = (16, _pow2(width, 16, 64)) if _interpreting() else (32, 128)
-    tiles_n = cdiv(width, bn)
-    part = _empty(batch, tiles_n, **f32)
-    G._sfg_epilogue_kernel[(cdiv(batch, bm), tiles_n)](
+    bm = 16 if _interpreting() else 32
+    G._sfg_epilogue_kernel[(cdiv(batch, bm), part.shape[1])](
         h if h is not None else part, t if t is not None else part, source, part, z if z is not None else part,
         batch, width, float(plan.gamma), source.stride(0), source.stride(1),
         ACT=K.ACT_CODES[plan.activation], RESIDUAL=plan.residual, HAS_ENC=has_enc, HAS_DEC=has_dec,
-        STORE_Z=not has_dec, BLOCK_M=bm, BLOCK_N=bn)
-    return part
+        STORE_Z=not has_dec, BLOCK_M=bm, BLOCK_N=block_n)
 
 
 def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, need_x=True, need_y=False,
