@@ -431,6 +431,20 @@ def _kernel_events(averages) -> list:
     return sorted(events, key=lambda e: -e.device_time_total)
 
 
+def _kernel_sequence(events, reps: int) -> List[str]:
+    """The last of ``reps`` profiled steps' kernels in launch order, one line each with its duration: tells
+    apart launches of one kernel that key_averages() merges (the backward's two _matmul_kernel GEMMs)."""
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+               and e.time_range.elapsed_us() > 0]
+    if not kernels or len(kernels) % reps:
+        return [f"  (no kernel sequence: {len(kernels)} kernels over {reps} steps)"]
+    kernels.sort(key=lambda e: e.time_range.start)
+    step = kernels[-(len(kernels) // reps):]
+    lines = [f"  one step's {len(step)} kernels in launch order (the last step):"]
+    lines += [f"  {i:4d} {e.time_range.elapsed_us():9.1f} us  {e.name[:90]}" for i, e in enumerate(step)]
+    return lines
+
+
 def _host_profile(step, reps: int) -> List[str]:
     """Python functions by own time over ``reps`` calls of ``step`` (cProfile), for host overhead."""
     import cProfile
@@ -513,6 +527,7 @@ def bench_profile(rows, args, device, budget, dims, out_dir) -> None:
                 lines.append(f"  {us:9.1f} us  {100 * us / max(total, 1e-9):5.1f}%  x{e.count // reps:<3} {e.key[:90]}")
                 rows.append(_row("profile", kind, e.key[:40], "tf32" if tf32 else "ieee",
                                  median_ms=us / 1e3, note=f"{e.count // reps} launches per step"))
+            lines.extend(_kernel_sequence(prof.events(), reps))
             # where the host's time goes: CPU-side ops and CUDA runtime calls (a sync or an allocation
             # inside the step shows here), then the Python functions (cProfile) for the scalar kind
             cpu = [e for e in averages if getattr(e, "self_cpu_time_total", 0) > 0]

@@ -168,16 +168,21 @@ def _sfg_logit_reduce_kernel(part_ptr, labels_ptr, logit_ptr, loss_ptr, dlogit_p
 
 @triton.jit
 def _sfg_gemm_grad_kernel(
-        h_ptr, t_ptr, xy_ptr, dlogit_ptr, dz_ptr, g_ptr, dy_ptr, B, W, gamma,
-        stride_a0, stride_a1, stride_z0, stride_z1,
+        h_ptr, t_ptr, xy_ptr, dlogit_ptr, dz_ptr, g_ptr, dy_ptr, gt_ptr, x_ptr, xt_ptr, B, W, gamma,
+        stride_a0, stride_a1, stride_z0, stride_z1, stride_x0, stride_x1,
         ACT: tl.constexpr, RESIDUAL: tl.constexpr, HAS_ENC: tl.constexpr, HAS_DEC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        STORE_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The elementwise middle of the backward; G is [B, KG] fp32 with KG = W * (HAS_ENC + HAS_DEC).
 
     fused (enc + dec, g = dlogit):  G[:, :W] = dH = g * T * gamma * act'(H),  G[:, W:] = dT = g * Y
     encoder only (dZ given):        G = dH = dZ * gamma * act'(H)
     decoder only (dense Y):         G = dT = g * Y,  dY = g * T  ([B, W] fp32)
-    xy: the [B, W] X (fused, for the residual Y) or the dense Y (decoder only), strides (a0, a1)."""
+    xy: the [B, W] X (fused, for the residual Y) or the dense Y (decoder only), strides (a0, a1).
+
+    STORE_T: also G^T [KG, B] and X^T [W, B] (x: the [B, W] X, strides (x0, x1)), both in fp32: the
+    operands of the weight-gradient GEMM G^T @ X (K = B) stored K-contiguous, the only layout the TF32
+    matrix units (wgmma) read without a transpose. Read from the [B, ...] tensors, that GEMM's tiles
+    load 4 bytes per copy instead of 16 (bench/triton_aot.py's PTX shows it)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < B
@@ -185,6 +190,7 @@ def _sfg_gemm_grad_kernel(
     offs = rows[:, None] * W + cols[None, :]
     width_g = W * (HAS_ENC + HAS_DEC)
     out = rows[:, None] * width_g + cols[None, :]
+    out_t = cols[None, :] * B + rows[:, None]     # [KG, B] / [W, B] (STORE_T)
     if HAS_DEC:
         g = tl.load(dlogit_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         t = tl.load(t_ptr + offs, mask=mask, other=0.0)
@@ -195,17 +201,27 @@ def _sfg_gemm_grad_kernel(
         else:
             upstream = tl.load(dz_ptr + rows[:, None] * stride_z0 + cols[None, :] * stride_z1,
                                mask=mask, other=0.0).to(tl.float32)
-        tl.store(g_ptr + out, upstream * gamma * _activate_grad(h, ACT), mask=mask)
+        dh = upstream * gamma * _activate_grad(h, ACT)
+        tl.store(g_ptr + out, dh, mask=mask)
+        if STORE_T:
+            tl.store(gt_ptr + out_t, dh, mask=mask)
         if HAS_DEC:
             y = gamma * _activate(h, ACT)
             if RESIDUAL:
                 y += tl.load(xy_ptr + rows[:, None] * stride_a0 + cols[None, :] * stride_a1,
                              mask=mask, other=0.0).to(tl.float32)
             tl.store(g_ptr + (out + W), g * y, mask=mask)
+            if STORE_T:
+                tl.store(gt_ptr + (out_t + W * B), g * y, mask=mask)
     else:
         y = tl.load(xy_ptr + rows[:, None] * stride_a0 + cols[None, :] * stride_a1, mask=mask, other=0.0)
         tl.store(g_ptr + out, g * y.to(tl.float32), mask=mask)
+        if STORE_T:
+            tl.store(gt_ptr + out_t, g * y.to(tl.float32), mask=mask)
         tl.store(dy_ptr + offs, g * t, mask=mask)
+    if STORE_T:
+        x = tl.load(x_ptr + rows[:, None] * stride_x0 + cols[None, :] * stride_x1, mask=mask, other=0.0)
+        tl.store(xt_ptr + out_t, x.to(tl.float32), mask=mask)
 
 
 @triton.jit

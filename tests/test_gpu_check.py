@@ -131,3 +131,24 @@ def test_failed_rows_make_the_exit_code_nonzero(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "unknown section 'nonsense'" in proc.stdout + proc.stderr
+
+
+def test_kernel_sequence_lists_the_last_steps_kernels_in_launch_order():
+    """Kernel events of several profiled steps (as torch.profiler's events() returns them, unordered, with
+    CPU ops mixed in): the lines list the last step's kernels by start time, with their durations."""
+    from types import SimpleNamespace
+
+    from bench.gpu_check import _kernel_sequence
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, us, device=cuda):
+        span = SimpleNamespace(start=start, elapsed_us=lambda: us)
+        return SimpleNamespace(name=name, device_type=device, time_range=span)
+    steps = [[event("gemm", 100 * s + 1, 30.0 + s), event("fill", 100 * s + 2, 5.0), event("gemm", 100 * s + 3, 7.0)]
+             for s in range(3)]
+    events = [e for step in reversed(steps) for e in reversed(step)] + [event("aten::mm", 250, 9.0, cpu)]
+    lines = _kernel_sequence(events, 3)
+    assert "3 kernels" in lines[0]
+    assert [line.split()[-1] for line in lines[1:]] == ["gemm", "fill", "gemm"]
+    assert "32.0 us" in lines[1] and "7.0 us" in lines[3]       # the last step's first GEMM, then its second
+    assert "no kernel sequence" in _kernel_sequence(events[:-2], 3)[0]   # a partial step is not guessed at

@@ -38,6 +38,12 @@ def test_every_kernel_compiles_for_sm90_within_its_resources(tmp_path):
     for row in data["rows"]:
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= 232448, row
     assert "| _sparse_update_kernel |" in done.stdout
+    # every GEMM on the TF32 matrix units fills shared memory with 16-byte copies: an operand tile not
+    # contiguous along K copies 4 bytes at a time (the weight-gradient GEMM did, at 17 TFLOP/s on an H200)
+    tensor_core = [row for row in data["rows"] if row["wgmma"]]
+    assert {row["kernel"] for row in tensor_core} >= {"_matmul_kernel", "_sfg_gemm_fwd_kernel"}
+    for row in tensor_core:
+        assert row["cp_async_4B"] == 0 and row["cp_async_16B"] > 0, row
 
 
 # The oldest torch/triton pair a GPU machine may carry (BUILD.md: torch 2.11 + triton 3.6). install.sh

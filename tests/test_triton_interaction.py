@@ -469,8 +469,9 @@ def test_gemm_kernels_address_in_int64():
          {"ADD": 1, "SCATTER": True, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "PRECISION": "ieee"}),
         ("sfg_fast.kernels.sfg_gemm", "_sfg_gemm_grad_kernel",
          {"h_ptr": f32, "t_ptr": f32, "xy_ptr": f32, "dlogit_ptr": f32, "dz_ptr": f32, "g_ptr": f32,
-          "dy_ptr": f32, "gamma": "fp32"},
-         {"ACT": 2, "RESIDUAL": True, "HAS_ENC": True, "HAS_DEC": True, "BLOCK_M": 16, "BLOCK_N": 16}),
+          "dy_ptr": f32, "gt_ptr": f32, "x_ptr": "*bf16", "xt_ptr": f32, "gamma": "fp32"},
+         {"ACT": 2, "RESIDUAL": True, "HAS_ENC": True, "HAS_DEC": True, "STORE_T": True, "BLOCK_M": 16,
+          "BLOCK_N": 16}),
         ("sfg_fast.kernels.sfg_gemm", "_sfg_epilogue_kernel",
          {"h_ptr": f32, "t_ptr": f32, "x_ptr": "*bf16", "part_ptr": f32, "z_ptr": f32, "gamma": "fp32"},
          {"ACT": 1, "RESIDUAL": True, "HAS_ENC": True, "HAS_DEC": True, "STORE_Z": True, "BLOCK_M": 16,
@@ -708,6 +709,65 @@ def test_torch_gemms_agree_with_the_triton_gemms_on_a_bf16_table(monkeypatch):
     fused, g_fused = _run(fn, ids, offsets, params, torch.float32, options)
     assert not calls
     _assert_same_results(split, g_split, fused, g_fused)
+
+
+# ----------------------------------------------------------------------------- the weight-gradient GEMM's layout
+# ops.sfg_gemm.k_major_weight_grad: in TF32 the elementwise backward pass also writes G^T and X^T, so the
+# G^T @ X GEMM reads K-contiguous operands; forced on here for the exact path the tests run.
+
+def _k_major(monkeypatch, on=True):
+    from sfg_fast.ops import sfg_gemm
+    monkeypatch.setattr(sfg_gemm, "WEIGHT_GRAD_K_MAJOR", on)
+    chosen = []
+    real = sfg_gemm.k_major_weight_grad
+    monkeypatch.setattr(sfg_gemm, "k_major_weight_grad", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    return chosen
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[9], CASES[11]],
+                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-sym{int(c[3])}-{c[4]}")
+def test_k_major_weight_grad_matches_reference(case, monkeypatch):
+    """Fused encoder + decoder (bias, residual, both sides) and the symmetric plans (encoder alone, then the
+    decoder alone on dense operands) with the transposed copies, against the fp64 reference (2x rule)."""
+    chosen = _k_major(monkeypatch)
+    test_sfg_logits_matches_reference(case)
+    assert chosen and all(chosen), "the K-major weight-gradient path was not taken"
+
+
+def test_k_major_weight_grad_encode_decode_and_poisoned_buffers(monkeypatch):
+    """The encoder and decoder ops alone; and every buffer of the backward (G^T and X^T included) written."""
+    chosen = _k_major(monkeypatch)
+    test_sfg_encode_matches_reference("gelu", True, True, (5, 3, 4))
+    test_pairwise_decode_matches_reference("matrix", "upper", "right", False, (10, 3, 5))
+    test_poisoned_buffers_are_fully_written(monkeypatch)
+    assert chosen and all(chosen)
+
+
+def test_k_major_weight_grad_agrees_with_the_views_on_a_bf16_table(monkeypatch):
+    """A bf16 table (X^T stored in fp32, as the GEMM casts its loads); W = 85 spans two column tiles and
+    B = 21 a partial row tile: the transposed stores cover every element. Both layouts agree."""
+    ids, offsets, params = _problem(21, 5, 17, "matrix", bias=True, seed=53)
+    options = dict(kind="matrix", activation="gelu", gamma=0.7, residual=True, pairs="upper",
+                   generated_side="left", symmetric=False)
+    params = dict(params, table=params["table"].to(torch.bfloat16))
+    fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
+    from sfg_fast.ops import sfg_gemm
+    chosen = _k_major(monkeypatch, True)
+    k_major, g_k_major = _run(fn, ids, offsets, params, torch.float32, options)
+    monkeypatch.setattr(sfg_gemm, "WEIGHT_GRAD_K_MAJOR", False)
+    views, g_views = _run(fn, ids, offsets, params, torch.float32, options)
+    assert chosen == [True, False]
+    _assert_same_results(k_major, g_k_major, views, g_views)
+
+
+def test_k_major_weight_grad_choice(monkeypatch):
+    """By precision: TF32 (the matrix units) takes the K-major copies; the exact path and torch.mm do not."""
+    from sfg_fast.ops import sfg_gemm
+    x = torch.zeros(2, 2)
+    assert sfg_gemm.WEIGHT_GRAD_K_MAJOR is None
+    assert sfg_gemm.k_major_weight_grad(x, "tf32") and not sfg_gemm.k_major_weight_grad(x, "ieee")
+    monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "always")       # torch.mm transposes for free
+    assert not sfg_gemm.k_major_weight_grad(x, "tf32")
 
 
 def test_torch_gemms_choice(monkeypatch):

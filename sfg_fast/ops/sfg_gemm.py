@@ -83,6 +83,26 @@ def torch_gemms(t: torch.Tensor, precision: str) -> bool:
             and not _cublas_fp32_is_tf32())
 
 
+# Layout of the weight-gradient GEMM's operands when the Triton kernel runs it: None decides by precision
+# (see k_major_weight_grad); True / False force it (tests run both ways under the interpreter).
+WEIGHT_GRAD_K_MAJOR: Optional[bool] = None
+
+
+def k_major_weight_grad(t: torch.Tensor, precision: str) -> bool:
+    """Whether the backward hands the weight-gradient GEMM G^T @ X (K = B) K-contiguous copies of G and X.
+
+    Its operands are the transposes of [B, ...] tensors. TF32 matrix units (wgmma) take fp32 operands
+    only K-major from shared memory, so on the transposed views Triton copies 4 bytes at a time from
+    global memory, strided (16-byte copies on the K-major ones: compare the PTX of both with
+    bench/triton_aot.py). That pass ran at 17 TFLOP/s in TF32 on an H200 against 188 for the forward's
+    K-major GEMMs (bench/results/nvidia-h200/profile-20261128T213757.txt). The exact-fp32 path
+    multiplies on CUDA cores and copies 16 bytes at a time either way (with fewer shared-memory loads on
+    the views, by its PTX), and torch.mm (cuBLAS) transposes for free: both keep the views."""
+    if WEIGHT_GRAD_K_MAJOR is not None:
+        return WEIGHT_GRAD_K_MAJOR
+    return precision != "ieee" and not torch_gemms(t, precision)
+
+
 def _empty(*shape, **kwargs) -> torch.Tensor:
     out = torch.empty(*shape, **kwargs)
     if POISON_VALUE is not None:
@@ -285,6 +305,12 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
     parts = int(has_enc) + int(has_dec)
     grads = _empty(batch, parts * width, **f32)
     dy = _empty(batch, width, **f32) if (not has_enc and has_dec) else None
+    need_dw = (has_enc and need_w) or (has_dec and need_wd)
+    # the weight-gradient GEMM G^T @ X reads K-contiguous copies the elementwise pass writes (see
+    # k_major_weight_grad); else G and X themselves, transposed views
+    transposed = need_dw and batch > 0 and width > 0 and k_major_weight_grad(grads, plan.precision)
+    grads_t = _empty(parts * width, batch, **f32) if transposed else None
+    x_t = _empty(width, batch, **f32) if transposed else None
     if batch > 0 and width > 0:
         bm = 16 if _interpreting() else 32
         bn = _pow2(width, 16, 64) if _interpreting() else 128
@@ -293,11 +319,13 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
         G._sfg_gemm_grad_kernel[(cdiv(batch, bm), cdiv(width, bn))](
             hs if hs is not None else dummy, ts if ts is not None else dummy, xy if xy is not None else dummy,
             dlogit if dlogit is not None else dummy, dz2d if dz2d is not None else dummy, grads,
-            dy if dy is not None else dummy, batch, width, float(plan.gamma),
+            dy if dy is not None else dummy, grads_t if transposed else dummy, x2d, x_t if transposed else dummy,
+            batch, width, float(plan.gamma),
             xy.stride(0) if xy is not None else 0, xy.stride(1) if xy is not None else 0,
             dz2d.stride(0) if dz2d is not None else 0, dz2d.stride(1) if dz2d is not None else 0,
+            x2d.stride(0), x2d.stride(1),
             ACT=K.ACT_CODES[plan.activation], RESIDUAL=plan.residual, HAS_ENC=has_enc, HAS_DEC=has_dec,
-            BLOCK_M=bm, BLOCK_N=bn)
+            STORE_T=transposed, BLOCK_M=bm, BLOCK_N=bn)
     dx = None
     if need_x:
         # dX = G @ [We ; Wd^T] (+ g * T or + dZ where X also feeds Y directly through the residual)
@@ -324,9 +352,10 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
             else:
                 dx = dense.view(batch, n, d)
     d_w = d_b = d_wd = None
-    if (has_enc and need_w) or (has_dec and need_wd):
+    if need_dw:
         # [dWe ; dWd^T] = G^T @ X: one GEMM over the batch (no atomics)
-        both = _matmul(grads.t(), x2d, _empty(parts * width, width, **f32), precision=plan.precision)
+        a, b = (grads_t, x_t.t()) if transposed else (grads.t(), x2d)
+        both = _matmul(a, b, _empty(parts * width, width, **f32), precision=plan.precision)
         if has_enc and need_w:
             d_w = both[:width]
         if has_dec and need_wd:
