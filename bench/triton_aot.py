@@ -286,15 +286,21 @@ def resources(ptx: str) -> Dict[str, int]:
             "spill_loads": grab(r"(\d+) bytes spill loads")}
 
 
-def copy_widths(ptx: str) -> Dict[str, int]:
-    """How a kernel fills shared memory from global memory, from its PTX: the number of asynchronous
-    copies (``cp.async``) by width, and of Hopper matrix-unit instructions (``wgmma``). A GEMM whose
-    operand tiles are not contiguous along K copies 4 bytes at a time (strided, uncoalesced), where a
-    K-contiguous one copies 16: the TF32 weight-gradient GEMM ran 11x slower per FLOP that way."""
+def ptx_facts(ptx: str) -> Dict[str, int]:
+    """What a kernel's PTX says about its memory traffic:
+
+    - ``cp_async_4B`` / ``cp_async_16B``: asynchronous global-to-shared copies (``cp.async``) by width. A
+      GEMM whose operand tile is not contiguous along K copies 4 bytes at a time, strided, where a
+      K-contiguous one copies 16: the TF32 weight-gradient GEMM ran 11x slower per FLOP that way.
+    - ``wgmma``: Hopper matrix-unit instructions.
+    - ``ordered_atomics``: atomics with acquire/release ordering (Triton's default for tl.atomic_add):
+      each orders the thread's memory traffic around it; the gradient scatters need atomicity only
+      (``sem="relaxed"``, as Inductor emits)."""
     widths = re.findall(r"cp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)", ptx)
     sizes = [int(w, 0) for w in widths]
     return {"cp_async_4B": sum(1 for w in sizes if w <= 4), "cp_async_16B": sum(1 for w in sizes if w >= 16),
-            "wgmma": len(re.findall(r"wgmma\.mma_async", ptx))}
+            "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+            "ordered_atomics": len(re.findall(r"\b(?:atom|red)\.[\w.]*\.(?:acq_rel|acquire|release)\b", ptx))}
 
 
 def run(sweep: bool = False, table_dims: Tuple[int, ...] = TABLE_DIMS,
@@ -324,7 +330,7 @@ def run(sweep: bool = False, table_dims: Tuple[int, ...] = TABLE_DIMS,
         row = {"kernel": entry["kernel"], "workloads": entry["workloads"], "num_warps": meta.num_warps,
                "num_stages": meta.num_stages, "shared_bytes": meta.shared}
         row.update(resources(compiled.asm["ptx"]))
-        row.update(copy_widths(compiled.asm["ptx"]))
+        row.update(ptx_facts(compiled.asm["ptx"]))
         if meta.shared > SM90_MAX_SHARED:
             failures.append({"workload": ", ".join(entry["workloads"]),
                              "error": f"{entry['kernel']} needs {meta.shared} bytes of shared memory, "

@@ -63,7 +63,7 @@ def _embedding_lookup_bwd_kernel(ids_ptr, offsets_ptr, grad_ptr, grad_weight_ptr
     if g.dtype != tl.float64:
         g = g.to(tl.float32)
     tl.atomic_add(grad_weight_ptr + rows[:, :, None] * dim + offs_d[None, None, :],
-                  g.to(grad_weight_ptr.dtype.element_ty), mask=mask)
+                  g.to(grad_weight_ptr.dtype.element_ty), mask=mask, sem="relaxed")
 
 
 @triton.jit

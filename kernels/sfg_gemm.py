@@ -263,6 +263,6 @@ def _matmul_kernel(
         field = rn // D
         local = tl.load(ids_ptr + rm[:, None] * stride_ib + field[None, :] * stride_in, mask=mask, other=0)
         row = tl.load(offsets_ptr + field, mask=mask_n, other=0)[None, :] + local.to(tl.int64)
-        tl.atomic_add(c_ptr + row * stride_cm + (rn - field * D)[None, :] * stride_cn, acc, mask=mask)
+        tl.atomic_add(c_ptr + row * stride_cm + (rn - field * D)[None, :] * stride_cn, acc, mask=mask, sem="relaxed")
     else:
         tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc, mask=mask)

@@ -335,7 +335,7 @@ def _sfg_interaction_bwd_dx_kernel(
         ptrs = _field_ptrs(dx_ptr, ids_ptr, offsets_ptr, rows, mask_b, k, d,
                            stride_ib, stride_in, stride_xb, stride_xn, stride_xd, SCATTER)
         if SCATTER:
-            tl.atomic_add(ptrs, acc, mask=mask_bd)
+            tl.atomic_add(ptrs, acc, mask=mask_bd, sem="relaxed")
         else:
             tl.store(ptrs, acc, mask=mask_bd)
 

@@ -44,6 +44,22 @@ def test_every_kernel_compiles_for_sm90_within_its_resources(tmp_path):
     assert {row["kernel"] for row in tensor_core} >= {"_matmul_kernel", "_sfg_gemm_fwd_kernel"}
     for row in tensor_core:
         assert row["cp_async_4B"] == 0 and row["cp_async_16B"] > 0, row
+    # the gradient scatters' atomics are relaxed: acquire/release ordering would fence every one of them
+    assert [row["kernel"] for row in data["rows"] if row["ordered_atomics"]] == []
+
+
+def test_ptx_facts_read_copy_widths_matrix_units_and_atomic_ordering():
+    from bench.triton_aot import ptx_facts
+    ptx = """
+        cp.async.cg.shared.global [ %r10 + 0 ], [ %rd24 + 0 ], 0x10, %r11;
+        @%p1 cp.async.ca.shared.global [ %r12 + 0 ], [ %rd25 + 0 ], 0x4, %r13;
+        cp.async.ca.shared.global [ %r14 + 0 ], [ %rd26 + 0 ], 4, %r13;
+        wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {%f1}, %rd1, %rd2, p, 1, 1;
+        @%p2 atom.global.gpu.acq_rel.add.v4.f32 {%f1, %f2, %f3, %f4}, [%rd3], {%f5, %f6, %f7, %f8};
+        atom.global.gpu.relaxed.add.v4.f32 {%f1, %f2, %f3, %f4}, [%rd3], {%f5, %f6, %f7, %f8};
+        red.global.gpu.release.add.f32 [%rd3], %f1;
+    """
+    assert ptx_facts(ptx) == {"cp_async_4B": 2, "cp_async_16B": 1, "wgmma": 1, "ordered_atomics": 2}
 
 
 # The oldest torch/triton pair a GPU machine may carry (BUILD.md: torch 2.11 + triton 3.6). install.sh
