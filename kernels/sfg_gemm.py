@@ -266,3 +266,74 @@ def _matmul_kernel(
         tl.atomic_add(c_ptr + row * stride_cm + (rn - field * D)[None, :] * stride_cn, acc, mask=mask, sem="relaxed")
     else:
         tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc, mask=mask)
+
+
+@triton.jit
+def _pair_inside(o, k, PAIRS: tl.constexpr, SWAP: tl.constexpr):
+    """Whether block (o, k) scores a pair of P (PAIRS: 0 upper i < j, 1 offdiag i != j, 2 all); the pair
+    (i, j) is (o, k), or (k, o) with SWAP (the decoder's right orientation)."""
+    if SWAP:
+        i, j = k, o
+    else:
+        i, j = o, k
+    if PAIRS == 0:
+        return i < j
+    elif PAIRS == 1:
+        return i != j
+    else:
+        return i == i
+
+
+@triton.jit
+def _decoder_matrix_kernel(w_ptr, out_ptr, D, W, stride_o, stride_k, stride_p, stride_q,
+                           KIND: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (o, k) writes block (o, k) of Wd^T [W, W] (row-major), the decoder operand of the GEMMs:
+
+        Wd^T[o*D + q, k*D + p] = Blk(o, k)[p, q] for pairs in P, else 0
+
+    with Blk(o, k) = w[o, k] * I (KIND 1, scalar), diag(w[o, k, :]) (2, vector) or w[o, k] (3, matrix),
+    ``w`` read through the strides of the weight's Blk-oriented view (o, k, p, q): the mask and the
+    orientation cost no tensor of their own. fp32 out."""
+    o = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    q = tl.arange(0, BLOCK_D).to(tl.int64)[:, None]
+    p = tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
+    valid = (q < D) & (p < D)
+    base = w_ptr + o * stride_o + k * stride_k
+    if KIND == 3:
+        blk = tl.load(base + p * stride_p + q * stride_q, mask=valid, other=0.0).to(tl.float32)
+    else:
+        if KIND == 2:
+            v = tl.load(base + p * stride_p, mask=p < D, other=0.0).to(tl.float32)
+        else:
+            v = tl.load(base).to(tl.float32)
+        blk = tl.where(p == q, v, 0.0)
+    blk = tl.where(_pair_inside(o, k, PAIRS, SWAP), blk, 0.0)
+    tl.store(out_ptr + (o * D + q) * W + k * D + p, blk, mask=valid)
+
+
+@triton.jit
+def _decoder_matrix_bwd_kernel(g_ptr, dw_ptr, D, stride_g0, stride_g1, stride_o, stride_k, stride_p, stride_q,
+                               KIND: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+    """The gradient of _decoder_matrix_kernel: from G = dL/dWd^T [W, W] (strides g0, g1), program (o, k)
+    writes the decoder weight's gradient at (o, k) through the same oriented strides, 0 outside P:
+    scalar sum_p G[o*D + p, k*D + p]; vector G[o*D + p, k*D + p] for each p; matrix G[o*D + q, k*D + p]."""
+    o = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    q = tl.arange(0, BLOCK_D).to(tl.int64)[:, None]
+    p = tl.arange(0, BLOCK_D).to(tl.int64)[None, :]
+    valid = (q < D) & (p < D)
+    if KIND == 1:
+        valid = valid & (p == q)      # only the block's diagonal is read
+    g = tl.load(g_ptr + (o * D + q) * stride_g0 + (k * D + p) * stride_g1, mask=valid, other=0.0).to(tl.float32)
+    g = tl.where(_pair_inside(o, k, PAIRS, SWAP), g, 0.0)
+    base = dw_ptr + o * stride_o + k * stride_k
+    if KIND == 3:
+        tl.store(base + p * stride_p + q * stride_q, g.to(dw_ptr.dtype.element_ty), mask=valid)
+    elif KIND == 2:
+        diag = tl.sum(tl.where(p == q, g, 0.0), axis=0)          # [BLOCK_D]: G's diagonal, p by p
+        offs = tl.arange(0, BLOCK_D).to(tl.int64)
+        tl.store(base + offs * stride_p, diag.to(dw_ptr.dtype.element_ty), mask=offs < D)
+    else:
+        tl.store(base, tl.sum(tl.sum(g, axis=1), axis=0).to(dw_ptr.dtype.element_ty))

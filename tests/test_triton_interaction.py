@@ -428,6 +428,91 @@ def test_gemm_path_and_per_field_engine_agree(monkeypatch, gather_in_gemm):
     _assert_same_results(fast, g_fast, slow, g_slow)
 
 
+@pytest.mark.parametrize("kind", ["scalar", "vector", "matrix"])
+@pytest.mark.parametrize("pairs", ["upper", "offdiag", "all"])
+@pytest.mark.parametrize("orientation", ["left", "right"])
+def test_decoder_matrix_kernel_matches_the_torch_ops(kind, pairs, orientation, monkeypatch):
+    """DecoderMatrixFunction (one kernel each way) against decoder_matrix of the masked, oriented view (the
+    torch ops it replaces): Wd bit for bit, and the weight's gradient through both (zero outside P), for
+    D = 5 (not a power of 2) and every buffer poisoned first."""
+    from sfg_fast.ops import sfg_gemm
+    from sfg_fast.ops.sfg_logits import decoder_operand
+    monkeypatch.setattr(sfg_gemm, "POISON_VALUE", float("nan"))
+    n, d = 4, 5
+    gen = torch.Generator().manual_seed(61)
+    shape = {"scalar": (n, n), "vector": (n, n, d), "matrix": (n, n, d, d)}[kind]
+    weight = torch.randn(*shape, generator=gen).to(DEVICE)
+    like = torch.empty(0, dtype=torch.float32, device=DEVICE)
+    upstream = torch.randn(n * d, n * d, generator=gen).to(DEVICE)
+    w_kernel = weight.clone().requires_grad_()
+    w_torch = weight.clone().requires_grad_()
+    got = sfg_gemm.DecoderMatrixFunction.apply(w_kernel, kind, pairs, orientation, n, d)
+    want = sfg_gemm.decoder_matrix(decoder_operand(w_torch, kind, pairs, n, orientation, like), kind, n, d, like)
+    assert got.shape == want.shape and got.t().is_contiguous()
+    assert torch.equal(got, want)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    assert w_kernel.grad.dtype == weight.dtype and w_kernel.grad.shape == weight.shape
+    torch.testing.assert_close(w_kernel.grad, w_torch.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_decoder_matrix_kernel_on_a_bf16_weight_and_one_field():
+    """bf16 weight: Wd in fp32 from the rounded values, the gradient back in bf16; N = 1 (no pair for
+    upper: all zeros) and N = 2 with D = 1 (tiles wider than the blocks)."""
+    from sfg_fast.ops import sfg_gemm
+    from sfg_fast.ops.sfg_logits import decoder_operand
+    like = torch.empty(0, dtype=torch.float32, device=DEVICE)
+    for n, d, pairs in ((3, 4, "upper"), (1, 3, "upper"), (2, 1, "all")):
+        weight = torch.randn(n, n, d, d).to(DEVICE, torch.bfloat16).requires_grad_()
+        got = sfg_gemm.DecoderMatrixFunction.apply(weight, "matrix", pairs, "left", n, d)
+        want = sfg_gemm.decoder_matrix(decoder_operand(weight.detach(), "matrix", pairs, n, "left", like),
+                                       "matrix", n, d, like)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        got.sum().backward()
+        mask = sfg_fast_pair_mask(n, pairs).to(DEVICE)
+        assert weight.grad.dtype == torch.bfloat16
+        assert torch.equal(weight.grad, mask[:, :, None, None].expand(n, n, d, d).to(torch.bfloat16))
+
+
+def sfg_fast_pair_mask(n, pairs):
+    from sfg_fast import _checks
+    return _checks.pair_mask(n, pairs)
+
+
+def test_gemm_path_builds_the_decoder_in_one_kernel(monkeypatch):
+    """sfg_logits's GEMM path: one decoder-matrix kernel forward and one backward, and none of the torch
+    ops it replaces (the mask product, the identity blocks, the permuted copy)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from sfg_fast.ops import sfg_gemm
+    launches = []
+    for name in ("_decoder_matrix_kernel", "_decoder_matrix_bwd_kernel"):
+        kernel = getattr(sfg_gemm.G, name)
+        monkeypatch.setattr(sfg_gemm.G, name, _counting(kernel, launches, name))
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    ids, offsets, params = _problem(9, 3, 4, "scalar", bias=True, seed=67)
+    leaves = {k: v.to(DEVICE, torch.float32).requires_grad_() for k, v in params.items()}
+    with Record():
+        logit = SF.sfg_logits(ids.to(DEVICE), leaves["table"], offsets.to(DEVICE), leaves["enc_weight"],
+                              leaves["enc_bias"], leaves["dec_weight"], "scalar", "relu", backend="triton")
+        logit.backward(torch.ones_like(logit))     # a contiguous upstream gradient (sum()'s is expanded)
+    assert launches == ["_decoder_matrix_kernel", "_decoder_matrix_bwd_kernel"]
+    assert leaves["dec_weight"].grad is not None
+    assert not {"mul", "clone", "eye", "diag_embed"} & set(ops), sorted(set(ops))
+
+
+def _counting(kernel, launches, name):
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(name)
+            return kernel[grid]
+    return Counted()
+
+
 @pytest.mark.parametrize("kind", ["identity", "scalar", "vector", "matrix"])
 def test_decoder_matrix_reproduces_the_blocks(kind):
     from sfg_fast.ops.sfg_gemm import decoder_matrix

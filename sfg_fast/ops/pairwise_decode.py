@@ -36,12 +36,11 @@ def pairwise_decode(Z, V, weight, kind, pairs, generated_side, symmetric, allow_
     plan = _Plan(kind=kind, y_mode=2, gather=False,
                  allow_tf32=DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32))
     like = torch.empty(0, dtype=torch.float32, device=Z.device)
-    dec = decoder_operand(weight, kind, pairs, Z.shape[1], "left", like)
     out_dtype = result_dtype(Z, V, weight)
     if ops_logits.GEMM_PATH:
-        n, d = Z.shape[1], Z.shape[2]
-        wd = _gemm.decoder_matrix(dec, kind, n, d, like)
+        wd = ops_logits.gemm_decoder(weight, kind, pairs, Z.shape[1], Z.shape[2], "left", like)
         return _gemm.interaction(plan, out_dtype, right, None, None, left, None, None, wd)
+    dec = decoder_operand(weight, kind, pairs, Z.shape[1], "left", like)
     return SfgInteractionFunction.apply(plan, out_dtype, right, None, None, left, None, None, dec)
 
 

@@ -154,6 +154,60 @@ def decoder_matrix(dec: Optional[torch.Tensor], kind: str, n: int, d: int, like:
     return blocks.to(like.dtype).permute(0, 3, 1, 2).reshape(n * d, n * d).t()
 
 
+_PAIR_CODES = {"upper": 0, "offdiag": 1, "all": 2}
+
+
+def oriented(weight: torch.Tensor, kind: str, orientation: str) -> torch.Tensor:
+    """The decoder weight as a view in Blk orientation, indexed (o, k[, p[, q]]) (no copy; see
+    ``sfg_logits.decoder_operand``, which also applies the pair mask)."""
+    if orientation == "left":
+        return weight.permute(0, 1, 3, 2) if kind == "matrix" else weight
+    if kind == "matrix":
+        return weight.permute(1, 0, 2, 3)
+    if kind == "vector":
+        return weight.permute(1, 0, 2)
+    return weight.t()
+
+
+def _block_strides(view: torch.Tensor):
+    """(o, k, p, q) strides of an oriented view; 0 for the dimensions its kind lacks."""
+    strides = list(view.stride()) + [0] * (4 - view.dim())
+    return strides[:4]
+
+
+class DecoderMatrixFunction(torch.autograd.Function):
+    """Wd [W, W] (as the transpose of a contiguous fp32 Wd^T, like ``decoder_matrix``) straight from the
+    raw scalar / vector / matrix decoder weight: one kernel forward, one backward, where the torch ops
+    (mask, identity blocks, permuted copy, and their backward) took six. Entries outside P are 0, and
+    so is the weight's gradient there."""
+
+    @staticmethod
+    def forward(ctx, weight, kind, pairs, orientation, n, d):
+        width = n * d
+        out = _empty(width, width, dtype=torch.float32, device=weight.device)
+        ctx.meta = (kind, pairs, orientation, n, d, weight.shape, weight.dtype)
+        if n > 0 and d > 0:
+            G._decoder_matrix_kernel[(n, n)](
+                weight, out, d, width, *_block_strides(oriented(weight, kind, orientation)),
+                KIND=K.KIND_CODES[kind], PAIRS=_PAIR_CODES[pairs], SWAP=orientation == "right",
+                BLOCK_D=max(16, next_pow2(d)))
+        return out.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if create_graph_requested():
+            refuse("the decoder matrix", "triton")
+        kind, pairs, orientation, n, d, shape, dtype = ctx.meta
+        dw = _empty(shape, dtype=dtype, device=grad.device)
+        g = grad.t()                                   # dL/dWd^T
+        if n > 0 and d > 0:
+            G._decoder_matrix_bwd_kernel[(n, n)](
+                g, dw, d, g.stride(0), g.stride(1), *_block_strides(oriented(dw, kind, orientation)),
+                KIND=K.KIND_CODES[kind], PAIRS=_PAIR_CODES[pairs], SWAP=orientation == "right",
+                BLOCK_D=max(16, next_pow2(d)))
+        return dw, None, None, None, None, None
+
+
 def _matmul(a, b, c, scale=None, addend=None, ids=None, offsets=None, d=1, precision="ieee"):
     """c = a @ b (+ scale[:, None] * addend, or + addend when scale is None); with ids/offsets, c is the
     table gradient and the product is atomically scattered into it (see the kernel)."""

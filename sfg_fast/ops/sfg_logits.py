@@ -347,14 +347,19 @@ def _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual, genera
     return encode, decode, "left"
 
 
-def _plans_and_decoder(table, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
-                       generated_side, symmetric, allow_tf32, num_fields):
-    """Kernel plans (fused, or encode then decode) and the decoder operand laid out for them."""
+def _plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side, symmetric, allow_tf32):
+    """(plan, decode plan or None, decoder orientation), with the TF32 default applied."""
     tf32 = DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32)
-    plan, decode, orientation = _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual,
-                                             generated_side, symmetric, tf32)
-    like = torch.empty(0, dtype=torch.float32, device=table.device)
-    return plan, decode, decoder_operand(dec_weight, kind, pairs, num_fields, orientation, like)
+    return _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side, symmetric, tf32)
+
+
+def gemm_decoder(dec_weight, kind: str, pairs: str, n: int, d: int, orientation: str, like) -> torch.Tensor:
+    """Wd [N*D, N*D] for the GEMM-shaped kernels (``ops.sfg_gemm``): one kernel from the raw weight
+    (``DecoderMatrixFunction``); the identity kind's constant matrix, and anything Dynamo traces, from
+    torch ops (``decoder_matrix`` of the masked view)."""
+    if kind == "identity" or torch.compiler.is_compiling():
+        return _gemm.decoder_matrix(decoder_operand(dec_weight, kind, pairs, n, orientation, like), kind, n, d, like)
+    return _gemm.DecoderMatrixFunction.apply(dec_weight, kind, pairs, orientation, n, d)
 
 
 # The GEMM-shaped kernels (ops.sfg_gemm) serve sfg_logits with an encoder and symmetric=False, and
@@ -374,15 +379,14 @@ def _gemm_composed(plan, decode, table) -> bool:
     return GEMM_PATH and not _gemm_path(plan, decode) and table.stride(1) == 1
 
 
-def _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, dec, kind, out_dtype, labels=None,
+def _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, wd, out_dtype, labels=None,
                      autograd=True):
-    """sfg_logits for the no-encoder and symmetric plans through ops.sfg_gemm. With ``autograd`` the
-    passes are autograd nodes and the logit is returned; else ``(logit, loss, dlogit)`` fp32."""
+    """sfg_logits for the no-encoder and symmetric plans through ops.sfg_gemm (``wd``: gemm_decoder's).
+    With ``autograd`` the passes are autograd nodes and the logit is returned; else ``(logit, loss,
+    dlogit)`` fp32."""
     from .embedding_lookup import embedding_lookup as triton_lookup, embedding_lookup_fwd
-    n, d = ids.shape[1], table.shape[1]
-    wd = _gemm.decoder_matrix(dec, kind, n, d, _f32_like(table))
-    dense = _Plan(kind=kind, y_mode=_Y_DENSE, gather=False, allow_tf32=plan.allow_tf32)
     if decode is None:                                   # no encoder: Y = X = V
+        dense = _Plan(kind=plan.kind, y_mode=_Y_DENSE, gather=False, allow_tf32=plan.allow_tf32)
         if autograd:
             V = triton_lookup(ids, table, offsets)
             return _gemm.interaction(dense, out_dtype, V, None, None, V, None, None, wd)
@@ -412,13 +416,15 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
         return factored.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
                                    gamma, residual, pairs, generated_side, symmetric)
     out_dtype = result_dtype(table, enc_weight, dec_weight)
-    plan, decode, dec = _plans_and_decoder(table, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
-                                           residual, pairs, generated_side, symmetric, allow_tf32, ids.shape[1])
-    if _gemm_path(plan, decode):
-        wd = _gemm.decoder_matrix(dec, kind, ids.shape[1], table.shape[1], _f32_like(table))
-        return _gemm.interaction(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, wd)
-    if _gemm_composed(plan, decode, table):
-        return _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, dec, kind, out_dtype)
+    plan, decode, orientation = _plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side,
+                                       symmetric, allow_tf32)
+    n, d, like = ids.shape[1], table.shape[1], _f32_like(table)
+    if _gemm_path(plan, decode) or _gemm_composed(plan, decode, table):
+        wd = gemm_decoder(dec_weight, kind, pairs, n, d, orientation, like)
+        if _gemm_path(plan, decode):
+            return _gemm.interaction(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, wd)
+        return _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, wd, out_dtype)
+    dec = decoder_operand(dec_weight, kind, pairs, n, orientation, like)     # the per-field engine's operand
     if decode is None:
         return SfgInteractionFunction.apply(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, dec)
     z = SfgInteractionFunction.apply(plan, torch.float32, table, ids, offsets, None, enc_weight, enc_bias, None)
@@ -458,15 +464,19 @@ def sfg_logits_fwd(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, 
             return logit, loss, torch.sigmoid(logit) - y
         batch, n = ids.shape
         d = table.shape[1]
-        plan, decode, dec = _plans_and_decoder(table, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
-                                               residual, pairs, generated_side, symmetric, allow_tf32, n)
+        plan, decode, orientation = _plans(enc_weight, enc_bias, kind, activation, gamma, residual,
+                                           generated_side, symmetric, allow_tf32)
+        like = _f32_like(table)
+        if _gemm_path(plan, decode) or _gemm_composed(plan, decode, table):
+            wd = gemm_decoder(dec_weight, kind, pairs, n, d, orientation, like)
+        else:
+            dec = decoder_operand(dec_weight, kind, pairs, n, orientation, like)
         if _gemm_path(plan, decode):
-            wd = _gemm.decoder_matrix(dec, kind, n, d, _f32_like(table))
             logit, loss, dlogit, _, _ = _gemm.forward(plan, table, ids, offsets, None, enc_weight, enc_bias, wd,
                                                       labels=labels)
         elif _gemm_composed(plan, decode, table):
-            logit, loss, dlogit = _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, dec,
-                                                   kind, torch.float32, labels=labels, autograd=False)
+            logit, loss, dlogit = _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, wd,
+                                                   torch.float32, labels=labels, autograd=False)
         elif decode is None:
             logit, _, loss, dlogit = _engine_forward(plan, table, ids, offsets, None, enc_weight, enc_bias, dec,
                                                      batch, n, d, labels=labels)
@@ -538,10 +548,10 @@ def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma
         return _functional.pairwise_decode(z, V, dec_weight, kind, pairs, generated_side, symmetric,
                                            backend="triton")
     out_dtype = result_dtype(V, enc_weight, dec_weight)
-    plan, decode, dec = _plans_and_decoder(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
-                                           pairs, generated_side, symmetric, allow_tf32, V.shape[1])
+    plan, decode, orientation = _plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side,
+                                       symmetric, allow_tf32)
     n, d = V.shape[1], V.shape[2]
-    wd = _gemm.decoder_matrix(dec, kind, n, d, _f32_like(V))
+    wd = gemm_decoder(dec_weight, kind, pairs, n, d, orientation, _f32_like(V))
     if enc_weight is None:                               # the base model: V scored against itself
         dense = _Plan(kind=kind, y_mode=_Y_DENSE, gather=False, allow_tf32=plan.allow_tf32)
         return _gemm.interaction(dense, out_dtype, V, None, None, V, None, None, wd)
