@@ -18,18 +18,29 @@ def _log1p_exp_neg_abs(x):
 
 
 @triton.jit
-def _bce_with_logits_fwd_kernel(x_ptr, y_ptr, out_ptr, numel,
-                                REDUCE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    """Each program owns BLOCK elements; REDUCE stores the block's partial sum at out[pid]
-    (summed on the host in a fixed order), otherwise the elementwise loss."""
+def _bce_with_logits_fwd_kernel(x_ptr, y_ptr, out_ptr, bad_ptr, numel, divisor,
+                                REDUCE: tl.constexpr, FINAL: tl.constexpr, CHECK: tl.constexpr,
+                                COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    """Each program owns BLOCK elements; REDUCE stores the block's partial sum at out[pid] (summed on
+    the host in a fixed order), or with FINAL (one program) the reduction itself, sum / divisor
+    (divisor = M for mean, else 1); otherwise the elementwise loss.
+
+    CHECK: bad[pid] = how many of the block's labels are not in [0, 1] (NaN and inf included), so the
+    label check costs no pass of its own."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     y = tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
     loss = tl.maximum(x, 0.0) - x * y + _log1p_exp_neg_abs(x)
+    if CHECK:
+        valid = (y >= 0.0) & (y <= 1.0)          # NaN fails both comparisons
+        tl.store(bad_ptr + pid, tl.sum(tl.where(mask & (valid == 0), 1, 0), axis=0))
     if REDUCE:
-        tl.store(out_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        total = tl.sum(tl.where(mask, loss, 0.0), axis=0)
+        if FINAL:
+            total = total / divisor
+        tl.store(out_ptr + pid, total)
     else:
         tl.store(out_ptr + offs, loss, mask=mask)
 

@@ -301,7 +301,9 @@ def check_cross(x, x_gen, weight, bias) -> None:
         _check_device("bias", bias, "x", x)
 
 
-def check_bce(logits, labels, reduction) -> None:
+def check_bce(logits, labels, reduction, values: bool = True) -> None:
+    """Arguments of bce_with_logits; ``values``: also the label values (``check_label_values``: a host
+    sync), which a backend that checks them inside its own kernel skips (``raise_on_bad_labels``)."""
     check_choice("reduction", reduction, REDUCTIONS)
     check_tensor("logits", logits)
     if not isinstance(labels, torch.Tensor):
@@ -312,6 +314,12 @@ def check_bce(logits, labels, reduction) -> None:
         raise ValueError(f"labels must have the shape of logits {_shape(logits)}, got {_shape(labels)}")
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    if values:
+        check_label_values(labels)
+
+
+def check_label_values(labels) -> None:
+    """Labels finite and in [0, 1]: one host sync (a device-side assert while a CUDA graph captures)."""
     if labels.numel():
         lab = labels if labels.is_floating_point() else labels.to(torch.float32)
         # one host sync per call: NaN fails both comparisons, so one test catches NaN, inf and range
@@ -323,6 +331,21 @@ def check_bce(logits, labels, reduction) -> None:
             if not bool(torch.isfinite(lab).all()):
                 raise ValueError(f"labels contain {int((~torch.isfinite(lab)).sum())} NaN/inf values")
             raise ValueError(f"labels must lie in [0, 1], got min {float(lab.min())} max {float(lab.max())}")
+
+
+def raise_on_bad_labels(bad: torch.Tensor, labels: torch.Tensor) -> None:
+    """The label check of a kernel that counted the bad labels itself (``bad``: int32 counts per
+    program): one host read of the count on the good path; a non-zero count re-runs
+    ``check_label_values`` for the error naming the problem. A device-side assert while a CUDA graph
+    captures, as ``check_label_values``."""
+    total = bad[0] if bad.numel() == 1 else bad.sum()
+    if capturing(bad):
+        torch._assert_async(total == 0, "labels must be finite and lie in [0, 1] (checked inside a CUDA graph)")
+        return
+    if int(total):
+        check_label_values(labels)
+        # the host check found nothing the kernel counted: report the kernel's count
+        raise ValueError(f"labels: {int(total)} values are not finite or not in [0, 1]")
 
 
 def check_sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,

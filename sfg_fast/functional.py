@@ -188,9 +188,14 @@ def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str =
     """
     if torch.compiler.is_compiling():
         labels = _library.validate_bce(logits, labels, reduction)   # label values checked at run time
+        impl = _impl(backend, "bce_with_logits", logits.device)
     else:
-        C.check_bce(logits, labels, reduction)
-    impl = _impl(backend, "bce_with_logits", logits.device)
+        C.check_bce(logits, labels, reduction, values=False)
+        impl = _impl(backend, "bce_with_logits", logits.device)
+        checking = getattr(impl, "checking_labels", None)
+        if checking is not None:      # the kernel checks the label values as it reads them
+            return checking(logits, labels, reduction)
+        C.check_label_values(labels)
     if impl is None:
         return reference.bce_with_logits(logits, labels, reduction)
     return impl(logits, labels, reduction)

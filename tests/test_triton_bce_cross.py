@@ -211,3 +211,63 @@ def test_bce_strided_one_dimensional_views(reduction):
     assert_2x(k_head[:, 0], ref_grads[0], t_grads[0], floor=1e-7)
     assert_2x(k_soft[:, 1], ref_grads[1], t_grads[1], floor=1e-7)
     assert not k_head[:, 1].any() and not k_soft[:, [0, 2]].any()   # neighbouring columns untouched
+
+
+@pytest.mark.parametrize("numel", [9, 70_000])          # one program, then two under the interpreter
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_triton_checks_label_values_in_its_forward_kernel(numel, reduction):
+    """Through functional.bce_with_logits the Triton forward kernel counts the bad labels as it reads them:
+    a good call reads that count once and runs none of check_label_values's reductions; a NaN, an inf, a
+    2 or a -1 anywhere (the last program included) raises the same errors as the torch backend."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    logits = torch.randn(numel, device=DEVICE)
+    labels = (torch.rand(numel, device=DEVICE) < 0.3).float()
+    with Record() as record:
+        got = SF.bce_with_logits(logits, labels, reduction, backend="triton")
+    want = SF.bce_with_logits(logits, labels, reduction, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not {"ge", "le", "isfinite", "all"} & set(record.ops), record.ops
+    assert record.ops.count("_local_scalar_dense") == 1
+    for bad, message in ((float("nan"), "labels contain 1 NaN/inf"), (float("inf"), "labels contain 1 NaN/inf"),
+                         (2.0, r"labels must lie in \[0, 1\], got min 0.0 max 2.0"),
+                         (-1.0, r"labels must lie in \[0, 1\], got min -1.0 max 1.0")):
+        poisoned = labels.clone()
+        poisoned[-1] = bad
+        poisoned[0] = 1.0
+        for backend in ("triton", "torch"):
+            with pytest.raises(ValueError, match=message):
+                SF.bce_with_logits(logits, poisoned, reduction, backend=backend)
+
+
+def test_bce_mean_of_one_program_is_one_launch(monkeypatch):
+    """Where the reduction fits one program (B <= 4096 on a GPU) the kernel writes the mean itself: no
+    partial-sum pass and no division launched after it; the value matches the partial-sum route."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from sfg_fast.ops import bce_with_logits as ops_bce
+
+    class Record(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Record.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    logits, labels = torch.randn(300, device=DEVICE), torch.rand(300, device=DEVICE)
+    with Record():
+        one = ops_bce.bce_with_logits_fwd(logits, labels, "mean")
+    assert not {"sum", "div", "mean"} & set(Record.ops), Record.ops
+    monkeypatch.setattr(ops_bce, "_block", lambda numel: 16)          # 19 programs: partials, then sum / B
+    Record.ops.clear()
+    with Record():
+        many = ops_bce.bce_with_logits_fwd(logits, labels, "mean")
+    assert "sum" in Record.ops
+    assert one.shape == () and many.shape == ()
+    torch.testing.assert_close(one, many, rtol=1e-6, atol=0)

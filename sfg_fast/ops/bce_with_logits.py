@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .. import _checks as C
 from .. import reference
 from ._higher_order import create_graph_requested, recompute_grads
 from ._launch import cdiv, next_pow2
@@ -39,13 +40,20 @@ def bce_with_logits_fwd(logits: torch.Tensor, labels: torch.Tensor, reduction: s
 
     ``out``: optional contiguous destination for ``reduction="none"`` (logits' shape, compute dtype).
     """
+    return _forward(logits, labels, reduction, out, check=False)[0]
+
+
+def _forward(logits, labels, reduction, out, check: bool):
+    """(loss, bad) with ``bad`` the int32 per-program counts of labels outside [0, 1] (``check``), else
+    None. One kernel when the reduction fits one program (B up to 4096 on a GPU): it writes the mean or
+    sum itself."""
     compute = _compute_dtype(logits)
     # The kernel indexes flat memory: reshape(-1) of a strided 1-D view (e.g. logits[:, 0]) is
     # still that strided view, so force unit stride or the kernel reads the wrong elements.
     x, y = logits.reshape(-1).contiguous(), labels.reshape(-1).contiguous()
     numel = x.numel()
     if reduction != "none" and numel == 0:  # match torch: mean of nothing is nan, sum is 0
-        return torch.full((), float("nan") if reduction == "mean" else 0.0, dtype=compute, device=x.device)
+        return torch.full((), float("nan") if reduction == "mean" else 0.0, dtype=compute, device=x.device), None
     block = _block(numel)
     grid = (cdiv(numel, block),)
     if out is not None:
@@ -55,14 +63,20 @@ def bce_with_logits_fwd(logits: torch.Tensor, labels: torch.Tensor, reduction: s
         out = out.view(-1)
     else:
         out = torch.empty(grid[0] if reduction != "none" else numel, dtype=compute, device=x.device)
+    bad = torch.empty(grid[0], dtype=torch.int32, device=x.device) if (check and numel) else None
+    final = reduction != "none" and grid[0] == 1
     if numel:
-        _bce_with_logits_fwd_kernel[grid](x, y, out, numel, REDUCE=reduction != "none",
+        _bce_with_logits_fwd_kernel[grid](x, y, out, bad if bad is not None else out, numel,
+                                          numel if reduction == "mean" else 1,
+                                          REDUCE=reduction != "none", FINAL=final, CHECK=bad is not None,
                                           COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
                                           BLOCK=block)
     if reduction == "none":
-        return out.view(logits.shape)
+        return out.view(logits.shape), bad
+    if final:
+        return out.view(()), bad
     total = out.sum()
-    return total / numel if reduction == "mean" else total
+    return (total / numel if reduction == "mean" else total), bad
 
 
 def bce_with_logits_bwd(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, reduction: str,
@@ -87,10 +101,13 @@ def bce_with_logits_bwd(grad: torch.Tensor, logits: torch.Tensor, labels: torch.
 
 class BCEWithLogitsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, reduction):
+    def forward(ctx, logits, labels, reduction, check_labels=False):
+        loss, bad = _forward(logits, labels, reduction, None, check_labels)
+        if bad is not None:
+            C.raise_on_bad_labels(bad, labels)     # before anything is saved or returned
         ctx.save_for_backward(logits, labels)
         ctx.reduction = reduction
-        return bce_with_logits_fwd(logits, labels, reduction)
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
@@ -98,15 +115,25 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         if create_graph_requested():   # higher-order gradients: the reference twin's graph
             twin = lambda x, y: reference.bce_with_logits(x, y, ctx.reduction)  # noqa: E731
             needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] and labels.is_floating_point())
-            return (*recompute_grads(twin, (logits, labels), needs, grad), None)
+            return (*recompute_grads(twin, (logits, labels), needs, grad), None, None)
         need_labels = ctx.needs_input_grad[1] and labels.is_floating_point()
         dx, dy = bce_with_logits_bwd(grad, logits, labels, ctx.reduction, ctx.needs_input_grad[0], need_labels)
-        return dx, dy, None
+        return dx, dy, None, None
 
 
 def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     """Triton implementation of ``functional.bce_with_logits`` (inputs already validated)."""
     return BCEWithLogitsFunction.apply(logits, labels, reduction)
+
+
+def bce_with_logits_checking_labels(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """As :func:`bce_with_logits` for labels whose values are not checked yet: the forward kernel counts
+    the labels outside [0, 1] as it reads them, and the one host read of that count replaces
+    ``check_label_values``'s four reductions (the same errors; ``functional.bce_with_logits`` calls this)."""
+    return BCEWithLogitsFunction.apply(logits, labels, reduction, True)
+
+
+bce_with_logits.checking_labels = bce_with_logits_checking_labels
 
 
 def _register() -> None:
