@@ -8,6 +8,8 @@ Sections (every provider runs in try/except: a failure is a row with its error, 
                literal reference vs factored torch vs torch.compile of reference and factored (and of
                the fused op, which enters the graph as an sfg_fast:: custom op);
                forward and forward+backward; TFLOP/s from the model FLOP count; peak memory.
+  interaction_v  the same for functional.sfg_interaction on gathered V (the SFG layer alone, backward to
+               dV: no dense table gradient), fp32 and TF32 each against torch.compile in the same precision.
   lookup       embedding_lookup forward GB/s against a measured device-to-device copy.
   step         a full SFG-FwFM training step (lookup with fused sparse rowwise Adagrad, encoder,
                scalar decoder, BCE, backward, dense Adagrad) in samples/s, vs the literal step; the fused step
@@ -239,10 +241,17 @@ def _decoder_weight(kind: str, n: int, d: int, device: str) -> torch.Tensor:
     return (torch.randn(*shape, generator=gen) * 0.1).to(device).requires_grad_()
 
 
-def bench_interaction(rows, args, device, budget, dims) -> None:
+def bench_interaction(rows, args, device, budget, dims, source: str = "table") -> None:
     """Eager providers for every kind first; the torch.compile baselines last, most important first,
-    because their compile time is what the budget runs out on."""
+    because their compile time is what the budget runs out on.
+
+    ``source="table"`` (section interaction): functional.sfg_logits from ids, so the backward also builds
+    the dense [V, D] table gradient (2.16 GB zero-filled per step at the Criteo shape, the same for every
+    provider). ``source="V"`` (section interaction_v): functional.sfg_interaction on gathered embeddings V
+    [B, N, D] (a leaf), the SFG layer itself: its backward ends at dV, which the lookup's own backward
+    (the lookup section) or a fused sparse update takes from there."""
     import sfg_fast.functional as SF
+    section = "interaction" if source == "table" else "interaction_v"
     batch, d, n = args.batch, args.dim, len(dims)
     timer = _timer(device, args.reps)
     table, offsets = _shared_table(dims, d, device)
@@ -251,14 +260,21 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
     decs = {kind: _decoder_weight(kind, n, d, device) for kind in KINDS}
     ids_list = _shared_ids(batch, dims, device, args.rotations)
     labels_list = [(torch.rand(batch, generator=gen) < 0.25).float().to(device) for _ in ids_list]
+    if source == "V":        # the embeddings of each id batch, as leaves (dV is the layer's input gradient)
+        inputs_list = [table.detach()[offsets + ids].requires_grad_() for ids in ids_list]
+    else:
+        inputs_list = ids_list
     counter = [0]
 
     def batch_inputs():
-        i = counter[0] = (counter[0] + 1) % len(ids_list)
-        return ids_list[i], labels_list[i]
+        i = counter[0] = (counter[0] + 1) % len(inputs_list)
+        return inputs_list[i], labels_list[i]
 
     def logits_fn(kind, backend):
         dec = decs[kind]
+        if source == "V":
+            return lambda V: SF.sfg_interaction(V, enc, None, dec, kind, "relu", 1.0, False, "upper", "left", False,
+                                                backend=backend)
         return lambda ids: SF.sfg_logits(ids, table, offsets, enc, None, dec, kind, "relu", 1.0, False,
                                          "upper", "left", False, bounds_check="off", backend=backend)
 
@@ -270,10 +286,10 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
 
     def train_call(fn, kind):
         def call():
-            ids, labels = batch_inputs()
-            for p in (table, enc, decs[kind]):
+            inputs, labels = batch_inputs()
+            for p in ((inputs,) if source == "V" else (table,)) + (enc, decs[kind]):
                 p.grad = None
-            SF.bce_with_logits(fn(ids), labels, backend="torch").backward()
+            SF.bce_with_logits(fn(inputs), labels, backend="torch").backward()
         return call
 
     def measure(kind, backend, mode, compiled=False, tf32=False, engine=False, gemms=None):
@@ -320,22 +336,27 @@ def bench_interaction(rows, args, device, budget, dims) -> None:
     eager = [("fused", "triton", False), ("reference", "reference", False), ("factored", "torch", False),
              ("fused_tf32", "triton", True), ("factored_tf32", "torch", True), ("fused_triton_gemm", "triton", False),
              ("fused_engine", "triton", False)]
-    for kind in KINDS:
-        for mode in ("fwd", "fwd+bwd"):
-            for name, backend, tf32 in eager:
-                if tf32 and device != "cuda":
-                    continue
-                _attempt(rows, budget, _row("interaction", kind, name, mode),
-                         measure(kind, backend, mode, tf32=tf32, engine=name == "fused_engine",
-                                 gemms="never" if name == "fused_triton_gemm" else None))
     # compile_fused: the Triton kernels as sfg_fast:: custom ops inside an Inductor graph
     compiled = [("compile_factored", "torch", "fwd+bwd", False), ("compile_fused", "triton", "fwd+bwd", False),
                 ("compile_reference", "reference", "fwd+bwd", False),
                 ("compile_factored_tf32", "torch", "fwd+bwd", True),
                 ("compile_factored", "torch", "fwd", False), ("compile_reference", "reference", "fwd", False)]
+    if source == "V":
+        # the layer alone: the rows its targets need, in precision-matched pairs (the table section has the rest)
+        eager = [e for e in eager if e[0] in ("fused", "reference", "factored", "fused_tf32", "factored_tf32")]
+        compiled = [("compile_factored", "torch", "fwd+bwd", False), ("compile_factored_tf32", "torch", "fwd+bwd", True),
+                    ("compile_fused", "triton", "fwd+bwd", False)]
+    for kind in KINDS:
+        for mode in ("fwd", "fwd+bwd"):
+            for name, backend, tf32 in eager:
+                if tf32 and device != "cuda":
+                    continue
+                _attempt(rows, budget, _row(section, kind, name, mode),
+                         measure(kind, backend, mode, tf32=tf32, engine=name == "fused_engine",
+                                 gemms="never" if name == "fused_triton_gemm" else None))
     for name, backend, mode, tf32 in compiled:
         for kind in KINDS:
-            _attempt(rows, budget, _row("interaction", kind, name, mode),
+            _attempt(rows, budget, _row(section, kind, name, mode),
                      measure(kind, backend, mode, True, tf32=tf32), min_left=45.0)
 
 
@@ -880,25 +901,37 @@ def evaluate_targets(rows: List[Dict], facts: Dict, device: str) -> List[Dict]:
     """The Triton issue's targets, each with the measured value (None when not measured).
 
     They are GPU targets: on CPU the values are listed but ``met`` stays None."""
-    def ms(kind, provider, mode):
+    def ms(kind, provider, mode, section="interaction"):
         for r in rows:
-            if (r["section"], r["kind"], r["provider"], r["mode"]) == ("interaction", kind, provider, mode) \
+            if (r["section"], r["kind"], r["provider"], r["mode"]) == (section, kind, provider, mode) \
                     and isinstance(r.get("median_ms"), float):
                 return r
         return None
+
+    def ratio(slow, fast):
+        return slow["median_ms"] / fast["median_ms"] if slow and fast else None
 
     out = []
     for kind in KINDS:
         fused, ref, comp = (ms(kind, p, "fwd+bwd") for p in ("fused", "reference", "compile_factored"))
         out.append({"target": f"{kind}: fused fwd+bwd >= 10x literal reference",
-                    "value": ref["median_ms"] / fused["median_ms"] if fused and ref else None, "goal": 10.0})
+                    "value": ratio(ref, fused), "goal": 10.0})
         out.append({"target": f"{kind}: fused fwd+bwd >= 2x torch.compile(factored)",
-                    "value": comp["median_ms"] / fused["median_ms"] if fused and comp else None, "goal": 2.0})
+                    "value": ratio(comp, fused), "goal": 2.0})
         if fused and ref and fused.get("peak_mb") and ref.get("peak_mb"):
             mem = ref["peak_mb"] / max(fused["peak_mb"], 1e-6)
         else:
             mem = None
         out.append({"target": f"{kind}: peak memory >= 20x below literal", "value": mem, "goal": 20.0})
+    # the same 2x target on the SFG layer alone (from V, to dV: no dense table gradient on either side),
+    # in exact fp32 and with TF32 on both sides
+    for kind in KINDS:
+        for fused_name, comp_name, label in (("fused", "compile_factored", "fp32"),
+                                            ("fused_tf32", "compile_factored_tf32", "tf32")):
+            fused, comp = (ms(kind, p, "fwd+bwd", "interaction_v") for p in (fused_name, comp_name))
+            if fused or comp:
+                out.append({"target": f"{kind} from V, {label}: fused fwd+bwd >= 2x torch.compile(factored)",
+                            "value": ratio(comp, fused), "goal": 2.0})
     # the kernel's bandwidth (graph replays) where measured: the eager call at 10 MB is launch cost
     graphed = facts.get("lookup_fused_graph_pct")
     out.append({"target": "lookup fwd >= 60% of copy bandwidth" + (" (graph replay)" if graphed else ""),
@@ -951,7 +984,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the benchmarks; later providers are skipped when spent (default 180)")
     p.add_argument("--compile-on-cpu", action="store_true", help="run the torch.compile baselines on CPU too")
-    p.add_argument("--sections", default="lookup,step,graph,profile,interaction,sweep",
+    p.add_argument("--sections", default="lookup,step,graph,profile,interaction_v,interaction,sweep",
                    help="comma-separated sections to run, in this order (graph: the compiled zoo step and the "
                         "step captured in a CUDA graph)")
     args = p.parse_args(argv)
@@ -1019,6 +1052,8 @@ def main(argv=None) -> int:
         try:
             if section == "interaction":
                 bench_interaction(rows, args, device, budget, dims)
+            elif section == "interaction_v":
+                bench_interaction(rows, args, device, budget, dims, source="V")
             elif section == "lookup":
                 facts.update(bench_lookup(rows, args, device, budget, dims))
             elif section == "step":
@@ -1030,8 +1065,8 @@ def main(argv=None) -> int:
             elif section == "profile":
                 bench_profile(rows, args, device, budget, dims, out_dir)
             else:
-                raise ValueError(f"unknown section {section!r}; choose from interaction, lookup, step, profile, sweep, "
-                                 "graph")
+                raise ValueError(f"unknown section {section!r}; choose from interaction, interaction_v, lookup, step, "
+                                 "profile, sweep, graph")
         except Exception as exc:   # a whole section failing (e.g. out of memory building its table)
             rows.append(_row(section, "-", "-", "-", status="error", note=f"{type(exc).__name__}: {exc}"[:240]))
             traceback.print_exc(limit=3)

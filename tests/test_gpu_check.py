@@ -54,6 +54,13 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
     for kind in ("scalar", "vector", "matrix"):
         for provider in ("fused", "reference", "factored", "compile_factored", "compile_reference", "compile_fused"):
             assert ("interaction", kind, provider, "fwd+bwd") in seen, (kind, provider)
+        # the layer alone, from V: what its precision-matched 2x targets read
+        for provider in ("fused", "reference", "factored", "compile_factored", "compile_factored_tf32"):
+            assert ("interaction_v", kind, provider, "fwd+bwd") in seen, (kind, provider)
+    layer_rows = [r for r in rows if r["section"] == "interaction_v" and r["status"] == "ok"]
+    assert {r["provider"] for r in layer_rows} >= {"fused", "reference", "factored"}
+    targets = {t["target"] for t in data["targets"]}
+    assert "matrix from V, fp32: fused fwd+bwd >= 2x torch.compile(factored)" in targets
     assert ("lookup", "-", "copy", "fwd") in seen and ("step", "scalar", "fused", "train") in seen
     assert ("step", "scalar", "fused sfg_interaction", "train") in seen
     assert ("step", "scalar", "fused sfg_interaction deterministic", "train") in seen
@@ -93,7 +100,20 @@ def test_derived_numbers_are_consistent(smoke):
     lookup = next(r for r in rows if r["section"] == "lookup" and r["provider"] == "fused" and r["mode"] == "fwd")
     assert lookup["pct_copy_bw"] == pytest.approx(100 * lookup["gbps"] / copy["gbps"])
     targets = data["targets"]
-    assert len(targets) == 11 and all(set(t) == {"target", "value", "goal", "met"} for t in targets)
+    assert all(set(t) == {"target", "value", "goal", "met"} for t in targets)
+    layer = [t for t in targets if " from V, " in t["target"]]
+    assert len(targets) - len(layer) == 11
+    # per kind, fp32 (and TF32 where a GPU measures it) against torch.compile in the same precision
+    assert len(layer) == (6 if torch.cuda.is_available() else 3)
+    for t in layer:
+        kind, label = t["target"].split(" from V, ")[0], t["target"].split(", ")[1].split(":")[0]
+        suffix = "_tf32" if label == "tf32" else ""
+        fused, comp = (next(r for r in rows if (r["section"], r["kind"], r["provider"], r["mode"])
+                            == ("interaction_v", kind, p + suffix, "fwd+bwd")) for p in ("fused", "compile_factored"))
+        if comp["status"] == "ok":
+            assert t["value"] == pytest.approx(comp["median_ms"] / fused["median_ms"])
+        else:
+            assert t["value"] is None         # torch.compile runs on the GPU only
     if not torch.cuda.is_available():
         assert all(t["met"] is None for t in targets)   # GPU targets are not judged on CPU
 
@@ -103,7 +123,8 @@ def test_table_is_printed_and_written(smoke):
     header = "| section | kind | provider | mode | median_ms |"
     assert header in stdout and header in markdown
     table = [line for line in markdown.splitlines()
-             if line.startswith(("| interaction | ", "| lookup | ", "| step | ", "| profile | ", "| sweep | "))]
+             if line.startswith(("| interaction | ", "| interaction_v | ", "| lookup | ", "| step | ", "| profile | ",
+                                 "| sweep | "))]
     assert len(table) == len(data["rows"])
     width = next(line for line in markdown.splitlines() if line.startswith(header)).count("|")
     assert all(line.count("|") == width for line in table)
