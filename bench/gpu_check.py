@@ -292,9 +292,9 @@ def bench_interaction(rows, args, device, budget, dims, source: str = "table") -
             SF.bce_with_logits(fn(inputs), labels, backend="torch").backward()
         return call
 
-    def measure(kind, backend, mode, compiled=False, tf32=False, engine=False, gemms=None):
+    def measure(kind, backend, mode, compiled=False, tf32=False, engine=False, gemms=None, structured=None):
         def body():
-            with _tf32(tf32), _per_field_engine(engine), _torch_gemms(gemms):
+            with _tf32(tf32), _per_field_engine(engine), _torch_gemms(gemms), _structured(structured):
                 return inner()
 
         def inner():
@@ -342,18 +342,21 @@ def bench_interaction(rows, args, device, budget, dims, source: str = "table") -
                 ("compile_factored_tf32", "torch", "fwd+bwd", True),
                 ("compile_factored", "torch", "fwd", False), ("compile_reference", "reference", "fwd", False)]
     if source == "V":
-        # the layer alone: the rows its targets need, in precision-matched pairs (the table section has the rest)
+        # the layer alone: the rows its targets need, in precision-matched pairs (the table section has the
+        # rest); fused_structured: scalar / vector decoders by their structure (ops.sfg_gemm.STRUCTURED_DECODER)
         eager = [e for e in eager if e[0] in ("fused", "reference", "factored", "fused_tf32", "factored_tf32")]
+        eager.insert(1, ("fused_structured", "triton", False))
         compiled = [("compile_factored", "torch", "fwd+bwd", False), ("compile_factored_tf32", "torch", "fwd+bwd", True),
                     ("compile_fused", "triton", "fwd+bwd", False)]
     for kind in KINDS:
         for mode in ("fwd", "fwd+bwd"):
             for name, backend, tf32 in eager:
-                if tf32 and device != "cuda":
+                if (tf32 and device != "cuda") or (name == "fused_structured" and kind == "matrix"):
                     continue
                 _attempt(rows, budget, _row(section, kind, name, mode),
                          measure(kind, backend, mode, tf32=tf32, engine=name == "fused_engine",
-                                 gemms="never" if name == "fused_triton_gemm" else None))
+                                 gemms="never" if name == "fused_triton_gemm" else None,
+                                 structured="auto" if name == "fused_structured" else None))
     for name, backend, mode, tf32 in compiled:
         for kind in KINDS:
             _attempt(rows, budget, _row(section, kind, name, mode),
@@ -385,6 +388,20 @@ def _torch_gemms(mode: Optional[str]):
         return contextlib.nullcontext()
     from sfg_fast.ops import sfg_gemm
     return _patched((sfg_gemm, "TORCH_GEMMS", mode))
+
+
+def _with(context, body: Callable[[], Dict]) -> Dict:
+    """``body()`` inside ``context``."""
+    with context:
+        return body()
+
+
+def _structured(mode: Optional[str]):
+    """ops.sfg_gemm.STRUCTURED_DECODER for the block (None: as set)."""
+    if mode is None:
+        return contextlib.nullcontext()
+    from sfg_fast.ops import sfg_gemm
+    return _patched((sfg_gemm, "STRUCTURED_DECODER", mode))
 
 
 def _tf32(on: bool):
@@ -725,16 +742,18 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
             opt.step()
         return _time_step(step)
 
-    def graph_body(tf32=False):
+    def graph_body(tf32=False, structured=None):
         """The one-op fused step captured whole in a CUDA graph (tests/test_cuda_graphs.py checks it
         trains like eager steps): replay cost is GPU time only, no Python or launch overhead. ``tf32``:
-        captured with TF32 allowed (the Triton GEMMs in TF32)."""
+        captured with TF32 allowed (the Triton GEMMs in TF32); ``structured``: ops.sfg_gemm.STRUCTURED_DECODER."""
         if device != "cuda":
             raise common.Skip("CUDA graphs need a GPU")
-        with _tf32(tf32):
+        with _tf32(tf32), _structured(structured):
             out = captured_step()
         if tf32:
             out["note"] += "; TF32 GEMMs"
+        if structured:
+            out["note"] += f"; STRUCTURED_DECODER={structured}"
         return out
 
     def captured_step():
@@ -870,6 +889,8 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
         _attempt(rows, budget, _row("step", "scalar", "fused cuda graph", "train"), graph_body)
         _attempt(rows, budget, _row("step", "scalar", "fused cuda graph tf32", "train"),
                  lambda: graph_body(tf32=True))
+        _attempt(rows, budget, _row("step", "scalar", "fused cuda graph structured", "train"),
+                 lambda: graph_body(structured="auto"))
         _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused compiled", "train"),
                  lambda: zoo_body(compiled=True))
         _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused reduce-overhead", "train"),
@@ -878,6 +899,8 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
 
     _attempt(rows, budget, _row("step", "scalar", "fused", "train"), fused_body)
     _attempt(rows, budget, _row("step", "scalar", "fused sfg_interaction", "train"), lambda: fused_body(one_op=True))
+    _attempt(rows, budget, _row("step", "scalar", "fused sfg_interaction structured", "train"),
+             lambda: _with(_structured("auto"), lambda: fused_body(one_op=True)))
     _attempt(rows, budget, _row("step", "scalar", "fused sfg_interaction deterministic", "train"),
              deterministic(lambda: fused_body(one_op=True)))
     _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused", "train"), zoo_body)

@@ -57,20 +57,23 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
         # the layer alone, from V: what its precision-matched 2x targets read
         for provider in ("fused", "reference", "factored", "compile_factored", "compile_factored_tf32"):
             assert ("interaction_v", kind, provider, "fwd+bwd") in seen, (kind, provider)
+        # the structured decoder: scalar and vector only (a matrix decoder is the dense GEMM)
+        assert (("interaction_v", kind, "fused_structured", "fwd+bwd") in seen) == (kind != "matrix")
     layer_rows = [r for r in rows if r["section"] == "interaction_v" and r["status"] == "ok"]
     assert {r["provider"] for r in layer_rows} >= {"fused", "reference", "factored"}
     targets = {t["target"] for t in data["targets"]}
     assert "matrix from V, fp32: fused fwd+bwd >= 2x torch.compile(factored)" in targets
     assert ("lookup", "-", "copy", "fwd") in seen and ("step", "scalar", "fused", "train") in seen
     assert ("step", "scalar", "fused sfg_interaction", "train") in seen
+    assert ("step", "scalar", "fused sfg_interaction structured", "train") in seen
     assert ("step", "scalar", "fused sfg_interaction deterministic", "train") in seen
     assert ("step", "scalar", "zoo fwfm embedding=fused", "train") in seen
     assert ("step", "scalar", "zoo fwfm embedding=fused compiled", "train") in seen
     assert ("step", "scalar", "fused cuda graph", "train") in seen
     # the graph section's rows: the CUDA-graph step, then the Inductor compile that spends the budget left
-    assert [r["provider"] for r in rows if r["section"] == "step"][-4:] == [
-        "fused cuda graph", "fused cuda graph tf32", "zoo fwfm embedding=fused compiled",
-        "zoo fwfm embedding=fused reduce-overhead"]
+    assert [r["provider"] for r in rows if r["section"] == "step"][-5:] == [
+        "fused cuda graph", "fused cuda graph tf32", "fused cuda graph structured",
+        "zoo fwfm embedding=fused compiled", "zoo fwfm embedding=fused reduce-overhead"]
     ext = [r for r in rows if r["provider"] == "ext-cuda"]
     assert ext and all(r["status"] == "skipped" and "--skip-ext-cuda" in r["note"] for r in ext)
     for provider in ("fused", "ext-cuda", "factored"):

@@ -796,6 +796,93 @@ def test_torch_gemms_agree_with_the_triton_gemms_on_a_bf16_table(monkeypatch):
     _assert_same_results(split, g_split, fused, g_fused)
 
 
+# ----------------------------------------------------------------------------- structured scalar/vector decoders
+# ops.sfg_gemm.STRUCTURED_DECODER: the torch.mm path may run a scalar or vector decoder as the batched [N, N]
+# mixing it is (einsum) instead of the dense [W, W] GEMM; "always" forces it here.
+
+def _structured(monkeypatch, mode="always"):
+    from sfg_fast.ops import sfg_gemm
+    monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", mode)
+    return _spy(monkeypatch, sfg_gemm, "_structured_dx")
+
+
+STRUCTURED_CASES = [CASES[2], CASES[3], CASES[4], CASES[5], CASES[6], CASES[7]]
+
+
+@pytest.mark.parametrize("case", STRUCTURED_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-sym{int(c[3])}-{c[4]}")
+def test_structured_decoder_matches_reference(case, monkeypatch):
+    """Every scalar / vector plan (bias, residual, both sides and orientations, symmetric: encoder then the
+    decoder alone; N = 2 with D = 1; D = 17) with the structured decoder, against the fp64 reference."""
+    calls = _structured(monkeypatch)
+    test_sfg_logits_matches_reference(case)
+    assert calls, "the structured decoder was not taken"
+
+
+def test_structured_decoder_base_model_decode_op_and_poisoned_buffers(monkeypatch):
+    calls = _structured(monkeypatch)
+    test_sfg_logits_base_model_without_encoder("vector")
+    test_pairwise_decode_matches_reference("scalar", "offdiag", "right", False, (10, 3, 5))
+    test_sfg_logits_decoder_gradient_is_zero_outside_pairs()
+    test_poisoned_buffers_are_fully_written(monkeypatch)     # (matrix: the dense plan, unchanged)
+    assert len(calls) >= 3
+
+
+def test_structured_decoder_agrees_with_the_dense_gemm(monkeypatch):
+    """The same op, structured against dense, on fp32 (with a bf16 table): outputs and every gradient to
+    fp32 rounding; a non-unit-stride table (gathered by torch) and the deterministic table gradient."""
+    from sfg_fast.ops import sfg_gemm
+    ids, offsets, params = _problem(21, 5, 6, "vector", bias=True, seed=71)
+    options = dict(kind="vector", activation="silu", gamma=0.8, residual=True, pairs="upper",
+                   generated_side="right", symmetric=False)
+    fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
+    for table in (params["table"], params["table"].to(torch.bfloat16)):
+        run = dict(params, table=table)
+        calls = _structured(monkeypatch, "always")
+        structured, g_structured = _run(fn, ids, offsets, run, torch.float32, options)
+        assert calls
+        monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "never")
+        calls.clear()
+        dense, g_dense = _run(fn, ids, offsets, run, torch.float32, options)
+        assert not calls
+        _assert_same_results(structured, g_structured, dense, g_dense)
+    # a strided table view (the lookup kernel wants unit stride: torch gathers) and deterministic mode
+    wide = torch.randn(params["table"].shape[0], 12, dtype=torch.float64)
+    wide[:, ::2] = params["table"]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for mode in ("always", "never"):
+            monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", mode)
+            leaf = wide.float().to(DEVICE).requires_grad_()
+            enc = params["enc_weight"].float().to(DEVICE).requires_grad_()
+            dec = params["dec_weight"].float().to(DEVICE).requires_grad_()
+            out = SF.sfg_logits(ids.to(DEVICE), leaf[:, ::2], offsets.to(DEVICE), enc,
+                                params["enc_bias"].float().to(DEVICE), dec, **options, backend="triton")
+            out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE))
+            results.append((out.detach(), {"table": leaf.grad, "enc": enc.grad, "dec": dec.grad}))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    _assert_same_results(results[0][0], results[0][1], results[1][0], results[1][1])
+
+
+def test_structured_decoder_choice(monkeypatch):
+    """"never" by default; "auto" only where the torch.mm path runs (CUDA, exact fp32) and only for scalar
+    and vector decoders; a bad setting names the variable."""
+    from sfg_fast.ops import sfg_gemm
+    x = torch.zeros(2, 2)
+    assert sfg_gemm.STRUCTURED_DECODER == "never" and not sfg_gemm.structured_decoder(x, "ieee", "scalar")
+    monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "auto")
+    assert not sfg_gemm.structured_decoder(x, "ieee", "scalar")            # CPU tensors: no torch.mm path
+    monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "always")
+    assert sfg_gemm.structured_decoder(x, "ieee", "vector")
+    assert not sfg_gemm.structured_decoder(x, "ieee", "matrix") and not sfg_gemm.structured_decoder(x, "ieee",
+                                                                                                     "identity")
+    monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "often")
+    with pytest.raises(ValueError, match="SFG_FAST_STRUCTURED_DECODER"):
+        sfg_gemm.structured_decoder(x, "ieee", "scalar")
+
+
 # ----------------------------------------------------------------------------- the weight-gradient GEMM's layout
 # ops.sfg_gemm.k_major_weight_grad: in TF32 the elementwise backward pass also writes G^T and X^T, so the
 # G^T @ X GEMM reads K-contiguous operands; forced on here for the exact path the tests run.

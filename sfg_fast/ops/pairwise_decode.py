@@ -38,7 +38,7 @@ def pairwise_decode(Z, V, weight, kind, pairs, generated_side, symmetric, allow_
     like = torch.empty(0, dtype=torch.float32, device=Z.device)
     out_dtype = result_dtype(Z, V, weight)
     if ops_logits.GEMM_PATH:
-        wd = ops_logits.gemm_decoder(weight, kind, pairs, Z.shape[1], Z.shape[2], "left", like)
+        wd, plan = ops_logits.gemm_decoder(weight, kind, pairs, Z.shape[1], Z.shape[2], "left", like, plan)
         return _gemm.interaction(plan, out_dtype, right, None, None, left, None, None, wd)
     dec = decoder_operand(weight, kind, pairs, Z.shape[1], "left", like)
     return SfgInteractionFunction.apply(plan, out_dtype, right, None, None, left, None, None, dec)

@@ -83,6 +83,36 @@ def torch_gemms(t: torch.Tensor, precision: str) -> bool:
             and not _cublas_fp32_is_tf32())
 
 
+# How the torch.mm path runs a scalar or vector decoder: "never" (default) as the dense [W, W] GEMM of every
+# decoder kind; "auto" / "always" by its structure instead (T_b = sum_k Blk(o, k) applied to X_b: the
+# batched [N, N] mixing of the factored path, D times fewer FLOPs than the dense GEMM, so half of the four
+# GEMMs' work at the Criteo shape), where the torch.mm path runs ("auto") or whenever the op runs ("always",
+# for tests). More launches (einsum's copies) for fewer FLOPs: it should pay where the GPU is the
+# bottleneck (CUDA graphs), not in host-bound eager steps; gpu_check measures both before the default moves.
+STRUCTURED_DECODER = os.environ.get("SFG_FAST_STRUCTURED_DECODER", "never")
+_STRUCTURED_MODES = ("auto", "always", "never")
+
+
+def structured_decoder(t: torch.Tensor, precision: str, kind: str) -> bool:
+    """Whether a scalar / vector decoder runs by its structure (see STRUCTURED_DECODER) for tensors like ``t``."""
+    mode = STRUCTURED_DECODER
+    if mode not in _STRUCTURED_MODES:
+        raise ValueError(f"SFG_FAST_STRUCTURED_DECODER must be one of {_STRUCTURED_MODES}, got {mode!r}")
+    if kind not in ("scalar", "vector") or mode == "never":
+        return False
+    return mode == "always" or torch_gemms(t, precision)
+
+
+_MIX = {"scalar": ("ok,bkq->boq", "ok,boq->bkq", "boq,bkq->ok"),
+        "vector": ("okq,bkq->boq", "okq,boq->bkq", "boq,bkq->okq")}
+
+
+def _mix(kind: str, which: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The structured decoder's products (``which``): 0 T = X through the blocks, 1 the dT -> dX map,
+    2 the decoder's gradient. ``Blk(o, k)`` is ``dec[o, k] * I`` (scalar) or ``diag(dec[o, k])`` (vector)."""
+    return torch.einsum(_MIX[kind][which], a, b)
+
+
 # Layout of the weight-gradient GEMM's operands when the Triton kernel runs it: None decides by precision
 # (see k_major_weight_grad); True / False force it (tests run both ways under the interpreter).
 WEIGHT_GRAD_K_MAJOR: Optional[bool] = None
@@ -260,10 +290,12 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
     offsets = offsets.contiguous() if offsets is not None else None
     enc_b = enc_b.contiguous() if enc_b is not None else None
     gathered = None
-    if plan.gather and not GATHER_IN_GEMM and x.stride(1) == 1:   # (the lookup kernel wants unit-stride rows)
-        # one pass of the lookup kernel; the GEMM then reads a dense X (saved for backward as is)
+    if plan.gather and ((not GATHER_IN_GEMM and x.stride(1) == 1) or plan.structured):
+        # one pass of the lookup kernel (it wants unit-stride rows); the GEMM then reads a dense X (saved
+        # for backward as is). The structured decoder runs on torch ops: they need X gathered in any case.
         from .embedding_lookup import embedding_lookup_fwd
-        gathered = embedding_lookup_fwd(ids, x, offsets)
+        gathered = (embedding_lookup_fwd(ids, x, offsets) if x.stride(1) == 1
+                    else x[ids.to(torch.int64) + offsets].contiguous())
         x, ids, offsets = gathered, None, None
         plan = replace(plan, gather=False)
     bm, bn, bk, warps, stages = gemm_blocks(batch, width, width)
@@ -291,7 +323,7 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
     if gathered is not None:
         xs = None                     # nothing for the kernel to store: X is the gathered tensor
     ys = (y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)
-    if width > 0 and not plan.gather and torch_gemms(x, plan.precision):
+    if width > 0 and not plan.gather and (plan.structured or torch_gemms(x, plan.precision)):
         _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, bn, f32)
     elif width > 0:
         G._sfg_gemm_fwd_kernel[(cdiv(batch, bm), tiles_n)](
@@ -331,7 +363,11 @@ def _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, block_n, 
             torch.mm(x32, enc_w.to(torch.float32).t(), out=h)
     if has_dec:
         t = ts if ts is not None else _empty(batch, width, **f32)
-        torch.mm(x32, wd.to(torch.float32), out=t)
+        if plan.structured:
+            n = x.shape[-2]
+            t.view(batch, n, -1).copy_(_mix(plan.kind, 0, wd.to(torch.float32), x32.view(batch, n, -1)))
+        else:
+            torch.mm(x32, wd.to(torch.float32), out=t)
     source = x2d if has_enc else y.reshape(batch, width)   # the residual X, or the decoder-only op's Y
     bm = 16 if _interpreting() else 32
     G._sfg_epilogue_kernel[(cdiv(batch, bm), part.shape[1])](
@@ -381,7 +417,18 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
             ACT=K.ACT_CODES[plan.activation], RESIDUAL=plan.residual, HAS_ENC=has_enc, HAS_DEC=has_dec,
             STORE_T=transposed, BLOCK_M=bm, BLOCK_N=bn)
     dx = None
-    if need_x:
+    if need_x and plan.structured:
+        dense = _structured_dx(plan, grads, enc_w, wd, batch, n, d, dlogit, ts, dz2d)
+        if not plan.gather:
+            dx = dense.view(batch, n, d)
+        elif torch.are_deterministic_algorithms_enabled():
+            from .sfg_logits import _table_grad_deterministic
+            dx = _table_grad_deterministic(dense.view(batch, n, d), ids, offsets, x.shape[0])
+        else:
+            from .embedding_lookup import embedding_lookup_bwd
+            dx = embedding_lookup_bwd(dense.view(batch, n, d), ids, offsets, x.shape[0], torch.float32,
+                                      deterministic=False)
+    elif need_x:
         # dX = G @ [We ; Wd^T] (+ g * T or + dZ where X also feeds Y directly through the residual)
         # the B operand [We ; Wd^T] ([K = parts*W, W]) stored K-contiguous, as [We^T | Wd] transposed
         mats = ([enc_w.to(torch.float32).t()] if has_enc else []) + ([wd.to(torch.float32)] if has_dec else [])
@@ -406,7 +453,15 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
             else:
                 dx = dense.view(batch, n, d)
     d_w = d_b = d_wd = None
-    if need_dw:
+    if need_dw and plan.structured:
+        # dWe = dH^T @ X (torch.mm); the decoder's own gradient by its structure
+        x32 = x2d.to(torch.float32)
+        if has_enc and need_w:
+            d_w = torch.mm(grads[:, :width].t(), x32)
+        if has_dec and need_wd:
+            d_t = grads[:, (parts - 1) * width:].reshape(batch, n, d)
+            d_wd = _mix(plan.kind, 2, d_t, x32.view(batch, n, d))
+    elif need_dw:
         # [dWe ; dWd^T] = G^T @ X: one GEMM over the batch (no atomics)
         a, b = (grads_t, x_t.t()) if transposed else (grads.t(), x2d)
         both = _matmul(a, b, _empty(parts * width, width, **f32), precision=plan.precision)
@@ -417,6 +472,20 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
     if has_enc and need_b:
         d_b = grads[:, :width].sum(dim=0)
     return dx, (dy.view(batch, n, d) if (dy is not None and need_y) else None), d_w, d_b, d_wd
+
+
+def _structured_dx(plan, grads, enc_w, dec, batch, n, d, dlogit, ts, dz2d) -> torch.Tensor:
+    """dX [B, W] fp32 of the structured plan: dH @ We (torch.mm) plus dT mapped back through the decoder's
+    blocks (the transpose of its forward mixing), plus the residual's direct term as in the dense plan."""
+    width = n * d
+    has_enc = enc_w is not None
+    d_t = grads[:, (width if has_enc else 0):].reshape(batch, n, d)
+    dense = _mix(plan.kind, 1, dec.to(torch.float32), d_t).reshape(batch, width)
+    if has_enc:
+        dense = torch.addmm(dense, grads[:, :width], enc_w.to(torch.float32))
+        if plan.residual:
+            dense.addcmul_(dlogit.to(torch.float32)[:, None], ts)    # Y = act(H) + X feeds the logit directly
+    return dense
 
 
 def interaction(plan, out_dtype, x, ids, offsets, y, enc_w, enc_b, wd):

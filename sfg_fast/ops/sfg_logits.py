@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -74,6 +74,7 @@ class _Plan:
     kind: str = "none"          # none (encoder only) | identity | scalar | vector | matrix
     gather: bool = False
     allow_tf32: bool = False
+    structured: bool = False     # ops.sfg_gemm: the decoder operand is the Blk-oriented scalar/vector weight
 
     @property
     def has_enc(self) -> bool:
@@ -353,13 +354,20 @@ def _plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_si
     return _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side, symmetric, tf32)
 
 
-def gemm_decoder(dec_weight, kind: str, pairs: str, n: int, d: int, orientation: str, like) -> torch.Tensor:
-    """Wd [N*D, N*D] for the GEMM-shaped kernels (``ops.sfg_gemm``): one kernel from the raw weight
-    (``DecoderMatrixFunction``); the identity kind's constant matrix, and anything Dynamo traces, from
-    torch ops (``decoder_matrix`` of the masked view)."""
+def gemm_decoder(dec_weight, kind: str, pairs: str, n: int, d: int, orientation: str, like,
+                 plan: "_Plan") -> Tuple[torch.Tensor, "_Plan"]:
+    """The decoder operand of the GEMM-shaped kernels (``ops.sfg_gemm``) and ``plan`` marked for it:
+    Wd [N*D, N*D], built in one kernel from the raw weight (``DecoderMatrixFunction``; the identity kind's
+    constant matrix, and anything Dynamo traces, from torch ops: ``decoder_matrix`` of the masked view);
+    or, where ``ops.sfg_gemm.structured_decoder`` says so, the masked Blk-oriented scalar/vector weight
+    itself in fp32 (``plan.structured``)."""
+    if _gemm.structured_decoder(like, plan.precision, kind):
+        dec = decoder_operand(dec_weight, kind, pairs, n, orientation, like).to(torch.float32)
+        return dec, replace(plan, structured=True)
     if kind == "identity" or torch.compiler.is_compiling():
-        return _gemm.decoder_matrix(decoder_operand(dec_weight, kind, pairs, n, orientation, like), kind, n, d, like)
-    return _gemm.DecoderMatrixFunction.apply(dec_weight, kind, pairs, orientation, n, d)
+        return _gemm.decoder_matrix(decoder_operand(dec_weight, kind, pairs, n, orientation, like), kind, n, d,
+                                    like), plan
+    return _gemm.DecoderMatrixFunction.apply(dec_weight, kind, pairs, orientation, n, d), plan
 
 
 # The GEMM-shaped kernels (ops.sfg_gemm) serve sfg_logits with an encoder and symmetric=False, and
@@ -379,20 +387,22 @@ def _gemm_composed(plan, decode, table) -> bool:
     return GEMM_PATH and not _gemm_path(plan, decode) and table.stride(1) == 1
 
 
-def _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, wd, out_dtype, labels=None,
+def _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, decoder, out_dtype, labels=None,
                      autograd=True):
-    """sfg_logits for the no-encoder and symmetric plans through ops.sfg_gemm (``wd``: gemm_decoder's).
-    With ``autograd`` the passes are autograd nodes and the logit is returned; else ``(logit, loss,
-    dlogit)`` fp32."""
+    """sfg_logits for the no-encoder and symmetric plans through ops.sfg_gemm. ``decoder``: the arguments
+    of gemm_decoder but the plan, (dec_weight, kind, pairs, n, d, orientation, like). With ``autograd`` the
+    passes are autograd nodes and the logit is returned; else ``(logit, loss, dlogit)`` fp32."""
     from .embedding_lookup import embedding_lookup as triton_lookup, embedding_lookup_fwd
     if decode is None:                                   # no encoder: Y = X = V
-        dense = _Plan(kind=plan.kind, y_mode=_Y_DENSE, gather=False, allow_tf32=plan.allow_tf32)
+        wd, dense = gemm_decoder(*decoder, _Plan(kind=plan.kind, y_mode=_Y_DENSE, gather=False,
+                                                allow_tf32=plan.allow_tf32))
         if autograd:
             V = triton_lookup(ids, table, offsets)
             return _gemm.interaction(dense, out_dtype, V, None, None, V, None, None, wd)
         V = embedding_lookup_fwd(ids, table, offsets)
         logit, loss, dlogit, _, _ = _gemm.forward(dense, V, None, None, V, None, None, wd, labels=labels)
         return logit, loss, dlogit
+    wd, decode = gemm_decoder(*decoder, decode)
     if autograd:                                         # symmetric: Z = encoder(V), scored against Z
         z = _gemm.interaction(plan, torch.float32, table, ids, offsets, None, enc_weight, enc_bias, None)
         return _gemm.interaction(decode, out_dtype, z, None, None, z, None, None, wd)
@@ -419,11 +429,12 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
     plan, decode, orientation = _plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side,
                                        symmetric, allow_tf32)
     n, d, like = ids.shape[1], table.shape[1], _f32_like(table)
-    if _gemm_path(plan, decode) or _gemm_composed(plan, decode, table):
-        wd = gemm_decoder(dec_weight, kind, pairs, n, d, orientation, like)
-        if _gemm_path(plan, decode):
-            return _gemm.interaction(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, wd)
-        return _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, wd, out_dtype)
+    decoder = (dec_weight, kind, pairs, n, d, orientation, like)
+    if _gemm_path(plan, decode):
+        wd, plan = gemm_decoder(*decoder, plan)
+        return _gemm.interaction(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, wd)
+    if _gemm_composed(plan, decode, table):
+        return _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, decoder, out_dtype)
     dec = decoder_operand(dec_weight, kind, pairs, n, orientation, like)     # the per-field engine's operand
     if decode is None:
         return SfgInteractionFunction.apply(plan, out_dtype, table, ids, offsets, None, enc_weight, enc_bias, dec)
@@ -467,15 +478,15 @@ def sfg_logits_fwd(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, 
         plan, decode, orientation = _plans(enc_weight, enc_bias, kind, activation, gamma, residual,
                                            generated_side, symmetric, allow_tf32)
         like = _f32_like(table)
-        if _gemm_path(plan, decode) or _gemm_composed(plan, decode, table):
-            wd = gemm_decoder(dec_weight, kind, pairs, n, d, orientation, like)
-        else:
+        decoder = (dec_weight, kind, pairs, n, d, orientation, like)
+        if not (_gemm_path(plan, decode) or _gemm_composed(plan, decode, table)):
             dec = decoder_operand(dec_weight, kind, pairs, n, orientation, like)
         if _gemm_path(plan, decode):
+            wd, plan = gemm_decoder(*decoder, plan)
             logit, loss, dlogit, _, _ = _gemm.forward(plan, table, ids, offsets, None, enc_weight, enc_bias, wd,
                                                       labels=labels)
         elif _gemm_composed(plan, decode, table):
-            logit, loss, dlogit = _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, wd,
+            logit, loss, dlogit = _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, decoder,
                                                    torch.float32, labels=labels, autograd=False)
         elif decode is None:
             logit, _, loss, dlogit = _engine_forward(plan, table, ids, offsets, None, enc_weight, enc_bias, dec,
@@ -551,14 +562,17 @@ def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma
     plan, decode, orientation = _plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side,
                                        symmetric, allow_tf32)
     n, d = V.shape[1], V.shape[2]
-    wd = gemm_decoder(dec_weight, kind, pairs, n, d, orientation, _f32_like(V))
+    decoder = (dec_weight, kind, pairs, n, d, orientation, _f32_like(V))
     if enc_weight is None:                               # the base model: V scored against itself
-        dense = _Plan(kind=kind, y_mode=_Y_DENSE, gather=False, allow_tf32=plan.allow_tf32)
+        wd, dense = gemm_decoder(*decoder, _Plan(kind=kind, y_mode=_Y_DENSE, gather=False,
+                                                allow_tf32=plan.allow_tf32))
         return _gemm.interaction(dense, out_dtype, V, None, None, V, None, None, wd)
     plan = replace(plan, gather=False)
     if decode is None:                                   # encoder and decoder in one pass
+        wd, plan = gemm_decoder(*decoder, plan)
         return _gemm.interaction(plan, out_dtype, V, None, None, None, enc_weight, enc_bias, wd)
     z = _gemm.interaction(plan, torch.float32, V, None, None, None, enc_weight, enc_bias, None)   # symmetric
+    wd, decode = gemm_decoder(*decoder, decode)
     return _gemm.interaction(decode, out_dtype, z, None, None, z, None, None, wd)
 
 
