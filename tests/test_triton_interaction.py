@@ -1010,3 +1010,20 @@ def test_torch_gemms_auto_on_a_gpu():
         assert not sfg_gemm.torch_gemms(x, "ieee")
     finally:
         torch.use_deterministic_algorithms(deterministic)
+
+
+def test_structured_decoder_is_exact_fp32_under_autocast(monkeypatch):
+    """Under torch.autocast (bf16) the structured decoder's torch ops stay fp32, as the dense path's GEMMs
+    (torch.mm with out=, which autocast leaves alone) do: the same results with autocast on and off."""
+    ids, offsets, params = _problem(13, 4, 5, "scalar", bias=True, seed=73)
+    options = dict(kind="scalar", activation="tanh", gamma=1.0, residual=True, pairs="upper",
+                   generated_side="left", symmetric=False)
+    fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
+    calls = _structured(monkeypatch)
+    plain, g_plain = _run(fn, ids, offsets, params, torch.float32, options)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        cast, g_cast = _run(fn, ids, offsets, params, torch.float32, options)
+    assert len(calls) == 2
+    assert torch.equal(plain, cast)
+    for name, want in g_plain.items():
+        assert torch.equal(g_cast[name], want), name

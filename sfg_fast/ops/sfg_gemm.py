@@ -107,10 +107,17 @@ _MIX = {"scalar": ("ok,bkq->boq", "ok,boq->bkq", "boq,bkq->ok"),
         "vector": ("okq,bkq->boq", "okq,boq->bkq", "boq,bkq->okq")}
 
 
+def _fp32(t: torch.Tensor):
+    """Autocast off: the structured decoder's out-of-place torch products stay in fp32 (the dense path's
+    torch.mm calls write ``out=`` buffers, which autocast leaves alone)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _mix(kind: str, which: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The structured decoder's products (``which``): 0 T = X through the blocks, 1 the dT -> dX map,
     2 the decoder's gradient. ``Blk(o, k)`` is ``dec[o, k] * I`` (scalar) or ``diag(dec[o, k])`` (vector)."""
-    return torch.einsum(_MIX[kind][which], a, b)
+    with _fp32(a):
+        return torch.einsum(_MIX[kind][which], a, b)
 
 
 # Layout of the weight-gradient GEMM's operands when the Triton kernel runs it: None decides by precision
@@ -457,7 +464,8 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
         # dWe = dH^T @ X (torch.mm); the decoder's own gradient by its structure
         x32 = x2d.to(torch.float32)
         if has_enc and need_w:
-            d_w = torch.mm(grads[:, :width].t(), x32)
+            with _fp32(x32):
+                d_w = torch.mm(grads[:, :width].t(), x32)
         if has_dec and need_wd:
             d_t = grads[:, (parts - 1) * width:].reshape(batch, n, d)
             d_wd = _mix(plan.kind, 2, d_t, x32.view(batch, n, d))
@@ -482,7 +490,8 @@ def _structured_dx(plan, grads, enc_w, dec, batch, n, d, dlogit, ts, dz2d) -> to
     d_t = grads[:, (width if has_enc else 0):].reshape(batch, n, d)
     dense = _mix(plan.kind, 1, dec.to(torch.float32), d_t).reshape(batch, width)
     if has_enc:
-        dense = torch.addmm(dense, grads[:, :width], enc_w.to(torch.float32))
+        with _fp32(dense):
+            dense = torch.addmm(dense, grads[:, :width], enc_w.to(torch.float32))
         if plan.residual:
             dense.addcmul_(dlogit.to(torch.float32)[:, None], ts)    # Y = act(H) + X feeds the logit directly
     return dense
