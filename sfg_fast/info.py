@@ -56,6 +56,9 @@ def collect() -> dict:
         "fused_tables_in_graph": _fused_tables_in_graph(),
         # who runs the Triton path's GEMMs (ops.sfg_gemm.TORCH_GEMMS; "auto": cuBLAS for exact fp32 on a GPU)
         "triton_path_gemms": _triton_path_gemms(),
+        # how the torch.mm path runs scalar/vector decoders (ops.sfg_gemm.STRUCTURED_DECODER; "never": the
+        # dense [W, W] GEMM, "auto": the batched [N, N] mixing)
+        "structured_decoder": _module_setting("STRUCTURED_DECODER"),
     }
 
 
@@ -65,11 +68,16 @@ def _fused_tables_in_graph() -> bool:
 
 
 def _triton_path_gemms() -> str:
+    return _module_setting("TORCH_GEMMS")
+
+
+def _module_setting(name: str) -> str:
+    """A setting of ops.sfg_gemm (read from its environment variable at import)."""
     try:
         from sfg_fast.ops import sfg_gemm
     except Exception as exc:    # triton missing
         return f"n/a ({type(exc).__name__})"
-    return sfg_gemm.TORCH_GEMMS
+    return getattr(sfg_gemm, name)
 
 
 def _serving_backend() -> str:
@@ -107,6 +115,8 @@ def main() -> None:
     gemms = info["triton_path_gemms"]
     print(f"GEMMs of the triton path: {gemms}" + (" (cuBLAS for exact fp32 on a GPU, else Triton; "
                                                   "SFG_FAST_TORCH_GEMMS)" if gemms == "auto" else ""))
+    print(f"scalar/vector decoders on the torch.mm path: {info['structured_decoder']} "
+          "(SFG_FAST_STRUCTURED_DECODER: never = the dense GEMM, auto = by their structure)")
     print(f"\nserving with int8 tables (sfg_fast.serving) on cpu: auto -> {info['serving_int8_auto']} "
           f"({'the fused C++ pipeline' if info['serving_int8_auto'] == 'cpu' else 'dequantise + factored torch'})")
     if info["backend_module_errors"]:
