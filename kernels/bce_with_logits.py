@@ -34,7 +34,15 @@ def _bce_with_logits_fwd_kernel(x_ptr, y_ptr, out_ptr, bad_ptr, numel, divisor,
     y = tl.load(y_ptr + offs, mask=mask, other=0).to(COMPUTE)
     loss = tl.maximum(x, 0.0) - x * y + _log1p_exp_neg_abs(x)
     if CHECK:
-        valid = (y >= 0.0) & (y <= 1.0)          # NaN fails both comparisons
+        # the labels as read into the compute dtype, which holds them exactly (the launcher checks fp64
+        # labels of fp32 logits on the host). fp32 is tested on its bit pattern: a comparison could flush
+        # a negative denormal to -0 (which is in [0, 1]); 0x3F800000 is 1.0, -2^31 is -0.0, and NaN / inf
+        # patterns lie outside [0, 0x3F800000]. fp64 compares (denormals are kept for doubles).
+        if COMPUTE == tl.float64:
+            valid = (y >= 0.0) & (y <= 1.0)      # NaN fails both comparisons
+        else:
+            bits = y.to(tl.int32, bitcast=True)
+            valid = ((bits >= 0) & (bits <= 0x3F800000)) | (bits == -2147483648)
         tl.store(bad_ptr + pid, tl.sum(tl.where(mask & (valid == 0), 1, 0), axis=0))
     if REDUCE:
         total = tl.sum(tl.where(mask, loss, 0.0), axis=0)

@@ -188,9 +188,11 @@ def _sfg_gemm_grad_kernel(
     mask_m = rows < B
     mask = mask_m[:, None] & (cols < W)[None, :]
     offs = rows[:, None] * W + cols[None, :]
-    width_g = W * (HAS_ENC + HAS_DEC)
-    out = rows[:, None] * width_g + cols[None, :]
-    out_t = cols[None, :] * B + rows[:, None]     # [KG, B] / [W, B] (STORE_T)
+    # every product below has an int64 tensor factor: a product of the int arguments alone (W * B) is
+    # formed in i32 and would wrap before any widening
+    out = rows[:, None] * (HAS_ENC + HAS_DEC) * W + cols[None, :]      # G [B, KG], KG = W * (HAS_ENC + HAS_DEC)
+    out_t = cols[None, :] * B + rows[:, None]                          # [KG, B] / [W, B] (STORE_T)
+    out_t_dec = (cols[None, :] + W) * B + rows[:, None]                # G^T's second half (dT): rows W + c
     if HAS_DEC:
         g = tl.load(dlogit_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         t = tl.load(t_ptr + offs, mask=mask, other=0.0)
@@ -212,7 +214,7 @@ def _sfg_gemm_grad_kernel(
                              mask=mask, other=0.0).to(tl.float32)
             tl.store(g_ptr + (out + W), g * y, mask=mask)
             if STORE_T:
-                tl.store(gt_ptr + (out_t + W * B), g * y, mask=mask)
+                tl.store(gt_ptr + out_t_dec, g * y, mask=mask)
     else:
         y = tl.load(xy_ptr + rows[:, None] * stride_a0 + cols[None, :] * stride_a1, mask=mask, other=0.0)
         tl.store(g_ptr + out, g * y.to(tl.float32), mask=mask)

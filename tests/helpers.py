@@ -76,3 +76,11 @@ def assert_int64_pointer_offsets(probes):
         assert addptrs, f"{name}: no pointer arithmetic found in the generated code"
         narrow = [line for line in addptrs if not line.rstrip().endswith("i64>")]
         assert not narrow, f"{name}: pointer offsets not in int64: {narrow}"
+        # a product formed in i32 and only then widened (``W * B`` of two int arguments) wraps before the
+        # widening: the addptr offset is i64, yet wrong past 2^31
+        lines = [line.split(" loc(")[0] for line in ttir.splitlines()]
+        products = {line.split("=")[0].strip() for line in lines
+                    if "arith.muli" in line and "=" in line and line.rstrip().endswith("i32")}
+        widened = [line for line in lines if "arith.extsi" in line
+                   and line.split("arith.extsi")[1].split(":")[0].strip() in products]
+        assert not widened, f"{name}: i32 products widened to i64 after they may have wrapped: {widened}"

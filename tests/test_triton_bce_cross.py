@@ -271,3 +271,22 @@ def test_bce_mean_of_one_program_is_one_launch(monkeypatch):
     assert "sum" in Record.ops
     assert one.shape == () and many.shape == ()
     torch.testing.assert_close(one, many, rtol=1e-6, atol=0)
+
+
+def test_bce_triton_label_check_at_the_labels_precision():
+    """Labels the compute dtype would round into [0, 1] still fail: fp64 labels of fp32 logits (1 + 1e-9,
+    -1e-50) as on the torch backend; fp32 negative denormals (a comparison on a flush-to-zero GPU would
+    see -0); -0.0, denormal positives, 0 and 1 pass; integer labels 2 and -1 fail."""
+    logits = torch.randn(6, device=DEVICE)
+    for bad, dtype in ((1 + 1e-9, torch.float64), (-1e-50, torch.float64), (-1e-40, torch.float32),
+                       (2, torch.int64), (-1, torch.int32)):
+        labels = torch.tensor([0, 1, 0, 1, 0, 0], dtype=dtype, device=DEVICE)
+        labels[3] = bad
+        for backend in ("triton", "torch"):
+            with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+                SF.bce_with_logits(logits, labels, backend=backend)
+    fine = torch.tensor([0.0, -0.0, 1.0, 1e-40, 0.5, 1.0 - 2 ** -24], device=DEVICE)
+    torch.testing.assert_close(SF.bce_with_logits(logits, fine, backend="triton"),
+                               SF.bce_with_logits(logits, fine, backend="torch"), rtol=1e-6, atol=1e-7)
+    fp64 = SF.bce_with_logits(logits.double(), fine.double() * 0 + 1e-300, backend="triton")   # fp64 compute
+    assert fp64.dtype == torch.float64

@@ -474,6 +474,33 @@ def test_decoder_matrix_kernel_on_a_bf16_weight_and_one_field():
         assert torch.equal(weight.grad, mask[:, :, None, None].expand(n, n, d, d).to(torch.bfloat16))
 
 
+def test_decoder_matrix_kernel_keeps_non_finite_weights_out_of_the_zeros(monkeypatch):
+    """A NaN weight outside P and an inf on a scalar block leave every entry the reference never reads at
+    exactly 0 (the torch ops' multiply-by-0 would give NaN there); in P the value passes through. Above
+    DECODER_MATRIX_MAX_D the torch ops build Wd (one D x D block per program would not fit)."""
+    from sfg_fast.ops import sfg_gemm
+    n, d = 3, 4
+    weight = torch.randn(n, n).to(DEVICE)
+    weight[1, 0] = float("nan")                   # outside P (upper)
+    weight[0, 2] = float("inf")                   # inside P
+    wd_t = sfg_gemm.DecoderMatrixFunction.apply(weight, "scalar", "upper", "left", n, d).t()
+    block = lambda o, k: wd_t[o * d:(o + 1) * d, k * d:(k + 1) * d]  # noqa: E731
+    assert torch.equal(block(1, 0), torch.zeros(d, d, device=DEVICE))
+    assert torch.isinf(torch.diagonal(block(0, 2))).all()
+    off_diagonal = ~torch.eye(d, dtype=torch.bool, device=DEVICE)
+    assert torch.equal(block(0, 2)[off_diagonal], torch.zeros(d * d - d, device=DEVICE))
+    assert torch.isfinite(wd_t[~torch.isinf(wd_t)]).all()
+    launches = []
+    monkeypatch.setattr(sfg_gemm, "DECODER_MATRIX_MAX_D", 3)
+    kernel = sfg_gemm.G._decoder_matrix_kernel
+    monkeypatch.setattr(sfg_gemm.G, "_decoder_matrix_kernel", _counting(kernel, launches, "fwd"))
+    ids, offsets, params = _problem(5, 2, 4, "vector", bias=False, seed=79)
+    options = dict(kind="vector", activation="relu", gamma=1.0, residual=False, pairs="all",
+                   generated_side="left", symmetric=False)
+    _compare_logits(ids, offsets, params, options)
+    assert launches == []
+
+
 def sfg_fast_pair_mask(n, pairs):
     from sfg_fast import _checks
     return _checks.pair_mask(n, pairs)

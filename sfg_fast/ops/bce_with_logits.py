@@ -129,7 +129,12 @@ def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str) 
 def bce_with_logits_checking_labels(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     """As :func:`bce_with_logits` for labels whose values are not checked yet: the forward kernel counts
     the labels outside [0, 1] as it reads them, and the one host read of that count replaces
-    ``check_label_values``'s four reductions (the same errors; ``functional.bce_with_logits`` calls this)."""
+    ``check_label_values``'s four reductions (the same errors; ``functional.bce_with_logits`` calls this).
+    fp64 labels of non-fp64 logits are checked on the host: the kernel reads them as fp32, which would
+    round 1 + 1e-9 to 1."""
+    if labels.dtype == torch.float64 and _compute_dtype(logits) != torch.float64:
+        C.check_label_values(labels)
+        return BCEWithLogitsFunction.apply(logits, labels, reduction)
     return BCEWithLogitsFunction.apply(logits, labels, reduction, True)
 
 

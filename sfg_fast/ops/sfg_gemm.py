@@ -212,11 +212,17 @@ def _block_strides(view: torch.Tensor):
     return strides[:4]
 
 
+# Largest D the decoder-matrix kernels take (one D x D block per program); beyond it the torch ops build Wd.
+DECODER_MATRIX_MAX_D = 256
+
+
 class DecoderMatrixFunction(torch.autograd.Function):
     """Wd [W, W] (as the transpose of a contiguous fp32 Wd^T, like ``decoder_matrix``) straight from the
     raw scalar / vector / matrix decoder weight: one kernel forward, one backward, where the torch ops
-    (mask, identity blocks, permuted copy, and their backward) took six. Entries outside P are 0, and
-    so is the weight's gradient there."""
+    (mask, identity blocks, permuted copy, and their backward) took six. Entries outside P, and off the
+    diagonal of scalar / vector blocks, are exactly 0 whatever the weight holds there (the torch ops
+    multiply by 0, so a NaN or inf weight spreads NaN into them; the reference reads only the pairs of
+    P); the weight's gradient is 0 outside P."""
 
     @staticmethod
     def forward(ctx, weight, kind, pairs, orientation, n, d):
@@ -405,7 +411,8 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
     need_dw = (has_enc and need_w) or (has_dec and need_wd)
     # the weight-gradient GEMM G^T @ X reads K-contiguous copies the elementwise pass writes (see
     # k_major_weight_grad); else G and X themselves, transposed views
-    transposed = need_dw and batch > 0 and width > 0 and k_major_weight_grad(grads, plan.precision)
+    transposed = (need_dw and batch > 0 and width > 0 and not plan.structured
+                  and k_major_weight_grad(grads, plan.precision))
     grads_t = _empty(parts * width, batch, **f32) if transposed else None
     x_t = _empty(width, batch, **f32) if transposed else None
     if batch > 0 and width > 0:

@@ -364,7 +364,7 @@ def gemm_decoder(dec_weight, kind: str, pairs: str, n: int, d: int, orientation:
     if _gemm.structured_decoder(like, plan.precision, kind):
         dec = decoder_operand(dec_weight, kind, pairs, n, orientation, like).to(torch.float32)
         return dec, replace(plan, structured=True)
-    if kind == "identity" or torch.compiler.is_compiling():
+    if kind == "identity" or torch.compiler.is_compiling() or d > _gemm.DECODER_MATRIX_MAX_D:
         return _gemm.decoder_matrix(decoder_operand(dec_weight, kind, pairs, n, orientation, like), kind, n, d,
                                     like), plan
     return _gemm.DecoderMatrixFunction.apply(dec_weight, kind, pairs, orientation, n, d), plan
