@@ -633,8 +633,10 @@ class Trainer:
             torch.set_num_threads(int(config["threads"]))
         self.device = _resolve_device(config["device"])
         if self.device.type == "cuda" and config["deterministic"]:
-            # cuBLAS repeats its GEMMs bit for bit only with a fixed workspace (read when cuBLAS starts)
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            # cuBLAS repeats its GEMMs bit for bit only with a fixed workspace, read when cuBLAS starts: set
+            # before CUDA does, it also lets the fused path's exact-fp32 GEMMs run in cuBLAS (sfg_fast._cublas)
+            from . import _cublas
+            _cublas.fix_workspace()
         if self.ignored_keys:
             log.info("model %s ignores config keys %s", config["model"], self.ignored_keys)
 

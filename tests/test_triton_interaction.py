@@ -5,6 +5,8 @@ Error rule (the 2x rule of tests/helpers.py): the kernel's max error against the
 the same reference run in the kernel's dtype, plus a small floor. The cross product of options is
 sampled so that every kind, pair set, side, symmetric flag and activation appears at least once.
 """
+import os
+
 import pytest
 import torch
 
@@ -984,6 +986,59 @@ def test_torch_gemms_choice(monkeypatch):
         sfg_gemm.torch_gemms(x, "ieee")
 
 
+def test_torch_gemms_in_deterministic_mode_only_with_a_fixed_cublas_workspace(monkeypatch):
+    """Deterministic mode: "auto" takes cuBLAS only once its workspace setting is known to have been in
+    place before CUDA started (cuBLAS then repeats bit for bit); else the Triton GEMMs."""
+    from types import SimpleNamespace
+
+    from sfg_fast import _cublas
+    from sfg_fast.ops import sfg_gemm
+    on_gpu = SimpleNamespace(is_cuda=True)       # torch_gemms reads only the device
+    monkeypatch.setattr(sfg_gemm, "_cublas_fp32_is_tf32", lambda: False)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        monkeypatch.setattr(_cublas, "_FIXED", False)
+        assert sfg_gemm.torch_gemms(on_gpu, "ieee")
+        torch.use_deterministic_algorithms(True)
+        assert not sfg_gemm.torch_gemms(on_gpu, "ieee")
+        monkeypatch.setattr(_cublas, "_FIXED", True)
+        assert sfg_gemm.torch_gemms(on_gpu, "ieee") and not sfg_gemm.torch_gemms(on_gpu, "tf32")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("preset", [None, ":16:8", ":0:0"])
+def test_cublas_workspace_is_fixed_only_before_cuda_starts(preset, tmp_path):
+    """In a fresh process: a deterministic CUBLAS_WORKSPACE_CONFIG exported before the import counts; with
+    none, fix_workspace() sets :4096:8 and counts it while CUDA has not started, and not once it has (the
+    setting is still written: cuBLAS may not have started); a non-deterministic value the user chose is
+    kept, and never counts."""
+    import subprocess
+    import sys
+    code = (
+        "import os, torch\n"
+        "from sfg_fast import _cublas\n"
+        "at_import = _cublas.workspace_fixed()\n"
+        "torch.cuda.is_initialized = lambda: True   # as if CUDA had started\n"
+        "late = _cublas.fix_workspace()\n"
+        "late_env = os.environ['CUBLAS_WORKSPACE_CONFIG']\n"
+        "torch.cuda.is_initialized = lambda: False\n"
+        "print(at_import, late, late_env, _cublas.fix_workspace(), os.environ['CUBLAS_WORKSPACE_CONFIG'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    if preset is not None:
+        env["CUBLAS_WORKSPACE_CONFIG"] = preset
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    at_import, late, late_env, early, final_env = done.stdout.split()
+    if preset == ":16:8":
+        assert (at_import, late, late_env, early, final_env) == ("True", "True", ":16:8", "True", ":16:8")
+    elif preset is None:
+        assert (at_import, late, late_env, early, final_env) == ("False", "False", ":4096:8", "True", ":4096:8")
+    else:
+        assert (at_import, late, late_env, early, final_env) == ("False", "False", ":0:0", "False", ":0:0")
+
+
 def test_torch_gemms_see_every_way_torch_switches_cublas_to_tf32():
     """torch's cuBLAS TF32 setting, however it was made (the legacy allow_tf32 flag, set_float32_matmul_precision,
     the fp32_precision settings, whose "none" defers to the global one); reading it never raises (reading the
@@ -1019,8 +1074,9 @@ def test_torch_gemms_see_every_way_torch_switches_cublas_to_tf32():
 @pytest.mark.gpu
 def test_torch_gemms_auto_on_a_gpu():
     """On CUDA, "auto" hands the exact fp32 GEMMs to cuBLAS, but not TF32 ones (the Triton kernels are
-    faster there), not while torch's own TF32 setting would make cuBLAS inexact, and never in deterministic
-    mode (cuBLAS repeats only under a CUBLAS_WORKSPACE_CONFIG torch reads once per process)."""
+    faster there), not while torch's own TF32 setting would make cuBLAS inexact, and in deterministic mode
+    only if cuBLAS's workspace setting was fixed before CUDA started (sfg_fast._cublas)."""
+    from sfg_fast import _cublas
     from sfg_fast.ops import sfg_gemm
     x = torch.zeros(2, 2, device="cuda")
     assert sfg_gemm.torch_gemms(x, "ieee") and not sfg_gemm.torch_gemms(x, "tf32")
@@ -1034,7 +1090,7 @@ def test_torch_gemms_auto_on_a_gpu():
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert not sfg_gemm.torch_gemms(x, "ieee")
+        assert sfg_gemm.torch_gemms(x, "ieee") == _cublas.workspace_fixed()
     finally:
         torch.use_deterministic_algorithms(deterministic)
 

@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 from ._higher_order import create_graph_requested, refuse
+from .. import _cublas
 from .._constants import constant, device_key
 from ._launch import cdiv, next_pow2
 
@@ -49,7 +50,8 @@ GATHER_IN_GEMM = os.environ.get("SFG_FAST_GATHER_IN_GEMM", "0") == "1"
 # in TF32 the Triton kernels ran at 90 and stay. The epilogue and the backward's elementwise middle stay
 # Triton kernels either way; the extra traffic is H and T ([B, W] fp32, saved for backward anyway).
 # "auto" keeps the Triton GEMMs where cuBLAS would not compute the exact-fp32 product repeatably: under
-# torch's own TF32 setting (e.g. set_float32_matmul_precision("high")) and in deterministic mode.
+# torch's own TF32 setting (e.g. set_float32_matmul_precision("high")), and in deterministic mode unless
+# cuBLAS's workspace setting was fixed before CUDA started (sfg_fast._cublas).
 TORCH_GEMMS = os.environ.get("SFG_FAST_TORCH_GEMMS", "auto")
 _TORCH_GEMM_MODES = ("auto", "always", "never")
 
@@ -76,10 +78,11 @@ def torch_gemms(t: torch.Tensor, precision: str) -> bool:
         raise ValueError(f"SFG_FAST_TORCH_GEMMS must be one of {_TORCH_GEMM_MODES}, got {mode!r}")
     if mode != "auto":
         return mode == "always"
-    # only where cuBLAS computes what was asked: exact fp32 (torch's TF32 off for cuBLAS); and never in
-    # deterministic mode, where cuBLAS repeats only under a CUBLAS_WORKSPACE_CONFIG that torch reads once
-    # per process, at its first GEMM (a later setting does not count): the Triton GEMMs always repeat
-    return (t.is_cuda and precision == "ieee" and not torch.are_deterministic_algorithms_enabled()
+    # only where cuBLAS computes what was asked: exact fp32 (torch's TF32 off for cuBLAS); and in
+    # deterministic mode only when cuBLAS is known to repeat (sfg_fast._cublas: its workspace setting was
+    # in place before CUDA started, as the training job arranges): the Triton GEMMs always repeat
+    return (t.is_cuda and precision == "ieee"
+            and (not torch.are_deterministic_algorithms_enabled() or _cublas.workspace_fixed())
             and not _cublas_fp32_is_tf32())
 
 
