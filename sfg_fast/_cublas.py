@@ -5,6 +5,9 @@ cuBLAS is deterministic (for one stream, on one GPU model) under ``CUBLAS_WORKSP
 later does not count. So the setting is known to hold only if it was in the environment before CUDA started.
 ``sfg_fast.ops.sfg_gemm``'s "auto" hands exact-fp32 GEMMs to cuBLAS in deterministic mode only then (else the
 Triton GEMMs, which always repeat, run); the training job fixes the setting before it touches the GPU.
+Both kinds repeat, but they round differently: a run and its resumption started the same way (both from the
+command line, say) take the same GEMMs, while a process that started CUDA before building the Trainer takes
+the Triton ones.
 """
 from __future__ import annotations
 
