@@ -74,7 +74,7 @@ def assert_int64_pointer_offsets(probes):
     for name, ttir in ttirs.items():
         addptrs = [line.split(" loc(")[0] for line in ttir.splitlines() if "tt.addptr" in line]
         assert addptrs, f"{name}: no pointer arithmetic found in the generated code"
-        narrow = [line for line in addptrs if not line.rstrip().endswith("i64>")]
+        narrow = [line for line in addptrs if not line.rstrip().endswith(("i64>", ", i64"))]   # tensor / scalar
         assert not narrow, f"{name}: pointer offsets not in int64: {narrow}"
         # a product formed in i32 and only then widened (``W * B`` of two int arguments) wraps before the
         # widening: the addptr offset is i64, yet wrong past 2^31

@@ -593,6 +593,10 @@ def test_gemm_kernels_address_in_int64():
         ("sfg_fast.kernels.sfg_gemm", "_sfg_logit_reduce_kernel",
          {"part_ptr": f32, "labels_ptr": f32, "logit_ptr": f32, "loss_ptr": f32, "dlogit_ptr": f32},
          {"HAS_LABELS": True, "BLOCK_B": 16, "BLOCK_P": 4}),
+        ("sfg_fast.kernels.sfg_gemm", "_decoder_matrix_kernel", {"w_ptr": "*bf16", "out_ptr": f32},
+         {"KIND": 3, "PAIRS": 0, "SWAP": True, "BLOCK_D": 16}),
+        ("sfg_fast.kernels.sfg_gemm", "_decoder_matrix_bwd_kernel", {"g_ptr": f32, "dw_ptr": f32},
+         {"KIND": 2, "PAIRS": 1, "SWAP": False, "BLOCK_D": 16}),
     ])
 
 
