@@ -830,9 +830,14 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
                       torch.is_deterministic_algorithms_warn_only_enabled())
             torch.use_deterministic_algorithms(True, warn_only=True)
             try:
-                return body()
+                out = body()
             finally:
                 torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+            from sfg_fast import _cublas
+            out["note"] = ((out.get("note") or "") + "; exact-fp32 GEMMs in " +
+                           ("cuBLAS (workspace fixed before CUDA started)" if _cublas.workspace_fixed() else
+                            "Triton (cuBLAS workspace not fixed before CUDA started)")).lstrip("; ")
+            return out
         return run
 
     def zoo_body(compiled=False, mode=None):

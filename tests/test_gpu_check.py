@@ -67,6 +67,8 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
     assert ("step", "scalar", "fused sfg_interaction", "train") in seen
     assert ("step", "scalar", "fused sfg_interaction structured", "train") in seen
     assert ("step", "scalar", "fused sfg_interaction deterministic", "train") in seen
+    det = next(r for r in rows if r["provider"] == "fused sfg_interaction deterministic")
+    assert "exact-fp32 GEMMs in " in det["note"]          # which GEMMs the deterministic step ran
     assert ("step", "scalar", "zoo fwfm embedding=fused", "train") in seen
     assert ("step", "scalar", "zoo fwfm embedding=fused compiled", "train") in seen
     assert ("step", "scalar", "fused cuda graph", "train") in seen
