@@ -134,8 +134,10 @@ def k_major_weight_grad(t: torch.Tensor, precision: str) -> bool:
     Its operands are the transposes of [B, ...] tensors. TF32 matrix units (wgmma) take fp32 operands
     only K-major from shared memory, so on the transposed views Triton copies 4 bytes at a time from
     global memory, strided (16-byte copies on the K-major ones: compare the PTX of both with
-    bench/triton_aot.py). That pass ran at 17 TFLOP/s in TF32 on an H200 against 188 for the forward's
-    K-major GEMMs (bench/results/nvidia-h200/profile-20261128T213757.txt). The exact-fp32 path
+    bench/triton_aot.py). In TF32 on an H200 the backward's two GEMMs (this one and the dX GEMM, 12.8
+    GFLOP) took 380 us, 34 TFLOP/s, against 188 for the forward's K-major pair
+    (bench/results/nvidia-h200/profile-20261128T213757.txt; how the 380 us split is not measured). The
+    exact-fp32 path
     multiplies on CUDA cores and copies 16 bytes at a time either way (with fewer shared-memory loads on
     the views, by its PTX), and torch.mm (cuBLAS) transposes for free: both keep the views."""
     if WEIGHT_GRAD_K_MAJOR is not None:
