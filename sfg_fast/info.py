@@ -56,8 +56,8 @@ def collect() -> dict:
         "fused_tables_in_graph": _fused_tables_in_graph(),
         # who runs the Triton path's GEMMs (ops.sfg_gemm.TORCH_GEMMS; "auto": cuBLAS for exact fp32 on a GPU)
         "triton_path_gemms": _triton_path_gemms(),
-        # how the torch.mm path runs scalar/vector decoders (ops.sfg_gemm.STRUCTURED_DECODER; "never": the
-        # dense [W, W] GEMM, "auto": the batched [N, N] mixing)
+        # how the torch.mm path runs scalar/vector decoders (ops.sfg_gemm.STRUCTURED_DECODER: "graphs" by
+        # their structure while a CUDA graph is captured, "auto" always, "never": the dense [W, W] GEMM)
         "structured_decoder": _module_setting("STRUCTURED_DECODER"),
     }
 
@@ -116,7 +116,8 @@ def main() -> None:
     print(f"GEMMs of the triton path: {gemms}" + (" (cuBLAS for exact fp32 on a GPU, else Triton; "
                                                   "SFG_FAST_TORCH_GEMMS)" if gemms == "auto" else ""))
     print(f"scalar/vector decoders on the torch.mm path: {info['structured_decoder']} "
-          "(SFG_FAST_STRUCTURED_DECODER: never = the dense GEMM, auto = by their structure)")
+          "(SFG_FAST_STRUCTURED_DECODER: graphs = by their structure inside CUDA-graph captures, auto = always "
+          "by their structure, never = the dense GEMM)")
     print(f"\nserving with int8 tables (sfg_fast.serving) on cpu: auto -> {info['serving_int8_auto']} "
           f"({'the fused C++ pipeline' if info['serving_int8_auto'] == 'cpu' else 'dequantise + factored torch'})")
     if info["backend_module_errors"]:

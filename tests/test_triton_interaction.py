@@ -900,12 +900,27 @@ def test_structured_decoder_agrees_with_the_dense_gemm(monkeypatch):
 
 
 def test_structured_decoder_choice(monkeypatch):
-    """"never" by default; "auto" only where the torch.mm path runs (CUDA, exact fp32) and only for scalar
-    and vector decoders; a bad setting names the variable."""
+    """"graphs" by default: by structure only on the torch.mm path (CUDA, exact fp32) while a CUDA graph is
+    being captured; "auto" wherever the torch.mm path runs; only scalar and vector decoders; "never"; a bad
+    setting names the variable."""
+    from types import SimpleNamespace
     from sfg_fast.ops import sfg_gemm
     x = torch.zeros(2, 2)
-    assert sfg_gemm.STRUCTURED_DECODER == "never" and not sfg_gemm.structured_decoder(x, "ieee", "scalar")
+    on_gpu = SimpleNamespace(is_cuda=True)
+    assert sfg_gemm.STRUCTURED_DECODER == "graphs" and not sfg_gemm.structured_decoder(x, "ieee", "scalar")
+    monkeypatch.setattr(sfg_gemm, "_cublas_fp32_is_tf32", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)   # (a CPU build cannot ask)
+    assert not sfg_gemm.structured_decoder(on_gpu, "ieee", "scalar")           # eager: the dense GEMM
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert sfg_gemm.structured_decoder(on_gpu, "ieee", "scalar")               # capturing a CUDA graph
+    assert sfg_gemm.structured_decoder(on_gpu, "ieee", "vector")
+    assert not sfg_gemm.structured_decoder(on_gpu, "tf32", "scalar")           # TF32: the Triton kernels
+    assert not sfg_gemm.structured_decoder(on_gpu, "ieee", "matrix")
+    monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "never")
+    assert not sfg_gemm.structured_decoder(on_gpu, "ieee", "scalar")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "auto")
+    assert sfg_gemm.structured_decoder(on_gpu, "ieee", "scalar")
     assert not sfg_gemm.structured_decoder(x, "ieee", "scalar")            # CPU tensors: no torch.mm path
     monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "always")
     assert sfg_gemm.structured_decoder(x, "ieee", "vector")

@@ -86,14 +86,19 @@ def torch_gemms(t: torch.Tensor, precision: str) -> bool:
             and not _cublas_fp32_is_tf32())
 
 
-# How the torch.mm path runs a scalar or vector decoder: "never" (default) as the dense [W, W] GEMM of every
-# decoder kind; "auto" / "always" by its structure instead (T_b = sum_k Blk(o, k) applied to X_b: the
-# batched [N, N] mixing of the factored path, D times fewer FLOPs than the dense GEMM, so half of the four
-# GEMMs' work at the Criteo shape), where the torch.mm path runs ("auto") or whenever the op runs ("always",
-# for tests). More launches (einsum's copies) for fewer FLOPs: it should pay where the GPU is the
-# bottleneck (CUDA graphs), not in host-bound eager steps; gpu_check measures both before the default moves.
-STRUCTURED_DECODER = os.environ.get("SFG_FAST_STRUCTURED_DECODER", "never")
-_STRUCTURED_MODES = ("auto", "always", "never")
+# How the torch.mm path runs a scalar or vector decoder: as the dense [W, W] GEMM of every decoder kind, or
+# by its structure (T_b = sum_k Blk(o, k) applied to X_b: the batched [N, N] mixing of the factored path,
+# D times fewer FLOPs than the dense GEMM, so half of the four GEMMs' work at the Criteo shape) at the cost
+# of more launches (einsum's copies). Fewer FLOPs pay where the GPU is the bottleneck; more launches cost
+# where the host is (eager steps at CTR shapes). So, by mode:
+#   "graphs" (default): by structure while a CUDA graph is being captured (its launches cost nothing on
+#                       replay), the dense GEMM otherwise;
+#   "auto":   by structure wherever the torch.mm path runs;   "never": always the dense GEMM;
+#   "always": by structure wherever the op runs (tests).
+# gpu_check's `fused cuda graph` / `fused cuda graph dense` rows and the eager `fused_structured` rows
+# measure both sides.
+STRUCTURED_DECODER = os.environ.get("SFG_FAST_STRUCTURED_DECODER", "graphs")
+_STRUCTURED_MODES = ("graphs", "auto", "always", "never")
 
 
 def structured_decoder(t: torch.Tensor, precision: str, kind: str) -> bool:
@@ -103,7 +108,11 @@ def structured_decoder(t: torch.Tensor, precision: str, kind: str) -> bool:
         raise ValueError(f"SFG_FAST_STRUCTURED_DECODER must be one of {_STRUCTURED_MODES}, got {mode!r}")
     if kind not in ("scalar", "vector") or mode == "never":
         return False
-    return mode == "always" or torch_gemms(t, precision)
+    if mode == "always":
+        return True
+    if not torch_gemms(t, precision):
+        return False
+    return mode == "auto" or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 _MIX = {"scalar": ("ok,bkq->boq", "ok,boq->bkq", "boq,bkq->ok"),
