@@ -145,3 +145,47 @@ def test_fatal_bounds_check_can_be_captured():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, weight[ids + offsets])
+
+
+@pytest.mark.gpu
+def test_structured_decoder_inside_a_capture(monkeypatch):
+    """Inside a CUDA-graph capture the exact-fp32 torch.mm path runs a scalar decoder by its structure
+    (ops.sfg_gemm.STRUCTURED_DECODER "graphs"), eagerly the dense GEMM; the replayed forward and backward
+    equal the eager ones to fp32 rounding."""
+    from sfg_fast.ops import sfg_gemm
+    if not sfg_gemm.torch_gemms(torch.zeros(1, device=DEVICE), "ieee"):
+        pytest.skip("the torch.mm path is off here (torch's TF32 setting or deterministic mode)")
+    assert sfg_gemm.STRUCTURED_DECODER == "graphs"
+    calls = []
+    real = sfg_gemm._structured_dx
+    monkeypatch.setattr(sfg_gemm, "_structured_dx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(5)
+    n, d, b = 6, 8, 64
+    V = torch.randn(b, n, d, generator=gen).to(DEVICE).requires_grad_()
+    enc = (torch.randn(n * d, n * d, generator=gen) / 7).to(DEVICE).requires_grad_()
+    dec = torch.randn(n, n, generator=gen).to(DEVICE).requires_grad_()
+
+    def forward_backward():
+        for p in (V, enc, dec):
+            p.grad = None
+        out = SF.sfg_interaction(V, enc, None, dec, "scalar", backend="triton")
+        out.backward(torch.ones_like(out))
+        return out
+
+    eager = forward_backward().detach().clone()
+    eager_grads = [p.grad.clone() for p in (V, enc, dec)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):           # warm-up outside the capture: still the dense GEMM
+        forward_backward()
+    torch.cuda.current_stream().wait_stream(side)
+    assert calls == []
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward_backward()
+    assert calls, "the capture did not take the structured decoder"
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for p, want in zip((V, enc, dec), eager_grads):
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5)
