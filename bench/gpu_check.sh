@@ -6,7 +6,8 @@
 # Env: GPU_TESTS_TIMEOUT (s, default 150), GPU_TEST_WORKERS (pytest-xdist workers, default 8),
 #      SFG_FAST_GPU_BUILD_EXT=0 (skip the extension), GPU_CHECK_TIMEOUT (s for the benchmarks, default 300),
 #      GPU_CHECK_DEADLINE (s for the whole script, default 540): every step's timeout is cut to what is
-#      left of it, so the script ends inside one device command's limit.
+#      left of it, so the script ends inside one device command's limit. CUBLAS_WORKSPACE_CONFIG defaults to
+#      :4096:8, as the training job sets it (deterministic runs may then use cuBLAS: sfg_fast/_cublas.py).
 # Logs and results go to $OUT when set, else bench/results/gpu-latest/; this script's own output is
 # also kept there (run.txt), since a remote runner may return only its tail.
 set -uo pipefail

@@ -59,6 +59,9 @@ def collect() -> dict:
         # how the torch.mm path runs scalar/vector decoders (ops.sfg_gemm.STRUCTURED_DECODER: "graphs" by
         # their structure while a CUDA graph is captured, "auto" always, "never": the dense [W, W] GEMM)
         "structured_decoder": _module_setting("STRUCTURED_DECODER"),
+        # whether cuBLAS's workspace setting was fixed before CUDA started (sfg_fast._cublas): deterministic
+        # runs hand the fused path's exact-fp32 GEMMs to cuBLAS only then
+        "cublas_workspace_fixed": _cublas_fixed(),
     }
 
 
@@ -69,6 +72,11 @@ def _fused_tables_in_graph() -> bool:
 
 def _triton_path_gemms() -> str:
     return _module_setting("TORCH_GEMMS")
+
+
+def _cublas_fixed() -> bool:
+    from sfg_fast import _cublas
+    return _cublas.workspace_fixed()
 
 
 def _module_setting(name: str) -> str:
@@ -118,6 +126,9 @@ def main() -> None:
     print(f"scalar/vector decoders on the torch.mm path: {info['structured_decoder']} "
           "(SFG_FAST_STRUCTURED_DECODER: graphs = by their structure inside CUDA-graph captures, auto = always "
           "by their structure, never = the dense GEMM)")
+    print("cuBLAS workspace fixed before CUDA started: " + ("yes (deterministic runs use cuBLAS GEMMs)"
+          if info["cublas_workspace_fixed"] else "no (deterministic runs use the Triton GEMMs; the training "
+          "job fixes it, or export CUBLAS_WORKSPACE_CONFIG=:4096:8)"))
     print(f"\nserving with int8 tables (sfg_fast.serving) on cpu: auto -> {info['serving_int8_auto']} "
           f"({'the fused C++ pipeline' if info['serving_int8_auto'] == 'cpu' else 'dequantise + factored torch'})")
     if info["backend_module_errors"]:

@@ -22,6 +22,8 @@ def test_collect_names_every_backend_and_reason():
     assert data["fused_tables_in_graph"] == (tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13))
     assert data["triton_path_gemms"] in ("auto", "always", "never")
     assert data["structured_decoder"] == os.environ.get("SFG_FAST_STRUCTURED_DECODER", "graphs")
+    from sfg_fast import _cublas
+    assert data["cublas_workspace_fixed"] is _cublas.workspace_fixed()
     for device, ops in data["auto"].items():
         assert set(ops) >= {"embedding_lookup", "sfg_encode", "pairwise_decode", "bce_with_logits",
                             "sfg_interaction"}
