@@ -39,6 +39,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+import sfg_fast  # noqa: E402,F401  (before anything starts CUDA: sfg_fast._cublas notes the cuBLAS setting)
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Triton only runs on CPU through its interpreter, which must be on before any kernel is defined
@@ -759,7 +761,7 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
         from sfg_fast.ops import sfg_gemm
         with _tf32(tf32), _structured(structured):
             mode = sfg_gemm.STRUCTURED_DECODER
-            out = captured_step(label=" dense" if mode == "never" else "")
+            out = captured_step(label=" dense" if structured == "never" else "")
         if tf32:
             out["note"] += "; TF32 GEMMs"
         out["note"] += f"; STRUCTURED_DECODER={mode}"

@@ -901,8 +901,8 @@ def test_structured_decoder_agrees_with_the_dense_gemm(monkeypatch):
 
 def test_structured_decoder_choice(monkeypatch):
     """"graphs" by default: by structure only on the torch.mm path (CUDA, exact fp32) while a CUDA graph is
-    being captured; "auto" wherever the torch.mm path runs; only scalar and vector decoders; "never"; a bad
-    setting names the variable."""
+    being captured, and not in deterministic mode; "auto" wherever the torch.mm path runs; only scalar and
+    vector decoders; "never"; a bad setting names the variable."""
     from types import SimpleNamespace
     from sfg_fast.ops import sfg_gemm
     x = torch.zeros(2, 2)
@@ -914,6 +914,13 @@ def test_structured_decoder_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert sfg_gemm.structured_decoder(on_gpu, "ieee", "scalar")               # capturing a CUDA graph
     assert sfg_gemm.structured_decoder(on_gpu, "ieee", "vector")
+    monkeypatch.setattr(sfg_gemm._cublas, "_FIXED", True)      # deterministic mode with cuBLAS repeating:
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:                                                       # captured or not, a step rounds the same
+        assert sfg_gemm.torch_gemms(on_gpu, "ieee") and not sfg_gemm.structured_decoder(on_gpu, "ieee", "scalar")
+    finally:
+        torch.use_deterministic_algorithms(previous)
     assert not sfg_gemm.structured_decoder(on_gpu, "tf32", "scalar")           # TF32: the Triton kernels
     assert not sfg_gemm.structured_decoder(on_gpu, "ieee", "matrix")
     monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "never")

@@ -92,7 +92,9 @@ def torch_gemms(t: torch.Tensor, precision: str) -> bool:
 # of more launches (einsum's copies). Fewer FLOPs pay where the GPU is the bottleneck; more launches cost
 # where the host is (eager steps at CTR shapes). So, by mode:
 #   "graphs" (default): by structure while a CUDA graph is being captured (its launches cost nothing on
-#                       replay), the dense GEMM otherwise;
+#                       replay), the dense GEMM otherwise; never in deterministic mode, where a step must
+#                       round the same whether it is captured or not (Inductor's CUDA-graph mode runs
+#                       a first step uncaptured, so a resumed run would round that step differently);
 #   "auto":   by structure wherever the torch.mm path runs;   "never": always the dense GEMM;
 #   "always": by structure wherever the op runs (tests).
 # gpu_check's `fused cuda graph` / `fused cuda graph dense` rows and the eager `fused_structured` rows
@@ -112,7 +114,10 @@ def structured_decoder(t: torch.Tensor, precision: str, kind: str) -> bool:
         return True
     if not torch_gemms(t, precision):
         return False
-    return mode == "auto" or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    if mode == "auto":
+        return True
+    return (t.is_cuda and not torch.are_deterministic_algorithms_enabled()
+            and torch.cuda.is_current_stream_capturing())
 
 
 _MIX = {"scalar": ("ok,bkq->boq", "ok,boq->bkq", "boq,bkq->ok"),
