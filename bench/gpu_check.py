@@ -387,12 +387,17 @@ def _per_field_engine(on: bool):
     return _patched((ops_logits, "GEMM_PATH", ops_logits.GEMM_PATH and not on))
 
 
-def _torch_gemms(mode: Optional[str]):
-    """ops.sfg_gemm.TORCH_GEMMS for the block: who runs the fused path's GEMMs (None: as set)."""
+def _gemm_setting(name: str, mode: Optional[str]):
+    """The ops.sfg_gemm setting ``name`` at ``mode`` for the block (None: as set)."""
     if mode is None:
         return contextlib.nullcontext()
     from sfg_fast.ops import sfg_gemm
-    return _patched((sfg_gemm, "TORCH_GEMMS", mode))
+    return _patched((sfg_gemm, name, mode))
+
+
+def _torch_gemms(mode: Optional[str]):
+    """ops.sfg_gemm.TORCH_GEMMS for the block: who runs the fused path's GEMMs (None: as set)."""
+    return _gemm_setting("TORCH_GEMMS", mode)
 
 
 def _with(context, body: Callable[[], Dict]) -> Dict:
@@ -403,10 +408,7 @@ def _with(context, body: Callable[[], Dict]) -> Dict:
 
 def _structured(mode: Optional[str]):
     """ops.sfg_gemm.STRUCTURED_DECODER for the block (None: as set)."""
-    if mode is None:
-        return contextlib.nullcontext()
-    from sfg_fast.ops import sfg_gemm
-    return _patched((sfg_gemm, "STRUCTURED_DECODER", mode))
+    return _gemm_setting("STRUCTURED_DECODER", mode)
 
 
 def _tf32(on: bool):

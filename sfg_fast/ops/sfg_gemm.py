@@ -214,8 +214,8 @@ _PAIR_CODES = {"upper": 0, "offdiag": 1, "all": 2}
 
 
 def oriented(weight: torch.Tensor, kind: str, orientation: str) -> torch.Tensor:
-    """The decoder weight as a view in Blk orientation, indexed (o, k[, p[, q]]) (no copy; see
-    ``sfg_logits.decoder_operand``, which also applies the pair mask)."""
+    """The decoder weight as a view in Blk orientation, indexed (o, k[, p[, q]]) (no copy; what
+    ``sfg_logits.decoder_operand`` applies after the pair mask)."""
     if orientation == "left":
         return weight.permute(0, 1, 3, 2) if kind == "matrix" else weight
     if kind == "matrix":

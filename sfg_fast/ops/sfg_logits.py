@@ -307,14 +307,7 @@ def decoder_operand(dec_weight, kind: str, pairs: str, num_fields: int, orientat
     ``"right"``: X is a and Y is b (``Blk(j, i) = M_ij``). Differentiable: autograd maps the
     kernel's block gradient back through the view and the mask.
     """
-    w = factored.masked_weight(dec_weight, kind, pairs, num_fields, like)
-    if orientation == "left":
-        return w.permute(0, 1, 3, 2) if kind == "matrix" else w
-    if kind == "matrix":
-        return w.permute(1, 0, 2, 3)
-    if kind == "vector":
-        return w.permute(1, 0, 2)
-    return w.t()
+    return _gemm.oriented(factored.masked_weight(dec_weight, kind, pairs, num_fields, like), kind, orientation)
 
 
 def has_fp64(*tensors) -> bool:
