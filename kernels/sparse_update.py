@@ -19,16 +19,18 @@ KIND_ADAM = 2
 
 @triton.jit
 def _sparse_update_kernel(weight_ptr, stride_w, grad_ptr, stride_g_b, stride_g_f, stride_g_d,
-                          perm_ptr, sorted_rows_ptr, seg_end_ptr, state1_ptr, state2_ptr,
+                          perm_ptr, sorted_rows_ptr, seg_end_ptr, partial_ptr, state1_ptr, state2_ptr,
                           total, num_fields, dim,
                           lr, eps, beta1, beta2, bias1, bias2,
-                          KIND: tl.constexpr, BLOCK_P: tl.constexpr, CHUNK: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+                          KIND: tl.constexpr, PHASE: tl.constexpr, BLOCK_P: tl.constexpr,
+                          CHUNK: tl.constexpr, WINDOW: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program owns BLOCK_P positions of the row-sorted (b, f) list x the whole row (BLOCK_D >= D).
 
     A touched row is updated by the program holding the first position of its segment, with the
-    fixed-order (chunked) sum of the segment, so the update is bitwise repeatable and each row is read
-    and written by exactly one program. The grid is sized by B * N: no count of unique rows, no host sync.
+    fixed-order sum of the segment, so the update is bitwise repeatable and each row is read and
+    written by exactly one program. Launched twice (PHASE 0, then 1): a segment inside one window of
+    the sorted list is updated in phase 0, a longer (hot) one in phase 1 from its pieces' partial sums
+    (``segment_sum``). The grid is sized by B * N: no count of unique rows, no host sync.
     state1: Adagrad's fp32 [V] accumulator or Adam's fp32 [V, D] first moment; state2: Adam's second.
     """
     pid = tl.program_id(0)
@@ -37,8 +39,8 @@ def _sparse_update_kernel(weight_ptr, stride_w, grad_ptr, stride_g_b, stride_g_f
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask_d = offs_d < dim
     g, rows, head = segment_sum(grad_ptr, num_fields, stride_g_b, stride_g_f, stride_g_d, perm_ptr,
-                                sorted_rows_ptr, seg_end_ptr, total, offs_p, mask_p, offs_d, mask_d,
-                                tl.float32, CHUNK, BLOCK_D)
+                                sorted_rows_ptr, seg_end_ptr, partial_ptr, total, offs_p, mask_p, offs_d, mask_d,
+                                dim, tl.float32, PHASE, CHUNK, WINDOW, BLOCK_D)
     mask_u = head
     mask = mask_u[:, None] & mask_d[None, :]
     w_ptrs = weight_ptr + rows[:, None] * stride_w + offs_d[None, :]

@@ -39,11 +39,15 @@ def offsets_of(field_dims):
 _TTIR_PROBE = r"""
 import importlib, json, sys
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 result = {}
 for i, (module, name, signature, constexprs) in enumerate(json.loads(sys.argv[1])):
     kernel = getattr(importlib.import_module(module), name)
+    # a dtype constexpr travels through JSON as "tl.<dtype>"
+    constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
+                  for k, v in constexprs.items()}
     full = {arg: signature.get(arg, "constexpr" if arg in constexprs else "i32") for arg in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, full, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
     result[f"{name}#{i}"] = compiled.asm["ttir"]

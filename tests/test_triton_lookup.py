@@ -163,6 +163,53 @@ def test_sorted_backward_segments_cross_program_boundaries(deterministic):
     assert_2x(got, ref, torch32, floor=1e-6)
 
 
+def _window_crossing_ids():
+    """Field 0's rows occur in runs that start and end on and around the segment reduction's window
+    boundaries of the sorted list: a run of exactly one window, one just past it, single ids, a run
+    of over CHUNK windows (its pieces take two phase-1 steps), a run ending on a window's last position.
+    Field 1 has 5 rows, so its runs cross windows too."""
+    from sfg_fast.ops.embedding_lookup import _segment_blocks
+    _, chunk, window = _segment_blocks(1 << 20, 16)
+    counts = [window, window + 1, 1, (chunk + 2) * window + 5, window - 1, 1, 2 * window]
+    col0 = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    col0 = col0[torch.randperm(col0.numel())]
+    col1 = torch.randint(0, 5, (col0.numel(),))
+    return torch.stack([col0, col1], 1).to(DEVICE), [len(counts), 5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sorted_backward_sums_runs_across_windows(deterministic, dtype):
+    ids, field_dims = _window_crossing_ids()
+    dim = 3
+    weight, offsets = _table(field_dims, dim, dtype), _offsets(field_dims)
+    upstream = torch.randn(ids.shape[0], 2, dim, device=DEVICE, dtype=dtype)
+    ref = _grads(ids, weight.double(), offsets, upstream.double(), "reference")
+    got = _grads(ids, weight, offsets, upstream, "triton")
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    else:
+        assert_2x(got, ref, _grads(ids, weight, offsets, upstream, "torch"), floor=1e-6)
+    assert torch.equal(got, _grads(ids, weight, offsets, upstream, "triton"))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_fused_update_sums_runs_across_windows(kind):
+    from sfg_fast.optim import SparseRowOptimizer, fused_embedding_lookup
+    ids, field_dims = _window_crossing_ids()
+    dim, offsets = 5, _offsets(field_dims)
+    weight0 = _table(field_dims, dim)
+    upstream = torch.randn(ids.shape[0], 2, dim, device=DEVICE)
+
+    def step(dtype, backend):
+        weight = weight0.to(dtype).clone().requires_grad_()
+        opt = SparseRowOptimizer(kind, lr=0.05, eps=1e-8)
+        fused_embedding_lookup(ids, weight, offsets, opt, backend=backend).backward(upstream.to(dtype))
+        return weight.detach()
+
+    expected = step(torch.float64, "torch")
+    assert_2x(step(torch.float32, "triton"), expected, step(torch.float32, "torch"), floor=1e-6)
+
+
 def test_deterministic_backward_is_bitwise_repeatable(deterministic):
     field_dims, dim, batch = [50, 3, 7], 17, 128
     weight, offsets, ids = _table(field_dims, dim), _offsets(field_dims), _ids(batch, field_dims)
@@ -200,13 +247,17 @@ def test_row_offsets_are_int64_in_generated_code():
     assert_int64_pointer_offsets([
         ("sfg_fast.kernels.embedding_lookup", "_embedding_lookup_fwd_kernel",
          {"ids_ptr": "*i32", "offsets_ptr": "*i64", "weight_ptr": "*fp32", "out_ptr": "*fp32"},
-         {"BLOCK_B": 4, "BLOCK_N": 4, "BLOCK_D": 16}),
+         {"BLOCK_B": 4, "BLOCK_N": 4, "BLOCK_D": 16})] + [
         ("sfg_fast.kernels.sparse_update", "_sparse_update_kernel",
          {"weight_ptr": "*bf16", "grad_ptr": "*bf16", "perm_ptr": "*i64", "sorted_rows_ptr": "*i64",
-          "seg_end_ptr": "*i64", "state1_ptr": "*fp32", "state2_ptr": "*fp32", "lr": "fp32", "eps": "fp32",
-          "beta1": "fp32", "beta2": "fp32", "bias1": "fp32", "bias2": "fp32"},
-         {"KIND": 2, "BLOCK_P": 4, "CHUNK": 16, "BLOCK_D": 16}),
-    ])
+          "seg_end_ptr": "*i64", "partial_ptr": "*fp32", "state1_ptr": "*fp32", "state2_ptr": "*fp32",
+          "lr": "fp32", "eps": "fp32", "beta1": "fp32", "beta2": "fp32", "bias1": "fp32", "bias2": "fp32"},
+         {"KIND": 2, "PHASE": phase, "BLOCK_P": 4, "CHUNK": 16, "WINDOW": 128, "BLOCK_D": 16}) for phase in (0, 1)] + [
+        ("sfg_fast.kernels.embedding_lookup", "_embedding_lookup_bwd_sorted_kernel",
+         {"grad_ptr": "*fp32", "grad_weight_ptr": "*fp32", "perm_ptr": "*i64", "sorted_rows_ptr": "*i64",
+          "seg_end_ptr": "*i64", "partial_ptr": "*fp32"},
+         {"ACC_DTYPE": "tl.float32", "PHASE": phase, "BLOCK_P": 4, "CHUNK": 16, "WINDOW": 128, "BLOCK_D": 16})
+        for phase in (0, 1)])
 
 
 @pytest.mark.gpu

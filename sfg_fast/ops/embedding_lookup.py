@@ -99,10 +99,28 @@ def _segment_block_d(dim: int) -> int:
 
 
 def _segment_blocks(total: int, block_d: int):
-    """(BLOCK_P, CHUNK) of the segment reduction: [BLOCK_P, CHUNK, BLOCK_D] elements per step."""
+    """(BLOCK_P, CHUNK, WINDOW) of the segment reduction: [BLOCK_P, CHUNK, BLOCK_D] elements per step;
+    a piece of a segment spans at most WINDOW positions (WINDOW / CHUNK steps in phase 0), and a hot
+    row's pieces are summed CHUNK at a time in phase 1. The interpreter's window is small, so tests
+    with a few dozen duplicates of one id cross windows."""
     if _interpreting():
-        return min(next_pow2(total), 1024), 16
-    return max(1, min(64, 2048 // (16 * block_d))), 16
+        return min(next_pow2(total), 1024), 16, 32
+    return max(1, min(64, 2048 // (16 * block_d))), 16, 128
+
+
+def _segment_launches(kernel, before: tuple, after: tuple, total: int, dim: int, acc_dtype: torch.dtype,
+                      device: torch.device, **constexprs) -> None:
+    """Both phases of a segment-reduction kernel (``kernels.embedding_lookup.segment_sum``), in stream
+    order: phase 0 finishes the segments inside one window and stores the pieces of longer ones in a
+    [2 * windows, D] buffer, phase 1 finishes those. The kernel's arguments are ``before``, that
+    buffer (``partial_ptr``), then ``after``."""
+    block_d = _segment_block_d(dim)
+    block_p, chunk, window = _segment_blocks(total, block_d)
+    partial = torch.empty(2 * cdiv(total, window), dim, dtype=acc_dtype, device=device)
+    grid = (cdiv(total, block_p),)
+    for phase in (0, 1):
+        kernel[grid](*before, partial, *after, PHASE=phase, BLOCK_P=block_p, CHUNK=chunk, WINDOW=window,
+                     BLOCK_D=block_d, **constexprs)
 
 
 def _grad_strides(grad: torch.Tensor):
@@ -127,13 +145,10 @@ def embedding_lookup_bwd(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.T
         if grad.numel() == 0:
             return grad_weight
         sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
-        block_d = _segment_block_d(dim)
-        block_p, chunk = _segment_blocks(perm.numel(), block_d)
-        grid = (cdiv(perm.numel(), block_p),)
-        _embedding_lookup_bwd_sorted_kernel[grid](
-            grad, grad_weight, perm, sorted_rows, seg_end, perm.numel(), num_fields, dim, *_grad_strides(grad),
-            ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-            BLOCK_P=block_p, CHUNK=chunk, BLOCK_D=block_d)
+        total = perm.numel()
+        _segment_launches(_embedding_lookup_bwd_sorted_kernel, (grad, grad_weight, perm, sorted_rows, seg_end),
+                          (total, num_fields, dim, *_grad_strides(grad)), total, dim, acc_dtype, grad.device,
+                          ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32)
         return grad_weight
     grad_weight = torch.zeros(num_rows, dim, dtype=acc_dtype, device=grad.device)
     if grad.numel():
@@ -174,14 +189,12 @@ def sparse_update(weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, o
         return
     sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
     dummy = weight.new_empty(0, dtype=torch.float32)
-    block_d = _segment_block_d(dim)
-    block_p, chunk = _segment_blocks(perm.numel(), block_d)
-    grid = (cdiv(perm.numel(), block_p),)
-    _sparse_update_kernel[grid](
-        weight, weight.stride(0), grad, *_grad_strides(grad), perm, sorted_rows, seg_end,
-        state1 if state1 is not None else dummy, state2 if state2 is not None else dummy,
-        perm.numel(), ids.shape[1], dim, float(lr), float(eps), float(beta1), float(beta2),
-        float(bias1), float(bias2), KIND=_KINDS[kind], BLOCK_P=block_p, CHUNK=chunk, BLOCK_D=block_d)
+    total = perm.numel()
+    _segment_launches(
+        _sparse_update_kernel, (weight, weight.stride(0), grad, *_grad_strides(grad), perm, sorted_rows, seg_end),
+        (state1 if state1 is not None else dummy, state2 if state2 is not None else dummy, total, ids.shape[1], dim,
+         float(lr), float(eps), float(beta1), float(beta2), float(bias1), float(bias2)),
+        total, dim, torch.float32, weight.device, KIND=_KINDS[kind])
 
 
 class EmbeddingLookupFunction(torch.autograd.Function):
