@@ -73,8 +73,8 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
     assert ("step", "scalar", "zoo fwfm embedding=fused compiled", "train") in seen
     assert ("step", "scalar", "fused cuda graph", "train") in seen
     # the graph section's rows: the CUDA-graph step, then the Inductor compile that spends the budget left
-    assert [r["provider"] for r in rows if r["section"] == "step"][-5:] == [
-        "fused cuda graph", "fused cuda graph tf32", "fused cuda graph dense",
+    assert [r["provider"] for r in rows if r["section"] == "step"][-6:] == [
+        "fused cuda graph", "fused cuda graph tf32", "fused cuda graph dense", "fused cuda graph tf32 dense",
         "zoo fwfm embedding=fused compiled", "zoo fwfm embedding=fused reduce-overhead"]
     ext = [r for r in rows if r["provider"] == "ext-cuda"]
     assert ext and all(r["status"] == "skipped" and "--skip-ext-cuda" in r["note"] for r in ext)

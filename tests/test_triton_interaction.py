@@ -767,7 +767,7 @@ def test_sfg_interaction_on_dense_v(kind, symmetric, side, encode, act, residual
 def _torch_gemms(monkeypatch):
     from sfg_fast.ops import sfg_gemm
     monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "always")
-    return _spy(monkeypatch, sfg_gemm, "_torch_gemm_forward")
+    return _spy(monkeypatch, sfg_gemm, "_split_forward")
 
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[9], CASES[11]],
@@ -786,7 +786,7 @@ def test_triton_gemms_match_reference(case, monkeypatch):
     and deterministic runs (on CPU "auto" is this already)."""
     from sfg_fast.ops import sfg_gemm
     monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", "never")
-    calls = _spy(monkeypatch, sfg_gemm, "_torch_gemm_forward")
+    calls = _spy(monkeypatch, sfg_gemm, "_split_forward")
     test_sfg_logits_matches_reference(case)
     assert not calls
 
@@ -842,13 +842,28 @@ def _structured(monkeypatch, mode="always"):
 STRUCTURED_CASES = [CASES[2], CASES[3], CASES[4], CASES[5], CASES[6], CASES[7]]
 
 
+@pytest.mark.parametrize("gemms", ["always", "never"])
 @pytest.mark.parametrize("case", STRUCTURED_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-sym{int(c[3])}-{c[4]}")
-def test_structured_decoder_matches_reference(case, monkeypatch):
+def test_structured_decoder_matches_reference(case, gemms, monkeypatch):
     """Every scalar / vector plan (bias, residual, both sides and orientations, symmetric: encoder then the
-    decoder alone; N = 2 with D = 1; D = 17) with the structured decoder, against the fp64 reference."""
+    decoder alone; N = 2 with D = 1; D = 17) with the structured decoder, against the fp64 reference; its
+    encoder GEMMs in torch.mm ("always") or in the Triton GEMM (what TF32 runs on a GPU)."""
+    from sfg_fast.ops import sfg_gemm
+    monkeypatch.setattr(sfg_gemm, "TORCH_GEMMS", gemms)
     calls = _structured(monkeypatch)
     test_sfg_logits_matches_reference(case)
     assert calls, "the structured decoder was not taken"
+
+
+@pytest.mark.parametrize("case", [STRUCTURED_CASES[0], STRUCTURED_CASES[1], STRUCTURED_CASES[5]],
+                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-sym{int(c[3])}-{c[4]}")
+def test_structured_decoder_with_k_major_operands_matches_reference(case, monkeypatch):
+    """The structured decoder as TF32 runs it on a GPU: Triton GEMMs with K-contiguous weight copies and
+    the transposed G^T / X^T the elementwise backward writes (forced on for the exact path here)."""
+    chosen = _k_major(monkeypatch)
+    calls = _structured(monkeypatch)
+    test_sfg_logits_matches_reference(case)
+    assert calls and chosen and all(chosen)
 
 
 def test_structured_decoder_base_model_decode_op_and_poisoned_buffers(monkeypatch):
@@ -900,9 +915,9 @@ def test_structured_decoder_agrees_with_the_dense_gemm(monkeypatch):
 
 
 def test_structured_decoder_choice(monkeypatch):
-    """"graphs" by default: by structure only on the torch.mm path (CUDA, exact fp32) while a CUDA graph is
-    being captured, and not in deterministic mode; "auto" wherever the torch.mm path runs; only scalar and
-    vector decoders; "never"; a bad setting names the variable."""
+    """"graphs" by default: by structure only on the torch.mm path (CUDA, exact fp32) or the Triton TF32
+    GEMMs while a CUDA graph is being captured, and not in deterministic mode; "auto" wherever those run;
+    only scalar and vector decoders; "never"; a bad setting names the variable."""
     from types import SimpleNamespace
     from sfg_fast.ops import sfg_gemm
     x = torch.zeros(2, 2)
@@ -921,7 +936,16 @@ def test_structured_decoder_choice(monkeypatch):
         assert sfg_gemm.torch_gemms(on_gpu, "ieee") and not sfg_gemm.structured_decoder(on_gpu, "ieee", "scalar")
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert not sfg_gemm.structured_decoder(on_gpu, "tf32", "scalar")           # TF32: the Triton kernels
+    assert sfg_gemm.structured_decoder(on_gpu, "tf32", "scalar")               # TF32: on the Triton GEMMs
+    torch.use_deterministic_algorithms(True)
+    try:                        # TF32 in deterministic mode: cuBLAS (the mixing's bmm) must repeat ...
+        assert sfg_gemm._tf32_triton_gemms(on_gpu, "tf32")
+        monkeypatch.setattr(sfg_gemm._cublas, "_FIXED", False)
+        assert not sfg_gemm._tf32_triton_gemms(on_gpu, "tf32")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert sfg_gemm.structured_decoder(on_gpu, "tf32", "scalar")      # ... and outside it need not
+    assert not sfg_gemm._tf32_triton_gemms(x, "tf32") and not sfg_gemm._tf32_triton_gemms(on_gpu, "ieee")
     assert not sfg_gemm.structured_decoder(on_gpu, "ieee", "matrix")
     monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "never")
     assert not sfg_gemm.structured_decoder(on_gpu, "ieee", "scalar")

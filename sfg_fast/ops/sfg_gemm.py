@@ -86,16 +86,17 @@ def torch_gemms(t: torch.Tensor, precision: str) -> bool:
             and not _cublas_fp32_is_tf32())
 
 
-# How the torch.mm path runs a scalar or vector decoder: as the dense [W, W] GEMM of every decoder kind, or
-# by its structure (T_b = sum_k Blk(o, k) applied to X_b: the batched [N, N] mixing of the factored path,
-# D times fewer FLOPs than the dense GEMM, so half of the four GEMMs' work at the Criteo shape) at the cost
-# of more launches (einsum's copies). Fewer FLOPs pay where the GPU is the bottleneck; more launches cost
+# How a scalar or vector decoder runs on the torch.mm path (exact fp32) and on the Triton GEMMs in TF32: as
+# the dense [W, W] GEMM of every decoder kind (in TF32 fused into the encoder's pass), or by its structure
+# (T_b = sum_k Blk(o, k) applied to X_b: the batched [N, N] mixing of the factored path, D times fewer FLOPs
+# than the dense GEMM, so half of the four GEMMs' work at the Criteo shape; the encoder's GEMMs then run
+# alone, torch.mm or Triton) at the cost of more launches (einsum's copies). Fewer FLOPs pay where the GPU is the bottleneck; more launches cost
 # where the host is (eager steps at CTR shapes). So, by mode:
 #   "graphs" (default): by structure while a CUDA graph is being captured (its launches cost nothing on
 #                       replay), the dense GEMM otherwise; never in deterministic mode, where a step must
 #                       round the same whether it is captured or not (Inductor's CUDA-graph mode runs
 #                       a first step uncaptured, so a resumed run would round that step differently);
-#   "auto":   by structure wherever the torch.mm path runs;   "never": always the dense GEMM;
+#   "auto":   by structure wherever the torch.mm path or the TF32 Triton GEMMs run;   "never": always dense;
 #   "always": by structure wherever the op runs (tests).
 # gpu_check's `fused cuda graph` / `fused cuda graph dense` rows and the eager `fused_structured` rows
 # measure both sides.
@@ -112,12 +113,21 @@ def structured_decoder(t: torch.Tensor, precision: str, kind: str) -> bool:
         return False
     if mode == "always":
         return True
-    if not torch_gemms(t, precision):
+    if not (torch_gemms(t, precision) or _tf32_triton_gemms(t, precision)):
         return False
     if mode == "auto":
         return True
     return (t.is_cuda and not torch.are_deterministic_algorithms_enabled()
             and torch.cuda.is_current_stream_capturing())
+
+
+def _tf32_triton_gemms(t: torch.Tensor, precision: str) -> bool:
+    """The Triton GEMMs in TF32 on a GPU, where the structured decoder also pays: there the dense
+    decoder's half of the GEMM work runs on tensor cores too, but the step's other work is small enough
+    that it is a large share. Its mixing (einsum, a cuBLAS bmm) is kept out of deterministic mode unless
+    cuBLAS repeats (sfg_fast._cublas)."""
+    return (t.is_cuda and precision != "ieee"
+            and (not torch.are_deterministic_algorithms_enabled() or _cublas.workspace_fixed()))
 
 
 _MIX = {"scalar": ("ok,bkq->boq", "ok,boq->bkq", "boq,bkq->ok"),
@@ -356,7 +366,7 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
         xs = None                     # nothing for the kernel to store: X is the gathered tensor
     ys = (y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)
     if width > 0 and not plan.gather and (plan.structured or torch_gemms(x, plan.precision)):
-        _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, bn, f32)
+        _split_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, bn, f32)
     elif width > 0:
         G._sfg_gemm_fwd_kernel[(cdiv(batch, bm), tiles_n)](
             x, ids if plan.gather else dummy, offsets if plan.gather else dummy, y if y is not None else dummy,
@@ -378,10 +388,20 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
     return logit, loss, dlogit, z, saved
 
 
-def _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, block_n, f32) -> None:
-    """The forward with torch.mm GEMMs (see TORCH_GEMMS) on a dense X: H = X @ We^T + b and T = X @ Wd
-    (into the saved buffers when given), then the Triton epilogue, which writes the partial logits
-    ``part`` [B, cdiv(W, block_n)] for _sfg_logit_reduce_kernel (the layout the fused kernel writes)."""
+def _k_major(b: torch.Tensor, precision: str) -> torch.Tensor:
+    """A weight as the B operand [K, N] of a Triton GEMM: a K-contiguous copy where the GEMM wants one
+    (TF32; see k_major_weight_grad), as is otherwise."""
+    if b.stride(0) == 1 or not k_major_weight_grad(b, precision):
+        return b
+    return b.t().contiguous().t()
+
+
+def _split_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, block_n, f32) -> None:
+    """The forward as separate products on a dense X: H = X @ We^T + b and T = X @ Wd, or T by the
+    decoder's structure (``plan.structured``), into the saved buffers when given; then the Triton
+    epilogue, which writes the partial logits ``part`` [B, cdiv(W, block_n)] for _sfg_logit_reduce_kernel
+    (the layout the fused kernel writes). The GEMMs are torch.mm where TORCH_GEMMS says so, else the
+    Triton GEMM (the structured decoder in TF32)."""
     has_enc, has_dec = enc_w is not None, wd is not None
     batch, width = part.shape[0], x.shape[-2] * x.shape[-1]
     x2d = x.reshape(batch, width)
@@ -389,7 +409,11 @@ def _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, block_n, 
     h = t = None
     if has_enc:
         h = hs if hs is not None else _empty(batch, width, **f32)
-        if enc_b is not None:
+        if not torch_gemms(x32, plan.precision):
+            bias = enc_b.to(torch.float32).expand(batch, width) if enc_b is not None else None
+            _matmul(x32, _k_major(enc_w.to(torch.float32).t(), plan.precision), h, addend=bias,
+                    precision=plan.precision)
+        elif enc_b is not None:
             torch.addmm(enc_b.to(torch.float32), x32, enc_w.to(torch.float32).t(), out=h)
         else:
             torch.mm(x32, enc_w.to(torch.float32).t(), out=h)
@@ -399,7 +423,7 @@ def _torch_gemm_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, block_n, 
             n = x.shape[-2]
             t.view(batch, n, -1).copy_(_mix(plan.kind, 0, wd.to(torch.float32), x32.view(batch, n, -1)))
         else:
-            torch.mm(x32, wd.to(torch.float32), out=t)
+            _matmul(x32, _k_major(wd.to(torch.float32), plan.precision), t, precision=plan.precision)
     source = x2d if has_enc else y.reshape(batch, width)   # the residual X, or the decoder-only op's Y
     bm = 16 if _interpreting() else 32
     G._sfg_epilogue_kernel[(cdiv(batch, bm), part.shape[1])](
@@ -430,8 +454,7 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
     need_dw = (has_enc and need_w) or (has_dec and need_wd)
     # the weight-gradient GEMM G^T @ X reads K-contiguous copies the elementwise pass writes (see
     # k_major_weight_grad); else G and X themselves, transposed views
-    transposed = (need_dw and batch > 0 and width > 0 and not plan.structured
-                  and k_major_weight_grad(grads, plan.precision))
+    transposed = need_dw and batch > 0 and width > 0 and k_major_weight_grad(grads, plan.precision)
     grads_t = _empty(parts * width, batch, **f32) if transposed else None
     x_t = _empty(width, batch, **f32) if transposed else None
     if batch > 0 and width > 0:
@@ -487,11 +510,11 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
                 dx = dense.view(batch, n, d)
     d_w = d_b = d_wd = None
     if need_dw and plan.structured:
-        # dWe = dH^T @ X (torch.mm); the decoder's own gradient by its structure
+        # dWe = dH^T @ X; the decoder's own gradient by its structure
         x32 = x2d.to(torch.float32)
         if has_enc and need_w:
-            with _fp32(x32):
-                d_w = torch.mm(grads[:, :width].t(), x32)
+            a, b = (grads_t[:width], x_t.t()) if transposed else (grads[:, :width].t(), x32)
+            d_w = _matmul(a, b, _empty(width, width, **f32), precision=plan.precision)
         if has_dec and need_wd:
             d_t = grads[:, (parts - 1) * width:].reshape(batch, n, d)
             d_wd = _mix(plan.kind, 2, d_t, x32.view(batch, n, d))
@@ -516,8 +539,9 @@ def _structured_dx(plan, grads, enc_w, dec, batch, n, d, dlogit, ts, dz2d) -> to
     d_t = grads[:, (width if has_enc else 0):].reshape(batch, n, d)
     dense = _mix(plan.kind, 1, dec.to(torch.float32), d_t).reshape(batch, width)
     if has_enc:
-        with _fp32(dense):
-            dense = torch.addmm(dense, grads[:, :width], enc_w.to(torch.float32))
+        dense = _matmul(grads[:, :width], _k_major(enc_w.to(torch.float32), plan.precision),
+                        _empty(batch, width, dtype=torch.float32, device=dense.device), addend=dense,
+                        precision=plan.precision)
         if plan.residual:
             dense.addcmul_(dlogit.to(torch.float32)[:, None], ts)    # Y = act(H) + X feeds the logit directly
     return dense
