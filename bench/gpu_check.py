@@ -703,8 +703,33 @@ def bench_lookup(rows, args, device, budget, dims) -> Dict:
                     "note": "rowwise Adagrad from grad_V; gbps: grad_V + ids + each distinct row and "
                             "accumulator read and written"}
         return body
+    def update_graph_body():
+        """The Triton fused update captured in CUDA graphs (one per id batch) and replayed: its GPU time
+        (sort, segment ends, the two segment-reduction launches) without the launches' host cost."""
+        if device != "cuda":
+            raise common.Skip("CUDA graphs need a GPU")
+        weight = table.clone()
+        opt = SparseRowOptimizer("adagrad", lr=0.01)
+        for ids, g in zip(ids_list, grads):       # compile and warm up outside the capture
+            opt.step_lookup_triton(weight, g, ids, offsets)
+        torch.cuda.synchronize()
+        graphs = []
+        for ids, g in zip(ids_list, grads):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step_lookup_triton(weight, g, ids, offsets)
+            graphs.append(graph)
+
+        def call():
+            counter[0] = (counter[0] + 1) % len(graphs)
+            graphs[counter[0]].replay()
+        t = timer(call)
+        return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
+                "gbps": update_bytes / (t["median_ms"] * 1e-3) / 1e9,
+                "note": "CUDA-graph replays of the fused rowwise Adagrad update (bytes as above)"}
     for provider in ("fused", "factored", "ext-cuda"):
         _attempt(rows, budget, _row("lookup", "-", provider, "bwd+adagrad"), update_body(provider))
+    _attempt(rows, budget, _row("lookup", "-", "fused graph", "bwd+adagrad"), update_graph_body)
     return facts
 
 

@@ -80,6 +80,7 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
     assert ext and all(r["status"] == "skipped" and "--skip-ext-cuda" in r["note"] for r in ext)
     for provider in ("fused", "ext-cuda", "factored"):
         assert ("lookup", "-", provider, "bwd+adagrad") in seen, provider
+    assert ("lookup", "-", "fused graph", "bwd+adagrad") in seen       # (skipped on CPU: graphs need CUDA)
     for r in rows:
         if r["status"] == "ok" and r["provider"] != "copy":
             assert r["median_ms"] > 0 and r["iqr_ms"] >= 0, r
