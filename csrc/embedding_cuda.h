@@ -17,11 +17,12 @@ cudaError_t lookup_forward(const void* ids, bool ids_int64, const int64_t* offse
                            cudaStream_t stream);
 
 // Bytes of device workspace that rowwise_adagrad_update needs for batch * num_fields entries.
-size_t rowwise_adagrad_workspace_bytes(int64_t num_entries, int64_t num_rows);
+size_t rowwise_adagrad_workspace_bytes(int64_t num_entries, int64_t num_rows, int64_t dim);
 
 // Deterministic embedding backward fused with FBGEMM-style rowwise Adagrad, no atomics:
-//   sort (row, entry) pairs by row (stable radix sort), find the segments of equal rows, then one
-//   sub-warp per segment sums its gradients in entry order and applies
+//   sort (row, entry) pairs by row (stable radix sort), find the segments of equal rows, then sum
+//   each segment's gradients in entry order (by pieces of at most 128 sorted entries, one sub-warp
+//   each, and a second launch for the segments of several pieces) and apply
 //   acc[r] += mean_d(g^2);  w[r] -= lr * g / (sqrt(acc[r]) + eps).
 // weight [num_rows, dim] fp32, momentum [num_rows] fp32, grad [batch, num_fields, dim] fp32.
 cudaError_t rowwise_adagrad_update(const void* ids, bool ids_int64, const int64_t* offsets, int64_t batch,

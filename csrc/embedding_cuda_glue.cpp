@@ -63,7 +63,7 @@ void rowwise_adagrad_update_cuda(torch::Tensor weight, torch::Tensor momentum, t
   offsets = offsets.contiguous();
   grad_V = grad_V.contiguous();
   const int64_t entries = ids.numel();
-  const size_t bytes = cuda::rowwise_adagrad_workspace_bytes(entries, weight.size(0));
+  const size_t bytes = cuda::rowwise_adagrad_workspace_bytes(entries, weight.size(0), weight.size(1));
   auto workspace = torch::empty({static_cast<int64_t>(bytes)}, weight.options().dtype(torch::kUInt8));
   const cudaError_t err = cuda::rowwise_adagrad_update(
       ids.data_ptr(), ids.scalar_type() == torch::kInt64, offsets.data_ptr<int64_t>(), ids.size(0), ids.size(1),
