@@ -9,13 +9,14 @@ Sections (every provider runs in try/except: a failure is a row with its error, 
                the fused op, which enters the graph as an sfg_fast:: custom op);
                forward and forward+backward; TFLOP/s from the model FLOP count; peak memory.
   interaction_v  the same for functional.sfg_interaction on gathered V (the SFG layer alone, backward to
-               dV: no dense table gradient), fp32 and TF32 each against torch.compile in the same precision.
+               dV: no dense table gradient), fp32, TF32 and bf16 autocast each against torch.compile in the
+               same precision.
   lookup       embedding_lookup forward GB/s against a measured device-to-device copy.
   step         a full SFG-FwFM training step (lookup with fused sparse rowwise Adagrad, encoder,
                scalar decoder, BCE, backward, dense Adagrad) in samples/s, vs the literal step; the fused step
                runs encoder and decoder as two ops and as one sfg_interaction (what the FM-family models run).
-  graph        the one-op fused step captured whole in a CUDA graph and replayed, then the zoo FwFM
-               compiled by Inductor (GPU only).
+  graph        the one-op fused step captured whole in a CUDA graph and replayed (exact fp32, TF32, bf16
+               autocast; dense and structured decoder), then the zoo FwFM compiled by Inductor (GPU only).
 Targets of the Triton issue are evaluated at the end (benchmark, not test). Timings are
 triton.testing.do_bench medians on CUDA (bench.common.time_gpu), wall-clock medians on CPU.
 Results: JSON + markdown under $OUT (default bench/results/<device>/).
@@ -295,9 +296,11 @@ def bench_interaction(rows, args, device, budget, dims, source: str = "table") -
             SF.bce_with_logits(fn(inputs), labels, backend="torch").backward()
         return call
 
-    def measure(kind, backend, mode, compiled=False, tf32=False, engine=False, gemms=None, structured=None):
+    def measure(kind, backend, mode, compiled=False, tf32=False, engine=False, gemms=None, structured=None,
+                bf16=False):
         def body():
-            with _tf32(tf32), _per_field_engine(engine), _torch_gemms(gemms), _structured(structured):
+            with _tf32(tf32), _per_field_engine(engine), _torch_gemms(gemms), _structured(structured), \
+                    torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 return inner()
 
         def inner():
@@ -346,26 +349,29 @@ def bench_interaction(rows, args, device, budget, dims, source: str = "table") -
                 ("compile_factored", "torch", "fwd", False), ("compile_reference", "reference", "fwd", False)]
     if source == "V":
         # the layer alone: the rows its targets need, in precision-matched pairs (the table section has the
-        # rest); fused_structured: scalar / vector decoders by their structure (ops.sfg_gemm.STRUCTURED_DECODER)
+        # rest); fused_structured: scalar / vector decoders by their structure (ops.sfg_gemm.STRUCTURED_DECODER);
+        # *_bf16: under torch.autocast(bfloat16), the GEMMs on bf16 operands on both sides
         eager = [e for e in eager if e[0] in ("fused", "reference", "factored", "fused_tf32", "factored_tf32")]
         eager.insert(1, ("fused_structured", "triton", False))
+        eager += [("fused_bf16", "triton", False), ("factored_bf16", "torch", False)]
         compiled = [("compile_factored", "torch", "fwd+bwd", False), ("compile_factored_tf32", "torch", "fwd+bwd", True),
-                    ("compile_fused", "triton", "fwd+bwd", False)]
+                    ("compile_fused", "triton", "fwd+bwd", False), ("compile_factored_bf16", "torch", "fwd+bwd", False)]
     # the layer alone: forward + backward only (what its targets read; the table section times forwards)
     modes = ("fwd+bwd",) if source == "V" else ("fwd", "fwd+bwd")
     for kind in KINDS:
         for mode in modes:
             for name, backend, tf32 in eager:
-                if (tf32 and device != "cuda") or (name == "fused_structured" and kind == "matrix"):
+                bf16 = name.endswith("_bf16")
+                if ((tf32 or bf16) and device != "cuda") or (name == "fused_structured" and kind == "matrix"):
                     continue
                 _attempt(rows, budget, _row(section, kind, name, mode),
                          measure(kind, backend, mode, tf32=tf32, engine=name == "fused_engine",
                                  gemms="never" if name == "fused_triton_gemm" else None,
-                                 structured="auto" if name == "fused_structured" else None))
+                                 structured="auto" if name == "fused_structured" else None, bf16=bf16))
     for name, backend, mode, tf32 in compiled:
         for kind in KINDS:
             _attempt(rows, budget, _row(section, kind, name, mode),
-                     measure(kind, backend, mode, True, tf32=tf32), min_left=45.0)
+                     measure(kind, backend, mode, True, tf32=tf32, bf16=name.endswith("_bf16")), min_left=45.0)
 
 
 @contextlib.contextmanager
@@ -777,24 +783,30 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
             opt.step()
         return _time_step(step)
 
-    def graph_body(tf32=False, structured=None):
+    def graph_body(tf32=False, structured=None, bf16=False):
         """The one-op fused step captured whole in a CUDA graph (tests/test_cuda_graphs.py checks it
         trains like eager steps): replay cost is GPU time only, no Python or launch overhead. ``tf32``:
-        captured with TF32 allowed (the Triton GEMMs in TF32); ``structured``: ops.sfg_gemm.STRUCTURED_DECODER
-        for the capture (default "graphs": the scalar decoder by its structure, in exact fp32 and in TF32;
-        "never": the dense GEMM, the `fused cuda graph dense` and `fused cuda graph tf32 dense` rows)."""
+        captured with TF32 allowed (the Triton GEMMs in TF32); ``bf16``: the forward under
+        torch.autocast(bfloat16) (the Triton GEMMs on bf16 operands, fp32 accumulation);
+        ``structured``: ops.sfg_gemm.STRUCTURED_DECODER (default "graphs": the scalar decoder by its
+        structure inside the capture on the exact-fp32 torch.mm path only; "never": the dense GEMM, the
+        `fused cuda graph dense` row; "auto": by structure in the eager warm-up steps too, as the Triton
+        GEMMs need, the `fused cuda graph tf32 structured` row)."""
         if device != "cuda":
             raise common.Skip("CUDA graphs need a GPU")
         from sfg_fast.ops import sfg_gemm
         with _tf32(tf32), _structured(structured):
             mode = sfg_gemm.STRUCTURED_DECODER
-            out = captured_step(label=" dense" if structured == "never" else "")
+            label = {"never": " dense", "auto": " structured"}.get(structured, "")
+            out = captured_step(label=label + (" bf16" if bf16 else ""), bf16=bf16)
         if tf32:
             out["note"] += "; TF32 GEMMs"
+        if bf16:
+            out["note"] += "; forward under torch.autocast(bfloat16): bf16 GEMM operands"
         out["note"] += f"; STRUCTURED_DECODER={mode}"
         return out
 
-    def captured_step(label=""):
+    def captured_step(label="", bf16=False):
         backend = "triton"
         embedding = FusedFieldEmbedding(dims, d, optimizer="adagrad", lr=0.01, bounds_check="off",
                                         backend=backend).to(device)
@@ -804,10 +816,11 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
         static_ids, static_labels = (t.clone() for t in next_batch())
 
         def captured():
-            V = embedding(static_ids)
-            logit = SF.sfg_interaction(V, encoder.weight, encoder.bias, decoder.weight, "scalar",
-                                       encoder.activation, encoder.gamma, encoder.residual, backend=backend)
-            loss = SF.bce_with_logits(logit, static_labels, backend=backend)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                V = embedding(static_ids)
+                logit = SF.sfg_interaction(V, encoder.weight, encoder.bias, decoder.weight, "scalar",
+                                           encoder.activation, encoder.gamma, encoder.residual, backend=backend)
+                loss = SF.bce_with_logits(logit, static_labels, backend=backend)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -934,8 +947,10 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False) -> None:
                  lambda: graph_body(tf32=True))
         _attempt(rows, budget, _row("step", "scalar", "fused cuda graph dense", "train"),
                  lambda: graph_body(structured="never"))
-        _attempt(rows, budget, _row("step", "scalar", "fused cuda graph tf32 dense", "train"),
-                 lambda: graph_body(tf32=True, structured="never"))
+        _attempt(rows, budget, _row("step", "scalar", "fused cuda graph tf32 structured", "train"),
+                 lambda: graph_body(tf32=True, structured="auto"))
+        _attempt(rows, budget, _row("step", "scalar", "fused cuda graph bf16 autocast", "train"),
+                 lambda: graph_body(bf16=True))
         _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused compiled", "train"),
                  lambda: zoo_body(compiled=True))
         _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused reduce-overhead", "train"),
@@ -992,10 +1007,11 @@ def evaluate_targets(rows: List[Dict], facts: Dict, device: str) -> List[Dict]:
             mem = None
         out.append({"target": f"{kind}: peak memory >= 20x below literal", "value": mem, "goal": 20.0})
     # the same 2x target on the SFG layer alone (from V, to dV: no dense table gradient on either side),
-    # in exact fp32 and with TF32 on both sides
+    # in exact fp32, with TF32 on both sides, and under bf16 autocast on both sides
     for kind in KINDS:
         for fused_name, comp_name, label in (("fused", "compile_factored", "fp32"),
-                                            ("fused_tf32", "compile_factored_tf32", "tf32")):
+                                            ("fused_tf32", "compile_factored_tf32", "tf32"),
+                                            ("fused_bf16", "compile_factored_bf16", "bf16 autocast")):
             fused, comp = (ms(kind, p, "fwd+bwd", "interaction_v") for p in (fused_name, comp_name))
             out.append({"target": f"{kind} from V, {label}: fused fwd+bwd >= 2x torch.compile(factored)",
                         "value": ratio(comp, fused), "goal": 2.0})

@@ -235,6 +235,20 @@ def workloads(sweep: bool = False, table_dims: Tuple[int, ...] = TABLE_DIMS) -> 
         out.append((f"pairwise_decode {kind}", lambda kind=kind: backward(SF.pairwise_decode(
             torch.randn(batch, n, d, generator=gen, requires_grad=True),
             torch.randn(batch, n, d, generator=gen, requires_grad=True), dec_weight(kind), kind, backend="triton"))))
+    for half in (torch.bfloat16, torch.float16):
+        for kind in ("scalar", "matrix"):
+            # under torch.autocast the GEMMs take bf16 / fp16 operands (kernels.sfg_interaction._mma)
+            def autocast(kind=kind, half=half):
+                V = torch.randn(batch, n, d, generator=gen).requires_grad_()
+                w, b = enc()
+                with torch.autocast("cpu", dtype=half):
+                    out_ = SF.sfg_interaction(V, w, b, dec_weight(kind), kind, "relu", 1.0, False, backend="triton")
+                    logit = SF.sfg_logits(ids, table(torch.float32), offsets, w, b, dec_weight(kind), kind,
+                                          backend="triton", bounds_check="off")
+                backward(out_)
+                backward(logit)
+            out.append((f"sfg_interaction + sfg_logits {kind} {str(half).replace('torch.', '')} autocast", autocast))
+
     def torch_gemms(kind):
         """The GPU's exact-fp32 split: torch.mm GEMMs (not compiled here), the Triton epilogue and backward."""
         from sfg_fast.ops import sfg_gemm

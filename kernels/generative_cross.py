@@ -4,11 +4,13 @@ Forward is one GEMM with the bias/gate/residual epilogue (h is also written when
 Backward is one launch with two kinds of programs, all independent (no atomics, deterministic):
     dx / dx_gen tiles:  dx = go + (go * x_gen) @ W      dx_gen = go * h
     dW / db tiles:      dW = (go * x_gen).T @ x         db = sum_b (go * x_gen)
-``go * x_gen`` (= dh) is formed in the GEMM prologue, never stored. Operands are cast to fp32 before
-tl.dot (exact IEEE fp32 unless INPUT_PRECISION="tf32"); fp32 accumulation throughout.
+``go * x_gen`` (= dh) is formed in the GEMM prologue, never stored. tl.dot in exact IEEE fp32 unless
+INPUT_PRECISION="tf32" (``sfg_interaction._mma``); fp32 accumulation throughout.
 """
 import triton
 import triton.language as tl
+
+from .sfg_interaction import _mma
 
 
 @triton.jit
@@ -32,7 +34,7 @@ def _generative_cross_fwd_kernel(x_ptr, xg_ptr, w_ptr, b_ptr, out_ptr, h_ptr,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         wt = tl.load(w_ptr + offs_n[None, :] * stride_w + offs_k[:, None],          # W.T tile [K, N]
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION)
+        acc = _mma(a, wt, acc, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -72,7 +74,7 @@ def _generative_cross_bwd_kernel(go_ptr, x_ptr, xg_ptr, w_ptr, h_ptr,
             xg = tl.load(xg_ptr + offs_m[:, None] * stride_xg + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(go * xg, w, acc, input_precision=INPUT_PRECISION)
+            acc = _mma(go * xg, w, acc, INPUT_PRECISION)
         mask = mask_m[:, None] & mask_n[None, :]
         go = tl.load(go_ptr + offs_m[:, None] * stride_go + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         h = tl.load(h_ptr + offs_m[:, None] * width + offs_n[None, :], mask=mask, other=0.0)
@@ -98,7 +100,7 @@ def _generative_cross_bwd_kernel(go_ptr, x_ptr, xg_ptr, w_ptr, h_ptr,
             dh = go * xg                                                     # [BLOCK_K samples, BLOCK_N o]
             x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_i[None, :],
                         mask=mask_m[:, None] & mask_i[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(tl.trans(dh), x, acc, input_precision=INPUT_PRECISION)
+            acc = _mma(tl.trans(dh), x, acc, INPUT_PRECISION)
             if HAS_BIAS:
                 db += tl.sum(dh, axis=0)
         tl.store(dw_ptr + offs_o[:, None] * width + offs_i[None, :], acc,

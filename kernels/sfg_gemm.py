@@ -21,7 +21,7 @@ product are int64.
 import triton
 import triton.language as tl
 
-from .sfg_interaction import _activate, _activate_grad
+from .sfg_interaction import _activate, _activate_grad, _mma
 
 
 @triton.jit
@@ -82,10 +82,10 @@ def _sfg_gemm_fwd_kernel(
         if HAS_ENC:
             # [k, n] = We[n, k]: X @ We^T
             we = tl.load(enc_w_ptr + cn[None, :] * stride_w0 + ck[:, None] * stride_w1, mask=mask_kn, other=0.0)
-            acc_h = tl.dot(x, we.to(tl.float32), acc_h, input_precision=PRECISION)
+            acc_h = _mma(x, we, acc_h, PRECISION)
         if HAS_DEC:
             wd = tl.load(dec_ptr + ck[:, None] * stride_d0 + cn[None, :] * stride_d1, mask=mask_kn, other=0.0)
-            acc_t = tl.dot(x, wd.to(tl.float32), acc_t, input_precision=PRECISION)
+            acc_t = _mma(x, wd, acc_t, PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
     offs = rows[:, None] * W + cn[None, :]
     if HAS_ENC:
@@ -254,7 +254,7 @@ def _matmul_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        acc = _mma(a, b, acc, PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
     if ADD != 0:
         e = tl.load(e_ptr + rm[:, None] * stride_em + rn[None, :] * stride_en, mask=mask, other=0.0).to(tl.float32)

@@ -27,6 +27,32 @@ KIND_CODES = {"none": 0, "identity": 1, "scalar": 1, "vector": 2, "matrix": 3}
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> the nearest bfloat16 value (ties to even), kept in fp32: the interpreter's own fp32 -> bf16
+    cast truncates and its bf16 dot is wrong, so its stand-in for a bf16 dot rounds here and multiplies in
+    exact fp32 (the products of two bf16 values are exact in fp32, as in the matrix units). Finite, inf
+    and NaN inputs map as the hardware conversion maps them."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` accumulated in fp32. PRECISION: "ieee" exact fp32, "tf32" TF32 matrix units,
+    "bf16" / "fp16" operands rounded to that half type (what a GEMM under torch.autocast computes, at
+    the matrix units' half rate), "bf16_rne" the interpreter's stand-in for "bf16"."""
+    if PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PRECISION == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    elif PRECISION == "bf16_rne":
+        return tl.dot(_round_bf16(a.to(tl.float32)), _round_bf16(b.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _tanh(x):
     # libdevice tanh is not available under the interpreter; (1 - t) / (1 + t) with t = exp(-2|x|)
     # loses relative precision near 0 (1 - t cancels), so small |x| uses the odd Taylor series.
@@ -149,7 +175,7 @@ def _field_accumulators(x_ptr, ids_ptr, offsets_ptr, enc_w_ptr, dec_ptr, rows, m
             w_cols = (k * D + d_row).to(tl.int64)
             w = tl.load(enc_w_ptr + w_cols[:, None] * stride_w1 + w_rows[None, :] * stride_w0,
                         mask=mask_row[:, None] & mask_col[None, :], other=0.0).to(tl.float32)
-            acc_h = tl.dot(x, w, acc_h, input_precision=PRECISION)
+            acc_h = _mma(x, w, acc_h, PRECISION)
         if KIND == 1:
             r = tl.load(dec_ptr + o * stride_d0 + k * stride_d1).to(tl.float32)
             acc_t += r * x
@@ -161,7 +187,7 @@ def _field_accumulators(x_ptr, ids_ptr, offsets_ptr, enc_w_ptr, dec_ptr, rows, m
             blk = tl.load(dec_ptr + o * stride_d0 + k * stride_d1 + d_row[:, None] * stride_d2
                           + d_col[None, :] * stride_d3,
                           mask=mask_row[:, None] & mask_col[None, :], other=0.0).to(tl.float32)
-            acc_t = tl.dot(x, blk, acc_t, input_precision=PRECISION)
+            acc_t = _mma(x, blk, acc_t, PRECISION)
     return acc_h, acc_t
 
 
@@ -315,7 +341,7 @@ def _sfg_interaction_bwd_dx_kernel(
             if HAS_ENC:
                 dh = tl.load(dh_ptr + buf_offs + o * D, mask=mask_bd, other=0.0)
                 w = _encoder_block(enc_w_ptr, o, k, D, d, d, mask_d, mask_d, stride_w0, stride_w1)  # [q, p]
-                acc = tl.dot(dh, w, acc, input_precision=PRECISION)
+                acc = _mma(dh, w, acc, PRECISION)
             if KIND != 0:
                 gy = tl.load(gy_ptr + buf_offs + o * D, mask=mask_bd, other=0.0)
                 if KIND == 1:
@@ -329,7 +355,7 @@ def _sfg_interaction_bwd_dx_kernel(
                     # [q, p] = Blk(o, k)[p, q]: the transposed block
                     blk = tl.trans(_decoder_block(dec_ptr, o, k, d, d, mask_d, mask_d,
                                                   stride_d0, stride_d1, stride_d2, stride_d3))
-                    acc = tl.dot(gy, blk, acc, input_precision=PRECISION)
+                    acc = _mma(gy, blk, acc, PRECISION)
         if ADD_DY:
             acc += tl.load(dy_ptr + buf_offs + k * D, mask=mask_bd, other=0.0)
         ptrs = _field_ptrs(dx_ptr, ids_ptr, offsets_ptr, rows, mask_b, k, d,
@@ -373,13 +399,13 @@ def _sfg_interaction_bwd_dw_kernel(
                         stride_ib, stride_in, stride_xb, stride_xn, stride_xd, GATHER)
         if HAS_ENC:
             dh = tl.load(dh_ptr + buf_offs + o * D, mask=mask_bd, other=0.0)
-            acc_w = tl.dot(tl.trans(dh), x, acc_w, input_precision=PRECISION)
+            acc_w = _mma(tl.trans(dh), x, acc_w, PRECISION)
             if HAS_BIAS:
                 acc_b += tl.sum(dh, axis=0)
         if KIND != 0:
             gy = tl.load(gy_ptr + buf_offs + o * D, mask=mask_bd, other=0.0)
             if KIND == 3:
-                acc_blk = tl.dot(tl.trans(x), gy, acc_blk, input_precision=PRECISION)
+                acc_blk = _mma(tl.trans(x), gy, acc_blk, PRECISION)
             else:
                 acc_vec += tl.sum(x * gy, axis=0)
     mask_dd = mask_d[:, None] & mask_d[None, :]

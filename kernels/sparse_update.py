@@ -29,8 +29,9 @@ def _sparse_update_kernel(weight_ptr, stride_w, grad_ptr, stride_g_b, stride_g_f
     A touched row is updated by the program holding the first position of its segment, with the
     fixed-order sum of the segment, so the update is bitwise repeatable and each row is read and
     written by exactly one program. Launched twice (PHASE 0, then 1): a segment inside one window of
-    the sorted list is updated in phase 0, a longer (hot) one in phase 1 from its pieces' partial sums
-    (``segment_sum``). The grid is sized by B * N: no count of unique rows, no host sync.
+    the sorted list is updated in phase 0, one that crosses a window's end (every hot row) in phase 1
+    from its pieces' partial sums (``segment_sum``). The grid is sized by B * N: no count of unique
+    rows, no host sync.
     state1: Adagrad's fp32 [V] accumulator or Adam's fp32 [V, D] first moment; state2: Adam's second.
     """
     pid = tl.program_id(0)

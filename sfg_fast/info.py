@@ -56,9 +56,9 @@ def collect() -> dict:
         "fused_tables_in_graph": _fused_tables_in_graph(),
         # who runs the Triton path's GEMMs (ops.sfg_gemm.TORCH_GEMMS; "auto": cuBLAS for exact fp32 on a GPU)
         "triton_path_gemms": _triton_path_gemms(),
-        # how the torch.mm path and the TF32 Triton GEMMs run scalar/vector decoders (ops.sfg_gemm.
-        # STRUCTURED_DECODER: "graphs" by their structure while a CUDA graph is captured, "auto" always,
-        # "never": the dense [W, W] GEMM)
+        # how scalar/vector decoders run (ops.sfg_gemm.STRUCTURED_DECODER: "graphs" by their structure while
+        # a CUDA graph is captured on the exact-fp32 torch.mm path, "auto" always on that path and on the
+        # Triton GEMMs in TF32 / under autocast, "never": the dense [W, W] GEMM)
         "structured_decoder": _module_setting("STRUCTURED_DECODER"),
         # whether cuBLAS's workspace setting was fixed before CUDA started (sfg_fast._cublas): deterministic
         # runs hand the fused path's exact-fp32 GEMMs to cuBLAS only then
@@ -124,9 +124,9 @@ def main() -> None:
     gemms = info["triton_path_gemms"]
     print(f"GEMMs of the triton path: {gemms}" + (" (cuBLAS for exact fp32 on a GPU, else Triton; "
                                                   "SFG_FAST_TORCH_GEMMS)" if gemms == "auto" else ""))
-    print(f"scalar/vector decoders on the torch.mm path and the TF32 GEMMs: {info['structured_decoder']} "
-          "(SFG_FAST_STRUCTURED_DECODER: graphs = by their structure inside CUDA-graph captures, auto = always "
-          "by their structure, never = the dense GEMM)")
+    print(f"scalar/vector decoders by their structure: {info['structured_decoder']} "
+          "(SFG_FAST_STRUCTURED_DECODER: graphs = inside CUDA-graph captures on the exact-fp32 cuBLAS path, "
+          "auto = always, never = the dense GEMM)")
     print("cuBLAS workspace fixed before CUDA started: " + ("yes (deterministic runs use cuBLAS GEMMs)"
           if info["cublas_workspace_fixed"] else "no (deterministic runs use the Triton GEMMs; the training "
           "job fixes it, or export CUBLAS_WORKSPACE_CONFIG=:4096:8)"))

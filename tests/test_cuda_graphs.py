@@ -148,16 +148,14 @@ def test_fatal_bounds_check_can_be_captured():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tf32", [False, True])
-def test_structured_decoder_inside_a_capture(monkeypatch, tf32):
-    """Inside a CUDA-graph capture the exact-fp32 torch.mm path, and the Triton GEMMs in TF32, run a scalar
-    decoder by its structure (ops.sfg_gemm.STRUCTURED_DECODER "graphs"), eagerly the dense GEMM; the
-    replayed forward and backward equal the eager ones to fp32 rounding (to TF32's in TF32)."""
-    from sfg_fast.ops import sfg_gemm, sfg_logits
-    if not tf32 and not sfg_gemm.torch_gemms(torch.zeros(1, device=DEVICE), "ieee"):
+def test_structured_decoder_inside_a_capture(monkeypatch):
+    """Inside a CUDA-graph capture the exact-fp32 torch.mm path runs a scalar decoder by its structure
+    (ops.sfg_gemm.STRUCTURED_DECODER "graphs"), eagerly the dense GEMM; the replayed forward and backward
+    equal the eager ones to fp32 rounding."""
+    from sfg_fast.ops import sfg_gemm
+    if not sfg_gemm.torch_gemms(torch.zeros(1, device=DEVICE), "ieee"):
         pytest.skip("the torch.mm path is off here (torch's TF32 setting or deterministic mode)")
     assert sfg_gemm.STRUCTURED_DECODER == "graphs"
-    monkeypatch.setattr(sfg_logits, "DEFAULT_ALLOW_TF32", tf32)
     calls = []
     real = sfg_gemm._structured_dx
     monkeypatch.setattr(sfg_gemm, "_structured_dx", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -188,8 +186,53 @@ def test_structured_decoder_inside_a_capture(monkeypatch, tf32):
     assert calls, "the capture did not take the structured decoder"
     graph.replay()
     torch.cuda.synchronize()
-    for got, want, rtol in [(out, eager, 1e-5)] + [(p.grad, g, 1e-4) for p, g in zip((V, enc, dec), eager_grads)]:
-        if tf32:    # TF32 rounds each product's operands to 10 mantissa bits, the two ways differently
-            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * max(1.0, want.abs().max().item()))
-        else:
-            torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for p, want in zip((V, enc, dec), eager_grads):
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_structured_decoder_on_the_triton_gemms_captures_and_replays(monkeypatch, precision):
+    """"auto" runs a scalar decoder by its structure on the Triton GEMMs (TF32; bf16 under autocast) in eager
+    steps too, so their kernels are loaded before the capture (a capture cannot load a module); the replay
+    computes what the eager step computed (the same kernels on the same inputs; cuBLAS's bmm of the mixing
+    may pick another algorithm inside a capture, so to fp32 rounding)."""
+    from sfg_fast.ops import sfg_gemm, sfg_logits
+    monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "auto")
+    monkeypatch.setattr(sfg_logits, "DEFAULT_ALLOW_TF32", precision == "tf32")
+    calls = []
+    real = sfg_gemm._structured_dx
+    monkeypatch.setattr(sfg_gemm, "_structured_dx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(6)
+    n, d, b = 6, 8, 64
+    V = torch.randn(b, n, d, generator=gen).to(DEVICE).requires_grad_()
+    enc = (torch.randn(n * d, n * d, generator=gen) / 7).to(DEVICE).requires_grad_()
+    bias = torch.randn(n * d, generator=gen).to(DEVICE).requires_grad_()
+    dec = torch.randn(n, n, generator=gen).to(DEVICE).requires_grad_()
+    params = (V, enc, bias, dec)
+
+    def forward_backward():
+        for p in params:
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = SF.sfg_interaction(V, enc, bias, dec, "scalar", backend="triton")
+        out.backward(torch.ones_like(out))
+        return out
+
+    eager = forward_backward().detach().clone()
+    eager_grads = [p.grad.clone() for p in params]
+    assert calls, "the eager step did not take the structured decoder"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward_backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward_backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for p, want in zip(params, eager_grads):
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5)

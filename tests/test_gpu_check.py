@@ -73,9 +73,10 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
     assert ("step", "scalar", "zoo fwfm embedding=fused compiled", "train") in seen
     assert ("step", "scalar", "fused cuda graph", "train") in seen
     # the graph section's rows: the CUDA-graph step, then the Inductor compile that spends the budget left
-    assert [r["provider"] for r in rows if r["section"] == "step"][-6:] == [
-        "fused cuda graph", "fused cuda graph tf32", "fused cuda graph dense", "fused cuda graph tf32 dense",
-        "zoo fwfm embedding=fused compiled", "zoo fwfm embedding=fused reduce-overhead"]
+    assert [r["provider"] for r in rows if r["section"] == "step"][-7:] == [
+        "fused cuda graph", "fused cuda graph tf32", "fused cuda graph dense", "fused cuda graph tf32 structured",
+        "fused cuda graph bf16 autocast", "zoo fwfm embedding=fused compiled",
+        "zoo fwfm embedding=fused reduce-overhead"]
     ext = [r for r in rows if r["provider"] == "ext-cuda"]
     assert ext and all(r["status"] == "skipped" and "--skip-ext-cuda" in r["note"] for r in ext)
     for provider in ("fused", "ext-cuda", "factored"):
@@ -109,11 +110,12 @@ def test_derived_numbers_are_consistent(smoke):
     assert all(set(t) == {"target", "value", "goal", "met"} for t in targets)
     layer = [t for t in targets if " from V, " in t["target"]]
     assert len(targets) - len(layer) == 11
-    # per kind, fp32 and TF32, each against torch.compile in the same precision (n/a where not measured)
-    assert len(layer) == 6
+    # per kind, fp32, TF32 and bf16 autocast, each against torch.compile in the same precision (n/a where not
+    # measured)
+    assert len(layer) == 9
     for t in layer:
         kind, label = t["target"].split(" from V, ")[0], t["target"].split(", ")[1].split(":")[0]
-        suffix = "_tf32" if label == "tf32" else ""
+        suffix = {"tf32": "_tf32", "bf16 autocast": "_bf16"}.get(label, "")
         fused, comp = (next((r for r in rows if (r["section"], r["kind"], r["provider"], r["mode"])
                              == ("interaction_v", kind, p + suffix, "fwd+bwd")), None)
                        for p in ("fused", "compile_factored"))

@@ -915,9 +915,9 @@ def test_structured_decoder_agrees_with_the_dense_gemm(monkeypatch):
 
 
 def test_structured_decoder_choice(monkeypatch):
-    """"graphs" by default: by structure only on the torch.mm path (CUDA, exact fp32) or the Triton TF32
-    GEMMs while a CUDA graph is being captured, and not in deterministic mode; "auto" wherever those run;
-    only scalar and vector decoders; "never"; a bad setting names the variable."""
+    """"graphs" by default: by structure only on the torch.mm path (CUDA, exact fp32) while a CUDA graph is
+    being captured, and not in deterministic mode; "auto" wherever the torch.mm path or the Triton GEMMs on
+    the matrix units run; only scalar and vector decoders; "never"; a bad setting names the variable."""
     from types import SimpleNamespace
     from sfg_fast.ops import sfg_gemm
     x = torch.zeros(2, 2)
@@ -936,16 +936,24 @@ def test_structured_decoder_choice(monkeypatch):
         assert sfg_gemm.torch_gemms(on_gpu, "ieee") and not sfg_gemm.structured_decoder(on_gpu, "ieee", "scalar")
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert sfg_gemm.structured_decoder(on_gpu, "tf32", "scalar")               # TF32: on the Triton GEMMs
+    # the Triton GEMMs (TF32, autocast's half types): not in "graphs", whose captures would launch kernels
+    # for the first time (a module load a capture forbids); by structure in "auto"
+    for precision in ("tf32", "bf16", "fp16"):
+        assert not sfg_gemm.structured_decoder(on_gpu, precision, "scalar")
+    monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "auto")
+    assert sfg_gemm.structured_decoder(on_gpu, "tf32", "scalar")
+    assert sfg_gemm.structured_decoder(on_gpu, "bf16", "vector")
     torch.use_deterministic_algorithms(True)
-    try:                        # TF32 in deterministic mode: cuBLAS (the mixing's bmm) must repeat ...
-        assert sfg_gemm._tf32_triton_gemms(on_gpu, "tf32")
+    try:                        # the Triton GEMMs in deterministic mode: cuBLAS (the mixing's bmm) must repeat ...
+        assert sfg_gemm._matrix_unit_gemms(on_gpu, "tf32")
         monkeypatch.setattr(sfg_gemm._cublas, "_FIXED", False)
-        assert not sfg_gemm._tf32_triton_gemms(on_gpu, "tf32")
+        assert not sfg_gemm._matrix_unit_gemms(on_gpu, "tf32")
+        assert not sfg_gemm.structured_decoder(on_gpu, "tf32", "scalar")
     finally:
         torch.use_deterministic_algorithms(previous)
     assert sfg_gemm.structured_decoder(on_gpu, "tf32", "scalar")      # ... and outside it need not
-    assert not sfg_gemm._tf32_triton_gemms(x, "tf32") and not sfg_gemm._tf32_triton_gemms(on_gpu, "ieee")
+    assert not sfg_gemm._matrix_unit_gemms(x, "tf32") and not sfg_gemm._matrix_unit_gemms(on_gpu, "ieee")
+    monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "graphs")
     assert not sfg_gemm.structured_decoder(on_gpu, "ieee", "matrix")
     monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "never")
     assert not sfg_gemm.structured_decoder(on_gpu, "ieee", "scalar")
@@ -1145,18 +1153,87 @@ def test_torch_gemms_auto_on_a_gpu():
         torch.use_deterministic_algorithms(deterministic)
 
 
-def test_structured_decoder_is_exact_fp32_under_autocast(monkeypatch):
-    """Under torch.autocast (bf16) the structured decoder's torch ops stay fp32, as the dense path's GEMMs
-    (torch.mm with out=, which autocast leaves alone) do: the same results with autocast on and off."""
+def test_structured_decoder_mixing_stays_fp32_under_autocast(monkeypatch):
+    """Under torch.autocast (bf16) the GEMMs take bf16 operands, while the structured decoder's mixing
+    (einsum, D times fewer FLOPs) stays in fp32: its products come back fp32, and the op agrees with the
+    dense plan under autocast (whose decoder GEMM rounds its operands too) to bf16 rounding."""
+    from sfg_fast.ops import sfg_gemm
     ids, offsets, params = _problem(13, 4, 5, "scalar", bias=True, seed=73)
     options = dict(kind="scalar", activation="tanh", gamma=1.0, residual=True, pairs="upper",
                    generated_side="left", symmetric=False)
     fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
     calls = _structured(monkeypatch)
-    plain, g_plain = _run(fn, ids, offsets, params, torch.float32, options)
+    mixed = []
+    real_mix = sfg_gemm._mix
+    monkeypatch.setattr(sfg_gemm, "_mix", lambda *a: mixed.append(real_mix(*a).dtype) or real_mix(*a))
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        cast, g_cast = _run(fn, ids, offsets, params, torch.float32, options)
-    assert len(calls) == 2
-    assert torch.equal(plain, cast)
-    for name, want in g_plain.items():
-        assert torch.equal(g_cast[name], want), name
+        structured, g_structured = _run(fn, ids, offsets, params, torch.float32, options)
+    assert len(calls) == 1 and mixed and set(mixed) == {torch.float32}
+    monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "never")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        dense, g_dense = _run(fn, ids, offsets, params, torch.float32, options)
+    assert len(calls) == 1
+    torch.testing.assert_close(structured, dense, rtol=2e-2, atol=2e-2)
+    for name, want in g_dense.items():
+        torch.testing.assert_close(g_structured[name], want, rtol=2e-2, atol=2e-2, msg=lambda m: f"d {name}: {m}")
+
+
+# ----------------------------------------------------------------------------- GEMMs under torch.autocast
+# ops._launch.autocast_half: under torch.autocast the kernels' tl.dot (kernels.sfg_interaction._mma) takes
+# operands rounded to autocast's half type, fp32 accumulation, as torch's own GEMMs there (on a GPU at the
+# matrix units' half rate). The interpreter's bf16 dot is wrong, so there "bf16_rne" rounds the operands to
+# nearest even and multiplies in exact fp32: the same products.
+
+def _rounded(params, dtype, names=("table", "enc_weight", "dec_weight")):
+    return {k: (v.to(dtype).to(v.dtype) if (v is not None and k in names) else v) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["scalar", "vector", "matrix"])
+def test_forward_gemms_take_autocast_half_operands(kind, half):
+    """The forward under autocast equals, bit for bit, the forward without it on a table and weights
+    rounded to the half type beforehand (the bias and the epilogue stay fp32): the GEMMs round their
+    operands, and nothing else changes. Without rounding, the results differ (the setting is live)."""
+    ids, offsets, params = _problem(24, 5, 8, kind, bias=True, seed=91)
+    options = dict(kind=kind, activation="relu", gamma=1.3, residual=False, pairs="upper",
+                   generated_side="right", symmetric=False)
+    fn = lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o)  # noqa: E731
+    with torch.autocast(DEVICE, dtype=half):
+        cast, _ = _run(fn, ids, offsets, params, torch.float32, options)
+    rounded, _ = _run(fn, ids, offsets, _rounded(params, half), torch.float32, options)
+    plain, _ = _run(fn, ids, offsets, params, torch.float32, options)
+    assert cast.dtype == torch.float32
+    assert torch.equal(cast, rounded)
+    assert not torch.equal(cast, plain)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_autocast_gemms_within_2x_of_torch_autocast(half):
+    """Forward and every gradient (the backward's GEMMs round their operands too) against the fp64 reference,
+    within 2x of the error of torch's own autocast run of the same op (the factored torch backend); and the
+    DCNv2 cross layer, which stays in fp32 under autocast (ops.generative_cross says why)."""
+    ids, offsets, params = _problem(24, 5, 8, "vector", bias=True, seed=93)
+    options = dict(kind="vector", activation="silu", gamma=0.9, residual=True, pairs="upper",
+                   generated_side="left", symmetric=False)
+    ref64, g_ref64 = _run(R.sfg_logits, ids, offsets, params, torch.float64, options)
+    with torch.autocast(DEVICE, dtype=half):
+        got, g_got = _run(lambda *a, **o: SF.sfg_logits(*a, backend="triton", **o), ids, offsets, params,
+                          torch.float32, options)
+        base, g_base = _run(lambda *a, **o: SF.sfg_logits(*a, backend="torch", **o), ids, offsets, params,
+                            torch.float32, options)
+    assert_2x(got, ref64, base, "logit", floor=1e-4)
+    for name, want in g_ref64.items():
+        assert_2x(g_got[name], want, g_base[name], f"d {name}", floor=1e-4)
+    gen = torch.Generator().manual_seed(5)
+    x, xg = (torch.randn(9, 12, generator=gen, dtype=torch.float64) for _ in range(2))
+    w, b = torch.randn(12, 12, generator=gen, dtype=torch.float64) / 4, torch.randn(12, generator=gen, dtype=torch.float64)
+    results = {}
+    for name, backend, dtype in (("ref64", "reference", torch.float64), ("triton", "triton", torch.float32),
+                                 ("torch", "torch", torch.float32)):
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (x, xg, w, b)]
+        with torch.autocast(DEVICE, dtype=half, enabled=dtype != torch.float64):
+            out = SF.generative_cross(*leaves, backend=backend)
+        grads = torch.autograd.grad(out.float().sum() if dtype != torch.float64 else out.sum(), leaves)
+        results[name] = [out] + list(grads)
+    for k, (got, ref, base) in enumerate(zip(results["triton"], results["ref64"], results["torch"])):
+        assert_2x(got, ref, base, f"generative_cross output {k}", floor=1e-4)

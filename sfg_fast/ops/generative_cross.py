@@ -51,7 +51,7 @@ def _rows_unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def generative_cross_fwd(x, x_gen, weight, bias=None, store_h: bool = False, allow_tf32: bool = False,
+def generative_cross_fwd(x, x_gen, weight, bias=None, store_h: bool = False, precision: str = "ieee",
                          out: Optional[torch.Tensor] = None):
     """Returns ``(out [B, K], h [B, K] fp32 or None)`` with ``h = x @ W.T + b``.
 
@@ -75,12 +75,12 @@ def generative_cross_fwd(x, x_gen, weight, bias=None, store_h: bool = False, all
     _generative_cross_fwd_kernel[grid](
         x, x_gen, weight, bias.contiguous() if bias is not None else x, out, h if h is not None else out,
         batch, width, x.stride(0), x_gen.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, STORE_H=store_h, INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+        HAS_BIAS=bias is not None, STORE_H=store_h, INPUT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out, h
 
 
-def generative_cross_bwd(grad_out, x, x_gen, weight, h, has_bias: bool, allow_tf32: bool = False):
+def generative_cross_bwd(grad_out, x, x_gen, weight, h, has_bias: bool, precision: str = "ieee"):
     """Returns fp32 ``(dx, dx_gen, dW, db or None)`` for ``out = x + x_gen * h``, from the saved fp32 h."""
     dtype = _common_dtype(x, x_gen, weight, None)
     grad_out, x, x_gen, weight = (_rows_unit_stride(t.to(dtype)) for t in (grad_out, x, x_gen, weight))
@@ -102,19 +102,19 @@ def generative_cross_bwd(grad_out, x, x_gen, weight, h, has_bias: bool, allow_tf
     _generative_cross_bwd_kernel[grid](
         grad_out, x, x_gen, weight, h, dx, dxg, dw, db if db is not None else dw,
         batch, width, tiles_n, grad_out.stride(0), x.stride(0), x_gen.stride(0), weight.stride(0),
-        HAS_BIAS=has_bias, INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+        HAS_BIAS=has_bias, INPUT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return dx, dxg, dw, db
 
 
 class GenerativeCrossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_gen, weight, bias, allow_tf32):
+    def forward(ctx, x, x_gen, weight, bias, precision):
         needs = any(ctx.needs_input_grad[:4])
-        out, h = generative_cross_fwd(x, x_gen, weight, bias, store_h=needs, allow_tf32=allow_tf32)
+        out, h = generative_cross_fwd(x, x_gen, weight, bias, store_h=needs, precision=precision)
         if needs:
             ctx.save_for_backward(x, x_gen, weight, h, bias)
-        ctx.has_bias, ctx.allow_tf32 = bias is not None, allow_tf32
+        ctx.has_bias, ctx.precision = bias is not None, precision
         ctx.dtypes = (x.dtype, x_gen.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return out
 
@@ -125,7 +125,7 @@ class GenerativeCrossFunction(torch.autograd.Function):
             grads = recompute_grads(reference.generative_cross, (x, x_gen, weight, bias), ctx.needs_input_grad[:4],
                                     grad_out)
             return (*grads, None)
-        grads = generative_cross_bwd(grad_out, x, x_gen, weight, h, ctx.has_bias, ctx.allow_tf32)
+        grads = generative_cross_bwd(grad_out, x, x_gen, weight, h, ctx.has_bias, ctx.precision)
         out = [g.to(dt) if (g is not None and need) else None
                for g, dt, need in zip(grads, ctx.dtypes, ctx.needs_input_grad[:4])]
         return (*out, None)
@@ -136,9 +136,11 @@ def generative_cross(x: torch.Tensor, x_gen: torch.Tensor, weight: torch.Tensor,
     """Triton ``x + x_gen * (x @ weight.T + bias)`` (inputs validated by functional.generative_cross).
 
     ``allow_tf32=True`` lets tl.dot use TF32 tensor cores (about 1e-3 relative error); the default is
-    exact IEEE fp32.
+    exact IEEE fp32. Under ``torch.autocast`` this layer stays in fp32 (unlike the SFG interaction's GEMMs):
+    its backward's weight-gradient tiles read operands transposed, which the matrix units would take 4 bytes
+    at a time (the sm_90 PTX of bench/triton_aot.py shows it), so the half-rate GEMMs would not pay.
     """
-    return GenerativeCrossFunction.apply(x, x_gen, weight, bias, bool(allow_tf32))
+    return GenerativeCrossFunction.apply(x, x_gen, weight, bias, "tf32" if allow_tf32 else "ieee")
 
 
 def _register() -> None:

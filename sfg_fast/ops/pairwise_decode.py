@@ -15,6 +15,7 @@ import torch
 from .. import factored
 from .. import functional as _functional
 from . import sfg_gemm as _gemm
+from ._launch import autocast_half
 from . import sfg_logits as ops_logits
 from .sfg_logits import (DEFAULT_ALLOW_TF32, SfgInteractionFunction, _check_float, _Plan, decoder_operand,
                          has_fp64, result_dtype, triton)
@@ -34,7 +35,7 @@ def pairwise_decode(Z, V, weight, kind, pairs, generated_side, symmetric, allow_
     else:
         left, right = (Z, V) if generated_side == "left" else (V, Z)
     plan = _Plan(kind=kind, y_mode=2, gather=False,
-                 allow_tf32=DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32))
+                 allow_tf32=DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32), half=autocast_half(Z))
     like = torch.empty(0, dtype=torch.float32, device=Z.device)
     out_dtype = result_dtype(Z, V, weight)
     if ops_logits.GEMM_PATH:

@@ -14,6 +14,7 @@ from typing import Optional
 from .. import factored
 from .. import functional as _functional
 from . import sfg_gemm as _gemm
+from ._launch import autocast_half
 from . import sfg_logits as ops_logits
 from .sfg_logits import (DEFAULT_ALLOW_TF32, SfgInteractionFunction, _check_float, _Plan, has_fp64,
                          result_dtype, triton)
@@ -30,7 +31,7 @@ def sfg_encode(V, weight, bias, activation, gamma, residual, allow_tf32: Optiona
         return factored.sfg_encode(V, weight, bias, activation, gamma, residual)
     plan = _Plan(activation=activation, gamma=float(gamma), has_bias=bias is not None, residual=residual,
                  y_mode=0, kind="none", gather=False,
-                 allow_tf32=DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32))
+                 allow_tf32=DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32), half=autocast_half(V))
     out_dtype = result_dtype(V, weight)
     if ops_logits.GEMM_PATH:
         return _gemm.interaction(plan, out_dtype, V, None, None, None, weight, bias, None)

@@ -86,20 +86,24 @@ def torch_gemms(t: torch.Tensor, precision: str) -> bool:
             and not _cublas_fp32_is_tf32())
 
 
-# How a scalar or vector decoder runs on the torch.mm path (exact fp32) and on the Triton GEMMs in TF32: as
-# the dense [W, W] GEMM of every decoder kind (in TF32 fused into the encoder's pass), or by its structure
-# (T_b = sum_k Blk(o, k) applied to X_b: the batched [N, N] mixing of the factored path, D times fewer FLOPs
-# than the dense GEMM, so half of the four GEMMs' work at the Criteo shape; the encoder's GEMMs then run
-# alone, torch.mm or Triton) at the cost of more launches (einsum's copies). Fewer FLOPs pay where the GPU is the bottleneck; more launches cost
-# where the host is (eager steps at CTR shapes). So, by mode:
-#   "graphs" (default): by structure while a CUDA graph is being captured (its launches cost nothing on
-#                       replay), the dense GEMM otherwise; never in deterministic mode, where a step must
-#                       round the same whether it is captured or not (Inductor's CUDA-graph mode runs
-#                       a first step uncaptured, so a resumed run would round that step differently);
-#   "auto":   by structure wherever the torch.mm path or the TF32 Triton GEMMs run;   "never": always dense;
+# How a scalar or vector decoder runs: as the dense [W, W] GEMM of every decoder kind (on the Triton path fused
+# into the encoder's pass), or by its structure (T_b = sum_k Blk(o, k) applied to X_b: the batched [N, N]
+# mixing of the factored path, in fp32, D times fewer FLOPs than the dense GEMM, so half of the four GEMMs'
+# work at the Criteo shape; the encoder's GEMMs then run alone) at the cost of more launches (einsum's
+# copies). Fewer FLOPs pay where the GPU is the bottleneck; more launches cost where the host is (eager
+# steps at CTR shapes). So, by mode:
+#   "graphs" (default): on the torch.mm path (exact fp32 on a GPU) by structure while a CUDA graph is being
+#                       captured (its launches cost nothing on replay), the dense GEMM otherwise; never in
+#                       deterministic mode, where a step must round the same whether it is captured or not
+#                       (Inductor's CUDA-graph mode runs a first step uncaptured, so a resumed run would
+#                       round that step differently). Not on the Triton GEMMs (TF32, autocast's half types):
+#                       there the structured path launches Triton kernels the dense one never does, and a
+#                       kernel's first launch loads its module, which a capture forbids;
+#   "auto":   by structure wherever the torch.mm path or the Triton GEMMs on the matrix units run (eager
+#             steps load the kernels before any capture);   "never": always the dense GEMM;
 #   "always": by structure wherever the op runs (tests).
-# gpu_check's `fused cuda graph` / `fused cuda graph dense` rows and the eager `fused_structured` rows
-# measure both sides.
+# gpu_check's `fused cuda graph` / `fused cuda graph dense` / `fused cuda graph tf32 structured` rows and the
+# eager `fused_structured` rows measure both sides.
 STRUCTURED_DECODER = os.environ.get("SFG_FAST_STRUCTURED_DECODER", "graphs")
 _STRUCTURED_MODES = ("graphs", "auto", "always", "never")
 
@@ -113,19 +117,19 @@ def structured_decoder(t: torch.Tensor, precision: str, kind: str) -> bool:
         return False
     if mode == "always":
         return True
-    if not (torch_gemms(t, precision) or _tf32_triton_gemms(t, precision)):
-        return False
+    if not torch_gemms(t, precision):
+        return mode == "auto" and _matrix_unit_gemms(t, precision)
     if mode == "auto":
         return True
     return (t.is_cuda and not torch.are_deterministic_algorithms_enabled()
             and torch.cuda.is_current_stream_capturing())
 
 
-def _tf32_triton_gemms(t: torch.Tensor, precision: str) -> bool:
-    """The Triton GEMMs in TF32 on a GPU, where the structured decoder also pays: there the dense
-    decoder's half of the GEMM work runs on tensor cores too, but the step's other work is small enough
-    that it is a large share. Its mixing (einsum, a cuBLAS bmm) is kept out of deterministic mode unless
-    cuBLAS repeats (sfg_fast._cublas)."""
+def _matrix_unit_gemms(t: torch.Tensor, precision: str) -> bool:
+    """The Triton GEMMs on a GPU's matrix units (TF32, or autocast's half type), where the structured
+    decoder also pays: there the dense decoder's half of the GEMM work runs on tensor cores too, but the
+    step's other work is small enough that it is a large share. Its mixing (einsum, a cuBLAS bmm, kept in
+    fp32) is kept out of deterministic mode unless cuBLAS repeats (sfg_fast._cublas)."""
     return (t.is_cuda and precision != "ieee"
             and (not torch.are_deterministic_algorithms_enabled() or _cublas.workspace_fixed()))
 
@@ -454,7 +458,10 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
     need_dw = (has_enc and need_w) or (has_dec and need_wd)
     # the weight-gradient GEMM G^T @ X reads K-contiguous copies the elementwise pass writes (see
     # k_major_weight_grad); else G and X themselves, transposed views
-    transposed = need_dw and batch > 0 and width > 0 and k_major_weight_grad(grads, plan.precision)
+    # (the structured plan's weight-gradient GEMM is dWe alone: nothing to copy for a decoder-only pass or a
+    # frozen encoder)
+    transposed = ((has_enc and need_w) if plan.structured else need_dw) and batch > 0 and width > 0 \
+        and k_major_weight_grad(grads, plan.precision)
     grads_t = _empty(parts * width, batch, **f32) if transposed else None
     x_t = _empty(width, batch, **f32) if transposed else None
     if batch > 0 and width > 0:
@@ -532,7 +539,7 @@ def backward(plan, x, ids, offsets, y, enc_w, wd, saved, dlogit=None, dz=None, n
 
 
 def _structured_dx(plan, grads, enc_w, dec, batch, n, d, dlogit, ts, dz2d) -> torch.Tensor:
-    """dX [B, W] fp32 of the structured plan: dH @ We (torch.mm) plus dT mapped back through the decoder's
+    """dX [B, W] fp32 of the structured plan: dH @ We (torch.mm, or the Triton GEMM) plus dT mapped back through the decoder's
     blocks (the transpose of its forward mixing), plus the residual's direct term as in the dense plan."""
     width = n * d
     has_enc = enc_w is not None

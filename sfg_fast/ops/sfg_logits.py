@@ -6,7 +6,8 @@ the same K-loop (the fused SFG step), X itself (the base model) or a dense tenso
 with no decoder it stores Y (sfg_encode). Orientation of the bilinear score (generated side) is a
 strided view of the masked decoder weight, so every combination runs the same kernels.
 
-What is fused, per call of ``sfg_logits`` (fp32 / bf16 / fp16 tables and weights, fp32 accumulation):
+What is fused, per call of ``sfg_logits`` (fp32 / bf16 / fp16 tables and weights, fp32 accumulation; the
+GEMMs' operands rounded to bf16 / fp16 under ``torch.autocast``, as torch's own GEMMs there):
   * symmetric=False (or no encoder): gather -> encoder GEMM -> decoder mix/GEMM -> row-dot in ONE
     forward kernel; the decoder always mixes the raw V (generated_side="right" transposes the
     decoder instead), so the encoder and a matrix decoder share each loaded A tile.
@@ -35,7 +36,7 @@ import torch
 from .. import factored
 from .. import functional as _functional
 from ._higher_order import create_graph_requested, refuse
-from ._launch import cdiv, next_pow2
+from ._launch import autocast_half, cdiv, next_pow2
 
 try:
     import triton
@@ -74,6 +75,7 @@ class _Plan:
     kind: str = "none"          # none (encoder only) | identity | scalar | vector | matrix
     gather: bool = False
     allow_tf32: bool = False
+    half: str = ""               # autocast's half type for tl.dot ("bf16", "fp16", ...; ops._launch.autocast_half)
     structured: bool = False     # ops.sfg_gemm: the decoder operand is the Blk-oriented scalar/vector weight
 
     @property
@@ -91,7 +93,9 @@ class _Plan:
 
     @property
     def precision(self) -> str:
-        return "tf32" if self.allow_tf32 else "ieee"
+        """tl.dot's PRECISION (kernels.sfg_interaction._mma): under autocast its half type, as the plan
+        was made in forward (backward keeps it), else TF32 where allowed, else exact fp32."""
+        return self.half or ("tf32" if self.allow_tf32 else "ieee")
 
 
 def _interpreting() -> bool:
@@ -328,23 +332,26 @@ def _check_float(name, t):
                         f"the exact factored path), got {t.dtype}")
 
 
-def _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side, symmetric, allow_tf32):
+def _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side, symmetric, allow_tf32,
+                 half=""):
     """(plan for the one fused kernel) or (encode plan, decode plan) for the symmetric case."""
     base = _Plan(activation=activation, gamma=gamma, has_bias=enc_bias is not None, residual=residual,
-                 kind=kind, gather=True, allow_tf32=allow_tf32)
+                 kind=kind, gather=True, allow_tf32=allow_tf32, half=half)
     if enc_weight is None:
         return replace(base, y_mode=_Y_IS_X, has_bias=False, residual=False), None, "left"
     if not symmetric:
         return replace(base, y_mode=_Y_ENCODER), None, generated_side
     encode = replace(base, y_mode=_Y_ENCODER, kind="none")
-    decode = _Plan(kind=kind, y_mode=_Y_DENSE, gather=False, allow_tf32=allow_tf32)
+    decode = _Plan(kind=kind, y_mode=_Y_DENSE, gather=False, allow_tf32=allow_tf32, half=half)
     return encode, decode, "left"
 
 
-def _plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side, symmetric, allow_tf32):
-    """(plan, decode plan or None, decoder orientation), with the TF32 default applied."""
+def _plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side, symmetric, allow_tf32, like):
+    """(plan, decode plan or None, decoder orientation), with the TF32 default applied and autocast's
+    half type for tensors like ``like`` (the table or V)."""
     tf32 = DEFAULT_ALLOW_TF32 if allow_tf32 is None else bool(allow_tf32)
-    return _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side, symmetric, tf32)
+    return _logit_plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side, symmetric, tf32,
+                        autocast_half(like))
 
 
 def gemm_decoder(dec_weight, kind: str, pairs: str, n: int, d: int, orientation: str, like,
@@ -388,7 +395,7 @@ def _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, de
     from .embedding_lookup import embedding_lookup as triton_lookup, embedding_lookup_fwd
     if decode is None:                                   # no encoder: Y = X = V
         wd, dense = gemm_decoder(*decoder, _Plan(kind=plan.kind, y_mode=_Y_DENSE, gather=False,
-                                                allow_tf32=plan.allow_tf32))
+                                                allow_tf32=plan.allow_tf32, half=plan.half))
         if autograd:
             V = triton_lookup(ids, table, offsets)
             return _gemm.interaction(dense, out_dtype, V, None, None, V, None, None, wd)
@@ -420,7 +427,7 @@ def sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, acti
                                    gamma, residual, pairs, generated_side, symmetric)
     out_dtype = result_dtype(table, enc_weight, dec_weight)
     plan, decode, orientation = _plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side,
-                                       symmetric, allow_tf32)
+                                       symmetric, allow_tf32, table)
     n, d, like = ids.shape[1], table.shape[1], _f32_like(table)
     decoder = (dec_weight, kind, pairs, n, d, orientation, like)
     if _gemm_path(plan, decode):
@@ -469,7 +476,7 @@ def sfg_logits_fwd(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, 
         batch, n = ids.shape
         d = table.shape[1]
         plan, decode, orientation = _plans(enc_weight, enc_bias, kind, activation, gamma, residual,
-                                           generated_side, symmetric, allow_tf32)
+                                           generated_side, symmetric, allow_tf32, table)
         like = _f32_like(table)
         decoder = (dec_weight, kind, pairs, n, d, orientation, like)
         if not (_gemm_path(plan, decode) or _gemm_composed(plan, decode, table)):
@@ -553,12 +560,12 @@ def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma
                                            backend="triton")
     out_dtype = result_dtype(V, enc_weight, dec_weight)
     plan, decode, orientation = _plans(enc_weight, enc_bias, kind, activation, gamma, residual, generated_side,
-                                       symmetric, allow_tf32)
+                                       symmetric, allow_tf32, V)
     n, d = V.shape[1], V.shape[2]
     decoder = (dec_weight, kind, pairs, n, d, orientation, _f32_like(V))
     if enc_weight is None:                               # the base model: V scored against itself
         wd, dense = gemm_decoder(*decoder, _Plan(kind=kind, y_mode=_Y_DENSE, gather=False,
-                                                allow_tf32=plan.allow_tf32))
+                                                allow_tf32=plan.allow_tf32, half=plan.half))
         return _gemm.interaction(dense, out_dtype, V, None, None, V, None, None, wd)
     plan = replace(plan, gather=False)
     if decode is None:                                   # encoder and decoder in one pass
