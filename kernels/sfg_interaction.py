@@ -30,11 +30,12 @@ KIND_CODES = {"none": 0, "identity": 1, "scalar": 1, "vector": 2, "matrix": 3}
 def _round_bf16(x):
     """fp32 -> the nearest bfloat16 value (ties to even), kept in fp32: the interpreter's own fp32 -> bf16
     cast truncates and its bf16 dot is wrong, so its stand-in for a bf16 dot rounds here and multiplies in
-    exact fp32 (the products of two bf16 values are exact in fp32, as in the matrix units). Finite, inf
-    and NaN inputs map as the hardware conversion maps them."""
+    exact fp32 (the products of two bf16 values are exact in fp32, as in the matrix units). Finite values
+    and infinities map as the hardware conversion maps them; a NaN stays a NaN (the rounding add would
+    carry some payloads into infinity or past the sign bit)."""
     u = x.to(tl.uint32, bitcast=True)
     u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return u.to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, u.to(tl.float32, bitcast=True))
 
 
 @triton.jit

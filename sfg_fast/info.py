@@ -126,7 +126,7 @@ def main() -> None:
                                                   "SFG_FAST_TORCH_GEMMS)" if gemms == "auto" else ""))
     print(f"scalar/vector decoders by their structure: {info['structured_decoder']} "
           "(SFG_FAST_STRUCTURED_DECODER: graphs = inside CUDA-graph captures on the exact-fp32 cuBLAS path, "
-          "auto = always, never = the dense GEMM)")
+          "auto = also eagerly there and on the Triton GEMMs in TF32 / under autocast, never = the dense GEMM)")
     print("cuBLAS workspace fixed before CUDA started: " + ("yes (deterministic runs use cuBLAS GEMMs)"
           if info["cublas_workspace_fixed"] else "no (deterministic runs use the Triton GEMMs; the training "
           "job fixes it, or export CUBLAS_WORKSPACE_CONFIG=:4096:8)"))

@@ -17,7 +17,9 @@ Output dtype contract (the fake and the real kernel must agree, so the eager bod
 the promoted dtype of the op's floating operands (bias excluded for the encoder ops), the table's
 dtype for ``embedding_lookup``, and fp32 (fp64 for fp64 logits) for ``bce_with_logits``. Under
 autocast the custom ops receive their inputs uncast, so a bf16 activation meeting an fp32 table
-promotes to fp32 instead of silently losing precision.
+promotes to fp32 instead of silently losing precision; the caller's autocast state travels in the op's
+backend string, so the op's body (which a compiled graph runs with autocast off) computes as the eager op
+does under autocast (the SFG GEMMs on half operands).
 
 Backward: ``embedding_lookup`` and ``bce_with_logits`` call their Triton backward launchers
 directly; the other ops recompute their forward under autograd inside the backward op and pull
@@ -26,6 +28,7 @@ the eager path has no such cost).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -156,6 +159,35 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
 )}
 
 
+# The caller's torch.autocast state rides in the custom ops' backend string ("triton@autocast:cuda:bfloat16"):
+# inside a compiled graph an op's body no longer sees it (AOTAutograd runs the graph with autocast off), so
+# functional reads it while tracing and the op's forward, and its backward's recomputation, run the eager
+# implementation under the same autocast, computing what the eager op computes there.
+_AUTOCAST = "@autocast:"
+
+
+@_assume_constant_result
+def _autocast_suffix(device: str) -> str:
+    """``_AUTOCAST`` + "<device type>:<dtype>" when autocast is on for ``device`` at trace time, else "".
+    (Dynamo's global-state guard recompiles when the autocast state changes.)"""
+    kind = torch.device(device).type
+    try:
+        if not torch.is_autocast_enabled(kind):
+            return ""
+    except RuntimeError:        # a device type autocast does not know (meta)
+        return ""
+    return f"{_AUTOCAST}{kind}:{str(torch.get_autocast_dtype(kind)).replace('torch.', '')}"
+
+
+def _split_backend(backend: str):
+    """(backend name, the context its eager implementation runs in: the caller's autocast, or none)."""
+    name, sep, rest = backend.partition(_AUTOCAST)
+    if not sep:
+        return name, contextlib.nullcontext()
+    kind, dtype = rest.split(":")
+    return name, torch.autocast(kind, dtype=getattr(torch, dtype))
+
+
 def _backend_impl(backend: str, name: str) -> Callable:
     """The eager implementation of op ``name`` on ``backend`` (the torch one is sfg_fast.factored)."""
     if backend == "torch":
@@ -193,7 +225,8 @@ def _make_forward(spec: OpSpec):
     def forward(*args):
         *op_args, backend = args
         shape, dtype = spec.meta(*op_args)
-        with torch.no_grad():
+        backend, autocast = _split_backend(backend)
+        with torch.no_grad(), autocast:
             out = _backend_impl(backend, spec.name)(*op_args)
         if tuple(out.shape) != tuple(shape):
             raise RuntimeError(f"{spec.name} on backend {backend!r} returned shape {list(out.shape)}, "
@@ -230,7 +263,8 @@ def _autograd_inside_kernel():
 
     The dispatcher runs custom op kernels with the autograd keys excluded (the op's own formula is
     the autograd), so ATen ops in a recomputed forward would record nothing and every gradient
-    would silently be zero. This lifts exactly those keys for the recomputation (autocast stays off).
+    would silently be zero. This lifts exactly those keys for the recomputation (autocast is as the
+    forward ran: ``_split_backend``).
     """
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality) | \
         torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
@@ -261,8 +295,13 @@ def _recompute_backward(spec: OpSpec, backend: str, grad, op_args, needs) -> Lis
 def _make_backward(spec: OpSpec):
     def backward(*args):
         grad, *op_args, backend, needs = args
+        backend, autocast = _split_backend(backend)
         direct = _DIRECT_BACKWARD.get((backend, spec.name))
-        grads = direct(grad, *op_args, needs) if direct else _recompute_backward(spec, backend, grad, op_args, needs)
+        if direct:
+            grads = direct(grad, *op_args, needs)
+        else:
+            with autocast:           # the forward recomputed as the forward ran
+                grads = _recompute_backward(spec, backend, grad, op_args, needs)
         out = []
         for pos, g, need in zip(spec.differentiable, grads, needs):
             t = op_args[pos]
@@ -361,4 +400,5 @@ def compiled_impl(backend: str, name: str, device: torch.device) -> Optional[Cal
     if chosen == "torch":
         return getattr(factored, name)
     custom = op(name)
+    chosen += _autocast_suffix(str(device))
     return lambda *args: custom(*args, chosen)

@@ -367,6 +367,43 @@ def test_autocast_fp16_triton_backend_on_gpu(name):
     _autocast_check(name, "triton", torch.float16)
 
 
+@pytest.mark.interpreter
+def test_autocast_reaches_the_triton_gemms_under_compile(monkeypatch):
+    """A compiled graph runs its custom ops with autocast off, so the caller's autocast state rides in the
+    op's backend string: the compiled forward and its backward's recomputation take autocast's half
+    operands as the eager op does, and the compiled model matches the eager one under autocast."""
+    from sfg_fast.ops import sfg_gemm
+    seen = []
+    real_forward, real_backward = sfg_gemm.forward, sfg_gemm.backward
+    monkeypatch.setattr(sfg_gemm, "forward", lambda plan, *a, **k: seen.append(("fwd", plan.precision))
+                        or real_forward(plan, *a, **k))
+    monkeypatch.setattr(sfg_gemm, "backward", lambda plan, *a, **k: seen.append(("bwd", plan.precision))
+                        or real_backward(plan, *a, **k))
+    half = "bf16_rne" if TRITON_DEVICE == "cpu" else "bf16"
+    model = _model("fwfm", "triton")
+    ids, labels = _ids(device=TRITON_DEVICE), torch.rand(B, device=TRITON_DEVICE)
+
+    def step(i, y):
+        with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16):
+            return _step(model, i, y, "triton")
+    logits, loss = step(ids, labels)
+    loss.backward()
+    eager_grads = _grads(model)
+    assert seen and {p for _, p in seen} == {half}, seen
+    model.zero_grad(set_to_none=True)
+    seen.clear()
+    logits_c, loss_c = torch.compile(step, fullgraph=True, backend="aot_eager")(ids, labels)
+    loss_c.backward()
+    assert {kind for kind, _ in seen} == {"fwd", "bwd"} and {p for _, p in seen} == {half}, seen
+    torch.testing.assert_close(logits_c, logits, rtol=1e-5, atol=1e-5)
+    for key, g in _grads(model).items():
+        torch.testing.assert_close(g, eager_grads[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16, enabled=False):   # autocast off: fp32 again
+        seen.clear()
+        torch.compile(lambda i: model(i), fullgraph=True, backend="aot_eager")(ids)
+    assert seen and {p for _, p in seen} == {"ieee"}, seen
+
+
 def test_autocast_under_compile():
     model = _model("dcnv2")
     ids, labels = _ids(), torch.rand(B)

@@ -167,7 +167,10 @@ def k_major_weight_grad(t: torch.Tensor, precision: str) -> bool:
     (bench/results/nvidia-h200/profile-20261128T213757.txt; how the 380 us split is not measured). The
     exact-fp32 path
     multiplies on CUDA cores and copies 16 bytes at a time either way (with fewer shared-memory loads on
-    the views, by its PTX), and torch.mm (cuBLAS) transposes for free: both keep the views."""
+    the views, by its PTX), and torch.mm (cuBLAS) transposes for free: both keep the views. Under autocast
+    (bf16 / fp16 operands) the copies are made too: the global loads are fp32 either way, and the sm_90
+    compile check (bench/triton_aot.py) shows 16-byte copies with them; whether the half types would also
+    copy 16 bytes from the views is not checked."""
     if WEIGHT_GRAD_K_MAJOR is not None:
         return WEIGHT_GRAD_K_MAJOR
     return precision != "ieee" and not torch_gemms(t, precision)
@@ -405,7 +408,7 @@ def _split_forward(plan, x, y, enc_w, enc_b, wd, hs, ts, z, part, block_n, f32) 
     decoder's structure (``plan.structured``), into the saved buffers when given; then the Triton
     epilogue, which writes the partial logits ``part`` [B, cdiv(W, block_n)] for _sfg_logit_reduce_kernel
     (the layout the fused kernel writes). The GEMMs are torch.mm where TORCH_GEMMS says so, else the
-    Triton GEMM (the structured decoder in TF32)."""
+    Triton GEMM (the structured decoder in TF32 or under autocast)."""
     has_enc, has_dec = enc_w is not None, wd is not None
     batch, width = part.shape[0], x.shape[-2] * x.shape[-1]
     x2d = x.reshape(batch, width)
