@@ -197,7 +197,7 @@ def test_structured_decoder_on_the_triton_gemms_captures_and_replays(monkeypatch
     """"auto" runs a scalar decoder by its structure on the Triton GEMMs (TF32; bf16 under autocast) in eager
     steps too, so their kernels are loaded before the capture (a capture cannot load a module); the replay
     computes what the eager step computed (the same kernels on the same inputs; cuBLAS's bmm of the mixing
-    may pick another algorithm inside a capture, so to fp32 rounding)."""
+    may pick another algorithm inside a capture, so to fp32 rounding, and bf16's gradients to bf16's)."""
     from sfg_fast.ops import sfg_gemm, sfg_logits
     monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "auto")
     monkeypatch.setattr(sfg_logits, "DEFAULT_ALLOW_TF32", precision == "tf32")
@@ -235,4 +235,7 @@ def test_structured_decoder_on_the_triton_gemms_captures_and_replays(monkeypatch
     torch.cuda.synchronize()
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for p, want in zip(params, eager_grads):
-        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5)
+        if precision == "bf16":   # a last-bit change of T can move dH to the next bf16 value in the GEMMs
+            torch.testing.assert_close(p.grad, want, rtol=2e-2, atol=1e-2 * max(1.0, want.abs().max().item()))
+        else:
+            torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5)
