@@ -604,6 +604,9 @@ def _check_trainer_keys(cfg: Dict[str, Any], device: torch.device) -> None:
     if cfg.get("compile") not in (False, None):
         raise ValueError("compile is not supported by distributed runs yet (the sharded model steps through "
                          "TorchRec's pipeline eagerly); leave it false")
+    if cfg.get("amp") not in (False, None):
+        raise ValueError("amp is not supported by distributed runs yet (their training step runs without "
+                         "autocast); leave it false")
     if cfg.get("group_field") is not None:
         raise ValueError("group_field (gAUC) is not computed by distributed runs yet; evaluate the saved model "
                          "with a single-process run (sfg-fast train --set group_field=...) or leave it unset")

@@ -77,6 +77,9 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     # runtime
     "device": "auto",
     "threads": None,
+    "amp": False,               # "bf16": the training forward under torch.autocast(bfloat16): its GEMMs (the
+                                # SFG kernels', cuBLAS's, the CPU extension's) on bf16 operands with fp32
+                                # accumulation; the loss, the optimizers and evaluation stay fp32
     "deterministic": True,      # fit under torch.use_deterministic_algorithms(True, warn_only=True): the
                                 # GPU backward passes reduce without atomics, so a run (and a resume) repeats
                                 # bit for bit; false trades that for speed
@@ -294,6 +297,9 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
                          f"backend name, got {compile_!r}")
     if isinstance(compile_, str) and compile_.strip() not in INDUCTOR_MODES:
         _compile_backend(compile_)      # an unknown name fails here, before the data is read
+    if cfg["amp"] not in (False, None, "bf16"):
+        raise ValueError(f"amp must be false or 'bf16' (the training forward under torch.autocast(bfloat16)), "
+                         f"got {cfg['amp']!r}")
     if cfg["threads"] is not None and (not isinstance(cfg["threads"], (int, np.integer)) or cfg["threads"] < 1):
         raise ValueError(f"threads must be a positive integer or None, got {cfg['threads']!r}")
     if not isinstance(cfg["data_options"] or {}, dict):
@@ -782,7 +788,8 @@ class Trainer:
                 labels = self.train_labels[index].to(self.device, non_blocking=True)
                 if self._cudagraph_steps:
                     torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs are done
-                logits = self._train_forward(ids)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config["amp"] == "bf16"):
+                    logits = self._train_forward(ids)
                 loss = SF.bce_with_logits(logits, labels, reduction="mean")
                 loss_value = float(loss.detach())
                 where = (f"epoch {self.epoch + 1}, batch {batch_index + 1} (global step {self.step + 1})")

@@ -135,6 +135,34 @@ def test_resume_is_exact(tmp_path, tiny, model, moved):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
+def test_amp_bf16_trains_under_autocast_and_resumes_exactly(tmp_path, tiny, monkeypatch):
+    """amp: bf16 runs the training forward under torch.autocast(bfloat16) (and only it: evaluation is fp32),
+    learns, changes the numbers against the fp32 run, resumes bit for bit, and cannot be changed on resume."""
+    from sfg_fast import models as model_zoo
+    states = []
+    real_forward = model_zoo.CTRModel.__call__
+
+    def spy(self, *args, **kwargs):
+        states.append((self.training, torch.is_autocast_enabled("cpu")
+                       and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+        return real_forward(self, *args, **kwargs)
+    monkeypatch.setattr(model_zoo.CTRModel, "__call__", spy)
+    extra = dict(model="fwfm", patience=3, amp="bf16")
+    full = T.Trainer(_config(tmp_path, "full", epochs=2, **extra), data=tiny).fit()
+    assert {s for s in states if s[0]} == {(True, True)} and {s for s in states if not s[0]} == {(False, False)}
+    assert full["config"]["amp"] == "bf16" and full["test_auc"] > 0.55
+    fp32 = T.Trainer(_config(tmp_path, "fp32", epochs=2, **dict(extra, amp=False)), data=tiny).fit()
+    assert fp32["history"][0]["train_loss"] != full["history"][0]["train_loss"]
+    T.Trainer(_config(tmp_path, "part", epochs=1, **extra), data=tiny).fit()
+    resumed = T.resume(str(tmp_path / "part"), data=tiny, epochs=2)
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    assert resumed["test_auc"] == full["test_auc"]
+    with pytest.raises(ValueError, match="cannot change 'amp'"):
+        T.resume(str(tmp_path / "part"), data=tiny, amp=False)
+    with pytest.raises(ValueError, match="amp must be false or 'bf16'"):
+        T.Trainer(_config(tmp_path, "bad", amp="fp16"), data=tiny)
+
+
 def test_resume_rejects_changed_experiment(tmp_path, tiny):
     T.Trainer(_config(tmp_path, epochs=1), data=tiny).fit()
     with pytest.raises(ValueError, match="cannot change 'lr'"):
