@@ -80,6 +80,40 @@ def _make_step(embedding, encoder, decoder, backend):
     return step
 
 
+def _capture(step):
+    """``step()`` run once eagerly on a side stream (compiles the kernels and loads their modules, which a
+    capture cannot), then recorded into a CUDA graph: ``(graph, the captured call's output)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):           # records the step; nothing runs until replay
+        out = step()
+    return graph, out
+
+
+def _spy_structured_dx(monkeypatch):
+    """The calls of ops.sfg_gemm._structured_dx (one per backward that took the structured decoder)."""
+    from sfg_fast.ops import sfg_gemm
+    calls = []
+    real = sfg_gemm._structured_dx
+    monkeypatch.setattr(sfg_gemm, "_structured_dx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _layer_params(seed, bias):
+    """V [64, 6, 8], an encoder (with a bias when asked) and a scalar decoder, as leaves on the device."""
+    gen = torch.Generator().manual_seed(seed)
+    n, d, b = 6, 8, 64
+    V = torch.randn(b, n, d, generator=gen).to(DEVICE).requires_grad_()
+    enc = (torch.randn(n * d, n * d, generator=gen) / 7).to(DEVICE).requires_grad_()
+    extra = [torch.randn(n * d, generator=gen).to(DEVICE).requires_grad_()] if bias else []
+    dec = torch.randn(n, n, generator=gen).to(DEVICE).requires_grad_()
+    return (V, enc, *extra, dec)
+
+
 @pytest.mark.gpu
 def test_whole_fused_step_captured_in_a_cuda_graph_trains_like_eager_steps():
     dims, dim, batch = [300, 7, 50, 1000], 16, 512
@@ -94,14 +128,8 @@ def test_whole_fused_step_captured_in_a_cuda_graph_trains_like_eager_steps():
 
     graphed = _make_step(*graph_parts, "triton")
     static_ids, static_labels = batches[0][0].clone(), batches[0][1].clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):          # the first step, eagerly: compiles the kernels, builds the state
-        graphed(static_ids, static_labels)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):           # records the step; nothing runs until replay
-        graphed(static_ids, static_labels)
+    # the first step, eagerly, also builds the optimizer state
+    graph, _ = _capture(lambda: graphed(static_ids, static_labels))
     for ids, labels in batches[1:]:
         static_ids.copy_(ids)
         static_labels.copy_(labels)
@@ -156,14 +184,8 @@ def test_structured_decoder_inside_a_capture(monkeypatch):
     if not sfg_gemm.torch_gemms(torch.zeros(1, device=DEVICE), "ieee"):
         pytest.skip("the torch.mm path is off here (torch's TF32 setting or deterministic mode)")
     assert sfg_gemm.STRUCTURED_DECODER == "graphs"
-    calls = []
-    real = sfg_gemm._structured_dx
-    monkeypatch.setattr(sfg_gemm, "_structured_dx", lambda *a, **k: calls.append(1) or real(*a, **k))
-    gen = torch.Generator().manual_seed(5)
-    n, d, b = 6, 8, 64
-    V = torch.randn(b, n, d, generator=gen).to(DEVICE).requires_grad_()
-    enc = (torch.randn(n * d, n * d, generator=gen) / 7).to(DEVICE).requires_grad_()
-    dec = torch.randn(n, n, generator=gen).to(DEVICE).requires_grad_()
+    calls = _spy_structured_dx(monkeypatch)
+    V, enc, dec = _layer_params(5, bias=False)
 
     def forward_backward():
         for p in (V, enc, dec):
@@ -174,16 +196,10 @@ def test_structured_decoder_inside_a_capture(monkeypatch):
 
     eager = forward_backward().detach().clone()
     eager_grads = [p.grad.clone() for p in (V, enc, dec)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):           # warm-up outside the capture: still the dense GEMM
-        forward_backward()
-    torch.cuda.current_stream().wait_stream(side)
-    assert calls == []
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = forward_backward()
-    assert calls, "the capture did not take the structured decoder"
+    assert calls == []                      # eagerly: the dense GEMM
+    graph, out = _capture(forward_backward)
+    # the side-stream warm-up (eager: dense) did not take it, the capture did
+    assert len(calls) == 1, "the capture did not take the structured decoder (or the warm-up did)"
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
@@ -201,16 +217,8 @@ def test_structured_decoder_on_the_triton_gemms_captures_and_replays(monkeypatch
     from sfg_fast.ops import sfg_gemm, sfg_logits
     monkeypatch.setattr(sfg_gemm, "STRUCTURED_DECODER", "auto")
     monkeypatch.setattr(sfg_logits, "DEFAULT_ALLOW_TF32", precision == "tf32")
-    calls = []
-    real = sfg_gemm._structured_dx
-    monkeypatch.setattr(sfg_gemm, "_structured_dx", lambda *a, **k: calls.append(1) or real(*a, **k))
-    gen = torch.Generator().manual_seed(6)
-    n, d, b = 6, 8, 64
-    V = torch.randn(b, n, d, generator=gen).to(DEVICE).requires_grad_()
-    enc = (torch.randn(n * d, n * d, generator=gen) / 7).to(DEVICE).requires_grad_()
-    bias = torch.randn(n * d, generator=gen).to(DEVICE).requires_grad_()
-    dec = torch.randn(n, n, generator=gen).to(DEVICE).requires_grad_()
-    params = (V, enc, bias, dec)
+    calls = _spy_structured_dx(monkeypatch)
+    params = V, enc, bias, dec = _layer_params(6, bias=True)
 
     def forward_backward():
         for p in params:
@@ -223,14 +231,7 @@ def test_structured_decoder_on_the_triton_gemms_captures_and_replays(monkeypatch
     eager = forward_backward().detach().clone()
     eager_grads = [p.grad.clone() for p in params]
     assert calls, "the eager step did not take the structured decoder"
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward_backward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = forward_backward()
+    graph, out = _capture(forward_backward)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)

@@ -397,7 +397,7 @@ def forward(plan, x, ids, offsets, y, enc_w, enc_b, wd, labels=None, store=False
 
 def _k_major(b: torch.Tensor, precision: str) -> torch.Tensor:
     """A weight as the B operand [K, N] of a Triton GEMM: a K-contiguous copy where the GEMM wants one
-    (TF32; see k_major_weight_grad), as is otherwise."""
+    (on the matrix units: TF32, autocast's half types; see k_major_weight_grad), as is otherwise."""
     if b.stride(0) == 1 or not k_major_weight_grad(b, precision):
         return b
     return b.t().contiguous().t()
