@@ -7,7 +7,7 @@ label values), so the checks are cheap.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,28 @@ def pair_index(num_fields: int, pairs: str, device=None):
     return rows, cols + (cols >= rows).to(torch.int64)
 
 
+def check_positive_finite(name: str, value) -> float:
+    """A positive finite float hyper-parameter (lr, eps), named in the error."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a positive finite number, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
+
+
+def check_betas(value) -> Tuple[float, float]:
+    """Adam's (beta1, beta2): two numbers in [0, 1)."""
+    try:
+        pair = tuple(float(b) for b in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"betas must be two numbers in [0, 1), got {value!r}") from None
+    if len(pair) != 2 or not all(0.0 <= b < 1.0 for b in pair):   # NaN fails the comparison too
+        raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
+    return pair
+
+
 def check_ids(ids) -> None:
     """``ids`` must be an int32/int64 ``[B, N]`` tensor of field-local ids (values are not read)."""
     if not isinstance(ids, torch.Tensor):
@@ -218,11 +240,20 @@ def check_ids_in_range(ids: torch.Tensor, sizes: torch.Tensor) -> None:
 
 def clamp_to_oov(ids: torch.Tensor, sizes: torch.Tensor):
     """Remap out-of-range ids to their field's last id (the OOV row). Returns (ids, count) with ids
-    in their own dtype."""
+    in their own dtype. A field without rows (equal offsets, or the last one at the table's end) has
+    no OOV row: ValueError naming it (its last id would be another field's first row, or past the
+    table). One host sync."""
     bad = (ids < 0) | (ids >= sizes)    # int64 comparison (sizes may exceed int32 ids' range)
+    if not ids.numel():
+        return ids, 0
+    count, empty = torch.stack([bad.sum(), (sizes < 1).sum()]).tolist()
+    if empty:
+        field = int((sizes < 1).nonzero()[0, 0])
+        raise ValueError(f"bounds_check='clamp_to_oov' needs at least one row (the OOV row) in every field; "
+                         f"field {field} has none (offsets give field sizes {sizes.tolist()})")
     # every int32 id is below a size past 2^31, so capping the OOV id to the dtype's max changes no result
     oov = (sizes - 1).clamp(0, torch.iinfo(ids.dtype).max).to(ids.dtype).expand_as(ids)
-    return torch.where(bad, oov, ids), int(bad.sum())
+    return torch.where(bad, oov, ids), count
 
 
 def check_encode(V, weight, bias, activation, gamma, residual, prefix: str = "", source: str = "V") -> float:

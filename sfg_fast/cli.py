@@ -103,7 +103,7 @@ def _add_common(p: argparse.ArgumentParser, compare: bool = False) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfg-fast", description="Train, compare and analyse CTR models with Supervised Feature Generation.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,compare,analyze,quantize}")
+    sub = parser.add_subparsers(dest="command")
     sub.required = True
 
     p = sub.add_parser("train", help="train one model (base or SFG)",

@@ -5,7 +5,7 @@ Shape letters (B, N, D, V, P) are defined in ``sfg_fast.functional``.
 from __future__ import annotations
 
 import operator
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -15,14 +15,16 @@ from . import functional as SF
 from ._backend import BACKENDS, module_backend
 
 
-def _count(name: str, value) -> int:
-    """A positive integer hyper-parameter (ints, numpy ints, 0-d int tensors; never a truncated float)."""
+def _count(name: str, value, minimum: int = 1) -> int:
+    """An integer hyper-parameter of at least ``minimum`` (ints, numpy ints, 0-d int tensors; never a
+    truncated float or a bool)."""
     try:
         count = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
-    if isinstance(value, bool) or count < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or count < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
     return count
 
 
@@ -116,16 +118,16 @@ def check_ids_width(module: nn.Module, ids) -> None:
                          f"{module.num_fields} fields, got {list(ids.shape)}")
 
 
-def clamp_ids_to_oov(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """``bounds_check="clamp_to_oov"`` for a table module (``field_sizes`` buffer, ``clamped_count``
-    counter): out-of-range ids become their field's last (OOV) id and are counted. Ids already checked
-    for dtype and shape."""
+def clamp_ids_to_oov(module: nn.Module, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``bounds_check="clamp_to_oov"`` for a table module (``field_sizes`` buffer): out-of-range ids
+    become their field's last (OOV) id. Returns ``(ids, count)``, count a 0-d int64 tensor that the caller
+    adds to its ``clamped_count`` buffer once the lookup has succeeded (a failed call counts nothing).
+    Ids already checked for dtype and shape."""
     sizes = module.field_sizes                      # int64: compared without narrowing to ids' dtype
     bad = (ids < 0) | (ids >= sizes)
-    # counted in a tensor buffer: no host sync, and torch.compile traces it without a graph break
-    module.clamped_count += bad.sum()
     oov = (sizes - 1).clamp(0, torch.iinfo(ids.dtype).max).to(ids.dtype)
-    return torch.where(bad, oov.expand_as(ids), ids)
+    # counted as a tensor: no host sync, and torch.compile traces it without a graph break
+    return torch.where(bad, oov.expand_as(ids), ids), bad.sum()
 
 
 class FieldEmbedding(FieldDimsState, nn.Module):
@@ -141,6 +143,7 @@ class FieldEmbedding(FieldDimsState, nn.Module):
                  init_std: float = 1e-4, backend: str = "auto"):
         super().__init__()
         dims = init_table_fields(self, field_dims, embedding_dim, bounds_check)
+        C.check_choice("backend", backend, BACKENDS)
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim))
         self.register_buffer("clamped_count", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -151,9 +154,11 @@ class FieldEmbedding(FieldDimsState, nn.Module):
         check_ids_width(self, ids)
         if self.bounds_check == "clamp_to_oov":
             C.check_lookup(ids, self.weight, self.offsets, "clamp_to_oov")
-            ids = clamp_ids_to_oov(self, ids)
-            return SF.embedding_lookup(ids, self.weight, self.offsets, "off",
-                                       backend=module_backend(self.backend, "embedding_lookup"))
+            ids, clamped = clamp_ids_to_oov(self, ids)
+            V = SF.embedding_lookup(ids, self.weight, self.offsets, "off",
+                                    backend=module_backend(self.backend, "embedding_lookup"))
+            self.clamped_count += clamped
+            return V
         return SF.embedding_lookup(ids, self.weight, self.offsets, self.bounds_check,
                                    backend=module_backend(self.backend, "embedding_lookup"))
 
@@ -306,19 +311,22 @@ class MLP(nn.Module):
         if isinstance(hidden_units, (str, bytes)) or not hasattr(hidden_units, "__iter__"):
             raise TypeError(f"hidden_units must be a list of positive layer widths, got {hidden_units!r}")
         hidden_units = [_count("hidden_units", u) for u in hidden_units]
+        batch_norm = _flag("batch_norm", batch_norm)
+        drop = _dropout(dropout)
         layers = []
-        width = int(input_dim)
+        width = _count("input_dim", input_dim)
         for units in hidden_units:
-            layers.append(nn.Linear(width, int(units)))
+            layers.append(nn.Linear(width, units))
             if batch_norm:
-                layers.append(nn.BatchNorm1d(int(units)))
+                layers.append(nn.BatchNorm1d(units))
             layers.append(_MLP_ACTIVATIONS[activation]())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = int(units)
+            if drop is not None:
+                layers.append(nn.Dropout(drop.p))
+            width = units
         if output_dim is not None:
-            layers.append(nn.Linear(width, int(output_dim)))
-            width = int(output_dim)
+            out = _count("output_dim", output_dim)
+            layers.append(nn.Linear(width, out))
+            width = out
         self.output_dim = width
         self.layers = nn.Sequential(*layers)
 
@@ -343,8 +351,9 @@ class GenerativeCrossNet(nn.Module):
                  cross_bias: bool = False, backend: str = "auto"):
         super().__init__()
         C.check_choice("regenerate_from", regenerate_from, ("x_l", "x_0"))
-        self.num_fields, self.embedding_dim = int(num_fields), int(embedding_dim)
-        self.num_layers = int(num_layers)
+        C.check_choice("backend", backend, BACKENDS)
+        self.num_fields, self.embedding_dim = _count("num_fields", num_fields), _count("embedding_dim", embedding_dim)
+        self.num_layers = _count("num_layers", num_layers, minimum=0)     # 0 layers: x_L = x_0
         self.generative = _flag("generative", generative)
         self.regenerate_from = regenerate_from
         self.backend = backend
@@ -367,6 +376,10 @@ class GenerativeCrossNet(nn.Module):
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         C.check_tensor("x0", x0, ndim=2)
+        width = self.num_fields * self.embedding_dim
+        if x0.shape[1] != width:
+            raise ValueError(f"x0 must have shape [B, N*D]=[B, {width}] (N={self.num_fields}, "
+                             f"D={self.embedding_dim}), got {list(x0.shape)}")
         x = x0
         for layer, linear in enumerate(self.cross):
             x = SF.generative_cross(x, self.gate(layer, x0, x), linear.weight, linear.bias,
@@ -388,8 +401,10 @@ class CIN(nn.Module):
                  encoder_bias: bool = False, residual: bool = False, backend: str = "auto",
                  dropout: float = 0.0):
         super().__init__()
-        self.num_fields, self.embedding_dim = int(num_fields), int(embedding_dim)
-        self.layer_sizes = [int(h) for h in layer_sizes]
+        self.num_fields, self.embedding_dim = _count("num_fields", num_fields), _count("embedding_dim", embedding_dim)
+        if isinstance(layer_sizes, (str, bytes)) or not hasattr(layer_sizes, "__iter__"):
+            raise TypeError(f"layer_sizes must be a list of positive layer widths, got {layer_sizes!r}")
+        self.layer_sizes = [_count("layer_sizes", h) for h in layer_sizes]
         self.generative = _flag("generative", generative)
         convs = []
         prev = self.num_fields
@@ -407,6 +422,9 @@ class CIN(nn.Module):
 
     def forward(self, V: torch.Tensor) -> torch.Tensor:
         C.check_embeddings("V", V)
+        if tuple(V.shape[1:]) != (self.num_fields, self.embedding_dim):
+            raise ValueError(f"V must have shape [B, N, D]=[B, {self.num_fields}, {self.embedding_dim}], "
+                             f"got {list(V.shape)}")
         batch, _, d = V.shape
         x = V
         pooled = []

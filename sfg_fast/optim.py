@@ -48,13 +48,6 @@ FUSED_BACKENDS = ("auto", "torch", "triton", "cpu", "cuda")
 _CPU_FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _positive_finite(name: str, value) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return value
-
-
 class SparseRowOptimizer:
     """A row-sparse optimizer for one ``[V, D]`` table: ``sgd`` | ``adagrad`` (rowwise) | ``adam`` (lazy).
 
@@ -96,7 +89,7 @@ class SparseRowOptimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr = self._hyper[0] = _positive_finite("lr", value)
+        self._lr = self._hyper[0] = C.check_positive_finite("lr", value)
 
     @property
     def eps(self) -> float:
@@ -105,7 +98,7 @@ class SparseRowOptimizer:
     @eps.setter
     def eps(self, value: float) -> None:
         # eps = 0 turns a touched row whose gradient is zero into 0/0 = NaN
-        self._eps = self._hyper[1] = _positive_finite("eps", value)
+        self._eps = self._hyper[1] = C.check_positive_finite("eps", value)
 
     @property
     def betas(self) -> Tuple[float, float]:
@@ -113,10 +106,7 @@ class SparseRowOptimizer:
 
     @betas.setter
     def betas(self, value) -> None:
-        value = tuple(value)
-        if len(value) != 2 or not all(0.0 <= float(b) < 1.0 for b in value):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {value!r}")
-        self._betas = (float(value[0]), float(value[1]))
+        self._betas = C.check_betas(value)
         self._hyper[2], self._hyper[3] = self._betas
 
     @property
@@ -705,9 +695,11 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
         check_ids_width(self, ids)
         if self.bounds_check == "clamp_to_oov":
             C.check_lookup(ids, self.weight, self.offsets, "clamp_to_oov")
-            ids = clamp_ids_to_oov(self, ids)      # counts in the clamped_count buffer (no host sync)
-        else:
-            ids, _ = _validated_ids(ids, self.weight, self.offsets, self.bounds_check)
+            ids, clamped = clamp_ids_to_oov(self, ids)
+            V = _fused_lookup(ids, self.weight, self.offsets, self.optimizer, self.backend)
+            self.clamped_count += clamped       # a buffer: no host sync; only after the lookup succeeded
+            return V
+        ids, _ = _validated_ids(ids, self.weight, self.offsets, self.bounds_check)
         return _fused_lookup(ids, self.weight, self.offsets, self.optimizer, self.backend)
 
     @property

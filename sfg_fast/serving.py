@@ -241,17 +241,21 @@ class QuantizedFieldEmbedding(FieldDimsState, nn.Module):
         out.to(embedding.weight.device)
         return out
 
-    def _ids(self, ids: torch.Tensor) -> Tuple[torch.Tensor, str]:
-        """ids ready for the kernels, and the bounds mode still to apply (clamp_to_oov counts here)."""
+    def _ids(self, ids: torch.Tensor) -> Tuple[torch.Tensor, str, Optional[torch.Tensor]]:
+        """ids ready for the kernels, the bounds mode still to apply, and (clamp_to_oov) the count of
+        remapped ids to add to ``clamped_count`` once the lookup has succeeded."""
         check_ids_width(self, ids)
         if self.bounds_check != "clamp_to_oov":
-            return ids, self.bounds_check
+            return ids, self.bounds_check, None
         _check_quantised(ids, self.qweight, self.scale_bias, self.offsets, "clamp_to_oov")
-        return clamp_ids_to_oov(self, ids), "off"
+        ids, clamped = clamp_ids_to_oov(self, ids)
+        return ids, "off", clamped
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        ids, mode = self._ids(ids)
+        ids, mode, clamped = self._ids(ids)
         V = embedding_lookup_int8(ids, self.qweight, self.scale_bias, self.offsets, mode, backend=self.backend)
+        if clamped is not None:
+            self.clamped_count += clamped
         return V if self.dtype == torch.float32 else V.to(self.dtype)
 
     @property

@@ -622,9 +622,11 @@ class Trainer:
         self.train_cfg, self.hparams, self.ignored_keys = split_config(config)
         _check_train_config(self.train_cfg)
         _check_plain_config(config)
-        if isinstance(config.get("data_dir"), str) and config["data_dir"]:
-            # stored absolute: predict, analyze and quantize read the data again from other directories
-            config["data_dir"] = os.path.abspath(os.path.expanduser(config["data_dir"]))
+        for key in ("data_dir", "cache_dir"):
+            if isinstance(config.get(key), str) and config[key]:
+                # stored absolute: predict, analyze and quantize read the data (and its cache) again from
+                # other directories
+                config[key] = os.path.abspath(os.path.expanduser(config[key]))
         self.config = config
         if config["out"] is None:
             config["out"] = default_out_dir(config)
@@ -1086,12 +1088,20 @@ def iter_batches(ids: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
 
 
 def _checkpoint_data(ckpt: Dict[str, Any], data=None):
-    """The dataset of a checkpoint's run (loaded from its config unless given), checked by field_dims."""
+    """The dataset of a checkpoint's run (loaded from its config unless given), checked by field_dims and
+    by the run's data fingerprint (a raw file edited since training keeps its field_dims when every field
+    keeps its number of values, but its rows, labels and vocabularies are others: metrics on it would
+    silently describe other data)."""
     if data is None:
         data = load_data(dict(ckpt["config"]))
     if list(data.schema.field_dims) != list(ckpt["schema"]["field_dims"]):
         raise ValueError(f"the dataset's field_dims {list(data.schema.field_dims)} differ from the checkpoint's "
                          f"{ckpt['schema']['field_dims']}; was the data or its preprocessing changed?")
+    saved = ckpt.get("data_fingerprint")
+    if saved is not None and saved != data_fingerprint(data):
+        raise ValueError("the dataset differs from the one the checkpoint was trained on (same field_dims, other "
+                         "rows or labels): was the raw file or its preprocessing changed since training? "
+                         "Score new data with `sfg-fast predict RUN_DIR --data-dir ...`")
     return data
 
 

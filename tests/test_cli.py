@@ -260,6 +260,18 @@ def test_predict_via_main(tmp_path, capsys):
     np.testing.assert_array_equal(scored[:, 2], new_rows[:, 3])
     assert json.loads((tmp_path / "p3" / "predict.json").read_text())["metrics"] is None
     capsys.readouterr()
+    # the training file edited since (labels flipped: same vocabularies, so same field_dims): quantize and
+    # analyze re-read the run's data and must refuse it, not report metrics of other data as the run's
+    lines = (tmp_path / "train.csv").read_text().splitlines(keepends=True)
+    flipped = [lines[0]]
+    for line in lines[1:]:
+        cells = line.split(",")
+        cells[1] = "0" if cells[1] == "1" else "1"          # the click column
+        flipped.append(",".join(cells))
+    (tmp_path / "train.csv").write_text("".join(flipped))
+    assert cli.main(["quantize", out, "--threads", "1", "--no-export"]) == 2
+    assert cli.main(["analyze", out, "--max-samples", "50"]) == 2
+    assert capsys.readouterr().err.count("differs from the one the checkpoint was trained on") == 2
     assert cli.main(["predict", out, "--data-dir", str(tmp_path / "test.csv")]) == 2   # unlabelled, read as labelled
     assert "--unlabeled" in capsys.readouterr().err
     # a feature map from another run (same fields and sizes, other tokens) is refused, not used

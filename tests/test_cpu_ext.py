@@ -245,6 +245,34 @@ def test_sparse_update_rejects_bad_arguments():
         cpu_ext.sparse_row_update("adam", weight, {}, ids, offsets, torch.randn(3, 2, 3), lr=0.1, step=0)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_sparse_update_refuses_what_the_optimizer_refuses_and_keeps_state_on_failure(kind):
+    """The hyper-parameters SparseRowOptimizer refuses (lr NaN, eps 0, beta 1) would write NaN into the
+    touched rows; they are refused by name, and a call that fails, here or in the extension's own checks,
+    leaves the table and the state dict as they were (no half-created state)."""
+    field_dims = [4, 6]
+    weight, offsets = _table(field_dims, 3), offsets_of(field_dims)
+    ids = zipf_ids(3, field_dims)
+    grad = torch.randn(3, 2, 3)
+    before = weight.clone()
+    for kwargs, name in (({"lr": float("nan")}, "lr"), ({"lr": "fast"}, "lr"), ({"lr": 0.1, "eps": 0.0}, "eps"),
+                         ({"lr": 0.1, "betas": (1.0, 0.9)}, "betas"), ({"lr": 0.1, "step": 1.5}, "step")):
+        state = {}
+        with pytest.raises((ValueError, TypeError), match=name):
+            cpu_ext.sparse_row_update(kind, weight, state, ids, offsets, grad, **kwargs)
+        assert state == {} and torch.equal(weight, before)
+    for bad_call in (lambda st: cpu_ext.sparse_row_update(kind, weight.double(), st, ids, offsets, grad, lr=0.1),
+                     lambda st: cpu_ext.sparse_row_update(kind, weight, st, ids, offsets, grad[:, :1], lr=0.1)):
+        state = {}
+        with pytest.raises((ValueError, TypeError)):
+            bad_call(state)
+        assert state == {} and torch.equal(weight, before)
+    state = {}
+    cpu_ext.sparse_row_update(kind, weight, state, ids, offsets, grad, lr=0.1)
+    assert sorted(state) == {"sgd": [], "adagrad": ["sum"], "adam": ["exp_avg", "exp_avg_sq"]}[kind]
+    assert not torch.equal(weight, before)
+
+
 # ------------------------------------------------------------------------------------ fused sfg_logits
 
 CASES = [

@@ -344,6 +344,47 @@ def test_criteo_split_gzip_and_max_rows(tmp_path):
     assert sum(len(s) for s in small.splits().values()) == 100
 
 
+def test_gzip_without_its_name_a_bom_and_an_empty_file(tmp_path):
+    """Files as they arrive: gzip data named without ``.gz`` (Avazu's ``train``) is read by its magic bytes;
+    a UTF-8 byte-order mark before a headerless file's first label is not part of it; an empty file is
+    refused naming it, not read as zero rows."""
+    write_criteo(tmp_path / "train.txt", num_rows=200)
+    reference = load_dataset("criteo", data_dir=tmp_path / "train.txt", cache_dir=False, min_count=1)
+    (tmp_path / "gz").mkdir()
+    write_criteo(tmp_path / "gz" / "train.txt", num_rows=200, opener=gzip.open)
+    assert (tmp_path / "gz" / "train.txt").read_bytes()[:2] == b"\x1f\x8b"
+    assert_same_data(reference, load_dataset("criteo", data_dir=tmp_path / "gz" / "train.txt", cache_dir=False,
+                                             min_count=1))
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / "train.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "train.txt").read_bytes())
+    assert_same_data(reference, load_dataset("criteo", data_dir=tmp_path / "bom" / "train.txt", cache_dir=False,
+                                             min_count=1))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.txt: no data lines"):
+        load_dataset("criteo", data_dir=tmp_path / "empty.txt", cache_dir=False)
+
+
+def test_a_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A cache write that fails midway (a full disk) is reported in info['cache_error'] and leaves nothing
+    behind in the cache directory: no partial temp file, no schema without its arrays."""
+    import errno
+
+    from sfg_fast.data import common
+
+    write_criteo(tmp_path / "train.txt", num_rows=120)
+
+    def savez(fh, **arrays):
+        fh.write(b"x" * 100000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(common.np, "savez", savez)
+    data = load_dataset("criteo", data_dir=tmp_path, min_count=1)
+    assert "No space left" in data.info["cache_error"]
+    assert sorted(os.listdir(tmp_path / ".sfg_cache")) == []
+    monkeypatch.undo()
+    assert load_dataset("criteo", data_dir=tmp_path, min_count=1).info["from_cache"] is False
+    assert load_dataset("criteo", data_dir=tmp_path, min_count=1).info["from_cache"] is True
+
+
 def test_criteo_chunking_line_endings_and_blank_lines(tmp_path):
     rows = write_criteo(tmp_path / "train.txt", num_rows=120)
     reference = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, split=(1, 0, 0), min_count=2)

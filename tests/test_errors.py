@@ -214,6 +214,84 @@ def test_field_dims_are_never_truncated_or_split(field_dims, error):
     from sfg_fast.nn import FieldEmbedding
     with pytest.raises(error, match="field_dims"):
         FieldEmbedding(field_dims, 4)
+    with pytest.raises(error, match="field_dims"):
+        models.build("fm", field_dims, 4)
+
+
+@pytest.mark.parametrize("build,error,name", [
+    (lambda: models.build("fm", FIELD_DIMS, 4.9), TypeError, "embedding_dim"),
+    (lambda: models.build("fm", FIELD_DIMS, True), ValueError, "embedding_dim"),
+    (lambda: models.build("dcnv2", FIELD_DIMS, 4, num_cross_layers=-1), ValueError, "num_cross_layers"),
+    (lambda: snn.GenerativeCrossNet(2, 3, num_layers=-2), ValueError, "num_layers"),
+    (lambda: snn.GenerativeCrossNet(2, 3, backend="bogus"), ValueError, "backend"),
+    (lambda: snn.MLP(4, (3,), dropout=-0.5), ValueError, "dropout"),
+    (lambda: snn.MLP(4, (3,), dropout=float("nan")), ValueError, "dropout"),
+    (lambda: snn.MLP(2.5, (3,)), TypeError, "input_dim"),
+    (lambda: snn.MLP(4, (3,), output_dim=0), ValueError, "output_dim"),
+    (lambda: snn.CIN(2, 3, [-1]), ValueError, "layer_sizes"),
+    (lambda: snn.CIN(2, 3, 16), TypeError, "layer_sizes"),
+    (lambda: snn.FieldEmbedding(FIELD_DIMS, 2, backend="bogus"), ValueError, "backend"),
+])
+def test_layer_sizes_and_counts_are_never_truncated_or_dropped(build, error, name):
+    """A float width, a negative layer count or dropout is an error naming it, not a truncation or a
+    layer silently left out."""
+    with pytest.raises(error, match=name):
+        build()
+
+
+def test_layers_name_a_wrong_input_width():
+    with pytest.raises(ValueError, match=r"x0 must have shape \[B, N\*D\]=\[B, 6\]"):
+        snn.GenerativeCrossNet(2, 3, 1)(torch.randn(4, 5))
+    with pytest.raises(ValueError, match=r"x0 must have shape"):
+        snn.GenerativeCrossNet(2, 3, 1, generative=False)(torch.randn(4, 5))
+    with pytest.raises(ValueError, match=r"V must have shape \[B, N, D\]=\[B, 2, 3\]"):
+        snn.CIN(2, 3, (4,))(torch.randn(4, 3, 3))
+    x0 = torch.randn(4, 6)
+    assert torch.equal(snn.GenerativeCrossNet(2, 3, 0)(x0), x0)     # no cross layer: x_L = x_0
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "cpu",
+                                     pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_clamp_to_oov_refuses_a_field_without_rows(backend):
+    """A field of size 0 (equal offsets, or the last one at the table's end) has no OOV row: its "last id"
+    would be the next field's first row or the row past the table. Refused by name on every backend,
+    before anything is read or updated (the buffer's row past the table stays untouched)."""
+    if backend == "cpu":
+        pytest.importorskip("sfg_fast._C")
+    from sfg_fast import optim
+    buf = torch.zeros(4, 2)
+    buf[3] = 7.0
+    weight = buf[:3]
+    for offsets in (torch.tensor([0, 3]), torch.tensor([0, 0])):
+        ids = torch.tensor([[1, 5]])
+        with pytest.raises(ValueError, match="field 1 has none|field 0 has none"):
+            SF.embedding_lookup(ids, weight, offsets, "clamp_to_oov", backend=backend)
+        if backend != "reference":
+            table = weight.detach().requires_grad_()
+            with pytest.raises(ValueError, match="has none"):
+                optim.fused_embedding_lookup(ids, table, offsets, optim.SparseRowOptimizer("sgd", lr=1.0),
+                                             bounds_check="clamp_to_oov", backend=backend)
+    assert torch.equal(buf[3], torch.full((2,), 7.0)) and torch.equal(buf[:3], torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("module", ["FieldEmbedding", "FusedFieldEmbedding"])
+def test_clamp_to_oov_counts_only_lookups_that_succeed(module, monkeypatch):
+    """The OOV counter moves only when the lookup itself succeeds: a lookup that raises (here the backend
+    refuses the call) leaves num_clamped where it was."""
+    from sfg_fast import optim
+    cls = snn.FieldEmbedding if module == "FieldEmbedding" else optim.FusedFieldEmbedding
+    emb = cls(FIELD_DIMS, 2, bounds_check="clamp_to_oov", backend="torch")
+    emb(torch.tensor([[0, 9, 1]]))
+    assert emb.num_clamped == 1
+    import sfg_fast.functional as functional
+
+    def refuse(*args, **kwargs):
+        raise BackendUnavailableError("refused for the test")
+    monkeypatch.setattr(functional, "_impl", refuse)
+    monkeypatch.setattr(optim, "_fused_lookup", refuse)
+    with pytest.raises(BackendUnavailableError):
+        emb(torch.tensor([[0, 9, 1], [-1, 0, 0]]))
+    assert emb.num_clamped == 1
 
 
 def test_state_dict_saved_with_other_field_dims_is_refused(tmp_path):

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write, atomic_write_bytes
 from .schema import CTRData, Schema, Split
 
 CACHE_FORMAT = 3   # 3: the vocabularies (kept tokens per field) are cached too
@@ -221,14 +221,21 @@ def open_text(path: str):
     Lines end at "\n" only, exactly where :func:`count_lines` counts them (a stray "\r" must not start
     a line: the reader sizes its split from that count, so an extra line would push a real row off the
     end); a "\r" before the "\n" (CRLF) is stripped by the readers."""
-    if path.endswith(".gz"):
+    if is_gzip(path):
         return gzip.open(path, "rt", encoding="latin-1", newline="\n")
     return open(path, "r", encoding="latin-1", newline="\n")
 
 
+def is_gzip(path: str) -> bool:
+    """Whether ``path`` holds gzip data, by its magic bytes (Avazu's ``train`` comes gzipped without a
+    ``.gz`` name): read as text, it would fail on its header or column count with a misleading message."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
 def count_lines(path: str, limit: Optional[int] = None) -> int:
     """Number of lines (a last line without newline counts), stopping once ``limit`` is reached."""
-    opener = gzip.open if path.endswith(".gz") else open
+    opener = gzip.open if is_gzip(path) else open
     n = 0
     last = b"\n"
     with opener(path, "rb") as f:
@@ -364,11 +371,11 @@ def save_cache(cache_dir: str, name: str, key: str, data: CTRData, source: Optio
             # JSON as UTF-8 bytes: a numpy string array would drop a token's trailing NUL characters and
             # take 4 bytes a character
             arrays["vocabularies"] = np.frombuffer(json.dumps(data.vocabularies).encode("utf-8"), dtype=np.uint8)
+        # a file object stops numpy from appending another .npz; atomic_write fsyncs, and removes its temp file
+        # when the write fails (a full disk, Ctrl-C). The schema follows the arrays: an entry is only read
+        # when both are there.
+        atomic_write(npz_path, lambda fh: np.savez(fh, **arrays))
         data.schema.save_json(schema_path)
-        tmp = f"{npz_path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:  # a file object stops numpy from appending another .npz
-            np.savez(f, **arrays)
-        os.replace(tmp, npz_path)
         if source is not None:
             text = json.dumps(dict(source, cache_format=CACHE_FORMAT), sort_keys=True, default=str)
             atomic_write_bytes(text.encode("utf-8"), _source_path(cache_dir, name, key))

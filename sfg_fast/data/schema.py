@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .._io import atomic_write_bytes
+
 
 @dataclass
 class Schema:
@@ -71,11 +73,8 @@ class Schema:
                    oov_ids=d.get("oov_ids"))
 
     def save_json(self, path) -> None:
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)  # readers never see a half-written schema
+        # readers never see a half-written schema, and a failed write leaves no temp file behind
+        atomic_write_bytes(json.dumps(self.to_dict(), indent=1).encode("utf-8"), os.fspath(path))
 
     @classmethod
     def load_json(cls, path) -> "Schema":

@@ -89,6 +89,9 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
     header_lines = 1 if fmt.has_header else 0
     limit = None if max_rows is None else max_rows + header_lines
     num_slots = max(count_lines(path, limit) - header_lines, 0)
+    if num_slots == 0:
+        raise ValueError(f"{path}: no data lines" + (" after the header" if header_lines else "")
+                         + f" (an empty file, or not a {fmt.name} file)")
     assign = split_assignment(num_slots, ratios, seed)
     log = SkipLog(path, skip_bad_lines)
     num_columns = len(fmt.column_names)
@@ -113,6 +116,9 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
             lines = list(itertools.islice(f, min(chunk_rows, num_slots - slot)))
             if not lines:
                 break
+            if slot == 0 and not fmt.has_header:
+                # a UTF-8 byte-order mark (read as latin-1) is not part of the first line's label
+                lines[0] = lines[0].removeprefix("\xef\xbb\xbf")
             num_lines = len(lines)
             first_line = header_lines + slot + 1
             columns, good, bad, drop = _split_lines(lines, fmt.sep, num_columns)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import functional as SF
-from ..nn import FieldEmbedding, SFGEncoder, _flag
+from ..nn import FieldEmbedding, SFGEncoder, _as_field_dims, _count, _flag
 
 
 class FirstOrder(nn.Module):
@@ -47,9 +47,9 @@ class CTRModel(nn.Module):
                              f"embedding='fused' (or a distributed run), got embedding={embedding!r}")
         if embedding == "fused":
             sparse = dict(dict(FUSED_DEFAULTS), **sparse)
-        self.field_dims = [int(x) for x in field_dims]
+        self.field_dims = _as_field_dims(field_dims)
         self.num_fields = len(self.field_dims)
-        self.embedding_dim = int(embedding_dim)
+        self.embedding_dim = _count("embedding_dim", embedding_dim)
         self.generative = _flag("generative", generative)
         self.backend = backend
         self.encoder_kwargs = dict(activation=activation, gamma=gamma, bias=encoder_bias,

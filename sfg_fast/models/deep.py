@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn import CIN, MLP, GenerativeCrossNet
+from ..nn import CIN, MLP, GenerativeCrossNet, _count
 from .base import CTRModel, FirstOrder
 
 
@@ -50,6 +50,7 @@ class CrossNet(CTRModel):
                  hidden_units: Sequence[int] = (), dropout: float = 0.0, batch_norm: bool = False, **kwargs):
         super().__init__(field_dims, embedding_dim, generative, **kwargs)
         enc = self.encoder_kwargs
+        num_cross_layers = _count("num_cross_layers", num_cross_layers, minimum=0)
         self.crossnet = GenerativeCrossNet(self.num_fields, self.embedding_dim, num_cross_layers, self.generative,
                                            regenerate_from, enc["residual"], enc["dropout"], enc["activation"],
                                            enc["gamma"], enc["bias"], cross_bias, self.backend)

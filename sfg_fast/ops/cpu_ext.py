@@ -18,6 +18,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from .. import _checks as C
 from .. import factored
 from .._backend import BackendUnavailableError, _extension_status
 from ..library import _promote as _out_dtype
@@ -208,20 +209,28 @@ def sparse_row_update(kind: str, weight: torch.Tensor, state: Dict[str, torch.Te
         raise ValueError(f"kind must be one of {_UPDATE_KINDS}, got {kind!r}")
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict of optimizer state tensors, got {type(state).__name__}")
-    rows, dim = weight.shape if weight.dim() == 2 else (None, None)
-    if rows is None:
-        raise ValueError(f"weight must have shape [V, D], got {list(weight.shape)}")
-    # Create missing state only: an eager default would zero two [V, D] tensors on every step.
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a [V, D] tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"weight must be an fp32 or bf16 table for the cpu backend, got dtype {weight.dtype}")
+    # the hyper-parameters SparseRowOptimizer accepts: lr = NaN or eps = 0 would write NaN into touched rows
+    lr, eps = C.check_positive_finite("lr", lr), C.check_positive_finite("eps", eps)
+    b1, b2 = C.check_betas(betas)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an integer >= 1 (the optimizer's step count), got {step!r}")
+    rows, dim = weight.shape
+    # Create missing state only (an eager default would zero two [V, D] tensors on every step), and into a
+    # copy of the dict until the update has run: a call that fails leaves ``state`` as it was.
     shapes = {"adagrad": {"sum": (rows,)}, "adam": {"exp_avg": (rows, dim), "exp_avg_sq": (rows, dim)}}
-    for name, shape in shapes.get(kind, {}).items():
-        if name not in state:
-            state[name] = torch.zeros(shape, dtype=torch.float32)
-    state1 = state.get("sum") if kind == "adagrad" else state.get("exp_avg")
-    state2 = state.get("exp_avg_sq") if kind == "adam" else None
-    b1, b2 = (float(b) for b in betas)
+    created = {name: torch.zeros(shape, dtype=torch.float32)
+               for name, shape in shapes.get(kind, {}).items() if name not in state}
+    full = dict(state, **created)
+    state1 = full.get("sum") if kind == "adagrad" else full.get("exp_avg")
+    state2 = full.get("exp_avg_sq") if kind == "adam" else None
     with torch.no_grad():
-        _C.sparse_row_update(kind, weight, state1, state2, ids, offsets, grad_V.detach(), float(lr), float(eps),
-                             b1, b2, int(step), bounds_check)
+        _C.sparse_row_update(kind, weight, state1, state2, ids, offsets, grad_V.detach(), lr, eps,
+                             b1, b2, step, bounds_check)
+    state.update(created)
 
 
 def quantize_rowwise_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
