@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shlex
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -46,9 +45,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
 def _key_value(text: str):
     import yaml
 
@@ -58,13 +54,13 @@ def _key_value(text: str):
     key = key.strip()
     if not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a non-empty KEY, got {text!r}")
+    from .train import _config_loader
+
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        # read as config files are: 1e-3 is a number (YAML 1.2), not the string YAML 1.1 makes of it
+        parsed = yaml.load(value, Loader=_config_loader()) if value.strip() else None
     except yaml.YAMLError as exc:
         raise argparse.ArgumentTypeError(f"value of {key!r} is not valid YAML: {exc}") from None
-    if isinstance(parsed, str) and _EXPONENT_FLOAT.match(parsed.strip()):
-        # YAML 1.1 (PyYAML) reads 1e-3 as a string; on a command line it can only mean the number
-        parsed = float(parsed)
     return key, parsed
 
 
@@ -377,8 +373,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, OSError, ImportError) as exc:
         print(f"sfg-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        hint = {"train": "; resume with --resume <out dir>",
+    except KeyboardInterrupt as exc:
+        resume_from = getattr(exc, "resume_from", None)
+        train_hint = (f"; resume with --resume {resume_from}" if resume_from else
+                      "; no checkpoint of this run had been written yet: run the command again to start it")
+        hint = {"train": train_hint,
                 "compare": "; finished runs keep their results.json, and rerunning the command trains every run again"
                 }.get(args.command, "")
         print(f"sfg-fast {args.command}: interrupted{hint}", file=sys.stderr)

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -159,6 +160,32 @@ def split_config(config: Dict[str, Any]):
     return train_cfg, hparams, sorted(ignored)
 
 
+def _config_loader():
+    """PyYAML's safe loader with two changes for configs: YAML 1.2 floats (``lr: 1e-3``, which YAML 1.1
+    reads as the string "1e-3": it wants ``1.0e-3``), and a key written twice in one mapping is an error
+    (YAML would silently keep the last value: ``epochs: 1`` then ``epochs: 3`` trains 3 epochs)."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)
+                seen = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    if isinstance(key, str) and key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark, f"found the key {key!r} twice",
+                            key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    ConfigLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+.0123456789"))
+    return ConfigLoader
+
+
 def load_yaml_config(path: str) -> Dict[str, Dict[str, Any]]:
     """Read a FuxiCTR-style YAML file (or every ``*.yaml`` of a directory) into ``{block: dict}``."""
     import yaml
@@ -176,7 +203,7 @@ def load_yaml_config(path: str) -> Dict[str, Dict[str, Any]]:
     for file in paths:
         with open(file) as fh:
             try:
-                content = yaml.safe_load(fh) or {}
+                content = yaml.load(fh, Loader=_config_loader()) or {}
             except yaml.YAMLError as exc:   # not a ValueError: say which file, where, without a traceback
                 raise ValueError(f"config file {file!r} is not valid YAML: {exc}") from None
         if not isinstance(content, dict):
@@ -264,9 +291,21 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
 
     for key in ("epochs", "batch_size", "eval_batch_size"):
         positive_int(key)
-    seed = cfg["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    for key in ("seed", "data_seed"):
+        # torch.manual_seed and numpy's generators take at most 64 bits
+        seed = cfg[key]
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"{key} must be an integer in [0, 2**63), got {seed!r}")
+    verbose = cfg["verbose"]
+    if verbose is not None and (not isinstance(verbose, (bool, int, np.integer)) or verbose < 0):
+        raise ValueError(f"verbose must be true, false or an integer >= 0, got {verbose!r}")
+    for key, what in (("out", "a directory path or None"), ("expid", "a name or None"),
+                      ("cache_dir", "a directory path, None (beside the data) or false (no cache)")):
+        value = cfg[key]
+        if value is None or (key == "cache_dir" and value is False):
+            continue
+        if not (isinstance(value, str) and value.strip()):
+            raise ValueError(f"{key} must be {what}, got {value!r}")
     wd = cfg["weight_decay"]
     if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
@@ -300,7 +339,8 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
     if cfg["amp"] not in (False, None, "bf16"):
         raise ValueError(f"amp must be false or 'bf16' (the training forward under torch.autocast(bfloat16)), "
                          f"got {cfg['amp']!r}")
-    if cfg["threads"] is not None and (not isinstance(cfg["threads"], (int, np.integer)) or cfg["threads"] < 1):
+    if cfg["threads"] is not None and (isinstance(cfg["threads"], bool) or not isinstance(cfg["threads"], (int, np.integer))
+                                       or cfg["threads"] < 1):
         raise ValueError(f"threads must be a positive integer or None, got {cfg['threads']!r}")
     if not isinstance(cfg["data_options"] or {}, dict):
         raise ValueError(f"data_options must be a mapping, got {cfg['data_options']!r}")
@@ -819,10 +859,8 @@ class Trainer:
 
     def _diverged_message(self, what: str, where: str) -> str:
         last = os.path.join(self.out, "last.pt")
-        # only a last.pt this run wrote or resumed from: a reused directory may hold another run's
-        ours = self.epoch > 0 and os.path.exists(last) and (self._wrote_checkpoint or self._resumed)
         kept = (f"the last good checkpoint {last} (end of epoch {self.epoch}) is intact"
-                if ours else "no checkpoint of this run had been written yet")
+                if self.resumable_checkpoint() else "no checkpoint of this run had been written yet")
         return (f"training diverged: {what} at {where}; stopping. {kept}. "
                 f"Try a lower lr (now {self._lr():g}) or a smaller gamma.")
 
@@ -888,6 +926,8 @@ class Trainer:
                 return self._fit()
         except BaseException as exc:
             self._fit_failed = type(exc).__name__
+            if isinstance(exc, KeyboardInterrupt):
+                exc.resume_from = self.resumable_checkpoint()    # the CLI's hint: resume, or start again
             raise
         finally:
             torch.use_deterministic_algorithms(before[0], warn_only=before[1])
@@ -896,6 +936,8 @@ class Trainer:
         cfg = self.config
         os.makedirs(self.out, exist_ok=True)
         self._remove_stale_temp_files()
+        if not self._resumed:
+            self._remove_replaced_run()
         self._write_feature_map()
         if self.verbose:
             log.info("training %s (%s) on %s: %d train / %d valid / %d test rows, %d fields, %d parameters, "
@@ -914,6 +956,24 @@ class Trainer:
         if self.stopped_early and self.verbose:
             log.info("early stop after epoch %d: no validation AUC gain for %d epochs", self.epoch, self.bad_epochs)
         return self.finish()
+
+    def _remove_replaced_run(self) -> None:
+        """A fresh run into a directory that holds another run's files (allowed by ``overwrite``) removes them
+        before its first epoch: otherwise, stopped before its first checkpoint, the directory would pair the
+        other run's last.pt / best.pt with this run's command, and its results.json would describe a run
+        that is not there (a resume would silently continue the other run)."""
+        for name in RUN_FILES:
+            try:
+                os.unlink(os.path.join(self.out, name))
+            except FileNotFoundError:
+                pass
+
+    def resumable_checkpoint(self) -> Optional[str]:
+        """The directory to ``--resume`` this run from, or None while no checkpoint of this run exists
+        (a last.pt there belongs to it only once it wrote one, or resumed from it)."""
+        last = os.path.join(self.out, "last.pt")
+        ours = self.epoch > 0 and os.path.exists(last) and (self._wrote_checkpoint or self._resumed)
+        return self.out if ours else None
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files of an atomic write that a killed process never renamed (each up to a checkpoint's size)."""
@@ -1059,6 +1119,13 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
             if os.path.exists(os.path.join(out_dir, name)):
                 raise ValueError(f"--out {out_dir} already holds a {name} (another run's files); resume into an "
                                  f"empty directory or into the checkpoint's own ({source_dir})")
+    if stop.get("best_epoch") and not best_is_this and not os.path.exists(best):
+        raise ValueError(f"cannot resume {file}: the run's best model (epoch {stop.get('best_epoch')}) was in a "
+                         f"best.pt that is not beside it in {source_dir}; results would test the wrong model")
+    # Every check of the config, device and data first: a resume refused there writes nothing (files copied
+    # into a new --out would make a retry into it look like another run's directory).
+    trainer = Trainer(config, data=data, checkpoint=ckpt)
+    if out_dir != source_dir:
         # The final reload needs the best model so far, which may predate the resumed epochs.
         if best_is_this or os.path.exists(best):
             _atomic_write(os.path.join(out_dir, "best.pt"), lambda fh: _copy_into(file if best_is_this else best, fh))
@@ -1071,10 +1138,7 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
         # the checkpoint is the best model: best.pt may be missing or older (a run stopped between
         # writing last.pt and best.pt)
         _atomic_write(best, lambda fh: _copy_into(file, fh))
-    if not os.path.exists(os.path.join(out_dir, "best.pt")) and stop.get("best_epoch") and not best_is_this:
-        raise ValueError(f"cannot resume {file}: the run's best model (epoch {stop.get('best_epoch')}) was in a "
-                         f"best.pt that is not beside it in {source_dir}; results would test the wrong model")
-    return Trainer(config, data=data, checkpoint=ckpt).fit()
+    return trainer.fit()
 
 
 def _copy_into(path: str, fh) -> None:

@@ -80,6 +80,18 @@ def test_model_flag_selects_its_block(tmp_path):
     assert config["model"] == "fwfm" and config["epochs"] == 4
 
 
+def test_yaml_configs_read_floats_as_yaml_1_2_does(tmp_path):
+    """lr: 1e-3 is the number FuxiCTR configs mean (YAML 1.1 alone would read the string "1e-3", which the
+    trainer refuses); dotted, signed and capitalised forms too; strings stay strings."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("Base:\n  lr: 1e-3\n  min_lr: 1E-6\n  gamma: 2.5e+1\n  weight_decay: -1_0e-2\n"
+                    "exp:\n  model: fm\n  expid_note: 1e3x\n  seed: 12\n")
+    blocks = T.load_yaml_config(str(path))
+    assert blocks["Base"] == {"lr": 1e-3, "min_lr": 1e-6, "gamma": 25.0, "weight_decay": -0.1}
+    assert blocks["exp"] == {"model": "fm", "expid_note": "1e3x", "seed": 12}
+    assert isinstance(blocks["exp"]["seed"], int)
+
+
 def test_config_errors(tmp_path, capsys):
     path = _write_config(tmp_path, {"Base": {"model": "fm"}, "exp": {"model": "fm", "gama": 1.0}})
     with pytest.raises(ValueError, match="expid 'nope' is not a block"):
@@ -95,6 +107,12 @@ def test_config_errors(tmp_path, capsys):
     assert cli.main(["train", "--config", str(broken)]) == 2
     err = capsys.readouterr().err
     assert "is not valid YAML" in err and "broken.yaml" in err and "Traceback" not in err
+    # a key written twice in one block would silently keep its last value
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("exp:\n  epochs: 1\n  model: fm\n  epochs: 3\n")
+    assert cli.main(["train", "--config", str(twice), "--expid", "exp"]) == 2
+    err = capsys.readouterr().err
+    assert "found the key 'epochs' twice" in err and "line 4" in err
     for bad in (["train", "--epochs", "0"], ["train", "--lr", "-1"], ["train", "--base", "--generative"],
                 ["train", "--set", "novalue"], ["compare", "--seeds"], ["frobnicate"]):
         with pytest.raises(SystemExit) as info:
@@ -397,13 +415,20 @@ def test_compare_checks_every_config_before_training(tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.parametrize("command,hint", [("train", "--resume"), ("compare", "rerunning"), ("analyze", None)])
+@pytest.mark.parametrize("command,hint", [("train", "--resume /runs/x"), ("train-early", "run the command again"),
+                                          ("compare", "rerunning"), ("analyze", None)])
 def test_an_interrupt_says_what_can_be_resumed(monkeypatch, capsys, command, hint):
+    """train: --resume names the run's directory once it has a checkpoint of its own (the trainer's
+    KeyboardInterrupt carries it), else says to start again."""
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        exc = KeyboardInterrupt()
+        if command == "train":
+            exc.resume_from = "/runs/x"
+        raise exc
+    command_name = command.replace("-early", "")
     for name in ("_run_train", "_run_compare", "_run_analyze"):
         monkeypatch.setattr(cli, name, interrupted)
-    argv = {"train": ["train"], "compare": ["compare"], "analyze": ["analyze", "somewhere"]}[command]
+    argv = {"train": ["train"], "compare": ["compare"], "analyze": ["analyze", "somewhere"]}[command_name]
     assert cli.main(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and (hint in err if hint else "--resume" not in err)

@@ -253,7 +253,9 @@ def test_config_errors_name_the_key(tmp_path, tiny):
         T.Trainer(_config(tmp_path, lr_decay_factor="0.5"), data=tiny)
     for key, value in (("seed", 1.5), ("seed", "abc"), ("weight_decay", "abc"), ("weight_decay", -1.0),
                        ("patience", True), ("reduce_lr_on_plateau", "no"), ("compile", 1), ("compile", " "),
-                       ("compile", "no-such-backend")):
+                       ("compile", "no-such-backend"), ("data_seed", "abc"), ("data_seed", -1), ("seed", 10 ** 23),
+                       ("verbose", "abc"), ("verbose", -3), ("threads", True), ("out", 5), ("expid", 3),
+                       ("cache_dir", 5)):
         with pytest.raises(ValueError, match=key):
             T.Trainer(_config(tmp_path, **{key: value}), data=tiny)
     with pytest.raises(TypeError, match="hidden_units"):
@@ -504,6 +506,47 @@ def test_fit_after_an_interrupt_is_refused_and_stale_temp_files_go(tmp_path, tin
     (out / ".unrelated.tmp").write_bytes(b"not ours")
     T.Trainer(_config(tmp_path, epochs=1), data=tiny, overwrite=True).fit()
     assert _leftover_temp_files(out) == [".unrelated.tmp"]
+
+
+def test_a_fresh_run_over_another_replaces_it_whole(tmp_path, tiny):
+    """overwrite: a fresh run into another run's directory removes that run's checkpoints and results before
+    its first epoch. Stopped before its own first checkpoint it leaves nothing a resume could take for it
+    (the interrupt carries resume_from None, the CLI's hint); stopped later it names its own checkpoint."""
+    T.Trainer(_config(tmp_path, epochs=1), data=tiny).fit()      # the other run: last.pt, best.pt, results.json
+    out = tmp_path / "run"
+    assert all((out / name).exists() for name in T.RUN_FILES)
+
+    def interrupt_in_epoch(trainer, epoch):
+        real, calls = trainer._train_epoch, []
+
+        def train_epoch():
+            calls.append(epoch)
+            if len(calls) == epoch:
+                raise KeyboardInterrupt
+            return real()
+        trainer._train_epoch = train_epoch
+        with pytest.raises(KeyboardInterrupt) as info:
+            trainer.fit()
+        return info.value
+
+    stopped = interrupt_in_epoch(T.Trainer(_config(tmp_path, model="fwfm"), data=tiny, overwrite=True), 1)
+    assert stopped.resume_from is None
+    assert not any((out / name).exists() for name in T.RUN_FILES)
+    stopped = interrupt_in_epoch(T.Trainer(_config(tmp_path, model="fwfm"), data=tiny, overwrite=True), 2)
+    assert stopped.resume_from == str(out)
+    assert T.load_checkpoint(str(out / "last.pt"))["config"]["model"] == "fwfm"
+    assert not (out / "results.json").exists()
+    assert T.resume(str(out), data=tiny)["model"] == "fwfm"
+
+
+def test_a_refused_resume_into_a_new_directory_writes_nothing(tmp_path, tiny):
+    """A resume refused by the trainer's checks (here threads=0) copies nothing into its new --out, so that
+    the corrected command is not refused as "another run's files"."""
+    T.Trainer(_config(tmp_path, "a", epochs=1), data=tiny).fit()
+    with pytest.raises(ValueError, match="threads"):
+        T.resume(str(tmp_path / "a"), data=tiny, epochs=2, threads=0, out=str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+    assert T.resume(str(tmp_path / "a"), data=tiny, epochs=2, out=str(tmp_path / "b"))["epochs_run"] == 2
 
 
 def test_resume_refuses_an_out_holding_another_runs_results(tmp_path, tiny):
