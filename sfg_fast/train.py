@@ -1106,6 +1106,10 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
         if key not in RESUME_OVERRIDABLE and config.get(key) != value:
             raise ValueError(f"cannot change {key!r} when resuming ({config.get(key)!r} -> {value!r}); "
                              f"only {list(RESUME_OVERRIDABLE)} may change")
+    epochs, done = overrides.get("epochs"), int(ckpt.get("epoch") or 0)
+    if isinstance(epochs, (int, np.integer)) and not isinstance(epochs, bool) and 0 < epochs < done:
+        raise ValueError(f"epochs={epochs} is fewer than the {done} epochs the checkpoint has already run; "
+                         f"a resume can only train longer (its results would report {done} epochs run of {epochs})")
     config.update(overrides)
     source_dir = os.path.dirname(os.path.abspath(file))
     if "out" not in overrides:
@@ -1119,6 +1123,17 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
             if os.path.exists(os.path.join(out_dir, name)):
                 raise ValueError(f"--out {out_dir} already holds a {name} (another run's files); resume into an "
                                  f"empty directory or into the checkpoint's own ({source_dir})")
+    last = os.path.join(source_dir, "last.pt")
+    if out_dir == source_dir and os.path.abspath(file) != os.path.abspath(last) and os.path.exists(last):
+        # e.g. --resume RUN/best.pt: continuing an earlier epoch in place would overwrite the later last.pt
+        try:
+            newer = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+        except Exception:       # an unreadable last.pt is what a resume from best.pt may be meant to get past
+            newer = None
+        if isinstance(newer, int) and newer > int(ckpt.get("epoch") or 0):
+            raise ValueError(f"resuming {file} (epoch {ckpt.get('epoch')}) in its own directory would overwrite "
+                             f"{last} (epoch {newer}) and lose the epochs after it; resume into another --out, "
+                             f"or resume {last}")
     if stop.get("best_epoch") and not best_is_this and not os.path.exists(best):
         raise ValueError(f"cannot resume {file}: the run's best model (epoch {stop.get('best_epoch')}) was in a "
                          f"best.pt that is not beside it in {source_dir}; results would test the wrong model")

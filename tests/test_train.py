@@ -539,6 +539,32 @@ def test_a_fresh_run_over_another_replaces_it_whole(tmp_path, tiny):
     assert T.resume(str(out), data=tiny)["model"] == "fwfm"
 
 
+def test_resuming_an_earlier_checkpoint_in_place_never_overwrites_later_epochs(tmp_path, tiny, monkeypatch):
+    """--resume RUN/best.pt, when best.pt is older than last.pt, would overwrite the later epochs in place:
+    refused, naming both; into another --out it continues from the best epoch."""
+    real = T.evaluate_model
+
+    def worse_after_first(model, ids, labels, device, batch_size=16384, name="valid"):
+        metrics = real(model, ids, labels, device, batch_size, name)
+        if name == "valid" and model.training and len(calls) > 0:
+            metrics["AUC"] = 0.0
+        calls.append(name)
+        return metrics
+    calls = []
+    monkeypatch.setattr(T, "evaluate_model", worse_after_first)
+    T.Trainer(_config(tmp_path, "a", epochs=2, patience=5), data=tiny).fit()
+    monkeypatch.undo()
+    best, last = tmp_path / "a" / "best.pt", tmp_path / "a" / "last.pt"
+    assert T.load_checkpoint(str(best))["epoch"] == 1 and T.load_checkpoint(str(last))["epoch"] == 2
+    before = last.read_bytes()
+    with pytest.raises(ValueError, match=r"epoch 1\) in its own directory would overwrite .*last.pt \(epoch 2\)"):
+        T.resume(str(best), data=tiny, epochs=3)
+    assert last.read_bytes() == before
+    with pytest.raises(ValueError, match="epochs=1 is fewer than the 2 epochs"):
+        T.resume(str(last), data=tiny, epochs=1)
+    assert T.resume(str(best), data=tiny, epochs=3, out=str(tmp_path / "b"))["epochs_run"] == 3
+
+
 def test_a_refused_resume_into_a_new_directory_writes_nothing(tmp_path, tiny):
     """A resume refused by the trainer's checks (here threads=0) copies nothing into its new --out, so that
     the corrected command is not refused as "another run's files"."""
