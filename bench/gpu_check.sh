@@ -4,7 +4,8 @@
 # About 5-7 minutes on an H100/H200.
 # Usage: bash bench/gpu_check.sh [gpu_check.py options, e.g. --vocab-scale 0.1 --sections lookup]
 # Env: GPU_TESTS_TIMEOUT (s, default 150), GPU_TEST_WORKERS (pytest-xdist workers, default 8),
-#      SFG_FAST_GPU_BUILD_EXT=0 (skip the extension), GPU_CHECK_TIMEOUT (s for the benchmarks, default 300),
+#      SFG_FAST_GPU_BUILD_EXT=0 (skip the extension), GPU_CHECK_TIMEOUT (s for the benchmarks, default: what
+#      is left of the deadline),
 #      GPU_CHECK_DEADLINE (s for the whole script, default 540): every step's timeout is cut to what is
 #      left of it, so the script ends inside one device command's limit. CUBLAS_WORKSPACE_CONFIG defaults to
 #      :4096:8, as the training job sets it (deterministic runs may then use cuBLAS: sfg_fast/_cublas.py).
@@ -28,7 +29,8 @@ export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>&1
 "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| triton', triton.__version__, '| cuda', torch.version.cuda)" 2>&1
-git rev-parse HEAD 2>/dev/null
+# the tree's commit: the device copy of a working tree may carry a stale .git, so the caller's SHA wins
+echo "git ${SFG_FAST_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null)}"
 # sfg_fast.kernels is mapped onto kernels/ by setup.py, so the package must be installed (editable,
 # offline, no dependencies, no extension build: a few seconds).
 if ! "$PYTHON" -c "import sfg_fast.kernels" >/dev/null 2>&1; then
@@ -37,8 +39,9 @@ if ! "$PYTHON" -c "import sfg_fast.kernels" >/dev/null 2>&1; then
 fi
 BUILD_PID=
 if [ "${SFG_FAST_GPU_BUILD_EXT:-1}" = 1 ]; then
-  ( SFG_FAST_BUILD_EXT=1 MAX_JOBS=6 TORCH_CUDA_ARCH_LIST="9.0" timeout -k 10 "$(within 300 200)" "$PYTHON" setup.py build_ext --inplace \
-      >"$LOGS/build.log" 2>&1; echo "build rc=$?" >>"$LOGS/build.log" ) &
+  ( b0=$(date +%s); SFG_FAST_BUILD_EXT=1 MAX_JOBS=6 TORCH_CUDA_ARCH_LIST="9.0" timeout -k 10 "$(within 240 200)" \
+      "$PYTHON" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1
+    echo "build rc=$? in $(( $(date +%s) - b0 )) s" >>"$LOGS/build.log" ) &
   BUILD_PID=$!
 fi
 XDIST=()
@@ -87,7 +90,8 @@ if [ -n "${ext_rc:-}" ]; then
   EXTRA+=(--pre "cuda_ext_tests=rc=$ext_rc")
   [ "$ext_rc" != 0 ] && EXTRA+=(--skip-ext-cuda)
 fi
-check_s=$(within "${GPU_CHECK_TIMEOUT:-300}" 10)
+# (by default whatever the deadline leaves: a fixed cap would end the benchmarks with time unused)
+check_s=$(within "${GPU_CHECK_TIMEOUT:-$DEADLINE}" 10)
 # the benchmarks' own budget ends early enough for the last provider and the summary to finish
 timeout -k 10 "$check_s" "$PYTHON" bench/gpu_check.py --skip-tests --out "$LOGS" --budget $(( check_s > 90 ? check_s - 60 : check_s / 2 )) \
   "${EXTRA[@]}" "$@"

@@ -7,6 +7,8 @@
 // segment's sum has one fixed order; one sub-warp sums each piece of at most kWindow entries, and
 // one sub-warp finishes each segment (one row), so no two threads ever write the same row: no
 // atomics and bitwise-repeatable results.
+#include <cstdint>
+
 #include <cub/cub.cuh>
 
 #include "embedding_cuda.h"
@@ -240,14 +242,18 @@ int bits_for(int64_t num_rows) {
   return bits;
 }
 
+// cub's temporary storage for num_entries items; SIZE_MAX when cub cannot size it (more items than its int
+// count holds, or a failed query), which no workspace matches, so the update refuses to run.
 size_t cub_bytes(int64_t num_entries, int64_t num_rows) {
+  if (num_entries > INT32_MAX) return SIZE_MAX;
   size_t sort_bytes = 0, scan_bytes = 0;
   const int n = static_cast<int>(num_entries);
-  cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const int64_t*>(nullptr),
-                                  static_cast<int64_t*>(nullptr), static_cast<const int64_t*>(nullptr),
-                                  static_cast<int64_t*>(nullptr), n, 0, bits_for(num_rows));
-  cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<const int64_t*>(nullptr),
-                                static_cast<int64_t*>(nullptr), n);
+  const cudaError_t sort_err = cub::DeviceRadixSort::SortPairs(
+      nullptr, sort_bytes, static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr),
+      static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr), n, 0, bits_for(num_rows));
+  const cudaError_t scan_err = cub::DeviceScan::InclusiveSum(
+      nullptr, scan_bytes, static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr), n);
+  if (sort_err != cudaSuccess || scan_err != cudaSuccess) return SIZE_MAX;
   return sort_bytes > scan_bytes ? sort_bytes : scan_bytes;
 }
 
@@ -282,9 +288,11 @@ cudaError_t lookup_forward(const void* ids, bool ids_int64, const int64_t* offse
 }
 
 size_t rowwise_adagrad_workspace_bytes(int64_t num_entries, int64_t num_rows, int64_t dim) {
+  const size_t cub = cub_bytes(num_entries, num_rows);
+  if (cub == SIZE_MAX) return SIZE_MAX;
   const size_t vec = align_up(static_cast<size_t>(num_entries + 1) * sizeof(int64_t));
   const size_t partial = align_up(static_cast<size_t>(2 * num_windows(num_entries) * dim) * sizeof(float));
-  return 7 * vec + align_up(sizeof(int64_t)) + partial + align_up(cub_bytes(num_entries, num_rows));
+  return 7 * vec + align_up(sizeof(int64_t)) + partial + align_up(cub);
 }
 
 cudaError_t rowwise_adagrad_update(const void* ids, bool ids_int64, const int64_t* offsets, int64_t batch,

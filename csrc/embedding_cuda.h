@@ -16,7 +16,8 @@ cudaError_t lookup_forward(const void* ids, bool ids_int64, const int64_t* offse
                            int64_t num_fields, const void* weight, int64_t row_bytes, void* out,
                            cudaStream_t stream);
 
-// Bytes of device workspace that rowwise_adagrad_update needs for batch * num_fields entries.
+// Bytes of device workspace that rowwise_adagrad_update needs for batch * num_fields entries; SIZE_MAX when
+// cub cannot sort that many (more than INT32_MAX entries).
 size_t rowwise_adagrad_workspace_bytes(int64_t num_entries, int64_t num_rows, int64_t dim);
 
 // Deterministic embedding backward fused with FBGEMM-style rowwise Adagrad, no atomics:

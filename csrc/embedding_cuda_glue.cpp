@@ -59,11 +59,20 @@ void rowwise_adagrad_update_cuda(torch::Tensor weight, torch::Tensor momentum, t
                                     sfg::msg("grad_V must have shape [B, N, D]=[", ids.size(0), ", ", ids.size(1), ", ",
                                              weight.size(1), "], got ", grad_V.sizes()));
   TORCH_CHECK_VALUE(weight.size(1) <= 256, sfg::msg("the fused CUDA Adagrad supports D <= 256, got ", weight.size(1)));
+  // raw pointers reach the kernels: a tensor on the host or another GPU would be an illegal address
+  TORCH_CHECK_VALUE(momentum.device() == weight.device() && grad_V.device() == weight.device(),
+                    "momentum and grad_V must be on weight's CUDA device");
+  // cub's item count is an int: refused here, before a workspace sized for it is allocated
+  TORCH_CHECK_VALUE(ids.numel() <= INT32_MAX,
+                    sfg::msg("the fused CUDA Adagrad takes at most 2^31 - 1 (sample, field) entries, got ",
+                             ids.numel()));
   ids = ids.contiguous();
   offsets = offsets.contiguous();
   grad_V = grad_V.contiguous();
   const int64_t entries = ids.numel();
   const size_t bytes = cuda::rowwise_adagrad_workspace_bytes(entries, weight.size(0), weight.size(1));
+  TORCH_CHECK(bytes != SIZE_MAX, sfg::msg("cub could not size the fused CUDA Adagrad's workspace for ", entries,
+                                          " entries"));
   auto workspace = torch::empty({static_cast<int64_t>(bytes)}, weight.options().dtype(torch::kUInt8));
   const cudaError_t err = cuda::rowwise_adagrad_update(
       ids.data_ptr(), ids.scalar_type() == torch::kInt64, offsets.data_ptr<int64_t>(), ids.size(0), ids.size(1),

@@ -15,12 +15,15 @@ from typing import Optional, Tuple
 import numpy as np
 
 
-def group_auc(labels, scores, groups) -> Tuple[Optional[float], int]:
+def group_auc(labels, scores, groups, exclude=None) -> Tuple[Optional[float], int]:
     """``(gAUC, number of groups that counted)``; gAUC is None when no group holds both classes.
 
     Args:
         labels: ``[n]`` 0/1 labels. scores: ``[n]`` real scores (logits or probabilities; ranks only).
         groups: ``[n]`` integer group keys (e.g. the user-id field of the ids).
+        exclude: a group key whose samples are left out: the field's OOV id, which stands for every
+            unseen or rare user at once (scored as one group, their cross-user AUC would count as a
+            user's, weighted by all their rows).
 
     Per group, AUC is the Mann-Whitney statistic with tied scores given their average rank (as
     ``sklearn.metrics.roc_auc_score``); everything is vectorised over one sort of the n samples.
@@ -31,6 +34,9 @@ def group_auc(labels, scores, groups) -> Tuple[Optional[float], int]:
     if not (y.shape == s.shape == g.shape):
         raise ValueError(f"labels, scores and groups must have one value per sample, got shapes "
                          f"{y.shape}, {s.shape}, {g.shape}")
+    if exclude is not None:
+        keep = g != exclude
+        y, s, g = y[keep], s[keep], g[keep]
     n = y.size
     if n == 0:
         return None, 0

@@ -589,16 +589,19 @@ def _split_tensors(split, name: str):
 
 
 def evaluate_model(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                   batch_size: int = 16384, name: str = "valid", group_column: Optional[int] = None) -> Dict[str, float]:
+                   batch_size: int = 16384, name: str = "valid", group_column: Optional[int] = None,
+                   group_exclude: Optional[int] = None) -> Dict[str, float]:
     """AUC and logloss of ``model`` on ``(ids, labels)``; logloss is mean BCE on the logits in fp64.
     With ``group_column`` also gAUC (:func:`sfg_fast.metrics.group_auc`) grouped by ``ids[:, group_column]``
-    and the number of groups it averaged (``gAUC_groups``).
+    and the number of groups it averaged (``gAUC_groups``); rows whose group id is ``group_exclude`` (the
+    field's OOV id: every unseen user at once) are left out of gAUC and counted in ``gAUC_excluded_rows``.
 
     Raises TrainingDiverged when a logit is NaN/inf, ValueError when the split is empty or one-class.
     """
     if ids.shape[0] == 0:
         raise ValueError(f"the {name} split is empty")
-    return logit_metrics(model_logits(model, ids, device, batch_size, name), labels, ids, name, group_column)
+    return logit_metrics(model_logits(model, ids, device, batch_size, name), labels, ids, name, group_column,
+                         group_exclude)
 
 
 def model_logits(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, batch_size: int = 16384,
@@ -609,9 +612,9 @@ def model_logits(model: torch.nn.Module, ids: torch.Tensor, device: torch.device
     chunks = []
     with torch.no_grad():
         for start in range(0, ids.shape[0], batch_size):
-            chunks.append(model(ids[start:start + batch_size].to(device, non_blocking=True)).float().cpu())
+            chunks.append(model(ids[start:start + batch_size].to(device, non_blocking=True)).double().cpu())
     model.train(was_training)
-    logits = torch.cat(chunks).double()
+    logits = torch.cat(chunks)
     if not torch.isfinite(logits).all():
         bad = int((~torch.isfinite(logits)).sum())
         raise TrainingDiverged(f"{bad} of {logits.numel()} {name} logits are NaN/inf")
@@ -619,7 +622,7 @@ def model_logits(model: torch.nn.Module, ids: torch.Tensor, device: torch.device
 
 
 def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, name: str = "valid",
-                  group_column: Optional[int] = None) -> Dict[str, float]:
+                  group_column: Optional[int] = None, group_exclude: Optional[int] = None) -> Dict[str, float]:
     """The metrics of :func:`evaluate_model` from logits already computed."""
     from sklearn.metrics import roc_auc_score
 
@@ -634,7 +637,9 @@ def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
     out = {"AUC": auc, "logloss": logloss}
     if group_column is not None:
         from .metrics import group_auc
-        out["gAUC"], out["gAUC_groups"] = group_auc(y.numpy(), logits.numpy(), ids[:, group_column].numpy())
+        groups = ids[:, group_column].numpy()
+        out["gAUC"], out["gAUC_groups"] = group_auc(y.numpy(), logits.numpy(), groups, exclude=group_exclude)
+        out["gAUC_excluded_rows"] = 0 if group_exclude is None else int((groups == group_exclude).sum())
     return out
 
 
@@ -707,7 +712,8 @@ class Trainer:
                                  f"its fields are {names}")
             self.group_column = names.index(self.group_field)
         # passed only when set: evaluate_model's 6-argument form is the one a caller may replace
-        self._group_kw = {} if self.group_column is None else {"group_column": self.group_column}
+        self._group_kw = {} if self.group_column is None else {
+            "group_column": self.group_column, "group_exclude": int(self.schema.oov_ids[self.group_column])}
         if checkpoint is not None and list(checkpoint["schema"]["field_dims"]) != list(self.schema.field_dims):
             raise ValueError(f"the checkpoint's schema (field_dims {checkpoint['schema']['field_dims']}) does not "
                              f"match the dataset's ({list(self.schema.field_dims)}); is it the same data?")
@@ -1049,6 +1055,7 @@ class Trainer:
             "valid_auc": valid["AUC"],
             "valid_logloss": valid["logloss"],
             **({"test_gauc": test["gAUC"], "valid_gauc": valid["gAUC"], "test_gauc_groups": test["gAUC_groups"],
+                "test_gauc_excluded_rows": test["gAUC_excluded_rows"],
                 "group_field": self.group_field} if self.group_column is not None else {}),
             "best_epoch": self.best_epoch,
             "epochs_run": self.epoch,
@@ -1318,8 +1325,11 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
         group_field = config.get("group_field")
         if group_field is None:
             group_field = GROUP_FIELDS.get(fm["dataset"])
-        group = {} if group_field in (None, False, "", "none") or group_field not in fm["field_names"] \
-            else {"group_column": fm["field_names"].index(group_field)}
+        group = {}
+        if group_field not in (None, False, "", "none") and group_field in fm["field_names"]:
+            column = fm["field_names"].index(group_field)
+            # new traffic's unseen users all share the field's OOV id: left out of gAUC, not one big "user"
+            group = {"group_column": column, "group_exclude": int(fm["field_dims"][column]) - 1}
         summary["metrics"] = logit_metrics(logits, labels, ids, "input", **group)
     summary = _jsonable(summary)
     atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(out, "predict.json"))

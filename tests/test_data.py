@@ -344,10 +344,9 @@ def test_criteo_split_gzip_and_max_rows(tmp_path):
     assert sum(len(s) for s in small.splits().values()) == 100
 
 
-def test_gzip_without_its_name_a_bom_and_an_empty_file(tmp_path):
+def test_gzip_without_its_name_and_a_bom(tmp_path):
     """Files as they arrive: gzip data named without ``.gz`` (Avazu's ``train``) is read by its magic bytes;
-    a UTF-8 byte-order mark before a headerless file's first label is not part of it; an empty file is
-    refused naming it, not read as zero rows."""
+    a UTF-8 byte-order mark before a headerless file's first label is not part of it."""
     write_criteo(tmp_path / "train.txt", num_rows=200)
     reference = load_dataset("criteo", data_dir=tmp_path / "train.txt", cache_dir=False, min_count=1)
     (tmp_path / "gz").mkdir()
@@ -359,9 +358,6 @@ def test_gzip_without_its_name_a_bom_and_an_empty_file(tmp_path):
     (tmp_path / "bom" / "train.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "train.txt").read_bytes())
     assert_same_data(reference, load_dataset("criteo", data_dir=tmp_path / "bom" / "train.txt", cache_dir=False,
                                              min_count=1))
-    (tmp_path / "empty.txt").write_bytes(b"")
-    with pytest.raises(ValueError, match="empty.txt: no data lines"):
-        load_dataset("criteo", data_dir=tmp_path / "empty.txt", cache_dir=False)
 
 
 def test_a_failed_cache_write_leaves_no_partial_file(tmp_path, monkeypatch):

@@ -40,6 +40,18 @@ def test_single_class_groups_are_skipped_and_none_when_no_group_counts():
     assert group_auc([], [], []) == (None, 0)
 
 
+def test_an_excluded_group_is_left_out():
+    """exclude (the OOV id of the group field) drops its samples, as if they were not there."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 400)
+    scores = rng.normal(size=400)
+    groups = rng.integers(0, 6, 400)
+    keep = groups != 5
+    assert group_auc(labels, scores, groups, exclude=5) == group_auc(labels[keep], scores[keep], groups[keep])
+    assert group_auc(labels, scores, groups, exclude=5) != group_auc(labels, scores, groups)
+    assert group_auc(labels, scores, groups, exclude=7) == group_auc(labels, scores, groups)
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="one value per sample"):
         group_auc([1, 0], [0.1, 0.2, 0.3], [0, 0])
@@ -61,8 +73,12 @@ def test_training_reports_gauc_for_a_group_field(tmp_path):
     ids, labels = T._split_tensors(data.test, "test")
     model = T.Trainer(dict(config, out=str(tmp_path / "probe")), data=data).model
     model.load_state_dict(T.load_checkpoint(str(tmp_path / "run" / "best.pt"))["model_state"])
-    metrics = T.evaluate_model(model, ids, labels, T._resolve_device("cpu"), name="test", group_column=column)
+    oov = data.schema.oov_ids[column]
+    metrics = T.evaluate_model(model, ids, labels, T._resolve_device("cpu"), name="test", group_column=column,
+                               group_exclude=oov)
     assert result["group_field"] == "C1" and result["test_gauc"] == metrics["gAUC"]
+    # rows of the field's OOV id (every rare or unseen value at once) are no group of their own
+    assert result["test_gauc_excluded_rows"] == int((ids[:, column] == oov).sum())
     assert 0 < result["test_gauc"] < 1 and result["test_gauc_groups"] > 1
     assert "valid_gauc" in result["history"][0]
     with pytest.raises(ValueError, match="group_field 'user' is not a field"):

@@ -89,9 +89,6 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
     header_lines = 1 if fmt.has_header else 0
     limit = None if max_rows is None else max_rows + header_lines
     num_slots = max(count_lines(path, limit) - header_lines, 0)
-    if num_slots == 0:
-        raise ValueError(f"{path}: no data lines" + (" after the header" if header_lines else "")
-                         + f" (an empty file, or not a {fmt.name} file)")
     assign = split_assignment(num_slots, ratios, seed)
     log = SkipLog(path, skip_bad_lines)
     num_columns = len(fmt.column_names)
