@@ -83,7 +83,8 @@ def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, torch.dev
         if missing:
             raise RuntimeError(f"environment lacks {missing}: launch with torchrun "
                                f"(torchrun --nproc_per_node=K -m sfg_fast train --distributed ...)")
-        dist.init_process_group(backend=backend)
+        # NCCL moves CUDA tensors only: gloo beside it takes the CPU collectives (metadata, gathered logits)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend == "nccl":
         local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
@@ -259,18 +260,18 @@ class ShardedModel:
         """The unsharded model state (TorchRec keys) on rank ``dst`` (every rank when None); collective."""
         from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-        rank = dist.get_rank()
+        rank, device = dist.get_rank(), collective_device()
         out: Dict[str, torch.Tensor] = {}
         for key, value in self.dmp.state_dict().items():
             if isinstance(value, ShardedTensor):
                 target = dst if dst is not None else 0
-                full = torch.empty(value.size(), dtype=value.dtype) if rank == target else None
+                full = torch.empty(value.size(), dtype=value.dtype, device=device) if rank == target else None
                 value.gather(dst=target, out=full)
                 if dst is None:
-                    full = full if full is not None else torch.empty(value.size(), dtype=value.dtype)
+                    full = full if full is not None else torch.empty(value.size(), dtype=value.dtype, device=device)
                     dist.broadcast(full, src=0)
                 if full is not None:
-                    out[key] = full
+                    out[key] = full.cpu()
             else:
                 out[key] = value.detach().cpu().clone()
         return out if dst is None or rank == dst else None
@@ -320,6 +321,10 @@ class ShardedModel:
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(manifest["step"])
+        # FBGEMM's fused Adam corrects its bias by a step counter ("iter") that the optimizer state does not
+        # export: without this a resumed table would restart the correction from step 0
+        if hasattr(self.optimizer, "set_optimizer_step"):
+            self.optimizer.set_optimizer_step(self.step)
         return manifest
 
     def close(self, destroy: bool = False, barrier: bool = True) -> None:
@@ -481,19 +486,30 @@ def shard_model(model: nn.Module, device: Optional[torch.device] = None, shardin
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
+def collective_device() -> torch.device:
+    """Where this process group's collectives take their tensors: the CPU where the group has a CPU
+    backend (gloo, or init_distributed's "cpu:gloo,cuda:nccl"), else the current CUDA device (an NCCL-only
+    group the caller created, which refuses CPU tensors)."""
+    devices = dist.BackendConfig(dist.get_backend()).get_device_backend_map()
+    if "cpu" in devices or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def gather_to_all(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's 1-D ``values`` (lengths may differ) in rank order, on every rank."""
-    world = dist.get_world_size()
-    values = values.detach().reshape(-1).cpu()
-    length = torch.tensor([values.numel()], dtype=torch.int64)
-    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    """Concatenate every rank's 1-D ``values`` (lengths may differ) in rank order, on every rank (on the
+    CPU)."""
+    world, device = dist.get_world_size(), collective_device()
+    values = values.detach().reshape(-1).to(device)
+    length = torch.tensor([values.numel()], dtype=torch.int64, device=device)
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(lengths, length)
     longest = int(max(int(x) for x in lengths))
-    padded = torch.zeros(longest, dtype=values.dtype)
+    padded = torch.zeros(longest, dtype=values.dtype, device=device)
     padded[:values.numel()] = values
-    parts = [torch.empty(longest, dtype=values.dtype) for _ in range(world)]
+    parts = [torch.empty(longest, dtype=values.dtype, device=device) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:int(n)] for p, n in zip(parts, lengths)])
+    return torch.cat([p[:int(n)] for p, n in zip(parts, lengths)]).cpu()
 
 
 def distributed_auc(session: ShardedModel, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 16384,

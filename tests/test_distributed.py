@@ -376,3 +376,21 @@ def test_dropout_masks_differ_per_rank_and_are_reproducible(report):
 def test_unsupported_options_are_refused_up_front(report):
     assert "embedding_optimizer='adam'" in report["refusals"]["adam"] and "cpu" in report["refusals"]["adam"]
     assert "batch_norm" in report["refusals"]["batch_norm"]
+
+
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo"])
+def test_gathers_run_where_the_group_has_a_backend(backend, monkeypatch):
+    """The gathered logits (and full tables) travel on the device the group's backend map names: the CPU
+    when it has a CPU backend (gloo; init_distributed's "cpu:gloo,cuda:nccl" on GPUs, since NCCL refuses
+    CPU tensors); an NCCL-only group would gather on the current CUDA device (GPU only, not run here)."""
+    import torch.distributed as dist
+
+    from sfg_fast import distributed as D
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group(backend=backend, rank=0, world_size=1)
+    try:
+        assert D.collective_device() == torch.device("cpu")
+        assert torch.equal(D.gather_to_all(torch.arange(5.0).view(5, 1)), torch.arange(5.0))
+    finally:
+        dist.destroy_process_group()
