@@ -131,6 +131,7 @@ class OpSpec:
     args: str                                  # schema of the arguments, without ``str backend``
     differentiable: Tuple[int, ...]            # positions of the tensor arguments that get gradients
     meta: Callable                             # (*args) -> (output shape, output dtype)
+    check: Callable                            # (*args) -> None: the functional op's shape / dtype checks
 
     @property
     def arg_names(self) -> List[str]:
@@ -139,23 +140,26 @@ class OpSpec:
 
 OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("embedding_lookup", "Tensor ids, Tensor weight, Tensor offsets", (1,),
-           lambda ids, w, off: ((ids.shape[0], ids.shape[1], w.shape[1]), w.dtype)),
+           lambda ids, w, off: ((ids.shape[0], ids.shape[1], w.shape[1]), w.dtype),
+           lambda ids, w, off: C.check_lookup(ids, w, off, "off")),
     OpSpec("sfg_encode", "Tensor V, Tensor weight, Tensor? bias, str activation, float gamma, bool residual",
-           (0, 1, 2), lambda V, w, b, *_: (tuple(V.shape), _promote(V, w))),
+           (0, 1, 2), lambda V, w, b, *_: (tuple(V.shape), _promote(V, w)), C.check_encode),
     OpSpec("pairwise_decode", "Tensor Z, Tensor V, Tensor? weight, str kind, str pairs, str generated_side, "
-           "bool symmetric", (0, 1, 2), lambda Z, V, w, *_: ((Z.shape[0],), _promote(Z, V, w))),
+           "bool symmetric", (0, 1, 2), lambda Z, V, w, *_: ((Z.shape[0],), _promote(Z, V, w)), C.check_decode),
     OpSpec("pairwise_products", "Tensor Z, Tensor V, str pairs, str generated_side, bool symmetric", (0, 1),
-           lambda Z, V, pairs, *_: ((Z.shape[0], _num_pairs(Z.shape[1], pairs)), _promote(Z, V))),
+           lambda Z, V, pairs, *_: ((Z.shape[0], _num_pairs(Z.shape[1], pairs)), _promote(Z, V)), C.check_products),
     OpSpec("generative_cross", "Tensor x, Tensor x_gen, Tensor weight, Tensor? bias", (0, 1, 2, 3),
-           lambda x, g, w, b: (tuple(x.shape), _promote(x, g, w, b))),
-    OpSpec("bce_with_logits", "Tensor logits, Tensor labels, str reduction", (0, 1), _bce_meta),
+           lambda x, g, w, b: (tuple(x.shape), _promote(x, g, w, b)), C.check_cross),
+    OpSpec("bce_with_logits", "Tensor logits, Tensor labels, str reduction", (0, 1), _bce_meta,
+           lambda logits, labels, reduction: C.check_bce(logits, labels, reduction, values=False)),
     OpSpec("sfg_logits", "Tensor ids, Tensor table, Tensor offsets, Tensor? enc_weight, Tensor? enc_bias, "
            "Tensor? dec_weight, str kind, str activation, float gamma, bool residual, str pairs, "
            "str generated_side, bool symmetric", (1, 3, 4, 5),
-           lambda ids, t, off, ew, eb, dw, *_: ((ids.shape[0],), _promote(t, ew, dw))),
+           lambda ids, t, off, ew, eb, dw, *_: ((ids.shape[0],), _promote(t, ew, dw)),
+           lambda *args: C.check_sfg_logits(*args, "off")),
     OpSpec("sfg_interaction", "Tensor V, Tensor? enc_weight, Tensor? enc_bias, Tensor? dec_weight, str kind, "
            "str activation, float gamma, bool residual, str pairs, str generated_side, bool symmetric", (0, 1, 2, 3),
-           lambda V, ew, eb, dw, *_: ((V.shape[0],), _promote(V, ew, dw))),
+           lambda V, ew, eb, dw, *_: ((V.shape[0],), _promote(V, ew, dw)), C.check_interaction),
 )}
 
 
@@ -224,6 +228,9 @@ def _laid_out_like(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _make_forward(spec: OpSpec):
     def forward(*args):
         *op_args, backend = args
+        # the op is public (torch.ops.sfg_fast.*): a call that bypasses sfg_fast.functional gets the same
+        # shape checks before any kernel sees a raw pointer (no tensor data is read)
+        spec.check(*op_args)
         shape, dtype = spec.meta(*op_args)
         backend, autocast = _split_backend(backend)
         with torch.no_grad(), autocast:
@@ -235,6 +242,7 @@ def _make_forward(spec: OpSpec):
 
     def fake(*args):
         *op_args, _ = args
+        spec.check(*op_args)
         shape, dtype = spec.meta(*op_args)
         ref = next(a for a in op_args if isinstance(a, torch.Tensor))
         return ref.new_empty(shape, dtype=dtype)

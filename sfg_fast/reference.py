@@ -25,8 +25,8 @@ def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
     for f in range(ids.shape[1]):
         rows = offsets[f] + ids[:, f].to(torch.int64)
         columns.append(weight[rows])
-    if not columns:     # N = 0: an empty [B, 0, D], as every backend returns
-        return weight.new_empty(ids.shape[0], 0, weight.shape[1])
+    if not columns:     # N = 0: an empty [B, 0, D] (still a function of weight: its gradient is zeros)
+        return weight[torch.zeros(ids.shape[0], 0, dtype=torch.int64, device=weight.device)]
     return torch.stack(columns, dim=1)
 
 

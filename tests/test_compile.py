@@ -170,6 +170,25 @@ def test_real_outputs_have_the_fake_strides(backend, name):
                 f"d{spec.arg_names[pos]}: strides {g.stride()} != {torch.empty_like(args[pos]).stride()}"
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_custom_ops_called_directly_check_shapes_by_name(backend):
+    """torch.ops.sfg_fast.* is public: a call that bypasses sfg_fast.functional gets its shape checks
+    (a [6, 6] encoder for N*D = 9 read past the weight's end on the kernels' raw pointers), eagerly and
+    while tracing (the fake)."""
+    if backend == "cpu":
+        pytest.importorskip("sfg_fast._C")
+    V, w, dec = torch.randn(2, 3, 3), torch.randn(6, 6), torch.randn(3, 3, 3)
+    args = (V, w, None, dec, "vector", "gelu", 1.0, False, "upper", "left", True, backend)
+    with pytest.raises(ValueError, match=r"enc_weight must have shape \[N\*D, N\*D\]=\[9, 9\]"):
+        library.op("sfg_interaction")(*args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="enc_weight must have shape"):
+        library.op("sfg_interaction")(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    with pytest.raises(ValueError, match="offsets must have shape"):
+        library.op("embedding_lookup")(_ids(3), torch.randn(sum(FIELD_DIMS), D), torch.zeros(2, dtype=torch.int64),
+                                       backend)
+
+
 def test_opcheck_validation_ops():
     offsets = offsets_of(FIELD_DIMS)
     torch.library.opcheck(library.checked_ids, (_ids(3), offsets, sum(FIELD_DIMS), "fatal"))

@@ -84,6 +84,20 @@ def test_non_contiguous_ids_and_row_strided_table():
     assert torch.equal(out, reference.embedding_lookup(ids, weight, offsets))
 
 
+def test_column_strided_table_gathers_like_the_reference():
+    """A transposed table (rows not contiguous along D) is gathered too, with its gradient."""
+    field_dims, dim = [6, 5, 7], 4
+    ids = _ids(9, field_dims)
+    weight = torch.randn(dim, sum(field_dims), device=DEVICE).t()   # strides (1, V)
+    offsets = _offsets(field_dims)
+    assert weight.stride(1) != 1
+    out = SF.embedding_lookup(ids, weight, offsets, backend="triton")
+    assert torch.equal(out, reference.embedding_lookup(ids, weight, offsets))
+    upstream = torch.randn(9, 3, dim, device=DEVICE)
+    torch.testing.assert_close(_grads(ids, weight, offsets, upstream, "triton"),
+                               _grads(ids, weight, offsets, upstream, "reference"))
+
+
 def _grads(ids, weight, offsets, upstream, backend):
     w = weight.detach().clone().requires_grad_()
     if backend == "reference":

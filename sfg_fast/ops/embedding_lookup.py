@@ -221,7 +221,13 @@ class EmbeddingLookupFunction(torch.autograd.Function):
 
 
 def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Triton implementation of ``functional.embedding_lookup`` (ids already validated or remapped)."""
+    """Triton implementation of ``functional.embedding_lookup`` (ids already validated or remapped).
+    A table whose rows are not contiguous along D (a transposed view) is gathered by torch instead, as
+    the Triton sfg_logits does: the kernel reads rows as unit-stride vectors, and copying the table to
+    make them so would cost a pass over all of it."""
+    if weight.dim() == 2 and weight.stride(1) != 1:
+        from .. import factored
+        return factored.embedding_lookup(ids, weight, offsets)
     return EmbeddingLookupFunction.apply(ids, weight, offsets)
 
 
