@@ -715,6 +715,11 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
         epoch, epoch_step, history = 0, 0, []
         partial = [0.0, 0]
         best_auc, bad_epochs, stopped_early = -math.inf, 0, False
+        lr_decays = 0               # plateau decays so far: every group's rate follows from its own start
+
+        def decay(group) -> None:
+            group["lr"] = max(group["lr"] * float(cfg["lr_decay_factor"]), min(float(cfg["min_lr"]), group["lr"]))
+
         if dist_cfg["resume"]:
             manifest = session.load(dist_cfg["resume"])
             epoch, history = int(manifest.get("epoch", 0)), list(manifest.get("history", []))
@@ -724,10 +729,21 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
             best_auc = float(stop.get("best_auc", -math.inf))
             bad_epochs = int(stop.get("bad_epochs", 0))
             stopped_early = bool(stop.get("stopped_early", False))
-            lrs = manifest.get("lrs")
-            if lrs is not None and len(lrs) == len(session.optimizer.param_groups):
-                for group, lr in zip(session.optimizer.param_groups, lrs):
+            lrs, groups = manifest.get("lrs"), session.optimizer.param_groups
+            if manifest.get("lr_decays") is not None:
+                # the decays replayed on each group's starting rate: right for any plan (another sharding
+                # groups the tables' optimizers differently, so the saved per-group rates may not line up)
+                lr_decays = int(manifest["lr_decays"])
+                for group in groups:
+                    for _ in range(lr_decays):
+                        decay(group)
+            elif lrs is not None and len(lrs) == len(groups):
+                for group, lr in zip(groups, lrs):
                     group["lr"] = float(lr)
+            elif lrs is not None:
+                raise ValueError(f"the checkpoint {dist_cfg['resume']} holds learning rates for {len(lrs)} optimizer "
+                                 f"groups but this plan has {len(groups)}; resume it with its own sharding "
+                                 f"({manifest.get('sharding')!r})")
         global_batch = batch * world
         steps_per_epoch = train_ids.shape[0] // global_batch
         if steps_per_epoch == 0:
@@ -739,7 +755,7 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
             session.save(checkpoint_dir, {
                 "epoch": epoch, "epoch_step": epoch_step, "partial_loss": partial, "history": history,
                 "early_stopping": {"best_auc": best_auc, "bad_epochs": bad_epochs, "stopped_early": stopped_early},
-                "lrs": [float(g["lr"]) for g in session.optimizer.param_groups],
+                "lrs": [float(g["lr"]) for g in session.optimizer.param_groups], "lr_decays": lr_decays,
                 "config": full_config, "data_fingerprint": fingerprint})
 
         max_steps = dist_cfg["max_steps"]
@@ -772,9 +788,9 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
             else:
                 bad_epochs += 1
                 if cfg["reduce_lr_on_plateau"]:  # every optimizer: fused tables, data-parallel tables, dense
+                    lr_decays += 1
                     for group in session.optimizer.param_groups:
-                        group["lr"] = max(group["lr"] * float(cfg["lr_decay_factor"]),
-                                          min(float(cfg["min_lr"]), group["lr"]))
+                        decay(group)
                 if cfg["patience"] is not None and bad_epochs >= int(cfg["patience"]):
                     stopped_early = True
             # train_loss: the mean over every rank's rows of the epoch

@@ -206,3 +206,64 @@ def test_one_rank_failing_does_not_hang_the_others(tmp_path):
     outcomes = dict(queue.get(timeout=5) for _ in range(2))
     assert outcomes[1] == "IndexError"
     assert outcomes[0] != "finished"  # its collective failed instead of waiting forever
+
+
+def _plateau_worker(rank, ports, out_dir):
+    """Validation AUC scripted to fall after epoch 1, so the plateau decays the rates at epochs 2 and 3."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2")
+    from sfg_fast import distributed as D
+
+    real = D.distributed_auc
+
+    def falling(session, ids, labels, batch_size=16384, name="valid"):
+        metrics = real(session, ids, labels, batch_size, name)
+        if name == "valid":
+            metrics["AUC"] = 0.9 - 0.1 * len(calls)
+            calls.append(1)
+        return metrics
+    calls = []
+    D.distributed_auc = falling
+    cache, report = os.path.join(out_dir, "cache"), {}
+    config = dict(BASE, cache_dir=cache, encoder_dropout=0.0, reduce_lr_on_plateau=True, patience=None,
+                  lr_decay_factor=0.5, embedding_lr=0.08)
+    os.environ["MASTER_PORT"] = str(ports[0])
+    report["full"] = D.run_distributed_training(dict(config, epochs=3, out=os.path.join(out_dir, "full")))
+    calls.clear()
+    part = os.path.join(out_dir, "part")
+    os.environ["MASTER_PORT"] = str(ports[1])
+    D.run_distributed_training(dict(config, epochs=2, out=part))
+    manifest_path = os.path.join(part, "checkpoint", "manifest.json")
+    with open(manifest_path) as fh:
+        report["manifest"] = json.load(fh)
+    # per-group rates that do not line up with this plan's groups (as after a change of sharding): the
+    # resume must take the rates from the decay count, not from these
+    spoiled = dict(report["manifest"], lrs=[1.0] * len(report["manifest"]["lrs"]))
+    tmp = f"{manifest_path}.{rank}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(spoiled, fh)
+    os.replace(tmp, manifest_path)      # both ranks write the same content; either copy is the one read
+    os.environ["MASTER_PORT"] = str(ports[2])
+    report["resumed"] = D.run_distributed_training(dict(config, epochs=3, out=part,
+                                                        resume=os.path.join(part, "checkpoint")))
+    if rank == 0:
+        import torch
+
+        torch.save(report, os.path.join(out_dir, "report.pt"))
+
+
+@needs_torchrec
+@pytest.mark.slow
+def test_plateau_decays_survive_a_resume(tmp_path):
+    """The manifest counts the plateau's decays; a resume replays them on every optimizer group's starting
+    rate (right for any plan, where saved per-group rates may not line up) and continues exactly: the
+    same rates and history as the uninterrupted run."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_plateau_worker, args=([_free_port() for _ in range(3)], str(tmp_path)), nprocs=2, join=True)
+    report = torch.load(tmp_path / "report.pt", weights_only=False)
+    full, resumed = report["full"], report["resumed"]
+    assert report["manifest"]["lr_decays"] == 1                 # epoch 2 fell below epoch 1
+    assert [h["embedding_lr"] for h in full["history"]] == pytest.approx([0.08, 0.08, 0.04])
+    assert resumed["history"] == full["history"]
+    assert resumed["test_auc"] == full["test_auc"]
