@@ -678,9 +678,19 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
     _check_train_config(train_cfg)
     if cfg["threads"] is not None:
         torch.set_num_threads(int(cfg["threads"]))
+    if cfg["deterministic"] and torch.cuda.is_available():
+        # as the single-process trainer: cuBLAS repeats bit for bit only with a workspace fixed before CUDA
+        # starts (init_distributed starts it)
+        from . import _cublas
+        _cublas.fix_workspace()
     rank, world, device = init_distributed()
     session = None
     failed = True
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if cfg["deterministic"] and not before[0]:
+        # our kernels read the flag (sorted, atomic-free reductions); warn_only: an op without a deterministic
+        # kernel (FBGEMM's) warns instead of stopping the run
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         _check_trainer_keys(cfg, device)
         if cfg["out"] is None:
@@ -813,6 +823,7 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
         failed = False
         return results
     finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         # Leaving by an exception: no barrier (another rank may sit in a collective this one never joins);
         # the group is destroyed so that the peers' collectives fail instead of waiting.
         if session is not None:

@@ -220,7 +220,10 @@ def _plateau_worker(rank, ports, out_dir):
         if name == "valid":
             metrics["AUC"] = 0.9 - 0.1 * len(calls)
             calls.append(1)
+        inside.append(torch.are_deterministic_algorithms_enabled())
         return metrics
+    import torch
+    inside = []
     calls = []
     D.distributed_auc = falling
     cache, report = os.path.join(out_dir, "cache"), {}
@@ -228,6 +231,8 @@ def _plateau_worker(rank, ports, out_dir):
                   lr_decay_factor=0.5, embedding_lr=0.08)
     os.environ["MASTER_PORT"] = str(ports[0])
     report["full"] = D.run_distributed_training(dict(config, epochs=3, out=os.path.join(out_dir, "full")))
+    # deterministic (the default) holds inside the run, as in the single-process trainer, and is undone after
+    report["deterministic"] = (all(inside) and bool(inside), torch.are_deterministic_algorithms_enabled())
     calls.clear()
     part = os.path.join(out_dir, "part")
     os.environ["MASTER_PORT"] = str(ports[1])
@@ -263,6 +268,7 @@ def test_plateau_decays_survive_a_resume(tmp_path):
     mp.spawn(_plateau_worker, args=([_free_port() for _ in range(3)], str(tmp_path)), nprocs=2, join=True)
     report = torch.load(tmp_path / "report.pt", weights_only=False)
     full, resumed = report["full"], report["resumed"]
+    assert report["deterministic"] == (True, False)
     assert report["manifest"]["lr_decays"] == 1                 # epoch 2 fell below epoch 1
     assert [h["embedding_lr"] for h in full["history"]] == pytest.approx([0.08, 0.08, 0.04])
     assert resumed["history"] == full["history"]
