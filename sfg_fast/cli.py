@@ -259,7 +259,8 @@ def _run_train(args) -> int:
 def _run_compare(args, argv: Sequence[str]) -> int:
     from .compare import compare, parse_seeds
 
-    overrides = config_overrides(args, skip=("out", "verbose"))
+    # --seed is the first seed of the list (parse_seeds below), not an override of every run's seed
+    overrides = config_overrides(args, skip=("out", "verbose", "seed"))
     _setup_logging(1 if args.verbose is None else args.verbose)
     # Progress bars and epoch logs of each run only with --verbose; one line per run unless --quiet.
     overrides["verbose"] = 1 if args.verbose else 0

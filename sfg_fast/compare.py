@@ -242,7 +242,8 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
     overrides = dict(overrides or {})
     for key in ("model", "generative", "out", "seed", "expid"):
         if key in overrides:
-            raise ValueError(f"overrides may not set {key!r}: compare chooses it per run")
+            hint = " (the seeds argument, --seeds / --seed on the command line, chooses them)" if key == "seed" else ""
+            raise ValueError(f"overrides may not set {key!r}: compare chooses it per run{hint}")
     bad = [v for v in variants if v not in ("base", "sfg")]
     if bad or not variants:
         raise ValueError(f"variants must be a subset of ('base', 'sfg'), got {list(variants)}")

@@ -168,6 +168,12 @@ def test_compare_via_main(tmp_path, capsys):
     assert summary["variants"] == ["sfg"] and len(summary["runs"]) == 1
     assert summary["command"].startswith("sfg-fast compare --models fm")
     assert os.path.exists(os.path.join(out, "compare.png"))
+    # --seed: the first of --seeds N seeds (not an override of every run's seed)
+    argv = ["compare", "--models", "fm", "--seeds", "2", "--seed", "7", "--epochs", "1", "--out", out + "2",
+            "--only", "base"] + TINY
+    assert cli.main(argv) == 0
+    runs = json.loads(open(os.path.join(out + "2", "compare.json")).read())["runs"]
+    assert sorted(run["seed"] for run in runs) == [7, 8]
 
 
 @pytest.mark.slow
