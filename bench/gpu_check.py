@@ -435,6 +435,15 @@ def _structured(mode: Optional[str]):
     return _gemm_setting("STRUCTURED_DECODER", mode)
 
 
+def _sparse_dedup(mode: Optional[str]):
+    """ops.embedding_lookup.SPARSE_DEDUP for the block: how the fused update finds each row's gradient sum
+    ("sort" or the sort-free "map"; None: as set)."""
+    if mode is None:
+        return contextlib.nullcontext()
+    from sfg_fast.ops import embedding_lookup as ops_lookup
+    return _patched((ops_lookup, "SPARSE_DEDUP", mode))
+
+
 def _tf32(on: bool):
     """TF32 matrix units on/off for torch (cuBLAS) and for sfg_fast's Triton kernels."""
     from sfg_fast.ops import sfg_logits as ops_logits
@@ -706,6 +715,8 @@ def bench_lookup(rows, args, device, budget, dims, facts: Dict, ext_only: bool =
 
     def update_body(provider):
         def body():
+            if provider == "fused map":
+                return _with(_sparse_dedup("map"), update_body("fused"))
             weight = table.clone()
             opt = SparseRowOptimizer("adagrad", lr=0.01)
             momentum = torch.zeros(weight.shape[0], device=device)
@@ -734,11 +745,17 @@ def bench_lookup(rows, args, device, budget, dims, facts: Dict, ext_only: bool =
                     "note": "rowwise Adagrad from grad_V; gbps: grad_V + ids + each distinct row and "
                             "accumulator read and written"}
         return body
-    def update_graph_body():
+    def update_graph_body(dedup="sort"):
         """The Triton fused update captured in CUDA graphs (one per id batch) and replayed: its GPU time
-        (sort, segment ends, the two segment-reduction launches) without the launches' host cost."""
+        (sort, segment ends, the two segment-reduction launches; or with ``dedup="map"`` the row map's
+        claim, accumulate and update) without the launches' host cost."""
         if device != "cuda":
             raise common.Skip("CUDA graphs need a GPU")
+        if dedup != "sort":
+            with _sparse_dedup(dedup):
+                out = update_graph_body()
+            out["note"] += f"; SFG_FAST_SPARSE_DEDUP={dedup}"
+            return out
         weight = table.clone()
         opt = SparseRowOptimizer("adagrad", lr=0.01)
         for ids, g in zip(ids_list, grads):       # compile and warm up outside the capture
@@ -758,10 +775,13 @@ def bench_lookup(rows, args, device, budget, dims, facts: Dict, ext_only: bool =
         return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
                 "gbps": update_bytes / (t["median_ms"] * 1e-3) / 1e9,
                 "note": "CUDA-graph replays of the fused rowwise Adagrad update (bytes as above)"}
-    for provider in ("ext-cuda",) if ext_only else ("fused", "factored"):
+    for provider in ("ext-cuda",) if ext_only else ("fused", "fused map", "factored"):
         _attempt(rows, budget, _row("lookup", "-", provider, "bwd+adagrad"), update_body(provider))
     if not ext_only:
         _attempt(rows, budget, _row("lookup", "-", "fused graph", "bwd+adagrad"), update_graph_body)
+        # the sort-free update (ops.embedding_lookup.SPARSE_DEDUP "map"): which one the default should be
+        _attempt(rows, budget, _row("lookup", "-", "fused map graph", "bwd+adagrad"),
+                 lambda: update_graph_body("map"))
 
 
 def bench_step(rows, args, device, budget, dims, graph: bool = False, compiled: bool = False) -> None:
@@ -808,7 +828,7 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False, compiled: 
             opt.step()
         return _time_step(step)
 
-    def graph_body(tf32=False, structured=None, bf16=False):
+    def graph_body(tf32=False, structured=None, bf16=False, dedup=None):
         """The one-op fused step captured whole in a CUDA graph (tests/test_cuda_graphs.py checks it
         trains like eager steps): replay cost is GPU time only, no Python or launch overhead. ``tf32``:
         captured with TF32 allowed (the Triton GEMMs in TF32); ``bf16``: the forward under
@@ -823,12 +843,14 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False, compiled: 
         with _tf32(tf32), _structured(structured):
             mode = sfg_gemm.STRUCTURED_DECODER
             label = {"never": " dense", "auto": " structured"}.get(structured, "")
-            out = captured_step(label=label + (" bf16" if bf16 else ""), bf16=bf16)
+            out = captured_step(label=label + (" bf16" if bf16 else "") + (f" {dedup}" if dedup else ""), bf16=bf16)
         if tf32:
             out["note"] += "; TF32 GEMMs"
         if bf16:
             out["note"] += "; forward under torch.autocast(bfloat16): bf16 GEMM operands"
         out["note"] += f"; STRUCTURED_DECODER={mode}"
+        if dedup:
+            out["note"] += f"; SFG_FAST_SPARSE_DEDUP={dedup} (the fused update without its sort)"
         return out
 
     def captured_step(label="", bf16=False):
@@ -976,6 +998,8 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False, compiled: 
                  lambda: graph_body(tf32=True, structured="auto"))
         _attempt(rows, budget, _row("step", "scalar", "fused cuda graph bf16 autocast", "train"),
                  lambda: graph_body(bf16=True))
+        _attempt(rows, budget, _row("step", "scalar", "fused cuda graph bf16 autocast map", "train"),
+                 lambda: _with(_sparse_dedup("map"), lambda: graph_body(bf16=True, dedup="map")))
         return
     if compiled:
         _attempt(rows, budget, _row("step", "scalar", "zoo fwfm embedding=fused compiled", "train"),

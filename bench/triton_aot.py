@@ -190,11 +190,17 @@ def workloads(sweep: bool = False, table_dims: Tuple[int, ...] = TABLE_DIMS) -> 
                                                      backend="triton"))
                 out.append((f"embedding_lookup {name}{' deterministic' if deterministic else ''}", lookup))
             for optimizer in ("sgd", "adagrad", "adam"):
-                def fused(dtype=dtype, optimizer=optimizer, td=td):
-                    emb = FusedFieldEmbedding(dims, td, optimizer=optimizer, bounds_check="off", backend="triton")
-                    emb.weight.data = emb.weight.data.to(dtype)
-                    backward(emb(ids))
-                out.append((f"fused sparse {optimizer} {name}", fused))
+                for dedup in ("sort", "map"):
+                    def fused(dtype=dtype, optimizer=optimizer, td=td, dedup=dedup):
+                        from sfg_fast.ops import embedding_lookup as ops_lookup
+                        emb = FusedFieldEmbedding(dims, td, optimizer=optimizer, bounds_check="off", backend="triton")
+                        emb.weight.data = emb.weight.data.to(dtype)
+                        before, ops_lookup.SPARSE_DEDUP = ops_lookup.SPARSE_DEDUP, dedup
+                        try:
+                            backward(emb(ids))
+                        finally:
+                            ops_lookup.SPARSE_DEDUP = before
+                    out.append((f"fused sparse {optimizer} {name}{' row map' if dedup == 'map' else ''}", fused))
     for kind in ("identity", "scalar", "vector", "matrix"):
         for tf32 in (False, True):
             for vdtype in (torch.float32, torch.bfloat16):

@@ -60,6 +60,9 @@ def collect() -> dict:
         # a CUDA graph is captured on the exact-fp32 torch.mm path, "auto" always on that path and on the
         # Triton GEMMs in TF32 / under autocast, "never": the dense [W, W] GEMM)
         "structured_decoder": _module_setting("STRUCTURED_DECODER"),
+        # how the Triton fused sparse update sums each touched row (ops.embedding_lookup.SPARSE_DEDUP: "sort",
+        # the segment reduction, or "map", the sort-free row map; deterministic runs always sort)
+        "sparse_dedup": _module_setting("SPARSE_DEDUP", "embedding_lookup"),
         # whether cuBLAS's workspace setting was fixed before CUDA started (sfg_fast._cublas): deterministic
         # runs hand the fused path's exact-fp32 GEMMs to cuBLAS only then
         "cublas_workspace_fixed": _cublas_fixed(),
@@ -80,13 +83,14 @@ def _cublas_fixed() -> bool:
     return _cublas.workspace_fixed()
 
 
-def _module_setting(name: str) -> str:
-    """A setting of ops.sfg_gemm (read from its environment variable at import)."""
+def _module_setting(name: str, module: str = "sfg_gemm") -> str:
+    """A setting of ``sfg_fast.ops.<module>`` (read from its environment variable at import)."""
+    import importlib
     try:
-        from sfg_fast.ops import sfg_gemm
+        ops_module = importlib.import_module(f"sfg_fast.ops.{module}")
     except Exception as exc:    # triton missing
         return f"n/a ({type(exc).__name__})"
-    return getattr(sfg_gemm, name)
+    return getattr(ops_module, name)
 
 
 def _serving_backend() -> str:
@@ -127,6 +131,9 @@ def main() -> None:
     print(f"scalar/vector decoders by their structure: {info['structured_decoder']} "
           "(SFG_FAST_STRUCTURED_DECODER: graphs = inside CUDA-graph captures on the exact-fp32 cuBLAS path, "
           "auto = also eagerly there and on the Triton GEMMs in TF32 / under autocast, never = the dense GEMM)")
+    print(f"the Triton fused sparse update sums each row by: {info['sparse_dedup']} (SFG_FAST_SPARSE_DEDUP: sort = "
+          "the segment reduction, bitwise repeatable; map = a 4-byte-a-row map and float atomics, no sort; "
+          "deterministic runs sort)")
     print("cuBLAS workspace fixed before CUDA started: " + ("yes (deterministic runs use cuBLAS GEMMs)"
           if info["cublas_workspace_fixed"] else "no (deterministic runs use the Triton GEMMs; the training "
           "job fixes it, or export CUBLAS_WORKSPACE_CONFIG=:4096:8)"))

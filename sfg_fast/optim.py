@@ -81,6 +81,7 @@ class SparseRowOptimizer:
         self._step = torch.zeros((), dtype=torch.int64, device="cpu")
         self._hyper = torch.zeros(4, dtype=torch.float64, device="cpu")
         self.state = {}
+        self._row_map: Optional[torch.Tensor] = None     # the Triton update's scratch (SFG_FAST_SPARSE_DEDUP=map)
         self._set_hyper_parameters(lr, eps, betas, initial_accumulator_value)
 
     @property
@@ -222,14 +223,21 @@ class SparseRowOptimizer:
     @torch.no_grad()
     def step_lookup_triton(self, weight: torch.Tensor, grad_V: torch.Tensor, ids: torch.Tensor,
                            offsets: torch.Tensor) -> None:
-        """Fused path: segment-reduce ``grad_V [B, N, D]`` per row and update in one Triton kernel."""
-        from .ops.embedding_lookup import sparse_update
+        """Fused path: sum ``grad_V [B, N, D]`` per touched row and update in Triton kernels (the sorted
+        segment reduction, or the row map of ``ops.embedding_lookup.SPARSE_DEDUP`` "map")."""
+        from .ops.embedding_lookup import new_row_map, row_map_wanted, sparse_update
         if weight.dtype == torch.float64:
             raise TypeError("the triton fused update computes in fp32; use backend='torch' for float64 tables")
         s = self._begin_step(weight)
         state1 = self.state.get("sum", self.state.get("exp_avg"))
+        row_map = None
+        if row_map_wanted(ids.numel()):
+            row_map = self._row_map
+            if row_map is None or row_map.shape[0] != weight.shape[0] or row_map.device != weight.device:
+                # scratch, not state: every entry is UNCLAIMED between steps (never saved)
+                row_map = self._row_map = new_row_map(weight.shape[0], weight.device)
         sparse_update(weight, grad_V, ids, offsets, self.kind, state1=state1, state2=self.state.get("exp_avg_sq"),
-                      **{k: v for k, v in s.items() if k != "t"})
+                      row_map=row_map, **{k: v for k, v in s.items() if k != "t"})
         self._end_step(s)
 
     @torch.no_grad()

@@ -72,16 +72,20 @@ def test_every_section_kind_and_provider_has_a_row(smoke):
     assert ("step", "scalar", "zoo fwfm embedding=fused", "train") in seen
     assert ("step", "scalar", "zoo fwfm embedding=fused compiled", "train") in seen
     assert ("step", "scalar", "fused cuda graph", "train") in seen
-    # the graph section's rows: the CUDA-graph step, then the Inductor compile that spends the budget left
-    assert [r["provider"] for r in rows if r["section"] == "step"][-7:] == [
+    # the graph section's rows (the CUDA-graph step), then section compiled_step's Inductor compiles, which
+    # spend the budget left
+    assert [r["provider"] for r in rows if r["section"] == "step"][-8:] == [
         "fused cuda graph", "fused cuda graph tf32", "fused cuda graph dense", "fused cuda graph tf32 structured",
-        "fused cuda graph bf16 autocast", "zoo fwfm embedding=fused compiled",
+        "fused cuda graph bf16 autocast", "fused cuda graph bf16 autocast map", "zoo fwfm embedding=fused compiled",
         "zoo fwfm embedding=fused reduce-overhead"]
     ext = [r for r in rows if r["provider"] == "ext-cuda"]
     assert ext and all(r["status"] == "skipped" and "--skip-ext-cuda" in r["note"] for r in ext)
-    for provider in ("fused", "ext-cuda", "factored"):
+    for provider in ("fused", "fused map", "ext-cuda", "factored"):
         assert ("lookup", "-", provider, "bwd+adagrad") in seen, provider
-    assert ("lookup", "-", "fused graph", "bwd+adagrad") in seen       # (skipped on CPU: graphs need CUDA)
+    for provider in ("fused graph", "fused map graph"):                # (skipped on CPU: graphs need CUDA)
+        assert ("lookup", "-", provider, "bwd+adagrad") in seen, provider
+    # the sort-free update ran through the interpreter and measured
+    assert next(r for r in rows if r["provider"] == "fused map" and r["mode"] == "bwd+adagrad")["status"] == "ok"
     for r in rows:
         if r["status"] == "ok" and r["provider"] != "copy":
             assert r["median_ms"] > 0 and r["iqr_ms"] >= 0, r

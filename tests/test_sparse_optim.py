@@ -101,6 +101,65 @@ def test_triton_update_within_2x_of_torch_path(kind, batch):
     torch.testing.assert_close(triton_w.double(), expected, rtol=0, atol=2 * torch_err + 1e-6)
 
 
+@pytest.fixture
+def row_map_mode(monkeypatch):
+    """SFG_FAST_SPARSE_DEDUP="map" for the test (the Triton update's sort-free path)."""
+    from sfg_fast.ops import embedding_lookup as ops_lookup
+    monkeypatch.setattr(ops_lookup, "SPARSE_DEDUP", "map")
+    return ops_lookup
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [64, 500])
+def test_triton_row_map_update_within_2x_of_torch_path(kind, batch, row_map_mode):
+    """The sort-free update (row map, float atomics) against the fp64 ground truth by the 2x rule, with hot
+    rows; the map is back to all UNCLAIMED after every step, and deterministic mode still sorts."""
+    weight0 = torch.randn(sum(FIELD_DIMS), 3, device=DEVICE)
+    steps = _steps(3, batch=batch, dim=3)
+    expected = _reference_steps(weight0, steps, kind, **HYPER[kind])
+    torch_err = (_run_fused(weight0, steps, kind, "torch")[0].double() - expected).abs().max().item()
+    triton_w, opt = _run_fused(weight0, steps, kind, "triton")
+    torch.testing.assert_close(triton_w.double(), expected, rtol=0, atol=2 * torch_err + 1e-6)
+    assert opt._row_map is not None and opt._row_map.dtype == torch.int32
+    assert bool((opt._row_map == 2 ** 31 - 1).all())
+
+
+@pytest.mark.interpreter
+def test_row_map_is_refilled_when_a_launch_fails_and_deterministic_mode_sorts(row_map_mode, monkeypatch):
+    """A launch failing after the claim (here the accumulate) leaves no stale owner behind; under
+    torch.use_deterministic_algorithms the sorted, repeatable path runs whatever SPARSE_DEDUP says."""
+    weight = torch.randn(sum(FIELD_DIMS), 3, device=DEVICE)
+    ids, grad = _zipf_ids(20), torch.randn(20, len(FIELD_DIMS), 3, device=DEVICE)
+    opt = SparseRowOptimizer("adagrad", lr=0.1)
+    opt.step_lookup_triton(weight, grad, ids, _offsets())
+    row_map = opt._row_map
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("launch failed")
+            return launch
+    monkeypatch.setattr(row_map_mode, "_accumulate_rows_kernel", Broken())
+    before = weight.clone()
+    with pytest.raises(RuntimeError, match="launch failed"):
+        opt.step_lookup_triton(weight, grad, ids, _offsets())
+    assert bool((row_map == 2 ** 31 - 1).all()) and torch.equal(weight, before)
+    monkeypatch.undo()
+    monkeypatch.setattr(row_map_mode, "SPARSE_DEDUP", "map")
+    claimed = []
+    monkeypatch.setattr(row_map_mode, "_claim_rows_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (lambda *a, **k: claimed.append(1))})())
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        again = _run_fused(weight, [(ids, grad)], "adagrad", "triton")[0]
+        sorted_ = _run_fused(weight, [(ids, grad)], "adagrad", "triton")[0]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert claimed == [] and torch.equal(again, sorted_)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_tables_update_in_fp32_then_round(dtype):

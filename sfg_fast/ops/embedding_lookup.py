@@ -22,9 +22,34 @@ try:  # the package works without Triton; this backend then simply does not regi
 
     from ..kernels.embedding_lookup import (_embedding_lookup_bwd_kernel, _embedding_lookup_bwd_sorted_kernel,
                                             _embedding_lookup_fwd_kernel)
-    from ..kernels.sparse_update import _sparse_update_kernel
+    from ..kernels.sparse_update import (UNCLAIMED, _accumulate_rows_kernel, _claim_rows_kernel, _owner_update_kernel,
+                                         _sparse_update_kernel)
 except ImportError:
     triton = None
+
+# How the fused sparse update finds each touched row's gradient sum outside deterministic mode:
+#   "sort" (default): the sorted segment reduction of deterministic mode (torch.sort of the B*N rows, segment
+#                     ends, two launches; bitwise repeatable);
+#   "map":  no sort: a persistent int32 map over the table's rows (4 bytes a row, kept by the optimizer) names
+#           each row's first position, float atomics sum into it, the owner updates (four launches, about ten
+#           fewer kernels than the sort's radix passes; sums repeat to fp32 rounding only).
+# Deterministic mode always sorts. gpu_check's `fused map` / `fused map graph` bwd+adagrad rows measure it
+# against the sort; the default follows the measurement.
+SPARSE_DEDUP = os.environ.get("SFG_FAST_SPARSE_DEDUP", "sort")
+_DEDUP_MODES = ("sort", "map")
+
+
+def row_map_wanted(total: int) -> bool:
+    """Whether the fused update of ``total`` (b, f) positions takes the row map (see SPARSE_DEDUP)."""
+    if SPARSE_DEDUP not in _DEDUP_MODES:
+        raise ValueError(f"SFG_FAST_SPARSE_DEDUP must be one of {_DEDUP_MODES}, got {SPARSE_DEDUP!r}")
+    # positions are stored as int32 in the map
+    return SPARSE_DEDUP == "map" and not torch.are_deterministic_algorithms_enabled() and total < 2 ** 31 - 1
+
+
+def new_row_map(num_rows: int, device) -> torch.Tensor:
+    """The scratch map of :data:`SPARSE_DEDUP` "map": int32 [V], every entry UNCLAIMED between calls."""
+    return torch.full((num_rows,), UNCLAIMED.value, dtype=torch.int32, device=device)
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KINDS = {"sgd": 0, "adagrad": 1, "adam": 2}  # KIND_SGD / KIND_ADAGRAD / KIND_ADAM of the kernel
@@ -164,11 +189,13 @@ def embedding_lookup_bwd(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.T
 def sparse_update(weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
                   kind: str, lr: float, eps: float = 0.0, beta1: float = 0.0, beta2: float = 0.0,
                   bias1: float = 1.0, bias2: float = 1.0, state1: Optional[torch.Tensor] = None,
-                  state2: Optional[torch.Tensor] = None) -> None:
+                  state2: Optional[torch.Tensor] = None, row_map: Optional[torch.Tensor] = None) -> None:
     """Apply one row-sparse optimizer step to ``weight`` in place from the lookup's output gradient.
 
     See ``sfg_fast.kernels.sparse_update`` for the formulas. ``state1``/``state2``: fp32 optimizer
     state (Adagrad ``[V]``; Adam ``[V, D]`` each), updated in place on touched rows only.
+    ``row_map``: the int32 ``[V]`` scratch map of SPARSE_DEDUP "map" (:func:`new_row_map`; left as it was
+    found), which replaces the sort outside deterministic mode; None sorts.
     No host sync: the kernel's grid is sized by B * N, not by the number of touched rows.
     """
     _check_table(weight)
@@ -187,14 +214,53 @@ def sparse_update(weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, o
                 raise ValueError(f"adam needs a contiguous fp32 {name} of shape [V, D]=[{num_rows}, {dim}]")
     if ids.numel() == 0:
         return
-    sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
     dummy = weight.new_empty(0, dtype=torch.float32)
+    hyper = (float(lr), float(eps), float(beta1), float(beta2), float(bias1), float(bias2))
+    if row_map is not None and _row_map_applies(row_map, num_rows, weight.device, ids.numel()):
+        _row_map_update(weight, grad, ids, offsets, kind, row_map, state1 if state1 is not None else dummy,
+                        state2 if state2 is not None else dummy, hyper)
+        return
+    sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
     total = perm.numel()
     _segment_launches(
         _sparse_update_kernel, (weight, weight.stride(0), grad, *_grad_strides(grad), perm, sorted_rows, seg_end),
         (state1 if state1 is not None else dummy, state2 if state2 is not None else dummy, total, ids.shape[1], dim,
-         float(lr), float(eps), float(beta1), float(beta2), float(bias1), float(bias2)),
+         *hyper),
         total, dim, torch.float32, weight.device, KIND=_KINDS[kind])
+
+
+def _row_map_applies(row_map: torch.Tensor, num_rows: int, device, total: int) -> bool:
+    """``row_map`` fits this table (int32 [V] on its device) and the map path applies (see row_map_wanted)."""
+    if row_map.dtype != torch.int32 or tuple(row_map.shape) != (num_rows,) or row_map.device != device \
+            or not row_map.is_contiguous():
+        raise ValueError(f"row_map must be a contiguous int32 [V]=[{num_rows}] tensor on {device}, got "
+                         f"{row_map.dtype} {list(row_map.shape)} on {row_map.device}")
+    return not torch.are_deterministic_algorithms_enabled() and total < 2 ** 31 - 1
+
+
+def _row_map_update(weight, grad, ids, offsets, kind, row_map, state1, state2, hyper) -> None:
+    """SPARSE_DEDUP "map": claim, accumulate, update (kernels.sparse_update). The map comes back all
+    UNCLAIMED; should a launch fail part-way, it is refilled before the error propagates, so that the next
+    step never reads a stale owner."""
+    batch, num_fields = ids.shape
+    dim = weight.shape[1]
+    total = batch * num_fields
+    block_d = _segment_block_d(dim)
+    block_p = min(next_pow2(total), 1024) if _interpreting() else max(1, 2048 // block_d)
+    grid = (cdiv(total, block_p),)
+    offsets = offsets.contiguous()
+    id_strides = (ids.stride(0), ids.stride(1))
+    acc = torch.zeros(total, dim, dtype=torch.float32, device=weight.device)
+    try:
+        _claim_rows_kernel[grid](ids, offsets, row_map, total, num_fields, *id_strides, BLOCK_P=block_p)
+        _accumulate_rows_kernel[grid](ids, offsets, row_map, grad, acc, total, num_fields, dim, *id_strides,
+                                      *_grad_strides(grad), BLOCK_P=block_p, BLOCK_D=block_d)
+        _owner_update_kernel[grid](ids, offsets, row_map, acc, weight, weight.stride(0), state1, state2, total,
+                                   num_fields, dim, *id_strides, *hyper, KIND=_KINDS[kind], BLOCK_P=block_p,
+                                   BLOCK_D=block_d)
+    except BaseException:
+        row_map.fill_(UNCLAIMED.value)
+        raise
 
 
 class EmbeddingLookupFunction(torch.autograd.Function):
