@@ -28,8 +28,8 @@ void lookup_typed(const torch::Tensor& ids, const torch::Tensor& weight, const t
 torch::Tensor embedding_lookup_cpu(torch::Tensor ids, torch::Tensor weight, torch::Tensor offsets,
                                    const std::string& bounds_check) {
   const int mode = parse_bounds_mode(bounds_check);
-  check_ids_offsets(ids, offsets, weight.size(0));
   TORCH_CHECK_VALUE(weight.dim() == 2, sfg::msg("weight must have shape [V, D], got ", weight.sizes()));
+  check_ids_offsets(ids, offsets, weight.size(0));
   TORCH_CHECK_VALUE(weight.device().is_cpu(), sfg::msg("weight must be a CPU tensor, got ", weight.device()));
   TORCH_CHECK_TYPE(weight.scalar_type() == torch::kFloat || weight.scalar_type() == torch::kBFloat16,
                    sfg::msg("weight must be float32 or bfloat16 for the cpu backend, got ", weight.scalar_type()));
@@ -131,6 +131,8 @@ void sparse_row_update_cpu(const std::string& kind, torch::Tensor weight, c10::o
                    sfg::msg("weight must be float32 or bfloat16, got ", weight.scalar_type()));
   check_ids_offsets(ids, offsets, weight.size(0));
   const int64_t rows_total = weight.size(0), dim = weight.size(1), batch = ids.size(0), n = ids.size(1);
+  // row-wise Adagrad's mean over D would be 0 / 0 = NaN in every touched row's state
+  TORCH_CHECK_VALUE(dim > 0, "weight must have at least one column (D >= 1) for a sparse update");
   TORCH_CHECK_VALUE(grad_V.dim() == 3 && grad_V.size(0) == batch && grad_V.size(1) == n && grad_V.size(2) == dim,
                     sfg::msg("grad_V must have shape [B, N, D]=[", batch, ", ", n, ", ", dim, "], got ",
                              grad_V.sizes()));

@@ -70,6 +70,7 @@ template <typename Id, typename T>
 void gather_rows(const Id* ids, int64_t b0, int64_t b1, int64_t num_fields, const int64_t* offsets,
                  const int64_t* sizes, int mode, const T* weight, int64_t dim, T* out) {
   const size_t row_bytes = static_cast<size_t>(dim) * sizeof(T);
+  if (row_bytes == 0) return;  // D = 0: nothing to copy (and an empty output's data pointer may be null)
   for (int64_t b = b0; b < b1; ++b) {
     T* dst = out + b * num_fields * dim;
     for (int64_t f = 0; f < num_fields; ++f) {

@@ -422,19 +422,15 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
   auto GAg = matrix_dec ? workspace(2, batch, width, gemm_dtype) : torch::Tensor();
   auto Zg = matrix_dec && p.right_is_z() ? workspace(3, batch, width, gemm_dtype) : torch::Tensor();
 
-  const int threads = std::max(1, at::get_num_threads());
   const int64_t dec_size = csr_dec ? p.num_pairs() * dim : 0;
-  // per-thread partial sums, summed in thread order afterwards (same thread count, same bits)
-  std::vector<std::vector<float>> bias_acc(threads, std::vector<float>(need_enc_bias ? width : 0, 0.f)),
-      dec_acc(threads, std::vector<float>(dec_size, 0.f));
   const bool left_z = p.left_is_z(), right_z = p.right_is_z();
   const float* g_all = grad.data_ptr<float>();
   const int64_t num_tiles = (batch + tile - 1) / tile;
+  // per-TILE partial sums of the bias and decoder gradients, summed in tile order afterwards: the tiling
+  // depends on the batch only, so the bits do not depend on how many threads share the tiles (per-thread
+  // sums would group them by the thread count)
+  std::vector<float> bias_acc(need_enc_bias ? num_tiles * width : 0, 0.f), dec_acc(num_tiles * dec_size, 0.f);
   at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
-    const int tid = at::get_thread_num();
-    TORCH_CHECK(tid >= 0 && tid < threads, sfg::msg("thread ", tid, " outside the ", threads, " accumulators"));
-    std::vector<float>& bacc = bias_acc[tid];
-    std::vector<float>& dacc = dec_acc[tid];
     const int64_t cols = tile * width;
     Scratch& st = scratch();
     st.staging(bf16_gemm, tile, width);
@@ -479,7 +475,7 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
         }
       } else {
         mix_transposed_tile(p, ga, db, m);
-        if (csr_dec) accumulate_dec_tile(p, ga, right, m, dacc.data());
+        if (csr_dec) accumulate_dec_tile(p, ga, right, m, dec_acc.data() + t * dec_size);
       }
       float* dv = need_v ? dV.data_ptr<float>() + b0 * width : nullptr;
       combine_tile(p, g, T.data_ptr<float>() + b0 * width, db, p.encode ? dz : nullptr, dv, m);
@@ -503,7 +499,7 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
             dv_tile.addmm_(torch::from_blob(dz, {m, width}, kF32), enc_w);
           }
         }
-        if (need_enc_bias) colsum_into(bacc.data(), dz, m, width);
+        if (need_enc_bias) colsum_into(bias_acc.data() + t * width, dz, m, width);
       }
       if (store_v) store_rows(Vg, b0, m, width, v);
       if (matrix_dec) {
@@ -518,13 +514,11 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
   if (need_enc_bias) {
     d_bias = torch::zeros({width}, kF32);
     float* o = d_bias.data_ptr<float>();
-    for (const auto& acc : bias_acc)
-      if (!acc.empty()) axpy(o, 1.f, acc.data(), width);
+    for (int64_t t = 0; t < num_tiles; ++t) axpy(o, 1.f, bias_acc.data() + t * width, width);
   }
   if (csr_dec) {
     std::vector<float> sum(dec_size, 0.f);
-    for (const auto& acc : dec_acc)
-      if (!acc.empty()) axpy(sum.data(), 1.f, acc.data(), dec_size);
+    for (int64_t t = 0; t < num_tiles; ++t) axpy(sum.data(), 1.f, dec_acc.data() + t * dec_size, dec_size);
     const bool vector = p.kind == kVector;
     d_dec = vector ? torch::zeros({n, n, dim}, kF32) : torch::zeros({n, n}, kF32);
     float* o = d_dec.data_ptr<float>();

@@ -179,6 +179,10 @@ class SparseRowOptimizer:
         """Create state and return the scalars of the next step (its number ``t``, bias corrections). The
         step count advances only when the update has been applied (:meth:`_end_step`): a step that
         fails leaves Adam's bias correction where it was."""
+        if weight.dim() == 2 and weight.shape[1] == 0:
+            # row-wise Adagrad's mean over D would be 0 / 0 = NaN in every touched row's state
+            raise ValueError(f"weight must have at least one column (D >= 1) for a sparse update, got shape "
+                             f"{list(weight.shape)}")
         self._ensure_state(weight)
         t = self.step_count + 1
         b1, b2 = self.betas

@@ -267,6 +267,16 @@ def test_sparse_update_refuses_what_the_optimizer_refuses_and_keeps_state_on_fai
         with pytest.raises((ValueError, TypeError)):
             bad_call(state)
         assert state == {} and torch.equal(weight, before)
+    # a table without columns: row-wise Adagrad's mean over D would be 0 / 0 in every touched row's state
+    state = {}
+    with pytest.raises(ValueError, match="at least one column"):
+        cpu_ext.sparse_row_update(kind, torch.zeros(10, 0), state, ids, offsets, grad[..., :0], lr=0.1)
+    assert state == {}
+    from sfg_fast.optim import SparseRowOptimizer
+    with pytest.raises(ValueError, match="at least one column"):
+        SparseRowOptimizer(kind, lr=0.1).step_rows(torch.zeros(10, 0), torch.tensor([1]), torch.zeros(1, 0))
+    with pytest.raises(ValueError, match=r"weight must have shape \[V, D\]"):
+        cpu_ext.embedding_lookup(ids, torch.tensor(1.0), offsets)
     state = {}
     cpu_ext.sparse_row_update(kind, weight, state, ids, offsets, grad, lr=0.1)
     assert sorted(state) == {"sgd": [], "adagrad": ["sum"], "adam": ["exp_avg", "exp_avg_sq"]}[kind]
@@ -650,6 +660,33 @@ def test_sfg_interaction_bitwise_repeatable():
     assert torch.equal(runs[0][0], runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["scalar", "vector", "matrix"])
+def test_sfg_interaction_bitwise_identical_for_any_thread_count(kind):
+    """Values and every gradient (bias and decoder included) are the same bits on 1 and 2 threads, at
+    batches of one tile, a few small tiles and many: the tiling is a function of the batch alone, partial
+    sums are kept per tile and added in tile order, and no tile runs MKL's own threading (a batch in one
+    tile did: 5-11 rows rounded by the thread count)."""
+    case = (kind, "relu", 0.5, False, "upper", "left", False, True, True)
+    before = torch.get_num_threads()
+    for batch in (1, 5, 7, 11, 300):
+        tensors, opts = _interaction_inputs(case, batch, 4, 8, torch.float32)
+        upstream = torch.randn(batch)
+        runs = []
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                runs.append(_value_and_grads(lambda *a: functional.sfg_interaction(*a, backend="cpu"), tensors, opts,
+                                             upstream))
+                with torch.no_grad():
+                    runs[-1] += (functional.sfg_interaction(*tensors, *opts, backend="cpu"),)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(runs[0][0], runs[1][0]), batch
+        assert torch.equal(runs[0][2], runs[1][2]), batch
+        for a, b in zip(runs[0][1], runs[1][1]):
+            assert torch.equal(a, b), batch
 
 
 @pytest.mark.parametrize("kind", ["scalar", "matrix"])

@@ -164,10 +164,15 @@ def sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma
 
 
 def _tile(batch: int, bf16: bool) -> int:
-    """Samples per tile: the measured size (64 fp32, 256 bf16), but small enough that every thread
-    gets a tile (a batch of one tile would run on one thread)."""
-    per_thread = -(-max(int(batch), 1) // max(torch.get_num_threads(), 1))
-    return max(1, min(_TILE_BF16 if bf16 else _TILE, per_thread))
+    """Samples per tile: the measured size (64 fp32, 256 bf16), but small enough that a batch of a few
+    hundred still splits into up to 16 tiles for the threads (never under 16 rows), and any batch of two
+    or more into at least two tiles. A function of the batch alone, so that the bits do not depend on the
+    thread count: a tiling that followed it would regroup the sums; and a batch in ONE tile runs outside
+    OpenMP's parallel region, where MKL threads its GEMM itself and rounds by its thread count (measured:
+    batches of 5-11 rows differed between 1 and 2 threads), while tiles inside the region run MKL
+    sequentially."""
+    batch = max(int(batch), 1)
+    return max(1, min(_TILE_BF16 if bf16 else _TILE, max(16, -(-batch // 16)), -(-batch // 2)))
 
 
 def bf16_gemms(param_dtype: torch.dtype) -> bool:
