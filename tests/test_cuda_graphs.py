@@ -240,3 +240,35 @@ def test_structured_decoder_on_the_triton_gemms_captures_and_replays(monkeypatch
             torch.testing.assert_close(p.grad, want, rtol=2e-2, atol=1e-2 * max(1.0, want.abs().max().item()))
         else:
             torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_sort_free_sparse_update_captures_and_replays(monkeypatch):
+    """SFG_FAST_SPARSE_DEDUP=map inside a captured step: the replays train as eager map steps do (to fp32
+    rounding: its atomic sums have no fixed order), and the row map is left clean (all UNCLAIMED) after every
+    replay, as the next step needs it."""
+    from sfg_fast.ops import embedding_lookup as ops_lookup
+    monkeypatch.setattr(ops_lookup, "SPARSE_DEDUP", "map")
+    dims, dim, batch = [300, 7, 50, 1000], 16, 512
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.stack([torch.randint(0, k, (batch,), generator=gen) for k in dims], 1).to(DEVICE),
+                (torch.rand(batch, generator=gen) < 0.3).float().to(DEVICE)) for _ in range(4)]
+    eager_parts = _fwfm_step_parts(dims, dim, "triton")
+    graph_parts = copy.deepcopy(eager_parts)
+    eager = _make_step(*eager_parts, "triton")
+    for ids, labels in batches:
+        eager(ids, labels)
+    graphed = _make_step(*graph_parts, "triton")
+    static_ids, static_labels = batches[0][0].clone(), batches[0][1].clone()
+    graph, _ = _capture(lambda: graphed(static_ids, static_labels))
+    row_map = graph_parts[0].optimizer._row_map
+    assert row_map is not None
+    for ids, labels in batches[1:]:
+        static_ids.copy_(ids)
+        static_labels.copy_(labels)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert bool((row_map == 2 ** 31 - 1).all())
+    for a, b in zip(eager_parts, graph_parts):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
