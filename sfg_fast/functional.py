@@ -85,11 +85,11 @@ def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
     """
     C.check_lookup(ids, weight, offsets, bounds_check)
     impl = _impl(backend, "embedding_lookup", weight.device)
+    if bounds_check != "off" and torch.compiler.is_compiling():
+        # reading ids is a graph break: check them at run time inside the graph instead (the reference too)
+        ids, bounds_check = _library.checked_ids(ids, offsets, weight.shape[0], bounds_check), "off"
     if impl is None:
         return reference.embedding_lookup(ids, weight, offsets, bounds_check)
-    if bounds_check != "off" and torch.compiler.is_compiling():
-        # reading ids is a graph break: check them at run time inside the graph instead
-        ids, bounds_check = _library.checked_ids(ids, offsets, weight.shape[0], bounds_check), "off"
     ids = C.apply_bounds_check(ids, offsets, weight.shape[0], bounds_check)
     return impl(ids, weight, offsets)
 
@@ -223,11 +223,11 @@ def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
                                generated_side, symmetric, backend=module_backend(backend, "sfg_interaction"))
     enc_bias = _with_bias(enc_bias, table)
     impl = _impl(backend, "sfg_logits", table.device)
+    if bounds_check != "off" and torch.compiler.is_compiling():
+        ids, bounds_check = _library.checked_ids(ids, offsets, table.shape[0], bounds_check), "off"
     if impl is None:
         return reference.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
                                     gamma, residual, pairs, generated_side, symmetric, bounds_check)
-    if bounds_check != "off" and torch.compiler.is_compiling():
-        ids, bounds_check = _library.checked_ids(ids, offsets, table.shape[0], bounds_check), "off"
     ids = C.apply_bounds_check(ids, offsets, table.shape[0], bounds_check)
     return impl(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
                 pairs, generated_side, symmetric)

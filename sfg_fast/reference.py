@@ -18,8 +18,10 @@ def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
                      bounds_check: str = "fatal", backend: str = "reference") -> torch.Tensor:
     """V[b, f] = weight[offsets[f] + ids[b, f]]: one row gather per (sample, field)."""
     C.check_lookup(ids, weight, offsets, bounds_check)
-    if bounds_check == "off":
-        C.check_offsets(offsets, weight.shape[0])   # the other modes validate offsets themselves
+    if bounds_check == "off" and not torch.compiler.is_compiling():
+        # the other modes validate offsets themselves; under torch.compile the functional API has checked
+        # ids and offsets inside the graph (sfg_fast::checked_ids) before it calls here with "off"
+        C.check_offsets(offsets, weight.shape[0])
     ids = C.apply_bounds_check(ids, offsets, weight.shape[0], bounds_check)
     columns = []
     for f in range(ids.shape[1]):
@@ -51,9 +53,6 @@ def sfg_encode(V: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return torch.stack(fields, dim=1)
 
 
-def _pair_index(n: int, pairs: str, device):
-    rows, cols = C.pair_mask(n, pairs, device).nonzero(as_tuple=True)
-    return rows, cols
 
 
 def _operands(Z, V, generated_side, symmetric):
@@ -68,7 +67,7 @@ def pairwise_decode(Z: torch.Tensor, V: torch.Tensor, weight: Optional[torch.Ten
     """sum over (i, j) in P of (a_i @ W_ij) . b_j, with (a, b) = (Z, V), (V, Z) or (Z, Z)."""
     C.check_decode(Z, V, weight, kind, pairs, generated_side, symmetric)
     left, right = _operands(Z, V, generated_side, symmetric)
-    rows, cols = _pair_index(Z.shape[1], pairs, Z.device)
+    rows, cols = C.pair_index(Z.shape[1], pairs, Z.device)
     a = left[:, rows]                            # [B, P, D]: the authors' materialised pairs
     b = right[:, cols]
     if kind == "identity":
@@ -89,7 +88,7 @@ def pairwise_products(Z: torch.Tensor, V: torch.Tensor, pairs: str = "upper",
     """[B, P] inner products <a_i, b_j> for (i, j) in P in row-major order (IPNN's p vector)."""
     C.check_products(Z, V, pairs, generated_side, symmetric)
     left, right = _operands(Z, V, generated_side, symmetric)
-    rows, cols = _pair_index(Z.shape[1], pairs, Z.device)
+    rows, cols = C.pair_index(Z.shape[1], pairs, Z.device)
     return (left[:, rows] * right[:, cols]).sum(-1)
 
 
@@ -106,7 +105,8 @@ def generative_cross(x: torch.Tensor, x_gen: torch.Tensor, weight: torch.Tensor,
 def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
                     backend: str = "reference") -> torch.Tensor:
     """Binary cross-entropy on logits: log(1 + e^x) - x*y (= max(x,0) - x*y + log1p(e^-|x|)), fp32 or better."""
-    C.check_bce(logits, labels, reduction)
+    # under torch.compile the functional API has checked the label values inside the graph
+    C.check_bce(logits, labels, reduction, values=not torch.compiler.is_compiling())
     x = logits if logits.dtype == torch.float64 else logits.to(torch.float32)
     y = labels.to(x.dtype)
     # Two branches so that each exp() sees a non-positive argument (no overflow) and the gradient is

@@ -211,14 +211,17 @@ def test_fake_dtype_follows_promotion():
 # whole models under torch.compile(fullgraph=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("name", ALL_MODELS)
-def test_every_model_traces_without_graph_break(name):
-    """fullgraph=True raises on any graph break; the "eager" backend keeps this to Dynamo alone."""
-    model = _model(name)
+def test_every_model_traces_without_graph_break(name, backend):
+    """fullgraph=True raises on any graph break; the "eager" backend keeps this to Dynamo alone. The
+    literal reference compiles too: its id checks run inside the graph and its pair indices come from
+    shapes alone."""
+    model = _model(name, backend)
     ids, labels = _ids(), torch.rand(B)
-    compiled = torch.compile(lambda i, y: _step(model, i, y, "torch"), fullgraph=True, backend="eager")
+    compiled = torch.compile(lambda i, y: _step(model, i, y, backend), fullgraph=True, backend="eager")
     logits_c, loss_c = compiled(ids, labels)
-    logits, loss = _step(model, ids, labels, "torch")
+    logits, loss = _step(model, ids, labels, backend)
     torch.testing.assert_close(logits_c, logits)
     torch.testing.assert_close(loss_c, loss)
 
@@ -308,7 +311,7 @@ def _ids_with_bad(field, value):
     return ids
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_compiled_bounds_check_raises_naming_field(backend):
     model = _model("fm", backend)
     device = _device(backend)
@@ -320,13 +323,14 @@ def test_compiled_bounds_check_raises_naming_field(backend):
         compiled(_ids_with_bad(1, -1).to(device))
 
 
-def test_compiled_clamp_to_oov_matches_eager():
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_compiled_clamp_to_oov_matches_eager(backend):
     weight = torch.randn(sum(FIELD_DIMS), D)
     offsets = offsets_of(FIELD_DIMS)
     ids = _ids_with_bad(3, 99)
 
     def lookup(i):
-        return SF.embedding_lookup(i, weight, offsets, "clamp_to_oov", backend="torch")
+        return SF.embedding_lookup(i, weight, offsets, "clamp_to_oov", backend=backend)
     got = torch.compile(lookup, fullgraph=True, backend="eager")(ids)
     torch.testing.assert_close(got, lookup(ids))
     assert torch.equal(got[2, 3], weight[offsets[3] + FIELD_DIMS[3] - 1])
