@@ -246,14 +246,23 @@ def clamp_to_oov(ids: torch.Tensor, sizes: torch.Tensor):
     bad = (ids < 0) | (ids >= sizes)    # int64 comparison (sizes may exceed int32 ids' range)
     if not ids.numel():
         return ids, 0
-    count, empty = torch.stack([bad.sum(), (sizes < 1).sum()]).tolist()
+    count, empty, largest = torch.stack([bad.sum(), (sizes < 1).sum(), sizes.max()]).tolist()
     if empty:
         field = int((sizes < 1).nonzero()[0, 0])
         raise ValueError(f"bounds_check='clamp_to_oov' needs at least one row (the OOV row) in every field; "
                          f"field {field} has none (offsets give field sizes {sizes.tolist()})")
-    # every int32 id is below a size past 2^31, so capping the OOV id to the dtype's max changes no result
-    oov = (sizes - 1).clamp(0, torch.iinfo(ids.dtype).max).to(ids.dtype).expand_as(ids)
+    ids = widen_for_oov(ids, largest)
+    oov = (sizes - 1).to(ids.dtype).expand_as(ids)
     return torch.where(bad, oov, ids), count
+
+
+def widen_for_oov(ids: torch.Tensor, largest_field: int) -> torch.Tensor:
+    """``ids`` as int64 when the OOV id of a field with ``largest_field`` rows (its last id) does not fit
+    their dtype (int32 ids, a field past 2^31 rows), else ``ids`` itself: a remapped id must be the
+    field's own OOV id, never one capped to the dtype's maximum."""
+    if ids.dtype != torch.int64 and largest_field - 1 > torch.iinfo(ids.dtype).max:
+        return ids.to(torch.int64)
+    return ids
 
 
 def check_encode(V, weight, bias, activation, gamma, residual, prefix: str = "", source: str = "V") -> float:

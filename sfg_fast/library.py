@@ -58,12 +58,15 @@ def checked_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: int, bounds_
     if bounds_check == "fatal":
         C.check_offsets_and_ids(ids, offsets, num_rows)
         return ids.clone()
-    remapped, _ = C.clamp_to_oov(ids, C.check_offsets(offsets, num_rows))
+    # widened by num_rows, which bounds every field's size: the fake below needs a dtype known from shapes
+    remapped, _ = C.clamp_to_oov(C.widen_for_oov(ids, num_rows), C.check_offsets(offsets, num_rows))
     return remapped
 
 
 @checked_ids.register_fake
 def _checked_ids_fake(ids, offsets, num_rows, bounds_check):
+    if bounds_check == "clamp_to_oov":
+        return torch.empty_like(ids, dtype=C.widen_for_oov(ids.new_empty(0), num_rows).dtype)
     return torch.empty_like(ids)
 
 
@@ -192,6 +195,18 @@ def _split_backend(backend: str):
     return name, torch.autocast(kind, dtype=getattr(torch, dtype))
 
 
+def _concrete(backend: str, name: str, op_args) -> str:
+    """The backend an op runs on: "auto" (kept in exported programs) is resolved now, on this machine,
+    for the device of the op's first tensor argument."""
+    if backend != "auto":
+        return backend
+    from ._backend import resolve
+    from .ops import load_backends
+    load_backends()
+    device = next(a.device for a in op_args if isinstance(a, torch.Tensor))
+    return resolve("auto", name, device)
+
+
 def _backend_impl(backend: str, name: str) -> Callable:
     """The eager implementation of op ``name`` on ``backend`` (the torch one is sfg_fast.factored)."""
     if backend == "torch":
@@ -233,6 +248,7 @@ def _make_forward(spec: OpSpec):
         spec.check(*op_args)
         shape, dtype = spec.meta(*op_args)
         backend, autocast = _split_backend(backend)
+        backend = _concrete(backend, spec.name, op_args)
         with torch.no_grad(), autocast:
             out = _backend_impl(backend, spec.name)(*op_args)
         if tuple(out.shape) != tuple(shape):
@@ -304,6 +320,7 @@ def _make_backward(spec: OpSpec):
     def backward(*args):
         grad, *op_args, backend, needs = args
         backend, autocast = _split_backend(backend)
+        backend = _concrete(backend, spec.name, op_args)
         direct = _DIRECT_BACKWARD.get((backend, spec.name))
         if direct:
             grads = direct(grad, *op_args, needs)
@@ -382,6 +399,13 @@ def backward_op(name: str):
 
 
 @_assume_constant_result
+def _backend_forced() -> bool:
+    """SFG_FAST_BACKEND names a backend (read eagerly at trace time)."""
+    from ._backend import ENV_VAR
+    return os.environ.get(ENV_VAR, "").strip() not in ("", "auto")
+
+
+@_assume_constant_result
 def _resolve_while_tracing(backend: str, name: str, device: str, exporting: bool = False) -> str:
     """Backend choice, run eagerly at trace time: loading the backends imports modules, which Dynamo
     cannot trace. The result is baked into the graph (set SFG_FAST_BACKEND before compiling)."""
@@ -408,5 +432,9 @@ def compiled_impl(backend: str, name: str, device: torch.device) -> Optional[Cal
     if chosen == "torch":
         return getattr(factored, name)
     custom = op(name)
+    if backend == "auto" and torch.compiler.is_exporting() and not _backend_forced():
+        # an exported program keeps "auto" and resolves it where it runs: loaded where the extension (or
+        # Triton) is missing, the op runs on the torch twin instead of failing
+        chosen = "auto"
     chosen += _autocast_suffix(str(device))
     return lambda *args: custom(*args, chosen)

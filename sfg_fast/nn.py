@@ -125,7 +125,8 @@ def clamp_ids_to_oov(module: nn.Module, ids: torch.Tensor) -> Tuple[torch.Tensor
     Ids already checked for dtype and shape."""
     sizes = module.field_sizes                      # int64: compared without narrowing to ids' dtype
     bad = (ids < 0) | (ids >= sizes)
-    oov = (sizes - 1).clamp(0, torch.iinfo(ids.dtype).max).to(ids.dtype)
+    ids = C.widen_for_oov(ids, max(module.field_dims, default=0))
+    oov = (sizes - 1).clamp(min=0).to(ids.dtype)
     # counted as a tensor: no host sync, and torch.compile traces it without a graph break
     return torch.where(bad, oov.expand_as(ids), ids), bad.sum()
 

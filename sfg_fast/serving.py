@@ -295,8 +295,8 @@ def quantize_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     :class:`~sfg_fast.optim.FusedFieldEmbedding`, the table that trains itself in backward) of
     embedding_dim >= 2 replaced by its int8 :class:`QuantizedFieldEmbedding` (``model`` is untouched).
 
-    The first-order tables (one weight per id, D = 1) stay float32: a row's int8 code plus its float32
-    (scale, bias) would take more memory than the float (a FusedFieldEmbedding one becomes a plain
+    The first-order tables (one weight per id, D = 1) stay in the model's float dtype: a row's int8 code
+    plus its float32 (scale, bias) would take more memory than the float (a FusedFieldEmbedding one becomes a plain
     FieldEmbedding: serving needs no optimizer). The model then computes exactly what the float
     model computes on the dequantised table (the interaction runs on the rows the lookup dequantises).
     Tables that are not FieldEmbeddings (TorchRec) are left as they are. Parameters of the copy do not
@@ -395,7 +395,14 @@ def load_quantized(path: str, backend: str = "auto") -> nn.Module:
         if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
             got_desc = f"{got.dtype} {list(got.shape)}" if isinstance(got, torch.Tensor) else type(got).__name__
             raise ValueError(f"{path!r}: state[{key!r}] is {got_desc}, the model needs {want.dtype} {list(want.shape)}")
-    served.load_state_dict(state)
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            # the quantiser refuses non-finite weights: a NaN/inf here (a scale, a bias, a weight) is damage,
+            # which would silently turn every logit it touches into NaN
+            raise ValueError(f"{path!r}: state[{key!r}] holds {int((~torch.isfinite(got)).sum())} NaN/inf values")
+    try:
+        served.load_state_dict(state)
+    except RuntimeError as exc:     # e.g. field_dims recorded with the tables that differ from the file's
+        raise ValueError(f"{path!r}: the state does not fit the model: {exc}") from exc
     digest = blob.get("feature_map_digest")
     served.feature_map_digest = digest if isinstance(digest, str) else None
     served.eval()

@@ -204,8 +204,25 @@ def test_int32_ids_against_a_field_past_int32_range():
     with pytest.raises(IndexError, match=r"field 1\).*id 7"):
         C.check_ids_in_range(bad, sizes)
     remapped, count = C.clamp_to_oov(bad, sizes)
-    assert count == 2 and remapped.dtype == torch.int32
-    assert torch.equal(remapped, torch.tensor([[0, 3], [2**31 - 1, 3]], dtype=torch.int32))
+    assert count == 2 and remapped.dtype == torch.int64      # field 0's OOV id needs int64
+    assert torch.equal(remapped, torch.tensor([[0, 3], [2**31 - 1, 3]]))
+    # a bad id of the big field goes to its own OOV id (2^31 + 4), not to the int32 maximum (an in-vocabulary
+    # id of that field); the same for a table module's clamp (its sizes from field_dims) and in a graph
+    negative = torch.tensor([[-1, 0], [5, 4]], dtype=torch.int32)
+    expected = torch.tensor([[2**31 + 4, 0], [5, 3]])
+    assert torch.equal(C.clamp_to_oov(negative, sizes)[0], expected)
+    from types import SimpleNamespace
+    from sfg_fast.nn import clamp_ids_to_oov
+    module = SimpleNamespace(field_sizes=sizes, field_dims=[2**31 + 5, 4])
+    remapped, count = clamp_ids_to_oov(module, negative)
+    assert int(count) == 2 and torch.equal(remapped, expected)
+    remapped, count = C.clamp_to_oov(negative, torch.tensor([7, 4]))
+    assert remapped.dtype == torch.int32 and torch.equal(remapped, torch.tensor([[6, 0], [5, 3]], dtype=torch.int32))
+    from sfg_fast import library
+    offsets = torch.tensor([0, 2**31 + 5])
+    traced = torch.compile(lambda i: library.checked_ids(i, offsets, 2**31 + 9, "clamp_to_oov"), fullgraph=True,
+                           backend="aot_eager")
+    assert torch.equal(traced(negative), expected)
 
 
 @pytest.mark.parametrize("field_dims,error", [([2.7, 3], TypeError), ("12", TypeError), ([0, 3], ValueError),

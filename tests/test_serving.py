@@ -395,6 +395,9 @@ def test_load_quantized_refuses_malformed_files(tmp_path):
 
     float_codes = dict(blob["state"])
     float_codes["embedding.qweight"] = float_codes["embedding.qweight"].float() * 1.5
+    nan_scale = type(blob["state"])(blob["state"])
+    nan_scale["embedding.scale_bias"] = nan_scale["embedding.scale_bias"].clone()
+    nan_scale["embedding.scale_bias"][3, 0] = float("nan")
     cases = {
         "no-state.pt": dict(state=None),
         "config-list.pt": dict(model_config=[1, 2]),
@@ -402,19 +405,29 @@ def test_load_quantized_refuses_malformed_files(tmp_path):
         "other-dims.pt": dict(field_dims=[30, 4, 12]),
         "float-codes.pt": dict(state=float_codes),
         "extra-key.pt": dict(state=dict(blob["state"], extra=torch.zeros(1))),
+        # same total rows, so every shape fits: the tables' recorded field_dims tell them apart
+        "permuted-dims.pt": dict(field_dims=[4, 30, 11]),
+        "nan-scale.pt": dict(state=nan_scale),
     }
     for name, change in cases.items():
         with pytest.raises(ValueError, match=name):
             serving.load_quantized(write(name, **change))
 
 
-def test_exported_program_runs_where_the_extension_is_missing(monkeypatch):
+@pytest.mark.parametrize("name,generative", [("fwfm", False), ("deepfm", True)])
+def test_exported_program_runs_where_the_extension_is_missing(monkeypatch, name, generative):
     """The ops resolve backend "auto" when they run: a program exported where the extension exists runs
-    on the torch twin where it does not (the same numbers)."""
+    on the torch twin where it does not (the same numbers). DeepFM adds the float first-order lookup and
+    the interaction on ready embeddings, which must keep "auto" in the program too."""
     field_dims = [20, 7, 33, 4]
-    served = serving.quantize_model(models.build("fwfm", field_dims, embedding_dim=8, init_std=0.1))
+    extra = dict(hidden_units=(8,)) if name == "deepfm" else {}
+    served = serving.quantize_model(models.build(name, field_dims, embedding_dim=8, init_std=0.1,
+                                                 generative=generative, **extra))
     ids = zipf_ids(16, field_dims)
     program = torch.export.export(served, (ids,))
+    baked = [a for node in program.graph.nodes if node.op == "call_function" and "sfg_fast" in str(node.target)
+             for a in node.args if isinstance(a, str) and a.split("@")[0] in ("cpu", "triton", "cuda")]
+    assert baked == [], f"backends fixed at export time: {baked}"
     with torch.no_grad():
         expected = served(ids)
         calls = []
@@ -502,3 +515,17 @@ def test_serving_copy_of_a_fused_table_stays_on_its_device_and_draws_no_random_n
     assert torch.equal(torch.random.get_rng_state(), state)
     assert plain.weight.device.type == plain.offsets.device.type == plain.field_sizes.device.type == "meta"
     assert plain.backend == "torch" and not plain.weight.requires_grad
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3])
+def test_export_of_a_tiny_split_keeps_the_batch_dynamic(rows):
+    """sfg-fast quantize exports on up to 64 test rows; a split of one row would trace a program that
+    refuses every other batch size, and an empty one could not trace."""
+    from sfg_fast.train import export_dynamic_batch
+    field_dims = [5, 7, 3]
+    served = serving.quantize_model(models.build("fm", field_dims, embedding_dim=4, init_std=0.1))
+    ids = zipf_ids(9, field_dims)
+    program = export_dynamic_batch(served, ids[:rows])
+    with torch.no_grad():
+        for batch in (ids[:1], ids):
+            torch.testing.assert_close(program.module()(batch), served(batch), rtol=1e-5, atol=1e-6)
