@@ -96,7 +96,7 @@ def bench_logits(args, table, offsets, ids_list, rows):
                                          reps=max(3, args.reps // 3) if with_reference else args.reps)
             for name, t in times.items():
                 rows.append({"workload": f"sfg_logits[{kind}]", "provider": name,
-                             "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),
+                             "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3), "reps": t["reps"],
                              "gflops": round(flops / t["median_ms"] / 1e6, 1),
                              "speedup_vs_torch": round(times["torch" + suffix]["median_ms"] / t["median_ms"], 2)})
 
@@ -115,7 +115,7 @@ def bench_lookup(args, table, offsets, ids_list, rows):
     moved = 2 * args.batch * len(offsets) * table.shape[1] * table.element_size()
     for name, t in times.items():
         rows.append({"workload": "embedding_lookup", "provider": name, "median_ms": round(t["median_ms"], 3),
-                     "iqr_ms": round(t["iqr_ms"], 3), "gb_per_s": round(moved / t["median_ms"] / 1e6, 2),
+                     "iqr_ms": round(t["iqr_ms"], 3), "reps": t["reps"], "gb_per_s": round(moved / t["median_ms"] / 1e6, 2),
                      "speedup_vs_torch": round(times["torch"]["median_ms"] / t["median_ms"], 2)})
 
 
@@ -154,7 +154,7 @@ def bench_update(args, table, offsets, ids_list, rows):
                                  warmup=1, reps=args.reps)
         for name, t in times.items():
             rows.append({"workload": f"sparse_update[{kind}]", "provider": name, "median_ms": round(t["median_ms"], 3),
-                         "iqr_ms": round(t["iqr_ms"], 3),
+                         "iqr_ms": round(t["iqr_ms"], 3), "reps": t["reps"],
                          "speedup_vs_torch": round(times["torch.optim sparse"]["median_ms"] / t["median_ms"], 2)})
 
 
@@ -260,7 +260,7 @@ def bench_train(args, table, offsets, ids_list, rows):
         for name, t in times.items():
             rows.append({"workload": f"train_step[{kind}, {opt_kind}{tag}]",
                          "provider": name.replace("optim", f"optim.{torch_name}"),
-                         "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),
+                         "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3), "reps": t["reps"],
                          "speedup_vs_torch": round(base / t["median_ms"], 2)})
 
 
@@ -337,7 +337,7 @@ def bench_fbgemm(args, table, offsets, ids_list, rows):
         group = "int8" if "int8" in name else "fp32"
         other = "fbgemm TBE int8" if group == "int8" else "fbgemm TBE fp32"
         rows.append({"workload": f"embedding_forward[{group}] vs fbgemm", "provider": name,
-                     "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),
+                     "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3), "reps": t["reps"],
                      "gb_per_s": round(moved[group] / t["median_ms"] / 1e6, 2),
                      "speedup_vs_fbgemm": round(times[other]["median_ms"] / t["median_ms"], 2)})
     # ---- forward + backward with the fused optimizer update
@@ -365,7 +365,7 @@ def bench_fbgemm(args, table, offsets, ids_list, rows):
                                  reps=args.reps * 2)
         for name, t in times.items():
             rows.append({"workload": f"lookup+fused_update[{kind}] vs fbgemm", "provider": name,
-                         "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3),
+                         "median_ms": round(t["median_ms"], 3), "iqr_ms": round(t["iqr_ms"], 3), "reps": t["reps"],
                          "speedup_vs_fbgemm": round(times["fbgemm TBE"]["median_ms"] / t["median_ms"], 2)})
 
 
@@ -406,15 +406,16 @@ def main(argv=None):
             runners[name](args, table, offsets, ids_list, rows)
     env = environment("cpu")
     env.update({"batch": args.batch, "fields": args.fields, "dim": args.dim, "table_rows": sum(field_dims)})
-    cols = ["workload", "provider", "median_ms", "iqr_ms", "speedup_vs_torch", "speedup_vs_fbgemm", "gflops",
+    cols = ["workload", "provider", "median_ms", "iqr_ms", "reps", "speedup_vs_torch", "speedup_vs_fbgemm", "gflops",
             "gb_per_s", "status"]
     table_md = markdown_table(rows, cols)
+    command = "python bench/bench_cpu_ext.py " + " ".join(sys.argv[1:] if argv is None else argv)
     summary = (f"# bench_cpu_ext: B={args.batch} N={args.fields} D={args.dim}, {args.threads} threads, "
                f"{sum(field_dims)} table rows\n\n{env['device_name']}, torch {env['torch']}, git {env['git_sha']}\n\n"
-               + table_md)
+               f"command: `{command.strip()}`; medians of `reps` interleaved calls per provider\n\n" + table_md)
     print(summary)
     if not args.no_write:
-        print("wrote", write_results("bench_cpu_ext", rows, env, summary))
+        print("wrote", write_results("bench_cpu_ext", rows, env, summary, command=command.strip()))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import resource
@@ -100,12 +101,18 @@ def median_iqr(samples: List[float]) -> Dict:
     return {"median_ms": statistics.median(samples), "iqr_ms": q[2] - q[0], "reps": len(samples)}
 
 
-def time_gpu(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> Dict:
+def time_gpu(fn: Callable[[], object], warmup: int = 25, rep: int = 100, min_calls: int = 5) -> Dict:
     """Median and IQR (ms) from triton.testing.do_bench (flushes L2 between calls). ``warmup`` and
     ``rep`` are do_bench's milliseconds of warm-up and of measurement; ``reps`` in the result is the
-    number of timed calls that fitted in them (what the regression gate's noise estimate needs)."""
+    number of timed calls that fitted in them (what the regression gate's noise estimate needs). A call
+    slower than ``rep / min_calls`` (the literal reference: ~100 ms) would be timed once or twice, a
+    "median" of one sample: it is timed again with ``rep`` stretched to fit ``min_calls`` calls."""
     from triton.testing import do_bench
-    return median_iqr(sorted(float(t) for t in do_bench(fn, warmup=warmup, rep=rep, return_mode="all")))
+    times = [float(t) for t in do_bench(fn, warmup=warmup, rep=rep, return_mode="all")]
+    if len(times) < min_calls:
+        stretched = math.ceil(1.2 * min_calls * statistics.median(times)) + 1
+        times = [float(t) for t in do_bench(fn, warmup=0, rep=stretched, return_mode="all")]
+    return median_iqr(sorted(times))
 
 
 def saved_tensor_bytes(fn: Callable[[], torch.Tensor], persistent: Iterable[torch.Tensor] = ()) -> int:

@@ -63,8 +63,10 @@ def suite_markdown(parts, env, command: str) -> str:
     md = [f"# sfg_fast benchmark summary ({env.get('device')})", "",
           "Times are medians (IQR) of forward + backward unless the table says otherwise; "
           "ratio_vs_literal = provider time / literal time in the same run (below 1 is faster). "
-          "gbps / gflops use each workload's minimum-work model; pct_copy_bw is against the measured copy "
-          "bandwidth (CPU) or the nominal H100 HBM roofline of bench/common.py (GPU).", "",
+          "gbps / gflops use each workload's minimum-work model; pct_copy_bw is against the device-to-device "
+          "copy bandwidth measured in the same run (the nominal H100 HBM figure of bench/common.py only when "
+          "none was measured); pct_peak_flops (GPU) is against the H100/H200 SXM fp32 peak of bench/common.py, "
+          "also for rows that may run TF32 or bf16.", "",
           f"command: `{command}`", ""]
     for name, rows in parts:
         if rows:

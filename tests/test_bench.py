@@ -482,3 +482,21 @@ def test_saved_bytes_leave_out_persistent_tensors():
     both = saved_tensor_bytes(fn)
     assert both == (4 * 8 + 8 * 8) * 4
     assert saved_tensor_bytes(fn, [w]) == 4 * 8 * 4
+
+
+def test_time_gpu_times_a_slow_call_more_than_once(monkeypatch):
+    """do_bench fits rep / (one call's time) calls: a ~100 ms literal reference in a 20 ms window would be
+    timed once and its "median" be one sample. time_gpu stretches the window to at least min_calls calls
+    (do_bench replaced by a stand-in with its fitting rule: no GPU here)."""
+    triton_testing = pytest.importorskip("triton.testing")
+    windows = []
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        windows.append(rep)
+        return [100.0 + i for i in range(max(1, int(rep / 100.0)))]
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    slow = common.time_gpu(lambda: None, warmup=25, rep=20)
+    assert slow["reps"] >= 5 and windows[0] == 20 and windows[1] >= 500
+    windows.clear()
+    fast = common.time_gpu(lambda: None, warmup=25, rep=1000)      # 10 calls fit: timed once
+    assert fast["reps"] == 10 and windows == [1000]
