@@ -38,7 +38,7 @@ from sfg_fast import factored, reference, serving  # noqa: E402
 from sfg_fast.ops import cpu_ext  # noqa: E402
 from sfg_fast.optim import SparseRowOptimizer, fused_embedding_lookup, unique_row_grads  # noqa: E402
 
-WORKLOADS = ("logits", "lookup", "update", "train", "fbgemm")
+WORKLOADS = ("logits", "lookup", "update", "train", "fbgemm", "gemm")
 
 
 def _offsets(field_dims):
@@ -117,6 +117,26 @@ def bench_lookup(args, table, offsets, ids_list, rows):
         rows.append({"workload": "embedding_lookup", "provider": name, "median_ms": round(t["median_ms"], 3),
                      "iqr_ms": round(t["iqr_ms"], 3), "reps": t["reps"], "gb_per_s": round(moved / t["median_ms"] / 1e6, 2),
                      "speedup_vs_torch": round(times["torch"]["median_ms"] / t["median_ms"], 2)})
+
+
+def bench_gemm(args, table, offsets, ids_list, rows):
+    """The GEMM floor every provider shares: the SFG encoder's [B, W] x [W, W] forward GEMM, its backward pair
+    (dX = G W and dW = G^T X), and (matrix decoder) one more forward-shaped GEMM, in torch.mm (at::mm, which
+    the extension calls for these GEMMs too), fp32 and under bf16 autocast. W = N*D."""
+    width = len(offsets) * table.shape[1]
+    x, w, g = (torch.randn(args.batch, width), torch.randn(width, width) * 0.05, torch.randn(args.batch, width))
+    fns = {}
+    for precision in args.precisions:
+        suffix = "" if precision == "fp32" else "+autocast-bf16"
+        fns["forward X W^T" + suffix] = _at_precision(lambda: torch.mm(x, w.t()), precision)
+        fns["backward G W, G^T X" + suffix] = _at_precision(lambda: (torch.mm(g, w), torch.mm(g.t(), x)), precision)
+    with torch.no_grad():
+        times = time_interleaved(fns, warmup=2, reps=args.reps)
+    for name, t in times.items():
+        calls = 2 if name.startswith("backward") else 1
+        rows.append({"workload": f"encoder_gemm[{width}]", "provider": name, "median_ms": round(t["median_ms"], 3),
+                     "iqr_ms": round(t["iqr_ms"], 3), "reps": t["reps"],
+                     "gflops": round(calls * 2.0 * args.batch * width * width / t["median_ms"] / 1e6, 1)})
 
 
 def bench_update(args, table, offsets, ids_list, rows):
@@ -400,7 +420,7 @@ def main(argv=None):
     ids_list = [make_ids(args.batch, field_dims, "zipf", seed=s) for s in range(4)]   # rotate inputs
     rows = []
     runners = {"logits": bench_logits, "lookup": bench_lookup, "update": bench_update, "train": bench_train,
-               "fbgemm": bench_fbgemm}
+               "fbgemm": bench_fbgemm, "gemm": bench_gemm}
     for name in WORKLOADS:
         if name in args.only:
             runners[name](args, table, offsets, ids_list, rows)

@@ -513,14 +513,17 @@ def gather_to_all(values: torch.Tensor) -> torch.Tensor:
 
 
 def distributed_auc(session: ShardedModel, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 16384,
-                    name: str = "valid") -> Dict[str, float]:
-    """AUC and logloss over the WHOLE split: rows are dealt to ranks, logits gathered, scored once.
+                    name: str = "valid", group_column: Optional[int] = None,
+                    group_exclude: Optional[int] = None) -> Dict[str, float]:
+    """AUC and logloss over the WHOLE split: rows are dealt to ranks, logits gathered, scored once
+    (:func:`sfg_fast.train.logit_metrics`, as a single-process run scores them). With ``group_column`` also
+    gAUC grouped by ``ids[:, group_column]`` (``group_exclude``: the field's OOV id, left out).
 
     Every rank passes the same full ``ids``/``labels``; rank r scores rows ``r::world_size``'s
     contiguous block. Ranks run the same number of equal-size batches (collectives inside the
     sharded forward must match), padding with row 0 whose logits are dropped.
     """
-    from sklearn.metrics import roc_auc_score
+    from .train import logit_metrics
 
     rank, world = dist.get_rank(), dist.get_world_size()
     total = ids.shape[0]
@@ -538,15 +541,9 @@ def distributed_auc(session: ShardedModel, ids: torch.Tensor, labels: torch.Tens
             rows = torch.cat([rows, pad]) if rows.shape[0] else pad.clone()
         chunks.append(session.predict(rows)[:max(0, min(size, stop - start - offset))])
     logits = gather_to_all(torch.cat(chunks) if chunks else torch.empty(0)).double()
-    y = labels.double()
     if logits.numel() != total:
         raise RuntimeError(f"gathered {logits.numel()} {name} logits for {total} rows")
-    positives = int(y.sum().round())
-    if positives in (0, total):
-        raise ValueError(f"the {name} split holds only one class; AUC is undefined")
-    auc = float(roc_auc_score(y.numpy(), torch.sigmoid(logits).numpy()))
-    logloss = float(SF.bce_with_logits(logits, y, reduction="mean", backend="torch"))
-    return {"AUC": auc, "logloss": logloss}
+    return logit_metrics(logits, labels, ids, name, group_column, group_exclude)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,9 +620,6 @@ def _check_trainer_keys(cfg: Dict[str, Any], device: torch.device) -> None:
     if cfg.get("amp") not in (False, None):
         raise ValueError("amp is not supported by distributed runs yet (their training step runs without "
                          "autocast); leave it false")
-    if cfg.get("group_field") is not None:
-        raise ValueError("group_field (gAUC) is not computed by distributed runs yet; evaluate the saved model "
-                         "with a single-process run (sfg-fast train --set group_field=...) or leave it unset")
     requested = cfg.get("device", "auto")
     if requested not in (None, "auto"):
         try:
@@ -669,7 +663,8 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
     """
     from . import models as model_zoo
     from .train import (TRAIN_DEFAULTS, _check_train_config, _seed_everything, _split_tensors, data_fingerprint,
-                        default_out_dir, load_data, split_config, versions, atomic_write_text, _jsonable)
+                        default_out_dir, load_data, resolve_group_field, split_config, versions, atomic_write_text,
+                        _jsonable)
 
     config, dist_cfg = _split_dist_config(config)
     cfg = dict(TRAIN_DEFAULTS, **config)
@@ -711,6 +706,7 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
         valid_ids, valid_labels = _split_tensors(data.valid, "valid")
         test_ids, test_labels = _split_tensors(data.test, "test")
         field_dims = list(data.schema.field_dims)
+        group_field, group_kw = resolve_group_field(data.schema, cfg["group_field"])
         seed = int(cfg["seed"])
         _seed_everything(seed)  # identical initial weights on every rank
         model = model_zoo.build(cfg["model"], field_dims, **hparams)
@@ -790,7 +786,7 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
                 save()
                 break
             epoch += 1
-            metrics = distributed_auc(session, valid_ids, valid_labels, int(cfg["eval_batch_size"]))
+            metrics = distributed_auc(session, valid_ids, valid_labels, int(cfg["eval_batch_size"]), **group_kw)
             lrs = [float(g["lr"]) for g in session.optimizer.param_groups]
             improved = metrics["AUC"] > best_auc
             if improved:
@@ -806,16 +802,20 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
             # train_loss: the mean over every rank's rows of the epoch
             history.append({"epoch": epoch, "train_loss": partial[0] / partial[1] if partial[1] else None,
                             "valid_AUC": metrics["AUC"], "valid_logloss": metrics["logloss"],
+                            **({"valid_gauc": metrics["gAUC"]} if "gAUC" in metrics else {}),
                             "lr": lrs[-1], "embedding_lr": lrs[0], "improved": improved})
             epoch_step, partial = 0, [0.0, 0]
             if rank == 0:
                 log.info("epoch %d: %s", epoch, history[-1])
             save()
-        test = distributed_auc(session, test_ids, test_labels, int(cfg["eval_batch_size"]), name="test")
+        test = distributed_auc(session, test_ids, test_labels, int(cfg["eval_batch_size"]), name="test", **group_kw)
         results = {"model": cfg["model"], "generative": cfg.get("generative", True), "rank": rank, "world_size": world,
                    "sharding": dist_cfg["sharding"], "backend": dist.get_backend(), "steps": session.step,
                    "epochs_run": epoch, "epoch_step": epoch_step, "stopped_early": stopped_early,
                    "history": history, "test_auc": test["AUC"], "test_logloss": test["logloss"],
+                   **({"test_gauc": test["gAUC"], "test_gauc_groups": test["gAUC_groups"],
+                       "test_gauc_excluded_rows": test["gAUC_excluded_rows"], "group_field": group_field}
+                      if "gAUC" in test else {}),
                    "samples_per_second": samples / step_seconds if step_seconds else None,
                    "config": full_config, "data_fingerprint": fingerprint, "versions": versions()}
         if rank == 0:

@@ -621,6 +621,21 @@ def model_logits(model: torch.nn.Module, ids: torch.Tensor, device: torch.device
     return logits
 
 
+def resolve_group_field(schema, group_field):
+    """The gAUC grouping of a run: ``(field name or None, {"group_column", "group_exclude"} or {})``.
+    ``group_field`` None takes the dataset's own group field (``GROUP_FIELDS``), False / "" / "none" turns
+    gAUC off; the field's OOV id (every unseen user at once) is excluded from the groups."""
+    if group_field is None:
+        group_field = GROUP_FIELDS.get(schema.name)
+    if group_field is None or group_field in (False, "", "none"):
+        return None, {}
+    names = list(schema.field_names)
+    if group_field not in names:
+        raise ValueError(f"group_field {group_field!r} is not a field of {schema.name}; its fields are {names}")
+    column = names.index(group_field)
+    return group_field, {"group_column": column, "group_exclude": int(schema.oov_ids[column])}
+
+
 def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, name: str = "valid",
                   group_column: Optional[int] = None, group_exclude: Optional[int] = None) -> Dict[str, float]:
     """The metrics of :func:`evaluate_model` from logits already computed."""
@@ -700,20 +715,9 @@ class Trainer:
             # (one pass over the ids: about a second for all of Criteo)
             check()
         self.schema = self.data.schema
-        self.group_column = None
-        group_field = config["group_field"]
-        if group_field is None:
-            group_field = GROUP_FIELDS.get(self.schema.name)
-        self.group_field = None if group_field in (False, "", "none") else group_field
-        if self.group_field is not None:
-            names = list(self.schema.field_names)
-            if self.group_field not in names:
-                raise ValueError(f"group_field {self.group_field!r} is not a field of {self.schema.name}; "
-                                 f"its fields are {names}")
-            self.group_column = names.index(self.group_field)
-        # passed only when set: evaluate_model's 6-argument form is the one a caller may replace
-        self._group_kw = {} if self.group_column is None else {
-            "group_column": self.group_column, "group_exclude": int(self.schema.oov_ids[self.group_column])}
+        self.group_field, self._group_kw = resolve_group_field(self.schema, config["group_field"])
+        # (_group_kw is passed only when set: evaluate_model's 6-argument form is the one a caller may replace)
+        self.group_column = self._group_kw.get("group_column")
         if checkpoint is not None and list(checkpoint["schema"]["field_dims"]) != list(self.schema.field_dims):
             raise ValueError(f"the checkpoint's schema (field_dims {checkpoint['schema']['field_dims']}) does not "
                              f"match the dataset's ({list(self.schema.field_dims)}); is it the same data?")

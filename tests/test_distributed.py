@@ -191,6 +191,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     eval_ids, eval_labels = _global_batch(400, 23)
     eval_labels[:2] = torch.tensor([0.0, 1.0])
     report["auc"] = D.distributed_auc(second, eval_ids, eval_labels, batch_size=5)
+    # gAUC grouped by field 1's ids, its id 0 standing in for the OOV id that is left out
+    report["gauc"] = D.distributed_auc(second, eval_ids, eval_labels, batch_size=5, group_column=1, group_exclude=0)
     report["auc_state"] = second.full_state_dict(dst=0)
     second.close(destroy=True)
     if rank == 0:
@@ -286,6 +288,15 @@ def test_distributed_auc_covers_the_whole_split(report):
         probs = torch.sigmoid(model(ids).double())
     expected = roc_auc_score(labels.numpy(), probs.numpy())
     assert report["auc"]["AUC"] == pytest.approx(expected, abs=1e-6)
+    # gAUC over the gathered logits, as a single-process run computes it from its own logits
+    from sfg_fast.train import logit_metrics
+    with torch.no_grad():
+        single = logit_metrics(model(ids).double(), labels, ids, "valid", group_column=1, group_exclude=0)
+    assert "gAUC" not in report["auc"]
+    for key in ("AUC", "gAUC"):
+        assert report["gauc"][key] == pytest.approx(single[key], abs=1e-6)
+    assert report["gauc"]["gAUC_groups"] == single["gAUC_groups"] > 1
+    assert report["gauc"]["gAUC_excluded_rows"] == single["gAUC_excluded_rows"] > 0
 
 
 @pytest.mark.slow
@@ -299,13 +310,16 @@ def test_cli_distributed_trains_checkpoints_and_resumes(tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
             "-m", "sfg_fast", "train", "--distributed", "--model", "fm", "--dataset", "synthetic-criteo",
             "--num-rows", "3000", "--batch-size", "256", "--embedding-dim", "4", "--out", str(out), "--quiet",
-            "--cache-dir", str(tmp_path / "cache")]
+            "--cache-dir", str(tmp_path / "cache"), "--set", "group_field=C1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     first = subprocess.run(base + ["--epochs", "1"], capture_output=True, text=True, timeout=240, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs_run"] == 1 and results["backend"] == "gloo"
     assert 0.0 < results["test_auc"] < 1.0 and results["steps"] >= 1
+    # gAUC by a named field, as single-process runs report it
+    assert results["group_field"] == "C1" and 0.0 < results["test_gauc"] < 1.0 and results["test_gauc_groups"] > 1
+    assert 0.0 < results["history"][0]["valid_gauc"] < 1.0
     manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
     assert manifest["step"] == results["steps"] and manifest["world_size"] == 2
     second = subprocess.run(base + ["--epochs", "2", "--resume", str(out / "checkpoint")], capture_output=True,
