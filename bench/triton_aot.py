@@ -4,7 +4,8 @@ without a GPU, and report each compiled kernel's resources.
 The Triton interpreter (how CPU CI runs the kernels) never compiles them, so a kernel that is correct
 there can still fail on a GPU: a construct the compiler rejects, a tile that needs more shared memory
 than an SM has, a block size that spills registers. This tool runs the package's own launchers at the
-Criteo shape (B=4096, N=39, D=16) in the configurations a GPU would use (``TRITON_INTERPRET`` unset),
+Criteo shape (B=4096, N=39, D=16), and the SFG interaction also at wide embeddings (D=128, 256), in the
+configurations a GPU would use (``TRITON_INTERPRET`` unset),
 with a stand-in driver that reports an sm_90 target, and turns every launch into a compile only
 (Triton's ``warmup``), so nothing executes. Each distinct kernel specialisation goes through Triton's
 whole pipeline (TTIR, TTGIR, LLVM IR, PTX, cubin); ``ptxas -v`` then reports registers and spills.
@@ -255,6 +256,33 @@ def workloads(sweep: bool = False, table_dims: Tuple[int, ...] = TABLE_DIMS) -> 
                 backward(logit)
             out.append((f"sfg_interaction + sfg_logits {kind} {str(half).replace('torch.', '')} autocast", autocast))
 
+    # Wide embeddings (N = 4 fields, 64 rows: shapes only set the block sizes): the per-field engine at its
+    # largest D (128, whose default 3-stage pipelining overflowed shared memory), and the GEMM-shaped path
+    # at D = 256, including a transposed table (it used to fall back to the engine).
+    wide_ids, wide_offsets = ids[:64, :4], torch.arange(4, dtype=torch.int64) * 50
+
+    def wide(kind, dim, engine, transposed=False):
+        saved = ops_logits.GEMM_PATH
+        ops_logits.GEMM_PATH = saved and not engine
+        try:
+            t = torch.randn(dim, 200, generator=gen).t() if transposed else torch.randn(200, dim, generator=gen)
+            t.requires_grad_()
+            w = torch.randn(4 * dim, 4 * dim, generator=gen).requires_grad_()
+            shape = {"scalar": (4, 4), "vector": (4, 4, dim), "matrix": (4, 4, dim, dim)}[kind]
+            dec = torch.randn(*shape, generator=gen).requires_grad_()
+            backward(SF.sfg_logits(wide_ids, t, wide_offsets, w, None, dec, kind, backend="triton",
+                                   bounds_check="off"))
+            backward(SF.sfg_logits(wide_ids, t, wide_offsets, None, None, dec, kind, backend="triton",
+                                   bounds_check="off"))                                           # base model
+            backward(SF.sfg_logits(wide_ids, t, wide_offsets, w, None, dec, kind, symmetric=True, backend="triton",
+                                   bounds_check="off"))
+        finally:
+            ops_logits.GEMM_PATH = saved
+    for kind in ("scalar", "vector", "matrix"):
+        out.append((f"wide D=128 {kind} per-field engine", lambda kind=kind: wide(kind, 128, True)))
+    out.append(("wide D=256 matrix", lambda: wide("matrix", 256, False)))
+    out.append(("wide D=256 matrix transposed table", lambda: wide("matrix", 256, False, transposed=True)))
+
     def torch_gemms(kind):
         """The GPU's exact-fp32 split: torch.mm GEMMs (not compiled here), the Triton epilogue and backward."""
         from sfg_fast.ops import sfg_gemm
@@ -380,8 +408,8 @@ def run(sweep: bool = False, table_dims: Tuple[int, ...] = TABLE_DIMS,
 def markdown(rows: List[dict], failures: List[dict]) -> str:
     import triton
     lines = [f"# Triton kernels compiled for sm_90 without a GPU (triton {triton.__version__})", "",
-             f"Shape B={BATCH}, N={FIELDS}, D={DIM} (table kernels also at the D named in their "
-             f"workload); {len(rows)} distinct compiled kernels; "
+             f"Shape B={BATCH}, N={FIELDS}, D={DIM} (table kernels, and the \"wide\" workloads at N=4, "
+             f"also at the D named in their workload); {len(rows)} distinct compiled kernels; "
              f"{len(failures)} failures.", "",
              "| kernel | warps | stages | shared KB | registers | spill stores B | spill loads B | wgmma | "
              "cp.async 4B / 16B | first workload (of n) |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -1253,3 +1253,37 @@ def test_autocast_gemms_within_2x_of_torch_autocast(half):
         results[name] = [out] + list(grads)
     for k, (got, ref, base) in enumerate(zip(results["triton"], results["ref64"], results["torch"])):
         assert_2x(got, ref, base, f"generative_cross output {k}", floor=1e-4)
+
+
+@pytest.mark.parametrize("encoder,symmetric", [(False, False), (True, True)])
+def test_transposed_table_takes_the_gemm_passes(monkeypatch, encoder, symmetric):
+    """A table whose rows are not unit-stride (a transposed view) in the base and symmetric plans: gathered
+    by torch, then the GEMM-shaped passes (it went to the per-field engine, whose [D, D] tiles overflow an
+    H100/H200's shared memory past D = 128); forward and every gradient against the fp64 reference."""
+    from sfg_fast.ops import sfg_gemm
+    ids, offsets, params = _problem(13, 3, 5, "vector", bias=False, encoder=encoder, seed=71)
+    options = dict(kind="vector", activation="tanh", gamma=0.9, residual=False, pairs="all",
+                   generated_side="left", symmetric=symmetric)
+    calls = _spy(monkeypatch, sfg_gemm, "forward")
+
+    def transposed(*a, **o):
+        table = a[1]
+        return SF.sfg_logits(a[0], table.t().contiguous().t(), *a[2:], backend="triton", **o)
+    out, grads = _run(transposed, ids, offsets, params, torch.float32, options)
+    assert calls, "the GEMM passes were not taken"
+    ref64, g64 = _run(R.sfg_logits, ids, offsets, params, torch.float64, options)
+    ref32, g32 = _run(R.sfg_logits, ids, offsets, params, torch.float32, options)
+    assert_2x(out, ref64, ref32, "logit")
+    for name in g64:
+        assert_2x(grads[name], g64[name], g32[name], f"d {name}")
+
+
+def test_per_field_engine_refuses_embeddings_wider_than_its_tiles(monkeypatch):
+    """SFG_FAST_GEMM_PATH=0 routes sfg_logits through the per-field engine, whose fp32 [D, D] weight tiles
+    cannot fit an sm_90 block past D = 128: a clear error naming the limit, not a failed launch."""
+    ops = _ops()
+    monkeypatch.setattr(ops, "GEMM_PATH", False)
+    ids, offsets, params = _problem(2, 2, 130, "scalar", bias=False, seed=73)
+    with pytest.raises(ValueError, match=r"embedding_dim up to 128, got D=130"):
+        SF.sfg_logits(ids, params["table"].float(), offsets, params["enc_weight"].float(), None,
+                      params["dec_weight"].float(), "scalar", backend="triton")

@@ -102,8 +102,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# The per-field engine holds [BLOCK_D, BLOCK_D] fp32 weight tiles: at D = 129..256 one tile pair alone is more
+# shared memory than an H100/H200 block has, so the engine stops at D = 128 (the GEMM-shaped path has no limit).
+ENGINE_MAX_D = 128
+
+
 def _blocks(batch: int, dim: int):
     """(BLOCK_B, BLOCK_D, BLOCK_B of the weight-gradient pass). tl.dot needs every side >= 16."""
+    if dim > ENGINE_MAX_D:
+        raise ValueError(f"the Triton per-field engine (SFG_FAST_GEMM_PATH=0) supports embedding_dim up to "
+                         f"{ENGINE_MAX_D}, got D={dim}; leave SFG_FAST_GEMM_PATH unset for the GEMM-shaped path")
     block_d = max(16, next_pow2(dim))
     if _interpreting():
         # each program instance costs ~1 ms under the interpreter: as few, large programs as possible
@@ -111,6 +119,13 @@ def _blocks(batch: int, dim: int):
         return block_b, block_d, block_b
     block_b = 16 if block_d >= 128 else 32
     return block_b, block_d, 64
+
+
+def _stages(block_d: int) -> dict:
+    """Launch options of the engine's kernels: at BLOCK_D = 128 Triton's default 3-stage pipelining of the
+    [128, 128] fp32 tiles needs more shared memory than an sm_90 block has (the dX pass with an encoder and
+    a matrix decoder: 294,912 of 232,448 bytes); one stage fits (``bench/triton_aot.py`` compiles it)."""
+    return {"num_stages": 1} if block_d >= 128 and not _interpreting() else {}
 
 
 def _dec_strides(dec: Optional[torch.Tensor]):
@@ -159,7 +174,8 @@ def _engine_forward(plan: _Plan, x, ids, offsets, y, enc_w, enc_b, dec, batch, n
         batch, n, d, float(plan.gamma), *xs, *ys, *ws, *_dec_strides(dec),
         ACT=K.ACT_CODES[plan.activation], HAS_BIAS=plan.has_bias, RESIDUAL=plan.residual,
         Y_MODE=plan.y_mode, KIND=plan.kind_code, GATHER=plan.gather, STORE_Z=store_z,
-        HAS_LABELS=labels is not None, BLOCK_B=block_b, BLOCK_D=block_d, PRECISION=plan.precision)
+        HAS_LABELS=labels is not None, BLOCK_B=block_b, BLOCK_D=block_d, PRECISION=plan.precision,
+        **_stages(block_d))
     return logit, z, loss, dlogit
 
 
@@ -197,7 +213,7 @@ def _engine_backward(plan: _Plan, x, ids, offsets, y, enc_w, enc_b, dec, batch, 
     ws = (enc_w.stride(0), enc_w.stride(1)) if enc_w is not None else (0, 0)
     zs = (dz.stride(0), dz.stride(1), dz.stride(2)) if dz is not None else (0, 0, 0)
     ds = _dec_strides(dec)
-    meta = dict(BLOCK_B=block_b, BLOCK_D=block_d, PRECISION=plan.precision)
+    meta = dict(BLOCK_B=block_b, BLOCK_D=block_d, PRECISION=plan.precision, **_stages(block_d))
     ids_arg = ids if ids is not None else dummy
     off_arg = offsets if offsets is not None else dummy
     grid = (cdiv(batch, block_b),)
@@ -258,7 +274,7 @@ def _engine_backward(plan: _Plan, x, ids, offsets, y, enc_w, enc_b, dec, batch, 
                 batch, n, d, *xs,
                 HAS_ENC=plan.has_enc, HAS_BIAS=plan.has_bias and d_b is not None,
                 KIND=plan.kind_code if want_dec else 0, GATHER=plan.gather,
-                BLOCK_B=block_b_w, BLOCK_D=block_d, PRECISION=plan.precision)
+                BLOCK_B=block_b_w, BLOCK_D=block_d, PRECISION=plan.precision, **_stages(block_d))
     dy_out = dy if (need_y and plan.y_mode == _Y_DENSE) else None
     return dx, dy_out, (d_w if want_w else None), d_b, d_dec
 
@@ -382,9 +398,10 @@ def _gemm_path(plan, decode) -> bool:
 
 def _gemm_composed(plan, decode, table) -> bool:
     """The other sfg_logits plans as GEMM-shaped passes: no encoder (V scored against itself: the
-    lookup kernel, then the decoder pass on dense V, V) and symmetric (the encoder pass writes Z, then
-    the decoder pass scores Z against Z). The lookup kernel wants unit-stride table rows."""
-    return GEMM_PATH and not _gemm_path(plan, decode) and table.stride(1) == 1
+    lookup, then the decoder pass on dense V, V) and symmetric (the encoder pass writes Z, then the
+    decoder pass scores Z against Z). A table without unit-stride rows (a transposed view) is gathered
+    by torch; it used to go to the per-field engine, whose tiles do not fit past D = 128."""
+    return GEMM_PATH and not _gemm_path(plan, decode)
 
 
 def _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, decoder, out_dtype, labels=None,
@@ -399,7 +416,8 @@ def _composed_logits(plan, decode, table, ids, offsets, enc_weight, enc_bias, de
         if autograd:
             V = triton_lookup(ids, table, offsets)
             return _gemm.interaction(dense, out_dtype, V, None, None, V, None, None, wd)
-        V = embedding_lookup_fwd(ids, table, offsets)
+        V = embedding_lookup_fwd(ids, table, offsets) if table.stride(1) == 1 else \
+            factored.embedding_lookup(ids, table, offsets)
         logit, loss, dlogit, _, _ = _gemm.forward(dense, V, None, None, V, None, None, wd, labels=labels)
         return logit, loss, dlogit
     wd, decode = gemm_decoder(*decoder, decode)
