@@ -120,23 +120,28 @@ def bench_lookup(args, table, offsets, ids_list, rows):
 
 
 def bench_gemm(args, table, offsets, ids_list, rows):
-    """The GEMM floor every provider shares: the SFG encoder's [B, W] x [W, W] forward GEMM, its backward pair
-    (dX = G W and dW = G^T X), and (matrix decoder) one more forward-shaped GEMM, in torch.mm (at::mm, which
-    the extension calls for these GEMMs too), fp32 and under bf16 autocast. W = N*D."""
+    """The SFG encoder's GEMMs alone, the work every provider's training step shares: the [B, W] x [W, W]
+    forward GEMM and its backward pair (dX = G W, dW = G^T X), W = N*D, in torch.mm (at::mm, which the
+    extension calls for these GEMMs too) into preallocated outputs (no allocation or page faults timed).
+    fp32 and bf16 operands are timed in separate interleaved groups."""
     width = len(offsets) * table.shape[1]
-    x, w, g = (torch.randn(args.batch, width), torch.randn(width, width) * 0.05, torch.randn(args.batch, width))
-    fns = {}
+    gen = torch.Generator().manual_seed(3)
     for precision in args.precisions:
-        suffix = "" if precision == "fp32" else "+autocast-bf16"
-        fns["forward X W^T" + suffix] = _at_precision(lambda: torch.mm(x, w.t()), precision)
-        fns["backward G W, G^T X" + suffix] = _at_precision(lambda: (torch.mm(g, w), torch.mm(g.t(), x)), precision)
-    with torch.no_grad():
-        times = time_interleaved(fns, warmup=2, reps=args.reps)
-    for name, t in times.items():
-        calls = 2 if name.startswith("backward") else 1
-        rows.append({"workload": f"encoder_gemm[{width}]", "provider": name, "median_ms": round(t["median_ms"], 3),
-                     "iqr_ms": round(t["iqr_ms"], 3), "reps": t["reps"],
-                     "gflops": round(calls * 2.0 * args.batch * width * width / t["median_ms"] / 1e6, 1)})
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        x, g = (torch.randn(args.batch, width, generator=gen).to(dtype) for _ in range(2))
+        w = (torch.randn(width, width, generator=gen) * 0.05).to(dtype)
+        out_f, out_x, out_w = (torch.empty(args.batch, width, dtype=dtype), torch.empty(args.batch, width, dtype=dtype),
+                               torch.empty(width, width, dtype=dtype))
+        suffix = "" if precision == "fp32" else " bf16 operands"
+        fns = {"forward X W^T" + suffix: lambda: torch.mm(x, w.t(), out=out_f),
+               "backward G W, G^T X" + suffix: lambda: (torch.mm(g, w, out=out_x), torch.mm(g.t(), x, out=out_w))}
+        with torch.no_grad():
+            times = time_interleaved(fns, warmup=2, reps=args.reps)
+        for name, t in times.items():
+            calls = 2 if name.startswith("backward") else 1
+            rows.append({"workload": f"encoder_gemm[{width}]", "provider": name, "median_ms": round(t["median_ms"], 3),
+                         "iqr_ms": round(t["iqr_ms"], 3), "reps": t["reps"],
+                         "gflops": round(calls * 2.0 * args.batch * width * width / t["median_ms"] / 1e6, 1)})
 
 
 def bench_update(args, table, offsets, ids_list, rows):
