@@ -1287,3 +1287,16 @@ def test_per_field_engine_refuses_embeddings_wider_than_its_tiles(monkeypatch):
     with pytest.raises(ValueError, match=r"embedding_dim up to 128, got D=130"):
         SF.sfg_logits(ids, params["table"].float(), offsets, params["enc_weight"].float(), None,
                       params["dec_weight"].float(), "scalar", backend="triton")
+
+
+@pytest.mark.parametrize("kind", ["vector", "matrix"])
+def test_per_field_engine_at_its_widest_embedding(monkeypatch, kind):
+    """The per-field engine at D = 128 (BLOCK_D = 128: on a GPU one pipeline stage, whose shared memory fits an
+    sm_90 block; three did not for the dX pass with a matrix decoder), encoder and decoder, forward and every
+    gradient against the fp64 reference (2x rule)."""
+    ops = _ops()
+    monkeypatch.setattr(ops, "GEMM_PATH", False)
+    ids, offsets, params = _problem(18, 2, 128, kind, bias=True, seed=79, scale=0.3)
+    options = dict(kind=kind, activation="relu", gamma=1.0, residual=True, pairs="upper",
+                   generated_side="left", symmetric=False)
+    _compare_logits(ids, offsets, params, options)
