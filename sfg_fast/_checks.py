@@ -244,8 +244,8 @@ def clamp_to_oov(ids: torch.Tensor, sizes: torch.Tensor):
     no OOV row: ValueError naming it (its last id would be another field's first row, or past the
     table). One host sync."""
     bad = (ids < 0) | (ids >= sizes)    # int64 comparison (sizes may exceed int32 ids' range)
-    if not ids.numel():
-        return ids, 0
+    if not ids.numel():     # no ids: the dtype a batch would get, and a new tensor (never ids itself)
+        return widen_for_oov(ids, int(sizes.max()) if sizes.numel() else 0).clone(), 0
     count, empty, largest = torch.stack([bad.sum(), (sizes < 1).sum(), sizes.max()]).tolist()
     if empty:
         field = int((sizes < 1).nonzero()[0, 0])

@@ -18,11 +18,17 @@ def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
                      bounds_check: str = "fatal", backend: str = "reference") -> torch.Tensor:
     """V[b, f] = weight[offsets[f] + ids[b, f]]: one row gather per (sample, field)."""
     C.check_lookup(ids, weight, offsets, bounds_check)
-    if bounds_check == "off" and not torch.compiler.is_compiling():
-        # the other modes validate offsets themselves; under torch.compile the functional API has checked
-        # ids and offsets inside the graph (sfg_fast::checked_ids) before it calls here with "off"
-        C.check_offsets(offsets, weight.shape[0])
-    ids = C.apply_bounds_check(ids, offsets, weight.shape[0], bounds_check)
+    if torch.compiler.is_compiling():
+        # reading ids or offsets on the host is a graph break: "fatal" and "clamp_to_oov" run their checks
+        # inside the graph (sfg_fast::checked_ids, as the functional API does); "off" trusts ids and offsets,
+        # as every compiled backend does
+        if bounds_check != "off":
+            from .library import checked_ids
+            ids = checked_ids(ids, offsets, weight.shape[0], bounds_check)
+    else:
+        if bounds_check == "off":
+            C.check_offsets(offsets, weight.shape[0])   # the other modes validate offsets themselves
+        ids = C.apply_bounds_check(ids, offsets, weight.shape[0], bounds_check)
     columns = []
     for f in range(ids.shape[1]):
         rows = offsets[f] + ids[:, f].to(torch.int64)
@@ -51,8 +57,6 @@ def sfg_encode(V: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             z_i = z_i + V[:, i]
         fields.append(z_i)
     return torch.stack(fields, dim=1)
-
-
 
 
 def _operands(Z, V, generated_side, symmetric):
@@ -105,8 +109,12 @@ def generative_cross(x: torch.Tensor, x_gen: torch.Tensor, weight: torch.Tensor,
 def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
                     backend: str = "reference") -> torch.Tensor:
     """Binary cross-entropy on logits: log(1 + e^x) - x*y (= max(x,0) - x*y + log1p(e^-|x|)), fp32 or better."""
-    # under torch.compile the functional API has checked the label values inside the graph
-    C.check_bce(logits, labels, reduction, values=not torch.compiler.is_compiling())
+    if torch.compiler.is_compiling():
+        # the label values are checked inside the graph (sfg_fast::checked_labels), as the functional API does
+        from .library import validate_bce
+        labels = validate_bce(logits, labels, reduction)
+    else:
+        C.check_bce(logits, labels, reduction)
     x = logits if logits.dtype == torch.float64 else logits.to(torch.float32)
     y = labels.to(x.dtype)
     # Two branches so that each exp() sees a non-positive argument (no overflow) and the gradient is

@@ -1346,7 +1346,7 @@ def export_dynamic_batch(model: torch.nn.Module, ids: torch.Tensor):
     one to that size, and the program would refuse every other batch."""
     example = ids[:64]
     if example.shape[0] < 2:
-        example = torch.zeros(2, ids.shape[1], dtype=ids.dtype)
+        example = torch.zeros(2, ids.shape[1], dtype=ids.dtype, device=ids.device)
     return torch.export.export(model, (example,), dynamic_shapes={"ids": {0: torch.export.Dim("batch")}})
 
 

@@ -761,3 +761,37 @@ def test_inductor_fused_tables_on_gpu(kind):
     assert torch.equal(tables[0].weight, tables[1].weight)
     for key, value in tables[0].optimizer.state.items():
         assert torch.equal(value, tables[1].optimizer.state[key]), key
+
+
+def test_reference_called_directly_keeps_its_checks_under_compile():
+    """sfg_fast.reference called straight from a compiled function (not through sfg_fast.functional): its
+    id and label checks still run, inside the graph, with the eager errors."""
+    from sfg_fast import reference
+    weight, offsets = torch.randn(sum(FIELD_DIMS), D), offsets_of(FIELD_DIMS)
+    lookup = torch.compile(lambda i: reference.embedding_lookup(i, weight, offsets), fullgraph=True,
+                           backend="aot_eager")
+    ids = _ids()
+    torch.testing.assert_close(lookup(ids), reference.embedding_lookup(ids, weight, offsets))
+    with pytest.raises(IndexError, match=r"field 2"):
+        lookup(_ids_with_bad(2, FIELD_DIMS[2]))
+    loss = torch.compile(lambda x, y: reference.bce_with_logits(x, y), fullgraph=True, backend="aot_eager")
+    logits = torch.randn(3)
+    torch.testing.assert_close(loss(logits, torch.tensor([0.0, 1.0, 0.5])),
+                               reference.bce_with_logits(logits, torch.tensor([0.0, 1.0, 0.5])))
+    with pytest.raises(ValueError, match="NaN"):
+        loss(logits, torch.tensor([0.0, float("nan"), 0.5]))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_checked_ids_of_an_empty_batch(dtype):
+    """An empty batch through the in-graph id check: a new tensor (a custom op's output may not alias its
+    input), in the dtype the fake promised, for both checking modes."""
+    from sfg_fast import library
+    offsets = offsets_of(FIELD_DIMS)
+    empty = torch.empty(0, len(FIELD_DIMS), dtype=dtype)
+    for mode in ("fatal", "clamp_to_oov"):
+        got = library.checked_ids(empty, offsets, sum(FIELD_DIMS), mode)
+        assert got.shape == empty.shape and got.dtype == dtype
+        traced = torch.compile(lambda i: library.checked_ids(i, offsets, sum(FIELD_DIMS), mode), fullgraph=True,
+                               backend="aot_eager", dynamic=True)
+        assert traced(empty).shape == empty.shape
