@@ -107,8 +107,9 @@ def main() -> None:
     print(f"platform {info['platform']}  threads {info['threads']}  cuda device: {info['cuda_device']}")
     ext = info["extension"]
     if ext["built"]:
+        isa = {"x86-64-v4": "x86-64-v4, AVX-512", "x86-64-v3": "x86-64-v3, AVX2"}.get(ext["cpu_isa"], ext["cpu_isa"])
         print(f"extension sfg_fast._C: built (CUDA kernels: {'yes' if ext['with_cuda'] else 'no'}; CPU hot loops: "
-              f"{ext['cpu_isa']}) at {ext['path']}")
+              f"{isa}) at {ext['path']}")
     else:
         print(f"extension sfg_fast._C: not built ({ext['why']})")
     print("\nbackends:")
@@ -118,7 +119,11 @@ def main() -> None:
         print(f"\nops on {device} (auto -> chosen backend):")
         for op, per_backend in ops.items():
             have = [b for b, s in per_backend.items() if s == "available"]
-            print(f"  {op:18s} auto -> {info['auto'][device][op]:9s} available: {', '.join(have)}")
+            # backends that run but lack this op, with the reason (a whole missing backend is listed above)
+            lacking = [f"{b}: {s}" for b, s in per_backend.items()
+                       if s != "available" and info["backends"].get(b) is None]
+            print(f"  {op:18s} auto -> {info['auto'][device][op]:9s} available: {', '.join(have)}"
+                  + (f"  (not {'; '.join(lacking)})" if lacking else ""))
         if device == "cpu":
             print("  (while torch.compile traces on CPU, auto takes the torch ops, which Inductor fuses; "
                   "torch.export keeps the table above)")

@@ -34,3 +34,7 @@ def test_module_runs():
     assert out.returncode == 0, out.stderr
     assert "backends:" in out.stdout and "auto ->" in out.stdout
     assert "fused tables under torch.compile:" in out.stdout and "GEMMs of the triton path:" in out.stdout
+    if info.collect()["extension"]["built"]:
+        # an available backend that lacks an op says why, on that op's line
+        line = next(l for l in out.stdout.splitlines() if l.strip().startswith("sfg_encode "))
+        assert "not cpu: backend 'cpu' has no kernel for 'sfg_encode'" in line, line
