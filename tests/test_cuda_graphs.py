@@ -114,10 +114,12 @@ def _layer_params(seed, bias):
     return (V, enc, *extra, dec)
 
 
-@pytest.mark.gpu
-def test_whole_fused_step_captured_in_a_cuda_graph_trains_like_eager_steps():
+def _eager_and_replayed_fwfm_steps(seed, after_each_replay=lambda graph_parts: None):
+    """The Triton FwFM step run eagerly on 4 batches, and a copy of its parts trained by a CUDA graph captured
+    on the first batch (that step, eagerly, also builds the optimizer state) and replayed on the other three;
+    ``after_each_replay(graph_parts)`` runs after each synchronized replay. Returns (eager_parts, graph_parts)."""
     dims, dim, batch = [300, 7, 50, 1000], 16, 512
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     batches = [(torch.stack([torch.randint(0, k, (batch,), generator=gen) for k in dims], 1).to(DEVICE),
                 (torch.rand(batch, generator=gen) < 0.3).float().to(DEVICE)) for _ in range(4)]
     eager_parts = _fwfm_step_parts(dims, dim, "triton")
@@ -125,19 +127,27 @@ def test_whole_fused_step_captured_in_a_cuda_graph_trains_like_eager_steps():
     eager = _make_step(*eager_parts, "triton")
     for ids, labels in batches:
         eager(ids, labels)
-
     graphed = _make_step(*graph_parts, "triton")
     static_ids, static_labels = batches[0][0].clone(), batches[0][1].clone()
-    # the first step, eagerly, also builds the optimizer state
     graph, _ = _capture(lambda: graphed(static_ids, static_labels))
     for ids, labels in batches[1:]:
         static_ids.copy_(ids)
         static_labels.copy_(labels)
         graph.replay()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        after_each_replay(graph_parts)
+    return eager_parts, graph_parts
+
+
+def _assert_same_parameters(eager_parts, graph_parts):
     for a, b in zip(eager_parts, graph_parts):
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+def test_whole_fused_step_captured_in_a_cuda_graph_trains_like_eager_steps():
+    _assert_same_parameters(*_eager_and_replayed_fwfm_steps(seed=1))
 
 
 def test_the_capture_branches_build_no_tensor_from_host_data(pretend_capture, monkeypatch):
@@ -249,26 +259,12 @@ def test_sort_free_sparse_update_captures_and_replays(monkeypatch):
     replay, as the next step needs it."""
     from sfg_fast.ops import embedding_lookup as ops_lookup
     monkeypatch.setattr(ops_lookup, "SPARSE_DEDUP", "map")
-    dims, dim, batch = [300, 7, 50, 1000], 16, 512
-    gen = torch.Generator().manual_seed(2)
-    batches = [(torch.stack([torch.randint(0, k, (batch,), generator=gen) for k in dims], 1).to(DEVICE),
-                (torch.rand(batch, generator=gen) < 0.3).float().to(DEVICE)) for _ in range(4)]
-    eager_parts = _fwfm_step_parts(dims, dim, "triton")
-    graph_parts = copy.deepcopy(eager_parts)
-    eager = _make_step(*eager_parts, "triton")
-    for ids, labels in batches:
-        eager(ids, labels)
-    graphed = _make_step(*graph_parts, "triton")
-    static_ids, static_labels = batches[0][0].clone(), batches[0][1].clone()
-    graph, _ = _capture(lambda: graphed(static_ids, static_labels))
-    row_map = graph_parts[0].optimizer._row_map
-    assert row_map is not None
-    for ids, labels in batches[1:]:
-        static_ids.copy_(ids)
-        static_labels.copy_(labels)
-        graph.replay()
-        torch.cuda.synchronize()
+    replays = []
+
+    def row_map_is_clean(graph_parts):
+        row_map = graph_parts[0].optimizer._row_map
+        assert row_map is not None
         assert bool((row_map == 2 ** 31 - 1).all())
-    for a, b in zip(eager_parts, graph_parts):
-        for (name, p), q in zip(a.named_parameters(), b.parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+        replays.append(1)
+    _assert_same_parameters(*_eager_and_replayed_fwfm_steps(seed=2, after_each_replay=row_map_is_clean))
+    assert len(replays) == 3
