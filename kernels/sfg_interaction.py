@@ -108,12 +108,15 @@ def _activate_grad(h, ACT: tl.constexpr):
 def _field_ptrs(x_ptr, ids_ptr, offsets_ptr, rows, mask_b, field, cols,
                 stride_ib, stride_in, stride_xb, stride_xn, stride_xd, GATHER: tl.constexpr):
     """Pointers to field ``field`` of X for the samples ``rows``: a table gather or a dense read."""
+    # every stride product in int64: a transposed table or a strided V puts field * stride past 2^31
+    field64 = tl.cast(field, tl.int64)
+    lanes = cols[None, :].to(tl.int64) * stride_xd
     if GATHER:
-        local = tl.load(ids_ptr + rows * stride_ib + field * stride_in, mask=mask_b, other=0)
-        table_row = tl.load(offsets_ptr + field) + local.to(tl.int64)   # int64: tables > 2^31 elements
-        ptrs = x_ptr + table_row[:, None] * stride_xb + cols[None, :] * stride_xd
+        local = tl.load(ids_ptr + rows * stride_ib + field64 * stride_in, mask=mask_b, other=0)
+        table_row = tl.load(offsets_ptr + field64) + local.to(tl.int64)   # int64: tables > 2^31 elements
+        ptrs = x_ptr + table_row[:, None] * stride_xb + lanes
     else:
-        ptrs = x_ptr + rows[:, None] * stride_xb + field * stride_xn + cols[None, :] * stride_xd
+        ptrs = x_ptr + rows[:, None] * stride_xb + field64 * stride_xn + lanes
     return ptrs
 
 
@@ -139,10 +142,9 @@ def _encoder_block(enc_w_ptr, o, k, D, rows_q, cols_p, mask_q, mask_p, stride_w0
 def _decoder_block(dec_ptr, o, k, rows_p, cols_q, mask_p, mask_q, stride_d0, stride_d1, stride_d2, stride_d3):
     """Blk(o, k)[p, q] = dec[o, k, p, q] for the matrix decoder (any strides).
 
-    The block base ``o * stride_d0 + k * stride_d1`` stays int32 (a decoder holds (N*D)^2 elements,
-    far below 2^31 for any CTR shape); the in-block offsets are int64 like every other offset.
+    Every offset is int64: a matrix decoder holds (N*D)^2 elements, past 2^31 from N = 363 at D = 128.
     """
-    base = dec_ptr + o * stride_d0 + k * stride_d1
+    base = dec_ptr + tl.cast(o, tl.int64) * stride_d0 + tl.cast(k, tl.int64) * stride_d1
     return tl.load(base + rows_p[:, None].to(tl.int64) * stride_d2 + cols_q[None, :].to(tl.int64) * stride_d3,
                    mask=mask_p[:, None] & mask_q[None, :], other=0.0).to(tl.float32)
 
@@ -162,31 +164,37 @@ def _field_accumulators(x_ptr, ids_ptr, offsets_ptr, enc_w_ptr, dec_ptr, rows, m
     acc_h = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     mask_x = mask_b[:, None] & mask_col[None, :]
-    w_rows = (o * D + d_col).to(tl.int64)           # output columns q of We for field o
+    # stride products in int64 (field * stride and lane * stride pass 2^31 on strided inputs)
+    o64 = tl.cast(o, tl.int64)
+    col64 = d_col.to(tl.int64)
+    row64 = d_row.to(tl.int64)
+    w_rows = o64 * D + col64                       # output columns q of We for field o
+    x_lanes = col64[None, :] * stride_xd
     for k in range(0, N):
+        k64 = tl.cast(k, tl.int64)
         if GATHER:
-            local = tl.load(ids_ptr + rows * stride_ib + k * stride_in, mask=mask_b, other=0)
-            table_row = tl.load(offsets_ptr + k) + local.to(tl.int64)   # int64: tables > 2^31 elements
-            x_ptrs = x_ptr + table_row[:, None] * stride_xb + d_col[None, :] * stride_xd
+            local = tl.load(ids_ptr + rows * stride_ib + k64 * stride_in, mask=mask_b, other=0)
+            table_row = tl.load(offsets_ptr + k64) + local.to(tl.int64)   # int64: tables > 2^31 elements
+            x_ptrs = x_ptr + table_row[:, None] * stride_xb + x_lanes
         else:
-            x_ptrs = x_ptr + rows[:, None] * stride_xb + k * stride_xn + d_col[None, :] * stride_xd
+            x_ptrs = x_ptr + rows[:, None] * stride_xb + k64 * stride_xn + x_lanes
         x = tl.load(x_ptrs, mask=mask_x, other=0.0).to(tl.float32)
         if HAS_ENC:
             # [p, q] = We[o*D + q, k*D + p]: the transposed block, so X_k @ w is X_k @ We[o, k]^T
-            w_cols = (k * D + d_row).to(tl.int64)
+            w_cols = k64 * D + row64
             w = tl.load(enc_w_ptr + w_cols[:, None] * stride_w1 + w_rows[None, :] * stride_w0,
                         mask=mask_row[:, None] & mask_col[None, :], other=0.0).to(tl.float32)
             acc_h = _mma(x, w, acc_h, PRECISION)
         if KIND == 1:
-            r = tl.load(dec_ptr + o * stride_d0 + k * stride_d1).to(tl.float32)
+            r = tl.load(dec_ptr + o64 * stride_d0 + k64 * stride_d1).to(tl.float32)
             acc_t += r * x
         elif KIND == 2:
-            u = tl.load(dec_ptr + o * stride_d0 + k * stride_d1 + d_col * stride_d2,
+            u = tl.load(dec_ptr + o64 * stride_d0 + k64 * stride_d1 + col64 * stride_d2,
                         mask=mask_col, other=0.0).to(tl.float32)
             acc_t += u[None, :] * x
         elif KIND == 3:
-            blk = tl.load(dec_ptr + o * stride_d0 + k * stride_d1 + d_row[:, None] * stride_d2
-                          + d_col[None, :] * stride_d3,
+            blk = tl.load(dec_ptr + o64 * stride_d0 + k64 * stride_d1 + row64[:, None] * stride_d2
+                          + col64[None, :] * stride_d3,
                           mask=mask_row[:, None] & mask_col[None, :], other=0.0).to(tl.float32)
             acc_t = _mma(x, blk, acc_t, PRECISION)
     return acc_h, acc_t
@@ -211,11 +219,12 @@ def _sfg_interaction_fwd_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = rows < B
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)          # int64 lanes: every offset below is int64
     mask_d = d < D
     mask_bd = mask_b[:, None] & mask_d[None, :]
     logit = tl.zeros([BLOCK_B], dtype=tl.float32)
     for o in range(0, N):
+        o64 = tl.cast(o, tl.int64)
         acc_h, acc_t = _field_accumulators(
             x_ptr, ids_ptr, offsets_ptr, enc_w_ptr, dec_ptr, rows, mask_b, o, N, D, d, d, mask_d, mask_d,
             stride_ib, stride_in, stride_xb, stride_xn, stride_xd,
@@ -224,7 +233,7 @@ def _sfg_interaction_fwd_kernel(
         if Y_MODE == 0:
             h = acc_h
             if HAS_BIAS:
-                h += tl.load(enc_b_ptr + o * D + d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+                h += tl.load(enc_b_ptr + o64 * D + d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
             y = gamma * _activate(h, ACT)
             if RESIDUAL:
                 y += _load_field(x_ptr, ids_ptr, offsets_ptr, rows, mask_b, o, d, mask_d,
@@ -235,10 +244,11 @@ def _sfg_interaction_fwd_kernel(
             y = _load_field(x_ptr, ids_ptr, offsets_ptr, rows, mask_b, o, d, mask_d,
                             stride_ib, stride_in, stride_xb, stride_xn, stride_xd, GATHER)
         else:
-            y = tl.load(y_ptr + rows[:, None] * stride_yb + o * stride_yn + d[None, :] * stride_yd,
+            y = tl.load(y_ptr + rows[:, None] * stride_yb + o64 * stride_yn
+                        + d[None, :].to(tl.int64) * stride_yd,
                         mask=mask_bd, other=0.0).to(tl.float32)
         if STORE_Z:
-            tl.store(z_ptr + rows[:, None] * (N * D) + o * D + d[None, :], y, mask=mask_bd)
+            tl.store(z_ptr + rows[:, None] * N * D + o64 * D + d[None, :], y, mask=mask_bd)
         if KIND != 0:
             logit += tl.sum(y * acc_t, axis=1)
     if KIND != 0:
@@ -275,13 +285,14 @@ def _sfg_interaction_bwd_dy_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = rows < B
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)          # int64 lanes: every offset below is int64
     mask_d = d < D
     mask_bd = mask_b[:, None] & mask_d[None, :]
-    out_offs = rows[:, None] * (N * D) + d[None, :]
+    out_offs = rows[:, None] * N * D + d[None, :]
     if KIND != 0:
         g = tl.load(dlogit_ptr + rows, mask=mask_b, other=0.0).to(tl.float32)
     for o in range(0, N):
+        o64 = tl.cast(o, tl.int64)
         acc_h, acc_t = _field_accumulators(
             x_ptr, ids_ptr, offsets_ptr, enc_w_ptr, dec_ptr, rows, mask_b, o, N, D, d, d, mask_d, mask_d,
             stride_ib, stride_in, stride_xb, stride_xn, stride_xd,
@@ -290,14 +301,15 @@ def _sfg_interaction_bwd_dy_kernel(
         if KIND != 0:
             dy = g[:, None] * acc_t
         else:
-            dy = tl.load(dz_ptr + rows[:, None] * stride_zb + o * stride_zn + d[None, :] * stride_zd,
+            dy = tl.load(dz_ptr + rows[:, None] * stride_zb + o64 * stride_zn
+                         + d[None, :].to(tl.int64) * stride_zd,
                          mask=mask_bd, other=0.0).to(tl.float32)
         if Y_MODE == 0:
             h = acc_h
             if HAS_BIAS:
-                h += tl.load(enc_b_ptr + o * D + d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+                h += tl.load(enc_b_ptr + o64 * D + d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
             dh = dy * gamma * _activate_grad(h, ACT)
-            tl.store(dh_ptr + out_offs + o * D, dh, mask=mask_bd)
+            tl.store(dh_ptr + out_offs + o64 * D, dh, mask=mask_bd)
             if KIND != 0:
                 y = gamma * _activate(h, ACT)
                 if RESIDUAL:
@@ -307,12 +319,13 @@ def _sfg_interaction_bwd_dy_kernel(
             y = _load_field(x_ptr, ids_ptr, offsets_ptr, rows, mask_b, o, d, mask_d,
                             stride_ib, stride_in, stride_xb, stride_xn, stride_xd, GATHER)
         else:
-            y = tl.load(y_ptr + rows[:, None] * stride_yb + o * stride_yn + d[None, :] * stride_yd,
+            y = tl.load(y_ptr + rows[:, None] * stride_yb + o64 * stride_yn
+                        + d[None, :].to(tl.int64) * stride_yd,
                         mask=mask_bd, other=0.0).to(tl.float32)
         if KIND != 0:
-            tl.store(gy_ptr + out_offs + o * D, g[:, None] * y, mask=mask_bd)
+            tl.store(gy_ptr + out_offs + o64 * D, g[:, None] * y, mask=mask_bd)
         if STORE_DY:
-            tl.store(dy_ptr + out_offs + o * D, dy, mask=mask_bd)
+            tl.store(dy_ptr + out_offs + o64 * D, dy, mask=mask_bd)
 
 
 @triton.jit
@@ -332,34 +345,38 @@ def _sfg_interaction_bwd_dx_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = rows < B
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)          # int64 lanes: every offset below is int64
     mask_d = d < D
     mask_bd = mask_b[:, None] & mask_d[None, :]
-    buf_offs = rows[:, None] * (N * D) + d[None, :]
+    buf_offs = rows[:, None] * N * D + d[None, :]
     for k in range(0, N):
+        k64 = tl.cast(k, tl.int64)
         acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         for o in range(0, N):
+            o64 = tl.cast(o, tl.int64)
             if HAS_ENC:
-                dh = tl.load(dh_ptr + buf_offs + o * D, mask=mask_bd, other=0.0)
-                w = _encoder_block(enc_w_ptr, o, k, D, d, d, mask_d, mask_d, stride_w0, stride_w1)  # [q, p]
+                dh = tl.load(dh_ptr + buf_offs + o64 * D, mask=mask_bd, other=0.0)
+                w = _encoder_block(enc_w_ptr, o64, k64, D, d, d, mask_d, mask_d, stride_w0, stride_w1)  # [q, p]
                 acc = _mma(dh, w, acc, PRECISION)
             if KIND != 0:
-                gy = tl.load(gy_ptr + buf_offs + o * D, mask=mask_bd, other=0.0)
+                gy = tl.load(gy_ptr + buf_offs + o64 * D, mask=mask_bd, other=0.0)
                 if KIND == 1:
-                    r = tl.load(dec_ptr + o * stride_d0 + k * stride_d1).to(tl.float32)
+                    r = tl.load(dec_ptr + o64 * stride_d0 + k64 * stride_d1)
+                    r = r.to(tl.float32)
                     acc += r * gy
                 elif KIND == 2:
-                    u = tl.load(dec_ptr + o * stride_d0 + k * stride_d1 + d.to(tl.int64) * stride_d2,
+                    u = tl.load(dec_ptr + o64 * stride_d0 + k64 * stride_d1
+                                + d.to(tl.int64) * stride_d2,
                                 mask=mask_d, other=0.0).to(tl.float32)
                     acc += u[None, :] * gy
                 else:
                     # [q, p] = Blk(o, k)[p, q]: the transposed block
-                    blk = tl.trans(_decoder_block(dec_ptr, o, k, d, d, mask_d, mask_d,
+                    blk = tl.trans(_decoder_block(dec_ptr, o64, k64, d, d, mask_d, mask_d,
                                                   stride_d0, stride_d1, stride_d2, stride_d3))
                     acc = _mma(gy, blk, acc, PRECISION)
         if ADD_DY:
-            acc += tl.load(dy_ptr + buf_offs + k * D, mask=mask_bd, other=0.0)
-        ptrs = _field_ptrs(dx_ptr, ids_ptr, offsets_ptr, rows, mask_b, k, d,
+            acc += tl.load(dy_ptr + buf_offs + k64 * D, mask=mask_bd, other=0.0)
+        ptrs = _field_ptrs(dx_ptr, ids_ptr, offsets_ptr, rows, mask_b, k64, d,
                            stride_ib, stride_in, stride_xb, stride_xn, stride_xd, SCATTER)
         if SCATTER:
             tl.atomic_add(ptrs, acc, mask=mask_bd, sem="relaxed")
@@ -383,9 +400,9 @@ def _sfg_interaction_bwd_dw_kernel(
     Outputs are contiguous fp32: d_dec is [N, N], [N, N, D] or [N, N, D, D] in Blk orientation.
     """
     pid = tl.program_id(0)
-    o = pid // N
-    k = pid % N
-    d = tl.arange(0, BLOCK_D)
+    o64 = (pid // N).to(tl.int64)
+    k64 = (pid % N).to(tl.int64)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)          # int64 lanes: every offset below is int64
     mask_d = d < D
     acc_w = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     acc_blk = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
@@ -395,30 +412,30 @@ def _sfg_interaction_bwd_dw_kernel(
         rows = start + tl.arange(0, BLOCK_B).to(tl.int64)
         mask_b = rows < B
         mask_bd = mask_b[:, None] & mask_d[None, :]
-        buf_offs = rows[:, None] * (N * D) + d[None, :]
-        x = _load_field(x_ptr, ids_ptr, offsets_ptr, rows, mask_b, k, d, mask_d,
+        buf_offs = rows[:, None] * N * D + d[None, :]
+        x = _load_field(x_ptr, ids_ptr, offsets_ptr, rows, mask_b, k64, d, mask_d,
                         stride_ib, stride_in, stride_xb, stride_xn, stride_xd, GATHER)
         if HAS_ENC:
-            dh = tl.load(dh_ptr + buf_offs + o * D, mask=mask_bd, other=0.0)
+            dh = tl.load(dh_ptr + buf_offs + o64 * D, mask=mask_bd, other=0.0)
             acc_w = _mma(tl.trans(dh), x, acc_w, PRECISION)
             if HAS_BIAS:
                 acc_b += tl.sum(dh, axis=0)
         if KIND != 0:
-            gy = tl.load(gy_ptr + buf_offs + o * D, mask=mask_bd, other=0.0)
+            gy = tl.load(gy_ptr + buf_offs + o64 * D, mask=mask_bd, other=0.0)
             if KIND == 3:
                 acc_blk = _mma(tl.trans(x), gy, acc_blk, PRECISION)
             else:
                 acc_vec += tl.sum(x * gy, axis=0)
     mask_dd = mask_d[:, None] & mask_d[None, :]
     if HAS_ENC:
-        r = (o * D + d).to(tl.int64)
-        c = (k * D + d).to(tl.int64)
-        tl.store(d_enc_w_ptr + r[:, None] * (N * D) + c[None, :], acc_w, mask=mask_dd)
+        r = (o64 * D + d).to(tl.int64)
+        c = (k64 * D + d).to(tl.int64)
+        tl.store(d_enc_w_ptr + r[:, None] * N * D + c[None, :], acc_w, mask=mask_dd)
         if HAS_BIAS:
-            if k == 0:
-                tl.store(d_enc_b_ptr + o * D + d, acc_b, mask=mask_d)
+            if k64 == 0:
+                tl.store(d_enc_b_ptr + o64 * D + d, acc_b, mask=mask_d)
     if KIND == 1:
-        tl.store(d_dec_ptr + pid, tl.sum(acc_vec, axis=0))
+        tl.store(d_dec_ptr + pid.to(tl.int64), tl.sum(acc_vec, axis=0))
     elif KIND == 2:
         tl.store(d_dec_ptr + pid.to(tl.int64) * D + d, acc_vec, mask=mask_d)
     elif KIND == 3:

@@ -600,6 +600,40 @@ def test_gemm_kernels_address_in_int64():
     ])
 
 
+def test_per_field_engine_addresses_in_int64():
+    """The per-field engine (SFG_FAST_GEMM_PATH=0) takes X, Y, dZ and the decoder with any strides: a
+    transposed table or a strided V puts ``field * stride`` or ``lane * stride`` past 2^31 while each
+    stride fits int32, and a matrix decoder's block base ``o * N*D^2`` passes it from N = 363 at
+    D = 128. Every such product must be formed in int64."""
+    f32 = "*fp32"
+    common = {"x_ptr": "*bf16", "ids_ptr": "*i32", "offsets_ptr": "*i64", "y_ptr": f32, "enc_w_ptr": f32,
+              "enc_b_ptr": f32, "dec_ptr": f32, "gamma": "fp32"}
+    blocks = {"BLOCK_B": 16, "BLOCK_D": 16, "PRECISION": "ieee"}
+    probes = []
+    for gather, y_mode, kind in ((True, 0, 3), (False, 2, 2), (True, 1, 1)):
+        probes.append(("sfg_fast.kernels.sfg_interaction", "_sfg_interaction_fwd_kernel",
+                       {**common, "labels_ptr": f32, "logit_ptr": f32, "loss_ptr": f32, "dlogit_ptr": f32,
+                        "z_ptr": f32},
+                       {"ACT": 1, "HAS_BIAS": True, "RESIDUAL": y_mode == 0, "Y_MODE": y_mode, "KIND": kind,
+                        "GATHER": gather, "STORE_Z": True, "HAS_LABELS": True, **blocks}))
+    for y_mode, kind in ((0, 3), (2, 0), (1, 2)):
+        probes.append(("sfg_fast.kernels.sfg_interaction", "_sfg_interaction_bwd_dy_kernel",
+                       {**common, "dlogit_ptr": f32, "dz_ptr": f32, "dh_ptr": f32, "gy_ptr": f32, "dy_ptr": f32},
+                       {"ACT": 2, "HAS_BIAS": True, "Y_MODE": y_mode, "RESIDUAL": y_mode == 0, "KIND": kind,
+                        "GATHER": False, "STORE_DY": True, **blocks}))
+    for kind, scatter in ((3, True), (1, False), (2, False)):
+        probes.append(("sfg_fast.kernels.sfg_interaction", "_sfg_interaction_bwd_dx_kernel",
+                       {"enc_w_ptr": f32, "dec_ptr": f32, "dh_ptr": f32, "gy_ptr": f32, "dy_ptr": f32,
+                        "dx_ptr": f32, "ids_ptr": "*i32", "offsets_ptr": "*i64"},
+                       {"HAS_ENC": True, "KIND": kind, "ADD_DY": True, "SCATTER": scatter, **blocks}))
+    for kind, gather in ((3, True), (2, False), (1, False)):
+        probes.append(("sfg_fast.kernels.sfg_interaction", "_sfg_interaction_bwd_dw_kernel",
+                       {"x_ptr": "*bf16", "ids_ptr": "*i32", "offsets_ptr": "*i64", "dh_ptr": f32, "gy_ptr": f32,
+                        "d_enc_w_ptr": f32, "d_enc_b_ptr": f32, "d_dec_ptr": f32},
+                       {"HAS_ENC": True, "HAS_BIAS": True, "KIND": kind, "GATHER": gather, **blocks}))
+    assert_int64_pointer_offsets(probes)
+
+
 @pytest.mark.parametrize("op", ["sfg_encode", "pairwise_decode"])
 def test_encode_and_decode_gemm_path_match_the_per_field_engine(op, monkeypatch):
     from sfg_fast.ops import sfg_gemm

@@ -41,27 +41,33 @@ class xDeepFM(CTRModel):
 
 
 class CrossNet(CTRModel):
-    """CrossNet (cross layers only): base x_{l+1} = x_l + x_0 * (W_l x_l); SFG gate G_l(x_l); head Linear(x_L)."""
+    """CrossNet (cross layers only): base x_{l+1} = x_l + x_0 * (W_l x_l); SFG gate G_l(x_l); head Linear(x_L).
+
+    It has no DNN, so DNN options (hidden_units, dropout, batch_norm) are refused like any unknown
+    hyper-parameter rather than ignored: they belong to DCNv2."""
     name = "crossnet"
-    parallel_dnn = False
 
     def __init__(self, field_dims, embedding_dim: int = 16, generative: bool = True,
-                 num_cross_layers: int = 3, regenerate_from: str = "x_l", cross_bias: bool = False,
-                 hidden_units: Sequence[int] = (), dropout: float = 0.0, batch_norm: bool = False, **kwargs):
+                 num_cross_layers: int = 3, regenerate_from: str = "x_l", cross_bias: bool = False, **kwargs):
         super().__init__(field_dims, embedding_dim, generative, **kwargs)
+        self._build_cross(num_cross_layers, regenerate_from, cross_bias, dnn=None)
+
+    def _build_cross(self, num_cross_layers, regenerate_from, cross_bias, dnn) -> None:
+        """The cross layers, then (DCNv2) the parallel DNN from ``dnn`` = (hidden_units, dropout,
+        batch_norm), then the head, in this order (the order parameters draw their initial values)."""
         enc = self.encoder_kwargs
         num_cross_layers = _count("num_cross_layers", num_cross_layers, minimum=0)
         self.crossnet = GenerativeCrossNet(self.num_fields, self.embedding_dim, num_cross_layers, self.generative,
                                            regenerate_from, enc["residual"], enc["dropout"], enc["activation"],
                                            enc["gamma"], enc["bias"], cross_bias, self.backend)
         width = self.num_fields * self.embedding_dim
-        self.dnn = MLP(width, hidden_units, "relu", dropout, batch_norm) if self.parallel_dnn else None
+        self.dnn = MLP(width, dnn[0], "relu", dnn[1], dnn[2]) if dnn is not None else None
         head_in = width + (self.dnn.output_dim if self.dnn is not None else 0)
         self.head = nn.Linear(head_in, 1)
         self._record(num_cross_layers=int(num_cross_layers), regenerate_from=regenerate_from,
                      cross_bias=cross_bias)
-        if self.parallel_dnn:
-            self._record(hidden_units=list(hidden_units), dropout=dropout, batch_norm=batch_norm)
+        if dnn is not None:
+            self._record(hidden_units=list(dnn[0]), dropout=dnn[1], batch_norm=dnn[2])
 
     def generate(self, V):
         if not self.generative:
@@ -82,8 +88,10 @@ class CrossNet(CTRModel):
 class DCNv2(CrossNet):
     """DCNv2 (parallel): head on [CrossNet(e) ; DNN(e)]; SFG regenerates each layer's gate G_l(x_l)."""
     name = "dcnv2"
-    parallel_dnn = True
 
     def __init__(self, field_dims, embedding_dim: int = 16, generative: bool = True,
-                 hidden_units: Sequence[int] = (400, 400, 400), **kwargs):
-        super().__init__(field_dims, embedding_dim, generative, hidden_units=hidden_units, **kwargs)
+                 num_cross_layers: int = 3, regenerate_from: str = "x_l", cross_bias: bool = False,
+                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.0, batch_norm: bool = False,
+                 **kwargs):
+        CTRModel.__init__(self, field_dims, embedding_dim, generative, **kwargs)
+        self._build_cross(num_cross_layers, regenerate_from, cross_bias, dnn=(hidden_units, dropout, batch_norm))
