@@ -241,6 +241,17 @@ def test_xdeepfm_honours_encoder_dropout():
 
 
 
+@pytest.mark.parametrize("option", [{"hidden_units": (8,)}, {"dropout": 0.5}, {"batch_norm": True}])
+def test_crossnet_refuses_dnn_options_dcnv2_records_them(option):
+    """CrossNet has no DNN: its options are refused like any unknown hyper-parameter (not ignored)."""
+    with pytest.raises(TypeError, match=next(iter(option))):
+        models.build("crossnet", [3, 4, 5], 4, **option)
+    dcn = models.build("dcnv2", [3, 4, 5], 4, **option)
+    assert dcn.dnn is not None
+    key, value = next(iter(option.items()))
+    assert dcn.config[key] == (list(value) if isinstance(value, tuple) else value)
+
+
 @pytest.mark.parametrize("name", ["crossnet", "dcnv2"])
 def test_sfg_cross_network_without_cross_layers_has_nothing_to_analyse(name):
     from sfg_fast import models as zoo
