@@ -821,3 +821,92 @@ def test_unlabelled_criteo_lines_encode_like_their_labelled_twins(tmp_path):
         load_dataset("criteo", data_dir=tmp_path / "test.txt", labeled=False)
     with pytest.raises(ValueError, match="no unlabelled format"):
         load_dataset("movielens100k", labeled=False, vocabularies=fm["vocabularies"])
+
+
+def test_files_with_no_rows_are_an_error_naming_the_file(tmp_path):
+    """An empty file, a header alone, or only bad lines skipped: a clear error, not 0-row splits."""
+    cases = {"empty": b"", "newline": b"\n"}
+    for name, content in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.txt").write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name}.train\.txt: no data rows"):
+            load_dataset("criteo", data_dir=tmp_path / name, cache_dir=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train.txt").write_text("x\ty\n1\t2\n")
+    with pytest.raises(ValueError, match=r"no data rows: all 2 malformed lines were skipped"):
+        load_dataset("criteo", data_dir=tmp_path / "bad", cache_dir=False, skip_bad_lines=True)
+    write_criteo(tmp_path / "train.txt", num_rows=20)
+    with pytest.raises(ValueError, match="max_rows=0"):
+        load_dataset("criteo", data_dir=tmp_path, cache_dir=False, max_rows=0)
+    (tmp_path / "avazu").mkdir()
+    (tmp_path / "avazu" / "train.csv").write_text(AVAZU_HEADER + "\n")
+    with pytest.raises(ValueError, match=r"train\.csv: no data rows: the file holds no data lines"):
+        load_dataset("avazu", data_dir=tmp_path / "avazu", cache_dir=False)
+    (tmp_path / "ml").mkdir()
+    write_tiny_movielens(tmp_path / "ml", "grouplens")
+    (tmp_path / "ml" / "u.data").write_text("")
+    with pytest.raises(ValueError, match=r"u\.data: no data rows"):
+        load_dataset("movielens100k", data_dir=tmp_path / "ml")
+
+
+def test_damaged_gzip_files_are_an_error_naming_the_file(tmp_path):
+    write_criteo(tmp_path / "train.txt", num_rows=300)
+    packed = gzip.compress((tmp_path / "train.txt").read_bytes())
+    os.remove(tmp_path / "train.txt")
+    corrupt = bytearray(packed)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    for name, data in (("truncated", packed[:len(packed) // 2]), ("corrupt", bytes(corrupt))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.txt.gz").write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{name}.train\.txt\.gz: the gzip data is damaged or truncated"):
+            load_dataset("criteo", data_dir=tmp_path / name, cache_dir=False)
+
+
+def test_tokens_are_utf8_and_other_bytes_stay_distinct(tmp_path):
+    """Tokens decode as UTF-8 (a user's vocabulary list with 'café' matches the file's café); bytes that are
+    not UTF-8 never fail and never merge: two such values stay two tokens, through a feature map too."""
+    import json
+    from sfg_fast.data import load_feature_map, save_feature_map
+    rows = write_criteo(tmp_path / "train.txt", num_rows=40)
+    lines = ["\t".join(r).encode() for r in rows]
+    c1, field = 14, 13                                       # C1: column 14 of the file, field 13
+    for n, line in enumerate(lines):
+        cols = line.split(b"\t")
+        cols[c1] = ("café" if n % 4 == 0 else "naïve").encode() if n % 2 == 0 else (b"\xff" if n % 3 else b"\xfe")
+        lines[n] = b"\t".join(cols)
+    (tmp_path / "train.txt").write_bytes(b"\n".join(lines) + b"\n")
+    data = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, min_count=1, split=(1, 0, 0))
+    vocab = data.vocabularies[field]
+    assert {"café", "naïve"} <= set(vocab) and len(vocab) == 4, vocab
+    assert data.info["encoding"] == "utf-8"
+    mine = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, split=(1, 0, 0),
+                        vocabularies=[["café"] if f == field else list(v) for f, v in enumerate(data.vocabularies)])
+    np.testing.assert_array_equal(mine.train.ids[:, field] == 0, data.train.ids[:, field] == vocab.index("café"))
+    assert (mine.train.ids[:, field] == 0).sum() == 10        # rows 0, 4, 8, ...: café
+    path = str(tmp_path / "fm.json.gz")
+    fm = save_feature_map(data, path)
+    assert fm["preprocessing"]["encoding"] == "utf-8"
+    again = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, split=(1, 0, 0),
+                         vocabularies=load_feature_map(path))
+    np.testing.assert_array_equal(again.train.ids, data.train.ids)
+    # a feature map written before the encoding was recorded holds latin-1 decoded tokens: files are
+    # decoded that way for it, so its runs keep their ids
+    legacy = json.loads(json.dumps(fm))
+    del legacy["preprocessing"]["encoding"]
+    legacy["vocabularies"][field] = [t.encode("utf-8", "surrogateescape").decode("latin-1") for t in vocab]
+    old = load_dataset("criteo", data_dir=tmp_path, cache_dir=False, split=(1, 0, 0), vocabularies=legacy)
+    np.testing.assert_array_equal(old.train.ids, data.train.ids)
+
+
+def test_crlf_lines_get_no_bare_cr_hint_and_digit_grouping_is_not_a_number(tmp_path):
+    rows = write_criteo(tmp_path / "train.txt", num_rows=10)
+    lines = ["\t".join(r) for r in rows]
+    lines[3] = "\t".join(rows[3][:-1])                       # 39 columns
+    (tmp_path / "train.txt").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    with pytest.raises(ValueError, match=r"line 4: expected 40 columns separated by '\\t', found 39") as caught:
+        load_dataset("criteo", data_dir=tmp_path, cache_dir=False)
+    assert "bare CR" not in str(caught.value)
+    lines[3] = "\t".join(rows[3][:1] + ["1_0"] + rows[3][2:])
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 4: column 'I1': '1_0' is not a number"):
+        load_dataset("criteo", data_dir=tmp_path, cache_dir=False)

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import zlib
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,7 +22,7 @@ import numpy as np
 from .._io import atomic_write, atomic_write_bytes
 from .schema import CTRData, Schema, Split
 
-CACHE_FORMAT = 3   # 3: the vocabularies (kept tokens per field) are cached too
+CACHE_FORMAT = 4   # 3: the vocabularies (kept tokens per field) are cached too; 4: tokens decoded as UTF-8
 
 
 class BadLineError(ValueError):
@@ -215,15 +216,50 @@ def finalize(name: str, field_names: Sequence[str], field_sources: Sequence[Tupl
 # Files
 # ----------------------------------------------------------------------------------------------
 
-def open_text(path: str):
-    """Open a text file, gzip-aware; latin-1 maps every byte to one character, so decoding never fails.
+# How the delimited readers decode bytes: UTF-8, with any byte that is not UTF-8 kept as a lone surrogate
+# ("surrogateescape"), so decoding never fails and every distinct byte string stays a distinct token. Feature
+# maps record it; a map without the record was built when the readers decoded latin-1, and files encoded
+# with it are read that way (the same tokens as then).
+TEXT_ENCODING = "utf-8"
+LEGACY_TEXT_ENCODING = "latin-1"
+BYTE_ORDER_MARK = {"utf-8": "\ufeff", "latin-1": "\xef\xbb\xbf"}   # a UTF-8 BOM as each decodes it
+
+
+def open_text(path: str, encoding: str = TEXT_ENCODING):
+    """Open a text file, gzip-aware, decoding as ``encoding`` (see TEXT_ENCODING; never fails).
 
     Lines end at "\n" only, exactly where :func:`count_lines` counts them (a stray "\r" must not start
     a line: the reader sizes its split from that count, so an extra line would push a real row off the
     end); a "\r" before the "\n" (CRLF) is stripped by the readers."""
+    if encoding not in BYTE_ORDER_MARK:
+        raise ValueError(f"encoding must be one of {sorted(BYTE_ORDER_MARK)}, got {encoding!r}")
+    errors = "surrogateescape" if encoding == "utf-8" else "strict"
     if is_gzip(path):
-        return gzip.open(path, "rt", encoding="latin-1", newline="\n")
-    return open(path, "r", encoding="latin-1", newline="\n")
+        return gzip.open(path, "rt", encoding=encoding, errors=errors, newline="\n")
+    return open(path, "r", encoding=encoding, errors=errors, newline="\n")
+
+
+# what reading a damaged gzip file raises: gzip.BadGzipFile (an OSError), EOFError (truncated), zlib.error
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def unreadable_gzip(path: str, exc: BaseException) -> ValueError:
+    """The error for a gzip file that cannot be decompressed, naming it."""
+    return ValueError(f"{path}: the gzip data is damaged or truncated ({type(exc).__name__}: {exc}); "
+                      f"re-download or re-compress the file")
+
+
+def no_rows(path: str, lines_read: int, skipped: int, max_rows: Optional[int]) -> ValueError:
+    """The error for a data file that yielded no rows, saying why."""
+    if max_rows == 0:
+        why = "max_rows=0 reads no lines"
+    elif lines_read == 0:
+        why = "the file holds no data lines"
+    elif skipped:
+        why = f"all {skipped} malformed lines were skipped (skip_bad_lines)"
+    else:
+        why = f"its {lines_read} lines are blank"
+    return ValueError(f"{path}: no data rows: {why}")
 
 
 def is_gzip(path: str) -> bool:
@@ -238,15 +274,18 @@ def count_lines(path: str, limit: Optional[int] = None) -> int:
     opener = gzip.open if is_gzip(path) else open
     n = 0
     last = b"\n"
-    with opener(path, "rb") as f:
-        while True:
-            block = f.read(1 << 22)
-            if not block:
-                break
-            n += block.count(b"\n")
-            last = block[-1:]
-            if limit is not None and n >= limit:
-                return limit
+    try:
+        with opener(path, "rb") as f:
+            while True:
+                block = f.read(1 << 22)
+                if not block:
+                    break
+                n += block.count(b"\n")
+                last = block[-1:]
+                if limit is not None and n >= limit:
+                    return limit
+    except GZIP_ERRORS as exc:
+        raise unreadable_gzip(path, exc) from None
     if last != b"\n":
         n += 1
     return n if limit is None else min(n, limit)

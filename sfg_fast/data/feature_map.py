@@ -21,9 +21,9 @@ __all__ = ["FEATURE_MAP_FORMAT", "FEATURE_MAP_FILE", "feature_map_of", "save_fea
 
 FEATURE_MAP_FORMAT = "sfg_fast-feature-map-1"
 FEATURE_MAP_FILE = "feature_map.json.gz"
-# options of load_dataset that change what a raw line becomes (genre, threshold: MovieLens), and where the
-# vocabularies came from
-_PREPROCESSING_KEYS = ("min_count", "genre", "threshold")
+# options of load_dataset that change what a raw line becomes (genre, threshold: MovieLens; encoding: how the
+# Criteo / Avazu readers decoded the tokens), and where the vocabularies came from
+_PREPROCESSING_KEYS = ("min_count", "genre", "threshold", "encoding")
 _SOURCE_KEYS = ("source", "rows", "seed", "split", "max_rows")
 
 

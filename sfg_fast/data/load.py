@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from . import avazu, criteo, movielens, synthetic
-from .common import check_ratios, resolve_file
+from .common import LEGACY_TEXT_ENCODING, TEXT_ENCODING, check_ratios, resolve_file
 from .schema import CTRData
 from .tabular import DEFAULT_CHUNK_ROWS, load_table, without_label
 
@@ -47,8 +47,8 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
             raising ValueError with the file name and line number.
         num_rows: rows the synthetic datasets generate (default 100000).
         vocabularies: encode with these per-field token lists, or a whole feature map (a trained run's,
-            see :func:`sfg_fast.data.load_feature_map`; its genre/threshold then apply, and a conflicting
-            option is an error) instead of building vocabularies from the train split: tokens outside
+            see :func:`sfg_fast.data.load_feature_map`; its genre/threshold and text encoding then apply, and a
+            conflicting option is an error) instead of building vocabularies from the train split: tokens outside
             them map to the OOV id, and ``field_dims`` are the run's. Never cached. Files only (not the
             synthetic datasets). The result's ``source_lines`` give each row's line in the file.
         labeled: False reads criteo/avazu files without their label column (to be scored with
@@ -80,6 +80,7 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
     if num_rows is not None and not synthetic_name:
         raise ValueError(f"num_rows sets the size of the synthetic datasets; dataset {name!r} is read from files: "
                          f"use max_rows to cap the rows read")
+    encoding = TEXT_ENCODING
     if isinstance(vocabularies, dict):
         # a whole feature map: its own preprocessing options apply, and a conflicting one is an error
         from .feature_map import check_feature_map
@@ -91,6 +92,8 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
                 if key in options and options[key] != value:
                     raise ValueError(f"{key}={options[key]!r} conflicts with the feature map's {key}={value!r}")
                 options[key] = value
+        # the files are decoded as the map's tokens were (maps from before the record: latin-1)
+        encoding = vocabularies.get("preprocessing", {}).get("encoding", LEGACY_TEXT_ENCODING)
         vocabularies = vocabularies["vocabularies"]
     if vocabularies is not None:
         if synthetic_name:
@@ -123,4 +126,4 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
         raise ValueError(f"cache_dir must be a path, None (default location) or False (no cache), got {cache_dir!r}")
     return load_table(module.FORMAT if labeled else without_label(module.FORMAT), path, cache_dir, seed, ratios, max_rows,
                       module.DEFAULT_MIN_COUNT if min_count is None else min_count, skip_bad_lines, chunk_rows,
-                      vocabularies)
+                      vocabularies, encoding)

@@ -11,6 +11,7 @@ Sources, in order: ``data_dir`` holding the RecBole atomic files (ml-100k.inter 
 tab-separated with typed headers) or the GroupLens originals (u.data tab-separated, u.user and
 u.item '|'-separated), directly or in an ``ml-100k`` subfolder; without ``data_dir``, the copy that
 ships inside the ``recbole`` package, located without importing it (its import needs many extras).
+The data is GroupLens's, licensed for research use without redistribution: nothing of it is kept here.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .common import ColumnEncoder, SkipLog, finalize, split_assignment
+from .common import ColumnEncoder, SkipLog, finalize, no_rows, split_assignment
 from .schema import CTRData
 
 FIELDS = ["user_id", "item_id", "age", "gender", "occupation", "zip3", "release_year", "genre"]
@@ -211,6 +212,8 @@ def load_movielens(data_dir=None, seed: int = 2018, max_rows: Optional[int] = No
         labels.append(1.0 if rating >= threshold else 0.0)
         numbers.append(number)
 
+    if not labels:
+        raise no_rows(inter_path, logs[0].count, logs[0].count, max_rows)
     encoders = [ColumnEncoder() for _ in FIELDS]
     ids = np.stack([enc.encode(col) for enc, col in zip(encoders, columns)], axis=1) if labels \
         else np.zeros((0, len(FIELDS)), np.int64)

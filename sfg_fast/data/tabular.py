@@ -17,8 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .common import (ColumnEncoder, SkipLog, cache_key, count_lines, finalize, load_cache, open_text,
-                     save_cache, split_assignment)
+from .common import (BYTE_ORDER_MARK, GZIP_ERRORS, TEXT_ENCODING, ColumnEncoder, SkipLog, cache_key, count_lines,
+                     finalize, load_cache, no_rows, open_text, save_cache, split_assignment, unreadable_gzip)
 from .schema import CTRData
 
 _CR_BEFORE_NEWLINE = re.compile("\r+\n")  # CRLF (or a doubled CR) ending a line
@@ -82,10 +82,21 @@ def _label_value(raw: str) -> float:
 
 def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], max_rows: Optional[int],
                min_count: int, skip_bad_lines: bool, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-               vocabularies=None) -> CTRData:
+               vocabularies=None, encoding: str = TEXT_ENCODING) -> CTRData:
     """Read ``path`` in ``fmt`` into a CTRData (no cache; see :func:`load_table`); ``vocabularies`` as in
-    :func:`sfg_fast.data.common.finalize`."""
+    :func:`sfg_fast.data.common.finalize`; ``encoding`` as in :func:`sfg_fast.data.common.open_text`.
+    ValueError naming the file when it yields no rows or its gzip data is damaged."""
+    try:
+        return _read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows, vocabularies,
+                           encoding)
+    except GZIP_ERRORS as exc:
+        raise unreadable_gzip(path, exc) from None
+
+
+def _read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows, vocabularies,
+                encoding) -> CTRData:
     start = time.perf_counter()
+    bom = BYTE_ORDER_MARK[encoding]
     header_lines = 1 if fmt.has_header else 0
     limit = None if max_rows is None else max_rows + header_lines
     num_slots = max(count_lines(path, limit) - header_lines, 0)
@@ -100,10 +111,10 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
     line_chunks: Optional[Tuple[List, List, List]] = ([], [], []) if vocabularies is not None else None
     blank_lines = 0
 
-    with open_text(path) as f:
+    with open_text(path, encoding) as f:
         if fmt.has_header:
-            # a UTF-8 byte-order mark (read as latin-1: "\xef\xbb\xbf") and trailing blanks are not part of it
-            header = f.readline().rstrip("\r\n").removeprefix("\xef\xbb\xbf").rstrip(" \t")
+            # a UTF-8 byte-order mark and trailing blanks are not part of it
+            header = f.readline().rstrip("\r\n").removeprefix(bom).rstrip(" \t")
             expected = fmt.sep.join(fmt.column_names)
             if header != expected:
                 # the header fixes the column meaning: a mismatch is never skippable
@@ -114,8 +125,8 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
             if not lines:
                 break
             if slot == 0 and not fmt.has_header:
-                # a UTF-8 byte-order mark (read as latin-1) is not part of the first line's label
-                lines[0] = lines[0].removeprefix("\xef\xbb\xbf")
+                # a UTF-8 byte-order mark is not part of the first line's label
+                lines[0] = lines[0].removeprefix(bom)
             num_lines = len(lines)
             first_line = header_lines + slot + 1
             columns, good, bad, drop = _split_lines(lines, fmt.sep, num_columns)
@@ -178,7 +189,9 @@ def read_table(fmt: TableFormat, path: str, seed: int, ratios: Sequence[float], 
     schema, splits, vocabs = finalize(fmt.name, [name for name, _, _ in fmt.fields], field_sources,
                                       [e.values() for e in encoders], chunks, min_count, vocabularies)
     rows = sum(len(s) for s in splits)
-    info = {"dataset": fmt.name, "source": os.path.abspath(path), "rows": rows, "seed": seed,
+    if rows == 0:
+        raise no_rows(path, num_slots, log.count, max_rows)
+    info = {"dataset": fmt.name, "source": os.path.abspath(path), "rows": rows, "seed": seed, "encoding": encoding,
             "split": list(ratios), "min_count": min_count, "max_rows": max_rows, "lines_read": num_slots,
             "skipped_lines": log.count, "skipped_examples": log.examples, "blank_lines": blank_lines,
             "from_cache": False, "build_seconds": round(time.perf_counter() - start, 3)}
@@ -213,7 +226,9 @@ def _split_lines(lines: List[str], sep: str, num_columns: int):
         if len(r) == 1 and not r[0].strip():
             drop.add(i)  # a blank line holds no row; nothing is misread by passing it
         else:
-            hint = " (the file may end its lines with a bare CR: convert it to LF or CRLF)" if "\r" in lines[i] else ""
+            # a CR inside the line (not the CR of a CRLF ending): lines that end with a bare CR run together
+            bare_cr = "\r" in lines[i].rstrip("\r\n")
+            hint = " (the file may end its lines with a bare CR: convert it to LF or CRLF)" if bare_cr else ""
             bad[i] = f"expected {num_columns} columns separated by {sep!r}, found {len(r)}{hint}"
     good = [i for i in range(len(rows)) if i not in bad and i not in drop]
     return [list(c) for c in zip(*[rows[i] for i in good])], good, bad, drop
@@ -228,7 +243,8 @@ def _labels(column: Sequence[str], values: Dict[str, float]) -> np.ndarray:
 
 
 def load_table(fmt: TableFormat, path: str, cache_dir, seed: int, ratios, max_rows, min_count: int,
-               skip_bad_lines: bool, chunk_rows: int = DEFAULT_CHUNK_ROWS, vocabularies=None) -> CTRData:
+               skip_bad_lines: bool, chunk_rows: int = DEFAULT_CHUNK_ROWS, vocabularies=None,
+               encoding: str = TEXT_ENCODING) -> CTRData:
     """:func:`read_table` behind a cache keyed by the file's size and mtime and every option.
 
     ``cache_dir=None`` means ``<folder of the file>/.sfg_cache``; ``cache_dir=False`` disables caching.
@@ -238,15 +254,17 @@ def load_table(fmt: TableFormat, path: str, cache_dir, seed: int, ratios, max_ro
                "min_count": int(min_count), "skip_bad_lines": bool(skip_bad_lines),
                "labeled": fmt.label_column is not None}
     if cache_dir is False or vocabularies is not None:
-        return read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows, vocabularies)
+        return read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows, vocabularies,
+                          encoding)
     if cache_dir is None:
         cache_dir = os.path.join(os.path.dirname(os.path.abspath(path)), ".sfg_cache")
     cache_dir = os.path.expanduser(os.fspath(cache_dir))
+    options["encoding"] = encoding
     key = cache_key(path, {"format": fmt.name, **options})
     cached = load_cache(cache_dir, fmt.name, key)
     if cached is not None:
         return cached
-    data = read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows)
+    data = read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows, encoding=encoding)
     data.info["cache_path"] = save_cache(cache_dir, fmt.name, key, data,
                                          source={"file": os.path.realpath(path),
                                                  "options": {"format": fmt.name, **options}})
