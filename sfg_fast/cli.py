@@ -129,13 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                "list: 1,2,3 (one seed: 2018,)")
     c.add_argument("--seed", type=int, help="first seed when --seeds is a count")
     c.add_argument("--only", choices=("base", "sfg"), help="train only one variant")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace the runs and reports an earlier comparison left in --out (refused without it)")
     _add_common(c, compare=True)
 
     a = sub.add_parser("analyze", help="embedding diagnostics of a trained model",
                        description="Spectrum, information abundance and redundancy of a checkpoint's embeddings.")
     a.add_argument("checkpoint", help="checkpoint file or run directory (its best.pt)")
     a.add_argument("--out", help="output directory (default <run dir>/analysis)")
-    a.add_argument("--max-samples", type=_positive_int, default=50000, help="validation rows to embed (default 50000)")
+    a.add_argument("--max-samples", type=_positive_int, default=50000, help="validation rows to embed (default 50000; a seeded uniform sample of a larger split)")
     a.add_argument("--batch-size", type=_positive_int, default=8192)
     a.add_argument("--device", default="cpu")
     a.add_argument("--threads", type=_positive_int)
@@ -268,7 +270,7 @@ def _run_compare(args, argv: Sequence[str]) -> int:
     command = "sfg-fast " + " ".join(shlex.quote(a) for a in argv)
     summary = compare(args.models, seeds, out=args.out or "runs/compare", config_path=args.config,
                       overrides=overrides, variants=(args.only,) if args.only else ("base", "sfg"),
-                      command=command)
+                      command=command, overwrite=args.overwrite)
     print(summary["table"])
     print(f"\ntotal wall time {summary['wall_seconds']:.1f} s; reports in {args.out or 'runs/compare'}/compare.md, "
           f"compare.json, compare.png")
@@ -379,7 +381,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         train_hint = (f"; resume with --resume {resume_from}" if resume_from else
                       "; no checkpoint of this run had been written yet: run the command again to start it")
         hint = {"train": train_hint,
-                "compare": "; finished runs keep their results.json, and rerunning the command trains every run again"
+                "compare": "; finished runs keep their results.json; rerun the command with --overwrite to train every run "
+                           "again"
                 }.get(args.command, "")
         print(f"sfg-fast {args.command}: interrupted{hint}", file=sys.stderr)
         return 130

@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .train import Trainer, TrainingDiverged, _jsonable, atomic_write_text, load_data, resolve_config, versions
+from .train import (RUN_FILES, Trainer, TrainingDiverged, _jsonable, atomic_write_text, load_data, resolve_config,
+                    versions)
 
 __all__ = ["DEFAULT_MODELS", "compare", "parse_models", "parse_seeds", "format_table", "plot"]
 
@@ -226,7 +227,7 @@ def _preflight(names, variants, config_path, overrides, seed) -> None:
 def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int, str, Sequence[int]] = 3,
             out: str = os.path.join("runs", "compare"), config_path: Optional[str] = None,
             overrides: Optional[Dict[str, Any]] = None, variants: Sequence[str] = ("base", "sfg"),
-            command: Optional[str] = None) -> Dict[str, Any]:
+            command: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
     """Train every model of ``models`` as base and SFG over ``seeds``; summarise and write the reports.
 
     Args:
@@ -235,6 +236,8 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
         out: directory for compare.md / compare.json / compare.png and one run directory per run.
         config_path: YAML config (default: the packaged default.yaml); each model uses its block.
         overrides: config keys applied to every run (epochs, batch_size, dataset, threads, ...).
+        overwrite: replace the runs and reports an earlier comparison left in ``out``; without it such an
+            ``out`` is refused before anything trains (like ``sfg-fast train`` without --overwrite).
     Returns:
         The summary written to compare.json.
     """
@@ -251,6 +254,14 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
     seed_list = parse_seeds(seeds, first_seed)
     for seed in seed_list:
         _preflight(names, variants, config_path, overrides, seed)
+    if not overwrite:
+        held = [os.path.join(out, f"{model}-{variant}-seed{seed}", name) for model in names for variant in variants
+                for seed in seed_list for name in RUN_FILES]
+        held = [path for path in held + [os.path.join(out, "compare.json")] if os.path.exists(path)]
+        if held:
+            raise ValueError(f"{out} already holds the results of an earlier comparison ({held[0]}"
+                             f"{f' and {len(held) - 1} more files' if len(held) > 1 else ''}); choose another --out, "
+                             f"or pass --overwrite (overwrite=True) to train every run again and replace them")
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     datasets: Dict[str, Any] = {}
@@ -275,7 +286,8 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
                 dataset_name = config["dataset"]
                 tick = time.perf_counter()
                 try:
-                    result = Trainer(config, data=datasets[data_key], overwrite=True).fit()   # a rerun replaces its runs
+                    # the out directory was checked above: a run replaces its files only with overwrite
+                    result = Trainer(config, data=datasets[data_key], overwrite=True).fit()
                 except Exception as exc:   # diverged, out of memory, a bad file: recorded, the comparison goes on
                     what = "diverged" if isinstance(exc, TrainingDiverged) else f"failed ({type(exc).__name__})"
                     log.warning("[%d/%d] %s %s seed %d %s; it is left out of the means: %s", count, total,

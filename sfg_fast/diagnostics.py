@@ -187,6 +187,11 @@ def correlation_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     def unit_columns(x: torch.Tensor) -> torch.Tensor:
         constant = _constant_columns(x)
+        # Pearson's r does not depend on scale: bring the values near 1 first, so that squared sums neither
+        # overflow nor underflow at extreme (finite) scales
+        top = x.abs().max()
+        if float(top) > 0:
+            x = x / top
         xc = _centred(x)
         norm = xc.norm(dim=0)
         norm = torch.where(constant, torch.ones_like(norm), norm)
@@ -280,7 +285,9 @@ def plot_spectrum(spectra: Dict[str, torch.Tensor], path, title: str = "") -> st
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     for label, y in lines.items():
-        ax.plot(np.arange(1, y.size + 1), y, label=label, linewidth=1.5)
+        # a collapsed operand (one non-zero singular value) is a single point: a line alone would not show it
+        marker = "o" if np.count_nonzero(~np.isnan(y)) < 2 else None
+        ax.plot(np.arange(1, y.size + 1), y, label=label, linewidth=1.5, marker=marker)
     ax.set_xlabel("singular value index")
     ax.set_ylabel("log(s / max s)")
     ax.grid(True, alpha=0.3)
@@ -430,6 +437,9 @@ def analyze_embeddings(raw: torch.Tensor, generated: Optional[torch.Tensor], out
         files["spectrum"] = plot_spectrum({k: s for k, s in spectra.items() if float(s.max()) > 0},
                                           os.path.join(out_dir, "spectrum.png"),
                                           title=f"{prefix}singular spectrum of the covariance")
+        constant = [k for k, s in spectra.items() if float(s.max()) == 0]
+        if constant:
+            result["spectrum"] = f"{', '.join(constant)} not plotted: constant embeddings (all-zero spectrum)"
     else:
         result["spectrum"] = "not plotted: every embedding is constant (all-zero spectrum)"
     files["diagnostics"] = os.path.join(out_dir, "diagnostics.json")

@@ -662,9 +662,9 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
     checkpoint unless ``overwrite``: committing its first checkpoint would delete that run's shards.
     """
     from . import models as model_zoo
-    from .train import (TRAIN_DEFAULTS, _check_train_config, _seed_everything, _split_tensors, data_fingerprint,
-                        default_out_dir, load_data, resolve_group_field, split_config, versions, atomic_write_text,
-                        _jsonable)
+    from .train import (TRAIN_DEFAULTS, _check_train_config, _seed_everything, _split_tensors, check_monitor_has_groups,
+                        data_fingerprint, default_out_dir, load_data, monitor_score, resolve_group_field, split_config,
+                        versions, atomic_write_text, _jsonable)
 
     config, dist_cfg = _split_dist_config(config)
     cfg = dict(TRAIN_DEFAULTS, **config)
@@ -707,6 +707,7 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
         test_ids, test_labels = _split_tensors(data.test, "test")
         field_dims = list(data.schema.field_dims)
         group_field, group_kw = resolve_group_field(data.schema, cfg["group_field"])
+        check_monitor_has_groups(cfg["monitor"], group_field)
         seed = int(cfg["seed"])
         _seed_everything(seed)  # identical initial weights on every rank
         model = model_zoo.build(cfg["model"], field_dims, **hparams)
@@ -720,7 +721,7 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
         # early stopping / plateau state
         epoch, epoch_step, history = 0, 0, []
         partial = [0.0, 0]
-        best_auc, bad_epochs, stopped_early = -math.inf, 0, False
+        best_score, bad_epochs, stopped_early = -math.inf, 0, False   # best_score: the monitored one (train.monitor_score)
         lr_decays = 0               # plateau decays so far: every group's rate follows from its own start
 
         def decay(group) -> None:
@@ -732,7 +733,8 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
             epoch_step = int(manifest.get("epoch_step", 0))
             partial = list(manifest.get("partial_loss", [0.0, 0]))
             stop = manifest.get("early_stopping") or {}
-            best_auc = float(stop.get("best_auc", -math.inf))
+            # manifests from before "monitor" followed the valid AUC
+            best_score = float(stop.get("best_score", stop.get("best_auc", -math.inf)))
             bad_epochs = int(stop.get("bad_epochs", 0))
             stopped_early = bool(stop.get("stopped_early", False))
             lrs, groups = manifest.get("lrs"), session.optimizer.param_groups
@@ -760,7 +762,8 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
         def save() -> None:
             session.save(checkpoint_dir, {
                 "epoch": epoch, "epoch_step": epoch_step, "partial_loss": partial, "history": history,
-                "early_stopping": {"best_auc": best_auc, "bad_epochs": bad_epochs, "stopped_early": stopped_early},
+                "early_stopping": {"best_score": best_score, "bad_epochs": bad_epochs,
+                                   "stopped_early": stopped_early},
                 "lrs": [float(g["lr"]) for g in session.optimizer.param_groups], "lr_decays": lr_decays,
                 "config": full_config, "data_fingerprint": fingerprint})
 
@@ -788,9 +791,10 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
             epoch += 1
             metrics = distributed_auc(session, valid_ids, valid_labels, int(cfg["eval_batch_size"]), **group_kw)
             lrs = [float(g["lr"]) for g in session.optimizer.param_groups]
-            improved = metrics["AUC"] > best_auc
+            score = monitor_score(metrics, cfg["monitor"])
+            improved = score > best_score
             if improved:
-                best_auc, bad_epochs = metrics["AUC"], 0
+                best_score, bad_epochs = score, 0
             else:
                 bad_epochs += 1
                 if cfg["reduce_lr_on_plateau"]:  # every optimizer: fused tables, data-parallel tables, dense

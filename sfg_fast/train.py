@@ -7,7 +7,8 @@ A config is one flat dict in FuxiCTR's spirit: trainer keys (``TRAIN_DEFAULTS``)
 hyper-parameters (``embedding_dim``, ``generative``, ``gamma``, ``activation``, ``hidden_units``, ...).
 YAML files hold a ``Base:`` block and experiment blocks; see :func:`resolve_config`.
 
-Checkpoints (``last.pt`` at every epoch end, ``best.pt`` when validation AUC improves) carry the
+Checkpoints (``last.pt`` at every epoch end, ``best.pt`` when the monitored validation metric improves:
+``monitor``, AUC by default) carry the
 model, the optimizer, the epoch and step counters, every RNG state (torch, CUDA, numpy, python and
 the shuffling generator), the early-stopping state, the history, the config and the schema, so that
 :func:`resume` reproduces an uninterrupted run bit for bit. They are written atomically.
@@ -72,6 +73,9 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "weight_decay": 0.0,
     "clip_grad_norm": 10.0,
     "patience": 2,
+    "monitor": "AUC",           # what early stopping, the plateau lr decay and best.pt follow on the valid
+                                # split: "AUC", "logloss" (lower is better), "gAUC", or FuxiCTR's weighted
+                                # form {AUC: 1, logloss: -1} (the sum of weight x metric, higher is better)
     "reduce_lr_on_plateau": True,
     "lr_decay_factor": 0.1,
     "min_lr": 1.0e-6,
@@ -283,6 +287,46 @@ def _check_plain_config(config: Dict[str, Any]) -> None:
                              f"only, since checkpoints store it{hint}")
 
 
+MONITOR_METRICS = {"AUC": 1.0, "logloss": -1.0, "gAUC": 1.0}   # a name alone: its sign (higher is better)
+
+
+def monitor_weights(monitor) -> Dict[str, float]:
+    """The validation metrics ``monitor`` scores and their weights (score = sum of weight x metric, higher
+    is better): a name of MONITOR_METRICS, or FuxiCTR's mapping such as {AUC: 1, logloss: -1}."""
+    if isinstance(monitor, str) and monitor in MONITOR_METRICS:
+        return {monitor: MONITOR_METRICS[monitor]}
+    if isinstance(monitor, dict) and monitor and all(
+            k in MONITOR_METRICS and not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w)
+            and w != 0 for k, w in monitor.items()):
+        return {k: float(w) for k, w in monitor.items()}
+    raise ValueError(f"monitor must be one of {list(MONITOR_METRICS)} or a mapping of them to non-zero weights "
+                     f"(FuxiCTR's {{AUC: 1, logloss: -1}}), got {monitor!r}")
+
+
+def monitor_score(metrics: Dict[str, float], monitor) -> float:
+    """The monitored score of validation ``metrics`` (see monitor_weights)."""
+    weights = monitor_weights(monitor)
+    missing = [k for k in weights if k not in metrics]
+    if missing:
+        raise ValueError(f"monitor {monitor!r} needs {missing} on the validation split, which has only "
+                         f"{sorted(metrics)} (gAUC needs a group field: see group_field)")
+    return float(sum(w * metrics[k] for k, w in weights.items()))
+
+
+def check_monitor_has_groups(monitor, group_field) -> None:
+    """ValueError before training when ``monitor`` scores gAUC and the run has no group field."""
+    if "gAUC" in monitor_weights(monitor) and group_field is None:
+        raise ValueError(f"monitor {monitor!r} scores gAUC, but this run has no group field: set group_field to a "
+                         f"field name (or monitor AUC / logloss)")
+
+
+def monitor_name(monitor) -> str:
+    weights = monitor_weights(monitor)
+    if len(weights) == 1 and isinstance(monitor, str):
+        return monitor
+    return " + ".join(f"{w:g} x {k}" for k, w in weights.items())
+
+
 def _check_train_config(cfg: Dict[str, Any]) -> None:
     def positive_int(key):
         value = cfg[key]
@@ -313,6 +357,7 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"deterministic must be true or false, got {cfg['deterministic']!r}")
     if not isinstance(cfg["reduce_lr_on_plateau"], (bool, np.bool_)):
         raise ValueError(f"reduce_lr_on_plateau must be true or false, got {cfg['reduce_lr_on_plateau']!r}")
+    monitor_weights(cfg["monitor"])
     if cfg["patience"] is not None and (isinstance(cfg["patience"], bool)
                                         or not isinstance(cfg["patience"], (int, np.integer)) or cfg["patience"] < 1):
         raise ValueError(f"patience must be a positive integer or None, got {cfg['patience']!r}")
@@ -718,6 +763,7 @@ class Trainer:
         self.group_field, self._group_kw = resolve_group_field(self.schema, config["group_field"])
         # (_group_kw is passed only when set: evaluate_model's 6-argument form is the one a caller may replace)
         self.group_column = self._group_kw.get("group_column")
+        check_monitor_has_groups(config["monitor"], self.group_field)
         if checkpoint is not None and list(checkpoint["schema"]["field_dims"]) != list(self.schema.field_dims):
             raise ValueError(f"the checkpoint's schema (field_dims {checkpoint['schema']['field_dims']}) does not "
                              f"match the dataset's ({list(self.schema.field_dims)}); is it the same data?")
@@ -751,7 +797,8 @@ class Trainer:
 
         self.epoch = 0            # completed epochs
         self.step = 0             # completed optimizer steps
-        self.best_auc = -math.inf
+        self.best_auc = -math.inf     # valid AUC of the best epoch
+        self.best_score = -math.inf   # its monitored score (config "monitor")
         self.best_epoch = 0
         self.bad_epochs = 0
         self.stopped_early = False
@@ -781,7 +828,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "rng": _capture_rng(self.generator),
-            "early_stopping": {"best_auc": self.best_auc, "best_epoch": self.best_epoch,
+            "early_stopping": {"best_auc": self.best_auc, "best_score": self.best_score, "best_epoch": self.best_epoch,
                                "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early},
             "history": copy.deepcopy(self.history),
             "timing": {"step_seconds": self.step_seconds, "fit_seconds": self.fit_seconds,
@@ -799,6 +846,8 @@ class Trainer:
         self.step = int(ckpt["step"])
         stop = ckpt["early_stopping"]
         self.best_auc = float(stop["best_auc"])
+        # checkpoints from before "monitor" followed the valid AUC
+        self.best_score = float(stop.get("best_score", stop["best_auc"]))
         self.best_epoch = int(stop["best_epoch"])
         self.bad_epochs = int(stop["bad_epochs"])
         self.stopped_early = bool(stop["stopped_early"])
@@ -883,9 +932,10 @@ class Trainer:
             raise TrainingDiverged(self._diverged_message(str(exc), f"the validation after epoch {self.epoch + 1}")) \
                 from None
         self.epoch += 1
-        improved = metrics["AUC"] > self.best_auc
+        score = monitor_score(metrics, cfg["monitor"])
+        improved = score > self.best_score
         if improved:
-            self.best_auc, self.best_epoch, self.bad_epochs = metrics["AUC"], self.epoch, 0
+            self.best_score, self.best_auc, self.best_epoch, self.bad_epochs = score, metrics["AUC"], self.epoch, 0
         else:
             self.bad_epochs += 1
             if cfg["reduce_lr_on_plateau"]:
@@ -964,7 +1014,8 @@ class Trainer:
             self.fit_seconds += self.history[-1]["seconds"]
             self._checkpoint(self.history[-1]["improved"])
         if self.stopped_early and self.verbose:
-            log.info("early stop after epoch %d: no validation AUC gain for %d epochs", self.epoch, self.bad_epochs)
+            log.info("early stop after epoch %d: no gain in the validation %s for %d epochs", self.epoch,
+                     monitor_name(self.config["monitor"]), self.bad_epochs)
         return self.finish()
 
     def _remove_replaced_run(self) -> None:
@@ -1113,6 +1164,10 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
     config = dict(ckpt["config"])
     if overrides.get("out", "") is None:
         del overrides["out"]                      # out=None: the checkpoint's directory, as when not given
+    for key in ("data_dir", "cache_dir"):
+        if isinstance(overrides.get(key), str) and overrides[key]:
+            # kept absolute in the config (Trainer): the same folder given relative is no change
+            overrides[key] = os.path.abspath(os.path.expanduser(overrides[key]))
     for key, value in overrides.items():
         if key not in RESUME_OVERRIDABLE and config.get(key) != value:
             raise ValueError(f"cannot change {key!r} when resuming ({config.get(key)!r} -> {value!r}); "
@@ -1200,7 +1255,9 @@ def analyze_checkpoint(checkpoint: str, out: Optional[str] = None, max_samples: 
     """Embedding diagnostics (spectrum, information abundance, redundancy) of a trained model.
 
     Rebuilds the model and its dataset from ``checkpoint`` (file or run directory, then its
-    ``best.pt``), collects ``model.analysis_embeddings`` on the first ``max_samples`` validation rows
+    ``best.pt``), collects ``model.analysis_embeddings`` on ``max_samples`` validation rows (all of them when
+    the split is no larger; else a seeded uniform sample, kept in file order: the first rows of time-ordered
+    logs would cover only their start)
     and hands them to ``sfg_fast.diagnostics.analyze_embeddings``, which writes spectrum.png,
     correlation.png (SFG models) and diagnostics.json into ``out`` (default ``<run dir>/analysis``).
     """
@@ -1217,7 +1274,9 @@ def analyze_checkpoint(checkpoint: str, out: Optional[str] = None, max_samples: 
     config = dict(ckpt["config"])
     data = _checkpoint_data(ckpt, data)
     ids, _ = _split_tensors(data.valid, "valid")
-    ids = ids[:int(max_samples)]
+    if ids.shape[0] > int(max_samples):
+        pick = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(0))[:int(max_samples)]
+        ids = ids[pick.sort().values]
     raws, generated = [], []
     for batch in iter_batches(ids, int(batch_size)):
         emb = model.analysis_embeddings(batch.to(dev))

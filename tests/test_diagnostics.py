@@ -107,6 +107,16 @@ def test_correlation_matches_numpy_corrcoef(ka, kb):
     np.testing.assert_allclose(corr.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1e160, 1e-170])
+def test_correlation_does_not_depend_on_the_scale(scale):
+    """Pearson's r is scale-free: float64 values near the ends of the range (finite) give the same matrix,
+    not zeros from overflowing squares or NaN from underflowing ones."""
+    a = torch.randn(80, 3, dtype=torch.float64)
+    b = 0.5 * a[:, :1] + torch.randn(80, 2, dtype=torch.float64)
+    corr = dg.correlation_matrix(a * scale, b * scale)
+    torch.testing.assert_close(corr, dg.correlation_matrix(a, b), rtol=1e-12, atol=1e-12)
+
+
 def test_constant_columns_correlate_zero_without_nan():
     a = torch.randn(50, 4)
     a[:, 1] = 0.1  # constant in float32: centring leaves roundoff, which must not become +-1
@@ -216,6 +226,7 @@ def test_analyze_embeddings_collapsed_generated(tmp_path):
     assert result["generated"]["information_abundance"] == 0.0 and result["generated"]["rankme"] == 0.0
     _read_png(tmp_path / "spectrum.png")
     assert not (tmp_path / "correlation.png").exists()       # the stale plot is gone
+    assert "generated" in result["spectrum"] and "not plotted" in result["spectrum"]   # why its line is missing
 
 
 def test_redundancy_leaves_dead_units_out_instead_of_counting_them_as_zero(tmp_path):

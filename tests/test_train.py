@@ -171,6 +171,35 @@ def test_resume_rejects_changed_experiment(tmp_path, tiny):
         T.resume(str(tmp_path), data=tiny)
 
 
+def test_resume_takes_the_same_data_dir_given_relative(tmp_path, tiny, monkeypatch):
+    """The config keeps data_dir absolute; a resume naming the same folder relative (or with ~) is no change,
+    another folder still is."""
+    (tmp_path / "data").mkdir()
+    T.Trainer(_config(tmp_path, epochs=1, data_dir=str(tmp_path / "data")), data=tiny).fit()
+    monkeypatch.chdir(tmp_path)
+    T.resume(str(tmp_path / "run"), data=tiny, epochs=1, data_dir="data")
+    T.resume(str(tmp_path / "run"), data=tiny, epochs=1, data_dir="./data/")
+    with pytest.raises(ValueError, match="cannot change 'data_dir'"):
+        T.resume(str(tmp_path / "run"), data=tiny, epochs=1, data_dir="elsewhere")
+
+
+def test_compare_refuses_an_out_holding_an_earlier_comparison(tmp_path, tiny):
+    """Like train: a second comparison into the same out is refused before anything trains, unless
+    overwrite=True (--overwrite), which trains every run again."""
+    from sfg_fast.compare import compare
+    overrides = dict(dataset="synthetic-criteo", num_rows=3000, data_seed=7, epochs=1, batch_size=512,
+                     embedding_dim=4, verbose=0, threads=1)
+    out = tmp_path / "cmp"
+    compare(["fm"], seeds=1, out=str(out), overrides=overrides, variants=("sfg",))
+    before = (out / "fm-sfg-seed2018" / "results.json").read_bytes()
+    with pytest.raises(ValueError, match="already holds the results of an earlier comparison.*--overwrite"):
+        compare(["fm"], seeds=1, out=str(out), overrides=dict(overrides, epochs=2), variants=("sfg",))
+    assert (out / "fm-sfg-seed2018" / "results.json").read_bytes() == before
+    again = compare(["fm"], seeds=1, out=str(out), overrides=dict(overrides, epochs=2), variants=("sfg",),
+                    overwrite=True)
+    assert again["runs"][0]["epochs_run"] == 2
+
+
 def test_resume_of_finished_run_does_not_train(tmp_path, tiny):
     first = T.Trainer(_config(tmp_path, epochs=2), data=tiny).fit()
     again = T.resume(str(tmp_path / "run" / "last.pt"), data=tiny)
@@ -322,7 +351,8 @@ def test_parse_seeds_and_models():
         parse_models("fm,foo")
 
 
-def test_analyze_checkpoint(tmp_path, tiny):
+def test_analyze_checkpoint(tmp_path, tiny, monkeypatch):
+    from sfg_fast import diagnostics as dg
     T.Trainer(_config(tmp_path, epochs=1), data=tiny).fit()
     result = T.analyze_checkpoint(str(tmp_path / "run"), max_samples=200, data=tiny)
     out = tmp_path / "run" / "analysis"
@@ -331,6 +361,19 @@ def test_analyze_checkpoint(tmp_path, tiny):
     on_disk = json.loads((out / "diagnostics.json").read_text())
     assert on_disk["num_samples"] == 200 == result["num_samples"]
     assert on_disk["dim"] == 39 * 4
+    # more validation rows than max_samples: a seeded uniform sample in file order, not the first rows
+    seen = {}
+    real = dg.analyze_embeddings
+    monkeypatch.setattr(dg, "analyze_embeddings", lambda raw, gen, out, **kw: seen.setdefault("raw", raw) is None
+                        or real(raw, gen, out, **kw))
+    T.analyze_checkpoint(str(tmp_path / "run"), max_samples=200, data=tiny, out=str(tmp_path / "a2"))
+    valid = torch.as_tensor(tiny.valid.ids)
+    assert valid.shape[0] > 200
+    model, _ = T.model_from_checkpoint(str(tmp_path / "run" / "best.pt"))
+    with torch.no_grad():
+        raw = model.analysis_embeddings(valid)["raw"].float()
+    pick = torch.randperm(valid.shape[0], generator=torch.Generator().manual_seed(0))[:200].sort().values
+    assert torch.equal(seen["raw"], raw[pick]) and not torch.equal(seen["raw"], raw[:200])
     with pytest.raises(ValueError, match="max_samples"):
         T.analyze_checkpoint(str(tmp_path / "run"), max_samples=1, data=tiny)
 
@@ -732,3 +775,48 @@ def test_compiled_runs_in_one_process_all_train_compiled(tmp_path, tiny):
     # compile is an execution setting: a compiled run may be resumed eagerly (and the other way round)
     resumed = T.resume(str(tmp_path / "fm-False"), data=tiny, epochs=2, compile=False)
     assert resumed["epochs_run"] == 2 and resumed["config"]["compile"] is False
+
+
+@pytest.mark.parametrize("monitor", ["logloss", {"AUC": 1, "logloss": -1}])
+def test_monitor_picks_the_best_epoch_by_its_score(tmp_path, tiny, monitor):
+    """best.pt, the plateau decay and early stopping follow the monitored score: the best epoch is the
+    one whose (weighted) validation metrics score highest, recomputed here from the history."""
+    # lr 0.05 overfits this data fast: validation AUC peaks at epoch 2, logloss (and AUC - logloss) at epoch 1
+    result = T.Trainer(_config(tmp_path, epochs=3, patience=None, lr=0.05, reduce_lr_on_plateau=False,
+                               monitor=monitor), data=tiny).fit()
+    history = result["history"]
+    by_auc = max(range(len(history)), key=lambda i: (history[i]["valid_auc"], -i)) + 1
+    weights = {"AUC": 0.0, "logloss": -1.0} if monitor == "logloss" else {"AUC": 1.0, "logloss": -1.0}
+    scores = [weights["AUC"] * h["valid_auc"] + weights["logloss"] * h["valid_logloss"] for h in history]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i)) + 1     # the first epoch reaching the max
+    assert result["best_epoch"] == best != by_auc          # the data separates the two rules
+    running = -float("inf")
+    for h, score in zip(history, scores):
+        assert h["improved"] == (score > running)
+        running = max(running, score)
+    assert result["valid_logloss"] == pytest.approx(history[best - 1]["valid_logloss"], abs=1e-12)
+
+
+def test_monitor_checks(tmp_path, tiny):
+    for bad in ("auc", {"AUC": 1, "loss": -1}, {"AUC": 0}, {}, {"AUC": True}):
+        with pytest.raises(ValueError, match="monitor must be one of"):
+            T.Trainer(_config(tmp_path, "bad", monitor=bad), data=tiny)
+    with pytest.raises(ValueError, match="no group field"):
+        T.Trainer(_config(tmp_path, "bad2", monitor="gAUC", group_field=False), data=tiny)
+    T.Trainer(_config(tmp_path, epochs=1), data=tiny).fit()
+    with pytest.raises(ValueError, match="cannot change 'monitor'"):
+        T.resume(str(tmp_path / "run"), data=tiny, epochs=2, monitor="logloss")
+
+
+def test_a_checkpoint_from_before_monitor_resumes_on_valid_auc(tmp_path, tiny):
+    """Checkpoints written before ``monitor`` existed carry best_auc only (and no monitor in their config):
+    they resume following the valid AUC, exactly like an uninterrupted run."""
+    whole = T.Trainer(_config(tmp_path, "whole", epochs=3, patience=None), data=tiny).fit()
+    T.Trainer(_config(tmp_path, "part", epochs=1, patience=None), data=tiny).fit()
+    path = tmp_path / "part" / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["early_stopping"]["best_score"]
+    del ckpt["config"]["monitor"]
+    torch.save(ckpt, path)
+    resumed = T.resume(str(tmp_path / "part"), data=tiny, epochs=3)
+    assert resumed["best_epoch"] == whole["best_epoch"] and resumed["test_auc"] == whole["test_auc"]
