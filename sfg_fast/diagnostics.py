@@ -189,9 +189,11 @@ def correlation_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         constant = _constant_columns(x)
         # Pearson's r does not depend on scale: bring the values near 1 first, so that squared sums neither
         # overflow nor underflow at extreme (finite) scales
+        x = x.detach().to(torch.float64)
         top = x.abs().max()
         if float(top) > 0:
-            x = x / top
+            # a power of two: the division is exact
+            x = x / torch.exp2(torch.floor(torch.log2(top)))
         xc = _centred(x)
         norm = xc.norm(dim=0)
         norm = torch.where(constant, torch.ones_like(norm), norm)
