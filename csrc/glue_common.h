@@ -44,6 +44,15 @@ inline void check_cpu(const char* name, const c10::optional<torch::Tensor>& t) {
   if (t.has_value()) check_cpu(name, *t);
 }
 
+// A weight the kernels read as real numbers (converted to fp32 / bf16): a CPU tensor of a real floating
+// dtype (an integer one would train nothing; a complex one would silently lose its imaginary part).
+inline void check_cpu_weight(const char* name, const c10::optional<torch::Tensor>& t) {
+  if (!t.has_value()) return;
+  check_cpu(name, *t);
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()),
+                   sfg::msg(name, " must have a real floating dtype, got ", t->scalar_type()));
+}
+
 // Field sizes from offsets, validated without arithmetic that could wrap: every offset lies in
 // [0, num_rows] and they never decrease, so each size (next offset - offset) is exact and >= 0, and
 // every row a valid id addresses is inside the table.

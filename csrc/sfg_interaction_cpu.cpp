@@ -7,7 +7,7 @@
 //   H = tile GEMM (stored: the backward needs act'(H)), Z = epilogue(H) (cache only),
 //   T = mix(b) (stored: plan's decoder, a tile GEMM per chunk for the matrix kind), logit = rowdot(a, T).
 // Backward, with g = dL/dlogit per sample, one pass over the tiles:
-//   da = g T,  db = mix^T(g a),  dDec += g a (x) b over P (scalar / vector: per-thread sums),
+//   da = g T,  db = mix^T(g a),  dDec += g a (x) b over P (scalar / vector: per-group sums),
 //   dZ and the direct part of dV from (da, db) by which operand is Z,  dH = dZ * gamma * act'(H),
 //   dV = direct (+ dZ when residual) + dH @ W_enc (tile GEMM),  d bias += colsum(dH);
 // then the weight gradients as batch GEMMs on the threaded BLAS (K = B keeps them efficient):
@@ -223,14 +223,14 @@ SFG_HOT void apply_act_grad(const Plan& p, const float* h, float* dz, int64_t co
   }
 }
 
-// Checks V and returns the tile clamped to B: the per-thread buffers hold tile rows of N*D values, so
-// a tile larger than the batch would only size them by the argument (and tile * N*D could overflow).
+// Checks V and returns the tile for its batch (tile_for_batch: never larger than B, whose per-thread
+// buffers it sizes, and two tiles or more for B >= 2).
 int64_t check_inputs(const torch::Tensor& V, int64_t tile) {
   TORCH_CHECK_VALUE(tile >= 1, sfg::msg("tile must be >= 1, got ", tile));
   TORCH_CHECK_VALUE(V.dim() == 3 && V.device().is_cpu(), sfg::msg("V must be a CPU [B, N, D] tensor, got ", V.sizes()));
   TORCH_CHECK_TYPE(V.scalar_type() == torch::kFloat || V.scalar_type() == torch::kBFloat16,
                    sfg::msg("V must be float32 or bfloat16 for the cpu backend, got ", V.scalar_type()));
-  return std::min(tile, std::max<int64_t>(V.size(0), 1));
+  return tile_for_batch(tile, V.size(0));
 }
 
 void detach_all(torch::Tensor& V, c10::optional<torch::Tensor>& enc_weight, c10::optional<torch::Tensor>& enc_bias,
@@ -426,11 +426,14 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
   const bool left_z = p.left_is_z(), right_z = p.right_is_z();
   const float* g_all = grad.data_ptr<float>();
   const int64_t num_tiles = (batch + tile - 1) / tile;
-  // per-TILE partial sums of the bias and decoder gradients, summed in tile order afterwards: the tiling
-  // depends on the batch only, so the bits do not depend on how many threads share the tiles (per-thread
-  // sums would group them by the thread count)
-  std::vector<float> bias_acc(need_enc_bias ? num_tiles * width : 0, 0.f), dec_acc(num_tiles * dec_size, 0.f);
-  at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+  // per-GROUP partial sums of the bias and decoder gradients (kMaxTileGroups: consecutive tiles, each
+  // summed in tile order), then the groups in order: the grouping depends on the batch and tile only, so
+  // the bits do not depend on how many threads share the groups (per-thread sums would group them by the
+  // thread count), and the partials are at most kMaxTileGroups gradients, whatever the batch
+  const int64_t num_groups = std::min(num_tiles, kMaxTileGroups);
+  const auto group_start = [&](int64_t g) { return g * num_tiles / num_groups; };
+  std::vector<float> bias_acc(need_enc_bias ? num_groups * width : 0, 0.f), dec_acc(num_groups * dec_size, 0.f);
+  at::parallel_for(0, num_groups, 1, [&](int64_t g0, int64_t g1) {
     const int64_t cols = tile * width;
     Scratch& st = scratch();
     st.staging(bf16_gemm, tile, width);
@@ -439,7 +442,9 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
     float* ga = st.get(2, cols);
     float* db = st.get(3, cols);
     float* dz = p.encode ? st.get(4, cols) : nullptr;
-    for (int64_t t = t0; t < t1; ++t) {
+    int64_t group = g0;   // the g with group_start(g) <= t < group_start(g + 1)
+    for (int64_t t = group_start(g0); t < group_start(g1); ++t) {
+      while (t >= group_start(group + 1)) ++group;
       const int64_t b0 = t * tile, m = std::min(batch, b0 + tile) - b0, count = m * width;
       const float* g = g_all + b0;
       const float* v = rows_f32(flat, b0, m, width, vbuf);
@@ -475,7 +480,7 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
         }
       } else {
         mix_transposed_tile(p, ga, db, m);
-        if (csr_dec) accumulate_dec_tile(p, ga, right, m, dec_acc.data() + t * dec_size);
+        if (csr_dec) accumulate_dec_tile(p, ga, right, m, dec_acc.data() + group * dec_size);
       }
       float* dv = need_v ? dV.data_ptr<float>() + b0 * width : nullptr;
       combine_tile(p, g, T.data_ptr<float>() + b0 * width, db, p.encode ? dz : nullptr, dv, m);
@@ -499,7 +504,7 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
             dv_tile.addmm_(torch::from_blob(dz, {m, width}, kF32), enc_w);
           }
         }
-        if (need_enc_bias) colsum_into(bias_acc.data() + t * width, dz, m, width);
+        if (need_enc_bias) colsum_into(bias_acc.data() + group * width, dz, m, width);
       }
       if (store_v) store_rows(Vg, b0, m, width, v);
       if (matrix_dec) {
@@ -514,11 +519,11 @@ std::vector<torch::Tensor> sfg_interaction_bwd_cpu(torch::Tensor grad, torch::Te
   if (need_enc_bias) {
     d_bias = torch::zeros({width}, kF32);
     float* o = d_bias.data_ptr<float>();
-    for (int64_t t = 0; t < num_tiles; ++t) axpy(o, 1.f, bias_acc.data() + t * width, width);
+    for (int64_t g = 0; g < num_groups; ++g) axpy(o, 1.f, bias_acc.data() + g * width, width);
   }
   if (csr_dec) {
     std::vector<float> sum(dec_size, 0.f);
-    for (int64_t t = 0; t < num_tiles; ++t) axpy(sum.data(), 1.f, dec_acc.data() + t * dec_size, dec_size);
+    for (int64_t g = 0; g < num_groups; ++g) axpy(sum.data(), 1.f, dec_acc.data() + g * dec_size, dec_size);
     const bool vector = p.kind == kVector;
     d_dec = vector ? torch::zeros({n, n, dim}, kF32) : torch::zeros({n, n}, kF32);
     float* o = d_dec.data_ptr<float>();

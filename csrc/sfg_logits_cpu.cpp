@@ -119,7 +119,7 @@ torch::Tensor sfg_logits_cpu(torch::Tensor ids, torch::Tensor table, torch::Tens
   const float* sb = int8 ? scale_bias->data_ptr<float>() : nullptr;
   check_ids_offsets(ids, offsets, table.size(0));
   const int64_t n = ids.size(1), dim = table.size(1), width = n * dim;
-  tile = std::min(tile, std::max<int64_t>(ids.size(0), 1));  // the per-thread buffers hold tile rows
+  tile = tile_for_batch(tile, ids.size(0));  // see sfg_plan.h: at most B, and two tiles or more for B >= 2
   ids = ids.contiguous();
   offsets = offsets.contiguous();
   table = table.contiguous();

@@ -68,6 +68,21 @@ namespace detail {
 enum Kind { kIdentity, kScalar, kVector, kMatrix };
 enum Act { kActIdentity, kActRelu, kActTanh, kActSigmoid, kActSilu, kActGelu };
 
+// The tile (samples per parallel work item) the kernels run for a batch: at most the batch (per-thread
+// buffers hold tile rows of N*D values), and for a batch of two or more rows at most half of it. One tile
+// would run outside OpenMP's parallel region, where the BLAS threads its GEMM itself and rounds by its own
+// thread count (batches of 5-11 rows differed between 1 and 2 threads); tiles inside the region run it
+// sequentially. A function of the batch and the request only, so the bits never follow the thread count.
+inline int64_t tile_for_batch(int64_t tile, int64_t batch) {
+  if (batch < 2) return std::min<int64_t>(tile, 1);
+  return std::min(tile, (batch + 1) / 2);
+}
+
+// Tiles are summed into per-GROUP partials of the weight gradients (a group: consecutive tiles, in order),
+// then the groups in order: the bits depend on the batch and tile only, not on how threads share the
+// groups, and the partials stay O(groups), not O(B / tile), times the gradient's size.
+constexpr int64_t kMaxTileGroups = 256;
+
 inline bool in_pairs(int pairs, int64_t i, int64_t j) {
   if (pairs == 0) return i < j;   // upper
   if (pairs == 2) return i != j;  // offdiag
@@ -144,7 +159,7 @@ inline Plan make_plan(const std::string& kind, const std::string& activation, do
     TORCH_CHECK_VALUE(!dec_weight.has_value(), "dec_weight must be None for kind='identity'");
   } else {
     TORCH_CHECK_VALUE(dec_weight.has_value(), sfg::msg("dec_weight is required for kind='", kind, "'"));
-    check_cpu("dec_weight", dec_weight);
+    check_cpu_weight("dec_weight", dec_weight);
   }
   if (p.kind == kMatrix) {
     const auto dw = dec_weight->to(torch::kFloat).contiguous();
@@ -235,8 +250,8 @@ inline void check_encoder(const c10::optional<torch::Tensor>& enc_weight, const 
     return;
   }
   // the tile loops read the weights through raw pointers: host memory only (a meta tensor has none)
-  check_cpu("enc_weight", enc_weight);
-  check_cpu("enc_bias", enc_bias);
+  check_cpu_weight("enc_weight", enc_weight);
+  check_cpu_weight("enc_bias", enc_bias);
   TORCH_CHECK_VALUE(enc_weight->dim() == 2 && enc_weight->size(0) == width && enc_weight->size(1) == width,
                     sfg::msg("enc_weight must have shape [N*D, N*D]=[", width, ", ", width, "], got ",
                              enc_weight->sizes()));

@@ -689,6 +689,39 @@ def test_sfg_interaction_bitwise_identical_for_any_thread_count(kind):
             assert torch.equal(a, b), batch
 
 
+@pytest.mark.parametrize("kind", ["scalar", "vector"])
+def test_extension_entry_points_repeat_across_thread_counts_for_any_tile(kind):
+    """The C++ entry points themselves (not only the Python wrapper, whose tile already splits every batch):
+    a tile of 64 asked for 5-11 rows ran them as ONE tile, outside OpenMP's parallel region, where MKL
+    threaded its GEMM and rounded by the thread count; and 600 tiles of one row (more than the 256 partial
+    sums of the weight gradients) group into 256 sums in fixed order. Both: the same bits on 1, 2, 3 threads,
+    and values near the fp64 reference."""
+    from sfg_fast import _C
+    case = (kind, "tanh", 0.7, False, "upper", "left", False, True, True)
+    before = torch.get_num_threads()
+    for batch, tile in ((5, 64), (9, 64), (11, 64), (600, 1), (601, 2)):
+        tensors, opts = _interaction_inputs(case, batch, 13, 16, seed=batch)
+        V, enc, bias, dec = [t.float() for t in tensors]
+        g = torch.randn(batch)
+        ids, table, offsets = torch.randint(0, 3, (batch, 13)), torch.randn(3 * 13, 16), torch.arange(13) * 3
+        runs = []
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                logit, H, T = _C.sfg_interaction_fwd(V, enc, bias, dec, *opts, tile=tile)
+                grads = _C.sfg_interaction_bwd(g, V, H, T, enc, bias, dec, *opts, tile=tile)
+                logits = _C.sfg_logits(ids, table, offsets, enc, bias, dec, *opts[:7], "fatal", tile)
+                runs.append((logit, *grads, logits))
+        finally:
+            torch.set_num_threads(before)
+        for a, b, c in zip(*runs):
+            assert torch.equal(a, b) and torch.equal(a, c), (batch, tile)
+        ref, want = _value_and_grads(factored.sfg_interaction, tensors, opts, g.double())
+        torch.testing.assert_close(runs[0][0].double(), ref, rtol=1e-4, atol=1e-4)
+        for got, expected in zip(runs[0][1:5], want):
+            torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["scalar", "matrix"])
 def test_sfg_interaction_bf16_model_and_autocast_gradients(kind):
     """bf16 models and fp32 models under torch.autocast("cpu", bf16) train through bf16 GEMMs: values
@@ -1000,6 +1033,23 @@ def test_interaction_parameters_without_host_memory_are_rejected_by_name(name):
         _C.sfg_interaction_bwd(torch.ones(70), V, H, T, *bad, *opts, tile=8)
     with pytest.raises(ValueError, match="T must be a CPU tensor"):
         _C.sfg_interaction_bwd(torch.ones(70), V, H, torch.empty(T.shape, device="meta"), *good, *opts, tile=8)
+
+
+@pytest.mark.parametrize("name", ["enc_weight", "enc_bias", "dec_weight"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_interaction_parameters_of_other_dtypes_are_rejected_by_name(name, dtype):
+    """Integer weights would train nothing and complex ones lose their imaginary part: refused, by name."""
+    from sfg_fast import _C
+    params = dict(enc_weight=torch.randn(12, 12), enc_bias=torch.randn(12), dec_weight=torch.randn(3, 3))
+    params[name] = torch.ones(params[name].shape, dtype=dtype)
+    opts = ("scalar", "relu", 1.0, False, "upper", "left", False)
+    ids, table, offsets = torch.zeros(70, 3, dtype=torch.int64), torch.randn(10, 4), torch.tensor([0, 3, 6])
+    with pytest.raises(TypeError, match=rf"{name} must have a real floating dtype"):
+        _C.sfg_logits(ids, table, offsets, params["enc_weight"], params["enc_bias"], params["dec_weight"], *opts,
+                      "fatal", 1)
+    with pytest.raises(TypeError, match=rf"{name} must have a real floating dtype"):
+        _C.sfg_interaction_fwd(torch.randn(70, 3, 4), params["enc_weight"], params["enc_bias"], params["dec_weight"],
+                               *opts, tile=8)
 
 
 def test_quantiser_rejects_rows_wider_than_float32_range():
