@@ -730,6 +730,8 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
         if dist_cfg["resume"]:
             manifest = session.load(dist_cfg["resume"])
             epoch, history = int(manifest.get("epoch", 0)), list(manifest.get("history", []))
+            # older manifests spelled the key "valid_AUC"; the single-process trainer's is "valid_auc"
+            history = [{("valid_auc" if k == "valid_AUC" else k): v for k, v in h.items()} for h in history]
             epoch_step = int(manifest.get("epoch_step", 0))
             partial = list(manifest.get("partial_loss", [0.0, 0]))
             stop = manifest.get("early_stopping") or {}
@@ -805,7 +807,7 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
                     stopped_early = True
             # train_loss: the mean over every rank's rows of the epoch
             history.append({"epoch": epoch, "train_loss": partial[0] / partial[1] if partial[1] else None,
-                            "valid_AUC": metrics["AUC"], "valid_logloss": metrics["logloss"],
+                            "valid_auc": metrics["AUC"], "valid_logloss": metrics["logloss"],
                             **({"valid_gauc": metrics["gAUC"]} if "gAUC" in metrics else {}),
                             "lr": lrs[-1], "embedding_lr": lrs[0], "improved": improved})
             epoch_step, partial = 0, [0.0, 0]
@@ -817,6 +819,10 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
                    "sharding": dist_cfg["sharding"], "backend": dist.get_backend(), "steps": session.step,
                    "epochs_run": epoch, "epoch_step": epoch_step, "stopped_early": stopped_early,
                    "history": history, "test_auc": test["AUC"], "test_logloss": test["logloss"],
+                   # the final model's validation (it is the model tested: no best-model reload), when the
+                   # run ended at an epoch's end; max_steps inside an epoch leaves the final model unvalidated
+                   **({k: history[-1][k] for k in ("valid_auc", "valid_logloss", "valid_gauc") if k in history[-1]}
+                      if history and epoch_step == 0 else {}),
                    **({"test_gauc": test["gAUC"], "test_gauc_groups": test["gAUC_groups"],
                        "test_gauc_excluded_rows": test["gAUC_excluded_rows"], "group_field": group_field}
                       if "gAUC" in test else {}),

@@ -320,6 +320,9 @@ def test_cli_distributed_trains_checkpoints_and_resumes(tmp_path):
     # gAUC by a named field, as single-process runs report it
     assert results["group_field"] == "C1" and 0.0 < results["test_gauc"] < 1.0 and results["test_gauc_groups"] > 1
     assert 0.0 < results["history"][0]["valid_gauc"] < 1.0
+    # the final model's validation at the top, under the single-process trainer's keys
+    for key in ("valid_auc", "valid_logloss", "valid_gauc"):
+        assert results[key] == results["history"][-1][key]
     manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
     assert manifest["step"] == results["steps"] and manifest["world_size"] == 2
     second = subprocess.run(base + ["--epochs", "2", "--resume", str(out / "checkpoint")], capture_output=True,
