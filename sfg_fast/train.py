@@ -496,17 +496,27 @@ def _git_sha() -> Optional[str]:
     return sha if out.returncode == 0 and sha else None
 
 
-def versions() -> Dict[str, Optional[str]]:
-    """Library versions and the git SHA of the sfg_fast checkout (None when not a git checkout)."""
+def versions() -> Dict[str, Any]:
+    """Library versions, the git SHA of the sfg_fast checkout (None when not a git checkout), the compiled
+    extension's instruction set (None when it is not built) and every ``SFG_FAST_*`` environment variable:
+    the knobs that pick kernels and GEMM providers, so a result says which code computed it."""
+    from importlib import metadata
+
     from . import __version__
 
-    info = {"sfg_fast": str(__version__), "torch": str(torch.__version__), "numpy": str(np.__version__),
-            "python": sys.version.split()[0], "git_sha": _git_sha()}
+    info: Dict[str, Any] = {"sfg_fast": str(__version__), "torch": str(torch.__version__),
+                            "numpy": str(np.__version__), "python": sys.version.split()[0], "git_sha": _git_sha()}
+    for name, dist in (("scikit_learn", "scikit-learn"), ("triton", "triton")):
+        try:
+            info[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[name] = None
     try:
-        import sklearn
-        info["scikit_learn"] = str(sklearn.__version__)
-    except ImportError:
-        info["scikit_learn"] = None
+        from . import _C
+        info["cpu_extension_isa"] = str(_C.hot_loop_isa())
+    except Exception:       # not built, or a stale build: the extension is optional
+        info["cpu_extension_isa"] = None
+    info["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SFG_FAST_")}
     return info
 
 

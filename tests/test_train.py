@@ -29,7 +29,8 @@ def _leftover_temp_files(directory):
     return [f for f in os.listdir(directory) if f.endswith(".tmp")]
 
 
-def test_train_end_to_end_results(tmp_path, tiny):
+def test_train_end_to_end_results(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("SFG_FAST_STRUCTURED_DECODER", "graphs")     # a knob the run records (its default value)
     results = T.Trainer(_config(tmp_path, epochs=2, patience=5), data=tiny).fit()
     out = tmp_path / "run"
     on_disk = json.loads((out / "results.json").read_text())
@@ -45,6 +46,15 @@ def test_train_end_to_end_results(tmp_path, tiny):
     assert on_disk["schema"]["field_dims"] == list(tiny.schema.field_dims)
     assert on_disk["config"]["model"] == "fm" and on_disk["config"]["lr"] == 3e-3
     assert on_disk["versions"]["torch"] == torch.__version__
+    # the knobs that pick kernels and GEMM providers travel with the result
+    assert on_disk["versions"]["env"] == {k: v for k, v in os.environ.items() if k.startswith("SFG_FAST_")}
+    assert on_disk["versions"]["env"]["SFG_FAST_STRUCTURED_DECODER"] == "graphs"
+    try:
+        from sfg_fast import _C
+        isa = _C.hot_loop_isa()
+    except ImportError:
+        isa = None
+    assert on_disk["versions"]["cpu_extension_isa"] == isa
     assert (out / "last.pt").exists() and (out / "best.pt").exists()
     assert _leftover_temp_files(out) == []
     # The model learns the planted signal: better than chance on held-out data.
