@@ -67,6 +67,8 @@ def check_gamma(gamma) -> float:
     if isinstance(gamma, torch.Tensor) and gamma.requires_grad:
         raise TypeError("gamma must be a number: it is a fixed hyper-parameter, and a tensor that requires grad "
                         "would silently get no gradient")
+    if isinstance(gamma, bool):
+        raise TypeError(f"gamma must be a real number, got {gamma!r}")
     try:
         value = float(gamma)
     except (TypeError, ValueError):

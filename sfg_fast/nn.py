@@ -4,10 +4,12 @@ Shape letters (B, N, D, V, P) are defined in ``sfg_fast.functional``.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _checks as C
@@ -79,19 +81,45 @@ def init_table_fields(module: nn.Module, field_dims, embedding_dim, bounds_check
     module.num_fields = len(dims)
     module.embedding_dim = _count("embedding_dim", embedding_dim)
     module.bounds_check = bounds_check
+    offsets, sizes = _field_buffers(dims, None)
+    module.register_buffer("offsets", offsets, persistent=False)
+    module.register_buffer("field_sizes", sizes, persistent=False)
+    return dims
+
+
+def _field_buffers(dims, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(offsets, field_sizes): int64 [N] first row of each field, and each field's size."""
     starts = [0]
     for x in dims[:-1]:
         starts.append(starts[-1] + x)
-    module.register_buffer("offsets", torch.tensor(starts, dtype=torch.int64), persistent=False)
-    module.register_buffer("field_sizes", torch.tensor(dims, dtype=torch.int64), persistent=False)
-    return dims
+    return (torch.tensor(starts, dtype=torch.int64, device=device),
+            torch.tensor(dims, dtype=torch.int64, device=device))
+
+
+def check_init_std(init_std) -> float:
+    """The tables' initial standard deviation: a finite number >= 0."""
+    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not math.isfinite(init_std) \
+            or init_std < 0:
+        raise ValueError(f"init_std must be a finite number >= 0, got {init_std!r}")
+    return float(init_std)
 
 
 class FieldDimsState:
     """Mixin for per-field table modules: ``state_dict()`` records ``field_dims`` in the state dict's
     metadata (``state_dict._metadata[prefix]``; no new key, so older files and every key-based
     conversion stay valid), and ``load_state_dict`` refuses a file saved with other field sizes. The
-    concatenated table alone cannot tell ``[3, 5]`` from ``[5, 3]``: same shape, rows of other fields."""
+    concatenated table alone cannot tell ``[3, 5]`` from ``[5, 3]``: same shape, rows of other fields.
+    The ``offsets`` / ``field_sizes`` buffers are functions of ``field_dims``, not state: they are rebuilt
+    wherever the module lands (``to_empty()`` from the meta device would leave them uninitialised)."""
+
+    def _apply(self, fn, recurse=True):
+        was_meta = self.offsets.is_meta
+        super()._apply(fn, recurse)
+        if not self.offsets.is_meta:
+            self.offsets, self.field_sizes = _field_buffers(self.field_dims, self.offsets.device)
+            if was_meta:
+                self.clamped_count = torch.zeros((), dtype=torch.int64, device=self.offsets.device)
+        return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -148,7 +176,12 @@ class FieldEmbedding(FieldDimsState, nn.Module):
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim))
         self.register_buffer("clamped_count", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.init_std = float(init_std)
+        self.init_std = check_init_std(init_std)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Rows drawn from N(0, init_std^2)."""
         nn.init.normal_(self.weight, std=self.init_std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -170,6 +203,16 @@ class FieldEmbedding(FieldDimsState, nn.Module):
 
     def extra_repr(self) -> str:
         return f"field_dims={self.field_dims}, embedding_dim={self.embedding_dim}, bounds_check={self.bounds_check!r}"
+
+
+def _check_encoder_options(activation, gamma, bias, residual, dropout) -> None:
+    """The encoder's options, checked where a layer built without one (generative=False) still takes them:
+    a wrong value is an error either way, never silently ignored."""
+    C.check_choice("activation", activation, tuple(C.ACTIVATIONS))
+    C.check_gamma(gamma)
+    _flag("bias", bias)
+    _flag("residual", residual)
+    _dropout(dropout)
 
 
 class SFGEncoder(nn.Module):
@@ -196,6 +239,14 @@ class SFGEncoder(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.dropout = _dropout(dropout)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation (what the encoder starts from): W and b uniform in +-1/sqrt(N*D)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.weight.shape[1]) if self.weight.shape[1] > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @torch.no_grad()
     def reset_to_identity(self) -> None:
@@ -243,6 +294,17 @@ class PairwiseDecoder(nn.Module):
         else:
             self.weight = nn.Parameter(torch.eye(d).expand(n, n, d, d).clone())
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The FM start: scalar and vector weights 1, matrix blocks I."""
+        if self.weight is None:
+            return
+        if self.kind == "matrix":
+            self.weight.copy_(torch.eye(self.embedding_dim, dtype=self.weight.dtype, device=self.weight.device)
+                              .expand_as(self.weight))
+        else:
+            self.weight.fill_(1.0)
+
     def forward(self, Z: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         check_embeddings_shape("Z", Z, self.num_fields, self.embedding_dim)
         check_embeddings_shape("V", V, self.num_fields, self.embedding_dim)
@@ -288,12 +350,18 @@ class SFGInteraction(nn.Module):
                  dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
         self.backend = backend
+        self.generative = _flag("generative", generative)
+        if not self.generative:
+            _check_encoder_options(activation, gamma, bias, residual, dropout)   # unused, but never wrong
         self.encoder = (SFGEncoder(num_fields, embedding_dim, activation, gamma, bias, residual, dropout, backend)
-                        if _flag("generative", generative) else None)
+                        if self.generative else None)
         self.decoder = PairwiseDecoder(num_fields, embedding_dim, kind, pairs, generated_side, symmetric, backend)
 
     def forward(self, V: torch.Tensor) -> torch.Tensor:
         return score_pairs(self.encoder, self.decoder, V, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"generative={self.generative}, backend={self.backend!r}"
 
 
 _MLP_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU,
@@ -358,8 +426,11 @@ class GenerativeCrossNet(nn.Module):
         self.generative = _flag("generative", generative)
         self.regenerate_from = regenerate_from
         self.backend = backend
+        if not self.generative:
+            _check_encoder_options(activation, gamma, encoder_bias, residual, dropout)
         width = self.num_fields * self.embedding_dim
-        self.cross = nn.ModuleList(nn.Linear(width, width, bias=cross_bias) for _ in range(self.num_layers))
+        self.cross = nn.ModuleList(nn.Linear(width, width, bias=_flag("cross_bias", cross_bias))
+                                   for _ in range(self.num_layers))
         if self.generative:
             self.generators = nn.ModuleList(
                 SFGEncoder(num_fields, embedding_dim, activation, gamma, encoder_bias, residual, dropout, backend)
@@ -372,8 +443,8 @@ class GenerativeCrossNet(nn.Module):
         if not self.generative:
             return x0
         src = x if self.regenerate_from == "x_l" else x0
-        batch = src.shape[0]
-        return self.generators[layer](src.view(batch, self.num_fields, self.embedding_dim)).reshape(batch, -1)
+        batch, width = src.shape[0], self.num_fields * self.embedding_dim   # width, not -1: B may be 0
+        return self.generators[layer](src.view(batch, self.num_fields, self.embedding_dim)).reshape(batch, width)
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         C.check_tensor("x0", x0, ndim=2)
@@ -386,6 +457,10 @@ class GenerativeCrossNet(nn.Module):
             x = SF.generative_cross(x, self.gate(layer, x0, x), linear.weight, linear.bias,
                                     backend=module_backend(self.backend, "generative_cross"))
         return x
+
+    def extra_repr(self) -> str:
+        return (f"num_fields={self.num_fields}, embedding_dim={self.embedding_dim}, num_layers={self.num_layers}, "
+                f"generative={self.generative}, regenerate_from={self.regenerate_from!r}, backend={self.backend!r}")
 
 
 class CIN(nn.Module):
@@ -406,7 +481,13 @@ class CIN(nn.Module):
         if isinstance(layer_sizes, (str, bytes)) or not hasattr(layer_sizes, "__iter__"):
             raise TypeError(f"layer_sizes must be a list of positive layer widths, got {layer_sizes!r}")
         self.layer_sizes = [_count("layer_sizes", h) for h in layer_sizes]
+        if not self.layer_sizes:
+            raise ValueError("layer_sizes must name at least one CIN layer, got an empty list")
         self.generative = _flag("generative", generative)
+        C.check_choice("backend", backend, BACKENDS)
+        self.backend = backend
+        if not self.generative:
+            _check_encoder_options(activation, gamma, encoder_bias, residual, dropout)
         convs = []
         prev = self.num_fields
         for h in self.layer_sizes:
@@ -427,11 +508,18 @@ class CIN(nn.Module):
             raise ValueError(f"V must have shape [B, N, D]=[B, {self.num_fields}, {self.embedding_dim}], "
                              f"got {list(V.shape)}")
         batch, _, d = V.shape
+        # floating operands of mixed dtypes run in their promoted dtype, as in the other layers
+        dtype = torch.promote_types(V.dtype, self.convs[0].weight.dtype)
+        V = V.to(dtype)
         x = V
         pooled = []
         for k, conv in enumerate(self.convs):
             g = self.generators[k](V) if self.generative else V
-            z = torch.einsum("bhd,bmd->bhmd", x, g).reshape(batch, -1, d)
-            x = conv(z)
+            z = torch.einsum("bhd,bmd->bhmd", x, g.to(dtype)).reshape(batch, x.shape[1] * g.shape[1], d)
+            x = F.conv1d(z, conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype))
             pooled.append(x.sum(dim=2))
         return torch.cat(pooled, dim=1)
+
+    def extra_repr(self) -> str:
+        return (f"num_fields={self.num_fields}, embedding_dim={self.embedding_dim}, layer_sizes={self.layer_sizes}, "
+                f"generative={self.generative}, backend={self.backend!r}")

@@ -39,7 +39,7 @@ from torch import nn
 
 from . import _checks as C
 from ._backend import ENV_VAR, BackendUnavailableError, _assume_constant_result, unavailable_reason
-from .nn import FieldDimsState, check_ids_width, clamp_ids_to_oov, init_table_fields
+from .nn import FieldDimsState, check_ids_width, check_init_std, clamp_ids_to_oov, init_table_fields
 
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]
 
@@ -684,12 +684,25 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
         C.check_choice("backend", backend, FUSED_BACKENDS)
         self.backend = backend
         self.register_buffer("clamped_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        C.check_choice("optimizer", optimizer, KINDS)
         self.optimizer = SparseRowOptimizer(optimizer, lr=lr, eps=eps, betas=betas,
                                             initial_accumulator_value=initial_accumulator_value)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype for the table, got {dtype!r}")
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim, dtype=dtype))
-        self.init_std = float(init_std)
+        self.init_std = check_init_std(init_std)
         nn.init.normal_(self.weight, std=self.init_std)
         self.optimizer.prepare(self.weight)     # a compiled graph needs the state before the first step
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Rows drawn from N(0, init_std^2) again, and the optimizer's row state back to its start (the
+        step count and accumulators of rows trained for other values would misstep the new ones)."""
+        nn.init.normal_(self.weight, std=self.init_std)
+        # in place: a compiled graph keeps the state tensors it was given
+        for name, state in self.optimizer.state.items():
+            state.fill_(self.optimizer.initial_accumulator_value if name == "sum" else 0.0)
+        self.optimizer.step_count = 0
 
     @property
     def optimizer(self) -> SparseRowOptimizer:

@@ -248,6 +248,17 @@ def test_field_dims_are_never_truncated_or_split(field_dims, error):
     (lambda: snn.CIN(2, 3, [-1]), ValueError, "layer_sizes"),
     (lambda: snn.CIN(2, 3, 16), TypeError, "layer_sizes"),
     (lambda: snn.FieldEmbedding(FIELD_DIMS, 2, backend="bogus"), ValueError, "backend"),
+    (lambda: snn.CIN(2, 3, []), ValueError, "layer_sizes"),
+    (lambda: snn.FieldEmbedding(FIELD_DIMS, 2, init_std=float("inf")), ValueError, "init_std"),
+    (lambda: snn.FieldEmbedding(FIELD_DIMS, 2, init_std=-1.0), ValueError, "init_std"),
+    (lambda: snn.GenerativeCrossNet(2, 3, cross_bias="no"), TypeError, "cross_bias"),
+    (lambda: snn.SFGEncoder(2, 3, gamma=True), TypeError, "gamma"),
+    # options of the encoder a layer built without one still takes: wrong is wrong either way
+    (lambda: snn.SFGInteraction(2, 3, generative=False, activation="x"), ValueError, "activation"),
+    (lambda: snn.SFGInteraction(2, 3, generative=False, gamma=float("nan")), ValueError, "gamma"),
+    (lambda: snn.GenerativeCrossNet(2, 3, generative=False, dropout=2.0), ValueError, "dropout"),
+    (lambda: snn.CIN(2, 3, generative=False, activation="x"), ValueError, "activation"),
+    (lambda: snn.CIN(2, 3, backend="x"), ValueError, "backend"),
 ])
 def test_layer_sizes_and_counts_are_never_truncated_or_dropped(build, error, name):
     """A float width, a negative layer count or dropout is an error naming it, not a truncation or a
@@ -338,3 +349,13 @@ def test_state_dict_saved_with_other_field_dims_is_refused(tmp_path):
     served = quantize_model(model)
     with pytest.raises(RuntimeError, match="embedding.field_dims"):
         quantize_model(models.build("fm", [5, 3, 2], embedding_dim=4)).load_state_dict(served.state_dict())
+
+
+def test_fused_table_arguments_are_named():
+    from sfg_fast.optim import FusedFieldEmbedding
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        FusedFieldEmbedding(FIELD_DIMS, 2, optimizer="x")
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        FusedFieldEmbedding(FIELD_DIMS, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="init_std"):
+        FusedFieldEmbedding(FIELD_DIMS, 2, init_std=float("nan"))

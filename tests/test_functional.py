@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sfg_fast import functional as SF
+from sfg_fast import nn as snn
 from sfg_fast import reference as REF
 from sfg_fast.factored import masked_weight
 
@@ -362,3 +363,72 @@ def test_pair_index_lists_the_mask_in_row_major_order(pairs, n):
     want = _checks.pair_mask(n, pairs).nonzero()
     assert rows.dtype == cols.dtype == torch.int64
     assert torch.equal(torch.stack([rows, cols], 1), want)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_tables_built_on_the_meta_device_materialise_and_load(fused):
+    """``with torch.device("meta")`` + ``to_empty()`` + ``load_state_dict``: the offsets and field sizes are
+    functions of field_dims (not state) and are rebuilt where the module lands, so the loaded module looks
+    up exactly like the one saved."""
+    from sfg_fast.optim import FusedFieldEmbedding
+    build = (lambda: FusedFieldEmbedding([3, 5, 4], 4, optimizer="adam")) if fused else \
+        (lambda: snn.FieldEmbedding([3, 5, 4], 4))
+    real = build()
+    with torch.device("meta"):
+        lazy = build()
+    lazy = lazy.to_empty(device="cpu")
+    lazy.load_state_dict(real.state_dict())
+    assert torch.equal(lazy.offsets, torch.tensor([0, 3, 8])) and torch.equal(lazy.field_sizes, torch.tensor([3, 5, 4]))
+    assert lazy.num_clamped == 0
+    ids = torch.tensor([[0, 4, 3], [2, 0, 1]])
+    assert torch.equal(lazy(ids), real(ids))
+
+
+def test_layers_reset_parameters_to_their_documented_start():
+    """reset_parameters (what meta-device materialisation and FSDP call) re-draws each layer's own start:
+    tables N(0, init_std^2), the encoder nn.Linear's init, the decoder the FM start; under a seed it repeats,
+    and a fused table's optimizer state starts again too."""
+    from sfg_fast.optim import FusedFieldEmbedding
+    torch.manual_seed(3)
+    table = snn.FieldEmbedding([300, 500], 8, init_std=0.5)
+    torch.manual_seed(3)
+    again = snn.FieldEmbedding([300, 500], 8, init_std=0.5)
+    with torch.no_grad():
+        table.weight.add_(7.0)
+    torch.manual_seed(3)
+    table.reset_parameters()
+    assert torch.equal(table.weight, again.weight) and abs(table.weight.std().item() - 0.5) < 0.02
+    torch.manual_seed(5)
+    enc = snn.SFGEncoder(3, 4, bias=True)
+    first = [p.clone() for p in enc.parameters()]
+    enc.reset_to_identity()
+    torch.manual_seed(5)
+    enc.reset_parameters()
+    assert all(torch.equal(a, b) for a, b in zip(first, enc.parameters()))
+    for kind in ("scalar", "vector", "matrix"):
+        dec = snn.PairwiseDecoder(3, 4, kind=kind)
+        start = dec.weight.clone()
+        with torch.no_grad():
+            dec.weight.mul_(-3.0)
+        dec.reset_parameters()
+        assert torch.equal(dec.weight, start)
+    fused = FusedFieldEmbedding([3, 5], 4, optimizer="adagrad", initial_accumulator_value=0.1)
+    out = fused(torch.tensor([[0, 1], [2, 4]]))
+    out.sum().backward()
+    assert fused.optimizer.step_count == 1 and bool((fused.optimizer.state["sum"] > 0.1).any())
+    state = fused.optimizer.state["sum"]
+    fused.reset_parameters()
+    assert fused.optimizer.step_count == 0 and torch.equal(state, torch.full_like(state, 0.1))
+    assert fused.optimizer.state["sum"] is state          # in place: a compiled graph keeps its tensors
+
+
+def test_cross_net_and_cin_take_an_empty_batch_and_promote_dtypes():
+    cross = snn.GenerativeCrossNet(3, 4, num_layers=2)
+    assert cross(torch.randn(0, 12)).shape == (0, 12)
+    cin = snn.CIN(3, 4, [5, 2], generative=True)
+    assert cin(torch.randn(0, 3, 4)).shape == (0, 7)
+    V = torch.randn(6, 3, 4, dtype=torch.float64)
+    out = cin(V)
+    assert out.dtype == torch.float64
+    ref = cin.double()(V)
+    torch.testing.assert_close(out, ref)
