@@ -27,7 +27,7 @@ log = logging.getLogger("sfg_fast.compare")
 
 DEFAULT_MODELS = ("fm", "fwfm", "deepfm", "dcnv2")
 _DATA_KEYS = ("dataset", "data_dir", "cache_dir", "data_seed", "num_rows", "max_rows", "min_count",
-              "skip_bad_lines", "data_options")
+              "skip_bad_lines", "data_options", "text_encoding")
 
 
 def parse_models(models: Union[str, Sequence[str]]) -> List[str]:

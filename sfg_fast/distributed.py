@@ -578,10 +578,10 @@ DIST_RESUME_OVERRIDABLE = ("max_steps", "resume", "sharding")
 def _check_resume(manifest: Dict[str, Any], config: Dict[str, Any], world: int, fingerprint: str,
                   path: str) -> None:
     """Refuse resuming ``manifest`` with another experiment (config, world size or data)."""
-    from .train import RESUME_OVERRIDABLE, _jsonable
+    from .train import RESUME_OVERRIDABLE, _jsonable, checkpoint_config
 
     skip = set(RESUME_OVERRIDABLE) | set(DIST_RESUME_OVERRIDABLE)
-    saved = {k: v for k, v in (manifest.get("config") or {}).items() if k not in skip}
+    saved = {k: v for k, v in checkpoint_config(manifest).items() if k not in skip}
     ours = {k: v for k, v in _jsonable(config).items() if k not in skip}
     differs = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
     if differs:

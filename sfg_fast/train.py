@@ -62,6 +62,9 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "min_count": None,
     "skip_bad_lines": False,
     "data_options": {},         # extra keyword arguments of sfg_fast.data.load_dataset
+    "text_encoding": "utf-8",   # how the criteo / avazu readers decode tokens ("utf-8": bytes that are not
+                                # UTF-8 stay distinct; "latin-1": one character per byte, as runs before
+                                # this key read them, which their checkpoints imply)
     "group_field": None,        # a field name: also report gAUC grouped by its ids (None: the dataset's
                                 # own group field, if it has one, see GROUP_FIELDS; false: no gAUC)
     # optimisation
@@ -104,6 +107,18 @@ GROUP_FIELDS = {"movielens100k": "user_id"}
 # Keys a resumed run may change; anything else would make it a different experiment.
 RESUME_OVERRIDABLE = ("epochs", "verbose", "threads", "device", "out", "eval_batch_size", "group_field",
                       "deterministic", "compile")
+
+# Config keys added after checkpoints were first written, with the value a checkpoint without the key
+# implies (what its run did): filled in wherever a checkpoint's config is read (checkpoint_config).
+LEGACY_CONFIG = {"monitor": "AUC", "text_encoding": "latin-1"}
+
+
+def checkpoint_config(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of a checkpoint's (or manifest's) config with the keys it predates set to what its run did."""
+    config = dict(ckpt.get("config") or {})
+    for key, value in LEGACY_CONFIG.items():
+        config.setdefault(key, value)
+    return config
 
 
 class TrainingDiverged(RuntimeError):
@@ -310,6 +325,10 @@ def monitor_score(metrics: Dict[str, float], monitor) -> float:
     if missing:
         raise ValueError(f"monitor {monitor!r} needs {missing} on the validation split, which has only "
                          f"{sorted(metrics)} (gAUC needs a group field: see group_field)")
+    undefined = [k for k in weights if metrics[k] is None]
+    if undefined:
+        raise ValueError(f"monitor {monitor!r}: the validation {undefined[0]} is undefined (no group of the "
+                         f"validation split holds both clicks and non-clicks); monitor AUC or logloss")
     return float(sum(w * metrics[k] for k, w in weights.items()))
 
 
@@ -358,6 +377,8 @@ def _check_train_config(cfg: Dict[str, Any]) -> None:
     if not isinstance(cfg["reduce_lr_on_plateau"], (bool, np.bool_)):
         raise ValueError(f"reduce_lr_on_plateau must be true or false, got {cfg['reduce_lr_on_plateau']!r}")
     monitor_weights(cfg["monitor"])
+    if cfg["text_encoding"] not in ("utf-8", "latin-1"):
+        raise ValueError(f"text_encoding must be 'utf-8' or 'latin-1', got {cfg['text_encoding']!r}")
     if cfg["patience"] is not None and (isinstance(cfg["patience"], bool)
                                         or not isinstance(cfg["patience"], (int, np.integer)) or cfg["patience"] < 1):
         raise ValueError(f"patience must be a positive integer or None, got {cfg['patience']!r}")
@@ -612,6 +633,8 @@ def load_data(config: Dict[str, Any]):
     skip = config.get("skip_bad_lines", False)
     if not isinstance(skip, (bool, np.bool_)):
         raise ValueError(f"skip_bad_lines must be true or false, got {skip!r}")
+    if config["dataset"] in ("criteo", "avazu"):
+        options.setdefault("encoding", config.get("text_encoding", TRAIN_DEFAULTS["text_encoding"]))
     return load_dataset(name=config["dataset"], data_dir=config.get("data_dir"),
                         cache_dir=config.get("cache_dir"), seed=config.get("data_seed", 2018),
                         max_rows=config.get("max_rows"), min_count=config.get("min_count"),
@@ -1081,7 +1104,7 @@ class Trainer:
                              "that holds its best.pt (or pass --out that directory)")
         best = load_checkpoint(path, map_location=self.device)
         stop = best.get("early_stopping", {})
-        theirs = {k: v for k, v in best.get("config", {}).items() if k not in RESUME_OVERRIDABLE}
+        theirs = {k: v for k, v in checkpoint_config(best).items() if k not in RESUME_OVERRIDABLE}
         if isinstance(theirs.get("data_dir"), str) and theirs["data_dir"]:
             theirs["data_dir"] = os.path.abspath(os.path.expanduser(theirs["data_dir"]))   # older runs kept it as typed
         ours = {k: v for k, v in _jsonable(self.config).items() if k not in RESUME_OVERRIDABLE}
@@ -1171,7 +1194,10 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
     """
     file = resolve_checkpoint(path)
     ckpt = load_checkpoint(file)
-    config = dict(ckpt["config"])
+    config = checkpoint_config(ckpt)
+    for key in ("data_dir", "cache_dir"):
+        if isinstance(config.get(key), str) and config[key]:
+            config[key] = os.path.abspath(os.path.expanduser(config[key]))   # older runs kept it as typed
     if overrides.get("out", "") is None:
         del overrides["out"]                      # out=None: the checkpoint's directory, as when not given
     for key in ("data_dir", "cache_dir"):
@@ -1248,7 +1274,7 @@ def _checkpoint_data(ckpt: Dict[str, Any], data=None):
     keeps its number of values, but its rows, labels and vocabularies are others: metrics on it would
     silently describe other data)."""
     if data is None:
-        data = load_data(dict(ckpt["config"]))
+        data = load_data(checkpoint_config(ckpt))
     if list(data.schema.field_dims) != list(ckpt["schema"]["field_dims"]):
         raise ValueError(f"the dataset's field_dims {list(data.schema.field_dims)} differ from the checkpoint's "
                          f"{ckpt['schema']['field_dims']}; was the data or its preprocessing changed?")
@@ -1281,7 +1307,7 @@ def analyze_checkpoint(checkpoint: str, out: Optional[str] = None, max_samples: 
     dev = _resolve_device(device)
     model, ckpt = model_from_checkpoint(file, map_location=dev)
     model.to(dev)
-    config = dict(ckpt["config"])
+    config = checkpoint_config(ckpt)
     data = _checkpoint_data(ckpt, data)
     ids, _ = _split_tensors(data.valid, "valid")
     if ids.shape[0] > int(max_samples):
@@ -1336,7 +1362,7 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
         model.to(dev)
     else:
         ckpt = load_checkpoint(file)      # its config and digest; the int8 model scores
-    config = dict(ckpt["config"])
+    config = checkpoint_config(ckpt)
     fm_path = os.path.join(run_dir, FEATURE_MAP_FILE)
     try:
         fm = load_feature_map(fm_path, dataset=config["dataset"])
@@ -1437,7 +1463,7 @@ def quantize_checkpoint(checkpoint: str, out: Optional[str] = None, batch_size: 
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     file = resolve_checkpoint(checkpoint, "best.pt")
     model, ckpt = model_from_checkpoint(file, map_location="cpu")
-    config = dict(ckpt["config"])
+    config = checkpoint_config(ckpt)
     data = _checkpoint_data(ckpt, data)
     ids, labels = _split_tensors(data.test, "test")
     out = out or os.path.join(os.path.dirname(os.path.abspath(file)), "serving")

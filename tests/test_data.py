@@ -910,3 +910,38 @@ def test_crlf_lines_get_no_bare_cr_hint_and_digit_grouping_is_not_a_number(tmp_p
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"line 4: column 'I1': '1_0' is not a number"):
         load_dataset("criteo", data_dir=tmp_path, cache_dir=False)
+
+
+def test_labels_and_counts_are_ascii_numbers(tmp_path):
+    """float() and int() take digit grouping and other scripts' digits; a log's label or count does not."""
+    rows = write_criteo(tmp_path / "train.txt", num_rows=10)
+    for bad, where in (("0_1", 0), ("１", 0), ("５", 1)):
+        lines = ["\t".join(r) for r in rows]
+        lines[2] = "\t".join(rows[2][:where] + [bad] + rows[2][where + 1:])
+        (tmp_path / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=r"line 3: .*is not (numeric|a number)"):
+            load_dataset("criteo", data_dir=tmp_path, cache_dir=False)
+
+
+def test_a_new_cache_format_removes_the_entries_of_the_older_one(tmp_path):
+    """An entry of cache format 3 (before the text encoding was an option) is superseded by the same file
+    and options read again: it is deleted, not left on disk for good."""
+    import glob
+    import json
+    write_criteo(tmp_path / "train.txt", num_rows=60)
+    cache = tmp_path / "c"
+    load_dataset("criteo", data_dir=tmp_path, cache_dir=cache)
+    src = glob.glob(str(cache / "*.source.json"))[0]
+    record = json.loads(open(src).read())
+    record["cache_format"] = 3
+    del record["options"]["encoding"]
+    stem = src[:-len(".source.json")]
+    old = stem.replace("criteo-", "criteo-old")
+    for ext in (".npz", ".schema.json"):
+        os.rename(stem + ext, old + ext)
+    with open(old + ".source.json", "w") as f:
+        json.dump(record, f)
+    os.remove(src)
+    again = load_dataset("criteo", data_dir=tmp_path, cache_dir=cache)
+    assert again.info["cache_removed"] == [old + ".npz"]
+    assert not glob.glob(old + "*")

@@ -1,4 +1,5 @@
 """Trainer: end-to-end results, exact resume, atomic checkpoints, divergence stop, compare, analyze."""
+import gzip
 import json
 import math
 import os
@@ -818,15 +819,70 @@ def test_monitor_checks(tmp_path, tiny):
         T.resume(str(tmp_path / "run"), data=tiny, epochs=2, monitor="logloss")
 
 
+def _as_written_before(path, keys=("monitor", "text_encoding")):
+    """Make a checkpoint look as it was written before ``keys`` (and best_score) existed."""
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["early_stopping"].pop("best_score", None)
+    for key in keys:
+        del ckpt["config"][key]
+    torch.save(ckpt, path)
+
+
 def test_a_checkpoint_from_before_monitor_resumes_on_valid_auc(tmp_path, tiny):
     """Checkpoints written before ``monitor`` existed carry best_auc only (and no monitor in their config):
-    they resume following the valid AUC, exactly like an uninterrupted run."""
-    whole = T.Trainer(_config(tmp_path, "whole", epochs=3, patience=None), data=tiny).fit()
-    T.Trainer(_config(tmp_path, "part", epochs=1, patience=None), data=tiny).fit()
-    path = tmp_path / "part" / "last.pt"
-    ckpt = torch.load(path, weights_only=False)
-    del ckpt["early_stopping"]["best_score"]
-    del ckpt["config"]["monitor"]
-    torch.save(ckpt, path)
-    resumed = T.resume(str(tmp_path / "part"), data=tiny, epochs=3)
+    they resume following the valid AUC, exactly like an uninterrupted run, with the best model (an epoch
+    before the last) still recognised as this run's."""
+    config = dict(epochs=4, patience=None, lr=0.05, reduce_lr_on_plateau=False)      # overfits: best epoch 2
+    whole = T.Trainer(_config(tmp_path, "whole", **config), data=tiny).fit()
+    assert whole["best_epoch"] < 3
+    T.Trainer(_config(tmp_path, "part", **dict(config, epochs=3)), data=tiny).fit()
+    for name in ("last.pt", "best.pt"):
+        _as_written_before(tmp_path / "part" / name)
+    resumed = T.resume(str(tmp_path / "part"), data=tiny, epochs=4)
     assert resumed["best_epoch"] == whole["best_epoch"] and resumed["test_auc"] == whole["test_auc"]
+
+
+def test_a_criteo_run_from_before_the_text_encoding_resumes_and_predicts(tmp_path):
+    """A run whose checkpoints predate ``text_encoding`` read its files as latin-1: resumed, analysed and
+    predicted, it reads them so again, and its feature map (and the digest its checkpoints name) stays."""
+    from test_data import write_criteo
+    from sfg_fast.data import FEATURE_MAP_FILE
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_criteo(data_dir / "train.txt", num_rows=300)
+    out = tmp_path / "run"
+    T.train(dict(model="fm", dataset="criteo", data_dir=str(data_dir), cache_dir=False, epochs=1, batch_size=64,
+                 embedding_dim=4, out=str(out), verbose=0, threads=1, text_encoding="latin-1"))
+    map_before = (out / FEATURE_MAP_FILE).read_bytes()
+    assert b"encoding" not in gzip.decompress(map_before)          # latin-1: no record, as maps were
+    for name in ("last.pt", "best.pt"):
+        _as_written_before(out / name)
+    resumed = T.resume(str(out), epochs=2)
+    assert resumed["config"]["text_encoding"] == "latin-1"
+    assert (out / FEATURE_MAP_FILE).read_bytes() == map_before
+    assert T.predict_checkpoint(str(out), out=str(tmp_path / "p"))["rows"] == 300
+    T.analyze_checkpoint(str(out), max_samples=50, out=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="text_encoding must be"):
+        T.Trainer(_config(tmp_path, "bad", text_encoding="ascii"))
+
+
+def test_resume_of_a_run_that_kept_a_relative_data_dir(tmp_path, tiny, monkeypatch):
+    """Runs that stored data_dir as typed (relative) resume with it given again, relative or absolute."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    T.Trainer(_config(tmp_path, epochs=1, data_dir=str(tmp_path / "data")), data=tiny).fit()
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    ckpt["config"]["data_dir"] = "data"
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    T.resume(str(tmp_path / "run"), data=tiny, epochs=1, data_dir="data")
+
+
+def test_monitoring_a_gauc_no_group_defines_is_a_clear_error(tmp_path, tiny, monkeypatch):
+    real = T.evaluate_model
+
+    def no_gauc(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        return dict(metrics, gAUC=None)
+    monkeypatch.setattr(T, "evaluate_model", no_gauc)
+    with pytest.raises(ValueError, match="the validation gAUC is undefined"):
+        T.Trainer(_config(tmp_path, epochs=1, monitor="gAUC", group_field="C1"), data=tiny).fit()

@@ -379,7 +379,11 @@ def _prune_superseded(cache_dir: str, name: str, key: str, source: Dict) -> List
                 other = json.load(f)
         except (OSError, ValueError):
             continue
-        if other.get("file") != source["file"] or other.get("options") != source["options"]:
+        mine, theirs = source["options"], other.get("options")
+        if other.get("cache_format") != CACHE_FORMAT and isinstance(theirs, dict):
+            # an older format's entry is never hit again; options added since (the text encoding) are not in it
+            mine = {k: v for k, v in mine.items() if k in theirs}
+        if other.get("file") != source["file"] or theirs != mine:
             continue
         stem = path[:-len(".source.json")]
         for old in (stem + ".npz", stem + ".schema.json", path):   # the record last: a partial prune is redone

@@ -23,8 +23,8 @@ def bucket_count(raw: str) -> str:
     """Token of one numeric value: '' when missing, else the bucket number as a string."""
     if raw == "":
         return ""
-    if "_" in raw:        # Python's digit grouping ("1_000"), which int() and float() would accept
-        raise ValueError(f"{raw!r} is not a number")
+    if "_" in raw or not raw.isascii():   # int() and float() take digit grouping ("1_000") and other
+        raise ValueError(f"{raw!r} is not a number")      # scripts' digits ("５")
     try:
         x = int(raw)
     except ValueError:

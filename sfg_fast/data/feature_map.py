@@ -34,11 +34,21 @@ def feature_map_of(data: CTRData) -> Dict[str, Any]:
                          "there is no feature map to save")
     fm = {"format": FEATURE_MAP_FORMAT, "dataset": data.schema.name, "field_names": list(data.schema.field_names),
           "field_dims": [int(d) for d in data.schema.field_dims],
-          "preprocessing": {k: data.info[k] for k in _PREPROCESSING_KEYS if k in data.info},
+          "preprocessing": _preprocessing(data.info),
           "built_from": {k: data.info[k] for k in _SOURCE_KEYS if k in data.info},
           "vocabularies": [list(v) for v in data.vocabularies]}
     check_feature_map(fm, "the feature map")
     return fm
+
+
+def _preprocessing(info: Dict[str, Any]) -> Dict[str, Any]:
+    """The options that change what a raw line becomes. A latin-1 text encoding is left out: a map without
+    the record means latin-1 (maps were written before it), so a run resumed on latin-1 data keeps the
+    very map, and digest, its checkpoints name."""
+    out = {k: info[k] for k in _PREPROCESSING_KEYS if k in info}
+    if out.get("encoding") == "latin-1":
+        del out["encoding"]
+    return out
 
 
 def feature_map_digest(fm: Dict[str, Any]) -> str:

@@ -12,8 +12,8 @@ DATASETS = ("movielens100k", "criteo", "avazu", "synthetic-criteo", "synthetic-a
 
 _OPTIONS = {
     "movielens100k": {"split", "genre", "threshold"},
-    "criteo": {"split", "chunk_rows"},
-    "avazu": {"split", "chunk_rows"},
+    "criteo": {"split", "chunk_rows", "encoding"},
+    "avazu": {"split", "chunk_rows", "encoding"},
     "synthetic-criteo": {"split", "vocab_scale", "zipf_a", "embed_dim", "target_ctr", "linear_std", "pairwise_std"},
     "synthetic-avazu": {"split", "vocab_scale", "zipf_a", "embed_dim", "target_ctr", "linear_std", "pairwise_std"},
 }
@@ -55,7 +55,8 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
             ``vocabularies``; the rows' labels are NaN).
         **options: per dataset: ``split`` (three ratios; defaults movielens100k/avazu/synthetic 8:1:1,
             criteo 7:2:1); movielens100k ``genre`` ('first' | 'combination'), ``threshold`` (4.0);
-            criteo/avazu ``chunk_rows``; synthetic ``vocab_scale``, ``zipf_a``, ``embed_dim``,
+            criteo/avazu ``chunk_rows``, ``encoding`` (how tokens are decoded: "utf-8", bytes that are not
+            UTF-8 kept distinct, or "latin-1", one character per byte; a feature map brings its own); synthetic ``vocab_scale``, ``zipf_a``, ``embed_dim``,
             ``target_ctr``, ``linear_std``, ``pairwise_std`` (see :func:`sfg_fast.data.synthetic.generate`).
     Returns:
         CTRData with ``schema``, ``train``/``valid``/``test`` and ``info`` (source, rows, seed,
@@ -80,7 +81,6 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
     if num_rows is not None and not synthetic_name:
         raise ValueError(f"num_rows sets the size of the synthetic datasets; dataset {name!r} is read from files: "
                          f"use max_rows to cap the rows read")
-    encoding = TEXT_ENCODING
     if isinstance(vocabularies, dict):
         # a whole feature map: its own preprocessing options apply, and a conflicting one is an error
         from .feature_map import check_feature_map
@@ -92,8 +92,13 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
                 if key in options and options[key] != value:
                     raise ValueError(f"{key}={options[key]!r} conflicts with the feature map's {key}={value!r}")
                 options[key] = value
-        # the files are decoded as the map's tokens were (maps from before the record: latin-1)
-        encoding = vocabularies.get("preprocessing", {}).get("encoding", LEGACY_TEXT_ENCODING)
+        if name in ("criteo", "avazu"):
+            # the files are decoded as the map's tokens were (maps from before the record: latin-1)
+            mapped = vocabularies.get("preprocessing", {}).get("encoding", LEGACY_TEXT_ENCODING)
+            if "encoding" in options and options["encoding"] != mapped:
+                raise ValueError(f"encoding={options['encoding']!r} conflicts with the feature map's "
+                                 f"encoding={mapped!r}")
+            options["encoding"] = mapped
         vocabularies = vocabularies["vocabularies"]
     if vocabularies is not None:
         if synthetic_name:
@@ -120,6 +125,9 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
         return synthetic.load_synthetic(name, num_rows, seed=seed, max_rows=max_rows, min_count=min_count or 1,
                                         split=ratios, **options)
     chunk_rows = _count("chunk_rows", options.pop("chunk_rows", DEFAULT_CHUNK_ROWS), 1)
+    encoding = options.pop("encoding", TEXT_ENCODING)
+    if encoding not in (TEXT_ENCODING, LEGACY_TEXT_ENCODING):
+        raise ValueError(f"encoding must be {TEXT_ENCODING!r} or {LEGACY_TEXT_ENCODING!r}, got {encoding!r}")
     path = resolve_file(name, data_dir, module.FILE_NAMES)
     if cache_dir is not None and cache_dir is not False and not isinstance(cache_dir, (str, bytes)) \
             and not hasattr(cache_dir, "__fspath__"):

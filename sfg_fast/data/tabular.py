@@ -71,6 +71,8 @@ def without_label(fmt: TableFormat) -> TableFormat:
 
 
 def _label_value(raw: str) -> float:
+    if not raw.isascii() or "_" in raw:     # float() takes "0_1" and other scripts' digits ("１")
+        raise ValueError(f"label {raw!r} is not numeric")
     try:
         value = float(raw)
     except ValueError:
