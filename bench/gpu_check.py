@@ -51,7 +51,7 @@ from bench import common  # noqa: E402
 from bench.envvars import env_var  # noqa: E402
 
 KINDS = ("scalar", "vector", "matrix")
-COLUMNS = ["section", "kind", "provider", "mode", "median_ms", "iqr_ms", "tflops", "gbps", "pct_copy_bw",
+COLUMNS = ["section", "kind", "provider", "mode", "median_ms", "iqr_ms", "reps", "tflops", "gbps", "pct_copy_bw",
            "peak_mb", "samples_per_s", "speedup_vs_reference", "status", "note"]
 
 
@@ -333,7 +333,7 @@ def bench_interaction(rows, args, device, budget, dims, source: str = "table") -
                 raise RuntimeError("torch.compile produced no graph: the call ran eagerly")
             t = timer(call)
             work = interaction_flops(batch, n, d, kind) * (1 if mode == "fwd" else 3)
-            out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
+            out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "reps": t.get("reps"),
                    "tflops": work / (t["median_ms"] * 1e-3) / 1e12}
             if compiled:
                 out["note"] = f"first call (compile) {compile_s:.1f} s"
@@ -485,7 +485,7 @@ def bench_sweep(rows, args, device, budget, dims) -> None:
                     _patched((sfg_gemm, "GATHER_IN_GEMM", gather_in_gemm)):
                 call()
                 t = timer(call)
-            return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"]}
+            return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "reps": t.get("reps")}
         return body
 
     for kind in ("scalar",):
@@ -670,7 +670,7 @@ def bench_lookup(rows, args, device, budget, dims, facts: Dict, ext_only: bool =
             call()
             t = timer(call)
             gbps = moved / (t["median_ms"] * 1e-3) / 1e9
-            out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "gbps": gbps}
+            out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "reps": t.get("reps"), "gbps": gbps}
             if facts.get("copy_gbps"):
                 out["pct_copy_bw"] = 100.0 * gbps / facts["copy_gbps"]
             facts[f"lookup_{name}_pct"] = out.get("pct_copy_bw")
@@ -697,7 +697,7 @@ def bench_lookup(rows, args, device, budget, dims, facts: Dict, ext_only: bool =
             graphs[counter[0]].replay()
         t = timer(call)
         gbps = moved / (t["median_ms"] * 1e-3) / 1e9
-        out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "gbps": gbps,
+        out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "reps": t.get("reps"), "gbps": gbps,
                "note": "CUDA-graph replays (the kernel without Python launch cost)"}
         if facts.get("copy_gbps"):
             out["pct_copy_bw"] = 100.0 * gbps / facts["copy_gbps"]
@@ -740,7 +740,7 @@ def bench_lookup(rows, args, device, budget, dims, facts: Dict, ext_only: bool =
                     opt.step_rows(weight, rows_, summed)
             call()
             t = timer(call)
-            return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
+            return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "reps": t.get("reps"),
                     "gbps": update_bytes / (t["median_ms"] * 1e-3) / 1e9,
                     "note": "rowwise Adagrad from grad_V; gbps: grad_V + ids + each distinct row and "
                             "accumulator read and written"}
@@ -772,7 +772,7 @@ def bench_lookup(rows, args, device, budget, dims, facts: Dict, ext_only: bool =
             counter[0] = (counter[0] + 1) % len(graphs)
             graphs[counter[0]].replay()
         t = timer(call)
-        return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
+        return {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "reps": t.get("reps"),
                 "gbps": update_bytes / (t["median_ms"] * 1e-3) / 1e9,
                 "note": "CUDA-graph replays of the fused rowwise Adagrad update (bytes as above)"}
     for provider in ("ext-cuda",) if ext_only else ("fused", "fused map", "factored"):
@@ -982,7 +982,7 @@ def bench_step(rows, args, device, budget, dims, graph: bool = False, compiled: 
     def _time_step(step, peak=True):
         step()
         t = timer(step)
-        out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "samples_per_s": batch / (t["median_ms"] * 1e-3)}
+        out = {"median_ms": t["median_ms"], "iqr_ms": t["iqr_ms"], "reps": t.get("reps"), "samples_per_s": batch / (t["median_ms"] * 1e-3)}
         peak_mb = _peak_mb(step, device) if peak else None
         if peak_mb is not None:
             out["peak_mb"] = peak_mb

@@ -99,4 +99,12 @@ rc=$?
 echo "gpu_check.py: rc=$rc (1 = some rows failed, 124 = timed out) after $(( $(date +%s) - T0 )) s in all"
 # the logs travel as one archive (few files to copy back from a remote machine)
 (cd "$LOGS" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && rm -f ./*.log)
+# the benchmarks' status, else a failed (or timed-out) GPU test run or CUDA-extension test run: a red test
+# must not end the check green
+if [ "$rc" = 0 ] && [ "${tests_rc:-0}" != 0 ]; then
+  echo "gpu_check.sh: the GPU tests failed (rc=$tests_rc): exit 2"; rc=2
+fi
+if [ "$rc" = 0 ] && [ -n "${ext_rc:-}" ] && [ "$ext_rc" != 0 ]; then
+  echo "gpu_check.sh: the CUDA-extension tests failed (rc=$ext_rc): exit 2"; rc=2
+fi
 exit $rc

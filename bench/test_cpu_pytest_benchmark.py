@@ -57,6 +57,9 @@ def test_sfg_step_fwd_bwd(benchmark, kind, backend):
     ids, table, offsets, enc, dec, labels = _inputs(kind)
 
     def step():
+        for t in (table, enc, dec):            # each round computes its own gradients, not a running sum
+            if t is not None:
+                t.grad = None
         logits = SF.sfg_logits(ids, table, offsets, enc, None, dec, kind, backend=backend)
         SF.bce_with_logits(logits, labels, backend="torch" if backend == "cpu" else backend).backward()
 
@@ -87,6 +90,9 @@ def test_sfg_interaction_fwd_bwd(benchmark, kind, backend):
     upstream = torch.randn(BATCH)
 
     def step():
+        for t in (V, enc, dec):
+            if t is not None:
+                t.grad = None
         out = SF.sfg_interaction(V, enc, None, dec, kind, backend=backend)
         (out * upstream).sum().backward()
 
