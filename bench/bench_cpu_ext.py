@@ -72,6 +72,8 @@ def bench_logits(args, table, offsets, ids_list, rows):
             return ids_list[state["i"]]
 
         common = (kind, "relu", 0.5, False, "upper", "left", False)
+        # the GEMMs' FLOPs only (encoder, and the matrix decoder's): the scalar / vector mixing and the row dot
+        # (6% more at the Criteo scalar shape; gpu_check.interaction_flops counts them) are left out
         flops = 2 * args.batch * width * width * (2 if kind == "matrix" else 1)
         # fp32, then every provider under torch.autocast("cpu", bf16) (bf16 GEMMs for all of them); the
         # speedup column compares with torch at the same precision
