@@ -3,7 +3,7 @@ bounds modes, and the int64 addressing probe. Runs under TRITON_INTERPRET=1 on C
 import pytest
 import torch
 
-from helpers import assert_int64_pointer_offsets
+from helpers import assert_int64_pointer_offsets, offsets_of, zipf_ids
 import sfg_fast.functional as SF
 from sfg_fast import reference
 
@@ -311,3 +311,20 @@ def test_fatal_bounds_check_syncs_with_the_host_once():
         counts[mode] = len(syncs)
         where[mode] = [f"{w.filename}:{w.lineno}: {str(w.message)[:120]}" for w in syncs]
     assert counts == {"fatal": 1, "off": 0}, where     # the lines that synced
+
+
+def test_sorted_segments_take_32_bit_keys_below_2_31_rows():
+    """Tables under 2^31 rows sort 32-bit keys (half a 64-bit radix sort's passes); the grouping (rows, the
+    stable order of positions, the segment ends) is the one of 64-bit keys."""
+    from sfg_fast.ops.embedding_lookup import sorted_segments
+    field_dims = [7, 1, 50]
+    ids = zipf_ids(300, field_dims)
+    offsets = offsets_of(field_dims)
+    narrow = sorted_segments(ids, offsets, sum(field_dims))
+    wide = sorted_segments(ids, offsets, 2 ** 31)
+    assert [t.dtype for t in narrow] == [torch.int32, torch.int64, torch.int32]
+    assert [t.dtype for t in wide] == [torch.int64, torch.int64, torch.int64]
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a.long(), b)
+    flat = (ids + offsets).reshape(-1)
+    assert torch.equal(flat[wide[1]], wide[0]) and bool((wide[0][1:] >= wide[0][:-1]).all())

@@ -101,18 +101,24 @@ def embedding_lookup_fwd(ids: torch.Tensor, weight: torch.Tensor, offsets: torch
     return out
 
 
-def sorted_segments(ids: torch.Tensor, offsets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sorted_segments(ids: torch.Tensor, offsets: torch.Tensor,
+                    num_rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the B*N looked-up rows by table row, deterministically and without a host sync.
 
-    Returns ``(sorted_rows [B*N] int64 ascending, perm [B*N] int64, seg_end [B*N] int64)``: the flattened
+    Returns ``(sorted_rows [B*N] ascending, perm [B*N] int64, seg_end [B*N])``: the flattened
     (b * N + f) positions are sorted stably by row, so the positions that read row ``sorted_rows[p]`` are
     ``perm[s:seg_end[p]]`` (in ascending position order, which fixes the order of every later
     summation), where s is the first p' with ``sorted_rows[p'] == sorted_rows[p]``. Every size is B*N:
     counting the unique rows would make the host wait for the device (and break CUDA graph capture).
+    With ``num_rows`` (the table's) below 2^31 the keys, ``sorted_rows`` and ``seg_end`` are int32: a radix
+    sort of 32-bit keys takes half the passes of 64-bit ones, over half the bytes (the kernels widen every
+    row they load to int64 before addressing with it); else int64.
     """
     flat = (ids.to(torch.int64) + offsets).reshape(-1)
-    sorted_rows, perm = torch.sort(flat, stable=True)
-    seg_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)
+    narrow = num_rows is not None and num_rows <= 2 ** 31 - 1
+    keys = flat.to(torch.int32) if narrow else flat
+    sorted_rows, perm = torch.sort(keys, stable=True)
+    seg_end = torch.searchsorted(sorted_rows, sorted_rows, right=True, out_int32=narrow)
     return sorted_rows, perm, seg_end
 
 
@@ -169,7 +175,7 @@ def embedding_lookup_bwd(grad: torch.Tensor, ids: torch.Tensor, offsets: torch.T
         grad_weight = torch.zeros(num_rows, dim, dtype=out_dtype, device=grad.device)
         if grad.numel() == 0:
             return grad_weight
-        sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
+        sorted_rows, perm, seg_end = sorted_segments(ids, offsets, num_rows)
         total = perm.numel()
         _segment_launches(_embedding_lookup_bwd_sorted_kernel, (grad, grad_weight, perm, sorted_rows, seg_end),
                           (total, num_fields, dim, *_grad_strides(grad)), total, dim, acc_dtype, grad.device,
@@ -220,7 +226,7 @@ def sparse_update(weight: torch.Tensor, grad: torch.Tensor, ids: torch.Tensor, o
         _row_map_update(weight, grad, ids, offsets, kind, row_map, state1 if state1 is not None else dummy,
                         state2 if state2 is not None else dummy, hyper)
         return
-    sorted_rows, perm, seg_end = sorted_segments(ids, offsets)
+    sorted_rows, perm, seg_end = sorted_segments(ids, offsets, num_rows)
     total = perm.numel()
     _segment_launches(
         _sparse_update_kernel, (weight, weight.stride(0), grad, *_grad_strides(grad), perm, sorted_rows, seg_end),
