@@ -65,6 +65,7 @@ fi
 grep -A9 -E "slowest [0-9]+ durations" "$LOGS/tests.log" | tail -8
 if [ -n "$BUILD_PID" ]; then
   wait "$BUILD_PID"
+  build_rc=$(grep -oE "^build rc=[0-9]+" "$LOGS/build.log" | tail -1 | cut -d= -f2)
   grep -iE "error|warning: could not" "$LOGS/build.log" | head -5
   tail -1 "$LOGS/build.log"
   "$PYTHON" -c "from sfg_fast import _C; print('sfg_fast._C WITH_CUDA =', _C.WITH_CUDA)" 2>&1 | tail -1
@@ -103,6 +104,10 @@ echo "gpu_check.py: rc=$rc (1 = some rows failed, 124 = timed out) after $(( $(d
 # must not end the check green
 if [ "$rc" = 0 ] && [ "${tests_rc:-0}" != 0 ]; then
   echo "gpu_check.sh: the GPU tests failed (rc=$tests_rc): exit 2"; rc=2
+fi
+if [ "$rc" = 0 ] && [ -n "${build_rc:-}" ] && [ "$build_rc" != 0 ]; then
+  # (a failed build skips the extension's tests and rows: nothing else would say so)
+  echo "gpu_check.sh: the CUDA extension did not build (rc=$build_rc): exit 2"; rc=2
 fi
 if [ "$rc" = 0 ] && [ -n "${ext_rc:-}" ] && [ "$ext_rc" != 0 ]; then
   echo "gpu_check.sh: the CUDA-extension tests failed (rc=$ext_rc): exit 2"; rc=2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,11 +64,17 @@ def _check_device(name: str, t: torch.Tensor, name_ref: str, ref: torch.Tensor) 
         raise ValueError(f"{name} is on {t.device} but {name_ref} is on {ref.device}")
 
 
+def is_bool(value) -> bool:
+    """A boolean of Python, numpy or torch (a flag where a number belongs)."""
+    return (isinstance(value, (bool, np.bool_))
+            or isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
 def check_gamma(gamma) -> float:
     if isinstance(gamma, torch.Tensor) and gamma.requires_grad:
         raise TypeError("gamma must be a number: it is a fixed hyper-parameter, and a tensor that requires grad "
                         "would silently get no gradient")
-    if isinstance(gamma, bool):
+    if is_bool(gamma):
         raise TypeError(f"gamma must be a real number, got {gamma!r}")
     try:
         value = float(gamma)

@@ -97,11 +97,16 @@ def _field_buffers(dims, device) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_init_std(init_std) -> float:
-    """The tables' initial standard deviation: a finite number >= 0."""
-    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not math.isfinite(init_std) \
-            or init_std < 0:
-        raise ValueError(f"init_std must be a finite number >= 0, got {init_std!r}")
-    return float(init_std)
+    """The tables' initial standard deviation: a finite real number >= 0 (Python, numpy or a 0-d tensor)."""
+    if C.is_bool(init_std):
+        raise TypeError(f"init_std must be a real number, got {init_std!r}")
+    try:
+        value = float(init_std)
+    except (TypeError, ValueError):
+        raise TypeError(f"init_std must be a real number, got {init_std!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"init_std must be a finite number >= 0, got {value!r}")
+    return value
 
 
 class FieldDimsState:
@@ -113,12 +118,16 @@ class FieldDimsState:
     wherever the module lands (``to_empty()`` from the meta device would leave them uninitialised)."""
 
     def _apply(self, fn, recurse=True):
-        was_meta = self.offsets.is_meta
         super()._apply(fn, recurse)
         if not self.offsets.is_meta:
             self.offsets, self.field_sizes = _field_buffers(self.field_dims, self.offsets.device)
-            if was_meta:
-                self.clamped_count = torch.zeros((), dtype=torch.int64, device=self.offsets.device)
+        return self
+
+    def to_empty(self, *, device, recurse=True):
+        # uninitialised storage for everything, by definition; the remap counter starts again at 0
+        super().to_empty(device=device, recurse=recurse)
+        if hasattr(self, "clamped_count") and not self.clamped_count.is_meta:
+            self.clamped_count.zero_()
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -116,6 +116,9 @@ LEGACY_CONFIG = {"monitor": "AUC", "text_encoding": "latin-1"}
 def checkpoint_config(ckpt: Dict[str, Any]) -> Dict[str, Any]:
     """A copy of a checkpoint's (or manifest's) config with the keys it predates set to what its run did."""
     config = dict(ckpt.get("config") or {})
+    if "monitor" in config and "text_encoding" not in config:
+        # written by the few commits that read UTF-8 and knew monitor before the key was recorded
+        config["text_encoding"] = "utf-8"
     for key, value in LEGACY_CONFIG.items():
         config.setdefault(key, value)
     return config
@@ -633,8 +636,11 @@ def load_data(config: Dict[str, Any]):
     skip = config.get("skip_bad_lines", False)
     if not isinstance(skip, (bool, np.bool_)):
         raise ValueError(f"skip_bad_lines must be true or false, got {skip!r}")
+    if "encoding" in options:
+        raise ValueError("data_options may not set 'encoding': set the config key text_encoding (it is recorded "
+                         "with the run, and its resumes, analyses and predictions read the files the same way)")
     if config["dataset"] in ("criteo", "avazu"):
-        options.setdefault("encoding", config.get("text_encoding", TRAIN_DEFAULTS["text_encoding"]))
+        options["encoding"] = config.get("text_encoding", TRAIN_DEFAULTS["text_encoding"])
     return load_dataset(name=config["dataset"], data_dir=config.get("data_dir"),
                         cache_dir=config.get("cache_dir"), seed=config.get("data_seed", 2018),
                         max_rows=config.get("max_rows"), min_count=config.get("min_count"),

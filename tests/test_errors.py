@@ -253,6 +253,8 @@ def test_field_dims_are_never_truncated_or_split(field_dims, error):
     (lambda: snn.FieldEmbedding(FIELD_DIMS, 2, init_std=-1.0), ValueError, "init_std"),
     (lambda: snn.GenerativeCrossNet(2, 3, cross_bias="no"), TypeError, "cross_bias"),
     (lambda: snn.SFGEncoder(2, 3, gamma=True), TypeError, "gamma"),
+    (lambda: snn.SFGEncoder(2, 3, gamma=torch.tensor(True)), TypeError, "gamma"),
+    (lambda: snn.FieldEmbedding(FIELD_DIMS, 2, init_std=True), TypeError, "init_std"),
     # options of the encoder a layer built without one still takes: wrong is wrong either way
     (lambda: snn.SFGInteraction(2, 3, generative=False, activation="x"), ValueError, "activation"),
     (lambda: snn.SFGInteraction(2, 3, generative=False, gamma=float("nan")), ValueError, "gamma"),
@@ -359,3 +361,10 @@ def test_fused_table_arguments_are_named():
         FusedFieldEmbedding(FIELD_DIMS, 2, dtype=torch.int64)
     with pytest.raises(ValueError, match="init_std"):
         FusedFieldEmbedding(FIELD_DIMS, 2, init_std=float("nan"))
+
+
+def test_numbers_of_numpy_and_torch_are_numbers():
+    import numpy as np
+    assert snn.FieldEmbedding(FIELD_DIMS, 2, init_std=np.float32(0.5)).init_std == 0.5
+    assert snn.FieldEmbedding(FIELD_DIMS, 2, init_std=torch.tensor(0.25)).init_std == 0.25
+    assert snn.SFGEncoder(2, 3, gamma=np.float64(2.0)).gamma == 2.0

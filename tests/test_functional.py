@@ -432,3 +432,13 @@ def test_cross_net_and_cin_take_an_empty_batch_and_promote_dtypes():
     assert out.dtype == torch.float64
     ref = cin.double()(V)
     torch.testing.assert_close(out, ref)
+
+
+def test_to_empty_restarts_the_remap_counter_and_keeps_offsets():
+    """to_empty gives uninitialised storage, also off the meta device: the offsets are rebuilt, the
+    clamp_to_oov counter starts at 0."""
+    table = snn.FieldEmbedding([3, 5], 4, bounds_check="clamp_to_oov")
+    table(torch.tensor([[9, 0]]))
+    assert table.num_clamped == 1
+    table.to_empty(device="cpu")
+    assert table.num_clamped == 0 and torch.equal(table.offsets, torch.tensor([0, 3]))

@@ -886,3 +886,13 @@ def test_monitoring_a_gauc_no_group_defines_is_a_clear_error(tmp_path, tiny, mon
     monkeypatch.setattr(T, "evaluate_model", no_gauc)
     with pytest.raises(ValueError, match="the validation gAUC is undefined"):
         T.Trainer(_config(tmp_path, epochs=1, monitor="gAUC", group_field="C1"), data=tiny).fit()
+
+
+def test_checkpoint_config_fills_what_a_config_predates():
+    """No monitor and no text_encoding: the run predates both (AUC, latin-1); monitor without text_encoding:
+    a run that already read UTF-8; a recorded value stays; data_options may not bypass text_encoding."""
+    assert T.checkpoint_config({"config": {}}) == {"monitor": "AUC", "text_encoding": "latin-1"}
+    assert T.checkpoint_config({"config": {"monitor": "logloss"}})["text_encoding"] == "utf-8"
+    assert T.checkpoint_config({"config": {"text_encoding": "utf-8"}})["text_encoding"] == "utf-8"
+    with pytest.raises(ValueError, match="data_options may not set 'encoding'"):
+        T.load_data(dict(dataset="criteo", data_dir="unused", data_options={"encoding": "utf-8"}))

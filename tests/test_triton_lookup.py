@@ -263,15 +263,16 @@ def test_row_offsets_are_int64_in_generated_code():
          {"ids_ptr": "*i32", "offsets_ptr": "*i64", "weight_ptr": "*fp32", "out_ptr": "*fp32"},
          {"BLOCK_B": 4, "BLOCK_N": 4, "BLOCK_D": 16})] + [
         ("sfg_fast.kernels.sparse_update", "_sparse_update_kernel",
-         {"weight_ptr": "*bf16", "grad_ptr": "*bf16", "perm_ptr": "*i64", "sorted_rows_ptr": "*i64",
-          "seg_end_ptr": "*i64", "partial_ptr": "*fp32", "state1_ptr": "*fp32", "state2_ptr": "*fp32",
+         {"weight_ptr": "*bf16", "grad_ptr": "*bf16", "perm_ptr": "*i64", "sorted_rows_ptr": keys,
+          "seg_end_ptr": keys, "partial_ptr": "*fp32", "state1_ptr": "*fp32", "state2_ptr": "*fp32",
           "lr": "fp32", "eps": "fp32", "beta1": "fp32", "beta2": "fp32", "bias1": "fp32", "bias2": "fp32"},
-         {"KIND": 2, "PHASE": phase, "BLOCK_P": 4, "CHUNK": 16, "WINDOW": 128, "BLOCK_D": 16}) for phase in (0, 1)] + [
+         {"KIND": 2, "PHASE": phase, "BLOCK_P": 4, "CHUNK": 16, "WINDOW": 128, "BLOCK_D": 16})
+        for phase in (0, 1) for keys in ("*i64", "*i32")] + [    # 32-bit keys below 2^31 rows (sorted_segments)
         ("sfg_fast.kernels.embedding_lookup", "_embedding_lookup_bwd_sorted_kernel",
-         {"grad_ptr": "*fp32", "grad_weight_ptr": "*fp32", "perm_ptr": "*i64", "sorted_rows_ptr": "*i64",
-          "seg_end_ptr": "*i64", "partial_ptr": "*fp32"},
+         {"grad_ptr": "*fp32", "grad_weight_ptr": "*fp32", "perm_ptr": "*i64", "sorted_rows_ptr": keys,
+          "seg_end_ptr": keys, "partial_ptr": "*fp32"},
          {"ACC_DTYPE": "tl.float32", "PHASE": phase, "BLOCK_P": 4, "CHUNK": 16, "WINDOW": 128, "BLOCK_D": 16})
-        for phase in (0, 1)] + [
+        for phase in (0, 1) for keys in ("*i64", "*i32")] + [
         # the sort-free update (SFG_FAST_SPARSE_DEDUP=map): the map is indexed by row, the [B*N, D]
         # accumulator by position * D
         ("sfg_fast.kernels.sparse_update", "_claim_rows_kernel",

@@ -18,6 +18,11 @@ class FirstOrder(nn.Module):
         self.table = FieldEmbedding(field_dims, 1, bounds_check=bounds_check, init_std=1e-4, backend=backend)
         self.bias = nn.Parameter(torch.zeros(1))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The bias back to 0 (the table, a FieldEmbedding, resets its own rows)."""
+        self.bias.zero_()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(ids).sum(dim=(1, 2)) + self.bias
 

@@ -110,12 +110,13 @@ def sorted_segments(ids: torch.Tensor, offsets: torch.Tensor,
     ``perm[s:seg_end[p]]`` (in ascending position order, which fixes the order of every later
     summation), where s is the first p' with ``sorted_rows[p'] == sorted_rows[p]``. Every size is B*N:
     counting the unique rows would make the host wait for the device (and break CUDA graph capture).
-    With ``num_rows`` (the table's) below 2^31 the keys, ``sorted_rows`` and ``seg_end`` are int32: a radix
+    With ``num_rows`` (the table's) and B*N below 2^31 the keys, ``sorted_rows`` and ``seg_end`` are int32: a radix
     sort of 32-bit keys takes half the passes of 64-bit ones, over half the bytes (the kernels widen every
     row they load to int64 before addressing with it); else int64.
     """
     flat = (ids.to(torch.int64) + offsets).reshape(-1)
-    narrow = num_rows is not None and num_rows <= 2 ** 31 - 1
+    # 32 bits hold the rows (keys) and the positions (segment ends: searchsorted's int32 output)
+    narrow = num_rows is not None and num_rows <= 2 ** 31 - 1 and flat.numel() < 2 ** 31 - 1
     keys = flat.to(torch.int32) if narrow else flat
     sorted_rows, perm = torch.sort(keys, stable=True)
     seg_end = torch.searchsorted(sorted_rows, sorted_rows, right=True, out_int32=narrow)
