@@ -7,7 +7,7 @@ this project's code does not touch). A machine twice as slow moves the factor, n
 noisy reference row does not move a median over dozens; and a regression of this project's code, even
 one that slows every provider of a shape or of the whole run, cannot move it (a median over this
 project's own rows could). With fewer than 3 reference rows the factor is the median over all rows, and
-the report says so. A provider regresses when its change exceeds ``1 + --tolerance`` (default 0.25)
+the report says so (and ``--strict`` fails: a slow-down of every row alike would hide in it). A provider regresses when its change exceeds ``1 + --tolerance`` (default 0.25)
 AND by more than the measurements' own noise explains: each row's median carries a standard error
 estimated from its IQR and repetition count, plus the run-to-run jitter of code that did not change (the
 spread of the reference rows' changes: on a shared host memory-bound rows move together between runs,
@@ -159,8 +159,10 @@ def compare(baseline: List[Dict], current: List[Dict], tolerance: float = DEFAUL
     # a baseline with no gated rows (another kind of result file) or a run sharing none of them checked nothing
     out["nothing_compared"] = not out["checked"]
     out["resolution"] = (statistics.median(i["threshold"] for i in out["checked"]) if out["checked"] else None)
+    # --strict also refuses a factor taken from this project's own rows (too few references shared): a
+    # regression of every row alike would move that factor, not the verdicts
     out["passed"] = (not out["regressions"] and not out["errors"] and not out["nothing_compared"]
-                     and not (strict and (out["missing"] or out["inconclusive"])))
+                     and not (strict and (out["missing"] or out["inconclusive"] or not from_refs)))
     return out
 
 

@@ -425,7 +425,7 @@ def test_smoke_every_provider_runs_or_says_why(script, smoke_env):
 
 
 def test_gate_warns_when_the_runs_were_measured_under_different_machine_conditions(tmp_path, capsys):
-    rows = [_row("literal", 100.0), _row("torch", 10.0)]
+    rows = [_row("literal", 100.0), _row("torch", 10.0)] + _steady()     # enough references: calibrated
     base = tmp_path / "base.json"
     base.write_text(json.dumps({"env": {"device": "cpu", "copy_gbps": 8.0}, "rows": rows}))
     for gbps, warned in ((25.0, True), (12.0, False)):
@@ -433,6 +433,8 @@ def test_gate_warns_when_the_runs_were_measured_under_different_machine_conditio
         cur.write_text(json.dumps({"env": {"device": "cpu", "copy_gbps": gbps}, "rows": rows}))
         assert regress.main(["--baseline", str(base), "--current", str(cur)]) == 0
         assert ("WARNING the baseline was measured at 8.0 GB/s" in capsys.readouterr().out) == warned
+    cur.write_text(json.dumps({"env": {"device": "cpu", "copy_gbps": 12.0}, "rows": rows}))
+    assert regress.main(["--baseline", str(base), "--current", str(cur), "--strict"]) == 0
     cur.write_text(json.dumps({"env": {"device": "cpu", "copy_gbps": 25.0}, "rows": rows}))
     assert regress.main(["--baseline", str(base), "--current", str(cur), "--strict"]) == 1
     assert regress.conditions_warning({}, {"copy_gbps": 3.0}) is None
@@ -500,3 +502,14 @@ def test_time_gpu_times_a_slow_call_more_than_once(monkeypatch):
     windows.clear()
     fast = common.time_gpu(lambda: None, warmup=25, rep=1000)      # 10 calls fit: timed once
     assert fast["reps"] == 10 and windows == [1000]
+
+
+def test_a_strict_gate_refuses_a_factor_from_its_own_rows():
+    """Without 3 shared reference rows the factor is the median of this project's own rows, where a
+    uniform slow-down hides: it passes the default gate (as documented) and fails a strict one."""
+    base = [_row("literal", 100.0), _row("torch", 10.0), _row("ext-cpu", 5.0), _row("torch+compile", 8.0)]
+    cur = [_row("literal", 0, status="skipped"), _row("torch", 30.0), _row("ext-cpu", 15.0),
+           _row("torch+compile", 24.0)]
+    result = regress.compare(base, cur)
+    assert result["passed"] and not result["factor_from_references"] and result["speed_factor"] == pytest.approx(3.0)
+    assert not regress.compare(base, cur, strict=True)["passed"]
