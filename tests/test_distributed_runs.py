@@ -96,9 +96,16 @@ def test_optimizer_state_layout_mismatch_is_refused():
 def test_resume_with_another_experiment_is_refused():
     from sfg_fast.distributed import _check_resume
 
-    config = {"seed": 1, "lr": 0.01, "epochs": 2, "max_steps": None, "out": "a"}
+    config = {"seed": 1, "lr": 0.01, "epochs": 2, "max_steps": None, "out": "a", "monitor": "AUC",
+              "text_encoding": "utf-8"}
     manifest = {"config": dict(config), "world_size": 2, "data_fingerprint": "abc"}
     _check_resume(manifest, dict(config, epochs=5, max_steps=9, out="b"), 2, "abc", "ckpt")
+    # a manifest from before monitor and text_encoding: its run monitored AUC and read latin-1
+    old = {"config": {k: v for k, v in config.items() if k not in ("monitor", "text_encoding")}, "world_size": 2,
+           "data_fingerprint": "abc"}
+    with pytest.raises(ValueError, match="text_encoding: 'latin-1' -> 'utf-8'"):
+        _check_resume(old, config, 2, "abc", "ckpt")
+    _check_resume(old, dict(config, text_encoding="latin-1"), 2, "abc", "ckpt")
     with pytest.raises(ValueError, match="lr"):
         _check_resume(manifest, dict(config, lr=0.1), 2, "abc", "ckpt")
     with pytest.raises(ValueError, match="on 3 ranks"):
