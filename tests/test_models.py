@@ -298,3 +298,12 @@ def test_fused_tables_score_like_native_ones_and_step_their_own_optimizer(name):
 def _touched(grad):
     rows = torch.nonzero(grad.abs().sum(1)).flatten()
     return rows, grad[rows]
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_model_scores_an_empty_batch(name):
+    """B = 0 (the last, empty batch of a sharded split) gives [0] logits, not a reshape error."""
+    for generative in (False, True):
+        model = models.build(name, [3, 4, 5], 4, generative=generative)
+        assert model(torch.zeros(0, 3, dtype=torch.long)).shape == (0,)
+        assert model.analysis_embeddings(torch.zeros(0, 3, dtype=torch.long))["raw"].shape == (0, 12)

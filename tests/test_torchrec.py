@@ -192,3 +192,43 @@ def test_empty_batch_and_converting_the_embedding_module_itself():
     # the module as the whole model: its state keys have no "<name>." prefix
     trec.load_state_dict(convert_native_state_dict(native.state_dict(), trec))
     assert torch.equal(trec.concatenated(), native.weight.detach())
+
+
+def test_module_materialised_from_meta_keeps_its_field_sizes():
+    """to_empty() leaves every buffer uninitialised: the field sizes the bounds check uses are rebuilt
+    (they are a function of field_dims), so good ids pass and bad ones are named as natively."""
+    with torch.device("meta"):
+        lazy = TorchRecFieldEmbedding([5, 7], 4)
+    lazy = lazy.to_empty(device="cpu")
+    real = TorchRecFieldEmbedding([5, 7], 4)
+    lazy.load_state_dict(real.state_dict())
+    assert torch.equal(lazy.field_sizes, torch.tensor([5, 7])) and torch.equal(lazy.offsets, torch.tensor([0, 5]))
+    ids = torch.tensor([[4, 6], [0, 0]])
+    assert torch.equal(lazy(ids), real(ids))
+    with pytest.raises(IndexError, match="field 0"):
+        lazy(torch.tensor([[5, 0]]))
+
+
+def test_native_state_of_other_field_dims_is_refused():
+    """[5, 7] and [7, 5] concatenate to the same shape: split by the wrong sizes every field would read
+    another field's rows, so the field_dims the native state recorded must match."""
+    native = FieldEmbedding([5, 7], 4)
+    with pytest.raises(ValueError, match=r"field_dims=\[5, 7\].*field_dims=\[7, 5\]"):
+        convert_native_state_dict(native.state_dict(), TorchRecFieldEmbedding([7, 5], 4))
+    target = TorchRecFieldEmbedding([5, 7], 4)
+    target.load_state_dict(convert_native_state_dict(native.state_dict(), target))
+    model = models.build("fm", [5, 7, 3], 4)
+    with pytest.raises(ValueError, match="field_dims"):
+        convert_native_state_dict(model.state_dict(), models.build("fm", [7, 5, 3], 4, embedding="torchrec"))
+
+
+def test_module_returns_the_tables_dtype_and_checks_its_arguments():
+    table = TorchRecFieldEmbedding([5, 7], 3).double()
+    ids = torch.tensor([[1, 2], [3, 4]])
+    assert table(ids).dtype == torch.float64 == table(ids[:0]).dtype
+    torch.testing.assert_close(table(ids), torch.stack([table.tables()[0][ids[:, 0], :3],
+                                                        table.tables()[1][ids[:, 1], :3]], dim=1))
+    for kwargs, error in (({"init_std": float("inf")}, ValueError), ({"init_std": True}, TypeError),
+                          ({"backend": "bogus"}, ValueError)):
+        with pytest.raises(error, match=next(iter(kwargs))):
+            TorchRecFieldEmbedding([5, 7], 4, **kwargs)

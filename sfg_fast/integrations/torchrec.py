@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from .. import _checks as C
+from .._backend import BACKENDS
+from ..nn import FieldDimsState, check_init_std
 
 __all__ = ["INSTALL_LINES", "check_versions", "ids_to_kjt", "keyed_tensor_to_fields", "default_feature_names",
            "TorchRecFieldEmbedding", "torchrec_embeddings", "convert_native_state_dict"]
@@ -132,7 +134,7 @@ def keyed_tensor_to_fields(kt, feature_names: Sequence[str]) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
-class TorchRecFieldEmbedding(nn.Module):
+class TorchRecFieldEmbedding(FieldDimsState, nn.Module):
     """N per-field tables in a TorchRec EmbeddingBagCollection: ``forward(ids [B, N]) -> V [B, N, D]``.
 
     Same contract as :class:`sfg_fast.nn.FieldEmbedding` (field-local ids, N(0, init_std^2) rows,
@@ -141,7 +143,9 @@ class TorchRecFieldEmbedding(nn.Module):
     FBGEMM itself would silently remap a bad id to row 0, so the check runs here, before the lookup.
     Table of field f: ``ebc.embedding_bags[table_prefix + feature_names[f]]``; feature (KJT key) f:
     ``feature_names[f]`` (default ``f0, f1, ...``). ``device="meta"`` builds the tables without
-    memory for DistributedModelParallel to materialise shard by shard.
+    memory for DistributedModelParallel to materialise shard by shard. Like FieldEmbedding, its state dict
+    records field_dims (a file of other field sizes is refused), and the offsets and field sizes are rebuilt
+    wherever the module lands (``to_empty`` included).
     """
 
     def __init__(self, field_dims: Sequence[int], embedding_dim: int, feature_names: Optional[Sequence[str]] = None,
@@ -154,8 +158,9 @@ class TorchRecFieldEmbedding(nn.Module):
         # FBGEMM's fused (shardable) kernels need row widths divisible by 4: narrower tables (the D=1
         # first-order weights, odd D) are stored padded and forward returns the first D columns.
         self.storage_dim = -(-self.embedding_dim // 4) * 4
+        C.check_choice("backend", backend, BACKENDS)
         self.backend = backend  # kept for the FieldEmbedding contract; FBGEMM does the lookup
-        self.init_std = float(init_std)
+        self.init_std = check_init_std(init_std)
         self.num_clamped = 0
         names = default_feature_names(self.num_fields) if feature_names is None else feature_names
         self.feature_names = _check_feature_names(names, self.num_fields)
@@ -193,7 +198,11 @@ class TorchRecFieldEmbedding(nn.Module):
             return weight.new_zeros(0, len(self.field_dims), self.embedding_dim)
         pooled = self.ebc(ids_to_kjt(ids, self.feature_names))
         V = keyed_tensor_to_fields(pooled, self.feature_names)
-        return V if self.storage_dim == self.embedding_dim else V[..., :self.embedding_dim].contiguous()
+        V = V if self.storage_dim == self.embedding_dim else V[..., :self.embedding_dim].contiguous()
+        # TorchRec hands its pooled output back as float32 whatever the tables hold; V is in the tables'
+        # dtype, as FieldEmbedding's (and this module's own empty batch) is
+        dtype = next((p.dtype for p in self.ebc.parameters()), V.dtype)
+        return V if V.dtype == dtype or not dtype.is_floating_point else V.to(dtype)
 
     def tables(self) -> List[torch.Tensor]:
         """The N unsharded tables ``[field_dims[f], storage_dim]`` in field order (not valid once sharded)."""
@@ -231,11 +240,18 @@ def convert_native_state_dict(native_state: Dict[str, torch.Tensor], model: nn.M
     ``storage_dim``); other entries pass through.
     """
     out = dict(native_state)
+    metadata = getattr(native_state, "_metadata", None) or {}
     for name, module in torchrec_embeddings(model).items():
         prefix = f"{name}." if name else ""      # name "" when model is the embedding module itself
         key = f"{prefix}weight"
         if key not in out:
             raise KeyError(f"native state dict lacks {key!r} (the table of TorchRec module {name!r})")
+        saved = (metadata.get(name) or {}).get("field_dims")
+        if saved is not None and list(saved) != list(module.field_dims):
+            # the concatenated table cannot tell [3, 5] from [5, 3]: split by the wrong sizes, every field
+            # would read another field's rows
+            raise ValueError(f"{key}: the state dict was saved with field_dims={list(saved)}, the TorchRec module "
+                             f"{name or type(module).__name__!r} has field_dims={list(module.field_dims)}")
         weight = out.pop(key)
         if tuple(weight.shape) != (sum(module.field_dims), module.embedding_dim):
             raise ValueError(f"{key} has shape {list(weight.shape)}, expected "

@@ -99,12 +99,11 @@ class CTRModel(nn.Module):
     def analysis_embeddings(self, ids: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
         """Embeddings the diagnostics study: ``raw`` e ``[B, N*D]`` and ``generated`` Z (None for base)."""
         V = self.embedding(ids)
-        batch = V.shape[0]
-        raw = V.reshape(batch, -1)
+        raw = V.flatten(1)
         if not self.generative or not self.encoders():
             # no generator at all (e.g. an SFG cross network with 0 cross layers): nothing is generated
             return {"raw": raw, "generated": None}
-        return {"raw": raw, "generated": self.generate(V).reshape(batch, -1)}
+        return {"raw": raw, "generated": self.generate(V).flatten(1)}
 
     def extra_repr(self) -> str:
         return f"generative={self.generative}"

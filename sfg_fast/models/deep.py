@@ -33,10 +33,9 @@ class xDeepFM(CTRModel):
         return self.cin.generators[0](V) if self.generative else V
 
     def score(self, ids, V):
-        batch = V.shape[0]
         logit = self.linear(ids) + self.cin_fc(self.cin(V)).squeeze(1)
         if self.dnn is not None:
-            logit = logit + self.dnn(V.reshape(batch, -1)).squeeze(1)
+            logit = logit + self.dnn(V.flatten(1)).squeeze(1)
         return logit
 
 
@@ -72,13 +71,11 @@ class CrossNet(CTRModel):
     def generate(self, V):
         if not self.generative:
             return V
-        batch = V.shape[0]
-        x0 = V.reshape(batch, -1)
+        x0 = V.flatten(1)
         return self.crossnet.gate(0, x0, x0).view_as(V)
 
     def score(self, ids, V):
-        batch = V.shape[0]
-        e = V.reshape(batch, -1)
+        e = V.flatten(1)
         parts = [self.crossnet(e)]
         if self.dnn is not None:
             parts.append(self.dnn(e))

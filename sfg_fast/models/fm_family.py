@@ -73,8 +73,7 @@ class DeepFM(_PairwiseModel):
         self._record(hidden_units=list(hidden_units), dropout=dropout, batch_norm=batch_norm)
 
     def score(self, ids, V):
-        batch = V.shape[0]
-        return self.linear(ids) + self.interaction(V) + self.dnn(V.reshape(batch, -1)).squeeze(1)
+        return self.linear(ids) + self.interaction(V) + self.dnn(V.flatten(1)).squeeze(1)
 
 
 class IPNN(CTRModel):
@@ -92,7 +91,6 @@ class IPNN(CTRModel):
         self._record(hidden_units=list(hidden_units), dropout=dropout, batch_norm=batch_norm)
 
     def score(self, ids, V):
-        batch = V.shape[0]
         products = SF.pairwise_products(self.generate(V), V, "upper",
                                         backend=module_backend(self.backend, "pairwise_products"))
-        return self.dnn(torch.cat([V.reshape(batch, -1), products], dim=1)).squeeze(1)
+        return self.dnn(torch.cat([V.flatten(1), products], dim=1)).squeeze(1)
