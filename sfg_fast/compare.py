@@ -224,6 +224,30 @@ def _preflight(names, variants, config_path, overrides, seed) -> None:
                 log.debug("preflight of %s (%s) skipped: %s", model, variant, exc)
 
 
+def _remove_earlier_comparison(out: str) -> None:
+    """With overwrite: the run directories an earlier comparison in ``out`` recorded (compare.json) go, so
+    that ``out`` never mixes two comparisons' runs. Only run directories inside ``out`` are removed."""
+    import shutil
+    path = os.path.join(out, "compare.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            earlier = json.load(fh)
+    except (OSError, ValueError):
+        return                       # not readable: nothing is known about its runs, nothing is removed
+    root = os.path.realpath(out)
+    for run in list(earlier.get("runs") or []) + list(earlier.get("failures") or []):
+        run_dir = run.get("out") if isinstance(run, dict) else None
+        if not isinstance(run_dir, str):
+            continue
+        real = os.path.realpath(run_dir)
+        if os.path.dirname(real) == root and os.path.isdir(real) and any(
+                os.path.exists(os.path.join(real, name)) for name in RUN_FILES):
+            shutil.rmtree(real)
+    os.remove(path)
+
+
 def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int, str, Sequence[int]] = 3,
             out: str = os.path.join("runs", "compare"), config_path: Optional[str] = None,
             overrides: Optional[Dict[str, Any]] = None, variants: Sequence[str] = ("base", "sfg"),
@@ -262,6 +286,8 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
             raise ValueError(f"{out} already holds the results of an earlier comparison ({held[0]}"
                              f"{f' and {len(held) - 1} more files' if len(held) > 1 else ''}); choose another --out, "
                              f"or pass --overwrite (overwrite=True) to train every run again and replace them")
+    if overwrite:
+        _remove_earlier_comparison(out)
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     datasets: Dict[str, Any] = {}

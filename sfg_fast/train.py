@@ -1385,6 +1385,8 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
                          "its ids would select other rows' embeddings); use the run directory that trained it")
     if int8 is not None:
         from . import serving
+        if not os.path.exists(int8):
+            raise FileNotFoundError(f"{int8} does not exist: quantize the run first (sfg-fast quantize {run_dir})")
         model = serving.load_quantized(int8).to(dev)
         if model.feature_map_digest != ckpt["feature_map_digest"]:
             raise ValueError(f"{int8} was not quantised from this run (its feature map digest "
@@ -1400,7 +1402,8 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
         if "column" in str(exc) or "header" in str(exc):
             hint = ("a file without a label column needs --unlabeled (labeled=False)" if labeled else
                     "--unlabeled (labeled=False) expects files without the label column")
-            raise type(exc)(f"{exc}; {hint}") from exc
+            # a plain ValueError: BadLineError's constructor takes (path, line, reason), not a message
+            raise ValueError(f"{exc}; {hint}") from exc
         raise
     ids, labels = _split_tensors(data.train, "input")
     if ids.shape[0] == 0:

@@ -209,6 +209,13 @@ def test_compare_refuses_an_out_holding_an_earlier_comparison(tmp_path, tiny):
     again = compare(["fm"], seeds=1, out=str(out), overrides=dict(overrides, epochs=2), variants=("sfg",),
                     overwrite=True)
     assert again["runs"][0]["epochs_run"] == 2
+    # overwrite replaces the earlier comparison whole: its runs the new one does not redo go too
+    compare(["fm"], seeds=2, out=str(out), overrides=overrides, variants=("sfg",), overwrite=True)
+    assert (out / "fm-sfg-seed2019" / "results.json").exists()
+    (out / "notes.txt").write_text("the user's own file")
+    compare(["fm"], seeds=1, out=str(out), overrides=overrides, variants=("sfg",), overwrite=True)
+    assert not (out / "fm-sfg-seed2019").exists() and (out / "fm-sfg-seed2018" / "results.json").exists()
+    assert (out / "notes.txt").read_text() == "the user's own file"
 
 
 def test_resume_of_finished_run_does_not_train(tmp_path, tiny):
@@ -864,6 +871,25 @@ def test_a_criteo_run_from_before_the_text_encoding_resumes_and_predicts(tmp_pat
     T.analyze_checkpoint(str(out), max_samples=50, out=str(tmp_path / "a"))
     with pytest.raises(ValueError, match="text_encoding must be"):
         T.Trainer(_config(tmp_path, "bad", text_encoding="ascii"))
+
+
+def test_predict_names_a_malformed_line_and_an_int8_model_not_made_yet(tmp_path):
+    from test_data import write_criteo
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rows = write_criteo(data_dir / "train.txt", num_rows=300)
+    out = tmp_path / "run"
+    T.train(dict(model="fm", dataset="criteo", data_dir=str(data_dir), cache_dir=False, epochs=1, batch_size=64,
+                 embedding_dim=4, out=str(out), verbose=0, threads=1))
+    new = tmp_path / "new"
+    new.mkdir()
+    lines = ["\t".join(r) for r in rows[:5]]
+    lines[2] = "\t".join(rows[2][:-1])
+    (new / "train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 3: expected 40 columns.*--unlabeled"):
+        T.predict_checkpoint(str(out), data_dir=str(new), out=str(tmp_path / "p"))
+    with pytest.raises(FileNotFoundError, match="quantize the run first"):
+        T.predict_checkpoint(str(out), out=str(tmp_path / "p"), int8=str(out / "serving" / "model-int8.pt"))
 
 
 def test_resume_of_a_run_that_kept_a_relative_data_dir(tmp_path, tiny, monkeypatch):

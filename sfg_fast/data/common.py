@@ -29,7 +29,8 @@ class BadLineError(ValueError):
     """A malformed input line; ``path`` and the 1-based ``line`` number say where."""
 
     def __init__(self, path: str, line: int, reason: str):
-        super().__init__(f"{path}: line {line}: {reason} (pass skip_bad_lines=True to skip such lines)")
+        super().__init__(f"{path}: line {line}: {reason} (skip_bad_lines=True skips such lines: on the command "
+                         f"line --set skip_bad_lines=true, or predict's --skip-bad-lines)")
         self.path = path
         self.line = line
         self.reason = reason
