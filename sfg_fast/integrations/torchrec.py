@@ -192,16 +192,15 @@ class TorchRecFieldEmbedding(FieldDimsState, nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = self._checked_ids(ids)
+        # V in the tables' dtype, as FieldEmbedding's (TorchRec hands its pooled output back as float32
+        # whatever the tables hold); read from the parameters, which a sharded module keeps too
+        dtype = next((p.dtype for p in self.ebc.parameters()), torch.float32)
         if ids.shape[0] == 0:
             # torchrec's KeyedJaggedTensor cannot describe an empty batch; the native module returns [0, N, D]
-            weight = self.tables()[0]
-            return weight.new_zeros(0, len(self.field_dims), self.embedding_dim)
+            return torch.zeros(0, len(self.field_dims), self.embedding_dim, dtype=dtype, device=ids.device)
         pooled = self.ebc(ids_to_kjt(ids, self.feature_names))
         V = keyed_tensor_to_fields(pooled, self.feature_names)
         V = V if self.storage_dim == self.embedding_dim else V[..., :self.embedding_dim].contiguous()
-        # TorchRec hands its pooled output back as float32 whatever the tables hold; V is in the tables'
-        # dtype, as FieldEmbedding's (and this module's own empty batch) is
-        dtype = next((p.dtype for p in self.ebc.parameters()), V.dtype)
         return V if V.dtype == dtype or not dtype.is_floating_point else V.to(dtype)
 
     def tables(self) -> List[torch.Tensor]:
