@@ -245,7 +245,7 @@ def _sfg_interaction_fwd_kernel(
                             stride_ib, stride_in, stride_xb, stride_xn, stride_xd, GATHER)
         else:
             y = tl.load(y_ptr + rows[:, None] * stride_yb + o64 * stride_yn
-                        + d[None, :].to(tl.int64) * stride_yd,
+                        + d[None, :] * stride_yd,
                         mask=mask_bd, other=0.0).to(tl.float32)
         if STORE_Z:
             tl.store(z_ptr + rows[:, None] * N * D + o64 * D + d[None, :], y, mask=mask_bd)
@@ -302,7 +302,7 @@ def _sfg_interaction_bwd_dy_kernel(
             dy = g[:, None] * acc_t
         else:
             dy = tl.load(dz_ptr + rows[:, None] * stride_zb + o64 * stride_zn
-                         + d[None, :].to(tl.int64) * stride_zd,
+                         + d[None, :] * stride_zd,
                          mask=mask_bd, other=0.0).to(tl.float32)
         if Y_MODE == 0:
             h = acc_h
@@ -320,7 +320,7 @@ def _sfg_interaction_bwd_dy_kernel(
                             stride_ib, stride_in, stride_xb, stride_xn, stride_xd, GATHER)
         else:
             y = tl.load(y_ptr + rows[:, None] * stride_yb + o64 * stride_yn
-                        + d[None, :].to(tl.int64) * stride_yd,
+                        + d[None, :] * stride_yd,
                         mask=mask_bd, other=0.0).to(tl.float32)
         if KIND != 0:
             tl.store(gy_ptr + out_offs + o64 * D, g[:, None] * y, mask=mask_bd)
@@ -361,12 +361,10 @@ def _sfg_interaction_bwd_dx_kernel(
             if KIND != 0:
                 gy = tl.load(gy_ptr + buf_offs + o64 * D, mask=mask_bd, other=0.0)
                 if KIND == 1:
-                    r = tl.load(dec_ptr + o64 * stride_d0 + k64 * stride_d1)
-                    r = r.to(tl.float32)
+                    r = tl.load(dec_ptr + o64 * stride_d0 + k64 * stride_d1).to(tl.float32)
                     acc += r * gy
                 elif KIND == 2:
-                    u = tl.load(dec_ptr + o64 * stride_d0 + k64 * stride_d1
-                                + d.to(tl.int64) * stride_d2,
+                    u = tl.load(dec_ptr + o64 * stride_d0 + k64 * stride_d1 + d * stride_d2,
                                 mask=mask_d, other=0.0).to(tl.float32)
                     acc += u[None, :] * gy
                 else:
@@ -428,8 +426,8 @@ def _sfg_interaction_bwd_dw_kernel(
                 acc_vec += tl.sum(x * gy, axis=0)
     mask_dd = mask_d[:, None] & mask_d[None, :]
     if HAS_ENC:
-        r = (o64 * D + d).to(tl.int64)
-        c = (k64 * D + d).to(tl.int64)
+        r = o64 * D + d
+        c = k64 * D + d
         tl.store(d_enc_w_ptr + r[:, None] * N * D + c[None, :], acc_w, mask=mask_dd)
         if HAS_BIAS:
             if k64 == 0:

@@ -137,6 +137,19 @@ def check_positive_finite(name: str, value) -> float:
     return number
 
 
+def check_init_std(init_std) -> float:
+    """The tables' initial standard deviation: a finite real number >= 0 (Python, numpy or a 0-d tensor)."""
+    if is_bool(init_std):
+        raise TypeError(f"init_std must be a real number, got {init_std!r}")
+    try:
+        value = float(init_std)
+    except (TypeError, ValueError):
+        raise TypeError(f"init_std must be a real number, got {init_std!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"init_std must be a finite number >= 0, got {value!r}")
+    return value
+
+
 def check_betas(value) -> Tuple[float, float]:
     """Adam's (beta1, beta2): two numbers in [0, 1)."""
     try:

@@ -278,7 +278,9 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
     seed_list = parse_seeds(seeds, first_seed)
     for seed in seed_list:
         _preflight(names, variants, config_path, overrides, seed)
-    if not overwrite:
+    if overwrite:
+        _remove_earlier_comparison(out)
+    else:
         held = [os.path.join(out, f"{model}-{variant}-seed{seed}", name) for model in names for variant in variants
                 for seed in seed_list for name in RUN_FILES]
         held = [path for path in held + [os.path.join(out, "compare.json")] if os.path.exists(path)]
@@ -286,8 +288,6 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
             raise ValueError(f"{out} already holds the results of an earlier comparison ({held[0]}"
                              f"{f' and {len(held) - 1} more files' if len(held) > 1 else ''}); choose another --out, "
                              f"or pass --overwrite (overwrite=True) to train every run again and replace them")
-    if overwrite:
-        _remove_earlier_comparison(out)
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     datasets: Dict[str, Any] = {}

@@ -578,11 +578,11 @@ DIST_RESUME_OVERRIDABLE = ("max_steps", "resume", "sharding")
 def _check_resume(manifest: Dict[str, Any], config: Dict[str, Any], world: int, fingerprint: str,
                   path: str) -> None:
     """Refuse resuming ``manifest`` with another experiment (config, world size or data)."""
-    from .train import RESUME_OVERRIDABLE, _jsonable, checkpoint_config
+    from .train import RESUME_OVERRIDABLE, _jsonable, absolute_data_paths, checkpoint_config
 
     skip = set(RESUME_OVERRIDABLE) | set(DIST_RESUME_OVERRIDABLE)
-    saved = {k: v for k, v in checkpoint_config(manifest).items() if k not in skip}
-    ours = {k: v for k, v in _jsonable(config).items() if k not in skip}
+    saved = {k: v for k, v in checkpoint_config(manifest).items() if k not in skip}   # (data paths absolute)
+    ours = {k: v for k, v in absolute_data_paths(dict(_jsonable(config))).items() if k not in skip}
     differs = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
     if differs:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in differs[:6])

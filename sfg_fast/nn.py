@@ -4,7 +4,6 @@ Shape letters (B, N, D, V, P) are defined in ``sfg_fast.functional``.
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional, Sequence, Tuple
 
@@ -96,19 +95,6 @@ def _field_buffers(dims, device) -> Tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(dims, dtype=torch.int64, device=device))
 
 
-def check_init_std(init_std) -> float:
-    """The tables' initial standard deviation: a finite real number >= 0 (Python, numpy or a 0-d tensor)."""
-    if C.is_bool(init_std):
-        raise TypeError(f"init_std must be a real number, got {init_std!r}")
-    try:
-        value = float(init_std)
-    except (TypeError, ValueError):
-        raise TypeError(f"init_std must be a real number, got {init_std!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"init_std must be a finite number >= 0, got {value!r}")
-    return value
-
-
 class FieldDimsState:
     """Mixin for per-field table modules: ``state_dict()`` records ``field_dims`` in the state dict's
     metadata (``state_dict._metadata[prefix]``; no new key, so older files and every key-based
@@ -185,7 +171,7 @@ class FieldEmbedding(FieldDimsState, nn.Module):
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim))
         self.register_buffer("clamped_count", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.init_std = check_init_std(init_std)
+        self.init_std = C.check_init_std(init_std)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -217,10 +203,8 @@ class FieldEmbedding(FieldDimsState, nn.Module):
 def _check_encoder_options(activation, gamma, bias, residual, dropout) -> None:
     """The encoder's options, checked where a layer built without one (generative=False) still takes them:
     a wrong value is an error either way, never silently ignored."""
-    C.check_choice("activation", activation, tuple(C.ACTIVATIONS))
-    C.check_gamma(gamma)
+    C.check_encoder_options(activation, gamma, residual)
     _flag("bias", bias)
-    _flag("residual", residual)
     _dropout(dropout)
 
 
@@ -252,10 +236,7 @@ class SFGEncoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation (what the encoder starts from): W and b uniform in +-1/sqrt(N*D)."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.weight.shape[1]) if self.weight.shape[1] > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
+        nn.Linear.reset_parameters(self)     # reads self.weight and self.bias, the encoder's own
 
     @torch.no_grad()
     def reset_to_identity(self) -> None:
@@ -294,14 +275,12 @@ class PairwiseDecoder(nn.Module):
         self.kind, self.pairs, self.generated_side = kind, pairs, generated_side
         self.symmetric = _flag("symmetric", symmetric)
         self.backend = backend
-        if kind == "identity":
+        shape = {"identity": None, "scalar": (n, n), "vector": (n, n, d), "matrix": (n, n, d, d)}[kind]
+        if shape is None:
             self.register_parameter("weight", None)
-        elif kind == "scalar":
-            self.weight = nn.Parameter(torch.ones(n, n))
-        elif kind == "vector":
-            self.weight = nn.Parameter(torch.ones(n, n, d))
         else:
-            self.weight = nn.Parameter(torch.eye(d).expand(n, n, d, d).clone())
+            self.weight = nn.Parameter(torch.empty(shape))
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -39,7 +39,7 @@ from torch import nn
 
 from . import _checks as C
 from ._backend import ENV_VAR, BackendUnavailableError, _assume_constant_result, unavailable_reason
-from .nn import FieldDimsState, check_ids_width, check_init_std, clamp_ids_to_oov, init_table_fields
+from .nn import FieldDimsState, check_ids_width, clamp_ids_to_oov, init_table_fields
 
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]
 
@@ -690,9 +690,9 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype for the table, got {dtype!r}")
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim, dtype=dtype))
-        self.init_std = check_init_std(init_std)
-        nn.init.normal_(self.weight, std=self.init_std)
+        self.init_std = C.check_init_std(init_std)
         self.optimizer.prepare(self.weight)     # a compiled graph needs the state before the first step
+        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -113,9 +113,18 @@ RESUME_OVERRIDABLE = ("epochs", "verbose", "threads", "device", "out", "eval_bat
 LEGACY_CONFIG = {"monitor": "AUC", "text_encoding": "latin-1"}
 
 
+def absolute_data_paths(config: Dict[str, Any]) -> Dict[str, Any]:
+    """``config``'s data_dir and cache_dir made absolute (and ~ expanded), in place; returns it."""
+    for key in ("data_dir", "cache_dir"):
+        if isinstance(config.get(key), str) and config[key]:
+            config[key] = os.path.abspath(os.path.expanduser(config[key]))
+    return config
+
+
 def checkpoint_config(ckpt: Dict[str, Any]) -> Dict[str, Any]:
-    """A copy of a checkpoint's (or manifest's) config with the keys it predates set to what its run did."""
-    config = dict(ckpt.get("config") or {})
+    """A copy of a checkpoint's (or manifest's) config with the keys it predates set to what its run did,
+    and its data paths absolute (older runs kept them as typed)."""
+    config = absolute_data_paths(dict(ckpt.get("config") or {}))
     if "monitor" in config and "text_encoding" not in config:
         # written by the few commits that read UTF-8 and knew monitor before the key was recorded
         config["text_encoding"] = "utf-8"
@@ -766,11 +775,8 @@ class Trainer:
         self.train_cfg, self.hparams, self.ignored_keys = split_config(config)
         _check_train_config(self.train_cfg)
         _check_plain_config(config)
-        for key in ("data_dir", "cache_dir"):
-            if isinstance(config.get(key), str) and config[key]:
-                # stored absolute: predict, analyze and quantize read the data (and its cache) again from
-                # other directories
-                config[key] = os.path.abspath(os.path.expanduser(config[key]))
+        # stored absolute: predict, analyze and quantize read the data (and its cache) again from other directories
+        absolute_data_paths(config)
         self.config = config
         if config["out"] is None:
             config["out"] = default_out_dir(config)
@@ -1111,8 +1117,6 @@ class Trainer:
         best = load_checkpoint(path, map_location=self.device)
         stop = best.get("early_stopping", {})
         theirs = {k: v for k, v in checkpoint_config(best).items() if k not in RESUME_OVERRIDABLE}
-        if isinstance(theirs.get("data_dir"), str) and theirs["data_dir"]:
-            theirs["data_dir"] = os.path.abspath(os.path.expanduser(theirs["data_dir"]))   # older runs kept it as typed
         ours = {k: v for k, v in _jsonable(self.config).items() if k not in RESUME_OVERRIDABLE}
         if best.get("epoch") != self.best_epoch or stop.get("best_auc") != self.best_auc or theirs != ours:
             differs = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -1201,15 +1205,9 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
     file = resolve_checkpoint(path)
     ckpt = load_checkpoint(file)
     config = checkpoint_config(ckpt)
-    for key in ("data_dir", "cache_dir"):
-        if isinstance(config.get(key), str) and config[key]:
-            config[key] = os.path.abspath(os.path.expanduser(config[key]))   # older runs kept it as typed
     if overrides.get("out", "") is None:
         del overrides["out"]                      # out=None: the checkpoint's directory, as when not given
-    for key in ("data_dir", "cache_dir"):
-        if isinstance(overrides.get(key), str) and overrides[key]:
-            # kept absolute in the config (Trainer): the same folder given relative is no change
-            overrides[key] = os.path.abspath(os.path.expanduser(overrides[key]))
+    absolute_data_paths(overrides)                # the same folder given relative is no change
     for key, value in overrides.items():
         if key not in RESUME_OVERRIDABLE and config.get(key) != value:
             raise ValueError(f"cannot change {key!r} when resuming ({config.get(key)!r} -> {value!r}); "

@@ -232,8 +232,6 @@ def open_text(path: str, encoding: str = TEXT_ENCODING):
     Lines end at "\n" only, exactly where :func:`count_lines` counts them (a stray "\r" must not start
     a line: the reader sizes its split from that count, so an extra line would push a real row off the
     end); a "\r" before the "\n" (CRLF) is stripped by the readers."""
-    if encoding not in BYTE_ORDER_MARK:
-        raise ValueError(f"encoding must be one of {sorted(BYTE_ORDER_MARK)}, got {encoding!r}")
     errors = "surrogateescape" if encoding == "utf-8" else "strict"
     if is_gzip(path):
         return gzip.open(path, "rt", encoding=encoding, errors=errors, newline="\n")

@@ -56,7 +56,8 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
         **options: per dataset: ``split`` (three ratios; defaults movielens100k/avazu/synthetic 8:1:1,
             criteo 7:2:1); movielens100k ``genre`` ('first' | 'combination'), ``threshold`` (4.0);
             criteo/avazu ``chunk_rows``, ``encoding`` (how tokens are decoded: "utf-8", bytes that are not
-            UTF-8 kept distinct, or "latin-1", one character per byte; a feature map brings its own); synthetic ``vocab_scale``, ``zipf_a``, ``embed_dim``,
+            UTF-8 kept distinct, or "latin-1", one character per byte; a feature map brings its own);
+            synthetic ``vocab_scale``, ``zipf_a``, ``embed_dim``,
             ``target_ctr``, ``linear_std``, ``pairwise_std`` (see :func:`sfg_fast.data.synthetic.generate`).
     Returns:
         CTRData with ``schema``, ``train``/``valid``/``test`` and ``info`` (source, rows, seed,

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import _checks as C
 from .._backend import BACKENDS
-from ..nn import FieldDimsState, check_init_std
+from ..nn import FieldDimsState
 
 __all__ = ["INSTALL_LINES", "check_versions", "ids_to_kjt", "keyed_tensor_to_fields", "default_feature_names",
            "TorchRecFieldEmbedding", "torchrec_embeddings", "convert_native_state_dict"]
@@ -160,7 +160,7 @@ class TorchRecFieldEmbedding(FieldDimsState, nn.Module):
         self.storage_dim = -(-self.embedding_dim // 4) * 4
         C.check_choice("backend", backend, BACKENDS)
         self.backend = backend  # kept for the FieldEmbedding contract; FBGEMM does the lookup
-        self.init_std = check_init_std(init_std)
+        self.init_std = C.check_init_std(init_std)
         self.num_clamped = 0
         names = default_feature_names(self.num_fields) if feature_names is None else feature_names
         self.feature_names = _check_feature_names(names, self.num_fields)
