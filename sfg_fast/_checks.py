@@ -70,16 +70,21 @@ def is_bool(value) -> bool:
             or isinstance(value, torch.Tensor) and value.dtype == torch.bool)
 
 
+def real_number(name: str, value) -> float:
+    """``value`` as a float: a Python, numpy or 0-d tensor number, never a bool (TypeError naming ``name``)."""
+    if is_bool(value):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+
+
 def check_gamma(gamma) -> float:
     if isinstance(gamma, torch.Tensor) and gamma.requires_grad:
         raise TypeError("gamma must be a number: it is a fixed hyper-parameter, and a tensor that requires grad "
                         "would silently get no gradient")
-    if is_bool(gamma):
-        raise TypeError(f"gamma must be a real number, got {gamma!r}")
-    try:
-        value = float(gamma)
-    except (TypeError, ValueError):
-        raise TypeError(f"gamma must be a real number, got {gamma!r}") from None
+    value = real_number("gamma", gamma)
     if torch.compiler.is_compiling():
         # torch.compile(dynamic=True) traces a module's float attribute as a symbol whose value cannot
         # be tested here; the layers check gamma when they are built (SFGEncoder, SFGInteraction)
@@ -139,12 +144,7 @@ def check_positive_finite(name: str, value) -> float:
 
 def check_init_std(init_std) -> float:
     """The tables' initial standard deviation: a finite real number >= 0 (Python, numpy or a 0-d tensor)."""
-    if is_bool(init_std):
-        raise TypeError(f"init_std must be a real number, got {init_std!r}")
-    try:
-        value = float(init_std)
-    except (TypeError, ValueError):
-        raise TypeError(f"init_std must be a real number, got {init_std!r}") from None
+    value = real_number("init_std", init_std)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"init_std must be a finite number >= 0, got {value!r}")
     return value
