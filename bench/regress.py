@@ -272,7 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--baseline", required=True, help="baseline result JSON (bench/baselines/<device>.json)")
     p.add_argument("--current", default=None, help="result JSON to check (default: run the suite now)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="allowed relative slow-down of time/literal (default 0.25)")
+                   help="allowed relative slow-down of (current / baseline time) / the run's speed factor "
+                        "(default 0.25)")
     p.add_argument("--z", type=float, default=DEFAULT_Z,
                    help="standard errors of measurement noise a slow-down must clear beyond the tolerance "
                         "(default 2; 0 = tolerance only)")

@@ -142,7 +142,7 @@ def module_backend(backend: str, op: str) -> str:
     the same device), so every model trains on it. When the extension itself is missing the backend
     stays as asked, so the op raises and says why.
     """
-    if backend in ("cpu", "cuda"):
+    if backend in ("cpu", "cuda", "auto"):
         return _module_backend_choice(backend, op)
     return backend
 
@@ -150,7 +150,14 @@ def module_backend(backend: str, op: str) -> str:
 @_assume_constant_result
 def _module_backend_choice(backend: str, op: str) -> str:
     """module_backend's choice for the extension's backends, run eagerly while compiling (loading the
-    backends imports modules, which Dynamo cannot trace; the choice is baked into the graph)."""
+    backends imports modules, which Dynamo cannot trace; the choice is baked into the graph). A layer
+    left on "auto" under ``SFG_FAST_BACKEND=cpu`` (or ``cuda``) chooses as one built with that backend:
+    the variable stands for the backend every layer is built with."""
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env not in ("cpu", "cuda"):
+            return backend
+        backend = env
     if _extension_status() is None:
         from .ops import load_backends
         load_backends()

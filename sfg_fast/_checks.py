@@ -71,8 +71,9 @@ def is_bool(value) -> bool:
 
 
 def real_number(name: str, value) -> float:
-    """``value`` as a float: a Python, numpy or 0-d tensor number, never a bool (TypeError naming ``name``)."""
-    if is_bool(value):
+    """``value`` as a float: a Python, numpy or 0-d tensor number, never a bool or a string (TypeError
+    naming ``name``: ``float("0.1")`` would parse a config value that was never converted)."""
+    if is_bool(value) or isinstance(value, (str, bytes, bytearray)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         return float(value)
@@ -85,11 +86,10 @@ def check_gamma(gamma) -> float:
         raise TypeError("gamma must be a number: it is a fixed hyper-parameter, and a tensor that requires grad "
                         "would silently get no gradient")
     value = real_number("gamma", gamma)
-    if torch.compiler.is_compiling():
-        # torch.compile(dynamic=True) traces a module's float attribute as a symbol whose value cannot
-        # be tested here; the layers check gamma when they are built (SFGEncoder, SFGInteraction)
-        return value
-    if not math.isfinite(value):
+    # x - x == 0 holds exactly for finite x (NaN and inf give NaN). Unlike math.isfinite it also traces:
+    # torch.compile(dynamic=True) sees a module's float attribute as a symbol, for which the test folds
+    # to True (the layers check gamma when they are built), while a concrete NaN is still refused
+    if not (value - value == 0):
         raise ValueError(f"gamma must be finite, got {gamma!r}")
     return value
 
@@ -134,8 +134,8 @@ def pair_index(num_fields: int, pairs: str, device=None):
 def check_positive_finite(name: str, value) -> float:
     """A positive finite float hyper-parameter (lr, eps), named in the error."""
     try:
-        number = float(value)
-    except (TypeError, ValueError):
+        number = real_number(name, value)
+    except TypeError:
         raise TypeError(f"{name} must be a positive finite number, got {value!r}") from None
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -153,7 +153,9 @@ def check_init_std(init_std) -> float:
 def check_betas(value) -> Tuple[float, float]:
     """Adam's (beta1, beta2): two numbers in [0, 1)."""
     try:
-        pair = tuple(float(b) for b in value)
+        if isinstance(value, (str, bytes, bytearray)):
+            raise TypeError
+        pair = tuple(real_number("betas", b) for b in value)
     except (TypeError, ValueError):
         raise TypeError(f"betas must be two numbers in [0, 1), got {value!r}") from None
     if len(pair) != 2 or not all(0.0 <= b < 1.0 for b in pair):   # NaN fails the comparison too
@@ -171,6 +173,12 @@ def check_ids(ids) -> None:
         raise ValueError(f"ids must have shape [B, N], got {_shape(ids)}")
 
 
+def on_meta(*tensors: torch.Tensor) -> bool:
+    """True when a tensor lives on the meta device: it has a shape but no values, so the checks that
+    read values (ids in range, offsets, labels) have nothing to read; the shape checks still run."""
+    return any(t.is_meta for t in tensors)
+
+
 def capturing(t: torch.Tensor) -> bool:
     """True while a CUDA graph is being captured on the current stream. No host sync is allowed then,
     so the data checks become device-side asserts (``torch._assert_async``): a bad value fails the
@@ -184,7 +192,7 @@ def check_offsets_and_ids(ids: torch.Tensor, offsets: torch.Tensor, num_rows: in
     the offsets test and the id test are reduced on the device into one flag, and only a failing
     flag runs the checks that find and name the culprit. Returns the field sizes."""
     sizes = field_sizes(offsets, num_rows)
-    if offsets.numel():
+    if offsets.numel() and not on_meta(ids, offsets):
         problem = ((ids < 0) | (ids >= sizes)).any() | _bad_offsets(offsets, num_rows)
         if capturing(ids):
             torch._assert_async(~problem, f"ids outside their field's [0, size) or bad offsets into {table} "
@@ -242,7 +250,7 @@ def _bad_offsets(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
 def check_offsets(offsets: torch.Tensor, num_rows: int, table: str = "weight") -> torch.Tensor:
     """Validate offsets (reads them) and return the field sizes."""
     sizes = field_sizes(offsets, num_rows)
-    if offsets.numel() and bool(_bad_offsets(offsets, num_rows)):
+    if offsets.numel() and not on_meta(offsets) and bool(_bad_offsets(offsets, num_rows)):
         raise ValueError(f"offsets must be non-decreasing, start >= 0 and stay below {table} rows "
                          f"({num_rows}), got {offsets.tolist()}")
     return sizes
@@ -250,6 +258,8 @@ def check_offsets(offsets: torch.Tensor, num_rows: int, table: str = "weight") -
 
 def check_ids_in_range(ids: torch.Tensor, sizes: torch.Tensor) -> None:
     """Raise IndexError naming the first field with an id outside [0, field size). Reads ids."""
+    if on_meta(ids, sizes):
+        return
     bad = (ids < 0) | (ids >= sizes)    # compared in int64: a field past 2^31 rows must not wrap for int32 ids
     if bool(bad.any()):
         field = int(bad.any(0).nonzero()[0, 0])
@@ -264,7 +274,9 @@ def clamp_to_oov(ids: torch.Tensor, sizes: torch.Tensor):
     """Remap out-of-range ids to their field's last id (the OOV row). Returns (ids, count) with ids
     in their own dtype. A field without rows (equal offsets, or the last one at the table's end) has
     no OOV row: ValueError naming it (its last id would be another field's first row, or past the
-    table). One host sync."""
+    table). One host sync. Meta tensors hold no ids to remap: returned as they are, none counted."""
+    if on_meta(ids, sizes):
+        return ids.clone(), 0
     bad = (ids < 0) | (ids >= sizes)    # int64 comparison (sizes may exceed int32 ids' range)
     if not ids.numel():     # no ids: the dtype a batch would get, and a new tensor (never ids itself)
         return widen_for_oov(ids, int(sizes.max()) if sizes.numel() else 0).clone(), 0
@@ -382,7 +394,7 @@ def check_bce(logits, labels, reduction, values: bool = True) -> None:
 
 def check_label_values(labels) -> None:
     """Labels finite and in [0, 1]: one host sync (a device-side assert while a CUDA graph captures)."""
-    if labels.numel():
+    if labels.numel() and not on_meta(labels):
         lab = labels if labels.is_floating_point() else labels.to(torch.float32)
         # one host sync per call: NaN fails both comparisons, so one test catches NaN, inf and range
         valid = ((lab >= 0) & (lab <= 1)).all()

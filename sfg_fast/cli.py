@@ -355,6 +355,7 @@ def _run_predict(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``sfg-fast`` console script; returns the exit status."""
+    from ._backend import BackendUnavailableError
     from .train import TrainingDiverged
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -373,7 +374,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingDiverged as exc:
         print(f"sfg-fast {args.command}: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError, OSError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, ImportError, BackendUnavailableError) as exc:
         print(f"sfg-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

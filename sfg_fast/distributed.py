@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import functional as SF
+from ._backend import module_backend
 
 __all__ = ["SHARDINGS", "EMBEDDING_OPTIMIZERS", "DIST_DEFAULTS", "init_distributed", "make_sharding_plan",
            "ShardedModel", "shard_model", "distributed_auc", "gather_to_all", "run_distributed_training"]
@@ -216,7 +217,8 @@ class ShardedModel:
         """
         self.dmp.train()
         logits = self.dmp(ids.to(self.device, non_blocking=True))
-        loss = SF.bce_with_logits(logits, labels.to(self.device, dtype=logits.dtype), reduction="mean")
+        loss = SF.bce_with_logits(logits, labels.to(self.device, dtype=logits.dtype), reduction="mean",
+                                  backend=module_backend("auto", "bce_with_logits"))
         world, rank = dist.get_world_size(), dist.get_rank()
         local = float(loss.detach())
         rows = int(labels.shape[0])

@@ -19,13 +19,14 @@ and the weight. ``sfg_logits`` never casts the table: it gathers first and casts
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from . import _checks as C
 from . import factored, reference
-from ._backend import module_backend, resolve
+from ._backend import ENV_VAR, BackendUnavailableError, module_backend, resolve
 
 __all__ = ["embedding_lookup", "sfg_encode", "pairwise_decode", "pairwise_products",
            "generative_cross", "bce_with_logits", "sfg_logits", "sfg_interaction"]
@@ -53,6 +54,21 @@ def register_impl(backend: str, op: str, fn) -> None:
     register(backend, op)
 
 
+def _in_functorch_transform(backend: str, op: str):
+    """The implementation inside a torch.func transform (vmap, grad, jacrev, ...): the factored torch ops,
+    which the transforms see through. The compiled kernels' autograd Functions cannot run there (raw
+    pointers into wrapped tensors), so "auto" takes torch (as SFG_FAST_BACKEND=auto does) and an explicit
+    kernel backend is refused, naming the one that works."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if backend == "auto" and env in ("", "auto", "torch"):
+        return getattr(factored, op)
+    if backend == "auto" and env == "reference":
+        return None
+    raise BackendUnavailableError(
+        f"backend {(env if backend == 'auto' else backend)!r} is unavailable for {op} inside a torch.func "
+        "transform (vmap, grad, jacrev, ...): its kernels take raw tensors; use backend='torch' (or 'auto')")
+
+
 def _impl(backend: str, op: str, device: torch.device):
     if torch.compiler.is_compiling():
         # opaque backends become custom ops so the whole model stays one graph (sfg_fast.library)
@@ -60,6 +76,8 @@ def _impl(backend: str, op: str, device: torch.device):
     if backend != "torch" and backend != "reference":
         from .ops import load_backends
         load_backends()
+    if backend in ("auto", "cpu", "cuda", "triton") and torch._C._functorch.peek_interpreter_stack() is not None:
+        return _in_functorch_transform(backend, op)
     chosen = resolve(backend, op, device)
     if chosen == "reference":
         return None
@@ -78,8 +96,9 @@ def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
         offsets: int64 ``[N]`` first row of each field in ``weight`` (exclusive cumsum of field_dims).
         bounds_check: ``"fatal"`` raises IndexError naming the field and id; ``"clamp_to_oov"``
             remaps bad ids to the field's last id (the OOV row); ``"off"`` skips the separate check
-            (no host sync on a GPU) and trusts the ids, except on the ``cpu`` backend, whose C++
-            kernels still scan the ids they address memory with and raise the fatal mode's error.
+            (no host sync on a GPU) and trusts the ids and the offsets (FBGEMM's ``NONE``), except on
+            the ``cpu`` backend, whose C++ kernels still scan the ids and offsets they address memory
+            with and raise the fatal mode's error (the ``reference`` backend checks the offsets too).
     Returns:
         ``[B, N, D]`` embeddings, differentiable with respect to ``weight``.
     """

@@ -15,6 +15,20 @@ from typing import Optional, Tuple
 import numpy as np
 
 
+def _as_array(values, dtype) -> np.ndarray:
+    """A numpy array of ``values`` (sequences, numpy arrays or tensors of any device, dtype or grad)."""
+    try:
+        import torch
+    except ImportError:     # pragma: no cover (torch is a dependency; the metric itself needs only numpy)
+        torch = None
+    if torch is not None and isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        if values.is_floating_point() and values.dtype != torch.float64:
+            values = values.to(torch.float64)     # bf16 / fp16 have no numpy dtype
+        values = values.numpy()
+    return np.asarray(values, dtype=dtype)
+
+
 def group_auc(labels, scores, groups, exclude=None) -> Tuple[Optional[float], int]:
     """``(gAUC, number of groups that counted)``; gAUC is None when no group holds both classes.
 
@@ -28,12 +42,12 @@ def group_auc(labels, scores, groups, exclude=None) -> Tuple[Optional[float], in
     Per group, AUC is the Mann-Whitney statistic with tied scores given their average rank (as
     ``sklearn.metrics.roc_auc_score``); everything is vectorised over one sort of the n samples.
     """
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    g = np.asarray(groups).reshape(-1)
-    if not (y.shape == s.shape == g.shape):
-        raise ValueError(f"labels, scores and groups must have one value per sample, got shapes "
-                         f"{y.shape}, {s.shape}, {g.shape}")
+    y, s, g = (_as_array(x, dtype) for x, dtype in ((labels, np.float64), (scores, np.float64), (groups, None)))
+    if not (y.shape == s.shape == g.shape) or y.ndim > 1 and y.size != max(y.shape):
+        # one value per sample: [n] (or [n, 1] alike), never a [2, 3] that flattening would pair up anew
+        raise ValueError(f"labels, scores and groups must have one value per sample, with one shape, got "
+                         f"shapes {y.shape}, {s.shape}, {g.shape}")
+    y, s, g = y.reshape(-1), s.reshape(-1), g.reshape(-1)
     if exclude is not None:
         keep = g != exclude
         y, s, g = y[keep], s[keep], g[keep]

@@ -35,14 +35,14 @@ def _flag(name: str, value) -> bool:
     return value
 
 
-def _dropout(p) -> Optional[nn.Dropout]:
+def _dropout(p, name: str = "dropout") -> Optional[nn.Dropout]:
     """nn.Dropout(p) for 0 < p < 1, None for p == 0; anything else (negative, NaN, >= 1) is an error."""
     try:
-        value = float(p)
-    except (TypeError, ValueError):
-        raise TypeError(f"dropout must be a probability, got {p!r}") from None
+        value = C.real_number(name, p)
+    except TypeError:
+        raise TypeError(f"{name} must be a probability, got {p!r}") from None
     if not (0.0 <= value < 1.0):   # NaN fails the comparison too
-        raise ValueError(f"dropout must lie in [0, 1), got {p!r}")
+        raise ValueError(f"{name} must lie in [0, 1), got {p!r}")
     return nn.Dropout(value) if value > 0 else None
 
 
@@ -200,12 +200,13 @@ class FieldEmbedding(FieldDimsState, nn.Module):
         return f"field_dims={self.field_dims}, embedding_dim={self.embedding_dim}, bounds_check={self.bounds_check!r}"
 
 
-def _check_encoder_options(activation, gamma, bias, residual, dropout) -> None:
+def _check_encoder_options(activation, gamma, bias, residual, dropout, prefix: str = "") -> None:
     """The encoder's options, checked where a layer built without one (generative=False) still takes them:
-    a wrong value is an error either way, never silently ignored."""
+    a wrong value is an error either way, never silently ignored. ``prefix`` ("encoder_" for the models)
+    names the bias and dropout arguments as the caller spells them."""
     C.check_encoder_options(activation, gamma, residual)
-    _flag("bias", bias)
-    _dropout(dropout)
+    _flag(prefix + "bias", bias)
+    _dropout(dropout, prefix + "dropout")
 
 
 class SFGEncoder(nn.Module):

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from ._backend import ENV_VAR, BackendUnavailableError, _assume_constant_result, unavailable_reason
+from ._backend import BACKENDS, ENV_VAR, BackendUnavailableError, _assume_constant_result, unavailable_reason
 from .nn import FieldDimsState, check_ids_width, clamp_ids_to_oov, init_table_fields
 
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]
@@ -117,7 +117,7 @@ class SparseRowOptimizer:
 
     @initial_accumulator_value.setter
     def initial_accumulator_value(self, value: float) -> None:
-        value = float(value)
+        value = C.real_number("initial_accumulator_value", value)
         if not (value >= 0 and math.isfinite(value)):
             raise ValueError(f"initial_accumulator_value must be a finite number >= 0, got {value}")
         self._initial_acc = value
@@ -152,11 +152,14 @@ class SparseRowOptimizer:
         self.lr, self.eps, self.betas = lr, eps, betas
         self.initial_accumulator_value = initial_accumulator_value
 
-    def _ensure_state(self, weight: torch.Tensor) -> None:
+    def _state_shapes(self, weight: torch.Tensor) -> dict:
+        """The shape of each row-state tensor this optimizer keeps for ``weight``."""
         num_rows, dim = weight.shape
-        shapes = {"adagrad": {"sum": (num_rows,)},
-                  "adam": {"exp_avg": (num_rows, dim), "exp_avg_sq": (num_rows, dim)}}.get(self.kind, {})
-        for name, shape in shapes.items():
+        return {"adagrad": {"sum": (num_rows,)},
+                "adam": {"exp_avg": (num_rows, dim), "exp_avg_sq": (num_rows, dim)}}.get(self.kind, {})
+
+    def _ensure_state(self, weight: torch.Tensor) -> None:
+        for name, shape in self._state_shapes(weight).items():
             have = self.state.get(name)
             want = self._compute_dtype(weight)
             if have is None or have.device.type == "meta" and weight.device.type != "meta":
@@ -198,30 +201,51 @@ class SparseRowOptimizer:
 
         Args:
             weight: ``[V, D]`` table (fp32/fp16/bf16/fp64), modified in place.
-            rows: int64 ``[U]`` UNIQUE row indices.  grads: ``[U, D]`` summed gradient of each row.
+            rows: int64 ``[U]`` UNIQUE row indices in ``[0, V)``.  grads: ``[U, D]`` summed gradient of each row.
         """
-        if rows.dim() != 1 or grads.shape != (rows.numel(), weight.shape[1]):
+        C.check_tensor("weight", weight, ndim=2)
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1:
+            raise TypeError(f"rows must be a 1-D int64 tensor of row indices, got "
+                            f"{getattr(rows, 'dtype', type(rows).__name__)} of shape {list(getattr(rows, 'shape', []))}")
+        if not isinstance(grads, torch.Tensor) or grads.shape != (rows.numel(), weight.shape[1]):
             raise ValueError(f"grads must have shape [U, D]=[{rows.numel()}, {weight.shape[1]}], "
-                             f"got {list(grads.shape)}")
+                             f"got {list(getattr(grads, 'shape', [])) or type(grads).__name__}")
+        if rows.device != weight.device or grads.device != weight.device:
+            raise ValueError(f"rows ({rows.device}) and grads ({grads.device}) must be on weight's device "
+                             f"({weight.device})")
+        if rows.numel() and not C.on_meta(rows):
+            lo, hi = torch.stack([rows.min(), rows.max()]).tolist()
+            distinct = torch.unique(rows).numel()
+            if lo < 0 or hi >= weight.shape[0]:
+                raise IndexError(f"rows must lie in [0, {weight.shape[0]}) (weight's rows), got min {lo} max {hi}")
+            if distinct != rows.numel():
+                raise ValueError(f"rows must be unique (sum the gradients of a repeated row first, as "
+                                 f"unique_row_grads does): {rows.numel() - distinct} repeats")
+        self._step_unique_rows(weight, rows, grads)
+
+    def _step_unique_rows(self, weight: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor) -> None:
+        """step_rows on rows known unique and in range (unique_row_grads's): the torch backend's update."""
         s = self._begin_step(weight)
         if rows.numel() == 0:
             self._end_step(s)
             return
         g = grads.to(self._compute_dtype(weight))
         w = weight.index_select(0, rows).to(g.dtype)
+        new_state = {}
         if self.kind == "sgd":
             w -= s["lr"] * g
         elif self.kind == "adagrad":
-            acc = self.state["sum"].index_select(0, rows) + (g * g).mean(dim=1)
-            self.state["sum"].index_copy_(0, rows, acc)
+            acc = new_state["sum"] = self.state["sum"].index_select(0, rows) + (g * g).mean(dim=1)
             w -= (s["lr"] / (acc.sqrt() + s["eps"]))[:, None] * g
         else:
-            m = self.state["exp_avg"].index_select(0, rows) * s["beta1"] + (1.0 - s["beta1"]) * g
-            v = self.state["exp_avg_sq"].index_select(0, rows) * s["beta2"] + (1.0 - s["beta2"]) * (g * g)
-            self.state["exp_avg"].index_copy_(0, rows, m)
-            self.state["exp_avg_sq"].index_copy_(0, rows, v)
+            m = new_state["exp_avg"] = self.state["exp_avg"].index_select(0, rows) * s["beta1"] + (1.0 - s["beta1"]) * g
+            v = new_state["exp_avg_sq"] = (self.state["exp_avg_sq"].index_select(0, rows) * s["beta2"]
+                                           + (1.0 - s["beta2"]) * (g * g))
             w -= s["lr"] * (m / s["bias1"]) / ((v / s["bias2"]).sqrt() + s["eps"])
+        # the table first: if writing it fails, the row state and the step count have not moved either
         weight.index_copy_(0, rows, w.to(weight.dtype))
+        for name, rows_state in new_state.items():
+            self.state[name].index_copy_(0, rows, rows_state)
         self._end_step(s)
 
     @torch.no_grad()
@@ -284,9 +308,10 @@ class SparseRowOptimizer:
                 "initial_accumulator_value": self.initial_accumulator_value, "step": self.step_count,
                 "state": {k: v.clone() for k, v in self.state.items()}}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, weight: Optional[torch.Tensor] = None) -> None:
         """Restore a :meth:`state_dict`. Everything is validated before anything changes (a corrupt or
-        hand-edited state must not turn rows into NaN later, nor leave this optimizer half-loaded)."""
+        hand-edited state must not turn rows into NaN later, nor leave this optimizer half-loaded);
+        given the table ``weight`` it serves, the state's shapes are checked against it too."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict from SparseRowOptimizer.state_dict(), got "
                             f"{type(state_dict).__name__}")
@@ -299,6 +324,11 @@ class SparseRowOptimizer:
         if step < 0:
             raise ValueError(f"state_dict['step'] must be >= 0, got {step}")
         state = _checked_state(self.kind, state_dict["state"], step)
+        if weight is not None:
+            for name, shape in self._state_shapes(weight).items():
+                if name in state and tuple(state[name].shape) != shape:
+                    raise ValueError(f"state_dict['state'][{name!r}] has shape {list(state[name].shape)}, but "
+                                     f"weight {list(weight.shape)} needs {list(shape)}")
         probe = SparseRowOptimizer(self.kind)
         probe._set_hyper_parameters(state_dict["lr"], state_dict["eps"], state_dict["betas"],
                                     state_dict.get("initial_accumulator_value", 0.0))
@@ -393,6 +423,10 @@ def _resolve_fused_backend(backend: str, device: torch.device, dtype=None, conti
     C.check_choice("backend", backend, FUSED_BACKENDS)
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
+        if env and env not in FUSED_BACKENDS + ("reference",):
+            # the same refusal as every other op's (_backend.resolve); "reference" has no fused update and
+            # means the factored torch path here
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
         if env in ("torch", "triton", "cpu", "cuda"):
             backend = env
         elif not contiguous:
@@ -451,7 +485,7 @@ def _fused_step(optimizer: SparseRowOptimizer, weight, grad_V, ids, offsets, bac
         optimizer.step_lookup_cuda(weight, grad_V, ids, offsets)
     else:
         rows, grads = unique_row_grads(ids, offsets, grad_V)
-        optimizer.step_rows(weight, rows, grads)
+        optimizer._step_unique_rows(weight, rows, grads)
 
 
 class _FusedLookupFunction(torch.autograd.Function):
@@ -593,6 +627,11 @@ GRAPH_ROW_UPDATE = tuple(int(x) for x in torch.__version__.split("+")[0].split("
 
 
 def _eager_fused_lookup(ids, weight, offsets, optimizer: SparseRowOptimizer, backend: str) -> torch.Tensor:
+    if torch._debug_has_internal_overlap(weight) == 1:
+        # refused here, in forward: the update would find out in backward, after the row state moved
+        raise ValueError(f"weight's elements overlap in memory (strides {list(weight.stride())}: an expanded view); "
+                         "a sparse update would write one location for several rows: pass a table of its own, "
+                         "e.g. weight.clone()")
     dim = weight.shape[1] if weight.dim() == 2 else None
     chosen = _resolve_fused_backend(backend, weight.device, weight.dtype, weight.is_contiguous(), optimizer.kind,
                                     dim)
@@ -626,6 +665,10 @@ def _validated_ids(ids, weight, offsets, bounds_check):
     """Apply the bounds mode; returns (ids, number of remapped ids; 0 while compiling, where the modules
     count in a buffer instead)."""
     C.check_lookup(ids, weight, offsets, bounds_check)
+    if weight.shape[1] == 0:
+        # row-wise Adagrad's mean over D would be 0 / 0; refused in forward on every backend alike
+        raise ValueError(f"weight must have at least one column (D >= 1) for a fused lookup, got shape "
+                         f"{list(weight.shape)}")
     if bounds_check == "off":
         return ids, 0
     if torch.compiler.is_compiling():
@@ -712,9 +755,10 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
     def optimizer(self, optimizer: SparseRowOptimizer) -> None:
         if not isinstance(optimizer, SparseRowOptimizer):
             raise TypeError(f"optimizer must be a SparseRowOptimizer, got {type(optimizer).__name__}")
-        self._optimizer = optimizer
         if "weight" in self._parameters and self.weight.device.type != "meta":
+            # before it is taken: an optimizer whose state fits another table is refused, the old one kept
             optimizer.prepare(self.weight)    # a compiled graph finds the state where the table is
+        self._optimizer = optimizer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_ids_width(self, ids)
@@ -744,9 +788,18 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
         return {"optimizer": self.optimizer.state_dict(), "num_clamped": self.num_clamped}
 
     def set_extra_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        # everything checked before anything changes: a state that does not fit leaves this table as it was
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise ValueError("the extra state of a FusedFieldEmbedding must be a dict holding 'optimizer', got "
+                             f"{type(state).__name__}")
+        clamped = state.get("num_clamped", 0)
+        if (isinstance(clamped, bool) or not isinstance(clamped, (int, torch.Tensor))
+                or isinstance(clamped, torch.Tensor) and (clamped.numel() != 1 or clamped.is_floating_point())
+                or int(clamped) < 0):
+            raise ValueError(f"num_clamped in the extra state must be an integer >= 0, got {clamped!r}")
+        self.optimizer.load_state_dict(state["optimizer"], weight=self.weight)
         self.optimizer.prepare(self.weight)
-        self.clamped_count.fill_(int(state.get("num_clamped", 0)))
+        self.clamped_count.fill_(int(clamped))
 
     def extra_repr(self) -> str:
         return (f"field_dims={self.field_dims}, embedding_dim={self.embedding_dim}, "

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import functional as SF
+from ._backend import module_backend
 from ._io import atomic_write as _atomic_write
 from . import models as model_zoo
 
@@ -936,7 +937,8 @@ class Trainer:
                     torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs are done
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config["amp"] == "bf16"):
                     logits = self._train_forward(ids)
-                loss = SF.bce_with_logits(logits, labels, reduction="mean")
+                loss = SF.bce_with_logits(logits, labels, reduction="mean",
+                                          backend=module_backend("auto", "bce_with_logits"))
                 loss_value = float(loss.detach())
                 where = (f"epoch {self.epoch + 1}, batch {batch_index + 1} (global step {self.step + 1})")
                 if not math.isfinite(loss_value):

@@ -368,3 +368,90 @@ def test_numbers_of_numpy_and_torch_are_numbers():
     assert snn.FieldEmbedding(FIELD_DIMS, 2, init_std=np.float32(0.5)).init_std == 0.5
     assert snn.FieldEmbedding(FIELD_DIMS, 2, init_std=torch.tensor(0.25)).init_std == 0.25
     assert snn.SFGEncoder(2, 3, gamma=np.float64(2.0)).gamma == 2.0
+
+
+@pytest.mark.parametrize("name", ["fm", "fwfm", "fmfm", "deepfm", "ipnn", "xdeepfm", "dcnv2", "crossnet"])
+@pytest.mark.parametrize("option,error,match", [
+    (dict(gamma=float("nan")), ValueError, "gamma must be finite"),
+    (dict(activation="bogus"), ValueError, "activation must be one of"),
+    (dict(encoder_dropout=2.0), ValueError, r"encoder_dropout must lie in \[0, 1\)"),
+    (dict(residual=1), TypeError, "residual must be a bool"),
+    (dict(gamma="2"), TypeError, "gamma must be a real number"),
+])
+def test_base_models_refuse_bad_encoder_options_too(name, option, error, match):
+    with pytest.raises(error, match=match):
+        models.build(name, [3, 4], 4, generative=False, **option)
+
+
+@pytest.mark.parametrize("name", ["fm", "fwfm", "fmfm", "deepfm", "ipnn", "xdeepfm", "dcnv2", "crossnet"])
+@pytest.mark.parametrize("embedding", ["native", "fused"])
+@pytest.mark.parametrize("bounds_check", ["fatal", "clamp_to_oov", "off"])
+def test_models_run_on_meta_tensors(name, embedding, bounds_check):
+    # shapes without values: the checks that read ids and labels have nothing to read
+    with torch.device("meta"):
+        model = models.build(name, [3, 4, 5], 4, embedding=embedding, bounds_check=bounds_check)
+    out = model(torch.zeros(4, 3, dtype=torch.long, device="meta"))
+    assert out.is_meta and out.shape == (4,)
+    loss = SF.bce_with_logits(out, torch.zeros(4, device="meta"))
+    assert loss.is_meta and loss.shape == ()
+
+
+def test_a_non_finite_gamma_is_refused_under_compile_too():
+    V, W = torch.randn(2, 3, 4), torch.randn(12, 12)
+    fn = torch.compile(lambda V: SF.sfg_interaction(V, W, None, None, "identity", "relu", float("nan")),
+                       backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="gamma must be finite"):
+        fn(V)
+    torch._dynamo.reset()
+    model = models.build("fwfm", [3, 4, 5], 4)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    assert compiled(ids).shape == (4,)
+    model.encoder.gamma = float("inf")       # changed after it was built: refused at the next call
+    with pytest.raises(Exception, match="gamma must be finite"):
+        compiled(ids)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["fm", "fwfm", "fmfm", "deepfm", "ipnn", "xdeepfm", "dcnv2", "crossnet"])
+def test_torch_func_grad_of_every_model_on_the_default_backend(name):
+    from torch.func import functional_call, grad
+    torch.manual_seed(0)
+    model = models.build(name, [3, 4, 5], 4)
+    ids, y = torch.tensor([[0, 1, 2], [2, 3, 4]]), torch.tensor([1.0, 0.0])
+    params = dict(model.named_parameters())
+
+    def loss(p):
+        return SF.bce_with_logits(functional_call(model, p, (ids,)), y)
+
+    got = grad(loss)(params)
+    loss(params).backward()
+    for key, p in params.items():
+        torch.testing.assert_close(got[key], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_func_refuses_an_explicit_kernel_backend_by_name():
+    from torch.func import grad
+    pytest.importorskip("sfg_fast._C")
+    Z = torch.randn(2, 3, 4)
+    W = torch.randn(12, 12)
+    with pytest.raises(BackendUnavailableError, match=r"inside a torch.func transform.*backend='torch'"):
+        grad(lambda w: SF.sfg_interaction(Z, w, None, torch.randn(3, 3), "scalar", backend="cpu").sum())(W)
+
+
+def test_backend_variable_builds_every_layer_as_that_backend(monkeypatch):
+    # SFG_FAST_BACKEND=cpu: a model on "auto" runs as one built with backend="cpu" (torch where the
+    # extension has no kernel), while a functional call stays strict
+    pytest.importorskip("sfg_fast._C")
+    monkeypatch.setenv("SFG_FAST_BACKEND", "cpu")
+    ids = torch.tensor([[0, 1, 2], [2, 3, 4]])
+    for name in ("dcnv2", "ipnn", "xdeepfm"):
+        torch.manual_seed(0)
+        out = models.build(name, [3, 4, 5], 4)(ids)
+        monkeypatch.delenv("SFG_FAST_BACKEND")
+        torch.manual_seed(0)
+        want = models.build(name, [3, 4, 5], 4, backend="cpu")(ids)
+        monkeypatch.setenv("SFG_FAST_BACKEND", "cpu")
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    with pytest.raises(BackendUnavailableError, match="backend 'cpu' is unavailable for generative_cross"):
+        SF.generative_cross(torch.randn(2, 3), torch.randn(2, 3), torch.randn(3, 3), None)

@@ -1,5 +1,6 @@
 """gAUC (sfg_fast.metrics.group_auc) against per-group sklearn AUCs, and its place in the training job."""
 import numpy as np
+import torch
 import pytest
 from sklearn.metrics import roc_auc_score
 
@@ -105,3 +106,12 @@ def test_movielens_reports_per_user_gauc_by_default_and_group_field_false_turns_
     assert "test_gauc" not in off and "group_field" not in off
     with pytest.raises(ValueError, match="group_field must be a field name"):
         T.train(dict(config, group_field=3, out=str(tmp_path / "bad")), data=data)
+
+
+def test_shapes_must_agree_and_tensors_of_any_dtype_are_read():
+    with pytest.raises(ValueError, match="one value per sample"):       # [2, 3] against [6]: no re-pairing
+        group_auc(np.array([0, 1, 1, 0, 1, 0]).reshape(2, 3), [.1, .9, .3, .4, .8, .2], [1, 1, 1, 2, 2, 2])
+    scores = torch.tensor([.1, .9, .3, .4]).bfloat16().requires_grad_()
+    got = group_auc(torch.tensor([0, 1, 1, 0]), scores, torch.tensor([1, 1, 2, 2]))
+    assert got == group_auc([0, 1, 1, 0], [.1, .9, .3, .4], [1, 1, 2, 2]) == (0.5, 2)
+    assert group_auc(np.array([[0], [1]]), np.array([[.1], [.9]]), np.array([[1], [1]])) == (1.0, 1)

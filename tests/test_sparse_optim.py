@@ -582,3 +582,101 @@ def test_a_shallow_copy_has_its_own_step_and_hyper_parameters():
     assert opt.lr == float(opt._hyper[0]) == 0.1 and opt.step_count == 0
     assert other.lr == float(other._hyper[0]) == 0.7 and other.step_count == 5
     assert other.state["exp_avg"] is opt.state["exp_avg"] and other.state is not opt.state
+
+
+def _trained_pair():
+    ids = torch.tensor([[0, 1, 2], [2, 3, 4]])
+    a = FusedFieldEmbedding([3, 4, 5], 4, lr=0.1)
+    a(ids).sum().backward()
+    b = FusedFieldEmbedding([3, 4, 9], 4, lr=0.5)
+    b(ids).sum().backward()
+    b(ids).sum().backward()
+    return ids, a, b
+
+
+def _snapshot(module):
+    opt = module.optimizer
+    return (module.weight.detach().clone(), opt.step_count, opt.lr,
+            {k: v.clone() for k, v in opt.state.items()}, module.num_clamped)
+
+
+def _assert_unchanged(before, module):
+    after = _snapshot(module)
+    assert torch.equal(before[0], after[0]) and before[1:3] == after[1:3] and before[4] == after[4]
+    assert before[3].keys() == after[3].keys()
+    assert all(torch.equal(before[3][k], after[3][k]) for k in before[3])
+
+
+def test_loading_another_tables_optimizer_state_changes_nothing():
+    ids, a, b = _trained_pair()
+    before = _snapshot(a)
+    state = dict(b.state_dict())     # a plain dict: no field_dims metadata to refuse it first
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\['sum'\] has shape \[16\].*needs \[12\]"):
+        a.load_state_dict(state, strict=False)
+    _assert_unchanged(before, a)
+    a(ids).sum().backward()          # still trains
+    bad = dict(a.state_dict())
+    bad["_extra_state"] = dict(bad["_extra_state"], num_clamped=-3)
+    before = _snapshot(a)
+    with pytest.raises(ValueError, match="num_clamped"):
+        a.load_state_dict(bad)
+    _assert_unchanged(before, a)
+
+
+def test_assigning_an_optimizer_of_another_table_keeps_the_old_one():
+    ids, a, b = _trained_pair()
+    old = a.optimizer
+    with pytest.raises(ValueError, match="optimizer state 'sum' has shape"):
+        a.optimizer = b.optimizer
+    assert a.optimizer is old
+    a(ids).sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_overlapping_table_is_refused_in_forward_before_any_state_moves(kind):
+    offsets = torch.tensor([0, 3, 7])
+    ids = torch.tensor([[0, 1, 2], [2, 3, 4]])
+    table = torch.randn(1, 4).expand(12, 4).requires_grad_()
+    opt = SparseRowOptimizer(kind, lr=0.1)
+    opt.prepare(torch.empty(12, 4))
+    before = {k: v.clone() for k, v in opt.state.items()}
+    with pytest.raises(ValueError, match="weight's elements overlap in memory"):
+        fused_embedding_lookup(ids, table, offsets, opt)
+    assert opt.step_count == 0 and all(torch.equal(before[k], opt.state[k]) for k in before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_table_without_columns_is_refused_in_forward(backend):
+    W = torch.randn(7, 0).requires_grad_()
+    with pytest.raises(ValueError, match=r"weight must have at least one column \(D >= 1\)"):
+        fused_embedding_lookup(torch.tensor([[0, 1]]), W, torch.tensor([0, 3]), SparseRowOptimizer("sgd"),
+                               backend=backend)
+
+
+def test_step_rows_checks_its_rows():
+    W = torch.zeros(6, 2)
+    opt = SparseRowOptimizer("sgd", lr=1.0)
+    with pytest.raises(ValueError, match="rows must be unique"):
+        opt.step_rows(W, torch.tensor([1, 1]), torch.ones(2, 2))
+    with pytest.raises(IndexError, match=r"rows must lie in \[0, 6\)"):
+        opt.step_rows(W, torch.tensor([1, 9]), torch.ones(2, 2))
+    with pytest.raises(IndexError, match=r"rows must lie in \[0, 6\)"):
+        opt.step_rows(W, torch.tensor([-1, 2]), torch.ones(2, 2))
+    with pytest.raises(TypeError, match="rows must be a 1-D int64"):
+        opt.step_rows(W, torch.tensor([1, 2], dtype=torch.int32), torch.ones(2, 2))
+    assert opt.step_count == 0 and not W.any()
+    opt.step_rows(W, torch.tensor([4, 1]), torch.ones(2, 2))
+    assert opt.step_count == 1 and W[1].tolist() == [-1.0, -1.0] and W[4].tolist() == [-1.0, -1.0]
+
+
+def test_a_bad_backend_variable_is_refused_by_fused_lookups(monkeypatch):
+    monkeypatch.setenv("SFG_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SFG_FAST_BACKEND must be one of"):
+        FusedFieldEmbedding([3, 4], 4)(torch.zeros(2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("field,value", [("lr", "0.1"), ("betas", "00"), ("initial_accumulator_value", "x"),
+                                         ("initial_accumulator_value", None), ("init_std", "0.1")])
+def test_numbers_given_as_strings_are_refused_by_name(field, value):
+    with pytest.raises(TypeError, match=field):
+        FusedFieldEmbedding([3], 4, optimizer="adam" if field == "betas" else "adagrad", **{field: value})

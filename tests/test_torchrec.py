@@ -232,3 +232,17 @@ def test_module_returns_the_tables_dtype_and_checks_its_arguments():
                           ({"backend": "bogus"}, ValueError)):
         with pytest.raises(error, match=next(iter(kwargs))):
             TorchRecFieldEmbedding([5, 7], 4, **kwargs)
+
+
+def test_a_model_built_on_meta_imports_torchrec_outside_the_meta_device():
+    # a fresh process: the integration's first import happens inside the meta context
+    import subprocess
+    import sys
+    code = ("import torch\nfrom sfg_fast import models\n"
+            "with torch.device('meta'):\n    m = models.build('fm', [10, 20], 8, embedding='torchrec')\n"
+            "m.to_empty(device='cpu')\n"
+            "[x.reset_parameters() for x in m.modules() if x is not m and hasattr(x, 'reset_parameters')]\n"
+            "out = m(torch.tensor([[1, 2], [3, 4]]))\nassert out.shape == (2,) and torch.isfinite(out).all()\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

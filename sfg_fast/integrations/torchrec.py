@@ -78,8 +78,11 @@ def check_versions() -> Dict[str, Optional[str]]:
 
 VERSIONS = check_versions()
 try:
-    import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm; fails first on an ABI mismatch)
-    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+    # the first import may happen inside ``with torch.device("meta")`` (a model built on meta): their
+    # import-time code builds and reads tensors, which must be real ones
+    with torch.device("cpu"):
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm; fails first on an ABI mismatch)
+        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 except Exception as exc:  # an ABI mismatch surfaces as OSError/RuntimeError from the C++ loader
     raise ImportError(f"torchrec {VERSIONS['torchrec']} / fbgemm_gpu {VERSIONS['fbgemm_gpu']} failed to import "
                       f"on torch {torch.__version__} ({type(exc).__name__}: {exc}). The three move in "

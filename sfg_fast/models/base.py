@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import functional as SF
-from ..nn import FieldEmbedding, SFGEncoder, _as_field_dims, _count, _flag
+from ..nn import FieldEmbedding, SFGEncoder, _as_field_dims, _check_encoder_options, _count, _flag
 
 
 class FirstOrder(nn.Module):
@@ -56,6 +56,9 @@ class CTRModel(nn.Module):
         self.num_fields = len(self.field_dims)
         self.embedding_dim = _count("embedding_dim", embedding_dim)
         self.generative = _flag("generative", generative)
+        # a base model has no encoder, but a wrong encoder option is an error either way (a config that
+        # sets one for both variants must fail on the base run too, not only on the SFG one)
+        _check_encoder_options(activation, gamma, encoder_bias, residual, encoder_dropout, prefix="encoder_")
         self.backend = backend
         self.encoder_kwargs = dict(activation=activation, gamma=gamma, bias=encoder_bias,
                                    residual=residual, dropout=encoder_dropout, backend=backend)
