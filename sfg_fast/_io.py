@@ -27,6 +27,24 @@ def _umask() -> int:
     return mask
 
 
+class _WriteErrors:
+    """A file object that remembers the first OSError its ``write`` raised (``error``)."""
+
+    def __init__(self, fh):
+        self._fh, self.error = fh, None
+
+    def write(self, data):
+        try:
+            return self._fh.write(data)
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
 def atomic_write(path: str, write) -> None:
     """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename over it.
 
@@ -38,8 +56,17 @@ def atomic_write(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
+            recorder = _WriteErrors(fh)
+            try:
+                write(recorder)
+                fh.flush()
+            except Exception as exc:
+                # a full disk or a file-size limit, named with the file: torch.save's zip writer turns the
+                # OSError of a failed write into an unrelated "unexpected pos" RuntimeError
+                error = recorder.error or (exc if isinstance(exc, OSError) else None)
+                if error is not None and error.errno is not None:
+                    raise OSError(error.errno, error.strerror, path) from exc
+                raise
             os.fsync(fh.fileno())
             # mkstemp creates 0600; the file gets the mode a plain open() would give it (umask applies)
             os.fchmod(fh.fileno(), 0o666 & ~_umask())

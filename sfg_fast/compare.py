@@ -6,6 +6,8 @@ vary the model initialisation and the shuffling; the train/valid/test split stay
 (``data_seed``), as is usual when reporting mean +- std in CTR papers. Every run's config is checked
 before the first one trains; a run that diverges is recorded (``failures`` in compare.json, a list in
 compare.md), left out of its variant's means, and the comparison goes on (``sfg-fast compare`` then exits 3).
+An interrupted comparison continues when the same command runs again: each run with a checkpoint resumes
+from it (a finished one only re-evaluates), exactly as if it had not stopped.
 """
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .train import (RUN_FILES, Trainer, TrainingDiverged, _jsonable, atomic_write_text, load_data, resolve_config,
-                    versions)
+from .train import (RUN_FILES, Trainer, TrainingDiverged, _jsonable, atomic_write_text, checkpoint_config,
+                    check_resume_overrides, load_checkpoint, load_data, resolve_config, resume, versions)
 
 __all__ = ["DEFAULT_MODELS", "compare", "parse_models", "parse_seeds", "format_table", "plot"]
 
@@ -224,28 +227,65 @@ def _preflight(names, variants, config_path, overrides, seed) -> None:
                 log.debug("preflight of %s (%s) skipped: %s", model, variant, exc)
 
 
+_RUN_DIR = re.compile(r"^.+-(base|sfg)-seed-?\d+$")
+
+
 def _remove_earlier_comparison(out: str) -> None:
-    """With overwrite: the run directories an earlier comparison in ``out`` recorded (compare.json) go, so
-    that ``out`` never mixes two comparisons' runs. Only run directories inside ``out`` are removed."""
+    """With overwrite: the run directories an earlier comparison in ``out`` left go, so that ``out`` never
+    mixes two comparisons' runs: those its compare.json recorded, and (a comparison interrupted before it
+    wrote one) every ``<model>-<base|sfg>-seed<N>`` directory directly inside ``out`` that holds a run's
+    files. Nothing outside ``out`` is removed."""
     import shutil
-    path = os.path.join(out, "compare.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as fh:
-            earlier = json.load(fh)
-    except (OSError, ValueError):
-        return                       # not readable: nothing is known about its runs, nothing is removed
     root = os.path.realpath(out)
-    for run in list(earlier.get("runs") or []) + list(earlier.get("failures") or []):
-        run_dir = run.get("out") if isinstance(run, dict) else None
-        if not isinstance(run_dir, str):
-            continue
-        real = os.path.realpath(run_dir)
+    candidates = []
+    path = os.path.join(out, "compare.json")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                earlier = json.load(fh)
+        except (OSError, ValueError):
+            earlier = {}                 # not readable: its runs are found by their names below
+        for run in list(earlier.get("runs") or []) + list(earlier.get("failures") or []):
+            run_dir = run.get("out") if isinstance(run, dict) else None
+            if isinstance(run_dir, str):
+                candidates.append(os.path.realpath(run_dir))
+    if os.path.isdir(root):
+        candidates += [os.path.join(root, name) for name in sorted(os.listdir(root)) if _RUN_DIR.match(name)]
+    for real in dict.fromkeys(candidates):
         if os.path.dirname(real) == root and os.path.isdir(real) and any(
                 os.path.exists(os.path.join(real, name)) for name in RUN_FILES):
             shutil.rmtree(real)
-    os.remove(path)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def _continuable_runs(planned: Dict[str, Dict[str, Any]], out: str) -> List[str]:
+    """The run directories of ``planned`` (run dir -> its config) that an interrupted earlier attempt of
+    this same comparison left, to be resumed; anything else in ``out`` (a finished comparison, another
+    comparison's run, a run without a checkpoint to continue) is refused before anything trains."""
+    summary = os.path.join(out, "compare.json")
+    if os.path.exists(summary):
+        raise ValueError(f"{out} already holds the results of an earlier comparison ({summary}); choose another "
+                         f"--out, or pass --overwrite (overwrite=True) to train every run again and replace them")
+    continued = []
+    for run_dir, config in planned.items():
+        held = [name for name in RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
+        if not held:
+            continue
+        last = os.path.join(run_dir, "last.pt")
+        why = None
+        if "last.pt" not in held:
+            why = f"it holds {held[0]} but no last.pt to continue from"
+        else:
+            try:
+                check_resume_overrides(checkpoint_config(load_checkpoint(last)), dict(config))
+            except ValueError as exc:
+                why = f"it is another comparison's run: {exc}"
+        if why is not None:
+            raise ValueError(f"{out} holds {run_dir}, which this comparison cannot continue ({why}); choose "
+                             f"another --out, or pass --overwrite (overwrite=True) to train every run again")
+        continued.append(run_dir)
+    return continued
 
 
 def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int, str, Sequence[int]] = 3,
@@ -278,16 +318,21 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
     seed_list = parse_seeds(seeds, first_seed)
     for seed in seed_list:
         _preflight(names, variants, config_path, overrides, seed)
+    def run_config(model, variant, seed):
+        config = resolve_config(config_path, None, dict(overrides, model=model, generative=(variant == "sfg"),
+                                                        seed=seed))
+        config["out"] = os.path.join(out, f"{model}-{variant}-seed{seed}")
+        return config
+
     if overwrite:
         _remove_earlier_comparison(out)
+        continued = set()
     else:
-        held = [os.path.join(out, f"{model}-{variant}-seed{seed}", name) for model in names for variant in variants
-                for seed in seed_list for name in RUN_FILES]
-        held = [path for path in held + [os.path.join(out, "compare.json")] if os.path.exists(path)]
-        if held:
-            raise ValueError(f"{out} already holds the results of an earlier comparison ({held[0]}"
-                             f"{f' and {len(held) - 1} more files' if len(held) > 1 else ''}); choose another --out, "
-                             f"or pass --overwrite (overwrite=True) to train every run again and replace them")
+        continued = set(_continuable_runs({c["out"]: c for c in (
+            run_config(model, variant, seed) for model in names for variant in variants for seed in seed_list)}, out))
+        if continued:
+            log.info("continuing an interrupted comparison: %d of its runs resume from their checkpoints",
+                     len(continued))
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     datasets: Dict[str, Any] = {}
@@ -303,17 +348,19 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
             variant_runs = []
             for seed in seed_list:
                 count += 1
-                config = resolve_config(config_path, None, dict(overrides, model=model, generative=(variant == "sfg"),
-                                                                seed=seed))
-                config["out"] = os.path.join(out, f"{model}-{variant}-seed{seed}")
+                config = run_config(model, variant, seed)
                 data_key = json.dumps({k: config.get(k) for k in _DATA_KEYS}, sort_keys=True, default=str)
                 if data_key not in datasets:
                     datasets[data_key] = load_data(config)
                 dataset_name = config["dataset"]
                 tick = time.perf_counter()
                 try:
-                    # the out directory was checked above: a run replaces its files only with overwrite
-                    result = Trainer(config, data=datasets[data_key], overwrite=True).fit()
+                    if config["out"] in continued:
+                        # an earlier attempt's run: continued exactly (a finished one only re-evaluates)
+                        result = resume(config["out"], data=datasets[data_key], **config)
+                    else:
+                        # the out directory was checked above: a run replaces its files only with overwrite
+                        result = Trainer(config, data=datasets[data_key], overwrite=True).fit()
                 except Exception as exc:   # diverged, out of memory, a bad file: recorded, the comparison goes on
                     what = "diverged" if isinstance(exc, TrainingDiverged) else f"failed ({type(exc).__name__})"
                     log.warning("[%d/%d] %s %s seed %d %s; it is left out of the means: %s", count, total,

@@ -216,6 +216,10 @@ class ShardedModel:
         after DDP's all-reduce) raises FloatingPointError too.
         """
         self.dmp.train()
+        # before the forward: TorchRec hands the param groups' rates to the fused table kernels only in
+        # zero_grad() / step(), and the tables update inside this step's backward; after zero_grad here
+        # they use the rate a plateau decay (or a resume's replay of the decays) has just set
+        self.optimizer.zero_grad()
         logits = self.dmp(ids.to(self.device, non_blocking=True))
         loss = SF.bce_with_logits(logits, labels.to(self.device, dtype=logits.dtype), reduction="mean",
                                   backend=module_backend("auto", "bce_with_logits"))
@@ -235,7 +239,6 @@ class ShardedModel:
                                      f"(this rank's loss: {local}); stopping every rank. The last checkpoint "
                                      f"is intact; try a lower lr")
         self.last_loss_sum, self.last_rows = float(stats[0]), int(stats[1])
-        self.optimizer.zero_grad()
         loss.backward()  # the fused embedding optimizer steps inside backward
         if self.clip_grad_norm is not None and self.dense_params:
             norm = float(torch.nn.utils.clip_grad_norm_(self.dense_params, float(self.clip_grad_norm)))
@@ -580,8 +583,9 @@ DIST_RESUME_OVERRIDABLE = ("max_steps", "resume", "sharding")
 def _check_resume(manifest: Dict[str, Any], config: Dict[str, Any], world: int, fingerprint: str,
                   path: str) -> None:
     """Refuse resuming ``manifest`` with another experiment (config, world size or data)."""
-    from .train import RESUME_OVERRIDABLE, _jsonable, absolute_data_paths, checkpoint_config
+    from .train import RESUME_OVERRIDABLE, _jsonable, absolute_data_paths, check_group_field_change, checkpoint_config
 
+    check_group_field_change(checkpoint_config(manifest), {"group_field": config.get("group_field")})
     skip = set(RESUME_OVERRIDABLE) | set(DIST_RESUME_OVERRIDABLE)
     saved = {k: v for k, v in checkpoint_config(manifest).items() if k not in skip}   # (data paths absolute)
     ours = {k: v for k, v in absolute_data_paths(dict(_jsonable(config))).items() if k not in skip}
@@ -756,6 +760,13 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
                 raise ValueError(f"the checkpoint {dist_cfg['resume']} holds learning rates for {len(lrs)} optimizer "
                                  f"groups but this plan has {len(groups)}; resume it with its own sharding "
                                  f"({manifest.get('sharding')!r})")
+        if rank == 0:
+            # a results.json here describes a replaced run (--overwrite) or this run's end so far (a resume
+            # trains on): stopped before the new end, the directory must not pair it with other weights
+            try:
+                os.unlink(os.path.join(out, "results.json"))
+            except FileNotFoundError:
+                pass
         global_batch = batch * world
         steps_per_epoch = train_ids.shape[0] // global_batch
         if steps_per_epoch == 0:

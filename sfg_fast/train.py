@@ -318,6 +318,28 @@ def _check_plain_config(config: Dict[str, Any]) -> None:
 MONITOR_METRICS = {"AUC": 1.0, "logloss": -1.0, "gAUC": 1.0}   # a name alone: its sign (higher is better)
 
 
+def check_resume_overrides(config: Dict[str, Any], overrides: Dict[str, Any]) -> None:
+    """Refuse ``overrides`` (made absolute in place: the same folder given relative is no change) that a
+    resume of a checkpoint whose config is ``config`` may not apply (a key outside RESUME_OVERRIDABLE
+    that differs; a regrouped gAUC that early stopping scores)."""
+    absolute_data_paths(overrides)
+    for key, value in overrides.items():
+        if key not in RESUME_OVERRIDABLE and config.get(key) != value:
+            raise ValueError(f"cannot change {key!r} when resuming ({config.get(key)!r} -> {value!r}); "
+                             f"only {list(RESUME_OVERRIDABLE)} may change")
+    check_group_field_change(config, overrides)
+
+
+def check_group_field_change(config: Dict[str, Any], overrides: Dict[str, Any]) -> None:
+    """A resume may regroup gAUC (``group_field``) only while early stopping does not score it: the best
+    score so far was measured on the old groups, and the new scores would be compared with it."""
+    if "group_field" in overrides and overrides["group_field"] != config.get("group_field") \
+            and "gAUC" in monitor_weights(config.get("monitor", LEGACY_CONFIG["monitor"])):
+        raise ValueError(f"cannot change 'group_field' when resuming ({config.get('group_field')!r} -> "
+                         f"{overrides['group_field']!r}): monitor {config.get('monitor')!r} scores gAUC, and the "
+                         "best score so far was measured on the old groups")
+
+
 def monitor_weights(monitor) -> Dict[str, float]:
     """The validation metrics ``monitor`` scores and their weights (score = sum of weight x metric, higher
     is better): a name of MONITOR_METRICS, or FuxiCTR's mapping such as {AUC: 1, logloss: -1}."""
@@ -931,8 +953,9 @@ class Trainer:
             for batch_index, start in enumerate(range(0, num, batch_size)):
                 tick = time.perf_counter()
                 index = order[start:start + batch_size]
-                ids = self.train_ids[index].to(self.device, non_blocking=True)
-                labels = self.train_labels[index].to(self.device, non_blocking=True)
+                # index_select: the same rows as train_ids[index], without advanced indexing's overhead
+                ids = self.train_ids.index_select(0, index).to(self.device, non_blocking=True)
+                labels = self.train_labels.index_select(0, index).to(self.device, non_blocking=True)
                 if self._cudagraph_steps:
                     torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs are done
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config["amp"] == "bf16"):
@@ -1209,11 +1232,7 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
     config = checkpoint_config(ckpt)
     if overrides.get("out", "") is None:
         del overrides["out"]                      # out=None: the checkpoint's directory, as when not given
-    absolute_data_paths(overrides)                # the same folder given relative is no change
-    for key, value in overrides.items():
-        if key not in RESUME_OVERRIDABLE and config.get(key) != value:
-            raise ValueError(f"cannot change {key!r} when resuming ({config.get(key)!r} -> {value!r}); "
-                             f"only {list(RESUME_OVERRIDABLE)} may change")
+    check_resume_overrides(config, overrides)
     epochs, done = overrides.get("epochs"), int(ckpt.get("epoch") or 0)
     if isinstance(epochs, (int, np.integer)) and not isinstance(epochs, bool) and 0 < epochs < done:
         raise ValueError(f"epochs={epochs} is fewer than the {done} epochs the checkpoint has already run; "
@@ -1226,9 +1245,15 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
     out_dir = os.path.abspath(config["out"])
     stop = ckpt.get("early_stopping", {})
     best_is_this = stop.get("best_epoch") == ckpt.get("epoch")     # the checkpoint is the best model so far
+    from .data import FEATURE_MAP_FILE
+    source_map = os.path.join(source_dir, FEATURE_MAP_FILE)
     if out_dir != source_dir:
+        # the copies an earlier attempt of this same resume made (stopped before its first checkpoint) are
+        # this run's own: a retry may go on; anything else there is another run's
+        own_copies = {"best.pt": file if best_is_this else best}
         for name in RUN_FILES:
-            if os.path.exists(os.path.join(out_dir, name)):
+            there = os.path.join(out_dir, name)
+            if os.path.exists(there) and not (name in own_copies and _same_file_bytes(there, own_copies[name])):
                 raise ValueError(f"--out {out_dir} already holds a {name} (another run's files); resume into an "
                                  f"empty directory or into the checkpoint's own ({source_dir})")
     last = os.path.join(source_dir, "last.pt")
@@ -1248,13 +1273,19 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
     # Every check of the config, device and data first: a resume refused there writes nothing (files copied
     # into a new --out would make a retry into it look like another run's directory).
     trainer = Trainer(config, data=data, checkpoint=ckpt)
+    if out_dir == source_dir:
+        # the results of the run so far describe a best.pt that the epochs to come may replace: stopped
+        # before they end, the directory must not pair the old results with a newer best model (fit
+        # writes them again at its end, also when there is nothing left to train)
+        try:
+            os.unlink(os.path.join(out_dir, "results.json"))
+        except FileNotFoundError:
+            pass
     if out_dir != source_dir:
         # The final reload needs the best model so far, which may predate the resumed epochs.
         if best_is_this or os.path.exists(best):
             _atomic_write(os.path.join(out_dir, "best.pt"), lambda fh: _copy_into(file if best_is_this else best, fh))
         # and predict needs the vocabularies the checkpoints' digest names (the resumed data may lack them)
-        from .data import FEATURE_MAP_FILE
-        source_map = os.path.join(source_dir, FEATURE_MAP_FILE)
         if os.path.exists(source_map):
             _atomic_write(os.path.join(out_dir, FEATURE_MAP_FILE), lambda fh: _copy_into(source_map, fh))
     elif best_is_this and stop.get("best_epoch") and os.path.abspath(file) != os.path.abspath(best):
@@ -1262,6 +1293,15 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
         # writing last.pt and best.pt)
         _atomic_write(best, lambda fh: _copy_into(file, fh))
     return trainer.fit()
+
+
+def _same_file_bytes(a: str, b: str) -> bool:
+    """Whether two files hold the same bytes (a missing one holds none)."""
+    import filecmp
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except FileNotFoundError:
+        return False
 
 
 def _copy_into(path: str, fh) -> None:

@@ -513,3 +513,10 @@ def test_a_strict_gate_refuses_a_factor_from_its_own_rows():
     result = regress.compare(base, cur)
     assert result["passed"] and not result["factor_from_references"] and result["speed_factor"] == pytest.approx(3.0)
     assert not regress.compare(base, cur, strict=True)["passed"]
+
+
+def test_cpu_table_gradient_ab_runs_both_ways():
+    from bench import ab_cpu_table_grad
+    rows = ab_cpu_table_grad.main(["--reps", "2", "--batch", "64", "--models", "fwfm", "--no-save"])
+    assert {r["provider"] for r in rows} == {"aten embedding backward", "index_add_"}
+    assert all(r["median_ms"] > 0 and r["reps"] == 2 for r in rows)

@@ -422,7 +422,7 @@ def test_compare_checks_every_config_before_training(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command,hint", [("train", "--resume /runs/x"), ("train-early", "run the command again"),
-                                          ("compare", "with --overwrite"), ("analyze", None)])
+                                          ("compare", "rerun the same command to continue"), ("analyze", None)])
 def test_an_interrupt_says_what_can_be_resumed(monkeypatch, capsys, command, hint):
     """train: --resume names the run's directory once it has a checkpoint of its own (the trainer's
     KeyboardInterrupt carries it), else says to start again."""

@@ -442,3 +442,32 @@ def test_to_empty_restarts_the_remap_counter_and_keeps_offsets():
     assert table.num_clamped == 1
     table.to_empty(device="cpu")
     assert table.num_clamped == 0 and torch.equal(table.offsets, torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [1, 16])
+def test_cpu_table_gradient_is_atens_embedding_backward_bit_for_bit(dtype, dim):
+    """The torch backend's CPU lookup sums its table gradient with one index_add_ (factored._CpuGather):
+    the same rows added in the same (id) order as F.embedding's backward, so the same bits, hot rows and
+    every thread count included; and still differentiable twice."""
+    import torch.nn.functional as F
+    from sfg_fast import factored
+    gen = torch.Generator().manual_seed(0)
+    field_dims = [40, 3, 500]
+    offsets = torch.tensor([0, 40, 43])
+    weight = (torch.randn(543, dim, generator=gen, dtype=dtype)
+              * torch.logspace(-4, 4, 543, dtype=dtype)[:, None]).requires_grad_()
+    ids = torch.stack([torch.randint(0, d, (2048,), generator=gen) for d in field_dims], dim=1)
+    ids[:1500, 1] = 2                                            # one very hot row
+    grad = torch.randn(2048, 3, dim, generator=gen, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            want, = torch.autograd.grad(F.embedding(ids + offsets, weight), weight, grad)
+            got, = torch.autograd.grad(factored.embedding_lookup(ids, weight, offsets), weight, grad)
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)
+    small = torch.randn(543, dim, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda w: factored.embedding_lookup(ids[:5], w, offsets) ** 2, (small,))

@@ -922,3 +922,108 @@ def test_checkpoint_config_fills_what_a_config_predates():
     assert T.checkpoint_config({"config": {"text_encoding": "utf-8"}})["text_encoding"] == "utf-8"
     with pytest.raises(ValueError, match="data_options may not set 'encoding'"):
         T.load_data(dict(dataset="criteo", data_dir="unused", data_options={"encoding": "utf-8"}))
+
+
+def test_an_interrupted_compare_continues_where_it_stopped(tmp_path, monkeypatch):
+    """Rerunning the same comparison after an interrupt resumes every run from its checkpoint (a finished
+    one only re-evaluates) and ends with the uninterrupted comparison's numbers; --overwrite instead removes
+    the interrupted comparison's runs, which no compare.json lists."""
+    from sfg_fast.compare import compare
+    overrides = dict(dataset="synthetic-criteo", num_rows=3000, data_seed=7, epochs=2, batch_size=512,
+                     embedding_dim=4, verbose=0, threads=1)
+    kw = dict(seeds=2, overrides=overrides, variants=("sfg",))
+    full = compare(["fm"], out=str(tmp_path / "full"), **kw)
+    real, calls = T.Trainer._train_epoch, []
+
+    def interrupted_in_the_second_run(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:              # seed 2019's second epoch
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(T.Trainer, "_train_epoch", interrupted_in_the_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        compare(["fm"], out=str(tmp_path / "part"), **kw)
+    monkeypatch.setattr(T.Trainer, "_train_epoch", real)
+    assert not (tmp_path / "part" / "fm-sfg-seed2019" / "results.json").exists()
+    part = compare(["fm"], out=str(tmp_path / "part"), **kw)
+    strip = ("train_seconds", "samples_per_second")
+    assert [{k: v for k, v in r.items() if k not in strip + ("out", "config")} for r in part["runs"]] == \
+           [{k: v for k, v in r.items() if k not in strip + ("out", "config")} for r in full["runs"]]
+    # another comparison's runs in the way: refused before anything trains
+    with pytest.raises(ValueError, match="already holds the results of an earlier comparison"):
+        compare(["fm"], out=str(tmp_path / "part"), **kw)
+    (tmp_path / "part" / "compare.json").unlink()
+    with pytest.raises(ValueError, match="cannot continue.*another comparison's run.*'lr'"):
+        compare(["fm"], out=str(tmp_path / "part"), **dict(kw, overrides=dict(overrides, lr=0.5)))
+    compare(["fm"], out=str(tmp_path / "part"), seeds=1, overrides=overrides, variants=("sfg",), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "part").iterdir() if p.is_dir()) == ["fm-sfg-seed2018"]
+
+
+def test_a_resume_into_a_new_out_stopped_before_its_first_checkpoint_can_be_retried(tmp_path, tiny, monkeypatch):
+    T.Trainer(_config(tmp_path, epochs=1), data=tiny).fit()
+
+    def stop(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(T.Trainer, "_train_epoch", stop)
+        with pytest.raises(KeyboardInterrupt):
+            T.resume(str(tmp_path / "run"), data=tiny, epochs=2, out=str(tmp_path / "new"))
+    assert (tmp_path / "new" / "best.pt").exists()        # copied before training, as the resume needs it
+    again = T.resume(str(tmp_path / "run"), data=tiny, epochs=2, out=str(tmp_path / "new"))
+    assert again["epochs_run"] == 2
+    # a best.pt of another run there is still refused
+    T.Trainer(_config(tmp_path, name="other", epochs=1, seed=5), data=tiny).fit()
+    (tmp_path / "new2").mkdir()
+    (tmp_path / "new2" / "best.pt").write_bytes((tmp_path / "other" / "best.pt").read_bytes())
+    with pytest.raises(ValueError, match="already holds a best.pt"):
+        T.resume(str(tmp_path / "run"), data=tiny, epochs=2, out=str(tmp_path / "new2"))
+
+
+def test_a_resume_that_trains_on_drops_the_results_of_the_run_so_far(tmp_path, tiny, monkeypatch):
+    T.Trainer(_config(tmp_path, epochs=1), data=tiny).fit()
+    assert (tmp_path / "run" / "results.json").exists()
+
+    def stop(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.Trainer, "_train_epoch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        T.resume(str(tmp_path / "run"), data=tiny, epochs=3)
+    # stopped before the new end: no results.json describing a best.pt the new epochs may replace
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_group_field_may_not_change_on_resume_while_early_stopping_scores_gauc(tmp_path):
+    data = load_dataset("movielens100k")
+    config = dict(model="fm", dataset="movielens100k", epochs=1, embedding_dim=4, verbose=0, threads=1,
+                  monitor="gAUC", out=str(tmp_path / "run"))
+    T.Trainer(config, data=data).fit()
+    with pytest.raises(ValueError, match="cannot change 'group_field' when resuming.*scores gAUC"):
+        T.resume(str(tmp_path / "run"), data=data, epochs=2, group_field="item_id")
+    T.Trainer(dict(config, monitor="AUC", out=str(tmp_path / "auc")), data=data).fit()
+    assert T.resume(str(tmp_path / "auc"), data=data, epochs=1, group_field="item_id")["group_field"] == "item_id"
+
+
+def test_a_full_disk_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    """torch.save's zip writer turns a failed write into an unrelated RuntimeError; the atomic writer
+    reports the write's own OSError, with the file, and leaves no temp file."""
+    import errno
+    from sfg_fast import _io
+    real_write = _io._WriteErrors.write
+    written = []
+
+    def fill_up(self, data):
+        written.append(len(data))
+        if sum(written) > 1000:
+            self.error = OSError(errno.ENOSPC, "No space left on device")
+            raise self.error
+        return real_write(self, data)
+
+    monkeypatch.setattr(_io._WriteErrors, "write", fill_up)
+    target = tmp_path / "model.pt"
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        T.atomic_save({"w": torch.zeros(10000)}, str(target))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert not target.exists() and not _leftover_temp_files(tmp_path)
