@@ -267,6 +267,14 @@ def _continuable_runs(planned: Dict[str, Dict[str, Any]], out: str) -> List[str]
     if os.path.exists(summary):
         raise ValueError(f"{out} already holds the results of an earlier comparison ({summary}); choose another "
                          f"--out, or pass --overwrite (overwrite=True) to train every run again and replace them")
+    if os.path.isdir(out):
+        planned_names = {os.path.basename(run_dir) for run_dir in planned}
+        strays = [name for name in sorted(os.listdir(out)) if _RUN_DIR.match(name) and name not in planned_names
+                  and any(os.path.exists(os.path.join(out, name, f)) for f in RUN_FILES)]
+        if strays:
+            raise ValueError(f"{out} holds {os.path.join(out, strays[0])}, a run this comparison does not plan (an "
+                             f"earlier comparison of other models or seeds); choose another --out, or pass "
+                             f"--overwrite (overwrite=True) to remove it and train every run again")
     continued = []
     for run_dir, config in planned.items():
         held = [name for name in RUN_FILES if os.path.exists(os.path.join(run_dir, name))]

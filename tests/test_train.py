@@ -954,6 +954,8 @@ def test_an_interrupted_compare_continues_where_it_stopped(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="already holds the results of an earlier comparison"):
         compare(["fm"], out=str(tmp_path / "part"), **kw)
     (tmp_path / "part" / "compare.json").unlink()
+    with pytest.raises(ValueError, match="fm-sfg-seed2019, a run this comparison does not plan"):
+        compare(["fm"], out=str(tmp_path / "part"), **dict(kw, seeds=1))
     with pytest.raises(ValueError, match="cannot continue.*another comparison's run.*'lr'"):
         compare(["fm"], out=str(tmp_path / "part"), **dict(kw, overrides=dict(overrides, lr=0.5)))
     compare(["fm"], out=str(tmp_path / "part"), seeds=1, overrides=overrides, variants=("sfg",), overwrite=True)
