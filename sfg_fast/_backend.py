@@ -89,6 +89,18 @@ def unavailable_reason(backend: str, op: str = "", device: Optional[torch.device
     return None
 
 
+def kernels_invisible() -> Optional[str]:
+    """Where the compiled kernels (the C++/CUDA extension, Triton) cannot run, why; else None. Inside a
+    torch.func transform (vmap, grad, jacrev, ...) their autograd Functions get wrapped tensors they
+    cannot read; while torch.jit.trace records, it does not see their calls, and the trace would replay
+    uninitialised memory in their place. The factored torch ops work in both."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "inside a torch.func transform (vmap, grad, jacrev, ...)"
+    if torch.jit.is_tracing():
+        return "while torch.jit.trace records (it cannot see the kernels' calls)"
+    return None
+
+
 def register(backend: str, op: str) -> None:
     """Called by backend modules to declare that they implement ``op``."""
     _IMPLEMENTED[backend].add(op)
@@ -139,8 +151,8 @@ def module_backend(backend: str, op: str) -> str:
     The functional ops are strict: an explicit backend without a kernel for the op raises. A layer
     (``sfg_fast.nn``) or model built with ``backend="cpu"`` or ``"cuda"`` instead runs the compiled
     kernels for the ops the extension has and the ``"torch"`` backend for the rest (the same math on
-    the same device), so every model trains on it. When the extension itself is missing the backend
-    stays as asked, so the op raises and says why.
+    the same device), so every model trains on it. When the backend itself cannot run (no extension, or
+    "cuda" without a GPU) it stays as asked, so the op raises and says why.
     """
     if backend in ("cpu", "cuda", "auto"):
         return _module_backend_choice(backend, op)
@@ -158,7 +170,7 @@ def _module_backend_choice(backend: str, op: str) -> str:
         if env not in ("cpu", "cuda"):
             return backend
         backend = env
-    if _extension_status() is None:
+    if unavailable_reason(backend) is None:      # (the extension built, and a GPU for "cuda")
         from .ops import load_backends
         load_backends()
         if op not in _IMPLEMENTED[backend]:

@@ -2,6 +2,7 @@
 maps) and the diagnostics: no torch import, so the data package stays light."""
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 
@@ -45,6 +46,9 @@ class _WriteErrors:
         return getattr(self._fh, name)
 
 
+io.IOBase.register(_WriteErrors)      # a file object to isinstance checks (torch.export.save warns otherwise)
+
+
 def atomic_write(path: str, write) -> None:
     """Write through ``write(fileobj)`` into a temp file beside ``path``, fsync, then rename over it.
 
@@ -63,7 +67,8 @@ def atomic_write(path: str, write) -> None:
             except Exception as exc:
                 # a full disk or a file-size limit, named with the file: torch.save's zip writer turns the
                 # OSError of a failed write into an unrelated "unexpected pos" RuntimeError
-                error = recorder.error or (exc if isinstance(exc, OSError) else None)
+                # (an OSError that names its own file, e.g. a source being copied, is left as it is)
+                error = recorder.error or (exc if isinstance(exc, OSError) and exc.filename is None else None)
                 if error is not None and error.errno is not None:
                     raise OSError(error.errno, error.strerror, path) from exc
                 raise

@@ -382,8 +382,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         train_hint = (f"; resume with --resume {resume_from}" if resume_from else
                       "; no checkpoint of this run had been written yet: run the command again to start it")
         hint = {"train": train_hint,
-                "compare": "; rerun the same command to continue (each run resumes from its last checkpoint), or "
-                           "with --overwrite to train every run again"
+                "compare": ("; rerun the same command without --overwrite to continue (each run resumes from its "
+                            "last checkpoint); with --overwrite it trains every run again"
+                            if getattr(args, "overwrite", False) else
+                            "; rerun the same command to continue (each run resumes from its last checkpoint), or "
+                            "with --overwrite to train every run again")
                 }.get(args.command, "")
         print(f"sfg-fast {args.command}: interrupted{hint}", file=sys.stderr)
         return 130

@@ -286,7 +286,11 @@ def _continuable_runs(planned: Dict[str, Dict[str, Any]], out: str) -> List[str]
             why = f"it holds {held[0]} but no last.pt to continue from"
         else:
             try:
-                check_resume_overrides(checkpoint_config(load_checkpoint(last)), dict(config))
+                ckpt = load_checkpoint(last)
+                check_resume_overrides(checkpoint_config(ckpt), dict(config))
+                done = int(ckpt.get("epoch") or 0)
+                if int(config["epochs"]) < done:
+                    raise ValueError(f"it has run {done} epochs, more than epochs={config['epochs']}")
             except ValueError as exc:
                 why = f"it is another comparison's run: {exc}"
         if why is not None:

@@ -760,18 +760,18 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
                 raise ValueError(f"the checkpoint {dist_cfg['resume']} holds learning rates for {len(lrs)} optimizer "
                                  f"groups but this plan has {len(groups)}; resume it with its own sharding "
                                  f"({manifest.get('sharding')!r})")
-        if rank == 0:
+        global_batch = batch * world
+        steps_per_epoch = train_ids.shape[0] // global_batch
+        if steps_per_epoch == 0:
+            raise ValueError(f"the train split ({train_ids.shape[0]} rows) is smaller than one global batch "
+                             f"({batch} x {world} ranks)")
+        if rank == 0:      # (after every refusal: a refused run changes nothing)
             # a results.json here describes a replaced run (--overwrite) or this run's end so far (a resume
             # trains on): stopped before the new end, the directory must not pair it with other weights
             try:
                 os.unlink(os.path.join(out, "results.json"))
             except FileNotFoundError:
                 pass
-        global_batch = batch * world
-        steps_per_epoch = train_ids.shape[0] // global_batch
-        if steps_per_epoch == 0:
-            raise ValueError(f"the train split ({train_ids.shape[0]} rows) is smaller than one global batch "
-                             f"({batch} x {world} ranks)")
         checkpoint_dir = os.path.join(out, "checkpoint")
 
         def save() -> None:

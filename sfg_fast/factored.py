@@ -38,8 +38,15 @@ class _CpuGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight):
         ctx.save_for_backward(rows)
+        ctx.save_for_forward(rows)
         ctx.num_rows = weight.shape[0]
         return F.embedding(rows, weight)
+
+    @staticmethod
+    def jvp(ctx, rows_tangent, weight_tangent):
+        # forward-mode AD (torch.autograd.forward_ad): the gather is linear in the table
+        (rows,) = ctx.saved_tensors
+        return F.embedding(rows, weight_tangent)
 
     @staticmethod
     def backward(ctx, grad):

@@ -26,7 +26,7 @@ import torch
 
 from . import _checks as C
 from . import factored, reference
-from ._backend import ENV_VAR, BackendUnavailableError, module_backend, resolve
+from ._backend import ENV_VAR, BackendUnavailableError, kernels_invisible, module_backend, resolve
 
 __all__ = ["embedding_lookup", "sfg_encode", "pairwise_decode", "pairwise_products",
            "generative_cross", "bce_with_logits", "sfg_logits", "sfg_interaction"]
@@ -54,19 +54,18 @@ def register_impl(backend: str, op: str, fn) -> None:
     register(backend, op)
 
 
-def _in_functorch_transform(backend: str, op: str):
-    """The implementation inside a torch.func transform (vmap, grad, jacrev, ...): the factored torch ops,
-    which the transforms see through. The compiled kernels' autograd Functions cannot run there (raw
-    pointers into wrapped tensors), so "auto" takes torch (as SFG_FAST_BACKEND=auto does) and an explicit
-    kernel backend is refused, naming the one that works."""
+def _kernels_invisible(backend: str, op: str, where: str):
+    """The implementation where the compiled kernels cannot run (``_backend.kernels_invisible``: a torch.func
+    transform, a torch.jit.trace): the factored torch ops, which both see through. "auto" takes torch
+    (as SFG_FAST_BACKEND=auto does) and an explicit kernel backend is refused, naming the one that works."""
     env = os.environ.get(ENV_VAR, "").strip()
     if backend == "auto" and env in ("", "auto", "torch"):
         return getattr(factored, op)
     if backend == "auto" and env == "reference":
         return None
+    hint = "unset SFG_FAST_BACKEND (or set it to torch)" if backend == "auto" else "use backend='torch' (or 'auto')"
     raise BackendUnavailableError(
-        f"backend {(env if backend == 'auto' else backend)!r} is unavailable for {op} inside a torch.func "
-        "transform (vmap, grad, jacrev, ...): its kernels take raw tensors; use backend='torch' (or 'auto')")
+        f"backend {(env if backend == 'auto' else backend)!r} is unavailable for {op} {where}; {hint}")
 
 
 def _impl(backend: str, op: str, device: torch.device):
@@ -76,8 +75,10 @@ def _impl(backend: str, op: str, device: torch.device):
     if backend != "torch" and backend != "reference":
         from .ops import load_backends
         load_backends()
-    if backend in ("auto", "cpu", "cuda", "triton") and torch._C._functorch.peek_interpreter_stack() is not None:
-        return _in_functorch_transform(backend, op)
+    if backend in ("auto", "cpu", "cuda", "triton"):
+        where = kernels_invisible()
+        if where is not None:
+            return _kernels_invisible(backend, op, where)
     chosen = resolve(backend, op, device)
     if chosen == "reference":
         return None

@@ -43,9 +43,9 @@ def group_auc(labels, scores, groups, exclude=None) -> Tuple[Optional[float], in
     ``sklearn.metrics.roc_auc_score``); everything is vectorised over one sort of the n samples.
     """
     y, s, g = (_as_array(x, dtype) for x, dtype in ((labels, np.float64), (scores, np.float64), (groups, None)))
-    if not (y.shape == s.shape == g.shape) or y.ndim > 1 and y.size != max(y.shape):
-        # one value per sample: [n] (or [n, 1] alike), never a [2, 3] that flattening would pair up anew
-        raise ValueError(f"labels, scores and groups must have one value per sample, with one shape, got "
+    # one value per sample: [n], [n, 1] or [1, n] alike, never a [2, 3] that flattening would pair up anew
+    if not (y.size == s.size == g.size) or any(a.ndim > 1 and a.size != max(a.shape) for a in (y, s, g)):
+        raise ValueError(f"labels, scores and groups must have one value per sample ([n] or [n, 1]), got "
                          f"shapes {y.shape}, {s.shape}, {g.shape}")
     y, s, g = y.reshape(-1), s.reshape(-1), g.reshape(-1)
     if exclude is not None:

@@ -135,7 +135,13 @@ class FieldDimsState:
 
 
 def check_ids_width(module: nn.Module, ids) -> None:
-    """A [B, N] ids tensor must have one column per field of ``module`` (other checks come later)."""
+    """A [B, N] ids tensor must have one column per field of ``module`` (other checks come later). The
+    tables' entry check, so it also refuses torch.jit.trace, which would record neither the id checks
+    (they read the ids; a trace keeps only the branch its example took) nor the compiled kernels."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(f"{type(module).__name__} cannot be recorded by torch.jit.trace: a trace keeps neither "
+                           "its id checks nor its compiled kernels; export with torch.export.export(model, (ids,)) "
+                           "(a dynamic batch works, the checks stay in the program) or use torch.compile")
     if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] != module.num_fields:
         raise ValueError(f"ids must have shape [B, N]=[B, {module.num_fields}] for field_dims of "
                          f"{module.num_fields} fields, got {list(ids.shape)}")
@@ -305,14 +311,24 @@ class PairwiseDecoder(nn.Module):
                 f"pairs={self.pairs!r}, generated_side={self.generated_side!r}, symmetric={self.symmetric}")
 
 
+def _hooked(module: Optional[nn.Module]) -> bool:
+    """Whether ``module`` has hooks of its own (forward, pre-forward, backward; weight_norm, spectral_norm
+    and pruning attach pre-forward hooks that recompute its weight): a layer that would read its
+    parameters directly must call it instead, or the hooks would silently never run."""
+    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                                       or module._backward_pre_hooks)
+
+
 def score_pairs(encoder: Optional[SFGEncoder], decoder: PairwiseDecoder, V: torch.Tensor,
                 backend: str = "auto") -> torch.Tensor:
     """``decoder(encoder(V), V)`` (``decoder(V, V)`` without an encoder) as ONE ``sfg_interaction`` call,
     so fused backends run encoder and decoder as one pipeline; with the encoder's dropout active
     (training) Z must exist between them, and the two ops run instead. ``-> [B]``."""
     check_embeddings_shape("V", V, decoder.num_fields, decoder.embedding_dim)
-    if encoder is not None and encoder.dropout is not None and encoder.training:
-        return decoder(encoder(V), V)
+    if encoder is not None and (encoder.dropout is not None and encoder.training or _hooked(encoder)) \
+            or _hooked(decoder):
+        # dropout between the two, or hooks on either (they must run): the two modules, called
+        return decoder(V if encoder is None else encoder(V), V)
     backend = module_backend(backend, "sfg_interaction")
     if encoder is None:
         return SF.sfg_interaction(V, None, None, decoder.weight, decoder.kind, "identity", 1.0, False, decoder.pairs,
@@ -443,8 +459,12 @@ class GenerativeCrossNet(nn.Module):
                              f"D={self.embedding_dim}), got {list(x0.shape)}")
         x = x0
         for layer, linear in enumerate(self.cross):
-            x = SF.generative_cross(x, self.gate(layer, x0, x), linear.weight, linear.bias,
-                                    backend=module_backend(self.backend, "generative_cross"))
+            if type(linear) is nn.Linear and not _hooked(linear):
+                x = SF.generative_cross(x, self.gate(layer, x0, x), linear.weight, linear.bias,
+                                        backend=module_backend(self.backend, "generative_cross"))
+            else:
+                # a hooked, parametrised-by-hook or swapped layer (torch.ao's dynamic quantisation): called
+                x = x + self.gate(layer, x0, x) * linear(x)
         return x
 
     def extra_repr(self) -> str:
@@ -505,7 +525,10 @@ class CIN(nn.Module):
         for k, conv in enumerate(self.convs):
             g = self.generators[k](V) if self.generative else V
             z = torch.einsum("bhd,bmd->bhmd", x, g.to(dtype)).reshape(batch, x.shape[1] * g.shape[1], d)
-            x = F.conv1d(z, conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype))
+            if type(conv) is nn.Conv1d and not _hooked(conv):
+                x = F.conv1d(z, conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype))
+            else:
+                x = conv(z)     # a hooked or swapped layer: called, so its hooks run
             pooled.append(x.sum(dim=2))
         return torch.cat(pooled, dim=1)
 

@@ -423,6 +423,8 @@ def _resolve_fused_backend(backend: str, device: torch.device, dtype=None, conti
     C.check_choice("backend", backend, FUSED_BACKENDS)
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
+        if torch.jit.is_tracing():
+            return "torch"          # the kernels' calls are invisible to a trace (_backend.kernels_invisible)
         if env and env not in FUSED_BACKENDS + ("reference",):
             # the same refusal as every other op's (_backend.resolve); "reference" has no fused update and
             # means the factored torch path here
@@ -627,6 +629,10 @@ GRAPH_ROW_UPDATE = tuple(int(x) for x in torch.__version__.split("+")[0].split("
 
 
 def _eager_fused_lookup(ids, weight, offsets, optimizer: SparseRowOptimizer, backend: str) -> torch.Tensor:
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError("a fused lookup (FusedFieldEmbedding, embedding='fused') cannot run inside a torch.func "
+                           "transform (grad, vmap, jacrev, ...): its backward updates the table in place instead of "
+                           "returning a gradient; use a native or TorchRec table there")
     if torch._debug_has_internal_overlap(weight) == 1:
         # refused here, in forward: the update would find out in backward, after the row state moved
         raise ValueError(f"weight's elements overlap in memory (strides {list(weight.stride())}: an expanded view); "
@@ -705,10 +711,21 @@ def fused_embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: tor
     return _fused_lookup(ids, weight, offsets, optimizer, backend)
 
 
+def _data_parallel_world() -> int:
+    """The size of the default process group (1 when torch.distributed is not in use)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class FusedFieldEmbedding(FieldDimsState, nn.Module):
     """:class:`sfg_fast.nn.FieldEmbedding` whose table trains itself: the row-sparse optimizer runs
     inside backward (see :func:`fused_embedding_lookup`), so leave ``weight`` out of the dense optimizer
-    (it never gets a ``.grad``, so including it is harmless).
+    (it never gets a ``.grad``, so including it is harmless; but DistributedDataParallel hands parameters
+    without one zero gradients, which a dense optimizer's weight decay would act on: the zoo's models list
+    their fused tables in ``_ddp_params_and_buffers_to_ignore``, and a model of your own should too, with
+    ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``). Under data parallelism every
+    rank updates its own copy of the table from its own rows (a warning says so): shard tables with
+    :mod:`sfg_fast.distributed` instead.
 
     ``forward(ids [B, N]) -> V [B, N, D]``. The optimizer state travels in ``state_dict()`` (extra state)
     and follows the module on ``.to(...)``. Under ``torch.compile(fullgraph=True)`` the lookup and its
@@ -734,6 +751,7 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
             raise TypeError(f"dtype must be a floating torch.dtype for the table, got {dtype!r}")
         self.weight = nn.Parameter(torch.empty(sum(dims), self.embedding_dim, dtype=dtype))
         self.init_std = C.check_init_std(init_std)
+        self._warned_data_parallel = False     # the warning of forward, once per table
         self.optimizer.prepare(self.weight)     # a compiled graph needs the state before the first step
         self.reset_parameters()
 
@@ -762,6 +780,14 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_ids_width(self, ids)
+        if self.training and not torch.compiler.is_compiling() and _data_parallel_world() > 1 \
+                and not getattr(self, "_warned_data_parallel", False):
+            import warnings
+            self._warned_data_parallel = True
+            warnings.warn(f"FusedFieldEmbedding trains under a process group of {_data_parallel_world()} ranks: "
+                          "its table updates in backward from this rank's rows only, so the ranks' copies drift "
+                          "apart (DDP averages only the dense gradients). Shard the tables with sfg_fast.distributed "
+                          "(TorchRec), or use native tables under DDP", RuntimeWarning, stacklevel=2)
         if self.bounds_check == "clamp_to_oov":
             C.check_lookup(ids, self.weight, self.offsets, "clamp_to_oov")
             ids, clamped = clamp_ids_to_oov(self, ids)

@@ -67,7 +67,8 @@ def _check_quantised(ids, qweight, scale_bias, offsets, bounds_check: str) -> to
 def _backend(backend: str, device: torch.device) -> str:
     C.check_choice("backend", backend, _BACKENDS)
     if backend == "auto":
-        return "cpu" if device.type == "cpu" and cpu_ext.available() else "torch"
+        # (the extension's calls are invisible to torch.jit.trace: _backend.kernels_invisible)
+        return "cpu" if device.type == "cpu" and cpu_ext.available() and not torch.jit.is_tracing() else "torch"
     if backend == "cpu":
         if not cpu_ext.available():
             raise BackendUnavailableError(f"backend 'cpu' is unavailable: {_extension_status()}")

@@ -324,7 +324,8 @@ def check_resume_overrides(config: Dict[str, Any], overrides: Dict[str, Any]) ->
     that differs; a regrouped gAUC that early stopping scores)."""
     absolute_data_paths(overrides)
     for key, value in overrides.items():
-        if key not in RESUME_OVERRIDABLE and config.get(key) != value:
+        # compared as the checkpoint stores them (JSON-like: a tuple comes back a list)
+        if key not in RESUME_OVERRIDABLE and _jsonable(config.get(key)) != _jsonable(value):
             raise ValueError(f"cannot change {key!r} when resuming ({config.get(key)!r} -> {value!r}); "
                              f"only {list(RESUME_OVERRIDABLE)} may change")
     check_group_field_change(config, overrides)

@@ -438,3 +438,12 @@ def test_an_interrupt_says_what_can_be_resumed(monkeypatch, capsys, command, hin
     assert cli.main(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and (hint in err if hint else "--resume" not in err)
+
+
+def test_a_compare_interrupted_under_overwrite_says_to_continue_without_it(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_compare", interrupted)
+    assert cli.main(["compare", "--overwrite"]) == 130
+    assert "rerun the same command without --overwrite to continue" in capsys.readouterr().err

@@ -430,6 +430,23 @@ def test_torch_func_grad_of_every_model_on_the_default_backend(name):
         torch.testing.assert_close(got[key], p.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_torch_func_refuses_a_fused_table_by_name():
+    from torch.func import functional_call, grad
+    model = models.build("fm", [3, 4], 4, embedding="fused")
+    with pytest.raises(RuntimeError, match="a fused lookup .* cannot run inside a torch.func transform"):
+        grad(lambda p: functional_call(model, p, (torch.tensor([[0, 1]]),)).sum())(dict(model.named_parameters()))
+
+
+def test_an_unrunnable_backend_variable_is_refused_not_replaced(monkeypatch):
+    # SFG_FAST_BACKEND=cuda on a machine without a GPU: the model's ops raise saying why, as functional
+    # calls do; they never run the torch ops in its place
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.setenv("SFG_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable"):
+        models.build("fwfm", [3, 4, 5], 4)(torch.tensor([[0, 1, 2]]))
+
+
 def test_torch_func_refuses_an_explicit_kernel_backend_by_name():
     from torch.func import grad
     pytest.importorskip("sfg_fast._C")

@@ -465,9 +465,17 @@ def test_cpu_table_gradient_is_atens_embedding_backward_bit_for_bit(dtype, dim):
         for n in (1, 2):
             torch.set_num_threads(n)
             want, = torch.autograd.grad(F.embedding(ids + offsets, weight), weight, grad)
-            got, = torch.autograd.grad(factored.embedding_lookup(ids, weight, offsets), weight, grad)
+            out = factored.embedding_lookup(ids, weight, offsets)
+            assert type(out.grad_fn).__name__ == "_CpuGatherBackward"      # the index_add_ path ran
+            got, = torch.autograd.grad(out, weight, grad)
             assert torch.equal(got, want)
     finally:
         torch.set_num_threads(threads)
     small = torch.randn(543, dim, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda w: factored.embedding_lookup(ids[:5], w, offsets) ** 2, (small,))
+    # forward-mode AD too (the gather is linear in the table)
+    import torch.autograd.forward_ad as fwAD
+    tangent = torch.randn_like(weight)
+    with fwAD.dual_level():
+        out = factored.embedding_lookup(ids, fwAD.make_dual(weight, tangent), offsets)
+        assert torch.equal(fwAD.unpack_dual(out).tangent, F.embedding(ids + offsets, tangent))

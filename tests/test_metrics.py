@@ -115,3 +115,4 @@ def test_shapes_must_agree_and_tensors_of_any_dtype_are_read():
     got = group_auc(torch.tensor([0, 1, 1, 0]), scores, torch.tensor([1, 1, 2, 2]))
     assert got == group_auc([0, 1, 1, 0], [.1, .9, .3, .4], [1, 1, 2, 2]) == (0.5, 2)
     assert group_auc(np.array([[0], [1]]), np.array([[.1], [.9]]), np.array([[1], [1]])) == (1.0, 1)
+    assert group_auc(np.array([0, 1]), np.array([[.1], [.9]]), np.array([1, 1])) == (1.0, 1)     # [n] with [n, 1]

@@ -956,6 +956,8 @@ def test_an_interrupted_compare_continues_where_it_stopped(tmp_path, monkeypatch
     (tmp_path / "part" / "compare.json").unlink()
     with pytest.raises(ValueError, match="fm-sfg-seed2019, a run this comparison does not plan"):
         compare(["fm"], out=str(tmp_path / "part"), **dict(kw, seeds=1))
+    with pytest.raises(ValueError, match="cannot continue.*run 2 epochs, more than epochs=1"):
+        compare(["fm"], out=str(tmp_path / "part"), **dict(kw, overrides=dict(overrides, epochs=1)))
     with pytest.raises(ValueError, match="cannot continue.*another comparison's run.*'lr'"):
         compare(["fm"], out=str(tmp_path / "part"), **dict(kw, overrides=dict(overrides, lr=0.5)))
     compare(["fm"], out=str(tmp_path / "part"), seeds=1, overrides=overrides, variants=("sfg",), overwrite=True)
@@ -1029,3 +1031,32 @@ def test_a_full_disk_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
         T.atomic_save({"w": torch.zeros(10000)}, str(target))
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
     assert not target.exists() and not _leftover_temp_files(tmp_path)
+    monkeypatch.setattr(_io._WriteErrors, "write", real_write)
+    import io
+    assert isinstance(_io._WriteErrors(io.BytesIO()), io.IOBase)     # a file object to torch.export.save
+    # an error reading a source names the source, not the file being written
+    with pytest.raises(FileNotFoundError) as caught:
+        _io.atomic_write(str(target), lambda fh: fh.write(open(tmp_path / "missing.pt", "rb").read()))
+    assert caught.value.filename == str(tmp_path / "missing.pt")
+
+
+def test_a_real_file_size_limit_is_an_oserror_naming_the_file(tmp_path):
+    """The same with the kernel's own refusal (RLIMIT_FSIZE: EFBIG), in a child process."""
+    import subprocess
+    import sys
+    code = ("import resource, sys, torch\nfrom sfg_fast import train as T\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000))\n"
+            "try:\n    T.atomic_save({'w': torch.zeros(1000000)}, sys.argv[1])\n"
+            "except OSError as exc:\n    print('OSError', exc.errno, exc.filename)\n")
+    target = str(tmp_path / "big.pt")
+    done = subprocess.run([sys.executable, "-c", code, target], capture_output=True, text=True, timeout=300)
+    import errno
+    assert done.stdout.split() == ["OSError", str(errno.EFBIG), target], done.stderr[-2000:]
+    assert not _leftover_temp_files(tmp_path)
+
+
+def test_resume_overrides_compare_as_the_checkpoint_stores_them():
+    # a checkpoint's config is JSON-like: a tuple given again is the same value, not a change
+    T.check_resume_overrides({"hidden_units": [8, 8], "lr": 0.1}, {"hidden_units": (8, 8), "lr": 0.1})
+    with pytest.raises(ValueError, match="cannot change 'hidden_units'"):
+        T.check_resume_overrides({"hidden_units": [8, 8]}, {"hidden_units": (8, 4)})

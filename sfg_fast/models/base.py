@@ -90,6 +90,19 @@ class CTRModel(nn.Module):
         V = self.embedding(ids)
         return self.score(ids, V)
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> List[str]:
+        """What DistributedDataParallel leaves alone: the fused tables, which update themselves in backward
+        and get no gradient (DDP would otherwise hand them zero gradients, and a dense optimizer's weight
+        decay would then move every row). Names set with DDP's own helper are kept too."""
+        from ..optim import FusedFieldEmbedding
+        fused = [f"{name}.weight" for name, module in self.named_modules() if isinstance(module, FusedFieldEmbedding)]
+        return fused + [n for n in self.__dict__.get("_ddp_extra_ignored", []) if n not in fused]
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names) -> None:
+        self.__dict__["_ddp_extra_ignored"] = list(names)
+
     def score(self, ids: torch.Tensor, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
