@@ -319,6 +319,14 @@ def _hooked(module: Optional[nn.Module]) -> bool:
                                        or module._backward_pre_hooks)
 
 
+def _to_parameters_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the floating dtype of ``module``'s parameters (unchanged when it has none, or autocast runs)."""
+    param = next(module.parameters(), None)
+    if param is None or not param.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(param.dtype)
+
+
 def score_pairs(encoder: Optional[SFGEncoder], decoder: PairwiseDecoder, V: torch.Tensor,
                 backend: str = "auto") -> torch.Tensor:
     """``decoder(encoder(V), V)`` (``decoder(V, V)`` without an encoder) as ONE ``sfg_interaction`` call,
@@ -463,8 +471,9 @@ class GenerativeCrossNet(nn.Module):
                 x = SF.generative_cross(x, self.gate(layer, x0, x), linear.weight, linear.bias,
                                         backend=module_backend(self.backend, "generative_cross"))
             else:
-                # a hooked, parametrised-by-hook or swapped layer (torch.ao's dynamic quantisation): called
-                x = x + self.gate(layer, x0, x) * linear(x)
+                # a hooked, parametrised-by-hook or swapped layer (torch.ao's dynamic quantisation): called,
+                # on its parameters' dtype, the result in x's (as the fused op promotes)
+                x = x + self.gate(layer, x0, x) * linear(_to_parameters_dtype(linear, x)).to(x.dtype)
         return x
 
     def extra_repr(self) -> str:
@@ -528,7 +537,7 @@ class CIN(nn.Module):
             if type(conv) is nn.Conv1d and not _hooked(conv):
                 x = F.conv1d(z, conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype))
             else:
-                x = conv(z)     # a hooked or swapped layer: called, so its hooks run
+                x = conv(_to_parameters_dtype(conv, z)).to(dtype)    # a hooked or swapped layer: called
             pooled.append(x.sum(dim=2))
         return torch.cat(pooled, dim=1)
 

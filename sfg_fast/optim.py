@@ -724,7 +724,8 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
     without one zero gradients, which a dense optimizer's weight decay would act on: the zoo's models list
     their fused tables in ``_ddp_params_and_buffers_to_ignore``, and a model of your own should too, with
     ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``). Under data parallelism every
-    rank updates its own copy of the table from its own rows (a warning says so): shard tables with
+    rank updates its own copy of the table from its own rows (a warning says so), and DDP does not copy an
+    ignored table from rank 0 either, so the ranks start alike only when seeded alike: shard tables with
     :mod:`sfg_fast.distributed` instead.
 
     ``forward(ids [B, N]) -> V [B, N, D]``. The optimizer state travels in ``state_dict()`` (extra state)

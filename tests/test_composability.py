@@ -105,3 +105,16 @@ def test_fused_tables_warn_once_under_data_parallelism(monkeypatch):
         table(IDS).sum().backward()           # once per table
         table.eval()
         table(IDS)
+
+
+def test_hooked_cross_and_cin_layers_promote_dtypes_as_the_fused_path():
+    from sfg_fast import nn as snn
+    cin = snn.CIN(3, 4, [5, 5])
+    cin.convs[0].register_forward_hook(lambda *args: None)
+    assert cin(torch.randn(2, 3, 4, dtype=torch.float64)).dtype == torch.float64
+    cross = snn.GenerativeCrossNet(3, 4, 2)
+    x = torch.randn(2, 12)
+    plain = cross(x)
+    cross.cross[0].register_forward_hook(lambda *args: None)
+    torch.testing.assert_close(cross(x), plain, rtol=1e-6, atol=1e-6)      # the same layer, called
+    assert cross(x.double()).dtype == torch.float64
