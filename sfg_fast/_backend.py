@@ -89,12 +89,17 @@ def unavailable_reason(backend: str, op: str = "", device: Optional[torch.device
     return None
 
 
+def in_torch_func() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def kernels_invisible() -> Optional[str]:
     """Where the compiled kernels (the C++/CUDA extension, Triton) cannot run, why; else None. Inside a
     torch.func transform (vmap, grad, jacrev, ...) their autograd Functions get wrapped tensors they
     cannot read; while torch.jit.trace records, it does not see their calls, and the trace would replay
     uninitialised memory in their place. The factored torch ops work in both."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if in_torch_func():
         return "inside a torch.func transform (vmap, grad, jacrev, ...)"
     if torch.jit.is_tracing():
         return "while torch.jit.trace records (it cannot see the kernels' calls)"

@@ -85,5 +85,13 @@ def atomic_write(path: str, write) -> None:
     _fsync_dir(directory)
 
 
+def remove_if_present(path: str) -> None:
+    """Delete the file ``path``; one that is already gone is no error."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def atomic_write_bytes(data: bytes, path: str) -> None:
     atomic_write(path, lambda fh: fh.write(data))

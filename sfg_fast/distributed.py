@@ -42,6 +42,7 @@ from torch import nn
 
 from . import functional as SF
 from ._backend import module_backend
+from ._io import remove_if_present
 
 __all__ = ["SHARDINGS", "EMBEDDING_OPTIMIZERS", "DIST_DEFAULTS", "init_distributed", "make_sharding_plan",
            "ShardedModel", "shard_model", "distributed_auc", "gather_to_all", "run_distributed_training"]
@@ -768,10 +769,7 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
         if rank == 0:      # (after every refusal: a refused run changes nothing)
             # a results.json here describes a replaced run (--overwrite) or this run's end so far (a resume
             # trains on): stopped before the new end, the directory must not pair it with other weights
-            try:
-                os.unlink(os.path.join(out, "results.json"))
-            except FileNotFoundError:
-                pass
+            remove_if_present(os.path.join(out, "results.json"))
         checkpoint_dir = os.path.join(out, "checkpoint")
 
         def save() -> None:

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from ._backend import in_torch_func
 
 
 def embedding_lookup(ids, weight, offsets):
     rows = ids.to(torch.int64) + offsets          # int64 row index into the concatenated table
     if (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64) and weight.requires_grad
             and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None):
+            and not torch.compiler.is_compiling() and not in_torch_func()):
         return _CpuGather.apply(rows, weight)
     return F.embedding(rows, weight)
 

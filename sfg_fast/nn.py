@@ -319,6 +319,12 @@ def _hooked(module: Optional[nn.Module]) -> bool:
                                        or module._backward_pre_hooks)
 
 
+def _weights_readable(module: nn.Module, cls: type) -> bool:
+    """Whether a layer's weights may be read into a fused op: exactly ``cls`` (not a swapped-in layer, such
+    as torch.ao's dynamically quantised Linear) and without hooks of its own."""
+    return type(module) is cls and not _hooked(module)
+
+
 def _to_parameters_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` in the floating dtype of ``module``'s parameters (unchanged when it has none, or autocast runs)."""
     param = next(module.parameters(), None)
@@ -467,7 +473,7 @@ class GenerativeCrossNet(nn.Module):
                              f"D={self.embedding_dim}), got {list(x0.shape)}")
         x = x0
         for layer, linear in enumerate(self.cross):
-            if type(linear) is nn.Linear and not _hooked(linear):
+            if _weights_readable(linear, nn.Linear):
                 x = SF.generative_cross(x, self.gate(layer, x0, x), linear.weight, linear.bias,
                                         backend=module_backend(self.backend, "generative_cross"))
             else:
@@ -534,7 +540,7 @@ class CIN(nn.Module):
         for k, conv in enumerate(self.convs):
             g = self.generators[k](V) if self.generative else V
             z = torch.einsum("bhd,bmd->bhmd", x, g.to(dtype)).reshape(batch, x.shape[1] * g.shape[1], d)
-            if type(conv) is nn.Conv1d and not _hooked(conv):
+            if _weights_readable(conv, nn.Conv1d):
                 x = F.conv1d(z, conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype))
             else:
                 x = conv(_to_parameters_dtype(conv, z)).to(dtype)    # a hooked or swapped layer: called

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from . import _checks as C
-from ._backend import BACKENDS, ENV_VAR, BackendUnavailableError, _assume_constant_result, unavailable_reason
+from ._backend import (BACKENDS, ENV_VAR, BackendUnavailableError, _assume_constant_result, in_torch_func,
+                       unavailable_reason)
 from .nn import FieldDimsState, check_ids_width, clamp_ids_to_oov, init_table_fields
 
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]
@@ -629,7 +630,7 @@ GRAPH_ROW_UPDATE = tuple(int(x) for x in torch.__version__.split("+")[0].split("
 
 
 def _eager_fused_lookup(ids, weight, offsets, optimizer: SparseRowOptimizer, backend: str) -> torch.Tensor:
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if in_torch_func():
         raise RuntimeError("a fused lookup (FusedFieldEmbedding, embedding='fused') cannot run inside a torch.func "
                            "transform (grad, vmap, jacrev, ...): its backward updates the table in place instead of "
                            "returning a gradient; use a native or TorchRec table there")

@@ -37,6 +37,7 @@ import torch
 from . import functional as SF
 from ._backend import module_backend
 from ._io import atomic_write as _atomic_write
+from ._io import remove_if_present
 from . import models as model_zoo
 
 __all__ = ["TRAIN_DEFAULTS", "DEFAULT_CONFIG_PATH", "TrainingDiverged", "Trainer", "train", "resume",
@@ -1095,10 +1096,7 @@ class Trainer:
         other run's last.pt / best.pt with this run's command, and its results.json would describe a run
         that is not there (a resume would silently continue the other run)."""
         for name in RUN_FILES:
-            try:
-                os.unlink(os.path.join(self.out, name))
-            except FileNotFoundError:
-                pass
+            remove_if_present(os.path.join(self.out, name))
 
     def resumable_checkpoint(self) -> Optional[str]:
         """The directory to ``--resume`` this run from, or None while no checkpoint of this run exists
@@ -1278,21 +1276,18 @@ def resume(path: str, data=None, **overrides) -> Dict[str, Any]:
         # the results of the run so far describe a best.pt that the epochs to come may replace: stopped
         # before they end, the directory must not pair the old results with a newer best model (fit
         # writes them again at its end, also when there is nothing left to train)
-        try:
-            os.unlink(os.path.join(out_dir, "results.json"))
-        except FileNotFoundError:
-            pass
-    if out_dir != source_dir:
+        remove_if_present(os.path.join(out_dir, "results.json"))
+        if best_is_this and stop.get("best_epoch") and os.path.abspath(file) != os.path.abspath(best):
+            # the checkpoint is the best model: best.pt may be missing or older (a run stopped between
+            # writing last.pt and best.pt)
+            _atomic_write(best, lambda fh: _copy_into(file, fh))
+    else:
         # The final reload needs the best model so far, which may predate the resumed epochs.
         if best_is_this or os.path.exists(best):
             _atomic_write(os.path.join(out_dir, "best.pt"), lambda fh: _copy_into(file if best_is_this else best, fh))
         # and predict needs the vocabularies the checkpoints' digest names (the resumed data may lack them)
         if os.path.exists(source_map):
             _atomic_write(os.path.join(out_dir, FEATURE_MAP_FILE), lambda fh: _copy_into(source_map, fh))
-    elif best_is_this and stop.get("best_epoch") and os.path.abspath(file) != os.path.abspath(best):
-        # the checkpoint is the best model: best.pt may be missing or older (a run stopped between
-        # writing last.pt and best.pt)
-        _atomic_write(best, lambda fh: _copy_into(file, fh))
     return trainer.fit()
 
 
@@ -1521,8 +1516,7 @@ def quantize_checkpoint(checkpoint: str, out: Optional[str] = None, batch_size: 
     # files of an earlier run go first: the directory never mixes this model's files with another's
     # (quantize.json, written last, lists what this run wrote)
     for stale in ("quantize.json", "model-int8.pt", "model-int8.pt2"):
-        if os.path.exists(os.path.join(out, stale)):
-            os.unlink(os.path.join(out, stale))
+        remove_if_present(os.path.join(out, stale))
     served = serving.quantize_model(model)
     cpu = torch.device("cpu")
     results: Dict[str, Any] = {"checkpoint": os.path.abspath(file), "model": ckpt["model_name"],
