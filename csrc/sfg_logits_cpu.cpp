@@ -54,14 +54,7 @@ void run_tiles(const Plan& p, const torch::Tensor& ids, const torch::Tensor& tab
       if (p.encode) {
         auto v_tile = torch::from_blob(vbuf.data(), {m, width}, f32);
         auto z_tile = torch::from_blob(zbuf.data(), {m, width}, f32);
-        if (bf16) {
-          tile_mm(z_tile, v_tile, enc_t, a16, o16);
-          if (bias.has_value()) z_tile.add_(*bias);
-        } else if (bias.has_value()) {
-          at::addmm_out(z_tile, *bias, v_tile, enc_t);
-        } else {
-          at::mm_out(z_tile, v_tile, enc_t);
-        }
+        tile_mm(z_tile, v_tile, enc_t, a16, o16, bias);
         encoder_epilogue(p, z_tile, v, m, width);
         z = zbuf.data();
       }

@@ -239,7 +239,10 @@ inline Plan make_plan(const std::string& kind, const std::string& activation, do
 // as is; bf16 in the bf16 mode) and the bias as fp32 [N*D]. Checks shapes and that the bias needs W.
 struct EncoderOperands {
   torch::Tensor weight_t;             // [in, out] view of W_enc ([out, in] as nn.Linear)
-  c10::optional<torch::Tensor> bias;  // fp32 [N*D]
+  // [N*D]: fp32, or bf16 when the GEMMs take bf16 operands: then it is added inside the bf16 GEMM and rounded
+  // once with the product, as torch's bf16 addmm (rounding the product first and adding an fp32 bias after
+  // could flip a relu gate where product and bias nearly cancel, and with it the gradient)
+  c10::optional<torch::Tensor> bias;
 };
 
 // Checks the encoder's shapes, and that a bias comes with a weight.
@@ -267,7 +270,8 @@ inline EncoderOperands encoder_operands(const c10::optional<torch::Tensor>& enc_
   EncoderOperands e;
   if (!enc_weight.has_value()) return e;
   e.weight_t = enc_weight->to(bf16_gemm ? torch::kBFloat16 : torch::kFloat).contiguous().t();
-  if (enc_bias.has_value()) e.bias = enc_bias->to(torch::kFloat).contiguous().view({width});
+  if (enc_bias.has_value())
+    e.bias = enc_bias->to(bf16_gemm ? torch::kBFloat16 : torch::kFloat).contiguous().view({width});
   return e;
 }
 
@@ -504,17 +508,26 @@ inline void mm_widened(torch::Tensor& out, const torch::Tensor& a16, const torch
                   out.size(0), out.size(1), accumulate);
 }
 
-// A GEMM of the tile: out (fp32) = a (fp32 tile) @ w, where w is fp32, or bf16 for the bf16 mode.
-// In bf16 mode the tile is rounded to bf16 into `a16`, the product is formed by the BLAS's bf16
-// path (fp32 accumulation, bf16 result, as torch's own bf16 matmul) into `out16`, then widened.
+// A GEMM of the tile: out (fp32) = a (fp32 tile) @ w (+ bias), where w and bias are fp32, or bf16 for the
+// bf16 mode. In bf16 mode the tile is rounded to bf16 into `a16`, the product (and bias) is formed by the
+// BLAS's bf16 path (fp32 accumulation, bf16 result, as torch's own bf16 addmm) into `out16`, then widened.
 // `out` may be a row-strided view (the BLAS takes ldc).
 inline void tile_mm(torch::Tensor& out, const torch::Tensor& a, const torch::Tensor& w, torch::Tensor& a16,
-                    torch::Tensor& out16) {
+                    torch::Tensor& out16, const c10::optional<torch::Tensor>& bias = c10::nullopt) {
   if (w.scalar_type() != torch::kBFloat16) {
-    at::mm_out(out, a, w);
+    if (bias.has_value()) at::addmm_out(out, *bias, a, w);
+    else at::mm_out(out, a, w);
     return;
   }
-  mm_widened(out, stage_bf16(a, a16), w, out16, false);
+  if (!bias.has_value()) {
+    mm_widened(out, stage_bf16(a, a16), w, out16, false);
+    return;
+  }
+  check_unit_columns(out, torch::kFloat);
+  auto o = out16.narrow(0, 0, out.size(0)).narrow(1, 0, out.size(1));
+  at::addmm_out(o, *bias, stage_bf16(a, a16), w);
+  widen_rows_bf16(reinterpret_cast<const uint16_t*>(o.data_ptr()), o.stride(0), out.data_ptr<float>(), out.stride(0),
+                  out.size(0), out.size(1), false);
 }
 
 }  // namespace detail

@@ -667,15 +667,17 @@ def test_sfg_interaction_bitwise_identical_for_any_thread_count(kind):
     """Values and every gradient (bias and decoder included) are the same bits on 1 and 2 threads, at
     batches of one tile, a few small tiles and many: the tiling is a function of the batch alone, partial
     sums are kept per tile and added in tile order, and no tile runs MKL's own threading (a batch in one
-    tile did: 5-11 rows rounded by the thread count)."""
+    tile did: 5-11 rows rounded by the thread count); nor do the weight gradients' batch GEMMs (one GEMM over
+    B = 1000 rows split its reduction by the thread count from 3 threads on). 1 to 4 threads (more threads
+    than this machine's cores still split the work)."""
     case = (kind, "relu", 0.5, False, "upper", "left", False, True, True)
     before = torch.get_num_threads()
-    for batch in (1, 5, 7, 11, 300):
-        tensors, opts = _interaction_inputs(case, batch, 4, 8, torch.float32)
+    for batch in (1, 5, 7, 11, 300, 1000, 2100):
+        tensors, opts = _interaction_inputs(case, batch, 5, 8, torch.float32)
         upstream = torch.randn(batch)
         runs = []
         try:
-            for threads in (1, 2):
+            for threads in (1, 2, 3, 4):
                 torch.set_num_threads(threads)
                 runs.append(_value_and_grads(lambda *a: functional.sfg_interaction(*a, backend="cpu"), tensors, opts,
                                              upstream))
@@ -683,10 +685,11 @@ def test_sfg_interaction_bitwise_identical_for_any_thread_count(kind):
                     runs[-1] += (functional.sfg_interaction(*tensors, *opts, backend="cpu"),)
         finally:
             torch.set_num_threads(before)
-        assert torch.equal(runs[0][0], runs[1][0]), batch
-        assert torch.equal(runs[0][2], runs[1][2]), batch
-        for a, b in zip(runs[0][1], runs[1][1]):
-            assert torch.equal(a, b), batch
+        for other in runs[1:]:
+            assert torch.equal(runs[0][0], other[0]), batch
+            assert torch.equal(runs[0][2], other[2]), batch
+            for a, b in zip(runs[0][1], other[1]):
+                assert torch.equal(a, b), batch
 
 
 @pytest.mark.parametrize("kind", ["scalar", "vector"])
@@ -752,6 +755,36 @@ def test_sfg_interaction_bf16_model_and_autocast_gradients(kind):
         assert_close_2x(g, g64, gauto, f"autocast {kind} {name}", floor=4e-3)
     exact_fp32, _ = _value_and_grads(cpu, tensors, opts, upstream, torch.float32)
     assert not torch.equal(out, exact_fp32), "autocast did not switch the kernel's GEMMs to bf16"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_gemm_adds_the_encoder_bias_before_rounding(seed):
+    """With bf16 GEMMs the encoder bias is added inside the GEMM and rounded once with the product, as torch's
+    bf16 addmm: rounding the product first and adding the bias after flipped relu gates where the two nearly
+    cancel, and d enc_weight then missed torch's own bf16 error by 10-50x. Training (every gradient) and the
+    fused inference (sfg_logits) of a bf16 relu encoder with a bias, by the 2x rule."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, n, dim = 256, 8, 16
+    tensors = [torch.randn(batch, n, dim, generator=gen) * 0.3,
+               torch.randn(n * dim, n * dim, generator=gen) / (n * dim) ** 0.5,
+               torch.randn(n * dim, generator=gen) * 0.1, torch.randn(n, n, generator=gen)]
+    bf = [t.to(torch.bfloat16) for t in tensors]
+    opts = ("scalar", "relu", 1.0, False, "upper", "left", False)
+    upstream = torch.randn(batch, generator=gen, dtype=torch.float64)
+    ref64, grads64 = _value_and_grads(reference.sfg_interaction, [t.double() for t in bf], opts, upstream)
+    torch_bf, grads_bf = _value_and_grads(factored.sfg_interaction, bf, opts, upstream)
+    out, grads = _value_and_grads(lambda *a: functional.sfg_interaction(*a, backend="cpu"), bf, opts, upstream)
+    assert_close_2x(out, ref64, torch_bf, "bf16 relu+bias value", floor=2e-3)
+    for name, g, g64, gbf in zip(("dV", "d_enc", "d_bias", "d_dec"), grads, grads64, grads_bf):
+        assert_close_2x(g, g64, gbf, f"bf16 relu+bias {name}", floor=4e-3)
+    ids = torch.stack([torch.randint(0, 50, (batch,), generator=gen) for _ in range(n)], 1)
+    table = (torch.randn(50 * n, dim, generator=gen) * 0.3).to(torch.bfloat16)
+    offsets = torch.arange(n) * 50
+    args = (ids, table, offsets, *bf[1:], *opts)
+    with torch.no_grad():
+        want64 = reference.sfg_logits(ids, table.double(), offsets, *[t.double() for t in bf[1:]], *opts)
+        assert_close_2x(functional.sfg_logits(*args, backend="cpu"), want64, factored.sfg_logits(*args),
+                        "bf16 relu+bias sfg_logits", floor=2e-3)
 
 
 def test_sfg_interaction_rejects_bad_arguments():
