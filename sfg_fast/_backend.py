@@ -154,12 +154,13 @@ def module_backend(backend: str, op: str) -> str:
     """The backend a layer or model built with ``backend`` runs ``op`` on.
 
     The functional ops are strict: an explicit backend without a kernel for the op raises. A layer
-    (``sfg_fast.nn``) or model built with ``backend="cpu"`` or ``"cuda"`` instead runs the compiled
-    kernels for the ops the extension has and the ``"torch"`` backend for the rest (the same math on
-    the same device), so every model trains on it. When the backend itself cannot run (no extension, or
-    "cuda" without a GPU) it stays as asked, so the op raises and says why.
+    (``sfg_fast.nn``) or model built with ``backend="cpu"``, ``"cuda"`` or ``"triton"`` instead runs that
+    backend's kernels for the ops it has and the ``"torch"`` backend for the rest (the same math on the
+    same device), so every model trains on it (IPNN's products have no Triton kernel). When the backend
+    itself cannot run (no extension, "cuda" without a GPU, no Triton) it stays as asked, so the op raises
+    and says why.
     """
-    if backend in ("cpu", "cuda", "auto"):
+    if backend in ("cpu", "cuda", "triton", "auto"):
         return _module_backend_choice(backend, op)
     return backend
 
@@ -168,11 +169,11 @@ def module_backend(backend: str, op: str) -> str:
 def _module_backend_choice(backend: str, op: str) -> str:
     """module_backend's choice for the extension's backends, run eagerly while compiling (loading the
     backends imports modules, which Dynamo cannot trace; the choice is baked into the graph). A layer
-    left on "auto" under ``SFG_FAST_BACKEND=cpu`` (or ``cuda``) chooses as one built with that backend:
-    the variable stands for the backend every layer is built with."""
+    left on "auto" under ``SFG_FAST_BACKEND=cpu`` (or ``cuda``, ``triton``) chooses as one built with that
+    backend: the variable stands for the backend every layer is built with."""
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
-        if env not in ("cpu", "cuda"):
+        if env not in ("cpu", "cuda", "triton"):
             return backend
         backend = env
     if unavailable_reason(backend) is None:      # (the extension built, and a GPU for "cuda")

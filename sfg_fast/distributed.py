@@ -25,6 +25,7 @@ manifest over the old one, so an interrupted save leaves the previous checkpoint
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -670,8 +671,8 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
     """
     from . import models as model_zoo
     from .train import (TRAIN_DEFAULTS, _check_train_config, _seed_everything, _split_tensors, check_monitor_has_groups,
-                        data_fingerprint, default_out_dir, load_data, monitor_score, resolve_group_field, split_config,
-                        versions, atomic_write_text, _jsonable)
+                        data_fingerprint, default_out_dir, deterministic_algorithms, load_data, monitor_score,
+                        resolve_group_field, split_config, versions, atomic_write_text, _jsonable)
 
     config, dist_cfg = _split_dist_config(config)
     cfg = dict(TRAIN_DEFAULTS, **config)
@@ -688,11 +689,10 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
     rank, world, device = init_distributed()
     session = None
     failed = True
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    if cfg["deterministic"] and not before[0]:
-        # our kernels read the flag (sorted, atomic-free reductions); warn_only: an op without a deterministic
-        # kernel (FBGEMM's) warns instead of stopping the run
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # our kernels read the flag (sorted, atomic-free reductions); warn_only: an op without a deterministic
+    # kernel (FBGEMM's) warns instead of stopping the run
+    modes = contextlib.ExitStack()
+    modes.enter_context(deterministic_algorithms(bool(cfg["deterministic"])))
     try:
         _check_trainer_keys(cfg, device)
         if cfg["out"] is None:
@@ -844,7 +844,7 @@ def run_distributed_training(config: Dict[str, Any], overwrite: bool = False) ->
         failed = False
         return results
     finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        modes.close()
         # Leaving by an exception: no barrier (another rank may sit in a collective this one never joins);
         # the group is destroyed so that the peers' collectives fail instead of waiting.
         if session is not None:

@@ -47,6 +47,19 @@ def _with_bias(bias, like):
     return bias if bias is None or bias.dtype == like.dtype else bias.to(like.dtype)
 
 
+def _contract_dtype(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out`` in the op's output dtype (its promoted operands', ``sfg_fast.library``'s contract), which under
+    autocast the backends disagreed on: torch's autocast GEMMs return half outputs, the fused kernels fp32,
+    and the compiled custom ops the contract dtype."""
+    if out.dtype == dtype or not out.is_floating_point():
+        return out
+    try:
+        autocast = torch.is_autocast_enabled(out.device.type)
+    except RuntimeError:      # a device type autocast does not know (meta)
+        autocast = False
+    return out.to(dtype) if autocast else out
+
+
 def register_impl(backend: str, op: str, fn) -> None:
     """Let an optional backend (triton / cpu / cuda) provide ``op``; same arguments as the torch impl."""
     from ._backend import register
@@ -133,8 +146,8 @@ def sfg_encode(V: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     bias = _with_bias(bias, V)
     impl = _impl(backend, "sfg_encode", V.device)
     if impl is None:
-        return reference.sfg_encode(V, weight, bias, activation, gamma, residual)
-    return impl(V, weight, bias, activation, gamma, residual)
+        return _contract_dtype(reference.sfg_encode(V, weight, bias, activation, gamma, residual), V.dtype)
+    return _contract_dtype(impl(V, weight, bias, activation, gamma, residual), V.dtype)
 
 
 def pairwise_decode(Z: torch.Tensor, V: torch.Tensor, weight: Optional[torch.Tensor], kind: str,
@@ -161,8 +174,9 @@ def pairwise_decode(Z: torch.Tensor, V: torch.Tensor, weight: Optional[torch.Ten
     Z, V, weight = _promoted(Z, V, weight)
     impl = _impl(backend, "pairwise_decode", Z.device)
     if impl is None:
-        return reference.pairwise_decode(Z, V, weight, kind, pairs, generated_side, symmetric)
-    return impl(Z, V, weight, kind, pairs, generated_side, symmetric)
+        return _contract_dtype(reference.pairwise_decode(Z, V, weight, kind, pairs, generated_side, symmetric),
+                               Z.dtype)
+    return _contract_dtype(impl(Z, V, weight, kind, pairs, generated_side, symmetric), Z.dtype)
 
 
 def pairwise_products(Z: torch.Tensor, V: torch.Tensor, pairs: str = "upper",
@@ -177,8 +191,8 @@ def pairwise_products(Z: torch.Tensor, V: torch.Tensor, pairs: str = "upper",
     Z, V = _promoted(Z, V)
     impl = _impl(backend, "pairwise_products", Z.device)
     if impl is None:
-        return reference.pairwise_products(Z, V, pairs, generated_side, symmetric)
-    return impl(Z, V, pairs, generated_side, symmetric)
+        return _contract_dtype(reference.pairwise_products(Z, V, pairs, generated_side, symmetric), Z.dtype)
+    return _contract_dtype(impl(Z, V, pairs, generated_side, symmetric), Z.dtype)
 
 
 def generative_cross(x: torch.Tensor, x_gen: torch.Tensor, weight: torch.Tensor,
@@ -193,8 +207,8 @@ def generative_cross(x: torch.Tensor, x_gen: torch.Tensor, weight: torch.Tensor,
     x, x_gen, weight, bias = _promoted(x, x_gen, weight, bias)
     impl = _impl(backend, "generative_cross", x.device)
     if impl is None:
-        return reference.generative_cross(x, x_gen, weight, bias)
-    return impl(x, x_gen, weight, bias)
+        return _contract_dtype(reference.generative_cross(x, x_gen, weight, bias), x.dtype)
+    return _contract_dtype(impl(x, x_gen, weight, bias), x.dtype)
 
 
 def bce_with_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
@@ -246,11 +260,12 @@ def sfg_logits(ids: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
     if bounds_check != "off" and torch.compiler.is_compiling():
         ids, bounds_check = _library.checked_ids(ids, offsets, table.shape[0], bounds_check), "off"
     if impl is None:
-        return reference.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation,
-                                    gamma, residual, pairs, generated_side, symmetric, bounds_check)
+        return _contract_dtype(reference.sfg_logits(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind,
+                                                    activation, gamma, residual, pairs, generated_side, symmetric,
+                                                    bounds_check), table.dtype)
     ids = C.apply_bounds_check(ids, offsets, table.shape[0], bounds_check)
-    return impl(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
-                pairs, generated_side, symmetric)
+    return _contract_dtype(impl(ids, table, offsets, enc_weight, enc_bias, dec_weight, kind, activation, gamma,
+                                residual, pairs, generated_side, symmetric), table.dtype)
 
 
 def sfg_interaction(V: torch.Tensor, enc_weight: Optional[torch.Tensor], enc_bias: Optional[torch.Tensor],
@@ -272,10 +287,10 @@ def sfg_interaction(V: torch.Tensor, enc_weight: Optional[torch.Tensor], enc_bia
     enc_bias = _with_bias(enc_bias, V)
     impl = _impl(backend, "sfg_interaction", V.device)
     if impl is None:
-        return reference.sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual,
-                                         pairs, generated_side, symmetric)
-    return impl(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs, generated_side,
-                symmetric)
+        return _contract_dtype(reference.sfg_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation,
+                                                         gamma, residual, pairs, generated_side, symmetric), V.dtype)
+    return _contract_dtype(impl(V, enc_weight, enc_bias, dec_weight, kind, activation, gamma, residual, pairs,
+                                generated_side, symmetric), V.dtype)
 
 
 from . import library as _library  # noqa: E402  (registers the custom ops; imports this module back)

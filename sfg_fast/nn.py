@@ -4,7 +4,9 @@ Shape letters (B, N, D, V, P) are defined in ``sfg_fast.functional``.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
+import threading
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -160,6 +162,27 @@ def clamp_ids_to_oov(module: nn.Module, ids: torch.Tensor) -> Tuple[torch.Tensor
     return torch.where(bad, oov.expand_as(ids), ids), bad.sum()
 
 
+_BUILDING = threading.local()
+
+
+@contextlib.contextmanager
+def weights_copied_in():
+    """Tables built inside skip their random first draw, for a caller that copies weights in right after: so
+    building one reads nothing from the global RNG. (``torch.random.fork_rng``, the other way to leave it as it
+    was, rewinds it for every thread: numbers other threads drew meanwhile came again.)"""
+    _BUILDING.depth = getattr(_BUILDING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _BUILDING.depth -= 1
+
+
+def draw_initial_rows(weight: torch.Tensor, init_std: float) -> None:
+    """Rows drawn from N(0, init_std^2), unless inside :func:`weights_copied_in`."""
+    if not getattr(_BUILDING, "depth", 0):
+        nn.init.normal_(weight, std=init_std)
+
+
 class FieldEmbedding(FieldDimsState, nn.Module):
     """N per-field tables stored as one concatenated ``[sum(field_dims), D]`` table.
 
@@ -183,7 +206,7 @@ class FieldEmbedding(FieldDimsState, nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Rows drawn from N(0, init_std^2)."""
-        nn.init.normal_(self.weight, std=self.init_std)
+        draw_initial_rows(self.weight, self.init_std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_ids_width(self, ids)
@@ -328,8 +351,13 @@ def _weights_readable(module: nn.Module, cls: type) -> bool:
 def _to_parameters_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` in the floating dtype of ``module``'s parameters (unchanged when it has none, or autocast runs)."""
     param = next(module.parameters(), None)
-    if param is None or not param.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+    if param is None or not param.is_floating_point() or x.dtype == param.dtype:
         return x
+    try:
+        if torch.is_autocast_enabled(x.device.type):
+            return x
+    except RuntimeError:      # a device type autocast does not know (meta)
+        pass
     return x.to(param.dtype)
 
 
@@ -419,7 +447,8 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        # on the layers' dtype, as the interaction ops promote: a bf16 or fp64 table under fp32 layers
+        return self.layers(_to_parameters_dtype(self, x))
 
 
 class GenerativeCrossNet(nn.Module):

@@ -40,7 +40,7 @@ from torch import nn
 from . import _checks as C
 from ._backend import (BACKENDS, ENV_VAR, BackendUnavailableError, _assume_constant_result, in_torch_func,
                        unavailable_reason)
-from .nn import FieldDimsState, check_ids_width, clamp_ids_to_oov, init_table_fields
+from .nn import FieldDimsState, check_ids_width, clamp_ids_to_oov, draw_initial_rows, init_table_fields
 
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]
 
@@ -761,7 +761,7 @@ class FusedFieldEmbedding(FieldDimsState, nn.Module):
     def reset_parameters(self) -> None:
         """Rows drawn from N(0, init_std^2) again, and the optimizer's row state back to its start (the
         step count and accumulators of rows trained for other values would misstep the new ones)."""
-        nn.init.normal_(self.weight, std=self.init_std)
+        draw_initial_rows(self.weight, self.init_std)
         # in place: a compiled graph keeps the state tensors it was given
         for name, state in self.optimizer.state.items():
             state.fill_(self.optimizer.initial_accumulator_value if name == "sum" else 0.0)

@@ -31,7 +31,7 @@ from torch import nn
 from . import _checks as C
 from . import functional as SF
 from ._backend import BackendUnavailableError, _extension_status
-from .nn import FieldDimsState, FieldEmbedding, check_ids_width, clamp_ids_to_oov, init_table_fields
+from .nn import FieldDimsState, FieldEmbedding, check_ids_width, clamp_ids_to_oov, init_table_fields, weights_copied_in
 from .ops import cpu_ext
 from .optim import FusedFieldEmbedding
 from .ops.cpu_ext import dequantize_rowwise_int8, quantize_rowwise_int8
@@ -284,7 +284,7 @@ def _plain_table(table: FusedFieldEmbedding) -> FieldEmbedding:
     and no optimizer (whose data-dependent id checks would also keep ``torch.export`` from tracing it)."""
     device = table.weight.device
     # built where the table lives (its offsets too), without drawing from the global RNG
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+    with weights_copied_in(), torch.device(device):
         plain = FieldEmbedding(table.field_dims, table.embedding_dim, table.bounds_check, table.init_std,
                                backend=table.backend)
     plain.weight = nn.Parameter(table.weight.detach().clone(), requires_grad=False)

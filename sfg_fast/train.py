@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -479,6 +480,39 @@ def _compiled(model: torch.nn.Module, choice):
     if choice.strip() in INDUCTOR_MODES:
         return torch.compile(model, backend="inductor", mode=choice.strip())
     return torch.compile(model, backend=choice.strip())
+
+
+_DETERMINISTIC_LOCK = threading.Lock()
+_DETERMINISTIC = {"runs": 0, "before": (False, False)}   # runs inside deterministic_algorithms, and the setting before
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch's deterministic mode on for the block (``warn_only``: an op without a deterministic kernel warns
+    instead of stopping the run) when ``enabled``; the setting before comes back after. Our kernels and torch's
+    read it: sorted, atomic-free reductions on the GPU. A caller who already turned the mode on, strict or not,
+    keeps theirs. The mode is process-wide, so runs training at once in threads share one switch: the first
+    to enter saves the setting and the last to leave restores it (each restoring its own snapshot turned the
+    mode off under the other's feet and left it on for good)."""
+    if not enabled:
+        yield
+        return
+    with _DETERMINISTIC_LOCK:
+        if _DETERMINISTIC["runs"] == 0:
+            before = (torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled())
+            if not before[0]:
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            _DETERMINISTIC["before"] = before
+        _DETERMINISTIC["runs"] += 1
+    try:
+        yield
+    finally:
+        with _DETERMINISTIC_LOCK:
+            _DETERMINISTIC["runs"] -= 1
+            if _DETERMINISTIC["runs"] == 0:
+                before = _DETERMINISTIC["before"]
+                torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @contextlib.contextmanager
@@ -1047,22 +1081,15 @@ class Trainer:
         if self._fit_failed:
             raise RuntimeError(f"this Trainer's fit() stopped part-way ({self._fit_failed}); its state is in the "
                                f"middle of an epoch. Continue exactly with sfg_fast.train.resume({self.out!r})")
-        before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-        if self.config["deterministic"] and not before[0]:
-            # our kernels and torch's read this flag: sorted, atomic-free reductions on the GPU. warn_only:
-            # an op without a deterministic kernel warns instead of stopping the run (a caller who already
-            # turned the mode on, strict or not, keeps theirs)
-            torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            with _compile_limits(bool(self.config["compile"])):
+            with deterministic_algorithms(bool(self.config["deterministic"])), \
+                    _compile_limits(bool(self.config["compile"])):
                 return self._fit()
         except BaseException as exc:
             self._fit_failed = type(exc).__name__
             if isinstance(exc, KeyboardInterrupt):
                 exc.resume_from = self.resumable_checkpoint()    # the CLI's hint: resume, or start again
             raise
-        finally:
-            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
     def _fit(self) -> Dict[str, Any]:
         cfg = self.config

@@ -20,8 +20,6 @@ FIELD_DIMS = [7, 5, 11, 3]
 D = 4
 B = 6
 ALL_MODELS = ["fm", "fwfm", "fmfm", "deepfm", "ipnn", "xdeepfm", "dcnv2", "crossnet"]
-# IPNN's pairwise_products has no Triton kernel; the model raises BackendUnavailableError there.
-TRITON_MODELS = [m for m in ALL_MODELS if m != "ipnn"]
 
 
 @pytest.fixture(autouse=True)
@@ -371,6 +369,50 @@ def _autocast_check(name, backend, dtype):
     # bf16 keeps 8 bits of mantissa: the mixed-precision loss stays within a few 1e-2 of fp32
     torch.testing.assert_close(loss.detach(), loss32.detach(), rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(logits.detach().float(), logits32.detach(), rtol=1e-1, atol=1e-1)
+
+
+def _op_calls(device):
+    n, d, b = 3, 4, 2
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(b, n, d, generator=gen).to(device)
+    weight = (torch.randn(n * d, n * d, generator=gen) / (n * d) ** 0.5).to(device)
+    bias, dec = torch.randn(n * d, generator=gen).to(device), torch.randn(n, n, generator=gen).to(device)
+    ids, offsets = torch.tensor([[0, 1, 2], [3, 0, 1]], device=device), torch.tensor([0, 4, 8], device=device)
+    table = torch.randn(12, d, generator=gen).to(device)
+    x = V.flatten(1)
+    return {
+        "sfg_encode": lambda be: SF.sfg_encode(V, weight, None, "relu", 1.0, False, backend=be),
+        "sfg_encode with bias": lambda be: SF.sfg_encode(V, weight, bias, "relu", 1.0, False, backend=be),
+        "pairwise_decode": lambda be: SF.pairwise_decode(V, V, dec, "scalar", backend=be),
+        "pairwise_products": lambda be: SF.pairwise_products(V, V, backend=be),
+        "generative_cross": lambda be: SF.generative_cross(x, x, weight, bias, backend=be),
+        "sfg_interaction": lambda be: SF.sfg_interaction(V, weight, None, None, "identity", symmetric=True,
+                                                         backend=be),
+        "sfg_logits": lambda be: SF.sfg_logits(ids, table, offsets, weight, None, None, "identity",
+                                               symmetric=True, backend=be),
+    }
+
+
+@pytest.mark.parametrize("backend", [
+    "reference", "torch",
+    pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_extension_built(), reason="sfg_fast._C is not built")),
+    pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_every_op_returns_its_promoted_dtype_under_autocast(backend):
+    """fp32 operands under autocast(bf16) give fp32 outputs on every backend, as the compiled custom ops
+    state: torch's autocast GEMMs returned bf16 (the reference too, unless a bias promoted it back), the
+    fused kernels fp32."""
+    from sfg_fast._backend import BackendUnavailableError
+    device = _device(backend)
+    ran = []
+    for op, call in _op_calls(device).items():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            try:
+                out = call(backend)
+            except BackendUnavailableError:     # this backend has no kernel for the op
+                continue
+        assert out.dtype == torch.float32, (op, backend, out.dtype)
+        ran.append(op)
+    assert ran
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

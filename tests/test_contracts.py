@@ -187,6 +187,8 @@ def test_module_backend_falls_back_to_torch_only_for_ops_the_extension_lacks():
     assert module_backend("cpu", "sfg_interaction") == "cpu"
     assert module_backend("cpu", "sfg_encode") == "torch"
     assert module_backend("auto", "sfg_encode") == "auto" and module_backend("triton", "sfg_encode") == "triton"
+    # Triton has no pairwise_products: a triton IPNN ran nowhere
+    assert module_backend("triton", "pairwise_products") == "torch"
     # the functional ops stay strict
     with pytest.raises(RuntimeError, match="no kernel for 'sfg_encode'"):
         SF.sfg_encode(torch.randn(2, 3, 4), torch.randn(12, 12), backend="cpu")

@@ -307,3 +307,24 @@ def test_every_model_scores_an_empty_batch(name):
         model = models.build(name, [3, 4, 5], 4, generative=generative)
         assert model(torch.zeros(0, 3, dtype=torch.long)).shape == (0,)
         assert model.analysis_embeddings(torch.zeros(0, 3, dtype=torch.long))["raw"].shape == (0, 12)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("generative", [True, False])
+@pytest.mark.parametrize("name", ["fm", "fwfm", "fmfm", "deepfm", "ipnn", "xdeepfm", "dcnv2", "crossnet"])
+def test_a_table_in_another_dtype_than_the_layers_trains(name, generative, table_dtype):
+    """A bf16 (or fp64) table under fp32 layers, e.g. FusedFieldEmbedding(dtype=...) passed as ``embedding``:
+    the interaction ops promote, and the MLPs and heads now take their input in their own dtype (DeepFM,
+    xDeepFM, DCNv2, CrossNet and base IPNN failed with "mat1 and mat2 must have the same dtype")."""
+    from sfg_fast.optim import FusedFieldEmbedding
+    torch.manual_seed(0)
+    table = FusedFieldEmbedding(FIELD_DIMS, 4, dtype=table_dtype, init_std=0.1)
+    model = models.build(name, FIELD_DIMS, 4, generative=generative, embedding=table, **HPARAMS.get(name, {}))
+    ids = zipf_ids(6, FIELD_DIMS)
+    logits = model(ids)
+    loss = SF.bce_with_logits(logits, torch.tensor([0.0, 1, 1, 0, 1, 0]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for key, param in model.named_parameters():
+        if param is not table.weight:
+            assert param.grad is not None and param.grad.dtype == param.dtype, key

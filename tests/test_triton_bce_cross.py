@@ -99,10 +99,45 @@ def test_cross_backward_is_repeatable_and_default_is_exact_fp32():
     torch.testing.assert_close(first[2].double(), ref[2], rtol=0, atol=1e-4 * ref[2].abs().max().item())
 
 
-def test_cross_rejects_unsupported_dtypes():
-    x = torch.randn(3, 4, device=DEVICE, dtype=torch.float64)
-    with pytest.raises(TypeError, match="float64"):
-        SF.generative_cross(x, x, torch.randn(4, 4, device=DEVICE, dtype=torch.float64), backend="triton")
+def test_cross_takes_fp64_on_the_exact_path_as_the_other_triton_ops():
+    """fp64 (for checking) runs the factored torch path, as Triton's other ops do: it was refused, naming x
+    even when only the bias was fp64, and a backend="triton" DCNv2 / CrossNet could not run .double()."""
+    x, x_gen, weight, bias = (t.double() for t in _cross_inputs(5, 12, True))
+    out, grads = _forward_and_grads(lambda *a: SF.generative_cross(*a, backend="triton"), [x, x_gen, weight, bias],
+                                    torch.ones(5, 12, device=DEVICE, dtype=torch.float64))
+    want, want_grads = _forward_and_grads(reference.generative_cross, [x, x_gen, weight, bias],
+                                          torch.ones(5, 12, device=DEVICE, dtype=torch.float64))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected)
+    x32 = x.float()
+    out = SF.generative_cross(x32, x32, weight.float(), bias, backend="triton")   # only the bias in fp64
+    assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["dcnv2", "crossnet", "ipnn"])
+def test_models_built_for_triton_run_every_op(name):
+    """A model built with backend="triton" in fp64 (DCNv2, CrossNet), and IPNN, whose products have no Triton
+    kernel and now run on torch (it raised BackendUnavailableError in any dtype): forward and backward equal
+    the torch backend's."""
+    from sfg_fast import models
+    field_dims, ids = [4, 3, 5], torch.tensor([[0, 1, 2], [3, 2, 4]], device=DEVICE)
+    dtype = torch.float32 if name == "ipnn" else torch.float64
+    built = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        extra = {} if name == "crossnet" else {"hidden_units": (8,)}
+        built[backend] = models.build(name, field_dims, 4, backend=backend, init_std=0.1,
+                                      **extra).to(device=DEVICE, dtype=dtype)
+    outs = {}
+    for backend, model in built.items():
+        loss = SF.bce_with_logits(model(ids), torch.tensor([1.0, 0.0], device=DEVICE, dtype=dtype))
+        loss.backward()
+        outs[backend] = (loss.detach(), [p.grad for p in model.parameters()])
+    torch.testing.assert_close(outs["triton"][0], outs["torch"][0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(outs["triton"][1], outs["torch"][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import functional as SF
-from ..nn import FieldEmbedding, SFGEncoder, _as_field_dims, _check_encoder_options, _count, _flag
+from ..nn import FieldEmbedding, SFGEncoder, _as_field_dims, _check_encoder_options, _count, _flag, weights_copied_in
 
 
 class FirstOrder(nn.Module):
@@ -190,7 +190,7 @@ def use_embedding_for_first_order(model: nn.Module, embedding) -> None:
                     options.update({k.replace("embedding_", ""): model.config[k] for k, _ in FUSED_DEFAULTS})
                 # the new table takes the old one's initial weights (no second draw from the RNG): a fused
                 # model starts exactly where the native model of the same seed does
-                with torch.random.fork_rng(devices=[]):
+                with weights_copied_in():
                     table = make_field_embedding(embedding, old.field_dims, 1, **options)
                 with torch.no_grad():
                     table.weight.copy_(old.weight)

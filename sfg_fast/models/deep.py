@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn import CIN, MLP, GenerativeCrossNet, _count
+from ..nn import CIN, MLP, GenerativeCrossNet, _count, _to_parameters_dtype
 from .base import CTRModel, FirstOrder
 
 
@@ -33,7 +33,7 @@ class xDeepFM(CTRModel):
         return self.cin.generators[0](V) if self.generative else V
 
     def score(self, ids, V):
-        logit = self.linear(ids) + self.cin_fc(self.cin(V)).squeeze(1)
+        logit = self.linear(ids) + self.cin_fc(_to_parameters_dtype(self.cin_fc, self.cin(V))).squeeze(1)
         if self.dnn is not None:
             logit = logit + self.dnn(V.flatten(1)).squeeze(1)
         return logit
@@ -79,7 +79,7 @@ class CrossNet(CTRModel):
         parts = [self.crossnet(e)]
         if self.dnn is not None:
             parts.append(self.dnn(e))
-        return self.head(torch.cat(parts, dim=1)).squeeze(1)
+        return self.head(_to_parameters_dtype(self.head, torch.cat(parts, dim=1))).squeeze(1)
 
 
 class DCNv2(CrossNet):

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import factored, reference
 from ._higher_order import create_graph_requested, recompute_grads
 from ._launch import cdiv, next_pow2
 
@@ -140,6 +140,10 @@ def generative_cross(x: torch.Tensor, x_gen: torch.Tensor, weight: torch.Tensor,
     its backward's weight-gradient tiles read operands transposed, which the matrix units would take 4 bytes
     at a time (the sm_90 PTX of bench/triton_aot.py shows it), so the half-rate GEMMs would not pay.
     """
+    if any(t is not None and t.dtype == torch.float64 for t in (x, x_gen, weight, bias)):
+        # fp64 is for checking: the kernels accumulate in fp32, so run the exact factored path (as the
+        # other Triton ops do; a model's .double() ran every layer but this one)
+        return factored.generative_cross(x, x_gen, weight, bias)
     return GenerativeCrossFunction.apply(x, x_gen, weight, bias, "tf32" if allow_tf32 else "ieee")
 
 
