@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import time
+from typing import Tuple
 
 __all__ = ["atomic_write", "atomic_write_bytes"]
 
@@ -83,6 +85,28 @@ def atomic_write(path: str, write) -> None:
             pass
         raise
     _fsync_dir(directory)
+
+
+def remove_stale_temp_files(directory: str, prefixes: Tuple[str, ...], min_age_s: float = 0.0) -> None:
+    """Delete the temp files of :func:`atomic_write` that a killed process never renamed (SIGKILL, a power cut):
+    ``.<prefix>*.tmp`` in ``directory``, each up to the size of the file it was to become. With ``min_age_s``,
+    only those untouched for that long: in a directory that several processes share (a data cache), a younger
+    one may still be written."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        if not (name.startswith(prefixes) and name.endswith(".tmp")):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if min_age_s and now - os.stat(path).st_mtime < min_age_s:
+                continue
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def remove_if_present(path: str) -> None:

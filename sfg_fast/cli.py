@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -353,14 +355,35 @@ def _run_predict(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, Slurm and Kubernetes send) raised as an interrupt, so that a run stops as
+    after Ctrl-C: temp files of half-written checkpoints and caches removed, the resume hint printed.
+    Before, the process died on the spot and left them (a data cache's temp file can be gigabytes)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``sfg-fast`` console script; returns the exit status."""
-    from ._backend import BackendUnavailableError
-    from .train import TrainingDiverged
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():   # signal handlers live in the main thread
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(args, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args, argv: List[str]) -> int:
+    from ._backend import BackendUnavailableError
+    from .train import TrainingDiverged
+
     try:
         if args.command == "train":
             return _run_train(args)
@@ -388,8 +411,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                             "; rerun the same command to continue (each run resumes from its last checkpoint), or "
                             "with --overwrite to train every run again")
                 }.get(args.command, "")
-        print(f"sfg-fast {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        terminated = isinstance(exc, Terminated)
+        print(f"sfg-fast {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}",
+              file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

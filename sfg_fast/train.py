@@ -38,7 +38,7 @@ import torch
 from . import functional as SF
 from ._backend import module_backend
 from ._io import atomic_write as _atomic_write
-from ._io import remove_if_present
+from ._io import remove_if_present, remove_stale_temp_files
 from . import models as model_zoo
 
 __all__ = ["TRAIN_DEFAULTS", "DEFAULT_CONFIG_PATH", "TrainingDiverged", "Trainer", "train", "resume",
@@ -1136,13 +1136,7 @@ class Trainer:
         """Temp files of an atomic write that a killed process never renamed (each up to a checkpoint's size)."""
         from .data import FEATURE_MAP_FILE
 
-        prefixes = tuple(f".{name}." for name in RUN_FILES + (FEATURE_MAP_FILE,))
-        for name in os.listdir(self.out):
-            if name.startswith(prefixes) and name.endswith(".tmp"):
-                try:
-                    os.unlink(os.path.join(self.out, name))
-                except OSError:
-                    pass
+        remove_stale_temp_files(self.out, tuple(f".{name}." for name in RUN_FILES + (FEATURE_MAP_FILE,)))
 
     def _write_feature_map(self) -> None:
         """``feature_map.json.gz``: the vocabularies of the data (files only), so ``predict`` encodes new
@@ -1475,6 +1469,7 @@ def predict_checkpoint(checkpoint: str, data_dir: Optional[str] = None, out: Opt
     probabilities = torch.sigmoid(logits).numpy()
     out = out or os.path.join(run_dir, "predictions")
     os.makedirs(out, exist_ok=True)
+    remove_stale_temp_files(out, (".predictions.csv.", ".predict.json."))   # of a killed run
     buffer = io.StringIO()
     columns = [np.arange(ids.shape[0]), data.source_lines[0]] + ([labels.numpy()] if labeled else []) + [probabilities]
     buffer.write("row,line," + ("label," if labeled else "") + "probability\n")
@@ -1544,6 +1539,7 @@ def quantize_checkpoint(checkpoint: str, out: Optional[str] = None, batch_size: 
     # (quantize.json, written last, lists what this run wrote)
     for stale in ("quantize.json", "model-int8.pt", "model-int8.pt2"):
         remove_if_present(os.path.join(out, stale))
+    remove_stale_temp_files(out, (".quantize.json.", ".model-int8.pt.", ".model-int8.pt2."))   # of a killed run
     served = serving.quantize_model(model)
     cpu = torch.device("cpu")
     results: Dict[str, Any] = {"checkpoint": os.path.abspath(file), "model": ckpt["model_name"],

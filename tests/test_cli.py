@@ -229,8 +229,12 @@ def test_predict_via_main(tmp_path, capsys):
                      "--threads", "1", "--quiet"]) == 0
     assert os.path.exists(os.path.join(out, "feature_map.json.gz"))
     capsys.readouterr()
+    os.makedirs(os.path.join(out, "predictions"))
+    leftover = os.path.join(out, "predictions", ".predictions.csv.x1y2z3.tmp")   # of a predict killed outright
+    open(leftover, "wb").close()
     assert cli.main(["predict", out, "--threads", "1"]) == 0
     assert "AUC" in capsys.readouterr().out
+    assert not os.path.exists(leftover)
     report = json.loads(open(os.path.join(out, "predictions", "predict.json")).read())
     rows = np.loadtxt(os.path.join(out, "predictions", "predictions.csv"), delimiter=",", skiprows=1)
     assert report["rows"] == len(rows) == 600 and np.array_equal(rows[:, 0], np.arange(600))
@@ -333,7 +337,11 @@ def test_quantize_via_main(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert cli.main(["train", "--model", "deepfm", "--epochs", "1", "--out", out] + TINY) == 0
     capsys.readouterr()
+    (tmp_path / "srv").mkdir()
+    leftover = tmp_path / "srv" / ".model-int8.pt2.l1y3zom5.tmp"      # of a quantize killed outright
+    leftover.write_bytes(b"partial")
     assert cli.main(["quantize", out, "--out", str(tmp_path / "srv"), "--threads", "1"]) == 0
+    assert not leftover.exists()
     printed = capsys.readouterr().out
     assert "| int8 |" in printed and "dAUC" in printed
     report = json.loads((tmp_path / "srv" / "quantize.json").read_text())
@@ -447,3 +455,31 @@ def test_a_compare_interrupted_under_overwrite_says_to_continue_without_it(monke
     monkeypatch.setattr(cli, "_run_compare", interrupted)
     assert cli.main(["compare", "--overwrite"]) == 130
     assert "rerun the same command without --overwrite to continue" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
+    """SIGTERM (timeout, Slurm, Kubernetes) killed the process on the spot, leaving the temp file of a
+    half-written checkpoint or data cache for good; it now stops the run as Ctrl-C does: exit 143, the
+    resume hint, no temp file, and the run resumes."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sfg_fast", "train", "--model", "fm", "--epochs", "500",
+                             "--set", "patience=null", "--out", str(out)] + TINY,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert (out / "last.pt").exists(), proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and f"--resume {out}" in err
+    assert not list(out.glob(".*.tmp"))
+    done = int(torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"])
+    assert cli.main(["train", "--resume", str(out), "--epochs", str(done + 1), "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["history"][-1]["epoch"] == done + 1

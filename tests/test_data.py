@@ -945,3 +945,72 @@ def test_a_new_cache_format_removes_the_entries_of_the_older_one(tmp_path):
     again = load_dataset("criteo", data_dir=tmp_path, cache_dir=cache)
     assert again.info["cache_removed"] == [old + ".npz"]
     assert not glob.glob(old + "*")
+
+
+def test_a_relinked_path_or_a_deleted_file_leaves_no_cache_entry_behind(tmp_path):
+    """A `train.txt -> day-N.txt` link re-pointed each day kept every day's entry (the record compared the
+    resolved file only), and an entry of a file since deleted, which can never be hit again, stayed for good."""
+    days, link_dir = tmp_path / "days", tmp_path / "latest"
+    days.mkdir()
+    link_dir.mkdir()
+    cache = link_dir / ".sfg_cache"
+    for day in (1, 2, 3):
+        write_criteo(days / f"day{day}.txt", num_rows=60 + day)
+        link = link_dir / "train.txt"
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(days / f"day{day}.txt")
+        data = load_dataset("criteo", data_dir=link_dir)
+        assert data.info["from_cache"] is False and data.info["rows"] == 60 + day
+        assert len(list(cache.glob("*.npz"))) == len(list(cache.glob("*.source.json"))) == 1, day
+    # the same file read through its own path, then deleted: the next entry written here removes its entry
+    load_dataset("criteo", data_dir=days / "day1.txt", cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 2
+    os.remove(days / "day1.txt")
+    write_criteo(days / "day4.txt", num_rows=64)
+    (link_dir / "train.txt").unlink()
+    (link_dir / "train.txt").symlink_to(days / "day4.txt")
+    assert load_dataset("criteo", data_dir=link_dir).info["rows"] == 64
+    assert len(list(cache.glob("*.npz"))) == len(list(cache.glob("*.schema.json"))) == 1
+
+
+def test_an_entry_killed_before_its_schema_is_still_superseded(tmp_path, monkeypatch):
+    """The source record used to be written last: an entry whose writer was killed after its arrays had none,
+    so a new version of the file never removed it (a full-size .npz for good). The record now comes first."""
+    from sfg_fast.data import common
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+    write_criteo(tmp_path / "train.txt", num_rows=80)
+    cache = tmp_path / ".sfg_cache"
+    monkeypatch.setattr(common.Schema, "save_json", killed)     # killed between the arrays and the schema
+    with pytest.raises(Killed):
+        load_dataset("criteo", data_dir=tmp_path)
+    monkeypatch.undo()
+    assert len(list(cache.glob("*.npz"))) == 1 and not list(cache.glob("*.schema.json"))
+    write_criteo(tmp_path / "train.txt", num_rows=81)
+    data = load_dataset("criteo", data_dir=tmp_path)
+    assert data.info["rows"] == 81 and len(data.info["cache_removed"]) == 1
+    assert len(list(cache.glob("*.npz"))) == len(list(cache.glob("*.source.json"))) == 1
+
+
+def test_temp_files_of_killed_cache_writes_are_removed_once_stale(tmp_path):
+    """SIGKILL mid-write left `.criteo-<key>.npz.<random>.tmp` (as large as the entry) in the cache for good.
+    The next entry written there removes those untouched for an hour; a younger one may be another
+    process's write in progress and stays."""
+    import time
+    write_criteo(tmp_path / "train.txt", num_rows=50)
+    cache = tmp_path / ".sfg_cache"
+    cache.mkdir()
+    old, young, foreign = (cache / ".criteo-0123.npz.abcd.tmp", cache / ".criteo-4567.npz.efgh.tmp",
+                           cache / ".avazu-89ab.npz.ijkl.tmp")
+    for path in (old, young, foreign):
+        path.write_bytes(b"partial")
+    hours_ago = time.time() - 7200
+    os.utime(old, (hours_ago, hours_ago))
+    os.utime(foreign, (hours_ago, hours_ago))
+    load_dataset("criteo", data_dir=tmp_path)
+    assert not old.exists() and young.exists() and foreign.exists()

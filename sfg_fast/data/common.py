@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._io import atomic_write, atomic_write_bytes
+from .._io import atomic_write, atomic_write_bytes, remove_stale_temp_files
 from .schema import CTRData, Schema, Split
 
 CACHE_FORMAT = 4   # 3: the vocabularies (kept tokens per field) are cached too; 4: tokens decoded as UTF-8
@@ -363,10 +363,10 @@ def _source_path(cache_dir: str, name: str, key: str) -> str:
 
 
 def _prune_superseded(cache_dir: str, name: str, key: str, source: Dict) -> List[str]:
-    """Delete the entries of ``name`` that ``source`` (the same file, read with the same options) has
-    superseded: the file changed since, or they are of an older cache format. An entry of the file read with
-    other options (another min_count, seed, ...) stays. Entries written before their source was recorded
-    are not recognised. Returns the removed .npz paths."""
+    """Delete the entries of ``name`` that ``source`` (the same file, or the same path, read with the same
+    options) has superseded: the file changed since, the path now leads to another file, or they are of an
+    older cache format; and entries read with these options from a file that no longer exists. An entry of
+    the file read with other options (another min_count, seed, ...) stays. Returns the removed .npz paths."""
     removed = []
     for entry in sorted(os.listdir(cache_dir)):
         if not (entry.startswith(f"{name}-") and entry.endswith(".source.json")) \
@@ -382,7 +382,12 @@ def _prune_superseded(cache_dir: str, name: str, key: str, source: Dict) -> List
         if other.get("cache_format") != CACHE_FORMAT and isinstance(theirs, dict):
             # an older format's entry is never hit again; options added since (the text encoding) are not in it
             mine = {k: v for k, v in mine.items() if k in theirs}
-        if other.get("file") != source["file"] or theirs != mine:
+        if theirs != mine:
+            continue
+        # the same file (a new version of it), or the same path (a link re-pointed at another day's log), or a
+        # file that is gone (its entry can never be hit again: the key reads the file's stat)
+        same_path = other.get("path") is not None and other.get("path") == source.get("path")
+        if other.get("file") != source["file"] and not same_path and os.path.exists(str(other.get("file"))):
             continue
         stem = path[:-len(".source.json")]
         for old in (stem + ".npz", stem + ".schema.json", path):   # the record last: a partial prune is redone
@@ -397,9 +402,10 @@ def _prune_superseded(cache_dir: str, name: str, key: str, source: Dict) -> List
 def save_cache(cache_dir: str, name: str, key: str, data: CTRData, source: Optional[Dict] = None) -> Optional[str]:
     """Write the cache atomically; returns the .npz path, or None (with info['cache_error']) on failure.
 
-    ``source`` (``{"file": real path, "options": {...}}``) is recorded beside the entry, and the entries it
-    supersedes (same file and options, an older version of the file or an older cache format) are deleted:
-    one entry of a 10 GB log per option set, not one per edit of the file."""
+    ``source`` (``{"file": real path, "path": the path as given, "options": {...}}``) is recorded beside the
+    entry, and the entries it supersedes (same file or path and options: an older version of the file, the
+    file a re-pointed link led to, one that is gone, or an older cache format) are deleted: one entry of a
+    10 GB log per option set, not one per edit of the file."""
     npz_path, schema_path = cache_paths(cache_dir, name, key)
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -413,14 +419,20 @@ def save_cache(cache_dir: str, name: str, key: str, data: CTRData, source: Optio
             # JSON as UTF-8 bytes: a numpy string array would drop a token's trailing NUL characters and
             # take 4 bytes a character
             arrays["vocabularies"] = np.frombuffer(json.dumps(data.vocabularies).encode("utf-8"), dtype=np.uint8)
-        # a file object stops numpy from appending another .npz; atomic_write fsyncs, and removes its temp file
-        # when the write fails (a full disk, Ctrl-C). The schema follows the arrays: an entry is only read
-        # when both are there.
-        atomic_write(npz_path, lambda fh: np.savez(fh, **arrays))
-        data.schema.save_json(schema_path)
+        # temp files of writes killed outright (SIGKILL), each up to an entry's size; an hour untouched: another
+        # process may be writing its own entry here
+        remove_stale_temp_files(cache_dir, (f".{name}-",), min_age_s=3600)
+        # The source record first: every entry that exists, even one whose writer was killed before its schema,
+        # is found by _prune_superseded. A file object stops numpy from appending another .npz; atomic_write
+        # fsyncs, and removes its temp file when the write fails (a full disk, Ctrl-C). The schema follows
+        # the arrays: an entry is only read when both are there.
+        text = None
         if source is not None:
             text = json.dumps(dict(source, cache_format=CACHE_FORMAT), sort_keys=True, default=str)
             atomic_write_bytes(text.encode("utf-8"), _source_path(cache_dir, name, key))
+        atomic_write(npz_path, lambda fh: np.savez(fh, **arrays))
+        data.schema.save_json(schema_path)
+        if text is not None:
             # compared as read back from JSON, as the other entries' records are
             removed = _prune_superseded(cache_dir, name, key, json.loads(text))
             if removed:
@@ -429,4 +441,9 @@ def save_cache(cache_dir: str, name: str, key: str, data: CTRData, source: Optio
         return npz_path
     except OSError as exc:
         data.info["cache_error"] = f"could not write the cache in {cache_dir!r}: {exc}"
+        if not os.path.exists(npz_path):      # no entry came of it: its record goes too
+            try:
+                os.remove(_source_path(cache_dir, name, key))
+            except OSError:
+                pass
         return None

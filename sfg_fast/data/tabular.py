@@ -268,6 +268,6 @@ def load_table(fmt: TableFormat, path: str, cache_dir, seed: int, ratios, max_ro
         return cached
     data = read_table(fmt, path, seed, ratios, max_rows, min_count, skip_bad_lines, chunk_rows, encoding=encoding)
     data.info["cache_path"] = save_cache(cache_dir, fmt.name, key, data,
-                                         source={"file": os.path.realpath(path),
+                                         source={"file": os.path.realpath(path), "path": os.path.abspath(path),
                                                  "options": {"format": fmt.name, **options}})
     return data
