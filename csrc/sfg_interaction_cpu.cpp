@@ -292,24 +292,30 @@ torch::Tensor workspace(int slot, int64_t rows, int64_t cols, c10::ScalarType dt
 
 // A^T @ B over the batch (A [B, M], B [B, K] -> fp32 [M, K]): the weight gradients' batch reduction, the same
 // bits for any thread count. One GEMM would run MKL's own threading, which splits the long batch reduction by
-// the thread count (B = 1000 on 3 threads differed from 1 thread). Here the batch is cut into groups of
-// consecutive rows (>= 512 each, at most 8) and, when there are few groups, the output's columns into blocks
-// (>= 128 columns each; narrower ones cost ~20%), both fixed by the shapes alone. Each (group, block) is one
-// GEMM into the group's partial, run inside at::parallel_for's OpenMP region (never fewer than two indices,
-// so with >= 2 threads it always opens one), where MKL keeps each GEMM on its calling thread; the partials
-// are then added in group order. Cost against one threaded GEMM: ~5% of this GEMM at the Criteo shape.
+// the thread count (B = 1000 on 3 threads differed from 1 thread). Here the output's columns are cut into
+// blocks and, for fp32 operands, the batch into groups of consecutive rows (>= 1024 each, at most 8), both
+// fixed by the shapes alone. Each (group, block) is one GEMM into the group's partial, run inside
+// at::parallel_for's OpenMP region (never fewer than two indices, so with >= 2 threads it always opens one),
+// where MKL keeps each GEMM on its calling thread; the fp32 partials are then added in group order. bf16
+// operands take one group: their GEMM rounds its result to bf16, once over the whole batch as torch's bf16
+// matmul, where per-group rounded partials lost accuracy wherever the groups' sums cancel (a batch sorted by
+// label). Column blocks are >= 128 wide (narrower ones cost ~20%); against one threaded GEMM this costs ~5%
+// of the GEMM at the Criteo shape.
 torch::Tensor batch_gemm_tn(const torch::Tensor& a, const torch::Tensor& b) {
-  constexpr int64_t kMinGroupRows = 512, kMaxGroups = 8, kMaxPartialBytes = int64_t(64) << 20;
+  constexpr int64_t kMinGroupRows = 1024, kMaxGroups = 8, kMaxPartialBytes = int64_t(64) << 20;
   const int64_t batch = a.size(0), rows = a.size(1), cols = b.size(1);
   const int64_t partial_bytes = std::max<int64_t>(1, rows * cols * int64_t(sizeof(float)));
-  const int64_t groups = std::max<int64_t>(
+  const int64_t groups = a.scalar_type() != torch::kFloat ? 1 : std::max<int64_t>(
       1, std::min({(batch + kMinGroupRows - 1) / kMinGroupRows, kMaxGroups, kMaxPartialBytes / partial_bytes}));
   const int64_t blocks = std::max((cols + 1023) / 1024,
                                   std::min((4 + groups - 1) / groups, std::max<int64_t>(1, cols / 128)));
   const int64_t block = (cols + blocks - 1) / blocks, items = groups * blocks;
   const bool direct = blocks == 1 && a.scalar_type() == torch::kFloat;  // GEMM straight into the partial
-  // every group holds >= 1 row when batch >= 1 (groups <= batch), so every element is written
-  auto partial = batch > 0 ? torch::empty({groups, rows, cols}, kF32) : torch::zeros({1, rows, cols}, kF32);
+  // group 0 writes the output itself, the others their partials; every group holds >= 1 row when batch >= 1
+  // (groups <= batch), so every element is written
+  if (batch == 0) return torch::zeros({rows, cols}, kF32);
+  auto out = torch::empty({rows, cols}, kF32);
+  auto partial = torch::empty({groups - 1, rows, cols}, kF32);
   at::parallel_for(0, std::max<int64_t>(items, 2), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < std::min(i1, items); ++i) {
       const int64_t g = i / blocks, c0 = (i % blocks) * block, w = std::min(cols, c0 + block) - c0;
@@ -317,14 +323,12 @@ torch::Tensor batch_gemm_tn(const torch::Tensor& a, const torch::Tensor& b) {
       if (r1 <= r0 || w <= 0) continue;
       const auto a_g = a.narrow(0, r0, r1 - r0).t();
       const auto b_g = b.narrow(0, r0, r1 - r0).narrow(1, c0, w);
-      auto out_g = partial[g];
+      auto out_g = g == 0 ? out : partial[g - 1];
       if (direct) at::mm_out(out_g, a_g, b_g);
       else out_g.narrow(1, c0, w).copy_(at::mm(a_g, b_g));
     }
   });
-  if (groups == 1) return partial[0];
-  auto out = partial[0].clone();  // not a view: the gradient would keep every partial alive
-  for (int64_t g = 1; g < groups; ++g) out.add_(partial[g]);  // element-wise: the same for any thread count
+  for (int64_t g = 0; g + 1 < groups; ++g) out.add_(partial[g]);  // element-wise: the same for any thread count
   return out;
 }
 

@@ -236,7 +236,7 @@ inline Plan make_plan(const std::string& kind, const std::string& activation, do
 }
 
 // The encoder's operands as the tile GEMMs take them: W_enc^T as a transposed view (the BLAS reads it
-// as is; bf16 in the bf16 mode) and the bias as fp32 [N*D]. Checks shapes and that the bias needs W.
+// as is; bf16 in the bf16 mode) and the bias [N*D] in the same dtype. Checks shapes and that the bias needs W.
 struct EncoderOperands {
   torch::Tensor weight_t;             // [in, out] view of W_enc ([out, in] as nn.Linear)
   // [N*D]: fp32, or bf16 when the GEMMs take bf16 operands: then it is added inside the bf16 GEMM and rounded

@@ -358,7 +358,9 @@ def _run_predict(args) -> int:
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what ``timeout``, Slurm and Kubernetes send) raised as an interrupt, so that a run stops as
     after Ctrl-C: temp files of half-written checkpoints and caches removed, the resume hint printed.
-    Before, the process died on the spot and left them (a data cache's temp file can be gigabytes)."""
+    Before, the process died on the spot and left them (a data cache's temp file can be gigabytes). Only
+    while :func:`main` runs, and only when SIGTERM has its default action (not ignored, no handler of the
+    caller's)."""
 
 
 def _raise_terminated(signum, frame):
@@ -371,7 +373,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = None
-    if threading.current_thread() is threading.main_thread():   # signal handlers live in the main thread
+    # only where SIGTERM would kill the process: an inherited SIG_IGN (``trap '' TERM``) or a caller's own
+    # handler stays in charge; signal handlers live in the main thread
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _main(args, argv)

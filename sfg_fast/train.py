@@ -499,11 +499,10 @@ def deterministic_algorithms(enabled: bool):
         return
     with _DETERMINISTIC_LOCK:
         if _DETERMINISTIC["runs"] == 0:
-            before = (torch.are_deterministic_algorithms_enabled(),
-                      torch.is_deterministic_algorithms_warn_only_enabled())
-            if not before[0]:
-                torch.use_deterministic_algorithms(True, warn_only=True)
-            _DETERMINISTIC["before"] = before
+            _DETERMINISTIC["before"] = (torch.are_deterministic_algorithms_enabled(),
+                                        torch.is_deterministic_algorithms_warn_only_enabled())
+        if not torch.are_deterministic_algorithms_enabled():   # (also if turned off since the first run began)
+            torch.use_deterministic_algorithms(True, warn_only=True)
         _DETERMINISTIC["runs"] += 1
     try:
         yield

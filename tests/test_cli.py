@@ -483,3 +483,23 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     done = int(torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"])
     assert cli.main(["train", "--resume", str(out), "--epochs", str(done + 1), "--quiet"]) == 0
     assert json.loads((out / "results.json").read_text())["history"][-1]["epoch"] == done + 1
+
+
+def test_an_ignored_sigterm_stays_ignored(monkeypatch):
+    """main() turns SIGTERM into an interrupt only where it would kill the process: under ``trap '' TERM``
+    (SIG_IGN inherited) or a caller's own handler, the run goes on and the caller's handler runs."""
+    import signal
+
+    def train_through_a_sigterm(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+    monkeypatch.setattr(cli, "_run_train", train_through_a_sigterm)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert cli.main(["train"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        seen = []
+        signal.signal(signal.SIGTERM, lambda *args: seen.append(args[0]))
+        assert cli.main(["train"]) == 0 and seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

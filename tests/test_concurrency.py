@@ -112,3 +112,13 @@ def test_building_a_fused_model_leaves_other_threads_random_numbers_alone(monkey
     torch.manual_seed(0)
     native = models.build("fm", [50, 40], embedding_dim=4)
     assert torch.equal(fused.linear.table.weight, native.linear.table.weight)
+
+
+def test_a_run_turns_the_mode_back_on_if_it_was_turned_off_meanwhile():
+    """The switch was set by the first run only: a run starting while another ran, after something had turned
+    the mode off, trained without it."""
+    with train.deterministic_algorithms(True):
+        torch.use_deterministic_algorithms(False)      # e.g. user code between two runs' starts
+        with train.deterministic_algorithms(True):
+            assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -947,9 +947,10 @@ def test_a_new_cache_format_removes_the_entries_of_the_older_one(tmp_path):
     assert not glob.glob(old + "*")
 
 
-def test_a_relinked_path_or_a_deleted_file_leaves_no_cache_entry_behind(tmp_path):
+def test_a_relinked_path_leaves_no_cache_entry_behind(tmp_path):
     """A `train.txt -> day-N.txt` link re-pointed each day kept every day's entry (the record compared the
-    resolved file only), and an entry of a file since deleted, which can never be hit again, stayed for good."""
+    resolved file only). An entry of a file out of reach for now (an unmounted drive, another machine's path
+    to a shared cache) stays."""
     days, link_dir = tmp_path / "days", tmp_path / "latest"
     days.mkdir()
     link_dir.mkdir()
@@ -963,15 +964,16 @@ def test_a_relinked_path_or_a_deleted_file_leaves_no_cache_entry_behind(tmp_path
         data = load_dataset("criteo", data_dir=link_dir)
         assert data.info["from_cache"] is False and data.info["rows"] == 60 + day
         assert len(list(cache.glob("*.npz"))) == len(list(cache.glob("*.source.json"))) == 1, day
-    # the same file read through its own path, then deleted: the next entry written here removes its entry
-    load_dataset("criteo", data_dir=days / "day1.txt", cache_dir=cache)
-    assert len(list(cache.glob("*.npz"))) == 2
-    os.remove(days / "day1.txt")
+    # another file, cached here, then out of reach while a third file's entry is written
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    write_criteo(drive / "train.txt", num_rows=70)
+    load_dataset("criteo", data_dir=drive, cache_dir=cache)
+    os.rename(drive, tmp_path / "unmounted")
     write_criteo(days / "day4.txt", num_rows=64)
-    (link_dir / "train.txt").unlink()
-    (link_dir / "train.txt").symlink_to(days / "day4.txt")
-    assert load_dataset("criteo", data_dir=link_dir).info["rows"] == 64
-    assert len(list(cache.glob("*.npz"))) == len(list(cache.glob("*.schema.json"))) == 1
+    load_dataset("criteo", data_dir=days / "day4.txt", cache_dir=cache)
+    os.rename(tmp_path / "unmounted", drive)
+    assert load_dataset("criteo", data_dir=drive, cache_dir=cache).info["from_cache"] is True
 
 
 def test_an_entry_killed_before_its_schema_is_still_superseded(tmp_path, monkeypatch):
@@ -1014,3 +1016,22 @@ def test_temp_files_of_killed_cache_writes_are_removed_once_stale(tmp_path):
     os.utime(foreign, (hours_ago, hours_ago))
     load_dataset("criteo", data_dir=tmp_path)
     assert not old.exists() and young.exists() and foreign.exists()
+
+
+def test_a_record_pruned_by_another_writer_meanwhile_is_written_again(tmp_path, monkeypatch):
+    """Two processes caching the same path at once: the one finishing first prunes the other's record while
+    that one still writes its arrays, which then had no record and could never be pruned. The record is
+    written again once the entry is complete."""
+    from sfg_fast.data import common
+    write_criteo(tmp_path / "train.txt", num_rows=40)
+    cache = tmp_path / ".sfg_cache"
+    real = common.atomic_write
+
+    def pruned_meanwhile(path, write):
+        if path.endswith(".npz"):
+            for record in cache.glob("*.source.json"):      # the other process's prune
+                record.unlink()
+        return real(path, write)
+    monkeypatch.setattr(common, "atomic_write", pruned_meanwhile)
+    load_dataset("criteo", data_dir=tmp_path)
+    assert len(list(cache.glob("*.npz"))) == len(list(cache.glob("*.source.json"))) == 1

@@ -365,8 +365,8 @@ def _source_path(cache_dir: str, name: str, key: str) -> str:
 def _prune_superseded(cache_dir: str, name: str, key: str, source: Dict) -> List[str]:
     """Delete the entries of ``name`` that ``source`` (the same file, or the same path, read with the same
     options) has superseded: the file changed since, the path now leads to another file, or they are of an
-    older cache format; and entries read with these options from a file that no longer exists. An entry of
-    the file read with other options (another min_count, seed, ...) stays. Returns the removed .npz paths."""
+    older cache format. An entry of the file read with other options (another min_count, seed, ...) stays.
+    Returns the removed .npz paths."""
     removed = []
     for entry in sorted(os.listdir(cache_dir)):
         if not (entry.startswith(f"{name}-") and entry.endswith(".source.json")) \
@@ -384,10 +384,11 @@ def _prune_superseded(cache_dir: str, name: str, key: str, source: Dict) -> List
             mine = {k: v for k, v in mine.items() if k in theirs}
         if theirs != mine:
             continue
-        # the same file (a new version of it), or the same path (a link re-pointed at another day's log), or a
-        # file that is gone (its entry can never be hit again: the key reads the file's stat)
+        # the same file (a new version of it), or the same path (a link re-pointed at another day's log). An
+        # entry of a file out of reach stays: it may be on a drive unmounted for now, or seen by another
+        # machine or container sharing this cache under another path.
         same_path = other.get("path") is not None and other.get("path") == source.get("path")
-        if other.get("file") != source["file"] and not same_path and os.path.exists(str(other.get("file"))):
+        if other.get("file") != source["file"] and not same_path:
             continue
         stem = path[:-len(".source.json")]
         for old in (stem + ".npz", stem + ".schema.json", path):   # the record last: a partial prune is redone
@@ -404,8 +405,8 @@ def save_cache(cache_dir: str, name: str, key: str, data: CTRData, source: Optio
 
     ``source`` (``{"file": real path, "path": the path as given, "options": {...}}``) is recorded beside the
     entry, and the entries it supersedes (same file or path and options: an older version of the file, the
-    file a re-pointed link led to, one that is gone, or an older cache format) are deleted: one entry of a
-    10 GB log per option set, not one per edit of the file."""
+    file a re-pointed link led to, or an older cache format) are deleted: one entry of a 10 GB log per option
+    set, not one per edit of the file."""
     npz_path, schema_path = cache_paths(cache_dir, name, key)
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -423,9 +424,11 @@ def save_cache(cache_dir: str, name: str, key: str, data: CTRData, source: Optio
         # process may be writing its own entry here
         remove_stale_temp_files(cache_dir, (f".{name}-",), min_age_s=3600)
         # The source record first: every entry that exists, even one whose writer was killed before its schema,
-        # is found by _prune_superseded. A file object stops numpy from appending another .npz; atomic_write
-        # fsyncs, and removes its temp file when the write fails (a full disk, Ctrl-C). The schema follows
-        # the arrays: an entry is only read when both are there.
+        # is found by _prune_superseded; and again at the end: another process's prune may have removed it
+        # meanwhile (its own newer entry of the path), which would leave this entry unprunable. A file object
+        # stops numpy from appending another .npz; atomic_write fsyncs, and removes its temp file when the
+        # write fails (a full disk, Ctrl-C). The schema follows the arrays: an entry is only read when both
+        # are there.
         text = None
         if source is not None:
             text = json.dumps(dict(source, cache_format=CACHE_FORMAT), sort_keys=True, default=str)
@@ -433,6 +436,7 @@ def save_cache(cache_dir: str, name: str, key: str, data: CTRData, source: Optio
         atomic_write(npz_path, lambda fh: np.savez(fh, **arrays))
         data.schema.save_json(schema_path)
         if text is not None:
+            atomic_write_bytes(text.encode("utf-8"), _source_path(cache_dir, name, key))
             # compared as read back from JSON, as the other entries' records are
             removed = _prune_superseded(cache_dir, name, key, json.loads(text))
             if removed:
