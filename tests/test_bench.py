@@ -520,3 +520,19 @@ def test_cpu_table_gradient_ab_runs_both_ways():
     rows = ab_cpu_table_grad.main(["--reps", "2", "--batch", "64", "--models", "fwfm", "--no-save"])
     assert {r["provider"] for r in rows} == {"aten embedding backward", "index_add_"}
     assert all(r["median_ms"] > 0 and r["reps"] == 2 for r in rows)
+
+
+@pytest.mark.skipif(not __import__("sfg_fast.ops.cpu_ext", fromlist=["x"]).available(),
+                    reason="sfg_fast._C is not built")
+def test_extension_builds_ab_runs_each_tree_in_its_own_processes():
+    """Both trees' workers import their own sfg_fast (the worker refuses to time another tree's); here the
+    baseline is this tree itself."""
+    import os
+
+    from bench import ab_cpu_ext_builds
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ab_cpu_ext_builds.__file__)))
+    rows = ab_cpu_ext_builds.main(["--baseline", root, "--threads", "1", "--kinds", "scalar,matrix", "--batch", "64",
+                                   "--fields", "4", "--rounds", "1", "--reps", "1", "--no-save"])
+    assert [(r["kind"], r["tree"]) for r in rows] == [("scalar", "baseline"), ("scalar", "this tree"),
+                                                      ("matrix", "baseline"), ("matrix", "this tree")]
+    assert all(r["median_ms"] > 0 and len(r["process_medians_ms"]) == 1 for r in rows)
