@@ -94,11 +94,7 @@ def main(argv=None) -> List[Dict]:
     lines += [f"| {r['kind']} | {r['threads']} | {r['tree']} | {r['median_ms']:.1f} | "
               f"{', '.join(f'{t:.1f}' for t in r['process_medians_ms'])} | {r['speedup_vs_baseline']:.3f}x |"
               for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_save:
-        path = common.write_results("ab_cpu_ext_builds", rows, env, text)
-        print(f"saved {path}")
+    common.print_and_save("ab_cpu_ext_builds", lines, rows, env, save=not args.no_save)
     return rows
 
 

@@ -83,11 +83,7 @@ def main(argv=None) -> List[Dict]:
              "| case | provider | median ms | IQR ms | speedup vs ATen |", "|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['provider']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {r['speedup']:.2f}x |"
               for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_save:
-        path = common.write_results("ab_cpu_table_grad", rows, env, text)
-        print(f"saved {path}")
+    common.print_and_save("ab_cpu_table_grad", lines, rows, env, save=not args.no_save)
     return rows
 
 

@@ -163,6 +163,15 @@ def write_results(name: str, rows: List[Dict], env: Dict, summary_md: str = "", 
     return path
 
 
+def print_and_save(name: str, lines: List[str], rows: List[Dict], env: Dict, save: bool = True) -> str:
+    """Print the markdown report ``lines`` and, when ``save``, write it with ``rows`` (:func:`write_results`)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if save:
+        print(f"saved {write_results(name, rows, env, text)}")
+    return text
+
+
 def _fmt(v: float) -> str:
     """3 significant digits without exponents in the usual range (1234.5 -> 1234, 0.01234 -> 0.0123)."""
     if v != v or v in (float("inf"), float("-inf")):
