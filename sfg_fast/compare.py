@@ -311,11 +311,12 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
         seeds: a count (seeds ``seed, seed+1, ...`` from the config's ``seed``) or explicit seeds.
         out: directory for compare.md / compare.json / compare.png and one run directory per run.
         config_path: YAML config (default: the packaged default.yaml); each model uses its block.
-        overrides: config keys applied to every run (epochs, batch_size, dataset, threads, ...).
+        overrides: config keys applied to every run (epochs, batch_size, dataset, threads, ...); model,
+            generative, out, seed and expid are the comparison's own and raise ValueError.
         overwrite: replace the runs and reports an earlier comparison left in ``out``; without it such an
             ``out`` is refused before anything trains (like ``sfg-fast train`` without --overwrite).
     Returns:
-        The summary written to compare.json.
+        The summary written to compare.json, plus ``table`` (the plain-text table printed).
     """
     names = parse_models(models)
     overrides = dict(overrides or {})

@@ -526,9 +526,9 @@ def distributed_auc(session: ShardedModel, ids: torch.Tensor, labels: torch.Tens
     (:func:`sfg_fast.train.logit_metrics`, as a single-process run scores them). With ``group_column`` also
     gAUC grouped by ``ids[:, group_column]`` (``group_exclude``: the field's OOV id, left out).
 
-    Every rank passes the same full ``ids``/``labels``; rank r scores rows ``r::world_size``'s
-    contiguous block. Ranks run the same number of equal-size batches (collectives inside the
-    sharded forward must match), padding with row 0 whose logits are dropped.
+    Every rank passes the same full ``ids``/``labels``; rank r scores the contiguous block of rows
+    ``[r * ceil(n / world_size), (r + 1) * ceil(n / world_size))``. Ranks run the same number of equal-size
+    batches (collectives inside the sharded forward must match), padding with row 0 whose logits are dropped.
     """
     from .train import logit_metrics
 

@@ -110,9 +110,10 @@ def embedding_lookup(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Ten
         offsets: int64 ``[N]`` first row of each field in ``weight`` (exclusive cumsum of field_dims).
         bounds_check: ``"fatal"`` raises IndexError naming the field and id; ``"clamp_to_oov"``
             remaps bad ids to the field's last id (the OOV row); ``"off"`` skips the separate check
-            (no host sync on a GPU) and trusts the ids and the offsets (FBGEMM's ``NONE``), except on
-            the ``cpu`` backend, whose C++ kernels still scan the ids and offsets they address memory
-            with and raise the fatal mode's error (the ``reference`` backend checks the offsets too).
+            (no host sync on a GPU) and trusts the ids and the offsets (FBGEMM's ``NONE``: a bad id reads
+            another row), except on the ``cpu`` backend for inference on fp32/bf16 tables (no grad), whose
+            C++ gather still scans the ids and offsets it addresses memory with and raises the fatal mode's
+            error (the ``reference`` backend checks the offsets too).
     Returns:
         ``[B, N, D]`` embeddings, differentiable with respect to ``weight``.
     """

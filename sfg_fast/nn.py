@@ -17,6 +17,9 @@ from . import _checks as C
 from . import functional as SF
 from ._backend import BACKENDS, module_backend
 
+__all__ = ["FieldEmbedding", "SFGEncoder", "PairwiseDecoder", "SFGInteraction", "MLP", "GenerativeCrossNet", "CIN",
+           "score_pairs", "weights_copied_in"]
+
 
 def _count(name: str, value, minimum: int = 1) -> int:
     """An integer hyper-parameter of at least ``minimum`` (ints, numpy ints, 0-d int tensors; never a

@@ -447,7 +447,7 @@ def test_quantiser_input_errors():
         serving.quantize_rowwise_int8(torch.zeros(4, 0))
     with pytest.raises(ValueError, match="meta"):
         serving.quantize_rowwise_int8(torch.zeros(4, 3, device="meta"))
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(TypeError, match="weight"):        # a dtype: TypeError, as the house rule
         serving.quantize_rowwise_int8(torch.zeros(4, 3, dtype=torch.int32))
     q, sb = serving.quantize_rowwise_int8(torch.randn(4, 3))
     with pytest.raises(TypeError, match="qweight"):
@@ -529,3 +529,28 @@ def test_export_of_a_tiny_split_keeps_the_batch_dynamic(rows):
     with torch.no_grad():
         for batch in (ids[:1], ids):
             torch.testing.assert_close(program.module()(batch), served(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_int8_helpers_raise_typeerror_for_dtypes_and_valueerror_for_shapes():
+    """As the house rule and embedding_lookup_int8: a wrong dtype is a TypeError, a wrong shape a ValueError
+    (the quantiser called a non-float weight a ValueError, the dequantiser a wrong scale_bias shape a TypeError)."""
+    from sfg_fast.ops import cpu_ext
+    with pytest.raises(TypeError, match="weight must be a floating"):
+        cpu_ext.quantize_rowwise_int8(torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="got shape \\[6\\]"):
+        cpu_ext.quantize_rowwise_int8(torch.zeros(6))
+    q, scale_bias = cpu_ext.quantize_rowwise_int8(torch.randn(3, 2))
+    with pytest.raises(ValueError, match="scale_bias must have shape"):
+        cpu_ext.dequantize_rowwise_int8(q, scale_bias[:2])
+    with pytest.raises(TypeError, match="scale_bias must be a float32"):
+        cpu_ext.dequantize_rowwise_int8(q, scale_bias.double())
+    with pytest.raises(ValueError, match="qweight must be"):
+        cpu_ext.dequantize_rowwise_int8(q.flatten(), scale_bias)
+
+
+def test_star_import_of_the_layers_exports_the_layers_only():
+    namespace = {}
+    exec("from sfg_fast.nn import *", namespace)
+    exported = {k for k in namespace if not k.startswith("__")}
+    assert {"FieldEmbedding", "SFGInteraction", "CIN"} <= exported
+    assert not exported & {"F", "SF", "C", "nn", "torch", "Optional"}    # a user's F stays theirs

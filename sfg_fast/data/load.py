@@ -63,7 +63,8 @@ def load_dataset(name: str = "movielens100k", data_dir=None, cache_dir=None, see
         CTRData with ``schema``, ``train``/``valid``/``test`` and ``info`` (source, rows, seed,
         skipped_lines, from_cache, ...). Rows keep their file order within each split; the split
         itself is a seeded random permutation with exact sizes ``floor(n * r_i / sum(r))`` for
-        train and valid, the rest for test.
+        train and valid, the rest for test, of the n lines read (criteo/avazu: a skipped bad line keeps its
+        slot, so a split can hold fewer rows).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset name {name!r}; expected one of {DATASETS}")

@@ -248,8 +248,11 @@ def quantize_rowwise_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     Returns:
         ``(qweight uint8 [V, D], scale_bias float32 [V, 2])`` with columns (scale, bias).
     """
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
-        raise ValueError("weight must be a floating [V, D] tensor")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating [V, D] tensor, got "
+                        f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a floating [V, D] tensor, got shape {list(weight.shape)}")
     if weight.shape[1] == 0:
         raise ValueError(f"weight must have at least one column to be quantised, got shape {list(weight.shape)}")
     if weight.device.type == "meta":
@@ -278,12 +281,15 @@ def quantize_rowwise_int8(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
 
 def dequantize_rowwise_int8(qweight: torch.Tensor, scale_bias: torch.Tensor) -> torch.Tensor:
     """``qweight * scale + bias`` row-wise, as float32 ``[V, D]`` (the inverse of the quantiser)."""
-    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or qweight.dim() != 2:
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8:
         raise TypeError("qweight must be a uint8 [V, D] tensor (from quantize_rowwise_int8)")
-    if (not isinstance(scale_bias, torch.Tensor) or scale_bias.dtype != torch.float32
-            or tuple(scale_bias.shape) != (qweight.shape[0], 2)):
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight must be a uint8 [V, D] tensor, got shape {list(qweight.shape)}")
+    if not isinstance(scale_bias, torch.Tensor) or scale_bias.dtype != torch.float32:
         raise TypeError(f"scale_bias must be a float32 [V, 2]=[{qweight.shape[0]}, 2] tensor (from "
                         "quantize_rowwise_int8)")
+    if tuple(scale_bias.shape) != (qweight.shape[0], 2):
+        raise ValueError(f"scale_bias must have shape [V, 2]=[{qweight.shape[0]}, 2], got {list(scale_bias.shape)}")
     return qweight.to(torch.float32) * scale_bias[:, :1] + scale_bias[:, 1:]
 
 
