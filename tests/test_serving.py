@@ -452,7 +452,7 @@ def test_quantiser_input_errors():
     q, sb = serving.quantize_rowwise_int8(torch.randn(4, 3))
     with pytest.raises(TypeError, match="qweight"):
         serving.dequantize_rowwise_int8(q.float(), sb)
-    with pytest.raises(TypeError, match="scale_bias"):
+    with pytest.raises(ValueError, match="scale_bias"):     # a shape: ValueError
         serving.dequantize_rowwise_int8(q, sb[:3])
 
 
