@@ -34,6 +34,8 @@ _DATA_KEYS = ("dataset", "data_dir", "cache_dir", "data_seed", "num_rows", "max_
 
 
 def parse_models(models: Union[str, Sequence[str]]) -> List[str]:
+    """Model names from a list or a comma-separated string, lower-cased; unknown or repeated names raise
+    ValueError."""
     names = [m.strip().lower() for m in (models.split(",") if isinstance(models, str) else models)]
     names = [m for m in names if m]
     if not names:

@@ -273,6 +273,7 @@ class SFGEncoder(nn.Module):
 
     @torch.no_grad()
     def reset_to_identity(self) -> None:
+        """W_enc = I and bias = 0: with activation identity and gamma 1, Z = V (the base model exactly)."""
         self.weight.copy_(torch.eye(self.weight.shape[0], dtype=self.weight.dtype))
         if self.bias is not None:
             self.bias.zero_()

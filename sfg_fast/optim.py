@@ -87,6 +87,7 @@ class SparseRowOptimizer:
 
     @property
     def lr(self) -> float:
+        """Learning rate of the row updates (positive, finite)."""
         return self._lr
 
     @lr.setter
@@ -95,6 +96,7 @@ class SparseRowOptimizer:
 
     @property
     def eps(self) -> float:
+        """The denominator's epsilon of Adagrad and Adam (positive, finite)."""
         return self._eps
 
     @eps.setter
@@ -104,6 +106,7 @@ class SparseRowOptimizer:
 
     @property
     def betas(self) -> Tuple[float, float]:
+        """Adam's (beta1, beta2), each in [0, 1)."""
         return self._betas
 
     @betas.setter
@@ -305,6 +308,7 @@ class SparseRowOptimizer:
         self._end_step(s)
 
     def state_dict(self) -> dict:
+        """Kind, hyper-parameters, step count and a copy of the row state (:meth:`load_state_dict` reads it)."""
         return {"kind": self.kind, "lr": self.lr, "eps": self.eps, "betas": self.betas,
                 "initial_accumulator_value": self.initial_accumulator_value, "step": self.step_count,
                 "state": {k: v.clone() for k, v in self.state.items()}}

@@ -261,6 +261,7 @@ class QuantizedFieldEmbedding(FieldDimsState, nn.Module):
 
     @property
     def num_clamped(self) -> int:
+        """How many out-of-range ids ``clamp_to_oov`` has remapped so far."""
         return int(self.clamped_count)
 
     def extra_repr(self) -> str:

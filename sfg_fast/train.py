@@ -556,6 +556,7 @@ def atomic_save(obj, path: str) -> None:
 
 
 def atomic_write_text(text: str, path: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: readers see the old file or the whole new one."""
     _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
@@ -921,6 +922,8 @@ class Trainer:
         return _jsonable(self.schema.to_dict())
 
     def state_dict(self) -> Dict[str, Any]:
+        """Everything a checkpoint holds: model, optimizer, RNG, early-stopping and lr-schedule state, the
+        config and the feature map's digest (what :func:`resume` needs to continue exactly)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "feature_map_digest": self.feature_map_digest,
@@ -962,6 +965,7 @@ class Trainer:
         _restore_rng(ckpt["rng"], self.generator)
 
     def save(self, name: str, state: Optional[Dict[str, Any]] = None) -> str:
+        """Write ``state`` (default :meth:`state_dict`) atomically as ``<out>/<name>``; returns the path."""
         path = os.path.join(self.out, name)
         atomic_save(state if state is not None else self.state_dict(), path)
         return path

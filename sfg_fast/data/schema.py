@@ -61,6 +61,7 @@ class Schema:
         return int(sum(self.field_dims))
 
     def to_dict(self) -> Dict[str, Any]:
+        """The schema as JSON-ready values (:meth:`from_dict` reads them back)."""
         return {"name": self.name, "field_names": list(self.field_names),
                 "field_dims": list(self.field_dims), "oov_ids": list(self.oov_ids)}
 
@@ -73,6 +74,7 @@ class Schema:
                    oov_ids=d.get("oov_ids"))
 
     def save_json(self, path) -> None:
+        """Write :meth:`to_dict` as JSON to ``path`` atomically."""
         # readers never see a half-written schema, and a failed write leaves no temp file behind
         atomic_write_bytes(json.dumps(self.to_dict(), indent=1).encode("utf-8"), os.fspath(path))
 
@@ -111,6 +113,7 @@ class Split:
         return int(self.ids.shape[1])
 
     def positive_rate(self) -> float:
+        """Mean label (the click rate); NaN for an empty split."""
         return float(self.labels.mean()) if len(self) else float("nan")
 
 
@@ -134,6 +137,7 @@ class CTRData:
     source_lines: Optional[List[np.ndarray]] = None
 
     def splits(self) -> Dict[str, Split]:
+        """``{"train": ..., "valid": ..., "test": ...}`` in that order."""
         return {"train": self.train, "valid": self.valid, "test": self.test}
 
     def check(self) -> None:
