@@ -450,3 +450,21 @@ def check_interaction(V, enc_weight, enc_bias, dec_weight, kind, activation, gam
         gamma = check_encoder_options(activation, gamma, residual)
     check_decode(V, V, dec_weight, kind, pairs, generated_side, symmetric, weight_name="dec_weight")
     return gamma
+
+
+_ENV_TRUE, _ENV_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off (any case), unset or empty = ``default``.
+    Anything else raises ValueError naming it (``SFG_FAST_GEMM_PATH=off`` had left the path on)."""
+    import os
+
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _ENV_TRUE:
+        return True
+    if value in _ENV_FALSE:
+        return False
+    raise ValueError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off), got {os.environ[name]!r}")

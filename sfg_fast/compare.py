@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ._io import remove_if_present
 from .train import (RUN_FILES, Trainer, TrainingDiverged, _jsonable, atomic_write_text, checkpoint_config,
                     check_resume_overrides, load_checkpoint, load_data, resolve_config, resume, versions)
 
@@ -257,8 +258,8 @@ def _remove_earlier_comparison(out: str) -> None:
         if os.path.dirname(real) == root and os.path.isdir(real) and any(
                 os.path.exists(os.path.join(real, name)) for name in RUN_FILES):
             shutil.rmtree(real)
-    if os.path.exists(path):
-        os.remove(path)
+    for report in ("compare.json", "compare.md", "compare.png"):     # the reports of the runs just removed
+        remove_if_present(os.path.join(out, report))
 
 
 def _continuable_runs(planned: Dict[str, Dict[str, Any]], out: str) -> List[str]:
@@ -339,6 +340,15 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
         config["out"] = os.path.join(out, f"{model}-{variant}-seed{seed}")
         return config
 
+    # every dataset first: a bad data_dir or option fails before anything of an earlier comparison is removed
+    datasets: Dict[str, Any] = {}
+    for model in names:
+        for variant in variants:
+            for seed in seed_list:
+                config = run_config(model, variant, seed)
+                data_key = json.dumps({k: config.get(k) for k in _DATA_KEYS}, sort_keys=True, default=str)
+                if data_key not in datasets:
+                    datasets[data_key] = load_data(config)
     if overwrite:
         _remove_earlier_comparison(out)
         continued = set()
@@ -350,7 +360,6 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
                      len(continued))
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
-    datasets: Dict[str, Any] = {}
     runs: List[Dict[str, Any]] = []
     failures: List[Dict[str, Any]] = []   # runs that diverged: recorded, and the comparison goes on
     results: Dict[str, Dict[str, Any]] = {}
@@ -365,8 +374,6 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
                 count += 1
                 config = run_config(model, variant, seed)
                 data_key = json.dumps({k: config.get(k) for k in _DATA_KEYS}, sort_keys=True, default=str)
-                if data_key not in datasets:
-                    datasets[data_key] = load_data(config)
                 dataset_name = config["dataset"]
                 tick = time.perf_counter()
                 try:

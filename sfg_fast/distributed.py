@@ -84,7 +84,7 @@ def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, torch.dev
     if not dist.is_initialized():
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise RuntimeError(f"environment lacks {missing}: launch with torchrun "
+            raise ValueError(f"environment lacks {missing}: launch with torchrun "
                                f"(torchrun --nproc_per_node=K -m sfg_fast train --distributed ...)")
         # NCCL moves CUDA tensors only: gloo beside it takes the CPU collectives (metadata, gathered logits)
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if backend == "nccl" else backend)

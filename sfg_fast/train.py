@@ -195,9 +195,10 @@ def split_config(config: Dict[str, Any]):
 
 
 def _config_loader():
-    """PyYAML's safe loader with two changes for configs: YAML 1.2 floats (``lr: 1e-3``, which YAML 1.1
-    reads as the string "1e-3": it wants ``1.0e-3``), and a key written twice in one mapping is an error
-    (YAML would silently keep the last value: ``epochs: 1`` then ``epochs: 3`` trains 3 epochs)."""
+    """PyYAML's safe loader with two changes for configs: YAML 1.2 numbers and booleans (``lr: 1e-3``, which
+    YAML 1.1 reads as the string "1e-3"; ``0100`` is decimal 100 and ``off`` / ``yes`` / ``1:30`` / ``1_0`` are
+    strings), and a key written twice in one mapping is an error (YAML would silently keep the last value:
+    ``epochs: 1`` then ``epochs: 3`` trains 3 epochs)."""
     import yaml
 
     class ConfigLoader(yaml.SafeLoader):
@@ -214,10 +215,40 @@ def _config_loader():
                     seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
+    # YAML 1.2's integers and booleans too: YAML 1.1 read ``seed: 0100`` as octal 64, ``epochs: 1:30`` as 90,
+    # ``1_0`` as 10 and ``generative: off`` as False; now those are strings, refused by the key's own check
+    int_tag, bool_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:bool"
+    ConfigLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (int_tag, bool_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     ConfigLoader.add_implicit_resolver(
         "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
         list("-+.0123456789"))
+    ConfigLoader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+    ConfigLoader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                       list("tTfF"))
+    ConfigLoader.add_constructor(int_tag, lambda loader, node: int(loader.construct_scalar(node), 10))
     return ConfigLoader
+
+
+_MAX_CONFIG_VALUES = 100_000
+
+
+def _check_config_size(content, file: str) -> None:
+    """Refuse a config whose aliases expand past ``_MAX_CONFIG_VALUES`` values (a few hundred bytes of nested
+    ``*alias`` lists expand to billions: the checks and results.json would walk every one)."""
+    count = 0
+    stack = [content]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > _MAX_CONFIG_VALUES:
+            raise ValueError(f"config file {file!r} expands to more than {_MAX_CONFIG_VALUES} values (nested "
+                             "YAML aliases?); write the values out")
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def load_yaml_config(path: str) -> Dict[str, Dict[str, Any]]:
@@ -235,11 +266,14 @@ def load_yaml_config(path: str) -> Dict[str, Dict[str, Any]]:
         raise FileNotFoundError(f"config file {path!r} does not exist")
     blocks: Dict[str, Dict[str, Any]] = {}
     for file in paths:
-        with open(file) as fh:
+        with open(file, encoding="utf-8") as fh:
             try:
                 content = yaml.load(fh, Loader=_config_loader()) or {}
             except yaml.YAMLError as exc:   # not a ValueError: say which file, where, without a traceback
                 raise ValueError(f"config file {file!r} is not valid YAML: {exc}") from None
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"config file {file!r} is not UTF-8 text: {exc}") from None
+        _check_config_size(content, file)
         if not isinstance(content, dict):
             raise ValueError(f"config file {file!r} must hold a mapping of blocks, got {type(content).__name__}")
         for block, values in content.items():
@@ -528,6 +562,19 @@ def _compile_limits(active: bool):
         yield
 
 
+def _check_backends(backend: str, device: torch.device) -> None:
+    """The model's backend and ``SFG_FAST_BACKEND`` can run here (else the first forward would say so)."""
+    from ._backend import BACKENDS, ENV_VAR, BackendUnavailableError, unavailable_reason
+
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+    for name, where in ((backend, "backend"), (env, ENV_VAR)):
+        why = unavailable_reason(name, "", device) if name in ("cpu", "cuda", "triton") else None
+        if why is not None:
+            raise BackendUnavailableError(f"{where} {name!r} is unavailable: {why}")
+
+
 def _resolve_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -535,6 +582,8 @@ def _resolve_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):      # meta, mps, xla, ...: the trainer runs on CPUs and CUDA GPUs
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but no CUDA device is available")
     return dev
@@ -888,10 +937,24 @@ class Trainer:
         self.train_ids, self.train_labels = _split_tensors(self.data.train, "train")
         self.valid_ids, self.valid_labels = _split_tensors(self.data.valid, "valid")
         self.test_ids, self.test_labels = _split_tensors(self.data.test, "test")
+        # Errors a run would only meet in its first steps, raised here: before fit() replaces a run that
+        # --overwrite names (a failed run must not cost the one it was to replace)
+        for split, ids in (("train", self.train_ids), ("valid", self.valid_ids), ("test", self.test_ids)):
+            if ids.shape[0] == 0:
+                raise ValueError(f"the {split} split is empty ({self.data.info.get('rows', 0)} rows read, split "
+                                 f"{config.get('split')}): give more rows (num_rows / max_rows) or other ratios")
+        _check_backends(self.hparams.get("backend", "auto"), self.device)
 
         seed = int(config["seed"])
         _seed_everything(seed)  # model initialisation depends on the global torch RNG
-        self.model = model_zoo.build(config["model"], list(self.schema.field_dims), **self.hparams).to(self.device)
+        try:
+            self.model = model_zoo.build(config["model"], list(self.schema.field_dims), **self.hparams).to(self.device)
+        except (MemoryError, RuntimeError) as exc:     # torch.OutOfMemoryError is a RuntimeError
+            if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) \
+                    and "allocate" not in str(exc):
+                raise
+            raise ValueError(f"the {config['model']} model does not fit in memory on {self.device} ({exc}); "
+                             f"check embedding_dim, hidden_units and the vocabulary sizes") from None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=float(config["lr"]),
                                           weight_decay=float(config["weight_decay"]))
         self._train_forward = _compiled(self.model, config["compile"])

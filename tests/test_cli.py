@@ -503,3 +503,76 @@ def test_an_ignored_sigterm_stays_ignored(monkeypatch):
         assert cli.main(["train"]) == 0 and seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_failing_overwrite_keeps_the_run_it_was_to_replace(tmp_path, monkeypatch, capsys):
+    """Errors a run meets only in its first steps (a junk SFG_FAST_BACKEND, an empty split) are raised before
+    --overwrite removes the earlier run: the run it was to replace had been deleted, and then nothing came."""
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--model", "fm", "--epochs", "1", "--out", out] + TINY) == 0
+    before = {name: open(os.path.join(out, name), "rb").read() for name in ("last.pt", "best.pt", "results.json")}
+    monkeypatch.setenv("SFG_FAST_BACKEND", "junk")
+    assert cli.main(["train", "--model", "fm", "--epochs", "1", "--out", out, "--overwrite"] + TINY) == 2
+    assert "SFG_FAST_BACKEND must be one of" in capsys.readouterr().err
+    monkeypatch.delenv("SFG_FAST_BACKEND")
+    tiny = [a if a != "2000" else "5" for a in TINY]                 # 5 rows: an empty valid split
+    assert cli.main(["train", "--model", "fm", "--epochs", "1", "--out", out, "--overwrite"] + tiny) == 2
+    assert "split is empty" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "fm", "--epochs", "1", "--out", out, "--overwrite", "--device", "meta"]
+                    + TINY) == 2
+    assert "device must be" in capsys.readouterr().err
+    assert {name: open(os.path.join(out, name), "rb").read() for name in before} == before
+
+
+def test_a_failing_compare_overwrite_keeps_the_earlier_comparison(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--models", "fm", "--seeds", "1", "--only", "base", "--epochs", "1", "--out",
+                     str(out)] + TINY) == 0
+    kept = sorted(p.name for p in out.iterdir())
+    assert cli.main(["compare", "--models", "fm", "--seeds", "1", "--only", "base", "--epochs", "1", "--out", str(out),
+                     "--overwrite", "--dataset", "avazu", "--data-dir", str(tmp_path / "missing")]
+                    + TINY[4:]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == kept and (out / "compare.json").exists()
+
+
+def test_config_numbers_and_booleans_follow_yaml_1_2(tmp_path, capsys):
+    """YAML 1.1 read ``seed: 0100`` as octal 64, ``1:30`` as 90, ``1_0`` as 10 and ``off`` as False."""
+    config = tmp_path / "numbers.yaml"
+    config.write_text("Base:\n  seed: 0100\n  lr: 1e-3\n  generative: true\n")
+    blocks = T.load_yaml_config(str(config))
+    assert blocks["Base"] == {"seed": 100, "lr": 1e-3, "generative": True}
+    assert cli.main(["train", "--model", "fm", "--set", "generative=off", "--out", str(tmp_path / "r")] + TINY) == 2
+    assert "generative" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "fm", "--set", "epochs=1:30", "--out", str(tmp_path / "r")] + TINY) == 2
+    assert "epochs" in capsys.readouterr().err
+
+
+def test_a_config_whose_aliases_expand_without_bound_is_refused(tmp_path):
+    """A few hundred bytes of nested aliases expand to billions of values: the config checks walked them for
+    minutes (and results.json would have held them)."""
+    lines = ["Base:", "  a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="expands to more than"):
+        T.load_yaml_config(str(path))
+
+
+def test_config_errors_name_the_file_and_the_launch(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("Base:\n  dataset: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.yaml.*UTF-8"):
+        T.load_yaml_config(str(bad))
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert cli.main(["train", "--model", "fm", "--distributed", "--out", str(tmp_path / "d")] + TINY) == 2
+    assert "torchrun" in capsys.readouterr().err
+
+
+def test_a_model_too_large_for_memory_is_a_config_error(tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(T.model_zoo, "build", out_of_memory)
+    assert cli.main(["train", "--model", "fm", "--out", str(tmp_path / "r")] + TINY) == 2
+    assert "does not fit in memory" in capsys.readouterr().err

@@ -472,3 +472,16 @@ def test_backend_variable_builds_every_layer_as_that_backend(monkeypatch):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     with pytest.raises(BackendUnavailableError, match="backend 'cpu' is unavailable for generative_cross"):
         SF.generative_cross(torch.randn(2, 3), torch.randn(2, 3), torch.randn(3, 3), None)
+
+
+def test_boolean_environment_variables_parse_strictly(monkeypatch):
+    """SFG_FAST_GEMM_PATH=off left the path on (only "0" turned it off) and SFG_FAST_ALLOW_TF32=true read as
+    off; every boolean variable now takes 1/0, true/false, yes/no, on/off and refuses anything else."""
+    from sfg_fast._checks import env_flag
+    for value, want in (("off", False), ("FALSE", False), ("0", False), ("on", True), ("Yes", True), ("1", True),
+                        ("", None)):
+        monkeypatch.setenv("SFG_FAST_TEST_FLAG", value)
+        assert env_flag("SFG_FAST_TEST_FLAG", None) is want
+    monkeypatch.setenv("SFG_FAST_TEST_FLAG", "maybe")
+    with pytest.raises(ValueError, match="SFG_FAST_TEST_FLAG must be 1 or 0"):
+        env_flag("SFG_FAST_TEST_FLAG", False)

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 from ._higher_order import create_graph_requested, refuse
-from .. import _cublas
+from .. import _checks, _cublas
 from .._constants import constant, device_key
 from ._launch import cdiv, next_pow2
 
@@ -41,7 +41,7 @@ POISON_VALUE: Optional[float] = None   # tests set NaN: an element a kernel fail
 # per output column tile (cdiv(N*D, BLOCK_N) times). Measured on an H200 at the Criteo shape, the
 # in-kernel gather made the forward 3x slower per FLOP than the plain GEMM kernel
 # (bench/results/nvidia-h200/profile-20261128T052622.txt); SFG_FAST_GATHER_IN_GEMM=1 restores it.
-GATHER_IN_GEMM = os.environ.get("SFG_FAST_GATHER_IN_GEMM", "0") == "1"
+GATHER_IN_GEMM = _checks.env_flag("SFG_FAST_GATHER_IN_GEMM", False)
 
 # Who runs the GEMMs: "auto" hands them to torch.mm (cuBLAS) on a GPU for the exact fp32 path, and keeps
 # the fused Triton kernels otherwise; "always" / "never" force one way (tests, benchmarks). On an H200

@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import factored
+from .. import _checks, factored
 from .. import functional as _functional
 from ._higher_order import create_graph_requested, refuse
 from ._launch import autocast_half, cdiv, next_pow2
@@ -49,7 +49,7 @@ except Exception:  # triton missing: the op stays unregistered and functional re
 __all__ = ["SfgInteractionFunction", "sfg_logits", "sfg_logits_fwd", "sfg_logits_bwd", "DEFAULT_ALLOW_TF32"]
 
 # TF32 tensor cores for tl.dot: faster on GPUs, about 1e-3 relative error. Off by default (exact fp32).
-DEFAULT_ALLOW_TF32 = os.environ.get("SFG_FAST_ALLOW_TF32", "0") == "1"
+DEFAULT_ALLOW_TF32 = _checks.env_flag("SFG_FAST_ALLOW_TF32", False)
 
 _Y_ENCODER, _Y_IS_X, _Y_DENSE = 0, 1, 2
 
@@ -389,7 +389,7 @@ def gemm_decoder(dec_weight, kind: str, pairs: str, n: int, d: int, orientation:
 # The GEMM-shaped kernels (ops.sfg_gemm) serve sfg_logits with an encoder and symmetric=False, and
 # the sfg_encode and pairwise_decode ops; the per-field engine above serves the rest of sfg_logits
 # (no encoder, symmetric). SFG_FAST_GEMM_PATH=0 routes everything through the per-field engine.
-GEMM_PATH = os.environ.get("SFG_FAST_GEMM_PATH", "1") != "0"
+GEMM_PATH = _checks.env_flag("SFG_FAST_GEMM_PATH", True)
 
 
 def _gemm_path(plan, decode) -> bool:
