@@ -181,6 +181,8 @@ def config_overrides(args: argparse.Namespace, skip: Sequence[str] = ()) -> Dict
     """Config keys from ``--set`` then from explicit flags (flags win); unset flags are left out."""
     overrides: Dict[str, Any] = {}
     for key, value in getattr(args, "sets", []) or []:
+        if key in overrides:   # as a key written twice in a config file: which one was meant is unknown
+            raise ValueError(f"--set gives {key!r} twice ({overrides[key]!r}, then {value!r}); give it once")
         overrides[key] = value
     for dest, key in _FLAG_KEYS.items():
         if dest in skip:

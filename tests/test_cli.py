@@ -576,3 +576,11 @@ def test_a_model_too_large_for_memory_is_a_config_error(tmp_path, monkeypatch, c
     monkeypatch.setattr(T.model_zoo, "build", out_of_memory)
     assert cli.main(["train", "--model", "fm", "--out", str(tmp_path / "r")] + TINY) == 2
     assert "does not fit in memory" in capsys.readouterr().err
+
+
+def test_a_key_set_twice_is_refused(tmp_path, capsys):
+    """``--set gamma=2 --set gamma=3`` silently trained gamma 3, where a key written twice in a config file is
+    an error."""
+    out = tmp_path / "r"
+    assert cli.main(["train", "--model", "fm", "--set", "gamma=2", "--set", "gamma=3", "--out", str(out)] + TINY) == 2
+    assert "--set gives 'gamma' twice" in capsys.readouterr().err and not out.exists()
