@@ -89,6 +89,22 @@ def unavailable_reason(backend: str, op: str = "", device: Optional[torch.device
     return None
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether torch.autocast is on for ``device_type`` (False for one autocast does not know: meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+def env_backend() -> str:
+    """``SFG_FAST_BACKEND``, stripped ("" when unset); a value that names no backend raises ValueError."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+    return env
+
+
 def in_torch_func() -> bool:
     """Whether a torch.func transform (vmap, grad, jacrev, ...) is running."""
     return torch._C._functorch.peek_interpreter_stack() is not None
@@ -134,10 +150,8 @@ def resolve(backend: str, op: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        env = os.environ.get(ENV_VAR, "").strip()
+        env = env_backend()
         if env and env != "auto":
-            if env not in BACKENDS:
-                raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
             backend = env
         else:
             for candidate in auto_order(op, device):

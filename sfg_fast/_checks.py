@@ -7,6 +7,7 @@ label values), so the checks are cheap.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
@@ -458,8 +459,6 @@ _ENV_TRUE, _ENV_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 def env_flag(name: str, default: bool) -> bool:
     """A boolean environment variable: 1/true/yes/on or 0/false/no/off (any case), unset or empty = ``default``.
     Anything else raises ValueError naming it (``SFG_FAST_GEMM_PATH=off`` had left the path on)."""
-    import os
-
     value = os.environ.get(name, "").strip().lower()
     if not value:
         return default

@@ -340,21 +340,21 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
         config["out"] = os.path.join(out, f"{model}-{variant}-seed{seed}")
         return config
 
-    # every dataset first: a bad data_dir or option fails before anything of an earlier comparison is removed
+    # every run's config once, then every dataset: a bad data_dir or option fails before anything of an
+    # earlier comparison is removed
+    configs = {(model, variant, seed): run_config(model, variant, seed)
+               for model in names for variant in variants for seed in seed_list}
+    data_keys = {run: json.dumps({k: config.get(k) for k in _DATA_KEYS}, sort_keys=True, default=str)
+                 for run, config in configs.items()}
     datasets: Dict[str, Any] = {}
-    for model in names:
-        for variant in variants:
-            for seed in seed_list:
-                config = run_config(model, variant, seed)
-                data_key = json.dumps({k: config.get(k) for k in _DATA_KEYS}, sort_keys=True, default=str)
-                if data_key not in datasets:
-                    datasets[data_key] = load_data(config)
+    for run, config in configs.items():
+        if data_keys[run] not in datasets:
+            datasets[data_keys[run]] = load_data(dict(config))
     if overwrite:
         _remove_earlier_comparison(out)
         continued = set()
     else:
-        continued = set(_continuable_runs({c["out"]: c for c in (
-            run_config(model, variant, seed) for model in names for variant in variants for seed in seed_list)}, out))
+        continued = set(_continuable_runs({c["out"]: c for c in configs.values()}, out))
         if continued:
             log.info("continuing an interrupted comparison: %d of its runs resume from their checkpoints",
                      len(continued))
@@ -372,8 +372,8 @@ def compare(models: Union[str, Sequence[str]] = DEFAULT_MODELS, seeds: Union[int
             variant_runs = []
             for seed in seed_list:
                 count += 1
-                config = run_config(model, variant, seed)
-                data_key = json.dumps({k: config.get(k) for k in _DATA_KEYS}, sort_keys=True, default=str)
+                config = dict(configs[(model, variant, seed)])
+                data_key = data_keys[(model, variant, seed)]
                 dataset_name = config["dataset"]
                 tick = time.perf_counter()
                 try:

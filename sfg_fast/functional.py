@@ -26,7 +26,7 @@ import torch
 
 from . import _checks as C
 from . import factored, reference
-from ._backend import ENV_VAR, BackendUnavailableError, kernels_invisible, module_backend, resolve
+from ._backend import ENV_VAR, BackendUnavailableError, autocast_on, kernels_invisible, module_backend, resolve
 
 __all__ = ["embedding_lookup", "sfg_encode", "pairwise_decode", "pairwise_products",
            "generative_cross", "bce_with_logits", "sfg_logits", "sfg_interaction"]
@@ -53,11 +53,7 @@ def _contract_dtype(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     and the compiled custom ops the contract dtype."""
     if out.dtype == dtype or not out.is_floating_point():
         return out
-    try:
-        autocast = torch.is_autocast_enabled(out.device.type)
-    except RuntimeError:      # a device type autocast does not know (meta)
-        autocast = False
-    return out.to(dtype) if autocast else out
+    return out.to(dtype) if autocast_on(out.device.type) else out
 
 
 def register_impl(backend: str, op: str, fn) -> None:

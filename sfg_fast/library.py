@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import _checks as C
-from ._backend import _assume_constant_result
+from ._backend import _assume_constant_result, autocast_on
 from . import factored
 from . import functional as _functional
 
@@ -178,10 +178,7 @@ def _autocast_suffix(device: str) -> str:
     """``_AUTOCAST`` + "<device type>:<dtype>" when autocast is on for ``device`` at trace time, else "".
     (Dynamo's global-state guard recompiles when the autocast state changes.)"""
     kind = torch.device(device).type
-    try:
-        if not torch.is_autocast_enabled(kind):
-            return ""
-    except RuntimeError:        # a device type autocast does not know (meta)
+    if not autocast_on(kind):
         return ""
     return f"{_AUTOCAST}{kind}:{str(torch.get_autocast_dtype(kind)).replace('torch.', '')}"
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _checks as C
 from . import functional as SF
-from ._backend import BACKENDS, module_backend
+from ._backend import BACKENDS, autocast_on, module_backend
 
 __all__ = ["FieldEmbedding", "SFGEncoder", "PairwiseDecoder", "SFGInteraction", "MLP", "GenerativeCrossNet", "CIN",
            "score_pairs", "weights_copied_in"]
@@ -355,13 +355,8 @@ def _weights_readable(module: nn.Module, cls: type) -> bool:
 def _to_parameters_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` in the floating dtype of ``module``'s parameters (unchanged when it has none, or autocast runs)."""
     param = next(module.parameters(), None)
-    if param is None or not param.is_floating_point() or x.dtype == param.dtype:
+    if param is None or not param.is_floating_point() or x.dtype == param.dtype or autocast_on(x.device.type):
         return x
-    try:
-        if torch.is_autocast_enabled(x.device.type):
-            return x
-    except RuntimeError:      # a device type autocast does not know (meta)
-        pass
     return x.to(param.dtype)
 
 

@@ -31,15 +31,13 @@ naming ``_fused_lookup_between_graphs_before_torch_2_13``); inference compiles w
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import _checks as C
-from ._backend import (BACKENDS, ENV_VAR, BackendUnavailableError, _assume_constant_result, in_torch_func,
-                       unavailable_reason)
+from ._backend import BackendUnavailableError, _assume_constant_result, env_backend, in_torch_func, unavailable_reason
 from .nn import FieldDimsState, check_ids_width, clamp_ids_to_oov, draw_initial_rows, init_table_fields
 
 __all__ = ["SparseRowOptimizer", "unique_row_grads", "fused_embedding_lookup", "FusedFieldEmbedding"]
@@ -427,13 +425,11 @@ def _resolve_fused_backend(backend: str, device: torch.device, dtype=None, conti
     picks "cuda": Triton's fused update measured faster on the H200 (0.42 vs 0.78 ms at the Criteo shape)."""
     C.check_choice("backend", backend, FUSED_BACKENDS)
     if backend == "auto":
-        env = os.environ.get(ENV_VAR, "").strip()
         if torch.jit.is_tracing():
             return "torch"          # the kernels' calls are invisible to a trace (_backend.kernels_invisible)
-        if env and env not in FUSED_BACKENDS + ("reference",):
-            # the same refusal as every other op's (_backend.resolve); "reference" has no fused update and
-            # means the factored torch path here
-            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+        # refused as by every other op (_backend.resolve); "reference" has no fused update and means the
+        # factored torch path here
+        env = env_backend()
         if env in ("torch", "triton", "cpu", "cuda"):
             backend = env
         elif not contiguous:

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import _checks as C
 from . import functional as SF
-from ._backend import BackendUnavailableError, _extension_status
+from ._backend import BackendUnavailableError, _extension_status, autocast_on
 from .nn import FieldDimsState, FieldEmbedding, check_ids_width, clamp_ids_to_oov, init_table_fields, weights_copied_in
 from .ops import cpu_ext
 from .optim import FusedFieldEmbedding
@@ -97,10 +97,7 @@ def _gather_dequantised(ids, qweight, scale_bias, offsets) -> torch.Tensor:
 def _autocast_dtype(device: torch.device) -> str:
     """The autocast dtype active for ``device`` as a string ("" when off). Read outside the custom ops:
     inside a compiled graph an op's body no longer sees the caller's autocast state."""
-    try:
-        if not torch.is_autocast_enabled(device.type):
-            return ""
-    except RuntimeError:   # a device type autocast does not know (meta): no autocast
+    if not autocast_on(device.type):
         return ""
     return str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
 

@@ -564,11 +564,9 @@ def _compile_limits(active: bool):
 
 def _check_backends(backend: str, device: torch.device) -> None:
     """The model's backend and ``SFG_FAST_BACKEND`` can run here (else the first forward would say so)."""
-    from ._backend import BACKENDS, ENV_VAR, BackendUnavailableError, unavailable_reason
+    from ._backend import ENV_VAR, BackendUnavailableError, env_backend, unavailable_reason
 
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env and env not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+    env = env_backend()
     for name, where in ((backend, "backend"), (env, ENV_VAR)):
         why = unavailable_reason(name, "", device) if name in ("cpu", "cuda", "triton") else None
         if why is not None:
@@ -1603,9 +1601,10 @@ def quantize_checkpoint(checkpoint: str, out: Optional[str] = None, batch_size: 
     os.makedirs(out, exist_ok=True)      # fails here (not after the evaluation) when out is not a directory
     # files of an earlier run go first: the directory never mixes this model's files with another's
     # (quantize.json, written last, lists what this run wrote)
-    for stale in ("quantize.json", "model-int8.pt", "model-int8.pt2"):
+    written = ("quantize.json", "model-int8.pt", "model-int8.pt2")
+    for stale in written:
         remove_if_present(os.path.join(out, stale))
-    remove_stale_temp_files(out, (".quantize.json.", ".model-int8.pt.", ".model-int8.pt2."))   # of a killed run
+    remove_stale_temp_files(out, tuple(f".{name}." for name in written))   # of a quantize killed outright
     served = serving.quantize_model(model)
     cpu = torch.device("cpu")
     results: Dict[str, Any] = {"checkpoint": os.path.abspath(file), "model": ckpt["model_name"],
