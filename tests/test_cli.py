@@ -472,6 +472,11 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
         while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert (out / "last.pt").exists(), proc.communicate(timeout=60)
+        # a second checkpoint: the run then knows the first is its own (a signal right after the first one's
+        # rename, before the run records it, gets the "start again" hint)
+        first = (out / "last.pt").stat().st_mtime_ns
+        while (out / "last.pt").stat().st_mtime_ns == first and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
